@@ -1,0 +1,92 @@
+"""Denoisers: a network with a declared output type, classifier-free guidance, and a velocity.
+
+A network is any callable ``network(x, timestep, cond) -> output``. ``Denoiser`` gives it the
+time convention (t in [0, 1], t = 1 noise; a VP network sees ``tau = t * (T - 1)``), guidance
+and the conversion of its output to a velocity (:mod:`proreflow.parametrize`). Teachers and
+students are both Denoisers; a student keeps its teacher's prediction type.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from .conditioning import Cond, cat_cond, expand_cond
+from .parametrize import output_to_velocity
+from .schedules import DIFFUSION_PREDICTION_TYPES, PREDICTION_TYPES, VPSchedule
+
+Network = Callable[[Tensor, Tensor, Any], Tensor]
+
+
+@dataclass
+class Denoiser:
+    """``network`` plus what its output means.
+
+    prediction_type: "epsilon", "v_prediction", "sample" (VP diffusion, need ``schedule``) or
+        "velocity" (dx/dt in the t convention above).
+    time_scale: the network sees ``t * time_scale`` (default ``T - 1`` for VP, 1 for velocity).
+    dtype: dtype of the network's input (e.g. bf16); schedule math stays in float32.
+    """
+
+    network: Network
+    prediction_type: str
+    schedule: VPSchedule | None = None
+    time_scale: float | None = None
+    dtype: torch.dtype | None = None
+
+    def __post_init__(self) -> None:
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"unknown prediction_type {self.prediction_type!r}; use one of {PREDICTION_TYPES}")
+        if self.prediction_type in DIFFUSION_PREDICTION_TYPES and self.schedule is None:
+            raise ValueError(f"a {self.prediction_type!r} denoiser needs a VPSchedule (schedule=...)")
+        if self.time_scale is None:
+            self.time_scale = (self.schedule.num_train_timesteps - 1) if self.schedule is not None else 1.0
+
+    def predict(self, x: Tensor, t: Tensor, cond: Cond = None, uncond: Cond = None,
+                guidance: float = 1.0) -> Tensor:
+        """Network output at ``(x, t)``; with ``guidance != 1`` and an ``uncond``,
+        ``out_u + guidance * (out_c - out_u)`` from one batched call."""
+        t = torch.as_tensor(t, device=x.device).expand(x.shape[0])
+        if guidance != 1.0 and uncond is not None:
+            n = x.shape[0]
+            both = self._call(torch.cat([x, x]), torch.cat([t, t]),
+                              cat_cond(expand_cond(uncond, n), expand_cond(cond, n)))
+            out_u, out_c = both[:n], both[n:]
+            return out_u + guidance * (out_c - out_u)
+        return self._call(x, t, cond)
+
+    def velocity(self, x: Tensor, t: Tensor, t_target: Tensor, cond: Cond = None,
+                 uncond: Cond = None, guidance: float = 1.0) -> Tensor:
+        """Velocity of the straight segment from ``(x, t)`` towards time ``t_target``."""
+        out = self.predict(x, t, cond, uncond, guidance)
+        return output_to_velocity(out, x, t, t_target, self.prediction_type, self.schedule)
+
+    def _call(self, x: Tensor, t: Tensor, cond: Cond) -> Tensor:
+        dtype = self.dtype or x.dtype
+        timestep = (t.to(torch.float32 if x.dtype != torch.float64 else x.dtype) * self.time_scale)
+        out = self.network(x.to(dtype), timestep, cond)
+        if out.shape != x.shape:
+            raise ValueError(f"the network returned shape {tuple(out.shape)} for input {tuple(x.shape)}: "
+                             "a denoiser's output must have its input's shape")
+        return out
+
+
+def diffusers_network(model) -> Network:
+    """Adapt a diffusers ``UNet2DModel`` / ``UNet2DConditionModel`` (or similar) to ``(x, timestep, cond)``.
+
+    ``cond`` may be a dict of keyword arguments (``encoder_hidden_states``, ``added_cond_kwargs``,
+    ``class_labels``), or a tensor: the text states of a conditional UNet, else class labels.
+    """
+    params = inspect.signature(model.forward).parameters
+    tensor_key = "encoder_hidden_states" if "encoder_hidden_states" in params else "class_labels"
+
+    def network(x: Tensor, timestep: Tensor, cond: Cond) -> Tensor:
+        kwargs = cond if isinstance(cond, dict) else ({} if cond is None else {tensor_key: cond})
+        return model(x, timestep, **kwargs, return_dict=False)[0]
+
+    return network
+

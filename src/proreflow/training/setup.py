@@ -1,0 +1,56 @@
+"""What the training engine needs to know about a teacher and its data, whatever the model.
+
+Built-in datasets (small networks) and Stable Diffusion (diffusers UNets on cached latents)
+both produce a ``DistillationSetup``; the engine (:mod:`proreflow.training`) never looks
+inside the model or the data beyond this.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from torch import nn
+from torch.utils.data import Dataset
+
+from ..conditioning import Cond
+from ..schedules import VPSchedule
+from ..teachers import Denoiser, Network
+
+
+def call_module(module: nn.Module) -> Network:
+    """The plain adapter: ``module(x, timestep, cond)``."""
+    return lambda x, timestep, cond: module(x, timestep, cond)
+
+
+@dataclass
+class DistillationSetup:
+    """A teacher network, its schedule, and training data.
+
+    teacher_model: the teacher's network (frozen by the engine, never trained).
+    prediction_type: the teacher's output type; the student keeps it (see parametrize.py).
+    dataset: items ``(x0, cond)`` in the space the networks see (images, or VAE latents);
+        ``cond`` may be None, a tensor (class label, text states) or a dict of tensors.
+    uncond: the null condition with batch size 1 (for guidance and condition dropout).
+    adapter: turns a module into ``network(x, timestep, cond)`` (``diffusers_network`` for UNets).
+    make_student: builds a fresh student network (training from scratch); None: copy the teacher.
+    info: free-form description stored in checkpoints (dataset name, model id, ...).
+    """
+
+    teacher_model: nn.Module
+    prediction_type: str
+    schedule: VPSchedule
+    dataset: Dataset
+    uncond: Cond = None
+    adapter: Callable[[nn.Module], Network] = call_module
+    make_student: Callable[[], nn.Module] | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def denoiser(self, module: nn.Module, dtype=None) -> Denoiser:
+        """A Denoiser over ``module`` with the teacher's output type and schedule."""
+        return Denoiser(self.adapter(module), self.prediction_type, self.schedule, dtype=dtype)
+
+    def new_student(self) -> nn.Module:
+        """Stage 1's student: a copy of the teacher's weights, or ``make_student()``."""
+        return self.make_student() if self.make_student is not None else copy.deepcopy(self.teacher_model)

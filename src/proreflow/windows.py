@@ -1,0 +1,75 @@
+"""Time windows of piecewise rectified flow.
+
+Convention: ``t`` in [0, 1], ``t = 1`` is pure noise, ``t = 0`` is data. ``TimeWindows(k)``
+splits [0, 1] into ``k`` equal windows with edges ``1 = e_0 > e_1 > ... > e_k = 0``.
+Window ``i`` is ``(t_start, t_end) = (e_i, e_{i+1})``; a point on an edge belongs to the
+window that *starts* there, so window ``i`` holds ``e_{i+1} < t <= e_i``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class TimeWindows:
+    """``k`` equal windows over t in [0, 1], ordered from noise (t = 1) to data (t = 0)."""
+
+    count: int
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.count, int) or isinstance(self.count, bool) or self.count < 1:
+            raise ValueError(f"TimeWindows needs a positive integer count, got {self.count!r}")
+
+    def edges(self, dtype: torch.dtype = torch.float64, device=None) -> Tensor:
+        """Edges ``e_i = 1 - i / k`` for ``i = 0..k`` (descending)."""
+        i = torch.arange(self.count + 1, dtype=torch.float64, device=device)
+        return (1.0 - i / self.count).to(dtype)
+
+    def index(self, t: Tensor) -> Tensor:
+        """Window index of each ``t``: the ``i`` with ``e_{i+1} < t <= e_i``.
+
+        ``t = 0`` (the last window's end) is put in the last window.
+        """
+        t = torch.as_tensor(t)
+        if t.numel() and (bool((t < 0).any()) or bool((t > 1).any())):
+            raise ValueError("window lookup needs t in [0, 1] (t = 1 is noise, t = 0 is data)")
+        inner = self.edges(torch.float64, t.device)[1:]  # e_1 .. e_k
+        idx = (inner.unsqueeze(0) >= t.to(torch.float64).reshape(-1, 1)).sum(dim=1)
+        return idx.clamp(max=self.count - 1).reshape(t.shape)
+
+    def bounds(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        """``(t_start, t_end)`` of the window holding each ``t`` (same shape and dtype as t)."""
+        t = torch.as_tensor(t)
+        dtype = t.dtype if t.is_floating_point() else torch.float32
+        i = self.index(t)
+        edges = self.edges(torch.float64, t.device)
+        return edges[i].to(dtype), edges[i + 1].to(dtype)
+
+    def merge(self) -> TimeWindows:
+        """Join neighbouring windows pairwise: ``k -> k / 2``."""
+        if self.count % 2:
+            raise ValueError(f"cannot merge {self.count} windows pairwise: the count must be even")
+        return TimeWindows(self.count // 2)
+
+    def steps_per_window(self, steps: int) -> list[int]:
+        """Spread ``steps`` sampler steps evenly over the windows (earlier windows take the rest)."""
+        if steps < self.count:
+            raise ValueError(
+                f"{steps} sampling steps cannot cover {self.count} windows: use steps >= {self.count}"
+            )
+        base, extra = divmod(steps, self.count)
+        return [base + (1 if i < extra else 0) for i in range(self.count)]
+
+    def time_grid(self, steps: int, dtype: torch.dtype = torch.float64) -> list[tuple[float, float, float]]:
+        """Sampler grid: one ``(t, t_next, t_window_end)`` per step, from t = 1 to t = 0."""
+        edges = self.edges(torch.float64).tolist()
+        grid = []
+        for i, n in enumerate(self.steps_per_window(steps)):
+            start, end = edges[i], edges[i + 1]
+            for j in range(n):
+                grid.append((start + (end - start) * j / n, start + (end - start) * (j + 1) / n, end))
+        return grid
