@@ -28,9 +28,10 @@ def sample(denoiser: Denoiser, noise: Tensor, windows: TimeWindows, steps: int, 
     edges = windows.edges().tolist()
     x, states = noise, [noise]
     for i, n in enumerate(windows.steps_per_window(steps)):
-        for x in solver_steps(denoiser, x, edges[i], edges[i + 1], n, cond, uncond, guidance, windows):
+        for state in solver_steps(denoiser, x, edges[i], edges[i + 1], n, cond, uncond, guidance, windows):
             if return_trajectory:
-                states.append(x)
+                states.append(state)
+        x = state
     if return_trajectory:
         return x, torch.stack([s.to(x.dtype) for s in states])
     return x

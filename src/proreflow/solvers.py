@@ -10,7 +10,8 @@ a student (used by :func:`proreflow.sampling.sample` and by a student acting as 
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections import deque
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor
@@ -46,6 +47,4 @@ def solver_steps(denoiser: Denoiser, x: Tensor, t_start, t_end, steps: int, cond
 def solve(denoiser: Denoiser, x: Tensor, t_start, t_end, steps: int, cond: Cond = None,
           uncond: Cond = None, guidance: float = 1.0, windows: TimeWindows | None = None) -> Tensor:
     """Solve the denoiser's ODE from ``t_start`` to ``t_end`` in ``steps`` steps (see module doc)."""
-    for x in solver_steps(denoiser, x, t_start, t_end, steps, cond, uncond, guidance, windows):
-        pass
-    return x
+    return deque(solver_steps(denoiser, x, t_start, t_end, steps, cond, uncond, guidance, windows), maxlen=1)[0]

@@ -9,8 +9,9 @@ students are both Denoisers; a student keeps its teacher's prediction type.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor

@@ -1,0 +1,108 @@
+"""DDIM / Euler inside a window against closed forms."""
+
+import math
+
+import pytest
+import torch
+from gaussian import exact_flow, gaussian_teacher
+
+from proreflow import Denoiser, TimeWindows, VPSchedule, sample, solve, to_x0_eps
+
+SCHEDULE = VPSchedule.from_betas()
+MU, S = 0.7, 0.3
+
+
+def _x_at(t: float, n: int = 64) -> torch.Tensor:
+    a = SCHEDULE.abar(torch.tensor(t, dtype=torch.float64))
+    g = torch.Generator().manual_seed(1)
+    x0 = MU + S * torch.randn(n, 8, generator=g, dtype=torch.float64)
+    return a.sqrt() * x0 + (1 - a).sqrt() * torch.randn(n, 8, generator=g, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("t_start,t_end", [(1.0, 0.75), (0.5, 0.25), (0.25, 0.0), (1.0, 0.0)])
+def test_ddim_converges_to_the_probability_flow_solution_at_first_order(t_start, t_end):
+    teacher = gaussian_teacher(SCHEDULE, MU, S)
+    x = _x_at(t_start)
+    exact = exact_flow(SCHEDULE, MU, S, x, t_start, t_end)
+    errors = [(solve(teacher, x, t_start, t_end, n) - exact).abs().max().item() for n in (64, 128, 256, 512)]
+    assert errors[-1] < 1e-2
+    rates = [math.log2(a / b) for a, b in zip(errors, errors[1:])]
+    assert all(0.85 < r < 1.15 for r in rates), rates  # DDIM is a first-order method
+
+
+def test_ddim_is_exact_for_point_mass_data():
+    """With s = 0 every DDIM step already lands on the exact flow, at any step count."""
+    teacher = gaussian_teacher(SCHEDULE, MU, 0.0)
+    x = _x_at(0.9)
+    exact = exact_flow(SCHEDULE, MU, 0.0, x, 0.9, 0.1)
+    torch.testing.assert_close(solve(teacher, x, 0.9, 0.1, 1), exact, rtol=1e-10, atol=1e-10)
+
+
+def test_teacher_sampled_with_n_windows_is_n_step_ddim():
+    teacher = gaussian_teacher(SCHEDULE, MU, S)
+    noise = torch.randn(16, 8, dtype=torch.float64)
+    x = noise
+    times = torch.linspace(1, 0, 5, dtype=torch.float64)
+    for t, t_next in zip(times[:-1], times[1:]):  # textbook DDIM loop
+        a_t, a_s = SCHEDULE.abar(t), SCHEDULE.abar(t_next)
+        x0, eps = to_x0_eps(teacher.predict(x, t), x, a_t, "epsilon")
+        x = a_s.sqrt() * x0 + (1 - a_s).sqrt() * eps
+    torch.testing.assert_close(sample(teacher, noise, TimeWindows(4), 4), x, rtol=1e-12, atol=1e-12)
+
+
+def _piecewise_straight_field(k: int, targets: torch.Tensor) -> Denoiser:
+    """In window i every trajectory is the straight line to ``targets[i]`` at the window end."""
+    windows = TimeWindows(k)
+
+    def network(x, t, cond):
+        _, t_end = windows.bounds(t)
+        return (x - targets[windows.index(t)]) / (t - t_end).reshape(-1, 1)
+
+    return Denoiser(network, "velocity")
+
+
+@pytest.mark.parametrize("steps", [4, 7, 12])
+def test_sampling_a_piecewise_straight_field_is_exact(steps):
+    targets = torch.randn(4, 3, dtype=torch.float64)
+    field = _piecewise_straight_field(4, targets)
+    noise = torch.randn(5, 3, dtype=torch.float64)
+    out, traj = sample(field, noise, TimeWindows(4), steps, return_trajectory=True)
+    torch.testing.assert_close(out, targets[-1].expand(5, 3), rtol=1e-12, atol=1e-12)
+    assert traj.shape == (steps + 1, 5, 3) and torch.equal(traj[0], noise)
+
+
+def test_student_teacher_crosses_a_merged_window_with_one_euler_step_per_old_window():
+    """solve(windows=old) over a merged window == Euler steps towards each old window's end."""
+    targets = torch.randn(8, 3, dtype=torch.float64)
+    old = TimeWindows(8)
+    student = _piecewise_straight_field(8, targets)
+    x = torch.randn(6, 3, dtype=torch.float64)
+    t_start, t_end = torch.full((6,), 0.75, dtype=torch.float64), torch.full((6,), 0.5, dtype=torch.float64)
+    out = solve(student, x, t_start, t_end, 2, windows=old)
+    torch.testing.assert_close(out, targets[3].expand(6, 3))  # old windows 2 and 3 -> lands on target 3
+    # a merged window crossed in one step would use only old window 2's field
+    one = solve(student, x, t_start, t_end, 1, windows=old)
+    assert not torch.allclose(one, out)
+
+
+def test_guidance_combines_conditional_and_unconditional_outputs():
+    def network(x, t, cond):
+        return x * cond.reshape(-1, 1).to(x.dtype)
+
+    d = Denoiser(network, "velocity")
+    x = torch.randn(3, 2, dtype=torch.float64)
+    cond, uncond = torch.tensor([2.0, 3.0, 4.0]), torch.tensor([1.0])
+    out = d.predict(x, 0.5, cond, uncond, guidance=5.0)
+    torch.testing.assert_close(out, x * 1.0 + 5.0 * (x * cond.reshape(-1, 1) - x * 1.0))
+    torch.testing.assert_close(d.predict(x, 0.5, cond, uncond, guidance=1.0), x * cond.reshape(-1, 1))
+
+
+def test_a_network_with_the_wrong_output_shape_is_a_clear_error():
+    d = Denoiser(lambda x, t, c: x[:, :1], "velocity")
+    with pytest.raises(ValueError, match="output must have its input's shape"):
+        d.predict(torch.zeros(2, 3), 0.5)
+
+
+def test_a_diffusion_denoiser_needs_a_schedule():
+    with pytest.raises(ValueError, match="needs a VPSchedule"):
+        Denoiser(lambda x, t, c: x, "epsilon")
