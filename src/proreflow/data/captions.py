@@ -1,0 +1,358 @@
+"""Image-caption sources for text-to-image distillation, and the training-script preprocessing.
+
+Three kinds of source, one interface (``len(source)``, ``source.record(i) -> Record``):
+
+- ``FolderSource``: a folder of images with a caption each, either a ``.txt`` file with the
+  image's stem beside it, or a ``metadata.jsonl`` (Hugging Face ``imagefolder`` convention:
+  one ``{"file_name": ..., "text": ...}`` per line; ``caption`` / ``prompt`` also accepted).
+- ``TarShardSource``: webdataset tar shards (LAION style ``KEY.jpg`` + ``KEY.txt``), given as
+  a brace pattern (``data/{00000..00099}.tar``), a folder of ``.tar`` files or one file. The
+  shards are indexed once so that items are read by random access (any sampler, DDP).
+- ``HFDatasetSource``: a local ``datasets`` dataset (``save_to_disk`` folder, or anything
+  ``load_dataset`` reads from disk) with an image column and a caption column.
+
+Prompt-only data (:class:`PromptDataset`, :func:`read_prompts`): a ``.txt`` file with one
+prompt per line, or a ``.jsonl`` with a caption key per line.
+
+:class:`ImageCaptionDataset` decodes and preprocesses as diffusers' ``train_text_to_image*``
+scripts do: RGB, resize the shorter side to ``resolution`` (bilinear, antialiased), center or
+random crop to ``resolution x resolution``, optional horizontal flip, pixels in [-1, 1]; it
+also returns the SDXL micro-conditioning (original size, crop top-left). An image that cannot
+be read or decoded (corrupt, truncated, missing) is skipped, logged with its reason and counted
+in ``dataset.skipped``: the item is replaced by the next readable one, so a run never stops on
+bad files.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import tarfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import Dataset
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+CAPTION_KEYS = ("text", "caption", "prompt")
+
+
+@dataclass
+class Record:
+    """One item of a source: a name for messages, its caption and how to open its image."""
+
+    name: str
+    caption: str
+    open: Callable[[], Image.Image]
+
+
+def _bytes_opener(read: Callable[[], bytes]) -> Callable[[], Image.Image]:
+    return lambda: Image.open(io.BytesIO(read()))
+
+
+def _first_caption(value) -> str:
+    """A caption field may hold a list of captions (COCO style): the first one is used."""
+    if isinstance(value, (list, tuple)):
+        value = value[0] if value else ""
+    return "" if value is None else str(value).strip()
+
+
+class FolderSource:
+    """Images with ``.txt`` captions beside them, or a ``metadata.jsonl`` (see module doc)."""
+
+    def __init__(self, root: str | Path, caption_column: str | None = None):
+        self.root = Path(root).expanduser()
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"image folder {self.root} does not exist")
+        metadata = self.root / "metadata.jsonl"
+        self.items = self._from_metadata(metadata, caption_column) if metadata.is_file() else self._from_txt()
+        if not self.items:
+            raise ValueError(f"{self.root} holds no captioned images: put KEY.txt beside each image "
+                             f"({', '.join(IMAGE_EXTENSIONS)}) or a metadata.jsonl with file_name and text")
+
+    def _from_metadata(self, path: Path, caption_column: str | None) -> list[tuple[Path, str]]:
+        items = []
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            key = caption_column or next((k for k in CAPTION_KEYS if k in row), None)
+            if "file_name" not in row or key not in row:
+                raise ValueError(f"{path}:{n}: each line needs 'file_name' and a caption "
+                                 f"({caption_column or ' / '.join(CAPTION_KEYS)}), got keys {sorted(row)}")
+            items.append((path.parent / row["file_name"], _first_caption(row[key])))
+        return items
+
+    def _from_txt(self) -> list[tuple[Path, str]]:
+        images = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+        items = [(p, p.with_suffix(".txt").read_text().strip()) for p in images if p.with_suffix(".txt").is_file()]
+        if len(items) < len(images):
+            log.warning("%s: %d of %d images have no .txt caption beside them and are left out",
+                        self.root, len(images) - len(items), len(images))
+        return items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def record(self, i: int) -> Record:
+        path, caption = self.items[i]
+        return Record(str(path), caption, lambda: Image.open(path))
+
+
+def expand_shards(spec: str | Path | Sequence[str]) -> list[Path]:
+    """Shard paths from a brace pattern, a folder of ``.tar`` files, one file, or a list of these."""
+    if not isinstance(spec, (str, Path)):
+        return [p for s in spec for p in expand_shards(s)]
+    from braceexpand import braceexpand  # installed with webdataset
+
+    paths = []
+    for item in braceexpand(str(spec)):
+        path = Path(item).expanduser()
+        if path.is_dir():
+            paths.extend(sorted(path.glob("*.tar")))
+        elif path.is_file():
+            paths.append(path)
+        else:
+            raise FileNotFoundError(f"webdataset shard {path} does not exist (from {spec!r})")
+    if not paths:
+        raise FileNotFoundError(f"no .tar shards found at {spec!r}")
+    return paths
+
+
+class TarShardSource:
+    """webdataset tar shards, indexed for random access (see module doc).
+
+    Members are grouped by webdataset's key rule (``base_plus_ext``: the key is the path up to
+    the first dot of the file name); a sample needs an image member and a ``txt`` member.
+    """
+
+    def __init__(self, shards: str | Path | Sequence[str]):
+        from webdataset.tariterators import base_plus_ext
+
+        self.shards = expand_shards(shards)
+        self.items: list[tuple[int, str, tuple[int, int], tuple[int, int]]] = []
+        incomplete = 0
+        for s, shard in enumerate(self.shards):
+            groups: dict[str, dict[str, tuple[int, int]]] = {}
+            with tarfile.open(shard) as tar:
+                for member in tar:
+                    key, ext = base_plus_ext(member.name) if member.isfile() else (None, None)
+                    if key is not None:
+                        groups.setdefault(key, {})[ext.lower()] = (member.offset_data, member.size)
+            for key, members in groups.items():
+                image = next((members[e] for e in ("jpg", "jpeg", "png", "webp") if e in members), None)
+                if image is None or "txt" not in members:
+                    incomplete += 1
+                    continue
+                self.items.append((s, key, image, members["txt"]))
+        if incomplete:
+            log.warning("%d samples in %d shard(s) lack an image or a txt caption and are left out",
+                        incomplete, len(self.shards))
+        if not self.items:
+            raise ValueError(f"no samples with an image (jpg/png/webp) and a txt caption in "
+                             f"{len(self.shards)} shard(s)")
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def _read(self, shard: int, where: tuple[int, int]) -> bytes:
+        with open(self.shards[shard], "rb") as f:
+            f.seek(where[0])
+            return f.read(where[1])
+
+    def record(self, i: int) -> Record:
+        shard, key, image, txt = self.items[i]
+        caption = self._read(shard, txt).decode("utf-8", errors="replace").strip()
+        return Record(f"{self.shards[shard]}:{key}", caption, _bytes_opener(lambda: self._read(shard, image)))
+
+
+class HFDatasetSource:
+    """A local ``datasets`` dataset with an image column and a caption column."""
+
+    def __init__(self, path: str | Path, image_column: str = "image", caption_column: str | None = None,
+                 split: str = "train"):
+        import datasets
+
+        path = Path(path).expanduser()
+        if not path.exists():
+            raise FileNotFoundError(f"dataset folder {path} does not exist")
+        if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
+            ds = datasets.load_from_disk(str(path))
+            if isinstance(ds, datasets.DatasetDict):
+                if split not in ds:
+                    raise KeyError(f"{path} has splits {list(ds)}, not {split!r}")
+                ds = ds[split]
+        else:
+            ds = datasets.load_dataset(str(path), split=split)
+        caption_column = caption_column or next((k for k in CAPTION_KEYS if k in ds.column_names), None)
+        for column in (image_column, caption_column):
+            if column not in ds.column_names:
+                raise KeyError(f"{path}: no column {column!r} (columns: {ds.column_names}); "
+                               "set image_column / caption_column")
+        if isinstance(ds.features[image_column], datasets.Image):
+            ds = ds.cast_column(image_column, datasets.Image(decode=False))  # decode here, to skip bad files
+        self.ds, self.path = ds, path
+        self.image_column, self.caption_column = image_column, caption_column
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def record(self, i: int) -> Record:
+        row = self.ds[i]
+        value = row[self.image_column]
+        if isinstance(value, dict) and value.get("bytes"):
+            opener = _bytes_opener(lambda: value["bytes"])
+        elif isinstance(value, dict) or isinstance(value, str):
+            file = value["path"] if isinstance(value, dict) else value
+            opener = lambda: Image.open(file)  # noqa: E731
+        elif isinstance(value, Image.Image):
+            opener = lambda: value  # noqa: E731
+        else:
+            raise TypeError(f"{self.path}: column {self.image_column!r} holds {type(value).__name__}, "
+                            "not an image, image bytes or a path")
+        return Record(f"{self.path}[{i}]", _first_caption(row[self.caption_column]), opener)
+
+
+def open_source(spec: str | Path | Sequence[str], kind: str = "auto", **kwargs):
+    """A source from a path and a kind: ``folder``, ``webdataset``, ``datasets`` or ``auto``.
+
+    ``auto``: ``.tar`` files, brace patterns or a folder of ``.tar`` files are webdataset; a
+    ``save_to_disk`` folder is datasets; any other folder is an image-caption folder.
+    """
+    if kind == "auto":
+        text = str(spec) if isinstance(spec, (str, Path)) else str(spec[0])
+        path = Path(text).expanduser()
+        if "{" in text or text.endswith(".tar") or not isinstance(spec, (str, Path)) or (
+                path.is_dir() and any(path.glob("*.tar"))):
+            kind = "webdataset"
+        elif path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
+            kind = "datasets"
+        else:
+            kind = "folder"
+    if kind == "folder":
+        return FolderSource(spec, **kwargs)
+    if kind == "webdataset":
+        return TarShardSource(spec, **kwargs)
+    if kind == "datasets":
+        return HFDatasetSource(spec, **kwargs)
+    raise ValueError(f"unknown data kind {kind!r}: use auto, folder, webdataset or datasets")
+
+
+def resize_and_crop(image: Image.Image, resolution: int, center_crop: bool = True, flip: bool = False,
+                    generator: torch.Generator | None = None) -> tuple[Tensor, tuple[int, int], tuple[int, int]]:
+    """diffusers' training transform: ``(pixels in [-1, 1] (3, r, r), original (h, w), crop top-left (y, x))``.
+
+    Shorter side resized to ``r`` (bilinear; the longer side ``int(r * long / short)`` as
+    torchvision's ``Resize(r)``), then a center crop (``round((h - r) / 2)``) or a uniform random
+    crop, then an optional horizontal flip, which moves the crop's x to ``w - x - r`` (SDXL script).
+    """
+    image = image.convert("RGB")
+    w, h = image.size
+    short, long = (w, h) if w <= h else (h, w)
+    size_long = int(resolution * long / short)
+    new_w, new_h = (resolution, size_long) if w <= h else (size_long, resolution)
+    if (new_w, new_h) != (w, h):
+        image = image.resize((new_w, new_h), Image.Resampling.BILINEAR)
+    if center_crop:
+        y, x = int(round((new_h - resolution) / 2.0)), int(round((new_w - resolution) / 2.0))
+    else:
+        y = int(torch.randint(new_h - resolution + 1, (), generator=generator))
+        x = int(torch.randint(new_w - resolution + 1, (), generator=generator))
+    image = image.crop((x, y, x + resolution, y + resolution))
+    if flip:
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        x = new_w - x - resolution
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 127.5 - 1.0
+    return pixels, (h, w), (y, x)
+
+
+def decode(record: Record) -> Image.Image:
+    """Open and fully decode the image (a truncated file fails here, not later)."""
+    image = record.open()
+    image.load()
+    return image
+
+
+class ImageCaptionDataset(Dataset):
+    """Preprocessed items ``{"index", "pixels", "caption", "original_size", "crop_top_left"}`` of a source.
+
+    Unreadable images are skipped (module doc): ``skipped`` maps their names to the error, in
+    this process.
+    """
+
+    def __init__(self, source, resolution: int, center_crop: bool = True, random_flip: bool = False):
+        self.source, self.resolution = source, resolution
+        self.center_crop, self.random_flip = center_crop, random_flip
+        self.skipped: dict[str, str] = {}
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def load(self, i: int) -> dict:
+        """Item ``i``, or ``{"skipped": name, "error": reason}`` if its image cannot be read."""
+        record = self.source.record(i)
+        try:
+            image = decode(record)
+        except Exception as err:  # any decoder error: PIL raises OSError, ValueError, SyntaxError, ...
+            return {"skipped": record.name, "error": f"{type(err).__name__}: {err}"}
+        flip = self.random_flip and bool(torch.rand(()) < 0.5)
+        pixels, original_size, crop = resize_and_crop(image, self.resolution, self.center_crop, flip)
+        return {"index": i, "pixels": pixels, "caption": record.caption, "original_size": original_size,
+                "crop_top_left": crop}
+
+    def __getitem__(self, i: int) -> dict:
+        """Item ``i``, or the next readable one after it."""
+        for k in range(len(self)):
+            item = self.load((i + k) % len(self))
+            if "skipped" not in item:
+                return item
+            if item["skipped"] not in self.skipped:
+                self.skipped[item["skipped"]] = item["error"]
+                log.warning("skipping unreadable image %s (%s); %d skipped so far",
+                            item["skipped"], item["error"], len(self.skipped))
+        raise RuntimeError(f"none of the {len(self)} images of the source can be read; first errors: "
+                           f"{dict(list(self.skipped.items())[:3])}")
+
+
+def read_prompts(path: str | Path, caption_column: str | None = None) -> list[str]:
+    """Prompts of a ``.txt`` file (one per non-empty line) or a ``.jsonl`` (a caption key per line)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt file {path} does not exist (one prompt per line, or JSON lines)")
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    if path.suffix == ".jsonl":
+        rows = [json.loads(line) for line in lines]
+        key = caption_column or next((k for k in CAPTION_KEYS if rows and k in rows[0]), "text")
+        missing = [n for n, row in enumerate(rows, 1) if key not in row]
+        if missing:
+            raise ValueError(f"{path}: lines {missing[:5]} have no {key!r} key")
+        prompts = [_first_caption(row[key]) for row in rows]
+    else:
+        prompts = [line.strip() for line in lines]
+    if not prompts:
+        raise ValueError(f"{path} holds no prompts")
+    return prompts
+
+
+class PromptDataset(Dataset):
+    """Prompt-only items ``{"index", "caption"}`` (the same interface as :class:`ImageCaptionDataset`)."""
+
+    def __init__(self, prompts: Sequence[str], resolution: int):
+        self.prompts, self.resolution = list(prompts), resolution
+        self.skipped: dict[str, str] = {}
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def load(self, i: int) -> dict:
+        return {"index": i, "caption": self.prompts[i]}
+
+    __getitem__ = load

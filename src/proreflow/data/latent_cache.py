@@ -1,0 +1,237 @@
+"""Latents and text conditions of training data, encoded on the fly or cached on disk.
+
+Items are ``(latents (C, h, w) float32, cond)`` with ``cond`` the teacher's condition dict
+without its batch dimension (what a ``DistillationSetup`` dataset yields). Two encoders turn
+a batch of raw items into them, each drawing item ``i``'s randomness from a generator seeded
+by ``(seed, i)``, so the on-the-fly and the cached datasets give the same latents:
+
+- :func:`encode_items` (images with captions): a sample of the VAE posterior of the image;
+- :func:`generate_items` (prompt-only data): the teacher's own sample for the prompt, a DDIM
+  solve from noise at t = 1 to t = 0 with guidance. Training then noises it to the window
+  start, so the start points come from the teacher's distribution, not from real images.
+
+Cache layout (``build_latent_cache``)::
+
+    DIR/shard-00000.safetensors   latents, encoder_hidden_states[, text_embeds, time_ids]
+    DIR/manifest.json             what was encoded (teacher, data, resolution, ...), shard sizes,
+                                  and the images skipped as unreadable; written last
+
+A cache without a manifest is incomplete and is rebuilt; one built for other settings is
+refused with the differing keys named.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from ..conditioning import Cond, map_cond
+from ..models.stable_diffusion import SDTeacher, sdxl_time_ids, unet_network
+from ..sampling import sample
+from ..teachers import Denoiser
+from ..windows import TimeWindows
+
+Encoder = Callable[[list[dict]], tuple[Tensor, dict]]
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+CACHE_FORMAT = 1
+
+
+def item_generator(seed: int, index: int) -> torch.Generator:
+    """The CPU generator of item ``index``'s VAE posterior sample."""
+    return torch.Generator().manual_seed((int(seed) << 32) + int(index))
+
+
+@torch.no_grad()
+def encode_items(teacher: SDTeacher, items: list[dict], seed: int, resolution: int) -> tuple[Tensor, dict]:
+    """Latents and condition dict (with batch dimension) of items of an :class:`ImageCaptionDataset`."""
+    pixels = torch.stack([item["pixels"] for item in items])
+    latents = teacher.encode_images(pixels, [item_generator(seed, item["index"]) for item in items])
+    time_ids = None
+    if teacher.is_sdxl:
+        time_ids = torch.stack([sdxl_time_ids(item["original_size"], item["crop_top_left"], (resolution, resolution))
+                                for item in items])
+    cond = teacher.encode_prompts([item["caption"] for item in items], time_ids)
+    return latents, cond
+
+
+@torch.no_grad()
+def generate_items(teacher: SDTeacher, items: list[dict], seed: int, resolution: int, steps: int,
+                   guidance: float) -> tuple[Tensor, dict]:
+    """Teacher samples (latents) and condition dict of prompt-only items (module doc)."""
+    shape = teacher.latent_shape(resolution)
+    noise = torch.stack([torch.randn(shape, generator=item_generator(seed, item["index"])) for item in items])
+    time_ids = teacher.default_time_ids(resolution).expand(len(items), -1) if teacher.is_sdxl else None
+    cond = teacher.encode_prompts([item["caption"] for item in items], time_ids)
+    denoiser = Denoiser(unet_network(teacher.unet), teacher.prediction_type, teacher.schedule)
+    latents = sample(denoiser, noise.to(teacher.device), TimeWindows(steps), steps, cond, teacher.null_cond(), guidance)
+    return latents, cond
+
+
+class EncodedDataset(Dataset):
+    """Encodes each item when it is read, with ``encode`` (e.g. a partial of :func:`encode_items`).
+
+    Runs the encoders in the reading process: use ``num_workers = 0`` when they are on a GPU.
+    The cache (:func:`build_latent_cache`) avoids the repeated encoding.
+    """
+
+    def __init__(self, items: Dataset, encode: Encoder):
+        self.items, self.encode = items, encode
+
+    @property
+    def skipped(self) -> dict[str, str]:
+        return self.items.skipped
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Cond]:
+        latents, cond = self.encode([self.items[i]])
+        return latents[0].float().cpu(), map_cond(lambda a: a[0].float().cpu(), cond)
+
+
+def _flatten(cond: dict) -> dict[str, Tensor]:
+    """SD / SDXL condition dict -> flat tensor names of a shard."""
+    flat = {"encoder_hidden_states": cond["encoder_hidden_states"]}
+    flat.update(cond.get("added_cond_kwargs", {}))
+    return flat
+
+
+def _nest(flat: dict[str, Tensor]) -> dict:
+    cond = {"encoder_hidden_states": flat["encoder_hidden_states"]}
+    if "text_embeds" in flat:
+        cond["added_cond_kwargs"] = {"text_embeds": flat["text_embeds"], "time_ids": flat["time_ids"]}
+    return cond
+
+
+class _Loads(Dataset):
+    """``items.load(i)`` for a DataLoader: items, or skip records, never an exception."""
+
+    def __init__(self, items: Dataset):
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.items.load(i)
+
+
+def read_manifest(cache_dir: str | Path) -> dict | None:
+    path = Path(cache_dir) / MANIFEST
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def check_manifest(manifest: dict, settings: dict, cache_dir: str | Path) -> None:
+    """Refuse a cache built for other settings, naming the keys that differ."""
+    differ = {k: (manifest["settings"].get(k), v) for k, v in settings.items() if manifest["settings"].get(k) != v}
+    if differ:
+        detail = "; ".join(f"{k}: cache {a!r}, now {b!r}" for k, (a, b) in differ.items())
+        raise ValueError(f"the latent cache {cache_dir} was built with other settings ({detail}); "
+                         "use another cache_dir or delete this one to rebuild it")
+
+
+def build_latent_cache(items: Dataset, encode: Encoder, cache_dir: str | Path, settings: dict,
+                       batch_size: int = 16, shard_size: int = 4096, dtype: torch.dtype = torch.float16,
+                       num_workers: int = 0) -> dict:
+    """Encode every readable item once into safetensors shards (module doc); return the manifest.
+
+    ``items``: an :class:`ImageCaptionDataset` or :class:`PromptDataset` (their ``load``);
+    ``encode``: :func:`encode_items` or :func:`generate_items` bound to a teacher.
+    ``settings`` (JSON values: teacher, data, resolution, seed, ...) are stored and compared on
+    reuse. Items are read by ``num_workers`` loader processes; the encoders run here.
+    """
+    cache_dir = Path(cache_dir)
+    if cache_dir.exists():
+        shutil.rmtree(cache_dir)  # no manifest: an interrupted build
+    cache_dir.mkdir(parents=True)
+    loader = DataLoader(_Loads(items), batch_size=batch_size, num_workers=num_workers, collate_fn=list)
+    shards, pending, skipped = [], [], {}
+    total = 0
+
+    def flush() -> None:
+        nonlocal pending
+        if not pending:
+            return
+        tensors = {k: torch.cat([p[k] for p in pending]).contiguous() for k in pending[0]}
+        name = f"shard-{len(shards):05d}.safetensors"
+        tmp = cache_dir / f".{name}.tmp"
+        save_file(tensors, str(tmp))
+        os.replace(tmp, cache_dir / name)
+        shards.append({"file": name, "count": int(tensors["latents"].shape[0])})
+        pending = []
+
+    for batch in tqdm(loader, desc=f"caching latents in {cache_dir}", unit="batch"):
+        good = [item for item in batch if "skipped" not in item]
+        for item in batch:
+            if "skipped" in item:
+                skipped[item["skipped"]] = item["error"]
+                log.warning("skipping unreadable image %s (%s)", item["skipped"], item["error"])
+        if not good:
+            continue
+        latents, cond = encode(good)
+        flat = {"latents": latents, **_flatten(cond)}
+        pending.append({k: v.to("cpu", torch.float32 if k == "time_ids" else dtype) for k, v in flat.items()})
+        total += len(good)
+        if sum(p["latents"].shape[0] for p in pending) >= shard_size:
+            flush()
+    flush()
+    if not shards:
+        raise RuntimeError(f"none of the {len(items)} items could be read; first errors: "
+                           f"{dict(list(skipped.items())[:3])}")
+    manifest = {"format": CACHE_FORMAT, "settings": settings, "count": total,
+                "shards": shards, "skipped": skipped}
+    tmp = cache_dir / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    os.replace(tmp, cache_dir / MANIFEST)
+    if skipped:
+        log.warning("latent cache %s: %d images encoded, %d unreadable images skipped", cache_dir, total, len(skipped))
+    return manifest
+
+
+class LatentCacheDataset(Dataset):
+    """Items ``(latents, cond)`` read row by row from a cache (float32; shards opened lazily per process)."""
+
+    def __init__(self, cache_dir: str | Path):
+        self.cache_dir = Path(cache_dir)
+        manifest = read_manifest(self.cache_dir)
+        if manifest is None:
+            raise FileNotFoundError(f"{self.cache_dir} holds no complete latent cache (no {MANIFEST})")
+        if manifest.get("format") != CACHE_FORMAT:
+            raise ValueError(f"{self.cache_dir}: cache format {manifest.get('format')} is not {CACHE_FORMAT}; "
+                             "delete it to rebuild")
+        self.manifest = manifest
+        self.skipped: dict[str, str] = manifest["skipped"]
+        self.index = [(s, row) for s, shard in enumerate(manifest["shards"]) for row in range(shard["count"])]
+        self._handles: dict[int, object] = {}
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def _shard(self, s: int):
+        if s not in self._handles:
+            self._handles[s] = safe_open(str(self.cache_dir / self.manifest["shards"][s]["file"]), framework="pt")
+        return self._handles[s]
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Cond]:
+        s, row = self.index[i]
+        f = self._shard(s)
+        flat = {k: f.get_slice(k)[row:row + 1][0].float() for k in f.keys()}
+        latents = flat.pop("latents")
+        return latents, _nest(flat)
+
+    def __getstate__(self) -> dict:  # open handles stay in their process
+        return {**self.__dict__, "_handles": {}}

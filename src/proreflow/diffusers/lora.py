@@ -1,0 +1,109 @@
+"""LoRA students and LoRA export (peft), loadable with ``pipe.load_lora_weights(DIR)``.
+
+A LoRA layer adds ``(alpha / r) * B A x`` to a frozen base layer ``W x``. Training with LoRA
+(:func:`add_lora`): ``B = 0`` at the start, so the UNet with its LoRA layers *is* the teacher,
+and only ``A, B`` train. Export (:func:`save_lora`) writes diffusers' LoRA format, which
+applies to the base model and to fine-tunes of it (same architecture, other weights).
+
+A fully fine-tuned student becomes LoRA weights by :func:`extract_lora`: per layer, the
+weight change ``D = W_student - W_base`` (flattened to ``out x in*k*k`` for convolutions) is
+cut to its best rank-r approximation by SVD, ``D ~ U_r S_r V_r^T``, stored as
+``B = U_r S_r^{1/2}``, ``A = S_r^{1/2} V_r^T`` (alpha = r, so the scale is 1). Bias and
+normalisation changes are not carried; :func:`extract_lora` reports how much of the change
+the low rank keeps.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+from torch import nn
+
+ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
+"""LoRA targets of diffusers' LoRA training scripts (attention projections of every block)."""
+
+
+def add_lora(unet: nn.Module, rank: int, alpha: float | None = None,
+             targets: tuple[str, ...] = ATTENTION_PROJECTIONS) -> nn.Module:
+    """Add zero-initialised LoRA layers of rank ``rank`` to ``unet`` in place; only they train."""
+    from peft import LoraConfig
+
+    if rank < 1:
+        raise ValueError(f"LoRA rank must be at least 1, got {rank}")
+    unet.requires_grad_(False)
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights=True,
+                                target_modules=list(targets)))
+    for name, p in unet.named_parameters():
+        if "lora_" in name:
+            p.requires_grad_(True)
+    return unet
+
+
+def lora_state_dict(unet: nn.Module) -> dict[str, torch.Tensor]:
+    """The LoRA weights of a peft-adapted UNet (peft names, ``<module>.lora_A.weight``: what
+    ``load_lora_weights`` reads for any layer, attention or convolution)."""
+    from peft.utils import get_peft_model_state_dict
+
+    return get_peft_model_state_dict(unet)
+
+
+def save_lora(unet: nn.Module, out_dir: str | Path, sdxl: bool) -> Path:
+    """Write ``unet``'s LoRA weights (and their config: rank, alpha) as ``pytorch_lora_weights.safetensors``."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    pipeline = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
+    out_dir = Path(out_dir)
+    pipeline.save_lora_weights(out_dir, unet_lora_layers=lora_state_dict(unet), safe_serialization=True,
+                               unet_lora_adapter_metadata=unet.peft_config["default"].to_dict())
+    return out_dir / "pytorch_lora_weights.safetensors"
+
+
+def has_lora(unet: nn.Module) -> bool:
+    return bool(getattr(unet, "peft_config", None))
+
+
+def merge_lora(unet: nn.Module) -> nn.Module:
+    """Fold the LoRA layers into the base weights and remove them (in place): a plain UNet."""
+    unet.fuse_lora()
+    unet.unload_lora()
+    return unet
+
+
+@torch.no_grad()
+def extract_lora(student: nn.Module, base: nn.Module, rank: int) -> tuple[nn.Module, float]:
+    """A copy of ``base`` with LoRA layers approximating ``student - base`` (module doc).
+
+    Covers every ``nn.Linear`` and ``nn.Conv2d`` whose weight changed. Returns the adapted copy
+    and the kept fraction ``1 - |D - D_r|_F^2 / |D|_F^2`` over all covered weights.
+    """
+    from peft import LoraConfig
+
+    students = dict(student.named_modules())
+    deltas = {}
+    for name, module in base.named_modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            delta = students[name].weight.float() - module.weight.float()
+            if bool(delta.any()):
+                deltas[name] = delta
+    if not deltas:
+        raise ValueError("the student's weights equal the base model's: there is no change to extract")
+    adapted = copy.deepcopy(base)
+    adapted.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=True, target_modules=list(deltas)))
+    layers = dict(adapted.named_modules())
+    total = lost = 0.0
+    for name, delta in deltas.items():
+        u, s, vh = torch.linalg.svd(delta.flatten(1), full_matrices=False)
+        r = min(rank, s.numel())
+        root = s[:r].sqrt()
+        a = torch.zeros(rank, vh.shape[1])
+        b = torch.zeros(u.shape[0], rank)
+        a[:r], b[:, :r] = root[:, None] * vh[:r], u[:, :r] * root
+        layer = layers[name]
+        weight_a, weight_b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+        weight_a.copy_(a.reshape(weight_a.shape))
+        weight_b.copy_(b.reshape(weight_b.shape))
+        total += float(s.pow(2).sum())
+        lost += float(s[r:].pow(2).sum())
+    return adapted, 1.0 - lost / total

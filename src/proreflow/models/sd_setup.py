@@ -1,0 +1,117 @@
+"""The ``stable-diffusion`` setup: a Stable Diffusion teacher and its latent data for the engine.
+
+``setup: {name: stable-diffusion, teacher: DIR_OR_ID, data: PATH, ...}`` in a config (or a call
+of :func:`build_sd_setup`) gives a :class:`~proreflow.training.setup.DistillationSetup` with
+
+- ``teacher_model``: the teacher's UNet (float32 master weights; the engine casts the frozen
+  teacher to the run's mixed-precision dtype and copies it into the student). With
+  ``lora_rank > 0`` it carries zero-initialised LoRA layers (so it still is the teacher) and
+  only those train in the student copy;
+- ``dataset``: ``(latents, cond)`` items, from images with captions (VAE posterior sample) or
+  from prompts alone (the teacher's own samples), encoded when read or once into a cache;
+- ``uncond``: the null condition (the pipeline's negative for an empty prompt);
+- ``adapter``: :func:`~proreflow.models.stable_diffusion.unet_network`.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from ..conditioning import map_cond
+from ..data.captions import ImageCaptionDataset, PromptDataset, open_source, read_prompts
+from ..data.latent_cache import (
+    EncodedDataset,
+    LatentCacheDataset,
+    build_latent_cache,
+    check_manifest,
+    encode_items,
+    generate_items,
+    read_manifest,
+)
+from ..diffusers.lora import add_lora
+from ..training.setup import DistillationSetup
+from .stable_diffusion import load_teacher, unet_network
+
+
+def default_device() -> torch.device:
+    """This process's accelerator (``accelerate`` picks the GPU of each process), else CPU."""
+    from accelerate import PartialState
+
+    return PartialState().device
+
+
+def build_sd_setup(teacher: str, data: str | list[str] | None = None, data_kind: str = "auto",
+                   prompts: str | None = None, resolution: int | None = None, cache_dir: str | None = None,
+                   center_crop: bool = True, random_flip: bool = False, image_column: str = "image",
+                   caption_column: str | None = None, prompt_steps: int = 32, prompt_guidance: float = 7.5,
+                   lora_rank: int = 0, lora_alpha: float | None = None, gradient_checkpointing: bool = False,
+                   compile: bool = False, encoder_dtype: str = "float32", variant: str | None = None,
+                   local_files_only: bool | None = None, device: str | None = None, seed: int = 0,
+                   cache_batch_size: int = 16, num_workers: int = 0) -> DistillationSetup:
+    """The Stable Diffusion setup (module doc).
+
+    teacher: diffusers pipeline folder or hub id (SD1.5, SD2.x, SDXL and fine-tunes).
+    data: image-caption folder, webdataset shards or a local ``datasets`` folder (``data_kind``:
+        auto, folder, webdataset, datasets). prompts: a prompt file instead, for prompt-only
+        training (teacher samples with ``prompt_steps`` DDIM steps at ``prompt_guidance``).
+    resolution: training image size (default: the pipeline's, e.g. 512 / 1024).
+    cache_dir: encode everything once into this folder (reused when the settings match).
+    lora_rank / lora_alpha: train LoRA layers on the attention projections instead of all weights.
+    gradient_checkpointing, compile: for the student (compile in place: teacher and student).
+    encoder_dtype: text encoders' dtype (float32, bf16, fp16); the VAE stays float32.
+    seed: of the VAE posterior samples / prompt noise (item i uses (seed, i)).
+    """
+    from accelerate import PartialState
+
+    if (data is None) == (prompts is None):
+        raise ValueError("stable-diffusion setup: give exactly one of data (images with captions) and "
+                         "prompts (a prompt file, prompt-only training)")
+    device = torch.device(device) if device is not None else default_device()
+    sd = load_teacher(teacher, encoder_dtype=encoder_dtype, variant=variant, local_files_only=local_files_only,
+                      device=device)
+    resolution = resolution or sd.resolution
+    sd.latent_shape(resolution)  # checks the size
+    if prompts is not None:
+        items = PromptDataset(read_prompts(prompts, caption_column), resolution)
+        encode = partial(generate_items, sd, seed=seed, resolution=resolution, steps=prompt_steps,
+                         guidance=prompt_guidance)
+        settings = {"prompts": str(prompts), "prompt_steps": prompt_steps, "prompt_guidance": prompt_guidance}
+    else:
+        kwargs = {"image_column": image_column} if data_kind == "datasets" else {}
+        if caption_column is not None and data_kind in ("folder", "datasets", "auto"):
+            kwargs["caption_column"] = caption_column
+        items = ImageCaptionDataset(open_source(data, data_kind, **kwargs), resolution, center_crop, random_flip)
+        encode = partial(encode_items, sd, seed=seed, resolution=resolution)
+        settings = {"data": str(data), "center_crop": center_crop, "random_flip": random_flip}
+    settings.update(teacher=str(teacher), resolution=resolution, seed=seed)
+
+    if cache_dir is not None:
+        with PartialState().main_process_first():
+            manifest = read_manifest(cache_dir)
+            if manifest is not None:
+                check_manifest(manifest, settings, cache_dir)
+            elif PartialState().is_main_process:
+                build_latent_cache(items, encode, cache_dir, settings, batch_size=cache_batch_size,
+                                   num_workers=num_workers)
+        dataset = LatentCacheDataset(cache_dir)
+    else:
+        dataset = EncodedDataset(items, encode)
+
+    unet = sd.unet
+    if lora_rank:
+        add_lora(unet, lora_rank, lora_alpha)
+    if gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    if compile:
+        unet.compile()
+    uncond = map_cond(lambda a: a.float().cpu(), sd.null_cond())
+    info = {"model": "stable-diffusion", "teacher": str(teacher), "pipeline": type(sd.pipe).__name__,
+            "resolution": resolution, "lora_rank": lora_rank, "lora_alpha": lora_alpha or lora_rank or None,
+            "data": str(data if data is not None else prompts), "prompt_only": prompts is not None,
+            "cache_dir": str(Path(cache_dir)) if cache_dir else None,
+            "skipped_images": len(dataset.skipped)}
+    return DistillationSetup(teacher_model=unet, prediction_type=sd.prediction_type, schedule=sd.schedule,
+                             dataset=dataset, uncond=uncond, adapter=unet_network, info=info)

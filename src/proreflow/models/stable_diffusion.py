@@ -1,0 +1,255 @@
+"""Stable Diffusion teachers (SD1.5, SD2.x, SDXL) from a diffusers folder or model id.
+
+:func:`load_teacher` reads a diffusers pipeline folder (or a hub id, offline from the local
+cache) through ``DiffusionPipeline.from_pretrained``: the same code for real weights,
+community fine-tunes in diffusers format and the tiny test components. :class:`SDTeacher`
+then gives what distillation needs, through the pipeline's own methods where it has them:
+
+- prompts -> condition dicts, the keyword arguments of ``UNet2DConditionModel``:
+  SD1.5/SD2 ``{"encoder_hidden_states": (B, 77, D)}``; SDXL adds
+  ``{"added_cond_kwargs": {"text_embeds": pooled (B, P), "time_ids": (B, 6)}}`` with the
+  micro-conditioning ``time_ids = (orig_h, orig_w, crop_y, crop_x, target_h, target_w)``;
+- the null condition of classifier-free guidance: the encoding of "" (PeRFlow), or zeros
+  where an SDXL pipeline sets ``force_zeros_for_empty_prompt`` (as the pipeline does);
+- images in [-1, 1] <-> latents ``(z - shift_factor) * scaling_factor`` (the VAE always runs
+  in float32: SDXL's VAE overflows in float16).
+
+The teacher's schedule and output type come from its scheduler config (epsilon for SD1.5 /
+SDXL, v_prediction for SD2.x 768).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ..conditioning import Cond, map_cond
+from ..schedules import VPSchedule
+from ..teachers import Network, diffusers_network
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
+UNUSED_COMPONENTS = ("safety_checker", "feature_extractor", "image_encoder")
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def as_dtype(value: str | torch.dtype) -> torch.dtype:
+    """A torch dtype from ``float32`` / ``bf16`` / ``fp16`` (or a dtype)."""
+    if isinstance(value, torch.dtype):
+        return value
+    if value not in DTYPES:
+        raise ValueError(f"unknown dtype {value!r}: use one of {', '.join(DTYPES)}")
+    return DTYPES[value]
+
+
+def default_local_files_only() -> bool:
+    """True when the Hugging Face hub is switched off (``HF_HUB_OFFLINE=1``)."""
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def _looks_like_hub_id(source: str) -> bool:
+    return source.count("/") == 1 and not source.startswith((".", "/", "~")) and "\\" not in source
+
+
+def read_model_index(source: str | Path, local_files_only: bool | None = None) -> dict:
+    """The ``model_index.json`` of a pipeline folder or hub id, with errors that say what to do."""
+    from diffusers import DiffusionPipeline
+
+    source = str(source)
+    local_files_only = default_local_files_only() if local_files_only is None else local_files_only
+    path = Path(source).expanduser()
+    if path.exists() or not _looks_like_hub_id(source):
+        if not path.is_dir():
+            raise FileNotFoundError(
+                f"teacher folder {path} does not exist. --teacher takes a diffusers pipeline folder (with "
+                "model_index.json) or a Hugging Face model id such as stable-diffusion-v1-5/stable-diffusion-v1-5")
+        if not (path / "model_index.json").is_file():
+            raise FileNotFoundError(
+                f"{path} is not a diffusers pipeline folder (no model_index.json). Convert a single-file "
+                "checkpoint once with StableDiffusionPipeline.from_single_file(FILE).save_pretrained(DIR)")
+        return dict(DiffusionPipeline.load_config(str(path)))
+    try:
+        return dict(DiffusionPipeline.load_config(source, local_files_only=local_files_only))
+    except OSError as err:
+        hint = (" It is not in the local Hugging Face cache: download it once online (`hf download "
+                f"{source}`) or pass a local folder." if local_files_only else "")
+        raise OSError(f"could not load teacher {source!r} (local_files_only={local_files_only}).{hint} "
+                      f"Cause: {err}") from err
+
+
+@dataclass
+class SDTeacher:
+    """A loaded Stable Diffusion pipeline and what distillation needs from it (module doc)."""
+
+    pipe: object  # StableDiffusionPipeline | StableDiffusionXLPipeline
+    source: str
+
+    @property
+    def unet(self):
+        return self.pipe.unet
+
+    @property
+    def vae(self):
+        return self.pipe.vae
+
+    @property
+    def is_sdxl(self) -> bool:
+        return type(self.pipe).__name__ == "StableDiffusionXLPipeline"
+
+    @property
+    def scheduler_config(self) -> dict:
+        return dict(self.pipe.scheduler.config)
+
+    @property
+    def prediction_type(self) -> str:
+        return self.pipe.scheduler.config.get("prediction_type", "epsilon")
+
+    @property
+    def schedule(self) -> VPSchedule:
+        return VPSchedule.from_scheduler_config(self.pipe.scheduler.config)
+
+    @property
+    def device(self) -> torch.device:
+        return self.vae.device
+
+    @property
+    def resolution(self) -> int:
+        """The pipeline's default image size: ``unet.sample_size * vae_scale_factor``."""
+        return int(self.unet.config.sample_size) * self.pipe.vae_scale_factor
+
+    def latent_shape(self, resolution: int) -> tuple[int, int, int]:
+        factor = self.pipe.vae_scale_factor
+        if resolution % factor:
+            raise ValueError(f"resolution {resolution} is not a multiple of the VAE's factor {factor}")
+        return (int(self.unet.config.in_channels), resolution // factor, resolution // factor)
+
+    def to(self, device) -> SDTeacher:
+        self.pipe.to(device)
+        return self
+
+    # ------------------------------------------------------------ text
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str], time_ids: Tensor | None = None) -> dict:
+        """Condition dict (module doc) of a batch of prompts; SDXL ``time_ids`` default to
+        :meth:`default_time_ids`."""
+        pipe = self.pipe
+        if not self.is_sdxl:
+            states, _ = pipe.encode_prompt(list(prompts), self.device, 1, False)
+            return {"encoder_hidden_states": states}
+        states, _, pooled, _ = pipe.encode_prompt(list(prompts), device=self.device, num_images_per_prompt=1,
+                                                  do_classifier_free_guidance=False)
+        if time_ids is None:
+            time_ids = self.default_time_ids().expand(len(prompts), -1)
+        return {"encoder_hidden_states": states,
+                "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids.to(self.device, states.dtype)}}
+
+    def null_cond(self) -> dict:
+        """The unconditional condition (batch 1): "" encoded, or zeros (SDXL ``force_zeros_for_empty_prompt``)."""
+        cond = self.encode_prompts([""])
+        if self.is_sdxl and self.pipe.config.get("force_zeros_for_empty_prompt", False):
+            cond["encoder_hidden_states"] = torch.zeros_like(cond["encoder_hidden_states"])
+            cond["added_cond_kwargs"]["text_embeds"] = torch.zeros_like(cond["added_cond_kwargs"]["text_embeds"])
+        return cond
+
+    def default_time_ids(self, resolution: int | None = None) -> Tensor:
+        """SDXL micro-conditioning of an uncropped square image: ``(r, r, 0, 0, r, r)``, shape (1, 6)."""
+        r = resolution or self.resolution
+        return sdxl_time_ids((r, r), (0, 0), (r, r))[None]
+
+    # ------------------------------------------------------------ images
+
+    @torch.no_grad()
+    def encode_images(self, pixels: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Latents of images in [-1, 1]: a sample of the VAE posterior, shifted and scaled."""
+        vae = self.vae
+        dist = vae.encode(pixels.to(self.device, vae.dtype)).latent_dist
+        z = dist.sample(generator=generator)
+        shift = vae.config.get("shift_factor") or 0.0
+        return ((z - shift) * vae.config.scaling_factor).float()
+
+    @torch.no_grad()
+    def decode_latents(self, latents: Tensor) -> Tensor:
+        """Images in [-1, 1] from latents (the inverse scaling of :meth:`encode_images`)."""
+        vae = self.vae
+        shift = vae.config.get("shift_factor") or 0.0
+        z = latents.to(self.device, vae.dtype) / vae.config.scaling_factor + shift
+        return vae.decode(z, return_dict=False)[0].float().clamp(-1, 1)
+
+
+def sdxl_time_ids(original_size: tuple[int, int], crop_top_left: tuple[int, int],
+                  target_size: tuple[int, int]) -> Tensor:
+    """SDXL's ``add_time_ids``: ``original_size + crops_coords_top_left + target_size`` (h, w order)."""
+    return torch.tensor([*original_size, *crop_top_left, *target_size], dtype=torch.float32)
+
+
+def load_teacher(source: str | Path, unet_dtype: str | torch.dtype = torch.float32,
+                 encoder_dtype: str | torch.dtype = torch.float32, variant: str | None = None,
+                 local_files_only: bool | None = None, device=None) -> SDTeacher:
+    """Load an SD1.5 / SD2.x / SDXL pipeline (folder or hub id) as an :class:`SDTeacher`.
+
+    unet_dtype: the UNet's weights (float32: the student is a copy and trains in mixed precision).
+    encoder_dtype: the text encoders' (the VAE stays float32). variant: e.g. "fp16" weight files.
+    local_files_only: never touch the network (default: ``HF_HUB_OFFLINE``).
+    """
+    from diffusers import DiffusionPipeline
+
+    local_files_only = default_local_files_only() if local_files_only is None else local_files_only
+    index = read_model_index(source, local_files_only)
+    kind = index.get("_class_name")
+    if kind not in SUPPORTED_PIPELINES:
+        raise ValueError(f"teacher {source}: a {kind} is not supported; use a {' or '.join(SUPPORTED_PIPELINES)} "
+                         "(SD1.5, SD2.x, SDXL base and their fine-tunes in diffusers format)")
+    unused = {name: None for name in UNUSED_COMPONENTS if name in index}
+    dtypes = {"default": as_dtype(encoder_dtype), "unet": as_dtype(unet_dtype), "vae": torch.float32}
+    try:
+        pipe = DiffusionPipeline.from_pretrained(str(source), torch_dtype=dtypes, variant=variant,
+                                                 local_files_only=local_files_only, **unused)
+    except (OSError, ValueError) as err:
+        raise type(err)(f"loading the teacher pipeline {source} failed: {err}") from err
+    pipe.set_progress_bar_config(disable=True)
+    teacher = SDTeacher(pipe, str(source))
+    if device is not None:
+        teacher.to(device)
+    log.info("teacher %s: %s, %s prediction, %d px", source, kind, teacher.prediction_type, teacher.resolution)
+    return teacher
+
+
+def unet_network(unet) -> Network:
+    """``diffusers_network`` with the condition's floating leaves cast to the UNet's dtype.
+
+    Cached conditions are stored at reduced precision and data loaders produce float32, while a
+    teacher may run in bf16: the cast keeps the UNet call valid with or without autocast.
+    """
+    network = diffusers_network(unet)
+
+    def cast(a: Tensor) -> Tensor:
+        return a.to(unet.dtype) if a.is_floating_point() else a
+
+    def call(x: Tensor, timestep: Tensor, cond: Cond) -> Tensor:
+        return network(x, timestep, map_cond(cast, cond))
+
+    return call
+
+
+def build_sd_setup(**kwargs):
+    """The ``stable-diffusion`` setup; see :func:`proreflow.models.sd_setup.build_sd_setup`."""
+    from .sd_setup import build_sd_setup as build
+
+    return build(**kwargs)
+
+
+try:
+    from ..training.setups import register_setup
+except ImportError:  # an installation without the training engine
+    pass
+else:
+    register_setup("stable-diffusion", build_sd_setup)

@@ -1,0 +1,92 @@
+"""Cache of small trained models (teachers, feature classifiers): safetensors weights + JSON record.
+
+Layout: ``<root>/<kind>/<name>-<hash>/{model.safetensors, config.json}`` where ``root`` is
+``cache_dir`` if given, else ``$PROREFLOW_CACHE``, else ``~/.cache/proreflow``; ``hash`` is the
+first 12 hex digits of the SHA-256 of the training config as canonical JSON, so a changed
+config trains a new model and an unchanged one is reused. Files are written to a temporary
+name and moved into place with ``os.replace``; ``config.json`` is written last and marks a
+complete entry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .small import build_network
+
+CACHE_ENV = "PROREFLOW_CACHE"
+WEIGHTS, RECORD = "model.safetensors", "config.json"
+
+
+def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
+    """``cache_dir``, else ``$PROREFLOW_CACHE``, else ``~/.cache/proreflow``."""
+    if cache_dir is not None:
+        return Path(cache_dir).expanduser()
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "proreflow").expanduser()
+
+
+def config_hash(config: dict[str, Any]) -> str:
+    """First 12 hex digits of SHA-256 over the config as sorted, compact JSON."""
+    text = json.dumps(config, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def entry_dir(kind: str, name: str, config: dict[str, Any], cache_dir: str | os.PathLike | None = None) -> Path:
+    """``<root>/<kind>/<name>-<hash(config)>``."""
+    return cache_root(cache_dir) / kind / f"{name}-{config_hash(config)}"
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_entry(directory: Path, module: nn.Module, record: dict[str, Any]) -> None:
+    """Write ``module``'s weights and ``record`` (needs ``record["network"]``, a spec) atomically."""
+    if "network" not in record:
+        raise ValueError("a cache record needs the network spec under 'network' to rebuild the module")
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / RECORD).unlink(missing_ok=True)  # incomplete until the record is back
+    state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    _atomic_write(directory / WEIGHTS, lambda p: save_file(state, str(p)))
+    _atomic_write(directory / RECORD, lambda p: p.write_text(json.dumps(record, indent=2, sort_keys=True)))
+
+
+def load_entry(directory: Path) -> tuple[nn.Module, dict[str, Any]] | None:
+    """``(module, record)`` from a complete entry, or None when there is none."""
+    if not (directory / RECORD).is_file() or not (directory / WEIGHTS).is_file():
+        return None
+    record = json.loads((directory / RECORD).read_text())
+    module = build_network(record["network"])
+    module.load_state_dict(load_file(str(directory / WEIGHTS)))
+    return module.eval().requires_grad_(False), record
+
+
+def load_or_fit(kind: str, name: str, config: dict[str, Any], network: dict[str, Any],
+                fit: Callable[[], tuple[nn.Module, dict[str, Any]]], cache_dir: str | os.PathLike | None = None,
+                force: bool = False) -> tuple[nn.Module, dict[str, Any], Path]:
+    """The cached ``(module, record, directory)`` for ``config``, or ``fit()`` it and cache it.
+
+    ``fit`` returns ``(module, stats)``; the record stored is
+    ``{"kind", "name", "config", "network", "stats"}``. ``force`` refits even when cached.
+    """
+    directory = entry_dir(kind, name, config, cache_dir)
+    entry = None if force else load_entry(directory)
+    if entry is not None:
+        return (*entry, directory)
+    module, stats = fit()
+    record = {"kind": kind, "name": name, "config": config, "network": network, "stats": stats}
+    save_entry(directory, module, record)
+    return module.eval().requires_grad_(False), record, directory

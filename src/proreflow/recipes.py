@@ -1,0 +1,410 @@
+"""Distillation recipes: a list of stages, loadable from YAML, with named presets.
+
+A *stage* trains the student to be straight inside ``windows`` equal time windows, against a
+stage teacher (the original diffusion teacher, or the previous stage's student), for
+``steps`` optimiser steps. A *recipe* is the list of stages plus run-wide settings. Progressive
+reflow is a recipe whose window counts halve, e.g. 8 -> 4 -> 2 (ProReflow-II).
+
+YAML form (``configs/*.yaml``): recipe keys at the top level, shared stage settings under
+``defaults`` (a stage's own keys win), the stages as a list::
+
+    name: proreflow-i
+    seed: 0
+    defaults: {lr: 1.0e-4, batch_size: 64, alpha: 1.0}
+    stages:
+      - {windows: 8, steps: 1000}
+      - {windows: 4, steps: 1000, teacher: previous}
+
+Overrides (``key=value``, the value read as YAML) edit that form before it is checked:
+``seed=3``, ``stages.1.lr=5e-5`` (one stage), ``stages.*.lr=5e-5`` (every stage, even where it
+sets its own), ``defaults.lr=5e-5`` (stages that do not set their own). Unknown keys, wrong
+types and impossible schedules raise :class:`RecipeError` naming the key.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import textwrap
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+TEACHER_SOLVER_STEPS = 32
+"""DDIM steps over the whole of t in [0, 1] for the original teacher when ``solver_steps`` is
+left out: ``32 // windows`` per window (PeRFlow: 4 windows x 8 steps)."""
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot run; the message names the key and the fix."""
+
+
+def _doc(text: str, **kwargs) -> Any:
+    return field(metadata={"help": text}, **kwargs)
+
+
+@dataclass
+class Stage:
+    """One stage of progressive reflow (see the module doc for YAML)."""
+
+    windows: int = _doc("number of equal time windows the student is made straight in")
+    steps: int = _doc("optimiser steps in the stage (skipped non-finite steps included)", default=1000)
+    teacher: str = _doc("stage teacher: 'original' (the diffusion teacher) or 'previous' "
+                        "(the previous stage's EMA student)", default="original")
+    solver_steps: int | None = _doc(
+        "teacher solver steps per window: DDIM steps for the original teacher (default "
+        f"{TEACHER_SOLVER_STEPS} // windows); Euler steps for a previous-stage teacher (default "
+        "previous windows / windows: one step per old window)", default=None)
+    alpha: float = _doc("weight of the direction term 1 - cos(v_pred, v_target); 0 gives plain MSE",
+                        default=1.0)
+    beta: float = _doc("weight of the magnitude term (|v_pred| - |v_target|)^2 / |v_target|^2", default=0.0)
+    lr: float = _doc("AdamW learning rate", default=1e-4)
+    warmup_steps: int = _doc("linear learning-rate warm-up: step k uses lr * min(1, k / warmup_steps)",
+                             default=0)
+    weight_decay: float = _doc("AdamW weight decay", default=1e-2)
+    grad_clip: float = _doc("clip the global gradient norm to this value (0: no clipping)", default=1.0)
+    batch_size: int = _doc("global batch per optimiser step, over all processes and accumulation steps",
+                           default=64)
+    grad_accum: int = _doc("gradient accumulation steps per optimiser step", default=1)
+    ema_decay: float = _doc("EMA of the student's weights: ema <- decay * ema + (1 - decay) * weights",
+                            default=0.999)
+    guidance: float = _doc("classifier-free guidance scale: baked into the targets ('baked'), or the "
+                           "scale the student is sampled with ('cfg_sync')", default=1.0)
+    guidance_mode: str = _doc("'baked': the teacher solves with guidance and the student samples without "
+                              "it; 'cfg_sync' (PeRFlow): the teacher runs at scale 1 with condition "
+                              "dropout and the student is sampled with guidance", default="baked")
+    cond_dropout: float = _doc("probability of replacing a sample's condition by the null condition, for "
+                               "teacher and student alike (0.1 for cfg_sync)", default=0.0)
+
+    def teacher_guidance(self) -> float:
+        """Guidance scale of the stage teacher's solver.
+
+        Only the original teacher in 'baked' mode is guided: a previous-stage student already has
+        the guidance baked in, and 'cfg_sync' trains against the unguided teacher.
+        """
+        if self.guidance_mode == "baked" and self.teacher == "original":
+            return self.guidance
+        return 1.0
+
+
+STAGE_KEYS = tuple(f.name for f in dataclasses.fields(Stage))
+
+
+@dataclass
+class Recipe:
+    """A list of stages and the settings of the run (see the module doc)."""
+
+    stages: list[Stage] = _doc("the stages, in order (a list of stage mappings)")
+    name: str = _doc("name of the recipe (default output folder runs/NAME)", default="custom")
+    description: str = _doc("one line about the recipe", default="")
+    seed: int = _doc("seed of data order, times, noise and condition dropout", default=0)
+    mixed_precision: str = _doc("'no', 'fp16' or 'bf16' (accelerate autocast; frozen teachers are cast)",
+                                default="no")
+    from_scratch: bool = _doc("start stage 1 from setup.make_student() instead of the teacher's weights",
+                              default=False)
+    checkpoint_every: int = _doc("write a checkpoint every N optimiser steps of a stage (0: only at "
+                                 "stage ends)", default=500)
+    keep_checkpoints: int = _doc("checkpoints kept on disk, newest first (0: keep all)", default=2)
+    max_nonfinite: int = _doc("stop the run after this many skipped non-finite steps in a stage",
+                              default=10)
+    log_every: int = _doc("log loss and throughput every N optimiser steps", default=10)
+    tensorboard: bool = _doc("write TensorBoard scalars under OUT/tensorboard", default=False)
+    num_workers: int = _doc("DataLoader worker processes per training process", default=0)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> Recipe:
+        """Check and build a recipe from its YAML form (``defaults`` merged into each stage)."""
+        return _build_recipe(raw)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain YAML form with every stage spelled out (``from_dict(to_dict())`` gives it back)."""
+        data = dataclasses.asdict(self)
+        data["stages"] = data.pop("stages")  # settings first, stages last
+        return data
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @property
+    def final_windows(self) -> int:
+        return self.stages[-1].windows
+
+    @property
+    def sample_guidance(self) -> float:
+        """Guidance the final student is sampled with: 1 when baked, else the last stage's scale."""
+        last = self.stages[-1]
+        return last.guidance if last.guidance_mode == "cfg_sync" else 1.0
+
+
+RECIPE_KEYS = tuple(f.name for f in dataclasses.fields(Recipe)) + ("defaults",)
+
+_SHARED = {"lr": 1e-4, "warmup_steps": 100, "batch_size": 64, "ema_decay": 0.999, "weight_decay": 1e-2,
+           "grad_clip": 1.0}
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "reflow": {
+        "name": "reflow",
+        "description": "InstaFlow-style 2-rectified flow: one window, MSE, 32 teacher DDIM steps",
+        "defaults": {**_SHARED, "alpha": 0.0},
+        "stages": [{"windows": 1, "steps": 2000, "solver_steps": 32}],
+    },
+    "perflow": {
+        "name": "perflow",
+        "description": "PeRFlow: one stage, 4 windows, MSE, 8 teacher DDIM steps per window",
+        "defaults": {**_SHARED, "alpha": 0.0},
+        "stages": [{"windows": 4, "steps": 2000, "solver_steps": 8}],
+    },
+    "proreflow-i": {
+        "name": "proreflow-i",
+        "description": "ProReflow-I: 8 -> 4 windows, aligned v-prediction loss",
+        "defaults": {**_SHARED, "alpha": 1.0},
+        "stages": [{"windows": 8, "steps": 1000},
+                   {"windows": 4, "steps": 1000, "teacher": "previous"}],
+    },
+    "proreflow-ii": {
+        "name": "proreflow-ii",
+        "description": "ProReflow-II: 8 -> 4 -> 2 windows, aligned v-prediction loss",
+        "defaults": {**_SHARED, "alpha": 1.0},
+        "stages": [{"windows": 8, "steps": 1000},
+                   {"windows": 4, "steps": 1000, "teacher": "previous"},
+                   {"windows": 2, "steps": 1000, "teacher": "previous"}],
+    },
+    "proreflow-1step": {
+        "name": "proreflow-1step",
+        "description": "ProReflow to one step: 8 -> 4 -> 2 -> 1 windows, aligned v-prediction loss",
+        "defaults": {**_SHARED, "alpha": 1.0},
+        "stages": [{"windows": 8, "steps": 1000},
+                   {"windows": 4, "steps": 1000, "teacher": "previous"},
+                   {"windows": 2, "steps": 1000, "teacher": "previous"},
+                   {"windows": 1, "steps": 1000, "teacher": "previous"}],
+    },
+}
+
+
+# ---------------------------------------------------------------- reading and overrides
+
+
+def read_config(source: str | Path | dict, overrides: typing.Iterable[str] = ()) -> dict[str, Any]:
+    """The raw YAML form of a preset name, a YAML file or a dict, with ``key=value`` overrides applied."""
+    if isinstance(source, dict):
+        raw = copy.deepcopy(source)
+    elif str(source) in PRESETS:
+        raw = copy.deepcopy(PRESETS[str(source)])
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise RecipeError(f"{source!r} is neither a preset ({', '.join(PRESETS)}) nor a YAML file")
+        raw = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(raw, dict):
+            raise RecipeError(f"{path}: a config must be a YAML mapping of keys, got {type(raw).__name__}")
+    for item in overrides:
+        apply_override(raw, item)
+    return raw
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Apply one ``dotted.key=value`` override in place (``*`` selects every list element)."""
+    key, sep, text = item.partition("=")
+    if not sep or not key:
+        raise RecipeError(f"override {item!r} is not key=value (e.g. seed=3 or stages.0.lr=1e-4)")
+    try:
+        value = yaml.safe_load(text) if text else None
+    except yaml.YAMLError as err:
+        raise RecipeError(f"override {key}: cannot read {text!r} as a YAML value ({err})") from None
+    _set_path(raw, key.split("."), value, key)
+
+
+def _set_path(node: Any, parts: list[str], value: Any, key: str) -> None:
+    head, rest = parts[0], parts[1:]
+    if isinstance(node, list):
+        if head == "*":
+            targets = range(len(node))
+        elif head.isdigit() and int(head) < len(node):
+            targets = [int(head)]
+        else:
+            raise RecipeError(f"override {key}: {head!r} is not an index of a list of {len(node)} "
+                              f"(use 0..{len(node) - 1} or *)")
+        for i in targets:
+            if rest:
+                _set_path(node[i], rest, value, key)
+            else:
+                node[i] = copy.deepcopy(value)
+        return
+    if not isinstance(node, dict):
+        raise RecipeError(f"override {key}: {head!r} is below a value that is not a mapping or list")
+    if not rest:
+        node[head] = value
+        return
+    if head not in node or node[head] is None:
+        node[head] = {}
+    _set_path(node[head], rest, value, key)
+
+
+def load_config(source: str | Path | dict, overrides: typing.Iterable[str] = ()
+                ) -> tuple[Recipe, dict[str, Any] | None]:
+    """Recipe and ``setup:`` section (None if absent) of a preset, YAML file or dict."""
+    raw = read_config(source, overrides)
+    setup = raw.pop("setup", None)
+    if setup is not None and not isinstance(setup, dict):
+        raise RecipeError(f"setup: expected a mapping such as {{name: digits}}, got {setup!r}")
+    return Recipe.from_dict(raw), setup
+
+
+def load_recipe(source: str | Path | dict | Recipe, overrides: typing.Iterable[str] = ()) -> Recipe:
+    """A checked :class:`Recipe` from a preset name, YAML file, dict or Recipe, with overrides.
+
+    A ``setup:`` section in the file is not part of the recipe and is ignored here.
+    """
+    if isinstance(source, Recipe):
+        source = source.to_dict()
+    return load_config(source, overrides)[0]
+
+
+# ---------------------------------------------------------------- checking
+
+
+_CHOICES = {"teacher": ("original", "previous"), "guidance_mode": ("baked", "cfg_sync"),
+            "mixed_precision": ("no", "fp16", "bf16")}
+_MINIMUM = {"windows": 1, "steps": 1, "solver_steps": 1, "batch_size": 1, "grad_accum": 1,
+            "max_nonfinite": 1, "log_every": 1}
+
+
+def _check_value(key: str, name: str, value: Any, hint: Any) -> Any:
+    """``value`` converted to the field's type, or a RecipeError naming ``key``."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        if value is None:
+            return None
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise RecipeError(f"{key}: expected true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            out = value
+        else:
+            raise RecipeError(f"{key}: expected an integer, got {value!r}")
+        low = _MINIMUM.get(name, 0)
+        if out < low:
+            raise RecipeError(f"{key}: must be at least {low}, got {out}")
+        return out
+    if hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                raise RecipeError(f"{key}: expected a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise RecipeError(f"{key}: expected a number, got {value!r}")
+        out = float(value)
+        if not out >= 0:
+            raise RecipeError(f"{key}: must be a finite number >= 0, got {value!r}")
+        if name in ("ema_decay", "cond_dropout") and out >= 1:
+            raise RecipeError(f"{key}: must be in [0, 1), got {out}")
+        return out
+    if hint is str:
+        if not isinstance(value, str):
+            raise RecipeError(f"{key}: expected a string, got {value!r}")
+        if name in _CHOICES and value not in _CHOICES[name]:
+            raise RecipeError(f"{key}: {value!r} is not one of {', '.join(_CHOICES[name])}")
+        return value
+    raise TypeError(f"no check for {hint!r}")  # pragma: no cover - a new field type
+
+
+def _unknown(key: str, valid: typing.Iterable[str], prefix: str = "") -> RecipeError:
+    hint = ""
+    if not prefix and key in STAGE_KEYS:
+        hint = f" ({key!r} is a stage key: use defaults.{key} or stages.*.{key})"
+    return RecipeError(f"unknown key {prefix}{key!r}{hint}; valid keys: {', '.join(valid)}")
+
+
+def _build_stage(raw: Any, defaults: dict[str, Any], where: str) -> Stage:
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{where}: a stage must be a mapping such as {{windows: 4, steps: 1000}}, got {raw!r}")
+    for key in raw:
+        if key not in STAGE_KEYS:
+            raise _unknown(key, STAGE_KEYS, f"{where}.")
+    merged = {**defaults, **raw}
+    if "windows" not in merged:
+        raise RecipeError(f"{where}: missing key 'windows' (the number of time windows of the stage)")
+    hints = typing.get_type_hints(Stage)
+    values = {name: _check_value(f"{where}.{name}", name, merged[name], hints[name])
+              for name in STAGE_KEYS if name in merged}
+    return Stage(**values)
+
+
+def _build_recipe(raw: dict[str, Any]) -> Recipe:
+    if not isinstance(raw, dict):
+        raise RecipeError(f"a recipe must be a mapping, got {type(raw).__name__}")
+    for key in raw:
+        if key not in RECIPE_KEYS:
+            raise _unknown(key, RECIPE_KEYS)
+    defaults = raw.get("defaults") or {}
+    if not isinstance(defaults, dict):
+        raise RecipeError(f"defaults: expected a mapping of stage keys, got {defaults!r}")
+    for key in defaults:
+        if key not in STAGE_KEYS:
+            raise _unknown(key, STAGE_KEYS, "defaults.")
+    stages_raw = raw.get("stages")
+    if not isinstance(stages_raw, list) or not stages_raw:
+        raise RecipeError("stages: a recipe needs a non-empty list of stages, e.g. [{windows: 4, steps: 1000}]")
+    stages = [_build_stage(s, defaults, f"stages.{i}") for i, s in enumerate(stages_raw)]
+    hints = typing.get_type_hints(Recipe)
+    values = {name: _check_value(name, name, raw[name], hints[name])
+              for name in RECIPE_KEYS if name in raw and name not in ("stages", "defaults")}
+    _check_schedule(stages)
+    return Recipe(stages=stages, **values)
+
+
+def _check_schedule(stages: list[Stage]) -> None:
+    """Windows keep or halve their count; teachers and solver steps fit; fills ``solver_steps``."""
+    for i, stage in enumerate(stages):
+        where = f"stages.{i}"
+        prev = stages[i - 1] if i else None
+        if prev is not None and stage.windows not in (prev.windows, prev.windows / 2):
+            raise RecipeError(f"{where}.windows: {stage.windows} windows cannot follow {prev.windows}; each "
+                              "stage keeps the previous count or merges neighbouring windows pairwise "
+                              "(halves an even count, e.g. 8 -> 4)")
+        if stage.teacher == "previous":
+            if prev is None:
+                raise RecipeError(f"{where}.teacher: the first stage has no previous student; use 'original'")
+            if stage.guidance_mode != prev.guidance_mode:
+                raise RecipeError(f"{where}.guidance_mode: {stage.guidance_mode!r} differs from the previous "
+                                  f"stage's {prev.guidance_mode!r}, whose student is this stage's teacher; "
+                                  "use one guidance mode for both")
+            ratio = prev.windows // stage.windows
+            if stage.solver_steps is None:
+                stage.solver_steps = ratio
+            elif stage.solver_steps % ratio:
+                raise RecipeError(f"{where}.solver_steps: {stage.solver_steps} Euler steps cannot cross "
+                                  f"{ratio} old windows evenly; use a multiple of {ratio}")
+        elif stage.solver_steps is None:
+            stage.solver_steps = max(1, TEACHER_SOLVER_STEPS // stage.windows)
+        if stage.guidance_mode == "cfg_sync" and stage.cond_dropout == 0:
+            raise RecipeError(f"{where}.cond_dropout: 'cfg_sync' trains the unconditional velocity through "
+                              "condition dropout; set cond_dropout > 0 (PeRFlow: 0.1)")
+
+
+def describe_keys() -> str:
+    """A table of every recipe and stage key with its default and meaning (for ``--help``)."""
+    lines = ["recipe keys:"]
+    for f in dataclasses.fields(Recipe):
+        lines.append(_describe(f))
+    lines.append(_describe_line("defaults", "{}", "stage keys shared by every stage (a stage's own keys win)"))
+    lines.append("stage keys (in defaults or in each element of stages):")
+    for f in dataclasses.fields(Stage):
+        lines.append(_describe(f))
+    return "\n".join(lines)
+
+
+def _describe(f: dataclasses.Field) -> str:
+    default = "required" if f.default is dataclasses.MISSING else repr(f.default)
+    return _describe_line(f.name, default, f.metadata.get("help", ""))
+
+
+def _describe_line(name: str, default: str, text: str) -> str:
+    return textwrap.fill(text, width=100, initial_indent=f"  {name:<17}{default:<11}", subsequent_indent=" " * 30)

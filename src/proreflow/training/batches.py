@@ -1,0 +1,106 @@
+"""Which samples, times, noise and condition dropout each process uses at each step.
+
+A stage sees its data as one endless stream: epoch ``e`` is a permutation of the dataset seeded
+by ``(seed, stage, e)``, and global optimiser step ``s`` (0-based) takes stream positions
+``[s B, (s + 1) B)`` for a global batch ``B``. With ``A`` accumulation steps and ``P``
+processes each micro-batch holds ``b = B / (A P)`` samples; process ``r`` at micro-step ``m``
+takes positions ``s B + m P b + r b + [0, b)``.
+
+Every random number of a sample (its time ``t ~ U(0, 1]``, its condition-dropout draw and its
+noise) comes from a generator seeded by ``(seed, stage, position)``. So a step's global batch
+and all its randomness are the same whatever the number of processes, and a resumed run
+draws exactly what an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from functools import lru_cache
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate
+
+from ..conditioning import Cond
+
+
+def mix_seed(*parts: int) -> int:
+    """A 56-bit seed from integers (stable across runs, processes and platforms)."""
+    digest = hashlib.blake2b("/".join(str(int(p)) for p in parts).encode(), digest_size=7).digest()
+    return int.from_bytes(digest, "little")
+
+
+class BatchPlan:
+    """The stream positions and dataset indices of every micro-batch of a stage (module doc)."""
+
+    def __init__(self, num_items: int, seed: int, stage: int, batch_size: int, grad_accum: int,
+                 num_processes: int = 1, rank: int = 0):
+        if num_items < 1:
+            raise ValueError("the training dataset is empty")
+        if batch_size % (grad_accum * num_processes):
+            raise ValueError(f"stages.{stage}.batch_size: a global batch of {batch_size} does not split into "
+                             f"{grad_accum} accumulation step(s) x {num_processes} process(es); use a "
+                             f"multiple of {grad_accum * num_processes}")
+        self.num_items, self.seed, self.stage = num_items, seed, stage
+        self.batch_size, self.grad_accum = batch_size, grad_accum
+        self.num_processes, self.rank = num_processes, rank
+        self.micro_batch = batch_size // (grad_accum * num_processes)
+        self._perm = lru_cache(maxsize=2)(self._permutation)
+
+    def _permutation(self, epoch: int) -> Tensor:
+        g = torch.Generator().manual_seed(mix_seed(self.seed, self.stage, epoch, 0x0E70C4))
+        return torch.randperm(self.num_items, generator=g)
+
+    def positions(self, step: int, micro: int) -> range:
+        """Stream positions of this process's micro-batch ``micro`` at optimiser step ``step`` (0-based)."""
+        start = step * self.batch_size + (micro * self.num_processes + self.rank) * self.micro_batch
+        return range(start, start + self.micro_batch)
+
+    def indices(self, positions: range) -> list[int]:
+        """Dataset indices at stream positions."""
+        return [int(self._perm(p // self.num_items)[p % self.num_items]) for p in positions]
+
+    def batches(self, start_step: int) -> Iterator[list[int]]:
+        """Dataset indices of this process's micro-batches from ``start_step`` on, forever."""
+        step = start_step
+        while True:
+            for micro in range(self.grad_accum):
+                yield self.indices(self.positions(step, micro))
+            step += 1
+
+
+def sample_randomness(positions: range, seed: int, stage: int, shape: tuple[int, ...], dtype: torch.dtype,
+                      cond_dropout: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-sample ``(t, keep, noise)``: ``t ~ U(0, 1]``, ``keep`` = condition kept (probability
+    ``1 - cond_dropout``), ``noise ~ N(0, I)`` of ``shape``; each from its own seeded generator."""
+    ts, keeps, noises = [], [], []
+    for p in positions:
+        g = torch.Generator().manual_seed(mix_seed(seed, stage, p))
+        u = torch.rand(2, generator=g, dtype=torch.float64)
+        ts.append(1.0 - u[0])
+        keeps.append(u[1] >= cond_dropout)
+        noises.append(torch.randn(shape, generator=g, dtype=dtype))
+    return torch.stack(ts).to(dtype), torch.stack(keeps), torch.stack(noises)
+
+
+def collate_pairs(items: list[tuple[Tensor, Cond]]) -> tuple[Tensor, Cond]:
+    """Stack ``(x0, cond)`` items; ``cond`` may be None, a tensor, a number or a dict of them."""
+    xs = default_collate([torch.as_tensor(x) for x, _ in items])
+    conds = [c for _, c in items]
+    if all(c is None for c in conds):
+        return xs, None
+    if any(c is None for c in conds):
+        raise ValueError("some dataset items have a condition and some have None: give every item one")
+    return xs, default_collate(conds)
+
+
+def micro_batches(dataset: Dataset, plan: BatchPlan, start_step: int, num_workers: int = 0
+                  ) -> Iterator[tuple[Tensor, Cond]]:
+    """Endless iterator over this process's micro-batches ``(x0, cond)`` from ``start_step`` on."""
+    if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__getitem__"):
+        raise TypeError("the training dataset must be map-style (__len__ and __getitem__), "
+                        f"got {type(dataset).__name__}")
+    loader = DataLoader(dataset, batch_sampler=plan.batches(start_step), collate_fn=collate_pairs,
+                        num_workers=num_workers)
+    return iter(loader)

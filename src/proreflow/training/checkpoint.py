@@ -1,0 +1,242 @@
+"""Checkpoints, stage results and the trained student on disk.
+
+Layout of an output folder ``OUT``::
+
+    OUT/recipe.yaml                      the recipe of the run (resolved)
+    OUT/checkpoints/latest               name of the newest checkpoint (written atomically)
+    OUT/checkpoints/step-00000500/       one checkpoint (global optimiser step 500)
+        meta.json                        recipe, stage index, step in stage, counters, summaries
+        state.pt                         optimiser, grad scaler, loss history (weights_only=True)
+        rng-<rank>.pt                    RNG states of each process (weights_only=True)
+        student.safetensors              raw student weights   } mid-stage only; a checkpoint at a
+        ema.safetensors                  EMA student weights   } stage end points to stage-<i>-*
+    OUT/stage-<i>-<windows>w/            result of stage i (1-based): the EMA student
+        ema.safetensors, student.json
+    OUT/student.safetensors, student.json   the newest stage result: what sampling loads
+    OUT/summary.json                     per-stage summaries (time, teacher evaluations, loss)
+
+Every file and checkpoint folder is written under a temporary name and renamed into place,
+so an interrupted write never leaves a half checkpoint behind. Nothing is unpickled: weights
+are safetensors, other state is loaded with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from ..teachers import Denoiser
+from ..windows import TimeWindows
+from .setup import DistillationSetup
+
+CHECKPOINTS = "checkpoints"
+LATEST = "latest"
+STUDENT_FORMAT = 1
+
+
+# ---------------------------------------------------------------- atomic files
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path``, then rename it into place."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Move a finished folder ``tmp`` to ``final``, replacing an older ``final``."""
+    old = final.with_name(f".{final.name}.old")
+    if old.exists():
+        shutil.rmtree(old)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def save_weights(state_dict: dict[str, Tensor], path: Path) -> None:
+    """A state dict as safetensors (CPU copies, so tied weights do not share storage), atomically."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: v.detach().to("cpu", copy=True).contiguous() for k, v in state_dict.items()}, str(tmp))
+    os.replace(tmp, path)
+
+
+def load_weights(path: Path) -> dict[str, Tensor]:
+    return load_file(str(path))
+
+
+# ---------------------------------------------------------------- RNG states
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's torch (CPU and CUDA), Python and NumPy RNG states, as weights_only-safe types."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(_tuples(state["python"]))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _tuples(value: Any) -> Any:
+    return tuple(_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def checkpoint_name(global_step: int) -> str:
+    return f"step-{global_step:08d}"
+
+
+def latest_checkpoint(out_dir: Path) -> Path | None:
+    """The checkpoint ``OUT/checkpoints/latest`` names (else the newest complete one), or None."""
+    root = Path(out_dir) / CHECKPOINTS
+    pointer = root / LATEST
+    if pointer.is_file():
+        path = root / pointer.read_text().strip()
+        if (path / "meta.json").is_file():
+            return path
+    found = sorted(p for p in root.glob("step-*") if (p / "meta.json").is_file()) if root.is_dir() else []
+    return found[-1] if found else None
+
+
+def read_checkpoint(path: Path, rank: int = 0) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any] | None]:
+    """``(meta, state, rng)`` of a checkpoint; ``rng`` is None when it has no file for ``rank``."""
+    meta = json.loads((path / "meta.json").read_text())
+    state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+    rng_path = path / f"rng-{rank}.pt"
+    rng = torch.load(rng_path, map_location="cpu", weights_only=True) if rng_path.is_file() else None
+    return meta, state, rng
+
+
+def write_checkpoint(accelerator, out_dir: Path, global_step: int, meta: dict[str, Any],
+                     state: dict[str, Any], weights: dict[str, dict[str, Tensor]], keep: int) -> Path:
+    """Write a checkpoint from every process (each saves its RNG state), atomically; prune old ones.
+
+    ``weights``: file stem -> state dict (``student``, ``ema``), written by the main process.
+    """
+    root = Path(out_dir) / CHECKPOINTS
+    final = root / checkpoint_name(global_step)
+    tmp = root / f".{final.name}.tmp"
+    if accelerator.is_main_process:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    torch.save(rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        for stem, sd in weights.items():
+            save_weights(sd, tmp / f"{stem}.safetensors")
+        torch.save(state, tmp / "state.pt")
+        write_json(tmp / "meta.json", meta)
+        replace_dir(tmp, final)
+        atomic_write_text(root / LATEST, final.name + "\n")
+        _prune(root, keep, final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _prune(root: Path, keep: int, newest: Path) -> None:
+    if keep <= 0:
+        return
+    older = sorted(p for p in root.glob("step-*") if p.is_dir() and p != newest)
+    for path in older[: max(0, len(older) - (keep - 1))]:
+        shutil.rmtree(path)
+
+
+# ---------------------------------------------------------------- stage results and the student
+
+
+def stage_dir(out_dir: Path, index: int, windows: int) -> Path:
+    """Folder of stage ``index``'s (0-based) result: ``OUT/stage-<index + 1>-<windows>w``."""
+    return Path(out_dir) / f"stage-{index + 1}-{windows}w"
+
+
+def write_stage_result(out_dir: Path, index: int, weights: dict[str, Tensor], info: dict[str, Any]) -> None:
+    """Save stage ``index``'s EMA student in its stage folder and as ``OUT/student.*`` (main process)."""
+    out_dir = Path(out_dir)
+    final = stage_dir(out_dir, index, info["windows"])
+    tmp = final.with_name(f".{final.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    save_weights(weights, tmp / "ema.safetensors")
+    write_json(tmp / "student.json", info)
+    replace_dir(tmp, final)
+    save_weights(weights, out_dir / "student.safetensors")
+    write_json(out_dir / "student.json", info)
+
+
+def student_module(setup: DistillationSetup, from_scratch: bool) -> nn.Module:
+    """A student network: a copy of the teacher, or ``setup.make_student()``.
+
+    The copy keeps the teacher's ``requires_grad`` flags: they say what the student trains
+    (all weights, or e.g. only LoRA layers).
+    """
+    if from_scratch:
+        if setup.make_student is None:
+            raise ValueError("from_scratch=true needs a setup with make_student (a builder of a fresh "
+                             "network); this setup only has a teacher to copy")
+        return setup.make_student()
+    return copy.deepcopy(setup.teacher_model)
+
+
+def load_student(out_dir: str | Path, setup: DistillationSetup, stage: int | None = None,
+                 device=None) -> tuple[Denoiser, TimeWindows]:
+    """The trained (EMA) student of a run and its windows.
+
+    stage: 1-based stage whose result to load (default: the newest, ``OUT/student.*``).
+    """
+    out_dir = Path(out_dir)
+    if stage is None:
+        folder, stem = out_dir, "student"
+    else:
+        found = sorted(out_dir.glob(f"stage-{stage}-*w"))
+        if not found:
+            raise FileNotFoundError(f"{out_dir} has no result for stage {stage} (no stage-{stage}-*w folder)")
+        folder, stem = found[0], "ema"
+    info_path = (folder / "student.json")
+    if not info_path.is_file():
+        raise FileNotFoundError(f"{info_path} not found: {out_dir} holds no finished stage of a training run")
+    info = json.loads(info_path.read_text())
+    if info.get("prediction_type") != setup.prediction_type:
+        raise ValueError(f"the student in {folder} predicts {info.get('prediction_type')!r} but the setup's "
+                         f"teacher predicts {setup.prediction_type!r}: load it with the setup it was trained with")
+    module = student_module(setup, info.get("from_scratch", False))
+    module.load_state_dict(load_weights(folder / f"{stem}.safetensors"), assign=True)  # saved dtypes
+    module.eval().requires_grad_(False)
+    if device is not None:
+        module.to(device)
+    return setup.denoiser(module), TimeWindows(int(info["windows"]))
+
+
+def read_student_info(out_dir: str | Path) -> dict[str, Any]:
+    """``OUT/student.json``: windows, prediction type, sampling guidance, recipe, stage, setup info."""
+    return json.loads((Path(out_dir) / "student.json").read_text())

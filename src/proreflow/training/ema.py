@@ -1,0 +1,65 @@
+"""Exponential moving average of a student's weights.
+
+After every optimiser step, for each parameter ``w``:
+
+    ema <- decay * ema + (1 - decay) * w
+
+so after ``n`` steps at a constant ``w``: ``ema_n = decay^n ema_0 + (1 - decay^n) w``. The EMA
+starts equal to the weights (each stage starts from its initial student), is what a stage
+hands to the next one, what is saved as the stage result, and what is sampled and exported.
+Only trainable parameters are averaged (frozen ones, e.g. a LoRA student's base weights, stay
+as they are); buffers (e.g. normalisation statistics) are copied from the module.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+class EMA:
+    """EMA copies of ``module``'s trainable parameters, keyed by parameter name."""
+
+    def __init__(self, module: nn.Module, decay: float):
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
+        self.decay = decay
+        self.shadow: dict[str, Tensor] = {name: p.detach().clone() for name, p in module.named_parameters()
+                                          if p.requires_grad}
+
+    @torch.no_grad()
+    def update(self, module: nn.Module) -> None:
+        """One step of ``ema <- decay * ema + (1 - decay) * w``."""
+        for name, p in _tracked(module, self.shadow):
+            self.shadow[name].lerp_(p.detach().to(self.shadow[name].dtype), 1.0 - self.decay)
+
+    def state_dict(self, module: nn.Module) -> dict[str, Tensor]:
+        """``module.state_dict()`` with the EMA values in place of the parameters (loadable into module)."""
+        aliases = _parameter_aliases(module)
+        return {key: self.shadow[aliases[key]] if aliases.get(key) in self.shadow else value
+                for key, value in module.state_dict().items()}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Set the EMA values from a state dict written by :meth:`state_dict`."""
+        missing = [name for name in self.shadow if name not in state]
+        if missing:
+            raise KeyError(f"EMA state lacks parameters {missing[:5]}: it was saved from another model")
+        with torch.no_grad():
+            for name, value in self.shadow.items():
+                value.copy_(state[name])
+
+    @torch.no_grad()
+    def copy_to(self, module: nn.Module) -> None:
+        """Overwrite ``module``'s (trainable) parameters with the EMA values."""
+        for name, p in _tracked(module, self.shadow):
+            p.copy_(self.shadow[name])
+
+
+def _tracked(module: nn.Module, shadow: dict[str, Tensor]):
+    return ((name, p) for name, p in module.named_parameters() if name in shadow)
+
+
+def _parameter_aliases(module: nn.Module) -> dict[str, str]:
+    """Every state-dict name of a parameter -> the name ``named_parameters()`` keeps (tied weights)."""
+    canonical = {id(p): name for name, p in module.named_parameters()}
+    return {name: canonical[id(p)] for name, p in module.named_parameters(remove_duplicate=False)}

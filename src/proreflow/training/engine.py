@@ -1,0 +1,309 @@
+"""The progressive runner: stages in order, checkpoints, resume, the result.
+
+Stage 1's student starts from the teacher's weights (or ``setup.make_student()`` with
+``from_scratch``); each later stage starts from the previous stage's EMA weights, with a fresh
+optimiser and EMA. Devices, processes and mixed precision come from ``accelerate``: the same
+call runs on CPU, one GPU or many (``accelerate launch`` / ``torchrun``), where the global
+batch of a step, its randomness and hence the result do not depend on the process count.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..conditioning import map_cond
+from ..recipes import Recipe, load_recipe
+from ..teachers import Denoiser
+from ..windows import TimeWindows
+from .batches import BatchPlan, micro_batches
+from .checkpoint import (
+    latest_checkpoint,
+    load_weights,
+    read_checkpoint,
+    set_rng_state,
+    stage_dir,
+    student_module,
+    write_checkpoint,
+    write_json,
+    write_stage_result,
+)
+from .ema import EMA
+from .optim import make_optimizer
+from .report import Reporter, StageCounters, StageSummary, final_loss
+from .setup import DistillationSetup
+from .stage import NonFiniteLossError, StageContext, as_teacher, build_stage_teacher, train_step
+
+CHECKPOINT_FORMAT = 1
+
+
+@dataclass
+class TrainResult:
+    """A finished run.
+
+    student: the final EMA student (sample it with ``windows`` and ``guidance``).
+    module: the student's network (EMA weights, eval mode), e.g. for export.
+    history: ``(global_step, loss)`` of every optimiser step that was not skipped.
+    """
+
+    student: Denoiser
+    module: nn.Module
+    windows: TimeWindows
+    guidance: float
+    stages: list[StageSummary]
+    history: list[tuple[int, float]]
+    out_dir: Path
+
+
+@dataclass
+class RunState:
+    """Where a run stands: stage (0-based), optimiser steps done in it, and what came before."""
+
+    stage: int = 0
+    step: int = 0
+    global_step: int = 0
+    counters: StageCounters = field(default_factory=StageCounters)
+    completed: list[StageSummary] = field(default_factory=list)
+    history: list[tuple[int, float]] = field(default_factory=list)
+
+    def meta(self, recipe: Recipe, num_processes: int) -> dict[str, Any]:
+        return {"format": CHECKPOINT_FORMAT, "recipe": recipe.to_dict(), "stage": self.stage, "step": self.step,
+                "global_step": self.global_step, "counters": dataclasses.asdict(self.counters),
+                "completed": [s.to_dict() for s in self.completed], "num_processes": num_processes}
+
+    @classmethod
+    def from_checkpoint(cls, meta: dict[str, Any], state: dict[str, Any]) -> RunState:
+        history = [(int(s), float(v)) for s, v in state["history"].tolist()]
+        return cls(meta["stage"], meta["step"], meta["global_step"], StageCounters(**meta["counters"]),
+                   [StageSummary(**s) for s in meta["completed"]], history)
+
+
+def make_accelerator(mixed_precision: str):
+    """An ``accelerate.Accelerator`` on GPU when there is one (else CPU, gloo for several processes)."""
+    from accelerate import Accelerator, PartialState
+    from accelerate.state import AcceleratorState
+
+    shared = AcceleratorState._shared_state
+    if shared and shared.get("_mixed_precision") != mixed_precision and PartialState().num_processes == 1:
+        AcceleratorState._reset_state()  # a new single-process run in this interpreter, other precision
+    cpu = not (torch.cuda.is_available() or (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()))
+    return Accelerator(mixed_precision=mixed_precision, cpu=cpu)
+
+
+def train(recipe: Recipe | str | Path | dict, setup: DistillationSetup, out_dir: str | Path,
+          resume: bool = False, progress: bool = True) -> TrainResult:
+    """Run every stage of ``recipe`` on ``setup`` and write the results under ``out_dir``.
+
+    resume: continue from ``out_dir``'s latest checkpoint (a fresh start when there is none).
+        Without it an ``out_dir`` that already holds checkpoints is an error.
+    progress: progress bars and per-stage summaries on the main process.
+
+    The teacher network is put in eval mode and moved to the device (cast to the
+    mixed-precision dtype) in place; it never gets gradients. Raises :class:`NonFiniteLossError` after ``max_nonfinite`` skipped steps in a
+    stage, leaving the last good checkpoint as it was.
+    """
+    recipe = load_recipe(recipe)
+    out = Path(out_dir)
+    acc = make_accelerator(recipe.mixed_precision)
+    reporter = Reporter(out, acc.is_main_process, progress, recipe.tensorboard, recipe.log_every)
+    try:
+        return _Run(recipe, setup, out, acc, reporter).run(resume)
+    finally:
+        reporter.close()
+
+
+class _Run:
+    """The state of one :func:`train` call (module doc)."""
+
+    def __init__(self, recipe: Recipe, setup: DistillationSetup, out: Path, acc, reporter: Reporter):
+        self.recipe, self.setup, self.out, self.acc, self.reporter = recipe, setup, out, acc, reporter
+        self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(recipe.mixed_precision)
+
+    # ------------------------------------------------------------ setup and resume
+
+    def run(self, resume: bool) -> TrainResult:
+        recipe, acc = self.recipe, self.acc
+        checkpoint = latest_checkpoint(self.out)
+        if checkpoint is not None and not resume:
+            raise FileExistsError(f"{self.out} already holds checkpoints (latest: {checkpoint.name}); resume "
+                                  "with --resume (resume=True) or choose another output folder")
+        state, saved = RunState(), None
+        if checkpoint is not None:
+            meta, saved, rng = read_checkpoint(checkpoint, acc.process_index)
+            self._check_resume(meta, checkpoint)
+            state = RunState.from_checkpoint(meta, saved)
+            if rng is not None:
+                set_rng_state(rng)
+            self.reporter.say(f"resuming from {checkpoint} (stage {state.stage + 1}, step {state.step})")
+        elif resume:
+            self.reporter.say(f"no checkpoint in {self.out}: starting from the beginning")
+        if acc.is_main_process:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "recipe.yaml").write_text(recipe.to_yaml())
+
+        module = student_module(self.setup, recipe.from_scratch)
+        if any(p.dtype in (torch.float16, torch.bfloat16) for p in module.parameters()):
+            module = module.float()  # optimiser master weights in float32
+        if state.stage > 0:
+            module.load_state_dict(self._stage_weights(state.stage - 1))
+        if state.step > 0:
+            module.load_state_dict(load_weights(checkpoint / "student.safetensors"))
+        module.train()
+        student = acc.prepare(module)
+        self.module = acc.unwrap_model(student)
+        self.student = student
+        self.optimizer = acc.prepare(make_optimizer(self.module))
+        if saved is not None and saved.get("scaler") is not None and acc.scaler is not None:
+            acc.scaler.load_state_dict(saved["scaler"])
+        self.original = as_teacher(self.setup.teacher_model, acc.device, self.weight_dtype)
+        self.uncond = map_cond(lambda c: c.to(acc.device), self.setup.uncond)
+
+        for index in range(state.stage, len(recipe.stages)):
+            resumed = checkpoint if state.step > 0 else None
+            self._run_stage(index, state, resumed, saved if resumed else None)
+        acc.wait_for_everyone()
+        module = acc.unwrap_model(student, keep_fp32_wrapper=False).eval()
+        return TrainResult(self.setup.denoiser(module), module, TimeWindows(recipe.final_windows),
+                           recipe.sample_guidance, state.completed, state.history, self.out)
+
+    def _check_resume(self, meta: dict[str, Any], checkpoint: Path) -> None:
+        """The checkpoint's finished and current stages must be those of this recipe."""
+        if meta.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"{checkpoint} has checkpoint format {meta.get('format')}, this version reads "
+                             f"{CHECKPOINT_FORMAT}")
+        old = Recipe.from_dict(meta["recipe"])
+        last = meta["stage"] if meta["step"] > 0 else meta["stage"] - 1
+        if last >= len(self.recipe.stages):
+            raise ValueError(f"{checkpoint} is past stage {last + 1}, but the recipe has {len(self.recipe.stages)} "
+                             "stages; resume with the recipe of that run")
+        for i in range(last + 1):
+            for key in ("windows", "teacher"):
+                if getattr(old.stages[i], key) != getattr(self.recipe.stages[i], key):
+                    raise ValueError(f"stages.{i}.{key}: the checkpoint {checkpoint} was trained with "
+                                     f"{getattr(old.stages[i], key)!r}, the recipe says "
+                                     f"{getattr(self.recipe.stages[i], key)!r}; resume with the same stages")
+        changed = _changed_keys(old.to_dict(), self.recipe.to_dict())
+        if changed:
+            self.reporter.say(f"resuming with a changed recipe: {', '.join(changed)}", warning=True)
+
+    def _stage_weights(self, index: int) -> dict[str, torch.Tensor]:
+        path = stage_dir(self.out, index, self.recipe.stages[index].windows) / "ema.safetensors"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing: the result of stage {index + 1} is needed to go on")
+        return load_weights(path)
+
+    # ------------------------------------------------------------ one stage
+
+    def _run_stage(self, index: int, state: RunState, checkpoint: Path | None, saved: dict | None) -> None:
+        recipe, acc, stage = self.recipe, self.acc, self.recipe.stages[index]
+        ema = EMA(self.module, stage.ema_decay)
+        self.optimizer.state.clear()
+        if checkpoint is not None:
+            ema.load_state_dict(load_weights(checkpoint / "ema.safetensors"))
+            self.optimizer.load_state_dict(saved["optimizer"])
+        previous = None
+        if stage.teacher == "previous":
+            previous = copy.deepcopy(self.module).requires_grad_(False)
+            previous.load_state_dict(self._stage_weights(index - 1))
+            previous = as_teacher(previous, acc.device, self.weight_dtype)
+        teacher, counter = build_stage_teacher(self.setup, recipe, index, self.original, previous,
+                                               self.weight_dtype, acc.autocast)
+        plan = BatchPlan(len(self.setup.dataset), recipe.seed, index, stage.batch_size, stage.grad_accum,
+                         acc.num_processes, acc.process_index)
+        ctx = StageContext(acc, recipe, index, self.setup, self.student, self.module,
+                           self.setup.denoiser(_Prepared(self.student, self.module)), self.optimizer, ema,
+                           teacher, counter, plan, self.uncond)
+        batches = micro_batches(self.setup.dataset, plan, state.step, recipe.num_workers)
+        first_global = state.global_step - state.step + 1
+        self.reporter.start_stage(index, len(recipe.stages), stage, state.step)
+        for step in range(state.step, stage.steps):
+            start = time.perf_counter()
+            result = train_step(ctx, batches, step)
+            seconds = time.perf_counter() - start
+            state.step, state.global_step = step + 1, state.global_step + 1
+            counters = state.counters
+            counters.teacher_evals += result.teacher_evals
+            counters.samples += result.samples
+            counters.seconds += seconds
+            if result.nonfinite:
+                counters.skipped += 1
+                self._nonfinite(index, state)
+            else:
+                state.history.append((state.global_step, result.loss))
+            self.reporter.step(state.global_step, state.step, result.loss, result.scalars, result.samples / seconds)
+            if recipe.checkpoint_every and state.step % recipe.checkpoint_every == 0 and state.step < stage.steps:
+                self._checkpoint(state, {"student": self.module.state_dict(), "ema": ema.state_dict(self.module)})
+        del batches
+        self._finish_stage(index, state, ema, first_global)
+
+    def _nonfinite(self, index: int, state: RunState) -> None:
+        skipped, limit = state.counters.skipped, self.recipe.max_nonfinite
+        self.reporter.say(f"stage {index + 1}, step {state.step}: non-finite loss, step skipped "
+                          f"({skipped} of at most {limit})", warning=True)
+        if skipped >= limit:
+            last = latest_checkpoint(self.out)
+            raise NonFiniteLossError(
+                f"stage {index + 1}, step {state.step}: {skipped} optimiser steps had a non-finite loss "
+                f"(max_nonfinite={limit}); the run stopped. Last good checkpoint: "
+                f"{last if last is not None else 'none (none was written yet)'}. Lower the learning rate or "
+                "check the data and the teacher, then continue with --resume.")
+
+    def _finish_stage(self, index: int, state: RunState, ema: EMA, first_global: int) -> None:
+        recipe, stage, acc = self.recipe, self.recipe.stages[index], self.acc
+        summary = StageSummary(stage=index + 1, windows=stage.windows, teacher=stage.teacher, steps=state.step,
+                               skipped=state.counters.skipped, samples=state.counters.samples,
+                               teacher_evals=state.counters.teacher_evals, seconds=state.counters.seconds,
+                               final_loss=final_loss(state.history, first_global))
+        weights = ema.state_dict(self.module)
+        if acc.is_main_process:
+            info = {"format": 1, "windows": stage.windows, "prediction_type": self.setup.prediction_type,
+                    "guidance_mode": stage.guidance_mode, "guidance": recipe.stages[index].guidance
+                    if stage.guidance_mode == "cfg_sync" else 1.0, "from_scratch": recipe.from_scratch,
+                    "recipe": recipe.name, "stage": index + 1, "stages": len(recipe.stages),
+                    "global_step": state.global_step, "info": self.setup.info}
+            write_stage_result(self.out, index, weights, info)
+        acc.wait_for_everyone()
+        ema.copy_to(self.module)  # the next stage starts from this stage's EMA weights
+        state.completed.append(summary)
+        state.stage, state.step, state.counters = index + 1, 0, StageCounters()
+        if acc.is_main_process:
+            write_json(self.out / "summary.json", [s.to_dict() for s in state.completed])
+        self._checkpoint(state, {})
+        self.reporter.end_stage(summary, len(recipe.stages))
+
+    def _checkpoint(self, state: RunState, weights: dict[str, dict[str, torch.Tensor]]) -> Path:
+        scaler = self.acc.scaler.state_dict() if self.acc.scaler is not None else None
+        saved = {"optimizer": self.optimizer.state_dict() if weights else None, "scaler": scaler,
+                 "history": torch.tensor(state.history, dtype=torch.float64).reshape(-1, 2)}
+        return write_checkpoint(self.acc, self.out, state.global_step, state.meta(self.recipe, self.acc.num_processes),
+                                saved, weights, self.recipe.keep_checkpoints)
+
+
+class _Prepared:
+    """The prepared (DDP / autocast) student, looking like the plain module to ``setup.adapter``
+    (which may read ``forward``'s signature or attributes such as ``config``)."""
+
+    def __init__(self, prepared: nn.Module, module: nn.Module):
+        self._prepared, self._module = prepared, module
+
+    def __call__(self, *args, **kwargs):
+        return self._prepared(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self._module, name)
+
+
+def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [k for key in sorted(set(old) | set(new))
+                for k in _changed_keys(old.get(key), new.get(key), f"{prefix}{key}.")]
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        return [k for i, (a, b) in enumerate(zip(old, new)) for k in _changed_keys(a, b, f"{prefix}{i}.")]
+    return [] if old == new else [prefix.rstrip(".")]

@@ -1,0 +1,203 @@
+"""Epsilon-prediction DDPM teachers for the built-in datasets, cached and reused.
+
+Training minimises ``E || net(x_t, tau, c) - eps ||^2`` with ``t ~ U(0, 1]``,
+``x_t = sqrt(abar(t)) x0 + sqrt(1 - abar(t)) eps`` and ``tau = t * (T - 1)``: the same
+continuous-time convention the samplers use (:mod:`proreflow.schedules`), on Stable
+Diffusion's noise schedule (``scaled_linear``, betas 0.00085..0.012, T = 1000). Class labels
+are replaced by the null class with probability ``cond_dropout`` (10 %), so classifier-free
+guidance works. AdamW, linear warm-up then cosine decay of the learning rate, gradient
+clipping, and an EMA of the weights with decay ``min(ema_decay, (1 + n) / (10 + n))`` after
+``n`` updates; the EMA weights are the teacher.
+
+A trained teacher is stored under ``<cache>/teachers/<data>-<hash of config>/``
+(:mod:`proreflow.models.store`); :func:`load_or_train_teacher` reuses it and
+:func:`builtin_setup` hands it to the distillation engine as a :class:`DistillationSetup`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.optim.swa_utils import AveragedModel
+from tqdm.auto import tqdm
+
+from ..conditioning import select_cond
+from ..data import get_spec, load_dataset
+from ..models import adapter_for_spec, build_network, load_or_fit, mlp_spec, small_unet
+from ..schedules import VPSchedule
+from ..targets import sample_times
+from ..teachers import Denoiser
+from .setup import DistillationSetup
+
+KIND = "teachers"
+FORMAT = 1  # bump when training code changes what a config produces
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    """Everything that determines a trained teacher (its hash names the cache entry)."""
+
+    data: str
+    network: dict[str, Any]
+    steps: int
+    batch_size: int
+    lr: float
+    weight_decay: float = 0.0
+    warmup: int = 100
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    cond_dropout: float = 0.1
+    seed: int = 0
+    beta_schedule: str = "scaled_linear"
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    num_train_timesteps: int = 1000
+
+    def schedule(self) -> VPSchedule:
+        return VPSchedule.from_betas(self.beta_schedule, self.num_train_timesteps, self.beta_start, self.beta_end)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "format": FORMAT}
+
+
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "checkerboard": dict(network=mlp_spec((2,), width=256, depth=3), steps=4000, batch_size=512, lr=2e-3),
+    "8gaussians": dict(network=mlp_spec((2,), width=256, depth=3), steps=4000, batch_size=512, lr=2e-3),
+    "moons": dict(network=mlp_spec((2,), width=256, depth=3), steps=4000, batch_size=512, lr=2e-3),
+    "digits": dict(network=mlp_spec((1, 8, 8), num_classes=10, width=512, depth=3), steps=4000,
+                   batch_size=256, lr=1e-3),
+    "mnist": dict(network=small_unet(10), steps=1000, batch_size=64, lr=2e-3),
+}
+
+
+def teacher_config(data: str, **overrides: Any) -> TeacherConfig:
+    """The default config for ``data`` with ``overrides`` (None values are ignored)."""
+    get_spec(data)
+    values = {**DEFAULTS[data], **{k: v for k, v in overrides.items() if v is not None}}
+    names = {f.name for f in dataclasses.fields(TeacherConfig)} - {"data"}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise TypeError(f"unknown teacher setting(s) {unknown}; known: {sorted(names)}")
+    return TeacherConfig(data=data, **values)
+
+
+@dataclass
+class TrainedTeacher:
+    """A teacher network (EMA weights, eval mode, frozen) with its config and cache entry."""
+
+    module: nn.Module
+    config: TeacherConfig
+    path: Path
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def schedule(self) -> VPSchedule:
+        return self.config.schedule()
+
+    def denoiser(self) -> Denoiser:
+        """The teacher as an epsilon-prediction :class:`Denoiser` (its DDIM-n is ``sample(..., TimeWindows(n), n)``)."""
+        return Denoiser(adapter_for_spec(self.config.network)(self.module), "epsilon", self.schedule)
+
+
+def _ema_avg(decay: float):
+    def avg(averaged: torch.Tensor, current: torch.Tensor, num_averaged: torch.Tensor) -> torch.Tensor:
+        d = min(decay, (1 + int(num_averaged)) / (10 + int(num_averaged)))
+        return d * averaged + (1 - d) * current
+
+    return avg
+
+
+def _lr_factor(step: int, warmup: int, steps: int) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine decay to 0 at ``steps``."""
+    return min(1.0, (step + 1) / max(warmup, 1)) * 0.5 * (1 + math.cos(math.pi * step / steps))
+
+
+def fit_teacher(config: TeacherConfig, device: str | torch.device = "cpu", progress: bool = True
+                ) -> tuple[nn.Module, dict[str, Any]]:
+    """Train a teacher from ``config``; returns the EMA module (cpu, eval, frozen) and stats."""
+    spec = get_spec(config.data)
+    data = load_dataset(config.data, "train", seed=config.seed)
+    x_all = data.x.to(device)
+    labels = None if data.labels is None else data.labels.to(device)
+    uncond = None if spec.uncond is None else spec.uncond.to(device)
+    schedule = config.schedule()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        model = build_network(config.network).to(device)
+    ema = AveragedModel(model, avg_fn=_ema_avg(config.ema_decay), use_buffers=True)
+    network = adapter_for_spec(config.network)(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, config.warmup, config.steps))
+    gen = torch.Generator().manual_seed(config.seed)
+    start, bar = time.perf_counter(), tqdm(range(config.steps), desc=f"teacher {config.data}", disable=not progress)
+    losses = []
+    for _ in bar:
+        idx = torch.randint(0, x_all.shape[0], (config.batch_size,), generator=gen).to(device)
+        x0 = x_all[idx]
+        noise = torch.randn(x0.shape, generator=gen).to(device)
+        t = sample_times(config.batch_size, gen).to(device)
+        cond = None
+        if labels is not None:
+            keep = torch.rand(config.batch_size, generator=gen).to(device) >= config.cond_dropout
+            cond = select_cond(keep, labels[idx], uncond)
+        loss = F.mse_loss(network(schedule.add_noise(x0, noise, t), schedule.timestep(t), cond), noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        opt.step()
+        sched.step()
+        ema.update_parameters(model)
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{sum(losses[-100:]) / len(losses[-100:]):.4f}", refresh=False)
+    stats = {"train_seconds": round(time.perf_counter() - start, 2), "device": str(device),
+             "final_loss": sum(losses[-100:]) / max(len(losses[-100:]), 1), "torch": torch.__version__}
+    return ema.module.cpu().eval().requires_grad_(False), stats
+
+
+def load_or_train_teacher(data: str, *, steps: int | None = None, cache_dir: str | os.PathLike | None = None,
+                          force: bool = False, device: str | torch.device = "cpu", progress: bool = True,
+                          **overrides: Any) -> TrainedTeacher:
+    """The cached teacher of built-in dataset ``data`` for this config (default config +
+    ``steps`` and ``overrides``), or train and cache it (always with ``force``)."""
+    config = teacher_config(data, steps=steps, **overrides)
+    module, record, path = load_or_fit(KIND, data, config.to_dict(), config.network,
+                                       lambda: fit_teacher(config, device, progress), cache_dir, force)
+    return TrainedTeacher(module, config, path, record["stats"])
+
+
+def train_teacher(data: str, *, steps: int | None = None, cache_dir: str | os.PathLike | None = None,
+                  device: str | torch.device = "cpu", progress: bool = True, **overrides: Any) -> TrainedTeacher:
+    """Train the teacher of ``data`` and cache it, replacing any cached one with the same config."""
+    return load_or_train_teacher(data, steps=steps, cache_dir=cache_dir, force=True, device=device,
+                                 progress=progress, **overrides)
+
+
+def builtin_setup(name: str, *, steps: int | None = None, cache_dir: str | os.PathLike | None = None,
+                  force: bool = False, device: str | torch.device = "cpu", progress: bool = True,
+                  from_scratch: bool = False, **overrides: Any) -> DistillationSetup:
+    """The :class:`DistillationSetup` of built-in dataset ``name``: its (cached or trained) teacher,
+    SD's schedule, the ``train`` split, ``uncond = tensor([num_classes])`` (None for 2D).
+
+    from_scratch: set ``make_student`` to a freshly initialised network of the teacher's
+    architecture; by default (None) the engine copies the teacher's weights.
+    """
+    teacher = load_or_train_teacher(name, steps=steps, cache_dir=cache_dir, force=force, device=device,
+                                    progress=progress, **overrides)
+    spec = get_spec(name)
+    make_student = (lambda: build_network(teacher.config.network)) if from_scratch else None
+    return DistillationSetup(
+        teacher_model=teacher.module, prediction_type="epsilon", schedule=teacher.schedule,
+        dataset=load_dataset(name, "train", seed=teacher.config.seed), uncond=spec.uncond,
+        adapter=adapter_for_spec(teacher.config.network), make_student=make_student,
+        info={"data": name, "teacher_path": str(teacher.path), "teacher_config": teacher.config.to_dict(),
+              "shape": list(spec.shape), "num_classes": spec.num_classes},
+    )

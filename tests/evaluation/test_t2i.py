@@ -1,0 +1,148 @@
+"""The evaluation runner: same noise per prompt for every method, fidelity, FID, CLIP, reports."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from proreflow import Denoiser, TimeWindows, VPSchedule, sample
+from proreflow.evaluation.clip_score import NO_CLIP_MESSAGE, ClipScorer
+from proreflow.evaluation.fid import FID, to_uint8_rgb
+from proreflow.evaluation.t2i import (
+    PSNR_CAP,
+    Sampler,
+    ddim_sampler,
+    denoiser_sampler,
+    evaluate,
+    latent_shape,
+    load_pipeline,
+    pipeline_sampler,
+    prompt_noise,
+    write_report,
+)
+
+
+def test_prompt_noise_depends_only_on_seed_and_index():
+    whole = prompt_noise(7, range(6), (2, 3, 3))
+    assert whole.shape == (6, 2, 3, 3) and whole.dtype == torch.float32
+    pieces = torch.cat([prompt_noise(7, [0, 1, 2, 3], (2, 3, 3)), prompt_noise(7, [4, 5], (2, 3, 3))])
+    assert torch.equal(pieces, whole)
+    assert torch.equal(prompt_noise(7, [5, 2], (2, 3, 3)), whole[[5, 2]])
+    assert not torch.allclose(prompt_noise(8, [0], (2, 3, 3)), whole[:1])
+    assert not torch.allclose(whole[0], whole[1])
+
+
+class ClassEps(nn.Module):
+    """A tiny class-conditional epsilon network: conv(x) + a per-class offset."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(1, 1, 3, padding=1)
+        self.emb = nn.Embedding(10, 1)
+
+    def forward(self, x, timestep, cond):
+        return 0.5 * self.conv(x) + self.emb(cond).reshape(-1, 1, 1, 1) * (timestep / 1000).reshape(-1, 1, 1, 1)
+
+
+@pytest.fixture(scope="module")
+def denoiser():
+    return Denoiser(ClassEps().eval(), "epsilon", VPSchedule.from_betas("linear", 1000, 1e-4, 0.02))
+
+
+def builtin_methods(denoiser):
+    teacher = denoiser_sampler(denoiser, TimeWindows(4), 4, "teacher DDIM-4")
+    students = [denoiser_sampler(denoiser, TimeWindows(4), 4, "same as teacher"),
+                denoiser_sampler(denoiser, TimeWindows(2), 2, "2-step"),
+                denoiser_sampler(denoiser, TimeWindows(4), 2, "too few steps")]
+    return teacher, students
+
+
+def test_builtin_students_pair_with_the_teacher(denoiser, feature_file):
+    teacher, students = builtin_methods(denoiser)
+    labels = [i % 10 for i in range(12)]
+    fid = FID(feature_file)
+    ev = evaluate(teacher, students, labels, (1, 8, 8), seed=3, batch_size=5, fid=fid, sample_count=4,
+                  progress=False)
+    r = {x.name: x for x in ev.results}
+    assert list(r) == ["teacher DDIM-4", "same as teacher", "2-step", "too few steps"]
+    # the teacher's images are proreflow.sample from prompt_noise(seed, i): DDIM with 4 steps
+    direct = sample(denoiser, prompt_noise(3, range(4), (1, 8, 8)), TimeWindows(4), 4, torch.tensor(labels[:4]))
+    assert torch.equal(ev.samples["teacher DDIM-4"], to_uint8_rgb(((direct + 1) / 2).clamp(0, 1)))
+    assert ev.samples["2-step"].shape == (4, 3, 8, 8)
+    # same method, same noise: identical outputs
+    same = r["same as teacher"]
+    assert same.rmse_to_teacher == 0 and same.psnr_to_teacher == PSNR_CAP and abs(same.fid_to_teacher) < 1e-6
+    other = r["2-step"]
+    assert other.rmse_to_teacher > 0 and other.psnr_to_teacher < PSNR_CAP and other.fid_to_teacher > 1e-6
+    assert r["teacher DDIM-4"].rmse_to_teacher is None and r["teacher DDIM-4"].fid_to_teacher is None
+    assert "cannot cover 4 windows" in r["too few steps"].skipped and r["too few steps"].fid_to_teacher is None
+    assert all(x.fid is None and x.clip_score is None for x in ev.results)  # no reference images, no CLIP
+    assert NO_CLIP_MESSAGE in ev.notes
+    # results do not depend on the batch size
+    again = evaluate(teacher, students[1:2], labels, (1, 8, 8), seed=3, batch_size=12, fid=fid, progress=False)
+    assert again.results[1].rmse_to_teacher == pytest.approx(other.rmse_to_teacher, rel=1e-6)
+    assert again.results[1].fid_to_teacher == pytest.approx(other.fid_to_teacher, rel=1e-6)
+
+
+def test_fid_against_reference_and_report(denoiser, feature_file, tmp_path):
+    teacher, students = builtin_methods(denoiser)
+    fid = FID(feature_file)
+    labels = list(range(10))
+    teacher_stats = fid.statistics([teacher.generate(prompt_noise(0, range(10), (1, 8, 8)), labels)])
+    ev = evaluate(teacher, students[1:2], labels, (1, 8, 8), fid=fid, reference=teacher_stats, progress=False)
+    assert abs(ev.results[0].fid) < 1e-6  # the teacher against statistics of its own images
+    assert ev.results[1].fid == pytest.approx(ev.results[1].fid_to_teacher, rel=1e-9)
+    paths = write_report(ev, tmp_path / "out", {"teacher": "ddim", "seed": 0})
+    payload = json.loads(paths["json"].read_text())
+    assert [r["name"] for r in payload["results"]] == ["teacher DDIM-4", "2-step"]
+    assert payload["settings"]["seed"] == 0 and NO_CLIP_MESSAGE in payload["notes"]
+    table = paths["markdown"].read_text()
+    assert "| method | steps | FID ↓ | CLIP ↑ |" in table and "| 2-step | 2 |" in table
+    grid = Image.open(paths["grids"] / "all.png")
+    assert grid.width > 2 * 128 and sorted(p.name for p in paths["grids"].iterdir())[:2] == [
+        "all.png", "prompt_000.png"]
+
+
+def test_pipelines_teacher_ddim_vs_exported_student(teacher_dir, student_dir, feature_file, clip_dir):
+    teacher_pipe, student_pipe = load_pipeline(teacher_dir), load_pipeline(student_dir)
+    assert type(student_pipe.scheduler).__name__ == "ProReflowScheduler"
+    shape = latent_shape(teacher_pipe)
+    side = teacher_pipe.unet.config.sample_size
+    assert shape == (4, side, side)
+    teacher = ddim_sampler(teacher_pipe, 4, 3.0)
+    students = [pipeline_sampler(student_pipe, n, 3.0, f"student {n}-step") for n in (1, 2)]
+    students.append(ddim_sampler(teacher_pipe, 4, 3.0, name="teacher again"))
+    prompts = ["a cat", "a dog", "a red cat", "two dogs", "a cat on a mat"]
+    clip = ClipScorer.load(clip_dir)
+    ev = evaluate(teacher, students, prompts, shape, seed=1, batch_size=2, fid=FID(feature_file), clip=clip,
+                  sample_count=3, progress=False)
+    r = {x.name: x for x in ev.results}
+    assert "cannot cover 2 windows" in r["student 1-step"].skipped  # a 2-window student needs >= 2 steps
+    assert r["teacher again"].rmse_to_teacher == 0 and abs(r["teacher again"].fid_to_teacher) < 1e-6
+    assert r["student 2-step"].rmse_to_teacher > 0 and r["student 2-step"].fid_to_teacher > 0
+    for name in ("teacher DDIM-4", "student 2-step"):
+        assert 0 <= r[name].clip_score <= 100 and r[name].images == 5 and r[name].seconds_per_image > 0
+    # the teacher's images are the DDIM pipeline run on prompt_noise(seed, i) as latents
+    assert type(teacher_pipe.scheduler).__name__ == "DDPMScheduler"  # the loaded pipeline is left as it was
+    direct = teacher.generate(prompt_noise(1, [0, 1, 2], shape), prompts[:3])
+    assert direct.shape == (3, 3, side * teacher_pipe.vae_scale_factor, side * teacher_pipe.vae_scale_factor)
+    assert (ev.samples["teacher DDIM-4"].int() - to_uint8_rgb(direct).int()).abs().max() <= 1
+    # CLIP score of the teacher equals scoring its images directly
+    images = to_uint8_rgb(teacher.generate(prompt_noise(1, range(5), shape), prompts))
+    assert r["teacher DDIM-4"].clip_score == pytest.approx(float(clip.score(images, prompts).mean()), abs=0.05)
+
+
+def test_a_failing_teacher_is_not_skipped(denoiser):
+    def broken(noise, prompts):
+        raise ValueError("teacher is broken")
+
+    with pytest.raises(ValueError, match="teacher is broken"):
+        evaluate(Sampler("teacher", 4, broken), [], [0, 1], (1, 8, 8), progress=False)
+    teacher, _ = builtin_methods(denoiser)
+    with pytest.raises(ValueError, match="names must be unique"):
+        evaluate(teacher, [teacher], [0, 1], (1, 8, 8), progress=False)

@@ -1,0 +1,89 @@
+"""``proreflow eval`` end to end on tiny offline models, and its errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+
+from proreflow.cli import main
+
+
+@pytest.fixture
+def base_args(teacher_dir, student_dir, feature_file, tmp_path):
+    return ["eval", "--teacher", str(teacher_dir), "--student", str(student_dir), "--inception", str(feature_file),
+            "--steps", "1,2,4", "--teacher-steps", "4", "--guidance", "2", "--batch-size", "3", "--workers", "0",
+            "--fid-cache", str(tmp_path / "cache"), "--grid-prompts", "2"]
+
+
+def test_eval_on_coco_writes_results_tables_and_grids(base_args, make_coco, clip_dir, tmp_path, capsys):
+    annotations, images = make_coco(images=6)
+    out = tmp_path / "out"
+    args = [*base_args, "--coco-annotations", str(annotations), "--coco-images", str(images), "--protocol", "custom",
+            "--num", "5", "--clip-model", str(clip_dir), "--out", str(out)]
+    assert main(args) == 0
+    payload = json.loads((out / "results.json").read_text())
+    rows = {r["name"]: r for r in payload["results"]}
+    assert list(rows) == ["teacher DDIM-4", "student 1-step", "student 2-step", "student 4-step"]
+    assert "cannot cover 2 windows" in rows["student 1-step"]["skipped"]
+    for name in ("teacher DDIM-4", "student 2-step", "student 4-step"):
+        assert rows[name]["images"] == 5 and rows[name]["fid"] > 0 and 0 <= rows[name]["clip_score"] <= 100
+    for name in ("student 2-step", "student 4-step"):
+        assert rows[name]["fid_to_teacher"] > 0 and rows[name]["rmse_to_teacher"] > 0
+    settings = payload["settings"]
+    assert settings["student_scheduler"] == "ProReflowScheduler" and settings["count"] == 5
+    assert settings["clip_model"] == str(clip_dir) and settings["fid_network"] == base_args[6]
+    prompts = json.loads((out / "prompts.json").read_text())
+    assert len(prompts) == 5 and all(p["image"].startswith(str(images)) for p in prompts)
+    table = (out / "results.md").read_text()
+    assert "| student 4-step | 4 |" in table and "skipped" in table
+    assert table in capsys.readouterr().out
+    grids = sorted(p.name for p in (out / "grids").iterdir())
+    assert grids == ["all.png", "prompt_000.png", "prompt_001.png"]
+    assert Image.open(out / "grids" / "prompt_000.png").width >= 3 * 128  # teacher + two students
+    # the reference statistics were cached: a second run reuses them and gives the same FIDs
+    cached = list((tmp_path / "cache").glob("*.safetensors"))
+    assert len(cached) == 1 and json.loads(cached[0].with_suffix(".json").read_text())["count"] == 5
+    assert main([*args[:-1], str(tmp_path / "again")]) == 0
+    again = json.loads((tmp_path / "again" / "results.json").read_text())
+    assert [r["fid"] for r in again["results"]] == pytest.approx([r["fid"] for r in payload["results"]], rel=1e-6)
+    assert list((tmp_path / "cache").glob("*.safetensors")) == cached
+
+
+def test_eval_on_a_prompt_file_without_clip(base_args, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\na dog\nred\n")
+    out = tmp_path / "out"
+    assert main([*base_args, "--prompts", str(prompts), "--steps", "2", "--out", str(out)]) == 0
+    payload = json.loads((out / "results.json").read_text())
+    assert [r["fid"] for r in payload["results"]] == [None, None]  # no real images
+    assert payload["results"][1]["fid_to_teacher"] > 0 and payload["results"][1]["clip_score"] is None
+    assert any("CLIP score not computed" in n for n in payload["notes"])
+    assert "CLIP score not computed" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("change, named", [
+    (["--teacher", "/nowhere/teacher"], "/nowhere/teacher/model_index.json"),
+    (["--inception", "/nowhere/inception.pt"], "/nowhere/inception.pt"),
+    (["--coco-annotations", "/nowhere/captions_val2014.json"], "/nowhere/captions_val2014.json"),
+    (["--clip-model", "/nowhere/clip"], "/nowhere/clip"),
+])
+def test_missing_inputs_are_named(base_args, make_coco, tmp_path, capsys, change, named):
+    annotations, images = make_coco(images=3)
+    args = [*base_args, "--coco-annotations", str(annotations), "--coco-images", str(images),
+            "--out", str(tmp_path / "out")]
+    if change[0] in args:
+        args[args.index(change[0]) + 1] = change[1]
+    else:
+        args += change
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("proreflow eval: error:") and named in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_coco_annotations_need_their_images(base_args, make_coco, tmp_path, capsys):
+    annotations, _ = make_coco(images=3)
+    assert main([*base_args, "--coco-annotations", str(annotations), "--out", str(tmp_path / "o")]) == 2
+    assert "--coco-annotations needs --coco-images" in capsys.readouterr().err

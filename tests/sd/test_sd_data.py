@@ -1,0 +1,134 @@
+"""Image-caption sources, preprocessing, skipped images, and the latent cache."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from proreflow.data.captions import (
+    FolderSource,
+    ImageCaptionDataset,
+    TarShardSource,
+    open_source,
+    read_prompts,
+    resize_and_crop,
+)
+
+from .tiny import CAPTIONS, write_image_folder
+
+
+def test_folder_with_txt_captions_skips_the_corrupt_image(image_dir, caplog):
+    source = open_source(image_dir)
+    assert isinstance(source, FolderSource) and len(source) == len(CAPTIONS) + 1
+    data = ImageCaptionDataset(source, resolution=16)
+    broken = [i for i in range(len(source)) if source.record(i).name.endswith("broken.jpg")][0]
+    with caplog.at_level(logging.WARNING):
+        item = data[broken]
+    assert item["index"] == (broken + 1) % len(source)  # the next readable image stands in
+    assert list(data.skipped) == [str(image_dir / "broken.jpg")]
+    assert "skipping unreadable image" in caplog.text and "broken.jpg" in caplog.text
+    assert item["pixels"].shape == (3, 16, 16) and -1 <= item["pixels"].min() <= item["pixels"].max() <= 1
+
+
+def test_metadata_jsonl_folder(tmp_path):
+    folder = write_image_folder(tmp_path / "meta", corrupt=False, metadata=True)
+    source = open_source(folder)
+    assert [source.record(i).caption for i in range(len(source))] == CAPTIONS
+
+
+def test_resize_and_crop_like_the_training_scripts():
+    rng = np.random.default_rng(1)
+    image = Image.fromarray(rng.integers(0, 255, (40, 56, 3), dtype=np.uint8))  # h = 40, w = 56
+    pixels, original, crop = resize_and_crop(image, 16)
+    assert original == (40, 56) and crop == (0, 3)  # shorter side -> 16, width int(16 * 56 / 40) = 22
+    want = np.asarray(image.resize((22, 16), Image.Resampling.BILINEAR).crop((3, 0, 19, 16)), dtype=np.float32)
+    torch.testing.assert_close(pixels, torch.from_numpy(want).permute(2, 0, 1) / 127.5 - 1)
+    flipped, _, crop_flipped = resize_and_crop(image, 16, flip=True)
+    assert crop_flipped == (0, 22 - 3 - 16)
+    torch.testing.assert_close(flipped, pixels.flip(-1))
+    _, _, random_crop = resize_and_crop(image, 16, center_crop=False, generator=torch.Generator().manual_seed(0))
+    assert random_crop[0] == 0 and 0 <= random_crop[1] <= 6
+
+
+def _png(seed: int) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def test_webdataset_shards(tmp_path):
+    for s in range(2):
+        with tarfile.open(tmp_path / f"shard-{s:05d}.tar", "w") as tar:
+            for k in range(3):
+                key = f"{s:02d}{k:03d}"
+                _add(tar, f"{key}.png", _png(10 * s + k) if (s, k) != (1, 2) else b"not an image")
+                _add(tar, f"{key}.txt", f"caption {s} {k}".encode())
+                _add(tar, f"{key}.json", b"{}")
+            _add(tar, "orphan.jpg", _png(99))  # no caption: left out
+    source = open_source(str(tmp_path / "shard-{00000..00001}.tar"))
+    assert isinstance(source, TarShardSource) and len(source) == 6
+    assert [source.record(i).caption for i in (4, 0)] == ["caption 1 1", "caption 0 0"]  # random access
+    data = ImageCaptionDataset(source, 16)
+    assert data.load(5) == {"skipped": f"{tmp_path / 'shard-00001.tar'}:01002",
+                            "error": data.load(5)["error"]}
+    assert data[5]["caption"] == "caption 0 0" and len(data.skipped) == 1
+    assert len(open_source(tmp_path)) == 6  # a folder of shards
+
+
+def test_local_datasets_folder(image_dir, tmp_path):
+    import datasets
+
+    files = sorted(p for p in image_dir.glob("*") if p.suffix in (".png", ".jpg"))
+    ds = datasets.Dataset.from_dict({"image": [str(p) for p in files],
+                                     "caption": [p.with_suffix(".txt").read_text().strip() for p in files]})
+    ds.cast_column("image", datasets.Image()).save_to_disk(tmp_path / "ds")
+    source = open_source(tmp_path / "ds")
+    assert len(source) == len(files) and source.record(0).caption == files[0].with_suffix(".txt").read_text().strip()
+    data = ImageCaptionDataset(source, 16)
+    assert [data.load(i).get("skipped") is not None for i in range(len(files))] == [p.name == "broken.jpg"
+                                                                                    for p in files]
+
+
+def test_read_prompts(tmp_path):
+    (tmp_path / "p.txt").write_text("a cat\n\n a dog \n")
+    (tmp_path / "p.jsonl").write_text(json.dumps({"prompt": "a cat"}) + "\n" + json.dumps({"prompt": ["x", "y"]}) + "\n")
+    assert read_prompts(tmp_path / "p.txt") == ["a cat", "a dog"]
+    assert read_prompts(tmp_path / "p.jsonl") == ["a cat", "x"]
+    with pytest.raises(FileNotFoundError, match="one prompt per line"):
+        read_prompts(tmp_path / "none.txt")
+
+
+def test_latent_cache_equals_encoding_on_the_fly(sd15_dir, image_dir, tmp_path):
+    from proreflow.models.sd_setup import build_sd_setup
+
+    common = {"teacher": str(sd15_dir), "data": str(image_dir), "device": "cpu", "seed": 3}
+    cached = build_sd_setup(cache_dir=str(tmp_path / "cache"), **common)
+    live = build_sd_setup(**common)
+    manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
+    assert manifest["count"] == len(CAPTIONS) and list(manifest["skipped"]) == [str(image_dir / "broken.jpg")]
+    assert cached.info["skipped_images"] == 1 and len(cached.dataset) == len(CAPTIONS)
+    # the folder sorts broken.jpg first: cache row i holds image i + 1; live item 0 is image 1's stand-in
+    for row, index in [(0, 0), (0, 1), (4, 5)]:
+        (x_cache, c_cache), (x_live, c_live) = cached.dataset[row], live.dataset[index]
+        assert x_cache.dtype == torch.float32 and x_cache.shape == (4, 8, 8)
+        torch.testing.assert_close(x_cache, x_live, rtol=2e-3, atol=2e-3)  # float16 storage
+        torch.testing.assert_close(c_cache["encoder_hidden_states"], c_live["encoder_hidden_states"],
+                                   rtol=2e-3, atol=2e-3)
+    stamp = (tmp_path / "cache" / "shard-00000.safetensors").stat().st_mtime_ns
+    build_sd_setup(cache_dir=str(tmp_path / "cache"), **common)  # reused, not rebuilt
+    assert (tmp_path / "cache" / "shard-00000.safetensors").stat().st_mtime_ns == stamp
+    with pytest.raises(ValueError, match="resolution: cache 16, now 32"):
+        build_sd_setup(cache_dir=str(tmp_path / "cache"), resolution=32, **common)

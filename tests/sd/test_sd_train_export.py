@@ -1,0 +1,175 @@
+"""Training through the engine (two stages), export as a pipeline and as LoRA, sampling from both."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+
+import pytest
+import torch
+
+from proreflow import Denoiser, TimeWindows, sample
+from proreflow.cli import main as cli
+from proreflow.diffusers import ProReflowScheduler
+from proreflow.diffusers.export import export_lora, export_pipeline, load_run_student, read_export_info
+from proreflow.diffusers.lora import extract_lora
+from proreflow.models.sd_setup import build_sd_setup
+from proreflow.models.stable_diffusion import load_teacher, unet_network
+from proreflow.training import train
+
+RECIPE = {"name": "tiny", "checkpoint_every": 0, "log_every": 1,
+          "defaults": {"batch_size": 2, "lr": 1e-3, "warmup_steps": 0, "guidance": 2.0, "ema_decay": 0.5},
+          "stages": [{"windows": 2, "steps": 2, "solver_steps": 2}, {"windows": 1, "steps": 2, "teacher": "previous"}]}
+
+
+def weights_changed(a, b) -> list[str]:
+    sb = b.state_dict()
+    return [k for k, v in a.state_dict().items() if not torch.equal(v, sb[k])]
+
+
+@pytest.fixture(scope="module")
+def sd15_run(sd15_dir, image_dir, tmp_path_factory):
+    """Full fine-tuning on the folder with a corrupt image, encoded on the fly."""
+    setup = build_sd_setup(teacher=str(sd15_dir), data=str(image_dir), device="cpu")
+    out = tmp_path_factory.mktemp("run") / "sd15"
+    result = train(RECIPE, setup, out, progress=False)
+    return setup, result, out
+
+
+def test_training_skips_and_reports_the_corrupt_image(sd15_run, image_dir, caplog):
+    setup, result, out = sd15_run
+    assert list(setup.dataset.skipped) == [str(image_dir / "broken.jpg")]
+    assert [s.steps for s in result.stages] == [2, 2] and all(torch.isfinite(torch.tensor(result.history)).all(1))
+    info = json.loads((out / "student.json").read_text())
+    assert info["windows"] == 1 and info["info"]["model"] == "stable-diffusion"
+    student, _ = load_run_student(out, load_teacher(setup.info["teacher"]).unet)
+    assert weights_changed(student, load_teacher(setup.info["teacher"]).unet)
+
+
+def test_sdxl_trains_from_the_latent_cache(sdxl_dir, image_dir, tmp_path):
+    setup = build_sd_setup(teacher=str(sdxl_dir), data=str(image_dir), cache_dir=str(tmp_path / "cache"),
+                           device="cpu")
+    latents, cond = setup.dataset[0]
+    # row 0: img0, 48 x 36 (h x w) -> resized to 21 x 16, center crop at y = round(2.5) = 2
+    assert cond["added_cond_kwargs"]["time_ids"].tolist() == [48, 36, 2, 0, 16, 16]
+    result = train(RECIPE, setup, tmp_path / "run", progress=False)
+    assert [s.windows for s in result.stages] == [2, 1] and setup.info["skipped_images"] == 1
+
+
+def test_lora_training_changes_only_lora_weights(sd15_dir, image_dir, tmp_path):
+    setup = build_sd_setup(teacher=str(sd15_dir), data=str(image_dir), device="cpu", lora_rank=4)
+    base = load_teacher(sd15_dir).unet
+    x, cond = torch.randn(2, 4, 8, 8), {"encoder_hidden_states": torch.randn(2, 16, 32)}
+    with torch.no_grad():  # zero-initialised LoRA: the teacher is unchanged
+        torch.testing.assert_close(setup.teacher_model(x, 500.0, **cond).sample, base(x, 500.0, **cond).sample)
+    recipe = {**RECIPE, "stages": RECIPE["stages"][:1]}
+    train(recipe, setup, tmp_path / "run", progress=False)
+    student, info = load_run_student(tmp_path / "run", base)
+    changed = weights_changed(student, setup.teacher_model)
+    assert changed and all("lora_" in k for k in changed)
+
+    path, kept = export_lora(student, load_teacher(sd15_dir), tmp_path / "lora", info["windows"])
+    assert path.is_file() and kept == 1.0
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(sd15_dir, safety_checker=None)
+    pipe.load_lora_weights(tmp_path / "lora")
+    with torch.no_grad():
+        torch.testing.assert_close(pipe.unet(x, 500.0, **cond).sample, student(x, 500.0, **cond).sample,
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_exported_pipeline_samples_like_proreflow(sd15_run, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    setup, result, out = sd15_run
+    assert cli(["export", "--run", str(out), "--out", str(tmp_path / "export")]) == 0
+    assert read_export_info(tmp_path / "export")["num_windows"] == 1
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "export")
+    assert isinstance(pipe.scheduler, ProReflowScheduler) and pipe.scheduler.config.num_windows == 1
+    noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    latents = pipe("a cat", num_inference_steps=2, guidance_scale=1.0, latents=noise, output_type="latent").images
+    teacher = load_teacher(setup.info["teacher"])
+    cond = teacher.encode_prompts(["a cat"])
+    student = Denoiser(unet_network(pipe.unet), setup.prediction_type, setup.schedule)
+    want = sample(student, noise, TimeWindows(1), 2, cond)
+    torch.testing.assert_close(latents, want, rtol=1e-5, atol=1e-5)
+    images = pipe(["a cat", "a dog"], num_inference_steps=1, guidance_scale=1.0, output_type="np").images
+    assert images.shape == (2, 16, 16, 3) and 0 <= images.min() <= images.max() <= 1
+
+    assert cli(["sample", "--model", str(tmp_path / "export"), "--prompt", "a cat", "--prompt", "a dog",
+                "--steps", "2", "--num-images", "2", "--out", str(tmp_path / "png")]) == 0
+    assert sorted(p.name for p in (tmp_path / "png").glob("*.png")) == ["000-0.png", "000-1.png", "001-0.png",
+                                                                        "001-1.png"]
+
+
+def test_lora_extracted_from_a_full_student_applies_to_the_base_and_a_finetune(sd15_dir, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    teacher = load_teacher(sd15_dir)
+    student = copy.deepcopy(teacher.unet)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # low-rank weight changes: rank 4 extraction keeps all of them
+        q = student.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q.weight
+        q += 0.1 * torch.randn(q.shape[0], 2, generator=g) @ torch.randn(2, q.shape[1], generator=g)
+        conv = student.conv_in.weight  # a 3x3 convolution: rank over (out, in * 3 * 3)
+        conv += (0.1 * torch.randn(conv.shape[0], 1, generator=g) @ torch.randn(1, conv[0].numel(), generator=g)
+                 ).reshape(conv.shape)
+    _, kept = extract_lora(student, teacher.unet, rank=4)
+    assert kept == pytest.approx(1.0, abs=1e-6)
+    export_lora(student, teacher, tmp_path / "lora", num_windows=2, rank=4)
+    x, cond = torch.randn(1, 4, 8, 8), {"encoder_hidden_states": torch.randn(1, 16, 32)}
+    pipe = StableDiffusionPipeline.from_pretrained(sd15_dir, safety_checker=None)
+    pipe.load_lora_weights(tmp_path / "lora")
+    with torch.no_grad():
+        torch.testing.assert_close(pipe.unet(x, 300.0, **cond).sample, student(x, 300.0, **cond).sample,
+                                   rtol=1e-4, atol=1e-4)
+    finetune = StableDiffusionPipeline.from_pretrained(sd15_dir, safety_checker=None)
+    with torch.no_grad():
+        for p in finetune.unet.parameters():
+            p.add_(1e-3 * torch.randn(p.shape, generator=g))
+        before = finetune.unet(x, 300.0, **cond).sample
+    finetune.load_lora_weights(tmp_path / "lora")
+    with torch.no_grad():
+        assert not torch.allclose(finetune.unet(x, 300.0, **cond).sample, before)
+
+
+def test_prompt_only_data_are_teacher_samples(sd15_dir, tmp_path, caplog):
+    (tmp_path / "prompts.txt").write_text("a cat\na dog\n")
+    setup = build_sd_setup(teacher=str(sd15_dir), prompts=str(tmp_path / "prompts.txt"), device="cpu",
+                           prompt_steps=4, prompt_guidance=3.0, seed=1)
+    latents, cond = setup.dataset[1]
+    teacher = load_teacher(sd15_dir)
+    from proreflow.data.latent_cache import item_generator
+
+    noise = torch.randn(1, 4, 8, 8, generator=item_generator(1, 1))
+    denoiser = Denoiser(unet_network(teacher.unet), teacher.prediction_type, teacher.schedule)
+    want = sample(denoiser, noise, TimeWindows(4), 4, teacher.encode_prompts(["a dog"]), teacher.null_cond(), 3.0)
+    torch.testing.assert_close(latents, want[0], rtol=1e-5, atol=1e-5)
+    with caplog.at_level(logging.WARNING):
+        train({**RECIPE, "stages": RECIPE["stages"][:1]}, setup, tmp_path / "run", progress=False)
+
+
+def test_sdxl_pipeline_with_the_scheduler_samples_like_proreflow(sdxl_dir, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    teacher = load_teacher(sdxl_dir)
+    export_pipeline(teacher.unet, teacher, tmp_path / "export", num_windows=2)
+    pipe = StableDiffusionXLPipeline.from_pretrained(tmp_path / "export")
+    assert isinstance(pipe.scheduler, ProReflowScheduler)
+    noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    latents = pipe("a cat", num_inference_steps=3, guidance_scale=2.0, latents=noise, output_type="latent").images
+    denoiser = Denoiser(unet_network(teacher.unet), teacher.prediction_type, teacher.schedule)
+    want = sample(denoiser, noise, TimeWindows(2), 3, teacher.encode_prompts(["a cat"]), teacher.null_cond(), 2.0)
+    torch.testing.assert_close(latents, want, rtol=1e-5, atol=1e-5)
+    assert pipe("a dog", num_inference_steps=2, output_type="np").images.shape == (1, 16, 16, 3)
+
+
+def test_bf16_with_gradient_checkpointing(sd15_dir, image_dir, tmp_path):
+    setup = build_sd_setup(teacher=str(sd15_dir), data=str(image_dir), device="cpu", gradient_checkpointing=True)
+    assert setup.teacher_model.is_gradient_checkpointing
+    recipe = {**RECIPE, "mixed_precision": "bf16", "stages": [{"windows": 2, "steps": 1, "solver_steps": 1}]}
+    result = train(recipe, setup, tmp_path / "run", progress=False)
+    assert setup.teacher_model.dtype == torch.bfloat16  # the frozen teacher runs in the training dtype
+    assert torch.isfinite(torch.tensor(result.history)).all()

@@ -1,0 +1,140 @@
+"""Recipes: presets, YAML configs, overrides and clear errors for impossible recipes."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from proreflow.recipes import (
+    PRESETS,
+    STAGE_KEYS,
+    Recipe,
+    RecipeError,
+    Stage,
+    describe_keys,
+    load_config,
+    load_recipe,
+    read_config,
+)
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def windows(recipe: Recipe) -> list[int]:
+    return [s.windows for s in recipe.stages]
+
+
+def test_presets_have_the_published_structure():
+    expected = {"reflow": [1], "perflow": [4], "proreflow-i": [8, 4], "proreflow-ii": [8, 4, 2],
+                "proreflow-1step": [8, 4, 2, 1]}
+    assert set(PRESETS) == set(expected)
+    for name, counts in expected.items():
+        recipe = load_recipe(name)
+        assert recipe.name == name and windows(recipe) == counts
+        assert [s.teacher for s in recipe.stages] == ["original"] + ["previous"] * (len(counts) - 1)
+    assert all(s.alpha == 0 for n in ("reflow", "perflow") for s in load_recipe(n).stages)  # MSE
+    assert all(s.alpha > 0 for n in ("proreflow-i", "proreflow-ii") for s in load_recipe(n).stages)
+    assert load_recipe("perflow").stages[0].solver_steps == 8  # PeRFlow: 8 DDIM steps per window
+    # a previous-student teacher crosses a merged window with one Euler step per old window
+    assert [s.solver_steps for s in load_recipe("proreflow-1step").stages[1:]] == [2, 2, 2]
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_config_files_equal_presets(name):
+    recipe, setup = load_config(CONFIGS / f"{name}.yaml")
+    assert recipe == load_recipe(name)
+    assert setup == {"name": "digits"}
+
+
+def test_round_trip_and_yaml(tmp_path):
+    recipe = load_recipe("proreflow-ii", ["seed=7", "stages.1.guidance=2.5"])
+    assert Recipe.from_dict(recipe.to_dict()) == recipe
+    path = tmp_path / "r.yaml"
+    path.write_text(recipe.to_yaml())
+    assert load_recipe(path) == recipe
+    assert load_recipe(recipe) == recipe
+
+
+def test_defaults_fill_stages_and_stage_keys_win():
+    recipe = Recipe.from_dict({"defaults": {"lr": 1e-3, "steps": 5},
+                               "stages": [{"windows": 4}, {"windows": 2, "lr": 2e-4}]})
+    assert [s.lr for s in recipe.stages] == [1e-3, 2e-4]
+    assert [s.steps for s in recipe.stages] == [5, 5]
+    assert recipe.stages[0].batch_size == Stage(windows=1).batch_size  # dataclass default
+
+
+def test_overrides():
+    base = {"defaults": {"lr": 1e-3}, "stages": [{"windows": 4}, {"windows": 2, "lr": 2e-4}]}
+    r = load_recipe(base, ["seed=3", "stages.0.alpha=0.5", "mixed_precision=bf16"])
+    assert r.seed == 3 and r.stages[0].alpha == 0.5 and r.stages[1].alpha == 1.0 and r.mixed_precision == "bf16"
+    r = load_recipe(base, ["defaults.lr=5e-5"])  # YAML 1.1 reads 5e-5 as a string: numbers accept it
+    assert [s.lr for s in r.stages] == [5e-5, 2e-4]
+    r = load_recipe(base, ["stages.*.lr=5e-5"])
+    assert [s.lr for s in r.stages] == [5e-5, 5e-5]
+    r = load_recipe(base, ["stages=[{windows: 2, steps: 3}]"])
+    assert windows(r) == [2] and r.stages[0].steps == 3
+    recipe, setup = load_config(base, ["setup.name=digits", "setup.size=8"])
+    assert setup == {"name": "digits", "size": 8}
+    assert read_config("perflow", ["stages.0.steps=10"])["stages"][0]["steps"] == 10
+    assert PRESETS["perflow"]["stages"][0]["steps"] == 2000  # presets are not modified
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (["bogus=1"], r"unknown key 'bogus'.*valid keys: stages, name"),
+    (["lr=1e-4"], r"'lr' is a stage key: use defaults.lr or stages.\*.lr"),
+    (["stages.1.lrate=1"], r"unknown key stages.1.'lrate'.*valid keys: windows, steps"),
+    (["defaults.foo=1"], r"unknown key defaults.'foo'"),
+    (["stages.1.windows=3"], r"stages.1.windows: 3 windows cannot follow 8"),
+    (["stages.2.windows=8"], r"stages.2.windows: 8 windows cannot follow 4"),
+    (["stages.0.steps=0"], r"stages.0.steps: must be at least 1, got 0"),
+    (["stages.1.solver_steps=0"], r"stages.1.solver_steps: must be at least 1"),
+    (["stages.1.solver_steps=3"], r"stages.1.solver_steps: 3 Euler steps cannot cross 2 old windows"),
+    (["stages.0.steps=many"], r"stages.0.steps: expected an integer, got 'many'"),
+    (["stages.0.steps=10.5"], r"stages.0.steps: expected an integer"),
+    (["stages.0.lr=fast"], r"stages.0.lr: expected a number, got 'fast'"),
+    (["stages.0.lr=-1"], r"stages.0.lr: must be a finite number >= 0"),
+    (["stages.0.ema_decay=1.0"], r"stages.0.ema_decay: must be in \[0, 1\)"),
+    (["tensorboard=3"], r"tensorboard: expected true or false, got 3"),
+    (["seed=true"], r"seed: expected an integer, got True"),
+    (["name=3"], r"name: expected a string"),
+    (["mixed_precision=fp8"], r"mixed_precision: 'fp8' is not one of no, fp16, bf16"),
+    (["stages.0.teacher=student"], r"stages.0.teacher: 'student' is not one of original, previous"),
+    (["stages.0.teacher=previous"], r"stages.0.teacher: the first stage has no previous student"),
+    (["stages.*.guidance_mode=cfg_sync"], r"stages.0.cond_dropout: 'cfg_sync' trains .* set cond_dropout > 0"),
+    (["stages.1.guidance_mode=cfg_sync", "stages.1.cond_dropout=0.1"], r"stages.1.guidance_mode: 'cfg_sync' differs"),
+    (["stages=[]"], r"stages: a recipe needs a non-empty list"),
+    (["stages.0={steps: 3}"], r"stages.0: missing key 'windows'"),
+    (["stages.5.lr=1"], r"override stages.5.lr: '5' is not an index of a list of 3"),
+    (["seed"], r"override 'seed' is not key=value"),
+])
+def test_clear_errors_name_the_key(overrides, match):
+    with pytest.raises(RecipeError, match=match):
+        load_recipe("proreflow-ii", overrides)
+
+
+def test_bad_sources(tmp_path):
+    with pytest.raises(RecipeError, match="neither a preset .* nor a YAML file"):
+        load_recipe("no-such-recipe")
+    path = tmp_path / "list.yaml"
+    path.write_text("- 1\n- 2\n")
+    with pytest.raises(RecipeError, match="must be a YAML mapping"):
+        load_recipe(path)
+
+
+def test_guidance_rules():
+    cfg = load_recipe("proreflow-i", ["stages.*.guidance_mode=cfg_sync", "stages.*.cond_dropout=0.1",
+                                      "stages.*.guidance=4"])
+    assert [s.teacher_guidance() for s in cfg.stages] == [1.0, 1.0]  # teacher at scale 1
+    assert cfg.sample_guidance == 4.0  # the student is sampled with CFG
+    baked = load_recipe("proreflow-i", ["stages.*.guidance=4"])
+    assert [s.teacher_guidance() for s in baked.stages] == [4.0, 1.0]  # guidance is baked in once
+    assert baked.sample_guidance == 1.0
+
+
+def test_every_key_is_documented():
+    text = describe_keys()
+    for f in dataclasses.fields(Recipe) + dataclasses.fields(Stage):
+        assert f"  {f.name} " in text and f.metadata.get("help")
+    assert set(STAGE_KEYS) == {f.name for f in dataclasses.fields(Stage)}

@@ -1,0 +1,23 @@
+"""A tiny training run for test_distributed.py, launched with ``torchrun``: OUT RECIPE_JSON TEACHER."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from engine_toys import make_setup  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+
+from proreflow.training import train  # noqa: E402
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    out, recipe, teacher = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
+    setup = make_setup(pretrained=False)
+    setup.teacher_model.load_state_dict(load_file(teacher))
+    train(recipe, setup, out, progress=False)

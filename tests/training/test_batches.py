@@ -1,0 +1,64 @@
+"""Data order and per-sample randomness do not depend on the process layout."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from proreflow.training.batches import BatchPlan, collate_pairs, sample_randomness
+
+
+def global_batch(plan_args: dict, step: int, processes: int, accum: int) -> list[int]:
+    positions = []
+    for rank in range(processes):
+        plan = BatchPlan(**plan_args, grad_accum=accum, num_processes=processes, rank=rank)
+        for micro in range(accum):
+            positions += list(plan.positions(step, micro))
+    return sorted(positions)
+
+
+def test_global_batch_is_the_same_for_any_layout():
+    args = {"num_items": 10, "seed": 3, "stage": 1, "batch_size": 8}
+    for step in range(4):
+        expected = list(range(step * 8, step * 8 + 8))
+        for processes, accum in [(1, 1), (2, 1), (1, 2), (2, 2), (4, 2)]:
+            assert global_batch(args, step, processes, accum) == expected
+
+
+def test_stream_is_a_permutation_per_epoch_and_batches_follow_it():
+    plan = BatchPlan(10, seed=0, stage=0, batch_size=4, grad_accum=1)
+    stream = plan.indices(range(30))
+    for epoch in range(3):
+        assert sorted(stream[10 * epoch:10 * epoch + 10]) == list(range(10))
+    assert stream[:10] != stream[10:20]  # reshuffled each epoch
+    batches = plan.batches(start_step=2)
+    assert next(batches) == stream[8:12] and next(batches) == stream[12:16]
+    other_stage = BatchPlan(10, seed=0, stage=1, batch_size=4, grad_accum=1)
+    assert other_stage.indices(range(10)) != stream[:10]
+
+
+def test_batch_must_split_over_processes_and_accumulation():
+    with pytest.raises(ValueError, match=r"stages.2.batch_size: a global batch of 6 .* use a multiple of 4"):
+        BatchPlan(10, 0, 2, batch_size=6, grad_accum=2, num_processes=2)
+
+
+def test_randomness_depends_on_position_only():
+    t, keep, noise = sample_randomness(range(0, 6), 1, 0, (3,), torch.float64, cond_dropout=0.5)
+    t2, keep2, noise2 = sample_randomness(range(3, 6), 1, 0, (3,), torch.float64, cond_dropout=0.5)
+    assert torch.equal(t[3:], t2) and torch.equal(keep[3:], keep2) and torch.equal(noise[3:], noise2)
+    assert bool((t > 0).all() and (t <= 1).all()) and noise.shape == (6, 3) and keep.dtype == torch.bool
+    t3, _, _ = sample_randomness(range(0, 6), 1, 1, (3,), torch.float64)
+    assert not torch.equal(t, t3)  # another stage draws other times
+    many = sample_randomness(range(4000), 0, 0, (1,), torch.float32, cond_dropout=0.1)[1]
+    assert abs(1 - many.double().mean().item() - 0.1) < 0.02
+
+
+def test_collate_pairs():
+    x, cond = collate_pairs([(torch.zeros(2), None), (torch.ones(2), None)])
+    assert x.shape == (2, 2) and cond is None
+    x, cond = collate_pairs([(torch.zeros(2), {"a": torch.ones(3)}), (torch.ones(2), {"a": torch.zeros(3)})])
+    assert cond["a"].shape == (2, 3)
+    _, labels = collate_pairs([(torch.zeros(2), 1), (torch.ones(2), 2)])
+    assert labels.tolist() == [1, 2]
+    with pytest.raises(ValueError, match="some dataset items have a condition"):
+        collate_pairs([(torch.zeros(2), None), (torch.ones(2), 2)])

@@ -1,0 +1,93 @@
+"""EMA of the student's weights and the warm-up learning rate: closed forms."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from proreflow.recipes import Stage
+from proreflow.training import EMA
+from proreflow.training.optim import make_optimizer, set_stage_hyperparameters, warmup_lr
+
+
+def test_ema_closed_form():
+    """At constant weights w: ema_n = decay^n ema_0 + (1 - decay^n) w."""
+    module = nn.Linear(3, 2).double()
+    start = {k: v.clone() for k, v in module.state_dict().items()}
+    ema, decay, n = EMA(module, 0.9), 0.9, 7
+    with torch.no_grad():
+        for p in module.parameters():
+            p.fill_(2.0)
+    for _ in range(n):
+        ema.update(module)
+    for name, value in ema.shadow.items():
+        expected = decay**n * start[name] + (1 - decay**n) * 2.0
+        torch.testing.assert_close(value, expected, rtol=0, atol=1e-14)
+
+
+def test_ema_decay_zero_follows_the_weights_and_copy_to():
+    module = nn.Linear(2, 2).double()
+    ema = EMA(module, 0.0)
+    with torch.no_grad():
+        module.weight.add_(1.0)
+    ema.update(module)
+    target = nn.Linear(2, 2).double()
+    ema.copy_to(target)
+    assert torch.equal(target.weight, module.weight)
+    with pytest.raises(ValueError, match="decay must be in"):
+        EMA(module, 1.0)
+
+
+class Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(2, 2, bias=False)
+        self.b = nn.Linear(2, 2, bias=False)
+        self.b.weight = self.a.weight
+        self.register_buffer("count", torch.tensor([5.0]))
+
+
+def test_ema_state_dict_loads_into_the_module_with_tied_weights():
+    module = Tied()
+    ema = EMA(module, 0.5)
+    with torch.no_grad():
+        module.a.weight.add_(4.0)
+    ema.update(module)
+    state = ema.state_dict(module)
+    assert set(state) == {"a.weight", "b.weight", "count"}
+    torch.testing.assert_close(state["b.weight"], state["a.weight"])
+    torch.testing.assert_close(state["a.weight"], module.a.weight.detach() - 2.0)  # halfway from the start
+    fresh = EMA(Tied(), 0.5)
+    fresh.load_state_dict(state)
+    torch.testing.assert_close(fresh.shadow["a.weight"], state["a.weight"])
+
+
+def test_warmup_learning_rate_values():
+    assert [warmup_lr(1.0, k, 4) for k in (1, 2, 3, 4, 5, 100)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert warmup_lr(3e-4, 1, 0) == 3e-4
+    stage = Stage(windows=2, lr=0.1, warmup_steps=10, weight_decay=0.5)
+    optimizer = make_optimizer(nn.Linear(2, 2))
+    assert set_stage_hyperparameters(optimizer, stage, 3) == pytest.approx(0.03)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.03)
+    assert optimizer.param_groups[0]["weight_decay"] == 0.5
+
+
+def test_optimizer_needs_trainable_parameters():
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        make_optimizer(nn.Linear(2, 2).requires_grad_(False))
+
+
+def test_ema_leaves_frozen_parameters_alone():
+    """A LoRA-style student: only trainable parameters are averaged; frozen ones keep their value."""
+    module = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2)).double()
+    module[0].requires_grad_(False)
+    ema = EMA(module, 0.5)
+    assert set(ema.shadow) == {"1.weight", "1.bias"}
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(2.0)
+    ema.update(module)
+    state = ema.state_dict(module)
+    torch.testing.assert_close(state["0.weight"], module[0].weight.detach())
+    torch.testing.assert_close(state["1.weight"], module[1].weight.detach() - 1.0)

@@ -1,0 +1,248 @@
+"""The progressive runner on CPU: learning, stage hand-over, resume, non-finite losses, files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from engine_toys import MLP, Mixture, make_setup, tiny_recipe
+from safetensors.torch import load_file
+
+from proreflow.training import NonFiniteLossError, latest_checkpoint, load_student, read_student_info, train
+
+
+def weights(path) -> dict:
+    return load_file(str(path))
+
+
+def assert_same(a: dict, b: dict, atol: float = 0.0) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=atol)
+
+
+class Faulty(Mixture):
+    """The mixture, raising (``crash_at``) or returning NaN data (``nan_calls``) at given item reads."""
+
+    def __init__(self, crash_at: int | None = None, nan_calls: range = range(0)):
+        super().__init__()
+        self.calls, self.crash_at, self.nan_calls = 0, crash_at, nan_calls
+
+    def __getitem__(self, i):
+        self.calls += 1
+        if self.calls == self.crash_at:
+            raise RuntimeError("simulated crash")
+        x, label = super().__getitem__(i)
+        return (x * float("nan") if self.calls in self.nan_calls else x), label
+
+
+def test_training_reduces_the_loss(tmp_path):
+    """A student from scratch learns the reflow targets of a 2-window stage (plain MSE)."""
+    setup = make_setup(from_scratch_seed=5)
+    recipe = tiny_recipe(from_scratch=True, stages=[{"windows": 2, "steps": 150, "alpha": 0.0}],
+                         defaults={"lr": 1e-2, "batch_size": 32, "solver_steps": 2, "grad_clip": 0.0})
+    result = train(recipe, setup, tmp_path, progress=False)
+    losses = [loss for _, loss in result.history]
+    assert len(losses) == 150
+    first, last = sum(losses[:10]) / 10, sum(losses[-30:]) / 30
+    assert last < 0.3 * first, (first, last)
+
+
+def test_stage_two_starts_from_stage_one_ema(tmp_path):
+    stage1 = {"windows": 4, "steps": 12, "lr": 1e-2}
+    recipe = tiny_recipe(stages=[stage1, {"windows": 2, "teacher": "previous", "steps": 1, "lr": 0.0}])
+    train(recipe, make_setup(), tmp_path / "a", progress=False)
+    ema1 = weights(tmp_path / "a/stage-1-4w/ema.safetensors")
+    # stage 2 made no update (lr = 0): its result is its starting point, stage 1's EMA
+    assert_same(weights(tmp_path / "a/stage-2-2w/ema.safetensors"), ema1)
+    # ... which differs from stage 1's raw weights (the same run with ema_decay = 0) and the teacher
+    raw = tiny_recipe(stages=[{**stage1, "ema_decay": 0.0}])
+    train(raw, make_setup(), tmp_path / "b", progress=False)
+    raw1 = weights(tmp_path / "b/stage-1-4w/ema.safetensors")
+    teacher = make_setup().teacher_model.state_dict()
+    for key in ema1:
+        assert (ema1[key] - raw1[key]).abs().max() > 1e-6
+        assert (ema1[key] - teacher[key]).abs().max() > 1e-6
+
+
+def test_resume_matches_an_uninterrupted_run(tmp_path):
+    """Crash mid-stage 1 and mid-stage 2, resume each time: the same weights, history and counts."""
+    recipe = tiny_recipe(checkpoint_every=4, keep_checkpoints=0,
+                         defaults={"lr": 1e-2, "batch_size": 8, "grad_accum": 2, "steps": 10, "ema_decay": 0.8,
+                                   "warmup_steps": 3, "solver_steps": 2, "cond_dropout": 0.25})
+    setup = make_setup()
+    straight = train(recipe, setup, tmp_path / "straight", progress=False)
+
+    out = tmp_path / "resumed"
+    setup.dataset = Faulty(crash_at=5 * 8 + 1)  # in stage 1, step 6 (last checkpoint: step 4)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(recipe, setup, out, progress=False)
+    assert latest_checkpoint(out).name == "step-00000004"
+    setup.dataset = Faulty(crash_at=6 * 8 + 6 * 8 + 1)  # resumes at step 4; crashes in stage 2, step 7
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(recipe, setup, out, resume=True, progress=False)
+    assert latest_checkpoint(out).name == "step-00000014"
+    assert (latest_checkpoint(out) / "ema.safetensors").is_file()
+    setup.dataset = Faulty()
+    resumed = train(recipe, setup, out, resume=True, progress=False)
+
+    assert_same(weights(out / "student.safetensors"), weights(tmp_path / "straight/student.safetensors"))
+    assert_same(weights(out / "stage-1-4w/ema.safetensors"), weights(tmp_path / "straight/stage-1-4w/ema.safetensors"))
+    assert resumed.history == straight.history
+    assert [s.teacher_evals for s in resumed.stages] == [s.teacher_evals for s in straight.stages]
+    assert [s.final_loss for s in resumed.stages] == [s.final_loss for s in straight.stages]
+
+
+def test_gradient_accumulation_matches_one_big_batch(tmp_path):
+    base = {"lr": 1e-2, "batch_size": 8, "steps": 5, "solver_steps": 2, "cond_dropout": 0.25}
+    train(tiny_recipe(defaults=base), make_setup(), tmp_path / "one", progress=False)
+    train(tiny_recipe(defaults={**base, "grad_accum": 4}), make_setup(), tmp_path / "four", progress=False)
+    assert_same(weights(tmp_path / "one/student.safetensors"), weights(tmp_path / "four/student.safetensors"),
+                atol=1e-10)
+
+
+def test_teacher_evaluations_are_counted(tmp_path):
+    """Stage 1: 5 steps x 8 samples x 3 DDIM steps x 2 (guided); stage 2: 5 x 8 x 2 Euler steps."""
+    recipe = tiny_recipe(defaults={"batch_size": 8, "steps": 5, "guidance": 2.0},
+                         stages=[{"windows": 4, "solver_steps": 3}, {"windows": 2, "teacher": "previous"}])
+    result = train(recipe, make_setup(), tmp_path, progress=False)
+    assert [s.teacher_evals for s in result.stages] == [5 * 8 * 3 * 2, 5 * 8 * 2]
+    assert [s.samples for s in result.stages] == [40, 40]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert [s["teacher_evals"] for s in summary] == [240, 80] and summary[1]["windows"] == 2
+
+
+def test_nonfinite_steps_are_skipped_and_counted(tmp_path):
+    setup = make_setup()
+    setup.dataset = Faulty(nan_calls=range(2 * 8 + 1, 3 * 8 + 1))  # every sample of step 3
+    recipe = tiny_recipe(max_nonfinite=2, stages=[{"windows": 4, "steps": 6}])
+    result = train(recipe, setup, tmp_path, progress=False)
+    assert result.stages[0].skipped == 1 and result.stages[0].steps == 6
+    assert [step for step, _ in result.history] == [1, 2, 4, 5, 6]
+    assert all(torch.isfinite(v).all() for v in weights(tmp_path / "student.safetensors").values())
+
+
+def test_too_many_nonfinite_steps_stop_the_run_with_the_last_good_checkpoint(tmp_path):
+    setup = make_setup()
+    setup.dataset = Faulty(nan_calls=range(4 * 8 + 1, 10**6))  # from step 5 on
+    recipe = tiny_recipe(max_nonfinite=3, checkpoint_every=3, stages=[{"windows": 4, "steps": 20}])
+    with pytest.raises(NonFiniteLossError, match=r"stage 1, step 7: 3 optimiser steps had a non-finite loss"
+                                                  r" \(max_nonfinite=3\).*step-00000006"):
+        train(recipe, setup, tmp_path, progress=False)
+    checkpoint = latest_checkpoint(tmp_path)
+    assert checkpoint.name == "step-00000006"  # step 6 was skipped, its checkpoint holds step-4 weights
+    student = weights(checkpoint / "student.safetensors")
+    assert all(torch.isfinite(v).all() for v in student.values())
+    meta = json.loads((checkpoint / "meta.json").read_text())
+    assert meta["step"] == 6 and meta["counters"]["skipped"] == 2
+    # the data is repaired: resuming from the last checkpoint finishes the run
+    setup.dataset = Faulty()
+    result = train(recipe, setup, tmp_path, resume=True, progress=False)
+    assert result.stages[0].skipped == 2 and result.stages[0].steps == 20
+
+
+def test_outputs_checkpoints_and_load_student(tmp_path):
+    recipe = tiny_recipe(checkpoint_every=2, keep_checkpoints=2)
+    setup = make_setup()
+    result = train(recipe, setup, tmp_path, progress=False)
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names == ["latest", "step-00000010", "step-00000012"]
+    mid = tmp_path / "checkpoints/step-00000010"  # stage 2, step 4
+    assert sorted(p.name for p in mid.iterdir()) == ["ema.safetensors", "meta.json", "rng-0.pt", "state.pt",
+                                                     "student.safetensors"]
+    state = torch.load(mid / "state.pt", weights_only=True)
+    assert state["history"].shape == (10, 2) and state["optimizer"]["state"]
+    info = read_student_info(tmp_path)
+    assert info["windows"] == 2 and info["prediction_type"] == "epsilon" and info["info"] == {"dataset": "mixture"}
+
+    student, windows = load_student(tmp_path, make_setup())
+    assert windows.count == 2 == result.windows.count
+    x, t = torch.randn(5, 2, dtype=torch.float64), torch.full((5,), 0.7, dtype=torch.float64)
+    label = torch.zeros(5, dtype=torch.long)
+    torch.testing.assert_close(student.predict(x, t, label), result.student.predict(x, t, label), rtol=0, atol=0)
+    first, first_windows = load_student(tmp_path, make_setup(), stage=1)
+    assert first_windows.count == 4
+    with pytest.raises(FileNotFoundError, match="no result for stage 3"):
+        load_student(tmp_path, make_setup(), stage=3)
+
+    with pytest.raises(FileExistsError, match="already holds checkpoints.*--resume"):
+        train(recipe, setup, tmp_path, progress=False)
+    again = train(recipe, setup, tmp_path, resume=True, progress=False)  # finished: nothing left to train
+    assert again.history == result.history and again.stages == result.stages
+
+
+def test_conditions_must_fit_guidance_and_dropout(tmp_path):
+    setup = make_setup(conditional=False)
+    with pytest.raises(ValueError, match="stages.0.guidance: baking guidance 2.0 .* needs conditioned data"):
+        train(tiny_recipe(stages=[{"windows": 2, "guidance": 2.0}]), setup, tmp_path / "a", progress=False)
+    with pytest.raises(ValueError, match="stages.0.cond_dropout: condition dropout needs"):
+        train(tiny_recipe(stages=[{"windows": 2, "cond_dropout": 0.1}]), setup, tmp_path / "b", progress=False)
+    result = train(tiny_recipe(stages=[{"windows": 2}]), setup, tmp_path / "c", progress=False)
+    assert result.stages[0].steps == 6
+
+
+class UNetLike(torch.nn.Module):
+    """A diffusers-style network: ``forward(sample, timestep, encoder_hidden_states, return_dict)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = MLP(0)
+        self.proj = torch.nn.Linear(4, 32).double()
+
+    def forward(self, sample, timestep, encoder_hidden_states=None, return_dict=True):
+        h = self.net.inp(torch.cat([sample, timestep[:, None].to(sample.dtype) / 1000], dim=1))
+        out = self.net.out(h + self.proj(encoder_hidden_states))
+        return (out,) if not return_dict else {"sample": out}
+
+
+class TextMixture(Mixture):
+    def __getitem__(self, i):
+        x, label = super().__getitem__(i)
+        return x, {"encoder_hidden_states": torch.nn.functional.one_hot(label, 4).double()}
+
+
+@pytest.mark.parametrize("mode, evals_per_step", [("baked", 8 * 2 * 2), ("cfg_sync", 8 * 2)])
+def test_dict_conditions_through_a_diffusers_adapter(tmp_path, mode, evals_per_step):
+    from proreflow.teachers import diffusers_network
+    from proreflow.training import DistillationSetup
+
+    setup = DistillationSetup(UNetLike(), "epsilon", make_setup().schedule, TextMixture(),
+                              uncond={"encoder_hidden_states": torch.zeros(1, 4, dtype=torch.float64)},
+                              adapter=diffusers_network)
+    recipe = tiny_recipe(stages=[{"windows": 2, "steps": 3}],
+                         defaults={"batch_size": 8, "solver_steps": 2, "guidance": 3.0, "guidance_mode": mode,
+                                   "cond_dropout": 0.5 if mode == "cfg_sync" else 0.0})
+    result = train(recipe, setup, tmp_path, progress=False)
+    assert result.stages[0].teacher_evals == 3 * evals_per_step
+    assert result.guidance == (3.0 if mode == "cfg_sync" else 1.0) == read_student_info(tmp_path)["guidance"]
+    assert all(torch.isfinite(torch.tensor(loss)) for _, loss in result.history)
+
+
+def test_tensorboard_and_progress(tmp_path, capsys):
+    train(tiny_recipe(tensorboard=True, stages=[{"windows": 2, "steps": 3}]), make_setup(), tmp_path)
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    err = capsys.readouterr()
+    assert "stage 1/1 (2 windows, teacher: original): 3 steps" in err.out + err.err
+
+
+def test_bf16_mixed_precision_runs(tmp_path):
+    setup = make_setup()
+    setup.teacher_model.float()
+    setup.dataset.x = setup.dataset.x.float()
+    result = train(tiny_recipe(mixed_precision="bf16", stages=[{"windows": 2, "steps": 3}]), setup, tmp_path,
+                   progress=False)
+    assert setup.teacher_model.inp.weight.dtype == torch.bfloat16  # frozen teacher cast
+    assert result.module.inp.weight.dtype == torch.float32  # the student trains float32 weights
+    assert len(result.history) == 3 and all(torch.isfinite(torch.tensor(loss)) for _, loss in result.history)
+
+
+def test_frozen_teacher_parameters_stay_frozen_in_the_student(tmp_path):
+    """The student copy keeps the teacher's requires_grad flags (e.g. a LoRA student): only those train."""
+    setup = make_setup()
+    setup.teacher_model.inp.requires_grad_(False)
+    result = train(tiny_recipe(stages=[{"windows": 2, "steps": 4}]), setup, tmp_path, progress=False)
+    teacher = setup.teacher_model
+    assert not teacher.inp.weight.requires_grad and teacher.out[1].weight.requires_grad  # flags untouched
+    torch.testing.assert_close(result.module.inp.weight, teacher.inp.weight, rtol=0, atol=0)
+    assert (result.module.out[1].weight - teacher.out[1].weight).abs().max() > 1e-6

@@ -1,0 +1,61 @@
+"""Stage teachers: what they solve and how many network evaluations that costs."""
+
+from __future__ import annotations
+
+import torch
+from engine_toys import CLASSES, MLP, make_setup
+
+from proreflow import TimeWindows
+from proreflow.recipes import load_recipe
+from proreflow.targets import make_reflow_batch
+from proreflow.training.stage import build_stage_teacher
+
+EDGES4 = [1.0, 0.75, 0.5, 0.25, 0.0]
+
+
+def test_previous_student_teacher_takes_one_euler_step_per_old_window():
+    """Stage 4 -> 2 windows: x_end = two Euler steps of the previous student, one per old window."""
+    setup = make_setup()
+    recipe = load_recipe({"stages": [{"windows": 4}, {"windows": 2, "teacher": "previous"}]})
+    previous = MLP(seed=5)
+    teacher, counter = build_stage_teacher(setup, recipe, 1, setup.teacher_model, previous)
+    assert teacher.steps == 2 and teacher.windows.count == 4 and teacher.guidance == 1.0
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(6, 2, generator=g, dtype=torch.float64), torch.randn(6, 2, generator=g, dtype=torch.float64)
+    t = torch.tensor([1.0, 0.9, 0.6, 0.5, 0.3, 0.01], dtype=torch.float64)
+    cond = torch.tensor([0, 1, 2, 0, 1, 2])
+    batch = make_reflow_batch(x0, noise, teacher.windows.merge(), teacher, setup.schedule, cond, t=t)
+    assert counter.take() == 6 * 2  # one evaluation per sample per old window
+
+    student = setup.denoiser(previous)
+    for i in range(6):
+        t_start, t_end = float(batch.t_start[i]), float(batch.t_end[i])
+        x = setup.schedule.add_noise(x0[i:i + 1], noise[i:i + 1], torch.tensor([t_start], dtype=torch.float64))
+        start = x
+        for a, b in zip(EDGES4[:-1], EDGES4[1:]):
+            if t_start >= a > t_end:  # old windows inside the new one
+                ta, tb = torch.tensor([a], dtype=torch.float64), torch.tensor([b], dtype=torch.float64)
+                x = x + (b - a) * student.velocity(x, ta, tb, cond[i:i + 1])
+        v = (x - start) / (t_end - t_start)
+        torch.testing.assert_close(batch.v_target[i:i + 1], v, rtol=1e-12, atol=1e-12)
+
+
+def test_original_teacher_counts_guided_evaluations():
+    """Baked guidance: S DDIM steps per window, each a conditional and an unconditional evaluation."""
+    setup = make_setup()
+    recipe = load_recipe({"defaults": {"guidance": 3.0, "solver_steps": 5}, "stages": [{"windows": 4}]})
+    teacher, counter = build_stage_teacher(setup, recipe, 0, setup.teacher_model, None)
+    assert teacher.guidance == 3.0 and teacher.windows is None
+    x0 = torch.zeros(7, 2, dtype=torch.float64)
+    make_reflow_batch(x0, torch.randn_like(x0), TimeWindows(4), teacher, setup.schedule,
+                      torch.zeros(7, dtype=torch.long), setup.uncond)
+    assert counter.take() == 7 * 5 * 2 and counter.take() == 0
+
+
+def test_cfg_sync_teacher_is_unguided():
+    setup = make_setup()
+    recipe = load_recipe({"defaults": {"guidance": 3.0, "guidance_mode": "cfg_sync", "cond_dropout": 0.1},
+                          "stages": [{"windows": 2}]})
+    teacher, _ = build_stage_teacher(setup, recipe, 0, setup.teacher_model, None)
+    assert teacher.guidance == 1.0
+    assert setup.uncond.item() == CLASSES
