@@ -35,9 +35,12 @@ def solver_steps(denoiser: Denoiser, x: Tensor, t_start, t_end, steps: int, cond
     if steps < 1:
         raise ValueError(f"a solve needs at least one step, got steps={steps}")
     x = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
-    t0, t1 = per_sample_time(t_start, x), per_sample_time(t_end, x)
+    # the grid in float64 (as TimeWindows.time_grid), then rounded once to the compute dtype
+    t0, t1 = (torch.as_tensor(t, dtype=torch.float64, device=x.device).reshape(-1).expand(x.shape[0])
+              for t in (t_start, t_end))
+    grid = [(t0 + (t1 - t0) * j / steps).to(x.dtype) for j in range(steps + 1)]
     for j in range(steps):
-        s, s_next = t0 + (t1 - t0) * (j / steps), t0 + (t1 - t0) * ((j + 1) / steps)
+        s, s_next = grid[j], grid[j + 1]
         target = s_next if windows is None else windows.bounds((s + s_next) / 2)[1].to(s.dtype)
         v = denoiser.velocity(x, s, target, cond, uncond, guidance)
         x = x + _bcast(s_next - s, x) * v

@@ -2,8 +2,8 @@
 
 - a tiny TorchScript feature network (the role of the TF-Inception file, 64 features),
 - a tiny random CLIP model with its processor, saved like a real one,
-- the tiny SD1.5 pipeline of ``tests/sd/tiny.py`` as teacher, and the same weights saved with a
-  ProReflowScheduler (2 windows) as an exported student,
+- the tiny SD1.5 pipeline of ``tests/sd/tiny.py`` as teacher, and its weights exported as a
+  2-window student (``proreflow.diffusers.export.export_pipeline``),
 - a COCO-format captions file with its image folder.
 """
 
@@ -69,16 +69,13 @@ def teacher_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def student_dir(teacher_dir, tmp_path_factory) -> Path:
-    """The teacher's weights with a 2-window ProReflowScheduler, saved as `proreflow export` would."""
-    from diffusers import DiffusionPipeline
+    """The teacher's weights exported as a 2-window student sampled at guidance 2 (`proreflow export`)."""
+    from proreflow.diffusers.export import export_pipeline
+    from proreflow.models.stable_diffusion import load_teacher
 
-    from proreflow.diffusers import ProReflowScheduler
-
-    pipe = DiffusionPipeline.from_pretrained(teacher_dir)
-    pipe.scheduler = ProReflowScheduler.from_config(pipe.scheduler.config, num_windows=2)
-    path = tmp_path_factory.mktemp("student") / "pipe"
-    pipe.save_pretrained(path)
-    return path
+    teacher = load_teacher(teacher_dir)
+    return export_pipeline(teacher.unet, teacher, tmp_path_factory.mktemp("student") / "pipe", num_windows=2,
+                           guidance=2.0)
 
 
 CAPTIONS = ["a cat", "a dog", "a red cat", "two dogs", "a cat on a mat", "a dog 2", "red", "a cat, a dog"]
@@ -108,11 +105,3 @@ def make_coco(tmp_path):
     """``make_coco(images=6, captions_per_image=2) -> (annotation file, image folder)`` under tmp_path."""
     return lambda images=6, captions_per_image=2: write_coco(tmp_path / "coco", images, captions_per_image)
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny networks run fastest on one thread (intra-op threads thrash on a loaded machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from PIL import Image
 from torch import nn
 
 from proreflow import Denoiser, TimeWindows, VPSchedule, sample
+from proreflow.diffusers.export import load_student_pipeline
 from proreflow.evaluation.clip_score import NO_CLIP_MESSAGE, ClipScorer
 from proreflow.evaluation.fid import FID, to_uint8_rgb
 from proreflow.evaluation.t2i import (
@@ -18,12 +20,12 @@ from proreflow.evaluation.t2i import (
     ddim_sampler,
     denoiser_sampler,
     evaluate,
-    latent_shape,
-    load_pipeline,
     pipeline_sampler,
     prompt_noise,
+    psnr,
     write_report,
 )
+from proreflow.models.stable_diffusion import load_teacher
 
 
 def test_prompt_noise_depends_only_on_seed_and_index():
@@ -34,6 +36,15 @@ def test_prompt_noise_depends_only_on_seed_and_index():
     assert torch.equal(prompt_noise(7, [5, 2], (2, 3, 3)), whole[[5, 2]])
     assert not torch.allclose(prompt_noise(8, [0], (2, 3, 3)), whole[:1])
     assert not torch.allclose(whole[0], whole[1])
+
+
+def test_psnr_closed_form():
+    a = torch.full((3, 3, 4, 4), 100, dtype=torch.uint8)
+    b = a.clone()
+    b[1] += 5
+    b[2] -= 51
+    expected = torch.tensor([PSNR_CAP, 20 * math.log10(255 / 5), 20 * math.log10(255 / 51)])
+    torch.testing.assert_close(psnr(b, a), expected)
 
 
 class ClassEps(nn.Module):
@@ -109,10 +120,12 @@ def test_fid_against_reference_and_report(denoiser, feature_file, tmp_path):
 
 
 def test_pipelines_teacher_ddim_vs_exported_student(teacher_dir, student_dir, feature_file, clip_dir):
-    teacher_pipe, student_pipe = load_pipeline(teacher_dir), load_pipeline(student_dir)
+    sd_teacher = load_teacher(teacher_dir)
+    teacher_pipe = sd_teacher.pipe
+    student_pipe, _ = load_student_pipeline(student_dir)
     assert type(student_pipe.scheduler).__name__ == "ProReflowScheduler"
-    shape = latent_shape(teacher_pipe)
     side = teacher_pipe.unet.config.sample_size
+    shape = sd_teacher.latent_shape(sd_teacher.resolution)
     assert shape == (4, side, side)
     teacher = ddim_sampler(teacher_pipe, 4, 3.0)
     students = [pipeline_sampler(student_pipe, n, 3.0, f"student {n}-step") for n in (1, 2)]
@@ -135,6 +148,25 @@ def test_pipelines_teacher_ddim_vs_exported_student(teacher_dir, student_dir, fe
     # CLIP score of the teacher equals scoring its images directly
     images = to_uint8_rgb(teacher.generate(prompt_noise(1, range(5), shape), prompts))
     assert r["teacher DDIM-4"].clip_score == pytest.approx(float(clip.score(images, prompts).mean()), abs=0.05)
+
+
+def test_sdxl_pipelines(tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+    from sd.tiny import save_tiny_sdxl
+
+    from proreflow.diffusers import ProReflowScheduler
+
+    sd = load_teacher(save_tiny_sdxl(tmp_path / "sdxl"))
+    pipe = sd.pipe
+    assert isinstance(pipe, StableDiffusionXLPipeline)
+    student = StableDiffusionXLPipeline.from_pipe(
+        pipe, scheduler=ProReflowScheduler.from_config(pipe.scheduler.config, num_windows=2))
+    student.set_progress_bar_config(disable=True)
+    ev = evaluate(ddim_sampler(pipe, 4, 3.0), [pipeline_sampler(student, 2, 3.0, "student 2-step")],
+                  ["a cat", "a dog", "red"], sd.latent_shape(sd.resolution), batch_size=2, progress=False)
+    side = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    assert ev.samples["student 2-step"].shape == (3, 3, side, side)
+    assert 0 < ev.results[1].rmse_to_teacher < 1 and ev.results[1].images == 3
 
 
 def test_a_failing_teacher_is_not_skipped(denoiser):

@@ -13,7 +13,7 @@ from proreflow.cli import main
 @pytest.fixture
 def base_args(teacher_dir, student_dir, feature_file, tmp_path):
     return ["eval", "--teacher", str(teacher_dir), "--student", str(student_dir), "--inception", str(feature_file),
-            "--steps", "1,2,4", "--teacher-steps", "4", "--guidance", "2", "--batch-size", "3", "--workers", "0",
+            "--steps", "1,2,4", "--teacher-steps", "4", "--guidance", "3", "--batch-size", "3", "--workers", "0",
             "--fid-cache", str(tmp_path / "cache"), "--grid-prompts", "2"]
 
 
@@ -32,7 +32,8 @@ def test_eval_on_coco_writes_results_tables_and_grids(base_args, make_coco, clip
     for name in ("student 2-step", "student 4-step"):
         assert rows[name]["fid_to_teacher"] > 0 and rows[name]["rmse_to_teacher"] > 0
     settings = payload["settings"]
-    assert settings["student_scheduler"] == "ProReflowScheduler" and settings["count"] == 5
+    assert settings["student_scheduler"] == "ProReflowScheduler, 2 windows" and settings["count"] == 5
+    assert settings["guidance"] == 3 and settings["student_guidance"] == 2  # the student's, from proreflow.json
     assert settings["clip_model"] == str(clip_dir) and settings["fid_network"] == base_args[6]
     prompts = json.loads((out / "prompts.json").read_text())
     assert len(prompts) == 5 and all(p["image"].startswith(str(images)) for p in prompts)
@@ -51,12 +52,14 @@ def test_eval_on_coco_writes_results_tables_and_grids(base_args, make_coco, clip
     assert list((tmp_path / "cache").glob("*.safetensors")) == cached
 
 
-def test_eval_on_a_prompt_file_without_clip(base_args, tmp_path, capsys):
+def test_eval_on_a_prompt_file_without_clip_in_bf16(base_args, tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a cat\na dog\nred\n")
     out = tmp_path / "out"
-    assert main([*base_args, "--prompts", str(prompts), "--steps", "2", "--out", str(out)]) == 0
+    # bfloat16 networks beside float32 VAEs (as load_teacher keeps them)
+    assert main([*base_args, "--prompts", str(prompts), "--steps", "2", "--dtype", "bfloat16", "--out", str(out)]) == 0
     payload = json.loads((out / "results.json").read_text())
+    assert payload["settings"]["dtype"] == "torch.bfloat16"
     assert [r["fid"] for r in payload["results"]] == [None, None]  # no real images
     assert payload["results"][1]["fid_to_teacher"] > 0 and payload["results"][1]["clip_score"] is None
     assert any("CLIP score not computed" in n for n in payload["notes"])
@@ -64,7 +67,8 @@ def test_eval_on_a_prompt_file_without_clip(base_args, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("change, named", [
-    (["--teacher", "/nowhere/teacher"], "/nowhere/teacher/model_index.json"),
+    (["--teacher", "/nowhere/teacher"], "/nowhere/teacher"),
+    (["--student", "/nowhere/student"], "/nowhere/student"),
     (["--inception", "/nowhere/inception.pt"], "/nowhere/inception.pt"),
     (["--coco-annotations", "/nowhere/captions_val2014.json"], "/nowhere/captions_val2014.json"),
     (["--clip-model", "/nowhere/clip"], "/nowhere/clip"),

@@ -26,3 +26,4 @@ def sdxl_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def image_dir(tmp_path_factory):
     return write_image_folder(tmp_path_factory.mktemp("images") / "data")
+

@@ -1,4 +1,5 @@
-"""Two CPU processes (torchrun, gloo) train the same weights as one process with the same global batch."""
+"""Two CPU processes (torchrun, gloo) train the same weights as one process with the same global batch
+(8 samples per step: 2 processes x 2 accumulation steps x 2 samples, against 1 x 2 x 4)."""
 
 from __future__ import annotations
 
@@ -18,8 +19,8 @@ WORKER = Path(__file__).with_name("dist_worker.py")
 
 
 def test_two_processes_match_one(tmp_path):
-    recipe = tiny_recipe(checkpoint_every=3, defaults={"lr": 1e-2, "batch_size": 8, "steps": 6, "ema_decay": 0.8,
-                                                       "solver_steps": 2, "cond_dropout": 0.25})
+    recipe = tiny_recipe(checkpoint_every=3, defaults={"lr": 1e-2, "batch_size": 8, "grad_accum": 2, "steps": 6,
+                                                       "ema_decay": 0.8, "solver_steps": 2, "cond_dropout": 0.25})
     setup = make_setup()
     save_file(setup.teacher_model.state_dict(), str(tmp_path / "teacher.safetensors"))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true", "CUDA_VISIBLE_DEVICES": ""}

@@ -156,10 +156,11 @@ def test_outputs_checkpoints_and_load_student(tmp_path):
     info = read_student_info(tmp_path)
     assert info["windows"] == 2 and info["prediction_type"] == "epsilon" and info["info"] == {"dataset": "mixture"}
 
-    student, windows = load_student(tmp_path, make_setup())
+    device = next(result.module.parameters()).device
+    student, windows = load_student(tmp_path, make_setup(), device=device)
     assert windows.count == 2 == result.windows.count
-    x, t = torch.randn(5, 2, dtype=torch.float64), torch.full((5,), 0.7, dtype=torch.float64)
-    label = torch.zeros(5, dtype=torch.long)
+    x, t = torch.randn(5, 2, dtype=torch.float64, device=device), torch.full((5,), 0.7, dtype=torch.float64)
+    label = torch.zeros(5, dtype=torch.long, device=device)
     torch.testing.assert_close(student.predict(x, t, label), result.student.predict(x, t, label), rtol=0, atol=0)
     first, first_windows = load_student(tmp_path, make_setup(), stage=1)
     assert first_windows.count == 4
@@ -246,3 +247,11 @@ def test_frozen_teacher_parameters_stay_frozen_in_the_student(tmp_path):
     assert not teacher.inp.weight.requires_grad and teacher.out[1].weight.requires_grad  # flags untouched
     torch.testing.assert_close(result.module.inp.weight, teacher.inp.weight, rtol=0, atol=0)
     assert (result.module.out[1].weight - teacher.out[1].weight).abs().max() > 1e-6
+
+
+def test_a_teacher_frozen_throughout_gives_a_fully_trainable_student(tmp_path):
+    setup = make_setup()
+    setup.teacher_model.requires_grad_(False)
+    result = train(tiny_recipe(stages=[{"windows": 2, "steps": 2}]), setup, tmp_path, progress=False)
+    trained = result.module.state_dict()
+    assert all((trained[k] - v).abs().max() > 0 for k, v in setup.teacher_model.state_dict().items())

@@ -36,8 +36,9 @@ def _steps(text: str) -> list[int]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--teacher", required=True, type=Path, help="teacher diffusers pipeline folder (SD1.5 / SDXL)")
+    p.add_argument("--teacher", required=True, help="teacher: diffusers pipeline folder or hub id (SD1.5 / SDXL)")
     p.add_argument("--student", required=True, type=Path, help="student pipeline folder (from `proreflow export`)")
+    p.add_argument("--student-lora", type=Path, help="a LoRA export: then --student is its base pipeline folder")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompts", type=Path, help="text file, one prompt per line (no reference images: no FID "
                                                   "against real images, FID to the teacher still computed)")
@@ -50,7 +51,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=_steps, default=[1, 2, 4, 8], help="student step counts (default 1,2,4,8)")
     p.add_argument("--teacher-steps", type=int, default=32, help="teacher DDIM steps (default 32)")
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
-    p.add_argument("--student-guidance", type=float, help="student guidance, if not --guidance")
+    p.add_argument("--student-guidance", type=float,
+                   help="student guidance (default: the one its proreflow.json records, else --guidance)")
     p.add_argument("--resolution", type=int, help="image size in px (default: the teacher's native size)")
     p.add_argument("--clip-model", help="CLIP model folder or hub id for CLIP score (without: FID only)")
     p.add_argument("--inception", type=Path,
@@ -60,7 +62,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=16, help="prompts per batch (default 16)")
     p.add_argument("--seed", type=int, default=0, help="seed of the prompt selection and of the per-prompt noise")
     p.add_argument("--grid-prompts", type=int, default=8, help="prompts shown in grids (default 8)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="where the models run (default: cuda if available)")
     p.add_argument("--dtype", choices=list(DTYPES), help="pipeline dtype (default float16 on GPU, float32 on CPU)")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="image loading processes")
 
@@ -68,23 +71,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     try:
         return _run(args)
-    except (FileNotFoundError, ValueError) as err:
+    except (OSError, ValueError) as err:  # bad input: the message says what to fix
         print(f"proreflow eval: error: {err}", file=sys.stderr)
         return 2
 
 
 def _run(args: argparse.Namespace) -> int:
+    from ..diffusers.export import load_student_pipeline
     from ..evaluation.clip_score import NO_CLIP_MESSAGE, ClipScorer
     from ..evaluation.fid import FID, reference_statistics
-    from ..evaluation.t2i import (
-        ddim_sampler,
-        evaluate,
-        latent_shape,
-        load_pipeline,
-        pipeline_index,
-        pipeline_sampler,
-        write_report,
-    )
+    from ..evaluation.t2i import ddim_sampler, evaluate, pipeline_sampler, write_report
+    from ..models.stable_diffusion import SDTeacher, load_teacher, read_model_index
 
     if args.coco_annotations is not None and args.coco_images is None:
         raise ValueError("--coco-annotations needs --coco-images (the folder of its images, e.g. val2014/)")
@@ -94,37 +91,46 @@ def _run(args: argparse.Namespace) -> int:
         prompt_set = load_prompt_file(args.prompts, args.num)
     else:
         prompt_set = load_coco(args.coco_annotations, args.coco_images, args.protocol, args.num, args.seed)
-    pipeline_index(args.teacher), pipeline_index(args.student)  # fail before loading anything heavy
+    read_model_index(args.teacher)  # fail on a wrong teacher or student before loading anything heavy
+    if not (args.student / "model_index.json").is_file():
+        raise FileNotFoundError(f"student folder {args.student} has no model_index.json: pass a folder written by "
+                                "`proreflow export` (or, with --student-lora, the base pipeline folder)")
     dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if args.device.startswith("cuda") else torch.float32)
     fid = FID(args.inception, device=args.device)
     clip = ClipScorer.load(args.clip_model, args.device) if args.clip_model else None
     if clip is None:
         print(NO_CLIP_MESSAGE, file=sys.stderr)
-    teacher_pipe = load_pipeline(args.teacher, args.device, dtype)
-    student_pipe = load_pipeline(args.student, args.device, dtype)
-    shape = latent_shape(teacher_pipe, args.resolution)
-    if latent_shape(student_pipe, args.resolution) != shape:
-        raise ValueError(f"teacher latents {shape} and student latents {latent_shape(student_pipe, args.resolution)} "
-                         "differ: the student must be distilled from this teacher")
-    resolution = shape[1] * teacher_pipe.vae_scale_factor
-    student_guidance = args.guidance if args.student_guidance is None else args.student_guidance
-    teacher = ddim_sampler(teacher_pipe, args.teacher_steps, args.guidance, resolution=resolution)
-    students = [pipeline_sampler(student_pipe, n, student_guidance, f"student {n}-step", resolution)
-                for n in args.steps]
+    teacher = load_teacher(args.teacher, unet_dtype=dtype, encoder_dtype=dtype, device=args.device)
+    student_pipe, info = load_student_pipeline(args.student, lora=args.student_lora, dtype=dtype, device=args.device)
+    student_pipe.vae.to(torch.float32)  # as the teacher's: decode in float32
+    resolution = args.resolution or teacher.resolution
+    shape = teacher.latent_shape(resolution)
+    if SDTeacher(student_pipe, str(args.student)).latent_shape(resolution) != shape:
+        raise ValueError(f"the student's latents differ from the teacher's {shape}: it must be distilled from "
+                         f"{args.teacher}")
+    student_guidance = args.student_guidance
+    if student_guidance is None:
+        student_guidance = info.get("guidance", args.guidance)
+    methods = [pipeline_sampler(student_pipe, n, student_guidance, f"student {n}-step", resolution) for n in args.steps]
     reference = None
     if prompt_set.image_paths is not None:
         reference = reference_statistics(fid, prompt_set.image_paths, resolution, args.fid_cache,
                                          batch_size=args.batch_size, workers=args.workers,
                                          description=prompt_set.source)
-    evaluation = evaluate(teacher, students, prompt_set.prompts, shape, seed=args.seed, batch_size=args.batch_size,
-                          fid=fid, reference=reference, clip=clip, sample_count=args.grid_prompts)
+    evaluation = evaluate(ddim_sampler(teacher.pipe, args.teacher_steps, args.guidance, resolution=resolution),
+                          methods, prompt_set.prompts, shape, seed=args.seed, batch_size=args.batch_size, fid=fid,
+                          reference=reference, clip=clip, sample_count=args.grid_prompts)
+    scheduler = student_pipe.scheduler
     settings = {
-        "teacher": str(args.teacher), "student": str(args.student), "prompts": prompt_set.source,
-        "count": len(prompt_set), "resolution": resolution, "guidance": args.guidance,
-        "student_guidance": student_guidance, "teacher_scheduler": f"DDIM, {args.teacher_steps} steps",
-        "student_scheduler": type(student_pipe.scheduler).__name__, "seed": args.seed,
-        "fid_network": str(getattr(fid.extractor, "path", "custom")), "fid_network_sha256": fid.fingerprint,
-        "clip_model": clip.name if clip is not None else None, "device": args.device, "dtype": str(dtype),
+        "teacher": str(args.teacher), "student": str(args.student),
+        "student_lora": None if args.student_lora is None else str(args.student_lora),
+        "prompts": prompt_set.source, "count": len(prompt_set), "resolution": resolution,
+        "guidance": args.guidance, "student_guidance": student_guidance,
+        "teacher_scheduler": f"DDIM, {args.teacher_steps} steps",
+        "student_scheduler": f"{type(scheduler).__name__}, {scheduler.config.get('num_windows')} windows",
+        "seed": args.seed, "fid_network": str(getattr(fid.extractor, "path", "custom")),
+        "fid_network_sha256": fid.fingerprint, "clip_model": clip.name if clip is not None else None,
+        "device": args.device, "dtype": str(dtype),
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "prompts.json").write_text(json.dumps(prompt_set.to_json(), indent=1) + "\n")

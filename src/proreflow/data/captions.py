@@ -221,11 +221,13 @@ class HFDatasetSource:
         return Record(f"{self.path}[{i}]", _first_caption(row[self.caption_column]), opener)
 
 
-def open_source(spec: str | Path | Sequence[str], kind: str = "auto", **kwargs):
+def open_source(spec: str | Path | Sequence[str], kind: str = "auto", image_column: str = "image",
+                caption_column: str | None = None):
     """A source from a path and a kind: ``folder``, ``webdataset``, ``datasets`` or ``auto``.
 
     ``auto``: ``.tar`` files, brace patterns or a folder of ``.tar`` files are webdataset; a
     ``save_to_disk`` folder is datasets; any other folder is an image-caption folder.
+    ``caption_column`` (folder metadata, datasets) and ``image_column`` (datasets) name columns.
     """
     if kind == "auto":
         text = str(spec) if isinstance(spec, (str, Path)) else str(spec[0])
@@ -238,11 +240,11 @@ def open_source(spec: str | Path | Sequence[str], kind: str = "auto", **kwargs):
         else:
             kind = "folder"
     if kind == "folder":
-        return FolderSource(spec, **kwargs)
+        return FolderSource(spec, caption_column)
     if kind == "webdataset":
-        return TarShardSource(spec, **kwargs)
+        return TarShardSource(spec)
     if kind == "datasets":
-        return HFDatasetSource(spec, **kwargs)
+        return HFDatasetSource(spec, image_column, caption_column)
     raise ValueError(f"unknown data kind {kind!r}: use auto, folder, webdataset or datasets")
 
 

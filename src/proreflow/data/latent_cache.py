@@ -76,7 +76,8 @@ def generate_items(teacher: SDTeacher, items: list[dict], seed: int, resolution:
     noise = torch.stack([torch.randn(shape, generator=item_generator(seed, item["index"])) for item in items])
     time_ids = teacher.default_time_ids(resolution).expand(len(items), -1) if teacher.is_sdxl else None
     cond = teacher.encode_prompts([item["caption"] for item in items], time_ids)
-    denoiser = Denoiser(unet_network(teacher.unet), teacher.prediction_type, teacher.schedule)
+    unet = teacher.unet  # the engine may have cast it to the training dtype by now
+    denoiser = Denoiser(unet_network(unet), teacher.prediction_type, teacher.schedule, dtype=unet.dtype)
     latents = sample(denoiser, noise.to(teacher.device), TimeWindows(steps), steps, cond, teacher.null_cond(), guidance)
     return latents, cond
 

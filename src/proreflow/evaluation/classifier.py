@@ -35,11 +35,11 @@ class ClassifierConfig:
     """Everything that determines a trained feature classifier (its hash names the cache entry)."""
 
     data: str
-    steps: int = 1500
+    steps: int
+    width: int
     batch_size: int = 128
     lr: float = 2e-3
     weight_decay: float = 1e-2
-    width: int = 32
     feature_dim: int = 64
     seed: int = 0
 
@@ -51,6 +51,16 @@ class ClassifierConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "format": FORMAT}
+
+
+DEFAULTS: dict[str, dict[str, Any]] = {"digits": dict(steps=300, width=32), "mnist": dict(steps=600, width=16)}
+
+
+def classifier_config(data: str, **overrides: Any) -> ClassifierConfig:
+    """The default classifier config of image set ``data`` with ``overrides`` (None values ignored)."""
+    if get_spec(data).is_2d:
+        raise ValueError(f"{data!r} is a 2D dataset: compare samples with evaluation.toy_distances instead")
+    return ClassifierConfig(data, **{**DEFAULTS[data], **{k: v for k, v in overrides.items() if v is not None}})
 
 
 @torch.no_grad()
@@ -106,12 +116,10 @@ def load_or_train_classifier(data: str, *, cache_dir: str | os.PathLike | None =
                              device: str | torch.device = "cpu", progress: bool = True,
                              **overrides: Any) -> TrainedClassifier:
     """The cached feature classifier of image set ``data`` (default config + overrides), or train it."""
-    if get_spec(data).is_2d:
-        raise ValueError(f"{data!r} is a 2D dataset: compare samples with evaluation.toy_distances instead")
-    config = ClassifierConfig(data, **overrides)
-    module, record, path = load_or_fit(KIND, data, config.to_dict(), config.network,
-                                       lambda: fit_classifier(config, device, progress), cache_dir, force)
-    return TrainedClassifier(module, config, path, record["stats"])
+    config = classifier_config(data, **overrides)
+    entry = load_or_fit(KIND, data, config.to_dict(), config.network,
+                        lambda: fit_classifier(config, device, progress), cache_dir, force)
+    return TrainedClassifier(entry.module, config, entry.path, entry.record["stats"])
 
 
 def feature_fd(classifier: TrainedClassifier, samples: Tensor, reference: Tensor) -> float:

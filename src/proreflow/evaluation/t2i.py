@@ -8,9 +8,10 @@ same runner serves Stable Diffusion students and students of the built-in data.
 :func:`evaluate` walks the prompts in batches; for each batch every method starts from the same
 noise (row ``i`` is a function of ``(seed, i)`` only, see :func:`prompt_noise`), so teacher and
 student outputs pair up image by image. Per method it reports FID against reference images,
-CLIP score, and fidelity to the teacher: FID between the two output sets and the paired pixel
-RMSE / PSNR of outputs from the same noise and prompt. Images are quantised to uint8 (as saved
-to PNG) before every metric.
+CLIP score, and fidelity to the teacher: FID between the two output sets, and the paired pixel
+distance of outputs from the same noise and prompt, as RMSE (pixels in [0, 1];
+:func:`proreflow.evaluation.fidelity.fidelity`) and PSNR. Images are quantised to uint8 (as
+saved to PNG) before every metric.
 """
 
 from __future__ import annotations
@@ -29,11 +30,13 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..conditioning import Cond
+from ..models.stable_diffusion import SDTeacher
 from ..sampling import sample
 from ..teachers import Denoiser
 from ..windows import TimeWindows
 from .clip_score import NO_CLIP_MESSAGE, ClipScorer
 from .fid import FID, FIDStats, to_uint8_rgb
+from .fidelity import fidelity
 from .grids import save_grids
 
 Generate = Callable[[Tensor, Sequence[Any]], Tensor]
@@ -68,51 +71,20 @@ def prompt_noise(seed: int, indices: Sequence[int], shape: Sequence[int]) -> Ten
 # --- diffusers pipelines ---------------------------------------------------------------------------
 
 
-def pipeline_index(path: str | Path) -> dict[str, Any]:
-    """The ``model_index.json`` of a pipeline folder, or an error naming what is missing."""
-    index_file = Path(path) / "model_index.json"
-    if not index_file.is_file():
-        raise FileNotFoundError(f"{index_file} not found: pass a diffusers pipeline folder (written by "
-                                "save_pretrained or `proreflow export`), e.g. a local copy of stable-diffusion-v1-5")
-    try:
-        return json.loads(index_file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"cannot read {index_file}: {err}") from err
-
-
-def load_pipeline(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
-    """A diffusers pipeline from a local folder (``save_pretrained`` or ``proreflow export``).
-
-    Any scheduler diffusers can import loads (``proreflow export`` records ProReflowScheduler by
-    its module path); a safety checker is left out (it blanks images and would distort FID).
-    """
-    from diffusers import DiffusionPipeline
-
-    index = pipeline_index(path)
-    kwargs = {"safety_checker": None} if (index.get("safety_checker") or [None])[0] is not None else {}
-    pipe = DiffusionPipeline.from_pretrained(path, torch_dtype=dtype, **kwargs).to(device)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def latent_shape(pipe, resolution: int | None = None) -> tuple[int, int, int]:
-    """``(channels, h, w)`` of the pipeline's latents for square images of ``resolution`` px (default: native)."""
-    factor = pipe.vae_scale_factor
-    resolution = resolution or pipe.unet.config.sample_size * factor
-    if resolution % factor:
-        raise ValueError(f"resolution {resolution} is not a multiple of the VAE factor {factor}")
-    return pipe.unet.config.in_channels, resolution // factor, resolution // factor
-
-
 def pipeline_sampler(pipe, steps: int, guidance: float, name: str, resolution: int | None = None) -> Sampler:
-    """The pipeline with its own scheduler at ``steps`` steps; the noise is its initial latents."""
-    _, h, w = latent_shape(pipe, resolution)
-    factor = pipe.vae_scale_factor
+    """A diffusers SD / SDXL pipeline with its own scheduler at ``steps`` steps; the noise is its latents.
+
+    The pipeline returns latents, decoded with :meth:`proreflow.models.stable_diffusion.SDTeacher.decode_latents`
+    (in the VAE's own dtype: a float32 VAE beside a float16 UNet works). ``resolution``: square
+    images of that many pixels (default: the pipeline's native size).
+    """
+    sd = SDTeacher(pipe, name)
+    resolution = resolution or sd.resolution
 
     def generate(noise: Tensor, prompts: Sequence[str]) -> Tensor:
-        out = pipe(prompt=list(prompts), num_inference_steps=steps, guidance_scale=guidance, height=h * factor,
-                   width=w * factor, latents=noise.to(pipe.device, pipe.unet.dtype), output_type="pt")
-        return out.images.float()
+        latents = pipe(prompt=list(prompts), num_inference_steps=steps, guidance_scale=guidance, height=resolution,
+                       width=resolution, latents=noise.to(pipe.device, pipe.unet.dtype), output_type="latent").images
+        return (sd.decode_latents(latents) + 1) / 2
 
     return Sampler(name, steps, generate)
 
@@ -179,11 +151,10 @@ class Evaluation:
     notes: list[str] = field(default_factory=list)
 
 
-def paired_distance(images: Tensor, reference: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-image RMSE (in [0, 1] units) and PSNR (dB, capped at 100) between two uint8 batches."""
-    diff = images.float().div(255) - reference.float().div(255)
-    mse = diff.square().flatten(1).mean(1)
-    return mse.sqrt(), (10 * torch.log10(1 / mse.clamp(min=10 ** (-PSNR_CAP / 10))))
+def psnr(images: Tensor, reference: Tensor) -> Tensor:
+    """Per-image PSNR (dB, capped at ``PSNR_CAP`` for identical images) between two uint8 batches."""
+    mse = (images.float() - reference.float()).div(255).square().flatten(1).mean(1)
+    return 10 * torch.log10(1 / mse.clamp(min=10 ** (-PSNR_CAP / 10)))
 
 
 def _run(sampler: Sampler, noise: Tensor, prompts: Sequence[Any]) -> tuple[Tensor, float]:
@@ -242,9 +213,8 @@ def evaluate(teacher: Sampler, students: Sequence[Sampler], prompts: Sequence[An
                 if teacher_images is None:
                     teacher_images = images
                 else:
-                    rmse, psnr = paired_distance(images, teacher_images)
-                    acc["rmse"] += float(rmse.sum())
-                    acc["psnr"] += float(psnr.sum())
+                    acc["rmse"] += fidelity(images.float() / 255, teacher_images.float() / 255) * len(indices)
+                    acc["psnr"] += float(psnr(images, teacher_images).sum())
                 if use_clip:
                     acc["clip"] += float(clip.score_embeddings(clip.encode_images(images), text).sum())
                 if fid is not None:

@@ -10,7 +10,11 @@ of :func:`build_sd_setup`) gives a :class:`~proreflow.training.setup.Distillatio
 - ``dataset``: ``(latents, cond)`` items, from images with captions (VAE posterior sample) or
   from prompts alone (the teacher's own samples), encoded when read or once into a cache;
 - ``uncond``: the null condition (the pipeline's negative for an empty prompt);
-- ``adapter``: :func:`~proreflow.models.stable_diffusion.unet_network`.
+- ``adapter``: :func:`~proreflow.models.stable_diffusion.unet_network`;
+- ``info``: teacher, data, resolution, LoRA settings and ``skipped_images`` (unreadable image ->
+  error), which the engine writes into the run's ``student.json``. Encoding on the fly, it is
+  the dataset's own record, filled as images are read (in loader workers, each worker keeps
+  its own and logs its skips); with a cache it is the cache's complete list.
 """
 
 from __future__ import annotations
@@ -80,10 +84,8 @@ def build_sd_setup(teacher: str, data: str | list[str] | None = None, data_kind:
                          guidance=prompt_guidance)
         settings = {"prompts": str(prompts), "prompt_steps": prompt_steps, "prompt_guidance": prompt_guidance}
     else:
-        kwargs = {"image_column": image_column} if data_kind == "datasets" else {}
-        if caption_column is not None and data_kind in ("folder", "datasets", "auto"):
-            kwargs["caption_column"] = caption_column
-        items = ImageCaptionDataset(open_source(data, data_kind, **kwargs), resolution, center_crop, random_flip)
+        source = open_source(data, data_kind, image_column, caption_column)
+        items = ImageCaptionDataset(source, resolution, center_crop, random_flip)
         encode = partial(encode_items, sd, seed=seed, resolution=resolution)
         settings = {"data": str(data), "center_crop": center_crop, "random_flip": random_flip}
     settings.update(teacher=str(teacher), resolution=resolution, seed=seed)
@@ -112,6 +114,6 @@ def build_sd_setup(teacher: str, data: str | list[str] | None = None, data_kind:
             "resolution": resolution, "lora_rank": lora_rank, "lora_alpha": lora_alpha or lora_rank or None,
             "data": str(data if data is not None else prompts), "prompt_only": prompts is not None,
             "cache_dir": str(Path(cache_dir)) if cache_dir else None,
-            "skipped_images": len(dataset.skipped)}
+            "skipped_images": dataset.skipped}  # the live dict: runs record what was skipped by then
     return DistillationSetup(teacher_model=unet, prediction_type=sd.prediction_type, schedule=sd.schedule,
                              dataset=dataset, uncond=uncond, adapter=unet_network, info=info)

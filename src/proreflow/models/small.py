@@ -72,7 +72,7 @@ class MLPDenoiser(nn.Module):
         nn.init.zeros_(self.out[-1].bias)
 
     def forward(self, x: Tensor, timestep: Tensor, cond: Tensor | None = None) -> Tensor:
-        emb = self.time(timestep_embedding(timestep.expand(x.shape[0]), self.emb_dim))
+        emb = self.time(timestep_embedding(timestep.expand(x.shape[0]), self.emb_dim).to(x.dtype))
         if self.label is not None:
             if cond is None:
                 cond = torch.full((x.shape[0],), self.num_classes, device=x.device)
@@ -89,8 +89,8 @@ class MLPDenoiser(nn.Module):
 class SmallClassifier(nn.Module):
     """CNN classifier for ``(B, C, H, W)`` images of any size.
 
-    Three 3x3 convolutions (the last two with stride 2), GroupNorm and SiLU, global average
-    pooling, then ``features = silu(Linear(pooled))`` (``feature_dim``, the penultimate layer used
+    Three 3x3 convolutions (the last two with stride 2), GroupNorm and SiLU, average pooling to
+    2 x 2, then ``features = silu(Linear(pooled))`` (``feature_dim``, the penultimate layer used
     for the Frechet distance) and ``logits = Linear(features)``.
     """
 
@@ -101,12 +101,12 @@ class SmallClassifier(nn.Module):
             return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1), nn.GroupNorm(8, cout), nn.SiLU())
 
         self.body = nn.Sequential(conv(in_channels, width, 1), conv(width, 2 * width, 2), conv(2 * width, 4 * width, 2))
-        self.fc = nn.Linear(4 * width, feature_dim)
+        self.fc = nn.Linear(16 * width, feature_dim)
         self.head = nn.Linear(feature_dim, num_classes)
 
     def features(self, x: Tensor) -> Tensor:
         """Penultimate features ``(B, feature_dim)``."""
-        return F.silu(self.fc(self.body(x).mean(dim=(2, 3))))
+        return F.silu(self.fc(F.adaptive_avg_pool2d(self.body(x), 2).flatten(1)))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.features(x))

@@ -150,7 +150,7 @@ class SDTeacher:
         if time_ids is None:
             time_ids = self.default_time_ids().expand(len(prompts), -1)
         return {"encoder_hidden_states": states,
-                "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids.to(self.device, states.dtype)}}
+                "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids.to(self.device)}}
 
     def null_cond(self) -> dict:
         """The unconditional condition (batch 1): "" encoded, or zeros (SDXL ``force_zeros_for_empty_prompt``)."""

@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -70,23 +71,37 @@ def load_entry(directory: Path) -> tuple[nn.Module, dict[str, Any]] | None:
         return None
     record = json.loads((directory / RECORD).read_text())
     module = build_network(record["network"])
-    module.load_state_dict(load_file(str(directory / WEIGHTS)))
+    try:
+        module.load_state_dict(load_file(str(directory / WEIGHTS)))
+    except RuntimeError as err:
+        raise ValueError(f"the cached model in {directory} does not fit this version of the code; "
+                         f"delete the folder or retrain (--force): {err}") from err
     return module.eval().requires_grad_(False), record
+
+
+@dataclass
+class Entry:
+    """A cached model: the module (eval mode, frozen), its record, its folder, and whether it was just fitted."""
+
+    module: nn.Module
+    record: dict[str, Any]
+    path: Path
+    fitted: bool
 
 
 def load_or_fit(kind: str, name: str, config: dict[str, Any], network: dict[str, Any],
                 fit: Callable[[], tuple[nn.Module, dict[str, Any]]], cache_dir: str | os.PathLike | None = None,
-                force: bool = False) -> tuple[nn.Module, dict[str, Any], Path]:
-    """The cached ``(module, record, directory)`` for ``config``, or ``fit()`` it and cache it.
+                force: bool = False) -> Entry:
+    """The cached entry for ``config``, or ``fit()`` it and cache it (always with ``force``).
 
     ``fit`` returns ``(module, stats)``; the record stored is
-    ``{"kind", "name", "config", "network", "stats"}``. ``force`` refits even when cached.
+    ``{"kind", "name", "config", "network", "stats"}``.
     """
     directory = entry_dir(kind, name, config, cache_dir)
     entry = None if force else load_entry(directory)
     if entry is not None:
-        return (*entry, directory)
+        return Entry(*entry, directory, fitted=False)
     module, stats = fit()
     record = {"kind": kind, "name": name, "config": config, "network": network, "stats": stats}
     save_entry(directory, module, record)
-    return module.eval().requires_grad_(False), record, directory
+    return Entry(module.eval().requires_grad_(False), record, directory, fitted=True)

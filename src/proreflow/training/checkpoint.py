@@ -197,15 +197,19 @@ def write_stage_result(out_dir: Path, index: int, weights: dict[str, Tensor], in
 def student_module(setup: DistillationSetup, from_scratch: bool) -> nn.Module:
     """A student network: a copy of the teacher, or ``setup.make_student()``.
 
-    The copy keeps the teacher's ``requires_grad`` flags: they say what the student trains
-    (all weights, or e.g. only LoRA layers).
+    The copy keeps the teacher's ``requires_grad`` flags where some are set: they say what the
+    student trains (e.g. only LoRA layers). A teacher frozen throughout gives a student that
+    trains every weight.
     """
     if from_scratch:
         if setup.make_student is None:
             raise ValueError("from_scratch=true needs a setup with make_student (a builder of a fresh "
                              "network); this setup only has a teacher to copy")
         return setup.make_student()
-    return copy.deepcopy(setup.teacher_model)
+    module = copy.deepcopy(setup.teacher_model)
+    if not any(p.requires_grad for p in module.parameters()):
+        module.requires_grad_(True)
+    return module
 
 
 def load_student(out_dir: str | Path, setup: DistillationSetup, stage: int | None = None,

@@ -25,6 +25,7 @@ from ..teachers import Denoiser
 from ..windows import TimeWindows
 from .batches import BatchPlan, micro_batches
 from .checkpoint import (
+    atomic_write_text,
     latest_checkpoint,
     load_weights,
     read_checkpoint,
@@ -106,8 +107,9 @@ def train(recipe: Recipe | str | Path | dict, setup: DistillationSetup, out_dir:
     progress: progress bars and per-stage summaries on the main process.
 
     The teacher network is put in eval mode and moved to the device (cast to the
-    mixed-precision dtype) in place; it never gets gradients. Raises :class:`NonFiniteLossError` after ``max_nonfinite`` skipped steps in a
-    stage, leaving the last good checkpoint as it was.
+    mixed-precision dtype) in place; it never gets gradients. Raises
+    :class:`NonFiniteLossError` after ``max_nonfinite`` skipped steps in a stage, leaving the
+    last good checkpoint as it was.
     """
     recipe = load_recipe(recipe)
     out = Path(out_dir)
@@ -146,7 +148,7 @@ class _Run:
             self.reporter.say(f"no checkpoint in {self.out}: starting from the beginning")
         if acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "recipe.yaml").write_text(recipe.to_yaml())
+            atomic_write_text(self.out / "recipe.yaml", recipe.to_yaml())
 
         module = student_module(self.setup, recipe.from_scratch)
         if any(p.dtype in (torch.float16, torch.bfloat16) for p in module.parameters()):
@@ -261,14 +263,8 @@ class _Run:
                                skipped=state.counters.skipped, samples=state.counters.samples,
                                teacher_evals=state.counters.teacher_evals, seconds=state.counters.seconds,
                                final_loss=final_loss(state.history, first_global))
-        weights = ema.state_dict(self.module)
         if acc.is_main_process:
-            info = {"format": 1, "windows": stage.windows, "prediction_type": self.setup.prediction_type,
-                    "guidance_mode": stage.guidance_mode, "guidance": recipe.stages[index].guidance
-                    if stage.guidance_mode == "cfg_sync" else 1.0, "from_scratch": recipe.from_scratch,
-                    "recipe": recipe.name, "stage": index + 1, "stages": len(recipe.stages),
-                    "global_step": state.global_step, "info": self.setup.info}
-            write_stage_result(self.out, index, weights, info)
+            write_stage_result(self.out, index, ema.state_dict(self.module), self._student_info(index, state))
         acc.wait_for_everyone()
         ema.copy_to(self.module)  # the next stage starts from this stage's EMA weights
         state.completed.append(summary)
@@ -277,6 +273,15 @@ class _Run:
             write_json(self.out / "summary.json", [s.to_dict() for s in state.completed])
         self._checkpoint(state, {})
         self.reporter.end_stage(summary, len(recipe.stages))
+
+    def _student_info(self, index: int, state: RunState) -> dict[str, Any]:
+        """``student.json``: what sampling code needs to rebuild and sample the student."""
+        stage = self.recipe.stages[index]
+        return {"format": 1, "windows": stage.windows, "prediction_type": self.setup.prediction_type,
+                "guidance_mode": stage.guidance_mode,
+                "guidance": stage.guidance if stage.guidance_mode == "cfg_sync" else 1.0,
+                "from_scratch": self.recipe.from_scratch, "recipe": self.recipe.name, "stage": index + 1,
+                "stages": len(self.recipe.stages), "global_step": state.global_step, "info": self.setup.info}
 
     def _checkpoint(self, state: RunState, weights: dict[str, dict[str, torch.Tensor]]) -> Path:
         scaler = self.acc.scaler.state_dict() if self.acc.scaler is not None else None

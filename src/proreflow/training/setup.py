@@ -8,8 +8,9 @@ inside the model or the data beyond this.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from torch import nn
 from torch.utils.data import Dataset

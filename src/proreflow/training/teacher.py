@@ -92,12 +92,14 @@ def teacher_config(data: str, **overrides: Any) -> TeacherConfig:
 
 @dataclass
 class TrainedTeacher:
-    """A teacher network (EMA weights, eval mode, frozen) with its config and cache entry."""
+    """A teacher network (EMA weights, eval mode, frozen) with its config and cache entry;
+    ``trained``: trained by this call (else loaded from the cache)."""
 
     module: nn.Module
     config: TeacherConfig
     path: Path
     stats: dict[str, Any] = field(default_factory=dict)
+    trained: bool = False
 
     @property
     def schedule(self) -> VPSchedule:
@@ -169,9 +171,9 @@ def load_or_train_teacher(data: str, *, steps: int | None = None, cache_dir: str
     """The cached teacher of built-in dataset ``data`` for this config (default config +
     ``steps`` and ``overrides``), or train and cache it (always with ``force``)."""
     config = teacher_config(data, steps=steps, **overrides)
-    module, record, path = load_or_fit(KIND, data, config.to_dict(), config.network,
-                                       lambda: fit_teacher(config, device, progress), cache_dir, force)
-    return TrainedTeacher(module, config, path, record["stats"])
+    entry = load_or_fit(KIND, data, config.to_dict(), config.network,
+                        lambda: fit_teacher(config, device, progress), cache_dir, force)
+    return TrainedTeacher(entry.module, config, entry.path, entry.record["stats"], entry.fitted)
 
 
 def train_teacher(data: str, *, steps: int | None = None, cache_dir: str | os.PathLike | None = None,

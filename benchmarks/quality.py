@@ -1,0 +1,235 @@
+"""Quality benchmark: ProReflow against its baselines on the same teacher and training budget.
+
+    python benchmarks/quality.py --quick              # one seed, digits, reduced steps (< 10 min on 2 cores)
+    python benchmarks/quality.py                      # the full table: 3 seeds, moons + digits + mnist
+
+For each dataset: training-free anchors (teacher DDIM at 32/8/4/2/1 steps, DPM-Solver++ 2M at
+4 and 2 steps) and distilled students (2-Reflow, PeRFlow, ProReflow-I/II/1step, ablations),
+every student trained for the same number of optimiser steps from the teacher's weights; the
+teacher network evaluations each method spent are counted and reported. Every sampler is
+scored on the same noise and conditions (``proreflow.evaluation.suite``). Writes
+``docs/results.md`` and ``docs/results.json`` (and ``docs/quality_vs_budget.png``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from proreflow.data import get_spec
+from proreflow.evaluation.baselines import dpm_solver_sample
+from proreflow.evaluation.suite import evaluate_callable, evaluate_sampler, make_eval_set
+from proreflow.recipes import load_recipe
+from proreflow.training import train
+from proreflow.training.teacher import builtin_setup
+from proreflow.windows import TimeWindows
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# name -> (preset, overrides): every method trains for TOTAL optimiser steps, split evenly over its stages.
+METHODS = {
+    "2-Reflow": ("reflow", []),
+    "PeRFlow": ("perflow", []),
+    "ProReflow-I": ("proreflow-i", []),
+    "ProReflow-II": ("proreflow-ii", []),
+    "ProReflow-1step": ("proreflow-1step", []),
+    "PeRFlow + aligned v (no progressive)": ("perflow", ["stages.*.alpha=1.0"]),
+    "ProReflow-I, MSE (no aligned v)": ("proreflow-i", ["stages.*.alpha=0.0"]),
+    "ProReflow-II, original teacher every stage": ("proreflow-ii", ["stages.*.teacher=original"]),
+}
+QUICK_METHODS = ["2-Reflow", "PeRFlow", "ProReflow-I", "ProReflow-II"]
+GUIDANCE = {"2d": 1.0, "digits": 2.0, "mnist": 2.0}
+TEACHER_STEPS = (32, 8, 4, 2, 1)
+DPM_STEPS = (4, 2)
+STUDENT_STEPS = (4, 2, 1)
+MAIN_METRIC = {"2d": "energy_distance", "image": "fd"}
+
+
+def kind(data: str) -> str:
+    return "2d" if get_spec(data).is_2d else data
+
+
+def method_recipe(name: str, total_steps: int, guidance: float, seed: int, lr: float | None):
+    preset, overrides = METHODS[name]
+    stages = len(load_recipe(preset).stages)
+    extra = [f"stages.*.steps={max(1, total_steps // stages)}", f"stages.*.guidance={guidance}", f"seed={seed}",
+             "checkpoint_every=0"]
+    if lr is not None:
+        extra.append(f"stages.*.lr={lr}")
+    return load_recipe(preset, [*overrides, *extra])
+
+
+def student_rows(result, evalset, method: str) -> list[dict]:
+    rows = []
+    for n in STUDENT_STEPS:
+        # fewer steps than windows: the epsilon student jumps window ends like DDIM (TimeWindows(n))
+        windows = result.windows if n >= result.windows.count else TimeWindows(n)
+        m = evaluate_sampler(evalset, result.student, windows, n, result.guidance)
+        m.pop("samples")
+        rows.append({"method": method, "steps": n, **m})
+    return rows
+
+
+def run_dataset(data: str, args, log) -> list[dict]:
+    guidance = GUIDANCE[kind(data)]
+    setup = builtin_setup(data, progress=not args.no_progress)
+    teacher = setup.denoiser(setup.teacher_model)
+    rows = []
+    for seed in args.seeds:
+        evalset = make_eval_set(data, teacher, args.samples, guidance, seed, progress=not args.no_progress)
+        for n in TEACHER_STEPS:
+            m = evaluate_sampler(evalset, teacher, TimeWindows(n), n, guidance)
+            m.pop("samples")
+            rows.append({"data": data, "seed": seed, "method": "teacher DDIM", "steps": n, "budget": 0,
+                         "teacher_evals": 0, **m})
+        for n in DPM_STEPS:
+            def dpm(noise, cond, n=n, uncond=evalset.uncond):
+                return dpm_solver_sample(teacher, noise, n, cond, uncond, guidance)
+
+            m = evaluate_callable(evalset, dpm, nfe=n * (2 if guidance != 1 and evalset.uncond is not None else 1))
+            m.pop("samples")
+            rows.append({"data": data, "seed": seed, "method": "DPM-Solver++ 2M", "steps": n, "budget": 0,
+                         "teacher_evals": 0, **m})
+        for method in args.methods:
+            for budget in args.budgets:
+                recipe = method_recipe(method, budget, guidance, seed, args.lr)
+                start = time.perf_counter()
+                result = train(recipe, setup, args.work / data / f"{method}-{budget}-s{seed}".replace(" ", "_"),
+                               progress=not args.no_progress)
+                evals = sum(s.teacher_evals for s in result.stages)
+                log(f"{data} seed {seed} {method} budget {budget}: trained in {time.perf_counter() - start:.0f} s, "
+                    f"teacher evals {evals:,}")
+                for r in student_rows(result, evalset, method):
+                    rows.append({"data": data, "seed": seed, "budget": budget, "teacher_evals": evals, **r})
+        log(f"{data} seed {seed} done")
+    return rows
+
+
+def aggregate(rows: list[dict]) -> list[dict]:
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["data"], r["method"], r["steps"], r["budget"]), []).append(r)
+    out = []
+    for (data, method, steps, budget), rs in groups.items():
+        agg = {"data": data, "method": method, "steps": steps, "budget": budget, "seeds": len(rs),
+               "teacher_evals": int(statistics.mean(r["teacher_evals"] for r in rs)), "nfe": rs[0]["nfe"]}
+        for key in ("fd", "accuracy", "sliced_wasserstein", "energy_distance", "fidelity", "straightness"):
+            vals = [r[key] for r in rs if key in r]
+            if vals:
+                agg[key] = statistics.mean(vals)
+                agg[key + "_std"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
+        out.append(agg)
+    return out
+
+
+def markdown(agg: list[dict], args, seconds: float) -> str:
+    lines = ["# Quality benchmark", "",
+             f"Command: `python benchmarks/quality.py {' '.join(sys.argv[1:])}`  ",
+             f"Machine: {platform.machine()} CPU, {torch.get_num_threads()} threads; torch {torch.__version__}; "
+             f"Python {platform.python_version()}; date {time.strftime('%Y-%m-%d')}; "
+             f"wall time {seconds / 60:.1f} min  ",
+             f"Seeds: {args.seeds} (recipe seed = evaluation-noise seed); evaluation samples per sampler: "
+             f"{args.samples}.  ",
+             "Budget: optimiser steps per method (split evenly over its stages, batch 64), the same for every "
+             "distilled method; `teacher evals` is the count of teacher network evaluations each spent "
+             "(a guided call counts 2 per sample).  ",
+             "Metrics (mean ± std over seeds): `fd` Frechet distance in a trained classifier's features to the "
+             "held-out real data (lower is better); `acc` class accuracy of conditional samples; `energy` / `sw` "
+             "energy distance / sliced Wasserstein to the true 2D distribution; `fidelity` RMS distance to the "
+             "teacher's DDIM-32 sample from the same noise; `straight` trajectory straightness (0 = straight); "
+             "`nfe` network evaluations per sample. Students with more windows than steps are sampled by jumping "
+             "to the ends of `steps` merged windows (their DDIM-like epsilon parametrization).", ""]
+    for data in dict.fromkeys(r["data"] for r in agg):
+        rows = [r for r in agg if r["data"] == data]
+        image = "fd" in rows[0]
+        cols = (["fd", "accuracy"] if image else ["energy_distance", "sliced_wasserstein"]) + ["fidelity",
+                                                                                                "straightness"]
+        names = {"fd": "fd", "accuracy": "acc", "energy_distance": "energy", "sliced_wasserstein": "sw",
+                 "fidelity": "fidelity", "straightness": "straight"}
+        lines += [f"## {data}", "", "| method | budget (steps) | teacher evals | steps | nfe | " +
+                  " | ".join(names[c] for c in cols) + " |", "|---|---|---|---|---|" + "---|" * len(cols)]
+        for r in rows:
+            cells = [f"{r[c]:.4g} ± {r[c + '_std']:.2g}" if c in r else "-" for c in cols]
+            lines.append(f"| {r['method']} | {r['budget'] or '-'} | {r['teacher_evals']:,} | {r['steps']} | "
+                         f"{r['nfe']} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def budget_plot(agg: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    datasets = list(dict.fromkeys(r["data"] for r in agg))
+    fig, axes = plt.subplots(1, len(datasets), figsize=(4.5 * len(datasets), 3.4), squeeze=False)
+    for ax, data in zip(axes[0], datasets):
+        metric = "fd" if any("fd" in r for r in agg if r["data"] == data) else "energy_distance"
+        for method in ("PeRFlow", "ProReflow-I", "ProReflow-II"):
+            pts = sorted((r["budget"], r[metric], r[metric + "_std"]) for r in agg
+                         if r["data"] == data and r["method"] == method and r["steps"] == 4)
+            if pts:
+                b, m, s = zip(*pts)
+                ax.errorbar(b, m, yerr=s, marker="o", capsize=3, label=method)
+        teacher = [r[metric] for r in agg if r["data"] == data and r["method"] == "teacher DDIM" and r["steps"] == 32]
+        if teacher:
+            ax.axhline(teacher[0], color="gray", ls="--", lw=1, label="teacher DDIM-32")
+        ax.set_xscale("log")
+        ax.set_xlabel("optimiser steps (training budget)")
+        ax.set_ylabel(f"{metric} at 4 steps")
+        ax.set_title(data)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="one seed, digits, 4 methods, 600 steps, 500 samples")
+    p.add_argument("--data", nargs="+", default=None, help="datasets (default: moons digits mnist)")
+    p.add_argument("--seeds", nargs="+", type=int, default=None, help="seeds (default 0 1 2)")
+    p.add_argument("--methods", nargs="+", default=None, choices=list(METHODS), metavar="METHOD",
+                   help="methods (default: all): " + "; ".join(METHODS))
+    p.add_argument("--budgets", nargs="+", type=int, default=None,
+                   help="optimiser steps per method (several: quality-vs-budget curve; default 3000)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate of every stage (default: the preset's)")
+    p.add_argument("--samples", type=int, default=None, help="evaluation samples per sampler (default 1000)")
+    p.add_argument("--out", type=Path, default=ROOT / "docs", help="where results.md / .json go (default docs/)")
+    p.add_argument("--work", type=Path, default=ROOT / "runs" / "quality", help="training runs (default runs/quality)")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    quick = args.quick
+    args.data = args.data or (["digits"] if quick else ["moons", "digits", "mnist"])
+    args.seeds = args.seeds or ([0] if quick else [0, 1, 2])
+    args.methods = args.methods or (QUICK_METHODS if quick else list(METHODS))
+    args.budgets = args.budgets or ([600] if quick else [3000])
+    args.samples = args.samples or (500 if quick else 1000)
+    args.out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+
+    def log(msg: str) -> None:
+        print(f"[{(time.perf_counter() - start) / 60:5.1f} min] {msg}", flush=True)
+
+    rows = [r for data in args.data for r in run_dataset(data, args, log)]
+    agg = aggregate(rows)
+    stem = "results-quick" if quick else "results"
+    (args.out / f"{stem}.json").write_text(json.dumps({"argv": sys.argv[1:], "rows": rows, "aggregate": agg},
+                                                      indent=1))
+    (args.out / f"{stem}.md").write_text(markdown(agg, args, time.perf_counter() - start))
+    if len(args.budgets) > 1:
+        budget_plot(agg, args.out / "quality_vs_budget.png")
+    log(f"wrote {args.out / (stem + '.md')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
