@@ -1,10 +1,10 @@
 """Training throughput of ProReflow on Stable Diffusion UNets, beside the raw UNet speed.
 
 For a UNet architecture (SD1.5 at 512 px, SDXL at 1024 px: the published configs with random
-weights, nothing downloaded) this runs the training engine's own optimiser step
-(``proreflow.training.stage.train_step``) on synthetic latents and text states, PeRFlow's stage
-shape (4 windows, ``--solver-steps`` teacher DDIM steps per window, no guidance), and in the
-same process times the raw UNet:
+weights, nothing downloaded) this runs the training engine's own optimiser steps
+(``proreflow.training.StageRunner``, which ``train`` runs too) on synthetic latents and text
+states, PeRFlow's stage shape (4 windows, ``--solver-steps`` teacher DDIM steps per window, no
+guidance), and in the same process times the raw UNet:
 
 - ``fwd``: the frozen teacher's forward (no gradients, the training dtype), images/s;
 - ``fwd+bwd``: the student's forward and backward (float32 master weights under autocast);
@@ -133,20 +133,15 @@ def _peak_memory(device: torch.device) -> str:
 
 
 def run_config(cfg: Config) -> dict:
-    """Build the UNet, the setup and the engine's stage context; time the loop and the raw UNet."""
+    """Build the UNet, the setup and the engine's stage runner; time the loop and the raw UNet."""
     from diffusers import UNet2DConditionModel
 
     from proreflow.conditioning import map_cond
     from proreflow.models.stable_diffusion import unet_network
     from proreflow.recipes import load_recipe
     from proreflow.schedules import VPSchedule
-    from proreflow.training.batches import BatchPlan, micro_batches
-    from proreflow.training.checkpoint import student_module
-    from proreflow.training.ema import EMA
-    from proreflow.training.engine import make_accelerator
-    from proreflow.training.optim import make_optimizer
-    from proreflow.training.setup import DistillationSetup
-    from proreflow.training.stage import StageContext, as_teacher, build_stage_teacher, train_step
+    from proreflow.training import DistillationSetup, StageRunner, make_accelerator
+    from proreflow.training.batches import collate_pairs
 
     unet_config, px, tokens, width, pooled = MODELS[cfg.model]
     mixed = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}[cfg.dtype]
@@ -168,32 +163,24 @@ def run_config(cfg: Config) -> dict:
                               dataset=dataset, uncond=None, adapter=unet_network)
     weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.dtype)
 
-    module = student_module(setup, from_scratch=False).train()
-    student = acc.prepare(module)
-    optimizer = acc.prepare(make_optimizer(module))
-    original = as_teacher(setup.teacher_model, device, weight_dtype)
-    teacher, counter = build_stage_teacher(setup, recipe, 0, original, None, weight_dtype, acc.autocast)
-    plan = BatchPlan(len(dataset), recipe.seed, 0, cfg.batch, 1, acc.num_processes, acc.process_index)
-    ctx = StageContext(acc, recipe, 0, setup, student, module, setup.denoiser(student), optimizer,
-                       EMA(module, recipe.stages[0].ema_decay), teacher, counter, plan, None)
-    batches = micro_batches(dataset, plan, 0)
+    runner = StageRunner(recipe, setup, 0, acc)  # the student (a teacher copy), optimiser, EMA, stage teacher
+    student, optimizer = runner.student, runner.optimizer
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
-    for step in range(cfg.warmup):
-        train_step(ctx, batches, step)
+    runner.run(cfg.warmup)
     _sync(device)
-    start, evals = time.perf_counter(), 0
-    for step in range(cfg.warmup, cfg.warmup + cfg.steps):
-        evals += train_step(ctx, batches, step).teacher_evals
+    start = time.perf_counter()
+    evals = runner.run(cfg.steps).teacher_evals
     _sync(device)
     loop = time.perf_counter() - start
+    runner.close()
 
-    x0, cond = next(batches)
+    x0, cond = collate_pairs([dataset[i] for i in range(cfg.batch)])
     x = x0.to(device)
     cond = map_cond(lambda a: a.to(device), cond)
     timestep = torch.full((cfg.batch,), 500.0, device=device)
-    teacher_net = setup.denoiser(original, dtype=weight_dtype).network
+    teacher_net = setup.denoiser(runner.original, dtype=weight_dtype).network
 
     def fwd():
         with torch.no_grad(), acc.autocast():

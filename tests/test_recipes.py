@@ -100,6 +100,19 @@ def test_overrides():
     (["seed=true"], r"seed: expected an integer, got True"),
     (["name=3"], r"name: expected a string"),
     (["mixed_precision=fp8"], r"mixed_precision: 'fp8' is not one of no, fp16, bf16"),
+    (["mixed_precision=yes"], r"mixed_precision: expected one of no, fp16, bf16, got True, which YAML read as a "
+                              r"boolean"),
+    (["mixed_precision="], r"mixed_precision: expected a value, got nothing"),
+    (["name=on"], r"name: expected a string, got True, which YAML read as a boolean .* quote the value, e.g. "
+                  r"name: 'yes' in a file or name=\"'yes'\" as an override"),
+    (["name=2025"], r"name: expected a string, got 2025, which YAML read as a number; quote the value, e.g. "
+                    r"name: '2025'"),
+    (["description=2025-01-31"], r"description: expected a string, got datetime.date\(2025, 1, 31\), which YAML "
+                                 r"read as a date"),
+    (["name=[a, b]"], r"name: expected a string, got \['a', 'b'\]$"),
+    (["stages.0.teacher=no"], r"stages.0.teacher: expected one of original, previous, got False"),
+    (["defaults.guidance_mode=1.5"], r"stages.0.guidance_mode: expected one of baked, cfg_sync, got 1.5, which "
+                                     r"YAML read as a number"),
     (["stages.0.teacher=student"], r"stages.0.teacher: 'student' is not one of original, previous"),
     (["stages.0.teacher=previous"], r"stages.0.teacher: the first stage has no previous student"),
     (["stages.*.guidance_mode=cfg_sync"], r"stages.0.cond_dropout: 'cfg_sync' trains .* set cond_dropout > 0"),
@@ -112,6 +125,19 @@ def test_overrides():
 def test_clear_errors_name_the_key(overrides, match):
     with pytest.raises(RecipeError, match=match):
         load_recipe("proreflow-ii", overrides)
+
+
+@pytest.mark.parametrize("text", ["no", "No", "NO", "off", "false", "'no'"])
+def test_mixed_precision_no_as_yaml_reads_it(text, tmp_path):
+    """YAML 1.1 reads an unquoted no / off / false as the boolean False: for mixed_precision it means 'no'."""
+    assert load_recipe("perflow", [f"mixed_precision={text}"]).mixed_precision == "no"
+    path = tmp_path / "r.yaml"
+    path.write_text(f"mixed_precision: {text}\nstages: [{{windows: 2}}]\n")
+    recipe = load_recipe(path)
+    assert recipe.mixed_precision == "no"
+    path.write_text(recipe.to_yaml())  # written back quoted: 'no'
+    assert "mixed_precision: 'no'" in path.read_text() and load_recipe(path) == recipe
+    assert load_recipe("perflow", ["mixed_precision=bf16", f"mixed_precision={text}"]).mixed_precision == "no"
 
 
 def test_bad_sources(tmp_path):

@@ -19,12 +19,20 @@ Overrides (``key=value``, the value read as YAML) edit that form before it is ch
 ``seed=3``, ``stages.1.lr=5e-5`` (one stage), ``stages.*.lr=5e-5`` (every stage, even where it
 sets its own), ``defaults.lr=5e-5`` (stages that do not set their own). Unknown keys, wrong
 types and impossible schedules raise :class:`RecipeError` naming the key.
+
+YAML 1.1 reads some unquoted words as other types: ``no`` / ``off`` / ``false`` and ``yes`` / ``on``
+/ ``true`` are booleans, ``3`` and ``1.5`` numbers, ``2025-01-31`` a date. ``mixed_precision=no``
+(a boolean false) means 'no'; any other string-valued key (``name``, ``description``,
+``teacher``, ``guidance_mode``) given such a value is an error that says to quote it
+(``name: '2025'``, or ``name="'2025'"`` as an override). Numbers written as ``1e-4`` (a string
+to YAML 1.1) are read as numbers.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import datetime
 import textwrap
 import types
 import typing
@@ -102,7 +110,8 @@ class Recipe:
     name: str = _doc("name of the recipe (default output folder runs/NAME)", default="custom")
     description: str = _doc("one line about the recipe", default="")
     seed: int = _doc("seed of data order, times, noise and condition dropout", default=0)
-    mixed_precision: str = _doc("'no', 'fp16' or 'bf16' (accelerate autocast; frozen teachers are cast)",
+    mixed_precision: str = _doc("'no', 'fp16' or 'bf16' (accelerate autocast; frozen teachers are cast); "
+                                "an unquoted no / off / false, which YAML reads as a boolean, means 'no'",
                                 default="no")
     from_scratch: bool = _doc("start stage 1 from setup.make_student() instead of the teacher's weights",
                               default=False)
@@ -307,12 +316,32 @@ def _check_value(key: str, name: str, value: Any, hint: Any) -> Any:
             raise RecipeError(f"{key}: must be in [0, 1), got {out}")
         return out
     if hint is str:
+        if name == "mixed_precision" and value is False:
+            return "no"  # YAML 1.1 reads no / off / false as the boolean False
         if not isinstance(value, str):
-            raise RecipeError(f"{key}: expected a string, got {value!r}")
+            raise RecipeError(_not_a_string(key, name, value))
         if name in _CHOICES and value not in _CHOICES[name]:
             raise RecipeError(f"{key}: {value!r} is not one of {', '.join(_CHOICES[name])}")
         return value
     raise TypeError(f"no check for {hint!r}")  # pragma: no cover - a new field type
+
+
+def _not_a_string(key: str, name: str, value: Any) -> str:
+    """The error for a string-valued key that YAML read as another type (``3``, ``yes``, a date)."""
+    if isinstance(value, bool):
+        kind, example = "a boolean (YAML 1.1 reads unquoted yes / no / on / off / true / false as booleans)", "yes"
+    elif isinstance(value, (int, float)):
+        kind, example = "a number", str(value)
+    elif isinstance(value, datetime.date):  # datetimes too
+        kind, example = "a date", str(value)
+    elif value is None:
+        return f"{key}: expected a {'value' if name in _CHOICES else 'string'}, got nothing (null)"
+    else:
+        return f"{key}: expected a string, got {value!r}"
+    if name in _CHOICES:
+        return f"{key}: expected one of {', '.join(_CHOICES[name])}, got {value!r}, which YAML read as {kind}"
+    return (f"{key}: expected a string, got {value!r}, which YAML read as {kind}; quote the value, e.g. "
+            f"{name}: '{example}' in a file or {key}=\"'{example}'\" as an override")
 
 
 def _unknown(key: str, valid: typing.Iterable[str], prefix: str = "") -> RecipeError:

@@ -54,12 +54,21 @@ def test_sdxl_trains_from_the_latent_cache(sdxl_dir, image_dir, tmp_path):
     latents, cond = setup.dataset[0]
     # row 0: img0, 48 x 36 (h x w) -> resized to 21 x 16, center crop at y = round(2.5) = 2
     assert cond["added_cond_kwargs"]["time_ids"].tolist() == [48, 36, 2, 0, 16, 16]
+    assert setup.keep_on_dropout == ("added_cond_kwargs.time_ids",)
+    calls = []  # the teacher's time_ids; hooks are copied with the module, so the students' too
+    setup.teacher_model.register_forward_pre_hook(
+        lambda module, args, kwargs: calls.append(kwargs["added_cond_kwargs"]["time_ids"].clone()), with_kwargs=True)
     result = train(RECIPE, setup, tmp_path / "run", progress=False)
     assert [s.windows for s in result.stages] == [2, 1] and len(setup.info["skipped_images"]) == 1
+    guided = [ids for ids in calls if ids.shape[0] == 2 * RECIPE["defaults"]["batch_size"]]
+    assert guided  # stage 1's teacher: [unconditional, conditional]; both halves with the images' time_ids
+    assert all(torch.equal(ids[:2], ids[2:]) for ids in guided)
+    assert any(ids[:, :2].ne(16).any() for ids in guided)  # not the null condition's (16, 16, 0, 0, 16, 16)
 
 
 def test_lora_training_changes_only_lora_weights(sd15_dir, image_dir, tmp_path):
     setup = build_sd_setup(teacher=str(sd15_dir), data=str(image_dir), device="cpu", lora_rank=4)
+    assert setup.keep_on_dropout == ()  # SD1.5 conditions are text states alone
     base = load_teacher(sd15_dir).unet
     x, cond = torch.randn(2, 4, 8, 8), {"encoder_hidden_states": torch.randn(2, 16, 32)}
     with torch.no_grad():  # zero-initialised LoRA: the teacher is unchanged

@@ -93,3 +93,31 @@ def tiny_recipe(**changes) -> dict:
               "stages": [{"windows": 4}, {"windows": 2, "teacher": "previous", "solver_steps": None}]}
     recipe.update(changes)
     return recipe
+
+
+class Adapted(nn.Module):
+    """A LoRA-like network: the teacher MLP frozen as its base, plus a trainable low-rank adapter
+    ``up(down(x, t))`` on the output, zero at the start (``up = 0``), so it is the teacher."""
+
+    def __init__(self, rank: int = 2):
+        super().__init__()
+        self.base = MLP(0)
+        self.base.load_state_dict(teacher_weights())
+        self.base.requires_grad_(False)
+        torch.manual_seed(3)
+        self.down = nn.Linear(3, rank, bias=False).double()
+        self.up = nn.Linear(rank, 2, bias=False).double()
+        nn.init.zeros_(self.up.weight)
+
+    def forward(self, x, timestep, cond):
+        h = torch.cat([x, timestep[:, None].to(x.dtype) / 1000], dim=1)
+        return self.base(x, timestep, cond) + self.up(self.down(h))
+
+
+ADAPTER = ("down.weight", "up.weight")
+
+
+def make_adapted_setup() -> DistillationSetup:
+    setup = make_setup()
+    setup.teacher_model = Adapted()
+    return setup

@@ -91,3 +91,35 @@ def test_ema_leaves_frozen_parameters_alone():
     state = ema.state_dict(module)
     torch.testing.assert_close(state["0.weight"], module[0].weight.detach())
     torch.testing.assert_close(state["1.weight"], module[1].weight.detach() - 1.0)
+
+
+def test_ema_of_a_lora_like_student_holds_only_the_adapter():
+    """Frozen base + trainable adapter: the EMA holds the adapter tensors alone, follows the closed
+    form on them, and its full state dict takes the frozen base (and buffers) from the module."""
+    from engine_toys import ADAPTER, Adapted
+
+    module = Adapted()
+    start = {k: v.clone() for k, v in module.state_dict().items()}
+    ema, decay, n = EMA(module, 0.75), 0.75, 5
+    assert set(ema.shadow) == set(ADAPTER) == set(ema.tensors())
+    assert sum(v.numel() for v in ema.tensors().values()) == 3 * 2 + 2 * 2  # not the base MLP's weights
+    with torch.no_grad():
+        for p in module.parameters():
+            p.fill_(2.0)  # the base too: a frozen parameter is not averaged even if it moved
+    for _ in range(n):
+        ema.update(module)
+    for name in ADAPTER:
+        expected = decay**n * start[name] + (1 - decay**n) * 2.0
+        torch.testing.assert_close(ema.tensors()[name], expected, rtol=0, atol=1e-14)
+    full = ema.state_dict(module)
+    assert full.keys() == module.state_dict().keys()
+    base = {k: v for k, v in module.state_dict().items() if k.startswith("base.")}
+    assert base and all(full[k].data_ptr() == v.data_ptr() for k, v in base.items())  # the module's, no copy
+    # the averages alone restore the EMA; a full state dict does too
+    for state in (ema.tensors(), full):
+        fresh = EMA(Adapted(), 0.75)
+        fresh.load_state_dict({k: v.clone() for k, v in state.items()})
+        for name in ADAPTER:
+            torch.testing.assert_close(fresh.shadow[name], ema.shadow[name], rtol=0, atol=0)
+    with pytest.raises(KeyError, match="lacks parameters"):
+        EMA(Adapted(), 0.75).load_state_dict({"down.weight": full["down.weight"]})

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from engine_toys import MLP, Mixture, make_setup, tiny_recipe
+from engine_toys import ADAPTER, MLP, Adapted, Mixture, make_adapted_setup, make_setup, tiny_recipe
 from safetensors.torch import load_file
 
 from proreflow.training import NonFiniteLossError, latest_checkpoint, load_student, read_student_info, train
@@ -92,6 +92,42 @@ def test_resume_matches_an_uninterrupted_run(tmp_path):
     assert resumed.history == straight.history
     assert [s.teacher_evals for s in resumed.stages] == [s.teacher_evals for s in straight.stages]
     assert [s.final_loss for s in resumed.stages] == [s.final_loss for s in straight.stages]
+
+
+def test_lora_like_student_keeps_only_adapter_ema_and_resumes_exactly(tmp_path):
+    """A frozen base with a trainable adapter: mid-stage checkpoints hold the adapter's EMA only,
+    stage results are the full EMA student (base = the teacher's), and crashes mid-stage and at a
+    stage boundary (hand-over from the stage-1 result on disk) resume to the uninterrupted run."""
+    recipe = tiny_recipe(checkpoint_every=3, keep_checkpoints=0,
+                         defaults={"lr": 1e-2, "batch_size": 8, "steps": 6, "ema_decay": 0.8, "warmup_steps": 0,
+                                   "solver_steps": 2, "cond_dropout": 0.25})
+    straight = train(recipe, make_adapted_setup(), tmp_path / "straight", progress=False)
+
+    out, setup = tmp_path / "resumed", make_adapted_setup()
+    setup.dataset = Faulty(crash_at=4 * 8 + 1)  # stage 1, step 5 (last checkpoint: step 3)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(recipe, setup, out, progress=False)
+    mid = latest_checkpoint(out)
+    assert mid.name == "step-00000003"
+    assert set(weights(mid / "ema.safetensors")) == set(ADAPTER)  # not the frozen base
+    assert weights(mid / "student.safetensors").keys() == Adapted().state_dict().keys()
+    setup.dataset = Faulty(crash_at=3 * 8 + 8 + 1)  # resumes at stage 1 step 3; crashes in stage 2, step 2
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(recipe, setup, out, resume=True, progress=False)
+    assert latest_checkpoint(out).name == "step-00000006"  # the end of stage 1
+    setup.dataset = Faulty()
+    resumed = train(recipe, setup, out, resume=True, progress=False)
+
+    for name in ("stage-1-4w/ema.safetensors", "stage-2-2w/ema.safetensors", "student.safetensors"):
+        assert_same(weights(out / name), weights(tmp_path / "straight" / name))
+    assert resumed.history == straight.history
+    teacher, final = Adapted().state_dict(), weights(out / "student.safetensors")
+    assert final.keys() == teacher.keys()
+    for key in teacher:
+        if key in ADAPTER:
+            assert (final[key] - teacher[key]).abs().max() > 1e-6
+        else:
+            torch.testing.assert_close(final[key], teacher[key], rtol=0, atol=0)
 
 
 def test_gradient_accumulation_matches_one_big_batch(tmp_path):
@@ -218,6 +254,73 @@ def test_dict_conditions_through_a_diffusers_adapter(tmp_path, mode, evals_per_s
     assert result.stages[0].teacher_evals == 3 * evals_per_step
     assert result.guidance == (3.0 if mode == "cfg_sync" else 1.0) == read_student_info(tmp_path)["guidance"]
     assert all(torch.isfinite(torch.tensor(loss)) for _, loss in result.history)
+
+
+class SDXLLike(torch.nn.Module):
+    """An SDXL-style network (``added_cond_kwargs``) that records the conditions of every call."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = MLP(0)
+        self.proj = torch.nn.Linear(4 + 4 + 6, 32).double()
+        self.calls = []
+
+    def forward(self, sample, timestep, encoder_hidden_states=None, added_cond_kwargs=None, return_dict=True):
+        text, time_ids = added_cond_kwargs["text_embeds"], added_cond_kwargs["time_ids"]
+        self.calls.append((encoder_hidden_states.clone(), text.clone(), time_ids.clone()))
+        h = self.net.inp(torch.cat([sample, timestep[:, None].to(sample.dtype) / 1000], dim=1))
+        return (self.net.out(h + self.proj(torch.cat([encoder_hidden_states, text, time_ids / 64], dim=1))),)
+
+
+class SDXLMixture(Mixture):
+    """Text states from the label; ``time_ids = (index, label, 0, 0, 16, 16)``: each sample's own."""
+
+    def __getitem__(self, i):
+        x, label = super().__getitem__(i)
+        text = torch.nn.functional.one_hot(label, 4).double()
+        time_ids = torch.tensor([i, int(label), 0, 0, 16, 16], dtype=torch.float64)
+        return x, {"encoder_hidden_states": text, "added_cond_kwargs": {"text_embeds": 2 * text, "time_ids": time_ids}}
+
+
+@pytest.mark.parametrize("keep_on_dropout", [("added_cond_kwargs.time_ids",), ()])
+def test_condition_dropout_keeps_the_named_leaves(tmp_path, keep_on_dropout):
+    """SDXL: a dropped condition (and the unconditional branch of guidance) has the null text states
+    but the sample's own time_ids when the setup keeps them; all of the null condition otherwise."""
+    from proreflow.teachers import diffusers_network
+    from proreflow.training import DistillationSetup
+    from proreflow.training.batches import BatchPlan, sample_randomness
+
+    null_ids = torch.tensor([[-1.0, -1, 0, 0, 16, 16]], dtype=torch.float64)
+    uncond = {"encoder_hidden_states": torch.zeros(1, 4, dtype=torch.float64),
+              "added_cond_kwargs": {"text_embeds": torch.zeros(1, 4, dtype=torch.float64), "time_ids": null_ids}}
+    setup = DistillationSetup(SDXLLike(), "epsilon", make_setup().schedule, SDXLMixture(), uncond=uncond,
+                              adapter=diffusers_network, keep_on_dropout=keep_on_dropout)
+    recipe = tiny_recipe(stages=[{"windows": 2, "steps": 3}],
+                         defaults={"batch_size": 8, "solver_steps": 1, "guidance": 3.0, "cond_dropout": 0.5})
+    result = train(recipe, setup, tmp_path, progress=False)
+
+    plan, data = BatchPlan(64, 0, 0, 8, 1), SDXLMixture()
+    student_calls, teacher_calls = result.module.calls, setup.teacher_model.calls
+    assert len(student_calls) == 3 and len(teacher_calls) == 3  # one call a step; the teacher's is guided
+    dropped = 0
+    for step, (states, text, time_ids) in enumerate(student_calls):
+        positions = plan.positions(step, 0)
+        _, keep, _ = sample_randomness(positions, 0, 0, (2,), torch.float64, 0.5)
+        for row, index in enumerate(plan.indices(positions)):
+            own = data[index][1]
+            if keep[row]:
+                assert torch.equal(states[row], own["encoder_hidden_states"])
+                assert torch.equal(time_ids[row], own["added_cond_kwargs"]["time_ids"])
+            else:
+                dropped += 1
+                assert not states[row].any() and not text[row].any()  # the null text states
+                expected = own["added_cond_kwargs"]["time_ids"] if keep_on_dropout else null_ids[0]
+                assert torch.equal(time_ids[row], expected)
+        t_states, t_text, t_ids = teacher_calls[step]  # [unconditional half, conditional half]
+        assert torch.equal(t_states[8:], states) and torch.equal(t_ids[8:], time_ids)
+        assert not t_states[:8].any() and not t_text[:8].any()
+        assert torch.equal(t_ids[:8], time_ids if keep_on_dropout else null_ids.expand(8, -1))
+    assert 0 < dropped < 24
 
 
 def test_tensorboard_and_progress(tmp_path, capsys):

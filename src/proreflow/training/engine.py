@@ -5,13 +5,13 @@ Stage 1's student starts from the teacher's weights (or ``setup.make_student()``
 optimiser and EMA. Devices, processes and mixed precision come from ``accelerate``: the same
 call runs on CPU, one GPU or many (``accelerate launch`` / ``torchrun``), where the global
 batch of a step, its randomness and hence the result do not depend on the process count.
+The optimiser steps of each stage are those of :class:`~proreflow.training.runner.StageRunner`;
+this module adds what a run keeps on disk.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,11 +19,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..conditioning import map_cond
 from ..recipes import Recipe, load_recipe
 from ..teachers import Denoiser
 from ..windows import TimeWindows
-from .batches import BatchPlan, micro_batches
 from .checkpoint import (
     atomic_write_text,
     latest_checkpoint,
@@ -31,16 +29,15 @@ from .checkpoint import (
     read_checkpoint,
     set_rng_state,
     stage_dir,
-    student_module,
     write_checkpoint,
     write_json,
     write_stage_result,
 )
 from .ema import EMA
-from .optim import make_optimizer
 from .report import Reporter, StageCounters, StageSummary, final_loss
+from .runner import StageRunner, Trainee, make_accelerator
 from .setup import DistillationSetup
-from .stage import NonFiniteLossError, StageContext, as_teacher, build_stage_teacher, train_step
+from .stage import NonFiniteLossError
 
 CHECKPOINT_FORMAT = 1
 
@@ -86,18 +83,6 @@ class RunState:
                    [StageSummary(**s) for s in meta["completed"]], history)
 
 
-def make_accelerator(mixed_precision: str):
-    """An ``accelerate.Accelerator`` on GPU when there is one (else CPU, gloo for several processes)."""
-    from accelerate import Accelerator, PartialState
-    from accelerate.state import AcceleratorState
-
-    shared = AcceleratorState._shared_state
-    if shared and shared.get("_mixed_precision") != mixed_precision and PartialState().num_processes == 1:
-        AcceleratorState._reset_state()  # a new single-process run in this interpreter, other precision
-    cpu = not (torch.cuda.is_available() or (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()))
-    return Accelerator(mixed_precision=mixed_precision, cpu=cpu)
-
-
 def train(recipe: Recipe | str | Path | dict, setup: DistillationSetup, out_dir: str | Path,
           resume: bool = False, progress: bool = True) -> TrainResult:
     """Run every stage of ``recipe`` on ``setup`` and write the results under ``out_dir``.
@@ -126,7 +111,6 @@ class _Run:
 
     def __init__(self, recipe: Recipe, setup: DistillationSetup, out: Path, acc, reporter: Reporter):
         self.recipe, self.setup, self.out, self.acc, self.reporter = recipe, setup, out, acc, reporter
-        self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(recipe.mixed_precision)
 
     # ------------------------------------------------------------ setup and resume
 
@@ -150,28 +134,21 @@ class _Run:
             self.out.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.out / "recipe.yaml", recipe.to_yaml())
 
-        module = student_module(self.setup, recipe.from_scratch)
-        if any(p.dtype in (torch.float16, torch.bfloat16) for p in module.parameters()):
-            module = module.float()  # optimiser master weights in float32
+        weights = []  # the student's starting weights: stage 1's are the teacher's (or make_student's)
         if state.stage > 0:
-            module.load_state_dict(self._stage_weights(state.stage - 1))
+            weights.append(self._stage_weights(state.stage - 1))
         if state.step > 0:
-            module.load_state_dict(load_weights(checkpoint / "student.safetensors"))
-        module.train()
-        student = acc.prepare(module)
-        self.module = acc.unwrap_model(student)
-        self.student = student
-        self.optimizer = acc.prepare(make_optimizer(self.module))
+            weights.append(load_weights(checkpoint / "student.safetensors"))
+        self.trainee = Trainee.prepare(self.setup, recipe, acc, weights)
+        self.module = self.trainee.module
         if saved is not None and saved.get("scaler") is not None and acc.scaler is not None:
             acc.scaler.load_state_dict(saved["scaler"])
-        self.original = as_teacher(self.setup.teacher_model, acc.device, self.weight_dtype)
-        self.uncond = map_cond(lambda c: c.to(acc.device), self.setup.uncond)
 
         for index in range(state.stage, len(recipe.stages)):
             resumed = checkpoint if state.step > 0 else None
             self._run_stage(index, state, resumed, saved if resumed else None)
         acc.wait_for_everyone()
-        module = acc.unwrap_model(student, keep_fp32_wrapper=False).eval()
+        module = acc.unwrap_model(self.trainee.student, keep_fp32_wrapper=False).eval()
         return TrainResult(self.setup.denoiser(module), module, TimeWindows(recipe.final_windows),
                            recipe.sample_guidance, state.completed, state.history, self.out)
 
@@ -204,46 +181,29 @@ class _Run:
     # ------------------------------------------------------------ one stage
 
     def _run_stage(self, index: int, state: RunState, checkpoint: Path | None, saved: dict | None) -> None:
-        recipe, acc, stage = self.recipe, self.acc, self.recipe.stages[index]
-        ema = EMA(self.module, stage.ema_decay)
-        self.optimizer.state.clear()
+        recipe, stage = self.recipe, self.recipe.stages[index]
+        previous = self._stage_weights(index - 1) if stage.teacher == "previous" else None
+        runner = StageRunner(recipe, self.setup, index, trainee=self.trainee, previous=previous,
+                             start_step=state.step, counters=state.counters)
         if checkpoint is not None:
-            ema.load_state_dict(load_weights(checkpoint / "ema.safetensors"))
-            self.optimizer.load_state_dict(saved["optimizer"])
-        previous = None
-        if stage.teacher == "previous":
-            previous = copy.deepcopy(self.module).requires_grad_(False)
-            previous.load_state_dict(self._stage_weights(index - 1))
-            previous = as_teacher(previous, acc.device, self.weight_dtype)
-        teacher, counter = build_stage_teacher(self.setup, recipe, index, self.original, previous,
-                                               self.weight_dtype, acc.autocast)
-        plan = BatchPlan(len(self.setup.dataset), recipe.seed, index, stage.batch_size, stage.grad_accum,
-                         acc.num_processes, acc.process_index)
-        ctx = StageContext(acc, recipe, index, self.setup, self.student, self.module,
-                           self.setup.denoiser(_Prepared(self.student, self.module)), self.optimizer, ema,
-                           teacher, counter, plan, self.uncond)
-        batches = micro_batches(self.setup.dataset, plan, state.step, recipe.num_workers)
+            runner.ema.load_state_dict(load_weights(checkpoint / "ema.safetensors"))
+            self.trainee.optimizer.load_state_dict(saved["optimizer"])
         first_global = state.global_step - state.step + 1
         self.reporter.start_stage(index, len(recipe.stages), stage, state.step)
-        for step in range(state.step, stage.steps):
-            start = time.perf_counter()
-            result = train_step(ctx, batches, step)
-            seconds = time.perf_counter() - start
-            state.step, state.global_step = step + 1, state.global_step + 1
-            counters = state.counters
-            counters.teacher_evals += result.teacher_evals
-            counters.samples += result.samples
-            counters.seconds += seconds
-            if result.nonfinite:
-                counters.skipped += 1
-                self._nonfinite(index, state)
-            else:
-                state.history.append((state.global_step, result.loss))
-            self.reporter.step(state.global_step, state.step, result.loss, result.scalars, result.samples / seconds)
-            if recipe.checkpoint_every and state.step % recipe.checkpoint_every == 0 and state.step < stage.steps:
-                self._checkpoint(state, {"student": self.module.state_dict(), "ema": ema.state_dict(self.module)})
-        del batches
-        self._finish_stage(index, state, ema, first_global)
+        with runner:
+            while runner.step_index < stage.steps:
+                result = runner.step()
+                state.step, state.global_step = runner.step_index, state.global_step + 1
+                if result.nonfinite:
+                    self._nonfinite(index, state)
+                else:
+                    state.history.append((state.global_step, result.loss))
+                self.reporter.step(state.global_step, state.step, result.loss, result.scalars,
+                                   result.samples / result.seconds)
+                if recipe.checkpoint_every and state.step % recipe.checkpoint_every == 0 and state.step < stage.steps:
+                    # the EMA file holds the averaged (trainable) tensors only: the frozen ones are the student's
+                    self._checkpoint(state, {"student": self.module.state_dict(), "ema": runner.ema.tensors()})
+        self._finish_stage(index, state, runner.ema, first_global)
 
     def _nonfinite(self, index: int, state: RunState) -> None:
         skipped, limit = state.counters.skipped, self.recipe.max_nonfinite
@@ -285,24 +245,10 @@ class _Run:
 
     def _checkpoint(self, state: RunState, weights: dict[str, dict[str, torch.Tensor]]) -> Path:
         scaler = self.acc.scaler.state_dict() if self.acc.scaler is not None else None
-        saved = {"optimizer": self.optimizer.state_dict() if weights else None, "scaler": scaler,
+        saved = {"optimizer": self.trainee.optimizer.state_dict() if weights else None, "scaler": scaler,
                  "history": torch.tensor(state.history, dtype=torch.float64).reshape(-1, 2)}
         return write_checkpoint(self.acc, self.out, state.global_step, state.meta(self.recipe, self.acc.num_processes),
                                 saved, weights, self.recipe.keep_checkpoints)
-
-
-class _Prepared:
-    """The prepared (DDP / autocast) student, looking like the plain module to ``setup.adapter``
-    (which may read ``forward``'s signature or attributes such as ``config``)."""
-
-    def __init__(self, prepared: nn.Module, module: nn.Module):
-        self._prepared, self._module = prepared, module
-
-    def __call__(self, *args, **kwargs):
-        return self._prepared(*args, **kwargs)
-
-    def __getattr__(self, name: str):
-        return getattr(self._module, name)
 
 
 def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:

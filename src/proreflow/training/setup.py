@@ -37,6 +37,11 @@ class DistillationSetup:
     adapter: turns a module into ``network(x, timestep, cond)`` (``diffusers_network`` for UNets).
     make_student: builds a fresh student network (training from scratch); None: copy the teacher.
     info: free-form description stored in checkpoints (dataset name, model id, ...).
+    keep_on_dropout: dotted key paths of dict-condition leaves that a sample keeps when its
+        condition is dropped (and in the unconditional branch of guidance); every other leaf
+        becomes ``uncond``'s (:func:`~proreflow.conditioning.null_like`). The Stable Diffusion
+        setup sets ``("added_cond_kwargs.time_ids",)`` for SDXL: dropout removes the text, not
+        the image size and crop, as diffusers' SDXL training scripts do.
     """
 
     teacher_model: nn.Module
@@ -47,6 +52,7 @@ class DistillationSetup:
     adapter: Callable[[nn.Module], Network] = call_module
     make_student: Callable[[], nn.Module] | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    keep_on_dropout: tuple[str, ...] = ()
 
     def denoiser(self, module: nn.Module, dtype=None) -> Denoiser:
         """A Denoiser over ``module`` with the teacher's output type and schedule."""

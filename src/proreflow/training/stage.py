@@ -8,7 +8,10 @@ Per micro-batch of real data ``x0`` (see :mod:`.batches` for times and noise):
     loss    = aligned_v_loss(student velocity at (x_t, t) towards t_end, v_tgt, alpha, beta)
 
 Targets are made online for each batch. Condition dropout (probability ``cond_dropout``)
-replaces a sample's condition by the null condition for teacher and student alike.
+replaces a sample's condition by the null condition for teacher and student alike; the null
+condition of a sample (also the unconditional branch of guidance) keeps the leaves named by
+``setup.keep_on_dropout`` from the sample (:func:`~proreflow.conditioning.null_like`).
+The loop over a stage's steps is :class:`~proreflow.training.runner.StageRunner`.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..conditioning import Cond, map_cond, select_cond
+from ..conditioning import Cond, map_cond, null_like, select_cond
 from ..losses import aligned_v_loss
 from ..recipes import Recipe, Stage
 from ..targets import StageTeacher, make_reflow_batch
@@ -125,13 +128,15 @@ class StageContext:
 
 @dataclass
 class StepResult:
-    """One optimiser step, reduced over processes. ``loss`` is nan when the step was skipped."""
+    """One optimiser step, reduced over processes. ``loss`` is nan when the step was skipped.
+    ``seconds``: wall-clock time of the step (set by :class:`~proreflow.training.runner.StageRunner`)."""
 
     loss: float
     scalars: dict[str, float]
     nonfinite: bool
     teacher_evals: int
     samples: int
+    seconds: float = 0.0
 
 
 def train_step(ctx: StageContext, batches: Iterator[tuple[Tensor, Cond]], step: int) -> StepResult:
@@ -153,11 +158,12 @@ def train_step(ctx: StageContext, batches: Iterator[tuple[Tensor, Cond]], step: 
         t, keep, noise = sample_randomness(ctx.plan.positions(step, micro), ctx.recipe.seed, ctx.index,
                                            tuple(x0.shape[1:]), dtype, stage.cond_dropout)
         t, keep, noise = t.to(acc.device), keep.to(acc.device), noise.to(acc.device)
+        uncond = null_like(cond, ctx.uncond, ctx.setup.keep_on_dropout)  # each sample's null condition
         if stage.cond_dropout > 0:
-            cond = select_cond(keep, cond, ctx.uncond)
+            cond = select_cond(keep, cond, uncond)
         last = micro == stage.grad_accum - 1
         with contextlib.nullcontext() if last else acc.no_sync(ctx.student):
-            batch = make_reflow_batch(x0, noise, windows, ctx.teacher, ctx.setup.schedule, cond, ctx.uncond, t=t)
+            batch = make_reflow_batch(x0, noise, windows, ctx.teacher, ctx.setup.schedule, cond, uncond, t=t)
             v_pred = ctx.student_denoiser.velocity(batch.x_t, batch.t, batch.t_end, cond)
             terms = aligned_v_loss(v_pred, batch.v_target, stage.alpha, stage.beta)
             acc.backward(terms.total / stage.grad_accum)

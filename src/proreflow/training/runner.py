@@ -1,0 +1,241 @@
+"""Optimiser steps of one stage, in memory: :class:`StageRunner` and :func:`run_steps`.
+
+:func:`~proreflow.training.train` runs each stage of a recipe through a :class:`StageRunner`
+and adds what a run keeps (checkpoints, stage results, logs, resume). The runner alone writes
+nothing to disk: it is the public way to run N optimiser steps of a stage, for throughput
+measurements (``benchmarks/throughput.py``) or experiments::
+
+    from proreflow.training import StageRunner, run_steps
+
+    counters = run_steps("perflow", setup, stage_index=0, steps=10)  # StageCounters of the 10 steps
+    runner = StageRunner("proreflow-i", setup, 0)
+    runner.run(5)
+    runner.run(5)                 # goes on where it stopped (steps 6 to 10 of the stage)
+    runner.module, runner.ema     # the student's raw weights and their EMA
+
+A standalone runner starts the student as :func:`train` starts stage 1 (a copy of the teacher,
+or ``setup.make_student()`` with ``from_scratch``), whatever the stage; a stage whose teacher
+is the previous student learns from the student's starting weights unless ``previous`` gives
+other ones. Like :func:`train`, it puts the teacher network in eval mode on the device, in the
+mixed-precision dtype, in place.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..conditioning import Cond, map_cond
+from ..recipes import Recipe, Stage, load_recipe
+from .batches import BatchPlan, micro_batches
+from .checkpoint import student_module
+from .ema import EMA
+from .optim import make_optimizer
+from .report import StageCounters
+from .setup import DistillationSetup
+from .stage import NonFiniteLossError, StageContext, StepResult, as_teacher, build_stage_teacher, train_step
+
+WEIGHT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+"""The dtype frozen teachers are cast to under each ``mixed_precision`` (none for 'no')."""
+
+
+def make_accelerator(mixed_precision: str):
+    """An ``accelerate.Accelerator`` on GPU when there is one (else CPU, gloo for several processes)."""
+    from accelerate import Accelerator, PartialState
+    from accelerate.state import AcceleratorState
+
+    shared = AcceleratorState._shared_state
+    if shared and shared.get("_mixed_precision") != mixed_precision and PartialState().num_processes == 1:
+        AcceleratorState._reset_state()  # a new single-process run in this interpreter, other precision
+    cpu = not (torch.cuda.is_available() or (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()))
+    return Accelerator(mixed_precision=mixed_precision, cpu=cpu)
+
+
+@dataclass
+class Trainee:
+    """What the stages of a run share: the student and its optimiser, the original teacher.
+
+    module: the unwrapped student (float32 master weights), whose parameters the optimiser and
+        the EMA follow. student: the same network as prepared by accelerate (DDP / autocast).
+    original: the original teacher network, frozen, on the device, in ``weight_dtype``.
+    uncond: ``setup.uncond`` on the device.
+    """
+
+    accelerator: Any
+    module: nn.Module
+    student: nn.Module
+    optimizer: torch.optim.Optimizer
+    original: nn.Module
+    uncond: Cond
+    weight_dtype: torch.dtype | None
+
+    @classmethod
+    def prepare(cls, setup: DistillationSetup, recipe: Recipe, accelerator,
+                weights: Iterable[dict[str, Tensor]] = ()) -> Trainee:
+        """A fresh student (teacher copy or ``make_student()``, in float32), with ``weights`` loaded
+        in order, prepared with its optimiser; the original teacher cast and moved in place."""
+        module = student_module(setup, recipe.from_scratch)
+        if any(p.dtype in (torch.float16, torch.bfloat16) for p in module.parameters()):
+            module = module.float()  # optimiser master weights in float32
+        for state in weights:
+            module.load_state_dict(state)
+        module.train()
+        student = accelerator.prepare(module)
+        module = accelerator.unwrap_model(student)
+        optimizer = accelerator.prepare(make_optimizer(module))
+        weight_dtype = WEIGHT_DTYPES.get(recipe.mixed_precision)
+        original = as_teacher(setup.teacher_model, accelerator.device, weight_dtype)
+        uncond = map_cond(lambda c: c.to(accelerator.device), setup.uncond)
+        return cls(accelerator, module, student, optimizer, original, uncond, weight_dtype)
+
+
+class StageRunner:
+    """Optimiser steps of stage ``index`` (0-based) of ``recipe`` on ``setup`` (module doc).
+
+    accelerator: an ``accelerate.Accelerator`` whose mixed precision is the recipe's (default:
+        :func:`make_accelerator`). trainee: the student to train (default: a fresh one,
+        :meth:`Trainee.prepare`); :func:`train` passes its own, shared by the stages.
+    previous: the previous stage's student weights, the stage teacher when the stage's teacher
+        is 'previous' (default: the student's weights when the runner starts).
+    start_step: optimiser steps of the stage already done (the data stream and the learning
+        rate go on from there). counters: running totals to add to (default: fresh ones).
+
+    Each runner starts a fresh EMA of the student's trainable parameters (:attr:`ema`) and
+    clears the optimiser's state, as a stage does.
+    """
+
+    def __init__(self, recipe: Recipe | str | Path | dict, setup: DistillationSetup, index: int = 0,
+                 accelerator=None, *, trainee: Trainee | None = None, previous: dict[str, Tensor] | None = None,
+                 start_step: int = 0, counters: StageCounters | None = None):
+        recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+        if not 0 <= index < len(recipe.stages):
+            raise IndexError(f"stage index {index}: the recipe has {len(recipe.stages)} stage(s) (0-based index)")
+        if trainee is None:
+            if accelerator is None:
+                accelerator = make_accelerator(recipe.mixed_precision)
+            elif accelerator.mixed_precision != recipe.mixed_precision:
+                raise ValueError(f"the accelerator runs mixed precision {accelerator.mixed_precision!r} but the "
+                                 f"recipe says mixed_precision: {recipe.mixed_precision}")
+            trainee = Trainee.prepare(setup, recipe, accelerator)
+        elif accelerator is not None and accelerator is not trainee.accelerator:
+            raise ValueError("give either a trainee or an accelerator: the trainee brings its own")
+        acc = trainee.accelerator
+        self.recipe, self.setup, self.index, self.trainee = recipe, setup, index, trainee
+        stage = self.stage
+        self.ema = EMA(trainee.module, stage.ema_decay)
+        trainee.optimizer.state.clear()
+        teacher_module = None
+        if stage.teacher == "previous":
+            teacher_module = copy.deepcopy(trainee.module).requires_grad_(False)
+            if previous is not None:
+                teacher_module.load_state_dict(previous)
+            teacher_module = as_teacher(teacher_module, acc.device, trainee.weight_dtype)
+        teacher, counter = build_stage_teacher(setup, recipe, index, trainee.original, teacher_module,
+                                               trainee.weight_dtype, acc.autocast)
+        plan = BatchPlan(len(setup.dataset), recipe.seed, index, stage.batch_size, stage.grad_accum,
+                         acc.num_processes, acc.process_index)
+        self.context = StageContext(acc, recipe, index, setup, trainee.student, trainee.module,
+                                    setup.denoiser(_Prepared(trainee.student, trainee.module)), trainee.optimizer,
+                                    self.ema, teacher, counter, plan, trainee.uncond)
+        self._batches = micro_batches(setup.dataset, plan, start_step, recipe.num_workers)
+        self.step_index = start_step
+        self.counters = counters if counters is not None else StageCounters()
+
+    @property
+    def stage(self) -> Stage:
+        return self.recipe.stages[self.index]
+
+    @property
+    def module(self) -> nn.Module:
+        """The unwrapped student (raw weights; :attr:`ema` holds their average)."""
+        return self.trainee.module
+
+    @property
+    def student(self) -> nn.Module:
+        """The student as prepared by accelerate (DDP / autocast wrapper)."""
+        return self.trainee.student
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self.trainee.optimizer
+
+    @property
+    def original(self) -> nn.Module:
+        """The original teacher network (frozen, on the device, in the mixed-precision dtype)."""
+        return self.trainee.original
+
+    def step(self) -> StepResult:
+        """One optimiser step (the stage's next): accumulate, clip, step, update the EMA; adds to
+        :attr:`counters`. A non-finite loss skips the update and is counted, not raised."""
+        if self._batches is None:
+            raise RuntimeError("this StageRunner was closed")
+        start = time.perf_counter()
+        result = train_step(self.context, self._batches, self.step_index)
+        result.seconds = time.perf_counter() - start
+        self.step_index += 1
+        self.counters.teacher_evals += result.teacher_evals
+        self.counters.samples += result.samples
+        self.counters.seconds += result.seconds
+        self.counters.skipped += int(result.nonfinite)
+        return result
+
+    def run(self, steps: int) -> StageCounters:
+        """``steps`` optimiser steps (they may go past the stage's ``steps``); the counters of these steps.
+
+        Raises :class:`NonFiniteLossError` once ``max_nonfinite`` steps of the stage were skipped.
+        """
+        done = StageCounters()
+        for _ in range(steps):
+            result = self.step()
+            done.teacher_evals += result.teacher_evals
+            done.samples += result.samples
+            done.seconds += result.seconds
+            done.skipped += int(result.nonfinite)
+            if result.nonfinite and self.counters.skipped >= self.recipe.max_nonfinite:
+                raise NonFiniteLossError(
+                    f"stage {self.index + 1}, step {self.step_index}: {self.counters.skipped} optimiser steps had "
+                    f"a non-finite loss (max_nonfinite={self.recipe.max_nonfinite})")
+        return done
+
+    def close(self) -> None:
+        """Stop the data loader (its worker processes, if any)."""
+        self._batches = None
+
+    def __enter__(self) -> StageRunner:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def run_steps(recipe: Recipe | str | Path | dict, setup: DistillationSetup, stage_index: int = 0,
+              steps: int | None = None, accelerator=None) -> StageCounters:
+    """Run ``steps`` optimiser steps (default: the stage's ``steps``) of stage ``stage_index`` of
+    ``recipe`` on a fresh student, in memory (nothing written); returns their counters.
+
+    The student starts as in :class:`StageRunner` (a copy of the teacher, or
+    ``setup.make_student()``); :func:`~proreflow.training.train` runs whole recipes.
+    """
+    with StageRunner(recipe, setup, stage_index, accelerator) as runner:
+        return runner.run(runner.stage.steps if steps is None else steps)
+
+
+class _Prepared:
+    """The prepared (DDP / autocast) student, looking like the plain module to ``setup.adapter``
+    (which may read ``forward``'s signature or attributes such as ``config``)."""
+
+    def __init__(self, prepared: nn.Module, module: nn.Module):
+        self._prepared, self._module = prepared, module
+
+    def __call__(self, *args, **kwargs):
+        return self._prepared(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self._module, name)
