@@ -10,9 +10,9 @@ mode, and the network sees ``(x - 128) / 128``, i.e. [-1, 0.9921875] (TF's Incep
 
 Statistics are torchmetrics' ``FrechetInceptionDistance`` states (float64 sums) exposed as
 :class:`FIDStats` (``mu``, ``sigma``, ``n``); the distance between two sets of statistics is the
-float64 formula of :mod:`proreflow.evaluation.frechet`, the one every FD/FID in the project uses. Reference (real-image) statistics are cached on disk
-(:func:`reference_statistics`), keyed by the image list, the resize settings and a hash of
-the feature network.
+float64 formula of :mod:`proreflow.evaluation.frechet`, the one every FD/FID in the project uses.
+Reference (real-image) statistics are cached on disk (:func:`reference_statistics`), keyed by
+the image list, the resize settings and a hash of the feature network.
 """
 
 from __future__ import annotations
