@@ -45,6 +45,7 @@ METHODS = {
     "ProReflow-II, original teacher every stage": ("proreflow-ii", ["stages.*.teacher=original"]),
 }
 QUICK_METHODS = ["2-Reflow", "PeRFlow", "ProReflow-I", "ProReflow-II"]
+CURVE_METHODS = ("PeRFlow", "ProReflow-I", "ProReflow-II")
 GUIDANCE = {"2d": 1.0, "digits": 2.0, "mnist": 2.0}
 TEACHER_STEPS = (32, 8, 4, 2, 1)
 DPM_STEPS = (4, 2)
@@ -98,7 +99,7 @@ def run_dataset(data: str, args, log) -> list[dict]:
             rows.append({"data": data, "seed": seed, "method": "DPM-Solver++ 2M", "steps": n, "budget": 0,
                          "teacher_evals": 0, **m})
         for method in args.methods:
-            for budget in args.budgets:
+            for budget in sorted({args.budget, *(args.curve_budgets if method in CURVE_METHODS else [])}):
                 recipe = method_recipe(method, budget, guidance, seed, args.lr)
                 start = time.perf_counter()
                 result = train(recipe, setup, args.work / data / f"{method}-{budget}-s{seed}".replace(" ", "_"),
@@ -199,19 +200,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", nargs="+", type=int, default=None, help="seeds (default 0 1 2)")
     p.add_argument("--methods", nargs="+", default=None, choices=list(METHODS), metavar="METHOD",
                    help="methods (default: all): " + "; ".join(METHODS))
-    p.add_argument("--budgets", nargs="+", type=int, default=None,
-                   help="optimiser steps per method (several: quality-vs-budget curve; default 3000)")
+    p.add_argument("--budget", type=int, default=None, help="optimiser steps of every method (default 3000)")
+    p.add_argument("--curve-budgets", nargs="*", type=int, default=None,
+                   help="extra budgets for " + ", ".join(CURVE_METHODS) + " (quality-vs-budget plot; "
+                   "default: budget / 4 and budget / 2)")
     p.add_argument("--lr", type=float, default=None, help="learning rate of every stage (default: the preset's)")
     p.add_argument("--samples", type=int, default=None, help="evaluation samples per sampler (default 1000)")
     p.add_argument("--out", type=Path, default=ROOT / "docs", help="where results.md / .json go (default docs/)")
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "quality", help="training runs (default runs/quality)")
+    p.add_argument("--merge", nargs="+", type=Path, default=None, metavar="JSON",
+                   help="do not train: re-render results.md from the rows of earlier runs' JSON files")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1: the built-in networks are tiny, more threads only contend)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     quick = args.quick
+    torch.set_num_threads(args.threads)
     args.data = args.data or (["digits"] if quick else ["moons", "digits", "mnist"])
     args.seeds = args.seeds or ([0] if quick else [0, 1, 2])
     args.methods = args.methods or (QUICK_METHODS if quick else list(METHODS))
-    args.budgets = args.budgets or ([600] if quick else [3000])
+    args.budget = args.budget or (600 if quick else 3000)
+    if args.curve_budgets is None:
+        args.curve_budgets = [] if quick else [args.budget // 4, args.budget // 2]
     args.samples = args.samples or (500 if quick else 1000)
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -219,13 +229,18 @@ def main(argv: list[str] | None = None) -> int:
     def log(msg: str) -> None:
         print(f"[{(time.perf_counter() - start) / 60:5.1f} min] {msg}", flush=True)
 
-    rows = [r for data in args.data for r in run_dataset(data, args, log)]
+    if args.merge:
+        rows = [r for path in args.merge for r in json.loads(path.read_text())["rows"]]
+        args.data = list(dict.fromkeys(r["data"] for r in rows))
+        args.seeds = sorted({r["seed"] for r in rows})
+    else:
+        rows = [r for data in args.data for r in run_dataset(data, args, log)]
     agg = aggregate(rows)
     stem = "results-quick" if quick else "results"
     (args.out / f"{stem}.json").write_text(json.dumps({"argv": sys.argv[1:], "rows": rows, "aggregate": agg},
                                                       indent=1))
     (args.out / f"{stem}.md").write_text(markdown(agg, args, time.perf_counter() - start))
-    if len(args.budgets) > 1:
+    if args.curve_budgets:
         budget_plot(agg, args.out / "quality_vs_budget.png")
     log(f"wrote {args.out / (stem + '.md')}")
     return 0

@@ -41,6 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--samples", type=int, default=1000, help="evaluation samples per sampler (default 1000)")
     parser.add_argument("--cache-dir", default=None, help="teacher/classifier cache (default ~/.cache/proreflow)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the recipe and of the evaluation noise")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (default 1: the built-in networks are tiny, more threads only contend)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
@@ -52,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
     from ..training import train
     from ..training.teacher import builtin_setup
 
+    torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     sections, results = [], {}
