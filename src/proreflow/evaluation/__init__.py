@@ -1,7 +1,6 @@
 """Evaluation: distances to the true 2D distributions, FD and class accuracy with a feature
 classifier (built-in image sets), fidelity to the teacher and trajectory straightness."""
 
-from .builtin import balanced_labels, evaluate_sampler, sample_metrics
 from .classifier import (
     ClassifierConfig,
     TrainedClassifier,
@@ -15,8 +14,8 @@ from .fidelity import fidelity, fidelity_to_teacher, sampler_straightness, strai
 from .frechet import frechet_distance, frechet_distance_from_stats, gaussian_stats
 
 __all__ = [
-    "ClassifierConfig", "TrainedClassifier", "balanced_labels", "class_accuracy", "classifier_config",
-    "energy_distance", "evaluate_sampler", "feature_fd", "fidelity", "fidelity_to_teacher", "frechet_distance",
-    "frechet_distance_from_stats", "gaussian_stats", "load_or_train_classifier", "sample_metrics",
-    "sampler_straightness", "sliced_wasserstein", "straightness", "toy_distances", "trajectory_times",
+    "ClassifierConfig", "TrainedClassifier", "class_accuracy", "classifier_config", "energy_distance", "feature_fd",
+    "fidelity", "fidelity_to_teacher", "frechet_distance", "frechet_distance_from_stats", "gaussian_stats",
+    "load_or_train_classifier", "sampler_straightness", "sliced_wasserstein", "straightness", "toy_distances",
+    "trajectory_times",
 ]

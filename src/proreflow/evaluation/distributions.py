@@ -11,6 +11,9 @@ for identical sets and are computed in float64.
 - Energy distance: ``E(x, y) = sqrt(2 E|X - Y| - E|X - X'| - E|Y - Y'|)`` with all pairs
   (V-statistics, the energy distance of the two empirical distributions; in 1D it equals
   ``scipy.stats.energy_distance``).
+
+Finite samples: both read above 0 for two independent samples of one distribution (about 0.015
+for 10k vs 10k points of the built-in 2D sets), so compare samplers at equal sample counts.
 """
 
 from __future__ import annotations

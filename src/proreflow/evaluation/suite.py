@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -44,7 +44,6 @@ class EvalSet:
     reference: Tensor
     real: Tensor
     classifier: TrainedClassifier | None = None
-    extra: dict = field(default_factory=dict)
 
 
 def make_eval_set(data: str, teacher: Denoiser, num_samples: int = 1000, guidance: float = 1.0, seed: int = 0,

@@ -5,9 +5,15 @@ Training minimises ``E || net(x_t, tau, c) - eps ||^2`` with ``t ~ U(0, 1]``,
 continuous-time convention the samplers use (:mod:`proreflow.schedules`), on Stable
 Diffusion's noise schedule (``scaled_linear``, betas 0.00085..0.012, T = 1000). Class labels
 are replaced by the null class with probability ``cond_dropout`` (10 %), so classifier-free
-guidance works. AdamW, linear warm-up then cosine decay of the learning rate, gradient
-clipping, and an EMA of the weights with decay ``min(ema_decay, (1 + n) / (10 + n))`` after
-``n`` updates; the EMA weights are the teacher.
+guidance works. Image teachers may train with offset noise (Guttenberg 2023),
+``eps = n + offset_noise * d`` with ``n ~ N(0, I)`` and ``d ~ N(0, 1)`` per image and channel,
+constant over pixels: SD's schedule keeps ``sqrt(abar(1)) = 0.068`` of the signal at t = 1, so a
+network can read an image's mean brightness off ``x_1``, which the sampler's start ``N(0, I)``
+lacks; MNIST (mostly black) then comes out on grey backgrounds. Offset noise hides that mean.
+
+AdamW, linear warm-up then cosine decay of the learning rate, gradient clipping, and an EMA
+of the weights with decay ``min(ema_decay, (1 + n) / (10 + n))`` after ``n`` updates; the EMA
+weights are the teacher.
 
 A trained teacher is stored under ``<cache>/teachers/<data>-<hash of config>/``
 (:mod:`proreflow.models.store`); :func:`load_or_train_teacher` reuses it and
@@ -56,6 +62,7 @@ class TeacherConfig:
     grad_clip: float = 1.0
     ema_decay: float = 0.999
     cond_dropout: float = 0.1
+    offset_noise: float = 0.0
     seed: int = 0
     beta_schedule: str = "scaled_linear"
     beta_start: float = 0.00085
@@ -76,9 +83,11 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "moons": _TOY,
     "digits": dict(network=mlp_spec((1, 8, 8), num_classes=10, width=256, depth=3), steps=4000,
                    batch_size=128, lr=1e-3),
-    "mnist": dict(network=small_unet(10, block_out_channels=(8, 16, 32)), steps=3000, batch_size=64, lr=2e-3),
+    "mnist": dict(network=small_unet(10), steps=3000, batch_size=64, lr=2e-3, offset_noise=0.1),
 }
-"""Default teacher per dataset, sized for about 1-2 minutes on 2 CPU cores (MNIST: several minutes)."""
+"""Default teacher per dataset. CPU time of one core (torch 2.13): 2D sets about 95 s, digits about
+75 s, MNIST about 520 s. DDIM-32 samples with guidance 2 are classified as their label 100 %
+(digits) and 97 % (MNIST, the classifier's own held-out accuracy) of the time."""
 
 
 def teacher_config(data: str, **overrides: Any) -> TeacherConfig:
@@ -129,6 +138,8 @@ def fit_teacher(config: TeacherConfig, device: str | torch.device = "cpu", progr
                 ) -> tuple[nn.Module, dict[str, Any]]:
     """Train a teacher from ``config``; returns the EMA module (cpu, eval, frozen) and stats."""
     spec = get_spec(config.data)
+    if config.offset_noise and spec.is_2d:
+        raise ValueError("offset_noise shifts whole images: use it for image datasets only")
     data = load_dataset(config.data, "train", seed=config.seed)
     x_all = data.x.to(device)
     labels = None if data.labels is None else data.labels.to(device)
@@ -147,7 +158,10 @@ def fit_teacher(config: TeacherConfig, device: str | torch.device = "cpu", progr
     for _ in bar:
         idx = torch.randint(0, x_all.shape[0], (config.batch_size,), generator=gen).to(device)
         x0 = x_all[idx]
-        noise = torch.randn(x0.shape, generator=gen).to(device)
+        noise = torch.randn(x0.shape, generator=gen)
+        if config.offset_noise:
+            noise = noise + config.offset_noise * torch.randn(*x0.shape[:2], *[1] * (x0.ndim - 2), generator=gen)
+        noise = noise.to(device)
         t = sample_times(config.batch_size, gen).to(device)
         cond = None
         if labels is not None:
