@@ -7,9 +7,9 @@ from proreflow.cli import main
 
 def test_demo_writes_report_tables_and_pictures(tmp_path):
     out = tmp_path / "report"
-    code = main(["demo", "--data", "moons", "--out", str(out), "--steps", "4", "--teacher-steps", "30",
-                 "--samples", "64", "--cache-dir", str(tmp_path / "cache"), "--no-progress"])
-    assert code == 0
+    args = ["demo", "--data", "moons", "--out", str(out), "--steps", "4", "--teacher-steps", "30",
+            "--samples", "64", "--cache-dir", str(tmp_path / "cache"), "--no-progress"]
+    assert main(args) == 0
     for name in ("report.md", "results.json", "moons/samples.png", "moons/trajectories.png", "moons/loss.png"):
         assert (out / name).stat().st_size > 0, name
     rows = {r["sampler"]: r for r in json.loads((out / "results.json").read_text())["moons"]["rows"]}
@@ -19,3 +19,8 @@ def test_demo_writes_report_tables_and_pictures(tmp_path):
     assert [rows[f"student {n}-step"]["nfe"] for n in (4, 2, 1)] == [4, 2, 1]  # unguided 2D: one call a step
     report = (out / "report.md").read_text()
     assert "| student 4-step |" in report and "![samples.png](moons/samples.png)" in report
+
+    # a second demo in the same folder resumes the finished run instead of deleting it: same student, same rows
+    assert main(args) == 0
+    again = {r["sampler"]: r for r in json.loads((out / "results.json").read_text())["moons"]["rows"]}
+    assert {k: r["fidelity"] for k, r in again.items()} == {k: r["fidelity"] for k, r in rows.items()}

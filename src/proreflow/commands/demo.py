@@ -33,7 +33,9 @@ TEACHER_STEPS = (32, 4)
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", nargs="+", default=DEFAULT_DATA, choices=sorted(DATASETS), metavar="NAME",
                         help=f"built-in dataset(s): {', '.join(sorted(DATASETS))} (default: {' '.join(DEFAULT_DATA)})")
-    parser.add_argument("--out", default="reports/demo", help="report folder (default: reports/demo)")
+    parser.add_argument("--out", default="reports/demo",
+                        help="report folder (default: reports/demo); a training run found there is resumed "
+                        "(delete OUT/DATA/run to start over)")
     parser.add_argument("--recipe", default=RECIPE, help=f"preset or YAML recipe (default: {RECIPE})")
     parser.add_argument("--steps", type=int, default=None,
                         help="optimiser steps per stage (default: per dataset, " +
@@ -70,12 +72,8 @@ def run(args: argparse.Namespace) -> int:
         steps = args.steps or DEMO_STEPS[kind]
         recipe = load_recipe(args.recipe, [f"stages.*.steps={steps}", f"stages.*.guidance={GUIDANCE[kind]}",
                                            f"seed={args.seed}"])
-        run_dir = out / data / "run"
-        if run_dir.exists():
-            import shutil
-
-            shutil.rmtree(run_dir)
-        result = train(recipe, setup, run_dir, progress=not args.no_progress)
+        # an earlier (or killed) demo run in the same folder is resumed, never deleted
+        result = train(recipe, setup, out / data / "run", resume=True, progress=not args.no_progress)
         rows, samples = evaluate_demo(data, setup, result, args)
         results[data] = {"recipe": recipe.name, "steps_per_stage": steps, "rows": rows,
                          "stages": [s.__dict__ for s in result.stages],
