@@ -57,14 +57,15 @@ def kind(data: str) -> str:
     return "2d" if get_spec(data).is_2d else data
 
 
-def method_recipe(name: str, total_steps: int, guidance: float, seed: int, lr: float | None):
+def method_recipe(name: str, total_steps: int, guidance: float, seed: int, lr: float | None,
+                  settings: list[str] = ()):
     preset, overrides = METHODS[name]
     stages = len(load_recipe(preset).stages)
     extra = [f"stages.*.steps={max(1, total_steps // stages)}", f"stages.*.guidance={guidance}", f"seed={seed}",
              "checkpoint_every=0"]
     if lr is not None:
         extra.append(f"stages.*.lr={lr}")
-    return load_recipe(preset, [*overrides, *extra])
+    return load_recipe(preset, [*overrides, *extra, *settings])
 
 
 def student_rows(result, evalset, method: str) -> list[dict]:
@@ -84,12 +85,13 @@ def run_dataset(data: str, args, log) -> list[dict]:
     teacher = setup.denoiser(setup.teacher_model)
     rows = []
     for seed in args.seeds:
-        evalset = make_eval_set(data, teacher, args.samples, guidance, seed, progress=not args.no_progress)
+        samples = args.samples or (10_000 if kind(data) == "2d" else 500 if args.quick else 1000)
+        evalset = make_eval_set(data, teacher, samples, guidance, seed, progress=not args.no_progress)
         for n in TEACHER_STEPS:
             m = evaluate_sampler(evalset, teacher, TimeWindows(n), n, guidance)
             m.pop("samples")
             rows.append({"data": data, "seed": seed, "method": "teacher DDIM", "steps": n, "budget": 0,
-                         "teacher_evals": 0, **m})
+                         "teacher_evals": 0, "samples": samples, **m})
         for n in DPM_STEPS:
             def dpm(noise, cond, n=n, uncond=evalset.uncond):
                 return dpm_solver_sample(teacher, noise, n, cond, uncond, guidance)
@@ -97,10 +99,10 @@ def run_dataset(data: str, args, log) -> list[dict]:
             m = evaluate_callable(evalset, dpm, nfe=n * (2 if guidance != 1 and evalset.uncond is not None else 1))
             m.pop("samples")
             rows.append({"data": data, "seed": seed, "method": "DPM-Solver++ 2M", "steps": n, "budget": 0,
-                         "teacher_evals": 0, **m})
+                         "teacher_evals": 0, "samples": samples, **m})
         for method in args.methods:
             for budget in sorted({args.budget, *(args.curve_budgets if method in CURVE_METHODS else [])}):
-                recipe = method_recipe(method, budget, guidance, seed, args.lr)
+                recipe = method_recipe(method, budget, guidance, seed, args.lr, args.set)
                 start = time.perf_counter()
                 result = train(recipe, setup, args.work / data / f"{method}-{budget}-s{seed}".replace(" ", "_"),
                                progress=not args.no_progress)
@@ -108,7 +110,8 @@ def run_dataset(data: str, args, log) -> list[dict]:
                 log(f"{data} seed {seed} {method} budget {budget}: trained in {time.perf_counter() - start:.0f} s, "
                     f"teacher evals {evals:,}")
                 for r in student_rows(result, evalset, method):
-                    rows.append({"data": data, "seed": seed, "budget": budget, "teacher_evals": evals, **r})
+                    rows.append({"data": data, "seed": seed, "budget": budget, "teacher_evals": evals,
+                                 "samples": samples, **r})
         log(f"{data} seed {seed} done")
     return rows
 
@@ -120,6 +123,7 @@ def aggregate(rows: list[dict]) -> list[dict]:
     out = []
     for (data, method, steps, budget), rs in groups.items():
         agg = {"data": data, "method": method, "steps": steps, "budget": budget, "seeds": len(rs),
+               "samples": rs[0].get("samples"),
                "teacher_evals": int(statistics.mean(r["teacher_evals"] for r in rs)), "nfe": rs[0]["nfe"]}
         for key in ("fd", "accuracy", "sliced_wasserstein", "energy_distance", "fidelity", "straightness"):
             vals = [r[key] for r in rs if key in r]
@@ -137,7 +141,7 @@ def markdown(agg: list[dict], args, seconds: float) -> str:
              f"Python {platform.python_version()}; date {time.strftime('%Y-%m-%d')}; "
              f"wall time {seconds / 60:.1f} min  ",
              f"Seeds: {args.seeds} (recipe seed = evaluation-noise seed); evaluation samples per sampler: "
-             f"{args.samples}.  ",
+             "given under each dataset.  ",
              "Budget: optimiser steps per method (split evenly over its stages, batch 64), the same for every "
              "distilled method; `teacher evals` is the count of teacher network evaluations each spent "
              "(a guided call counts 2 per sample).  ",
@@ -154,7 +158,8 @@ def markdown(agg: list[dict], args, seconds: float) -> str:
                                                                                                 "straightness"]
         names = {"fd": "fd", "accuracy": "acc", "energy_distance": "energy", "sliced_wasserstein": "sw",
                  "fidelity": "fidelity", "straightness": "straight"}
-        lines += [f"## {data}", "", "| method | budget (steps) | teacher evals | steps | nfe | " +
+        lines += [f"## {data}", "", f"Evaluation samples per sampler: {rows[0]['samples']}.", "",
+                  "| method | budget (steps) | teacher evals | steps | nfe | " +
                   " | ".join(names[c] for c in cols) + " |", "|---|---|---|---|---|" + "---|" * len(cols)]
         for r in rows:
             cells = [f"{r[c]:.4g} ± {r[c + '_std']:.2g}" if c in r else "-" for c in cols]
@@ -205,7 +210,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="extra budgets for " + ", ".join(CURVE_METHODS) + " (quality-vs-budget plot; "
                    "default: budget / 4 and budget / 2)")
     p.add_argument("--lr", type=float, default=None, help="learning rate of every stage (default: the preset's)")
-    p.add_argument("--samples", type=int, default=None, help="evaluation samples per sampler (default 1000)")
+    p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="recipe overrides applied to every method after its own, e.g. stages.*.ema_decay=0.99")
+    p.add_argument("--samples", type=int, default=None,
+                   help="evaluation samples per sampler (default: 10000 for 2D data, whose distances have a "
+                   "finite-sample floor; 1000 for images, 500 with --quick)")
     p.add_argument("--out", type=Path, default=ROOT / "docs", help="where results.md / .json go (default docs/)")
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "quality", help="training runs (default runs/quality)")
     p.add_argument("--merge", nargs="+", type=Path, default=None, metavar="JSON",
@@ -222,7 +231,6 @@ def main(argv: list[str] | None = None) -> int:
     args.budget = args.budget or (600 if quick else 3000)
     if args.curve_budgets is None:
         args.curve_budgets = [] if quick else [args.budget // 4, args.budget // 2]
-    args.samples = args.samples or (500 if quick else 1000)
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
 

@@ -78,8 +78,8 @@ class Stage:
     batch_size: int = _doc("global batch per optimiser step, over all processes and accumulation steps",
                            default=64)
     grad_accum: int = _doc("gradient accumulation steps per optimiser step", default=1)
-    ema_decay: float = _doc("EMA of the student's weights: ema <- decay * ema + (1 - decay) * weights",
-                            default=0.999)
+    ema_decay: float = _doc("EMA of the student's weights: ema <- d_k * ema + (1 - d_k) * weights after "
+                            "step k, d_k = min(ema_decay, (1 + k) / (10 + k))", default=0.999)
     guidance: float = _doc("classifier-free guidance scale: baked into the targets ('baked'), or the "
                            "scale the student is sampled with ('cfg_sync')", default=1.0)
     guidance_mode: str = _doc("'baked': the teacher solves with guidance and the student samples without "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -11,19 +13,37 @@ from proreflow.training import EMA
 from proreflow.training.optim import make_optimizer, set_stage_hyperparameters, warmup_lr
 
 
-def test_ema_closed_form():
-    """At constant weights w: ema_n = decay^n ema_0 + (1 - decay^n) w."""
+def kept_fraction(decay: float, n: int) -> float:
+    """P = prod_{k=1..n} min(decay, (1 + k) / (10 + k)): the share of ema_0 left after n steps."""
+    return math.prod(min(decay, (1 + k) / (10 + k)) for k in range(1, n + 1))
+
+
+def test_ema_warmup_decay_schedule():
+    ema = EMA(nn.Linear(1, 1), 0.9)
+    assert ema.decay_at(1) == pytest.approx(2 / 11)
+    assert ema.decay_at(80) == pytest.approx(81 / 90) and ema.decay_at(81) == 0.9  # (1+k)/(10+k) reaches 0.9
+    assert ema.decay_at(10_000) == 0.9
+    with pytest.raises(ValueError, match="count from 1"):
+        ema.decay_at(0)
+
+
+@pytest.mark.parametrize("decay, n", [(0.9, 7), (0.9, 120), (0.999, 400)])
+def test_ema_closed_form(decay, n):
+    """At constant weights w: ema_n = P ema_0 + (1 - P) w, P = prod_k min(decay, (1+k)/(10+k)).
+    With the warm-up, decay 0.999 keeps under 3% of the start after 400 steps (not 0.999^400 = 67%)."""
     module = nn.Linear(3, 2).double()
     start = {k: v.clone() for k, v in module.state_dict().items()}
-    ema, decay, n = EMA(module, 0.9), 0.9, 7
+    ema = EMA(module, decay)
     with torch.no_grad():
         for p in module.parameters():
             p.fill_(2.0)
-    for _ in range(n):
-        ema.update(module)
+    for k in range(1, n + 1):
+        ema.update(module, k)
+    kept = kept_fraction(decay, n)
     for name, value in ema.shadow.items():
-        expected = decay**n * start[name] + (1 - decay**n) * 2.0
-        torch.testing.assert_close(value, expected, rtol=0, atol=1e-14)
+        torch.testing.assert_close(value, kept * start[name] + (1 - kept) * 2.0, rtol=0, atol=1e-14)
+    if decay == 0.999:
+        assert kept < 0.03
 
 
 def test_ema_decay_zero_follows_the_weights_and_copy_to():
@@ -31,7 +51,7 @@ def test_ema_decay_zero_follows_the_weights_and_copy_to():
     ema = EMA(module, 0.0)
     with torch.no_grad():
         module.weight.add_(1.0)
-    ema.update(module)
+    ema.update(module, 1)
     target = nn.Linear(2, 2).double()
     ema.copy_to(target)
     assert torch.equal(target.weight, module.weight)
@@ -53,7 +73,7 @@ def test_ema_state_dict_loads_into_the_module_with_tied_weights():
     ema = EMA(module, 0.5)
     with torch.no_grad():
         module.a.weight.add_(4.0)
-    ema.update(module)
+    ema.update(module, 100)  # past the warm-up: d = 0.5
     state = ema.state_dict(module)
     assert set(state) == {"a.weight", "b.weight", "count"}
     torch.testing.assert_close(state["b.weight"], state["a.weight"])
@@ -87,7 +107,7 @@ def test_ema_leaves_frozen_parameters_alone():
     with torch.no_grad():
         for p in module.parameters():
             p.add_(2.0)
-    ema.update(module)
+    ema.update(module, 100)
     state = ema.state_dict(module)
     torch.testing.assert_close(state["0.weight"], module[0].weight.detach())
     torch.testing.assert_close(state["1.weight"], module[1].weight.detach() - 1.0)
@@ -106,10 +126,11 @@ def test_ema_of_a_lora_like_student_holds_only_the_adapter():
     with torch.no_grad():
         for p in module.parameters():
             p.fill_(2.0)  # the base too: a frozen parameter is not averaged even if it moved
-    for _ in range(n):
-        ema.update(module)
+    for k in range(1, n + 1):
+        ema.update(module, k)
     for name in ADAPTER:
-        expected = decay**n * start[name] + (1 - decay**n) * 2.0
+        kept = kept_fraction(decay, n)
+        expected = kept * start[name] + (1 - kept) * 2.0
         torch.testing.assert_close(ema.tensors()[name], expected, rtol=0, atol=1e-14)
     full = ema.state_dict(module)
     assert full.keys() == module.state_dict().keys()

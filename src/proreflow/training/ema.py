@@ -1,12 +1,16 @@
 """Exponential moving average of a student's weights.
 
-After every optimiser step, for each parameter ``w``:
+After optimiser step ``k`` (1-based), for each parameter ``w``:
 
-    ema <- decay * ema + (1 - decay) * w
+    ema <- d_k * ema + (1 - d_k) * w,    d_k = min(decay, (1 + k) / (10 + k))
 
-so after ``n`` steps at a constant ``w``: ``ema_n = decay^n ema_0 + (1 - decay^n) w``. The EMA
-starts equal to the weights (each stage starts from its initial student), is what a stage
-hands to the next one, what is saved as the stage result, and what is sampled and exported.
+the warm-up of diffusers' ``EMAModel``: early steps average over a short window, so a stage of a
+few hundred steps is not dominated by its initial weights (a plain ``decay = 0.999`` keeps
+``0.999^400 = 67%`` of them after 400 steps). After ``n`` steps at a constant ``w``:
+``ema_n = P ema_0 + (1 - P) w`` with ``P = prod_k d_k``. ``d_k`` depends on the step number
+alone, so a resumed stage continues the same average. The EMA starts equal to the weights (each
+stage starts from its initial student), is what a stage hands to the next one, what is saved as
+the stage result, and what is sampled and exported.
 
 Only the parameters trainable when the EMA is made (``requires_grad=True``) are averaged and
 held: a LoRA student's EMA is the size of its LoRA layers, not of the frozen base UNet. Frozen
@@ -31,11 +35,18 @@ class EMA:
         self.shadow: dict[str, Tensor] = {name: p.detach().clone() for name, p in module.named_parameters()
                                           if p.requires_grad}
 
+    def decay_at(self, step: int) -> float:
+        """``d_k = min(decay, (1 + k) / (10 + k))`` for optimiser step ``k`` (1-based)."""
+        if step < 1:
+            raise ValueError(f"EMA steps count from 1, got {step}")
+        return min(self.decay, (1.0 + step) / (10.0 + step))
+
     @torch.no_grad()
-    def update(self, module: nn.Module) -> None:
-        """One step of ``ema <- decay * ema + (1 - decay) * w``."""
+    def update(self, module: nn.Module, step: int) -> None:
+        """``ema <- d_k * ema + (1 - d_k) * w`` after optimiser step ``step`` (1-based)."""
+        weight = 1.0 - self.decay_at(step)
         for name, p in _tracked(module, self.shadow):
-            self.shadow[name].lerp_(p.detach().to(self.shadow[name].dtype), 1.0 - self.decay)
+            self.shadow[name].lerp_(p.detach().to(self.shadow[name].dtype), weight)
 
     def tensors(self) -> dict[str, Tensor]:
         """The averaged tensors alone, keyed by parameter name (trainable parameters only);

@@ -185,5 +185,5 @@ def train_step(ctx: StageContext, batches: Iterator[tuple[Tensor, Cond]], step: 
         scalars["grad_norm"] = float(acc.clip_grad_norm_(ctx.student.parameters(), stage.grad_clip))
     ctx.optimizer.step()
     ctx.optimizer.zero_grad(set_to_none=True)
-    ctx.ema.update(ctx.module)
+    ctx.ema.update(ctx.module, step + 1)
     return StepResult(float(sums[0]) / micro_total, scalars, False, evals, samples)
