@@ -42,7 +42,9 @@ METHODS = {
     "ProReflow-1step": ("proreflow-1step", []),
     "PeRFlow + aligned v (no progressive)": ("perflow", ["stages.*.alpha=1.0"]),
     "ProReflow-I, MSE (no aligned v)": ("proreflow-i", ["stages.*.alpha=0.0"]),
-    "ProReflow-II, original teacher every stage": ("proreflow-ii", ["stages.*.teacher=original"]),
+    "ProReflow-I, previous student as stage teacher": ("proreflow-i", ["stages.1.teacher=previous"]),
+    "ProReflow-II, previous student as stage teacher": ("proreflow-ii", ["stages.1.teacher=previous",
+                                                                         "stages.2.teacher=previous"]),
 }
 QUICK_METHODS = ["2-Reflow", "PeRFlow", "ProReflow-I", "ProReflow-II"]
 CURVE_METHODS = ("PeRFlow", "ProReflow-I", "ProReflow-II")
@@ -80,7 +82,7 @@ def student_rows(result, evalset, method: str) -> list[dict]:
 
 
 def run_dataset(data: str, args, log) -> list[dict]:
-    guidance = GUIDANCE[kind(data)]
+    guidance = args.guidance or GUIDANCE[kind(data)]
     setup = builtin_setup(data, progress=not args.no_progress)
     teacher = setup.denoiser(setup.teacher_model)
     rows = []
@@ -210,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="extra budgets for " + ", ".join(CURVE_METHODS) + " (quality-vs-budget plot; "
                    "default: budget / 4 and budget / 2)")
     p.add_argument("--lr", type=float, default=None, help="learning rate of every stage (default: the preset's)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="guidance scale of teacher and students (default: 2 on digits / MNIST, 1 on 2D data)")
     p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                    help="recipe overrides applied to every method after its own, e.g. stages.*.ema_decay=0.99")
     p.add_argument("--samples", type=int, default=None,
