@@ -42,6 +42,8 @@ METHODS = {
     "ProReflow-1step": ("proreflow-1step", []),
     "PeRFlow + aligned v (no progressive)": ("perflow", ["stages.*.alpha=1.0"]),
     "ProReflow-I, MSE (no aligned v)": ("proreflow-i", ["stages.*.alpha=0.0"]),
+    "2 windows + aligned v, one stage (ProReflow-II without progressive)": (
+        "perflow", ["stages.0.windows=2", "stages.0.solver_steps=16", "stages.*.alpha=1.0"]),
     "ProReflow-I, previous student as stage teacher": ("proreflow-i", ["stages.1.teacher=previous"]),
     "ProReflow-II, previous student as stage teacher": ("proreflow-ii", ["stages.1.teacher=previous",
                                                                          "stages.2.teacher=previous"]),
@@ -243,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.merge:
         rows = [r for path in args.merge for r in json.loads(path.read_text())["rows"]]
+        # runs of extra methods repeat the training-free anchors of the same seeds: keep one of each
+        rows = list({(r["data"], r["seed"], r["method"], r["steps"], r["budget"]): r for r in rows}.values())
         args.data = list(dict.fromkeys(r["data"] for r in rows))
         args.seeds = sorted({r["seed"] for r in rows})
     else:

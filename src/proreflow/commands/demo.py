@@ -20,11 +20,12 @@ from ..recipes import load_recipe
 from ..windows import TimeWindows
 
 DEFAULT_DATA = ["moons", "digits"]
-RECIPE = "proreflow-i"
-"""Default recipe, chosen from docs/results.md: at equal optimiser steps ProReflow-I matched or beat
-PeRFlow and ProReflow-II at 4 and 2 steps on digits, with a third of PeRFlow's teacher evaluations."""
-DEMO_STEPS = {"2d": 600, "digits": 800, "mnist": 400}
-"""Optimiser steps per stage (the demo's budget; the benchmark's recipes train longer)."""
+RECIPE = "proreflow-ii"
+"""Default recipe, chosen from docs/results.md: ProReflow-II (8 -> 4 -> 2 windows, original teacher in
+every stage) had the lowest 4-step FD / energy distance of the ProReflow and PeRFlow recipes on digits
+and moons at equal optimiser steps, and the best 1-step FD on digits."""
+DEMO_STEPS = {"2d": 400, "digits": 400, "mnist": 200}
+"""Optimiser steps per stage (the demo's budget; 3 stages of ProReflow-II)."""
 GUIDANCE = {"2d": 1.0, "digits": 2.0, "mnist": 2.0}
 STUDENT_STEPS = (4, 2, 1)
 TEACHER_STEPS = (32, 4)
