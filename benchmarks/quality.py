@@ -21,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 
+import diffusers
 import torch
 
 from proreflow.data import get_spec
@@ -142,8 +143,10 @@ def markdown(agg: list[dict], args, seconds: float) -> str:
     lines = ["# Quality benchmark", "",
              f"Command: `python benchmarks/quality.py {' '.join(sys.argv[1:])}`  ",
              f"Machine: {platform.machine()} CPU, {torch.get_num_threads()} threads; torch {torch.__version__}; "
+             f"diffusers {diffusers.__version__}; "
              f"Python {platform.python_version()}; date {time.strftime('%Y-%m-%d')}; "
-             f"wall time {seconds / 60:.1f} min  ",
+             (f"rows merged from {len(args.merge)} earlier runs  " if args.merge else
+              f"wall time {seconds / 60:.1f} min  "),
              f"Seeds: {args.seeds} (recipe seed = evaluation-noise seed); evaluation samples per sampler: "
              "given under each dataset.  ",
              "Budget: optimiser steps per method (split evenly over its stages, batch 64), the same for every "
