@@ -144,7 +144,7 @@ def markdown(agg: list[dict], args, seconds: float) -> str:
              f"Command: `python benchmarks/quality.py {' '.join(sys.argv[1:])}`  ",
              f"Machine: {platform.machine()} CPU, {torch.get_num_threads()} threads; torch {torch.__version__}; "
              f"diffusers {diffusers.__version__}; "
-             f"Python {platform.python_version()}; date {time.strftime('%Y-%m-%d')}; "
+             f"Python {platform.python_version()}; date {time.strftime('%Y-%m-%d')}; " +
              (f"rows merged from {len(args.merge)} earlier runs  " if args.merge else
               f"wall time {seconds / 60:.1f} min  "),
              f"Seeds: {args.seeds} (recipe seed = evaluation-noise seed); evaluation samples per sampler: "
