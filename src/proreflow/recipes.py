@@ -8,12 +8,13 @@ reflow is a recipe whose window counts halve, e.g. 8 -> 4 -> 2 (ProReflow-II).
 YAML form (``configs/*.yaml``): recipe keys at the top level, shared stage settings under
 ``defaults`` (a stage's own keys win), the stages as a list::
 
-    name: proreflow-i
+    name: my-proreflow
     seed: 0
     defaults: {lr: 1.0e-4, batch_size: 64, alpha: 1.0}
     stages:
       - {windows: 8, steps: 1000}
-      - {windows: 4, steps: 1000, teacher: previous}
+      - {windows: 4, steps: 1000}                      # against the original teacher (the default)
+      - {windows: 2, steps: 1000, teacher: previous}   # or against the stage-2 student
 
 Overrides (``key=value``, the value read as YAML) edit that form before it is checked:
 ``seed=3``, ``stages.1.lr=5e-5`` (one stage), ``stages.*.lr=5e-5`` (every stage, even where it
