@@ -24,7 +24,7 @@ from pathlib import Path
 import diffusers
 import torch
 
-from proreflow.data import get_spec
+from proreflow.commands.demo import GUIDANCE, data_kind, default_eval_samples
 from proreflow.evaluation.baselines import dpm_solver_sample
 from proreflow.evaluation.suite import evaluate_callable, evaluate_sampler, make_eval_set
 from proreflow.recipes import load_recipe
@@ -51,15 +51,10 @@ METHODS = {
 }
 QUICK_METHODS = ["2-Reflow", "PeRFlow", "ProReflow-I", "ProReflow-II"]
 CURVE_METHODS = ("PeRFlow", "ProReflow-I", "ProReflow-II")
-GUIDANCE = {"2d": 1.0, "digits": 2.0, "mnist": 2.0}
 TEACHER_STEPS = (32, 8, 4, 2, 1)
 DPM_STEPS = (4, 2)
 STUDENT_STEPS = (4, 2, 1)
 MAIN_METRIC = {"2d": "energy_distance", "image": "fd"}
-
-
-def kind(data: str) -> str:
-    return "2d" if get_spec(data).is_2d else data
 
 
 def method_recipe(name: str, total_steps: int, guidance: float, seed: int, lr: float | None,
@@ -85,12 +80,12 @@ def student_rows(result, evalset, method: str) -> list[dict]:
 
 
 def run_dataset(data: str, args, log) -> list[dict]:
-    guidance = args.guidance or GUIDANCE[kind(data)]
+    guidance = args.guidance or GUIDANCE[data_kind(data)]
     setup = builtin_setup(data, progress=not args.no_progress)
     teacher = setup.denoiser(setup.teacher_model)
     rows = []
     for seed in args.seeds:
-        samples = args.samples or (10_000 if kind(data) == "2d" else 500 if args.quick else 1000)
+        samples = args.samples or (500 if args.quick and data_kind(data) != "2d" else default_eval_samples(data))
         evalset = make_eval_set(data, teacher, samples, guidance, seed, progress=not args.no_progress)
         for n in TEACHER_STEPS:
             m = evaluate_sampler(evalset, teacher, TimeWindows(n), n, guidance)
