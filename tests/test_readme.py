@@ -14,3 +14,11 @@ def test_quick_start_is_two_commands_and_ci_runs_the_test_command():
     assert len(commands) == 2
     assert "proreflow demo" in commands[0]
     assert commands[1] in (ROOT / ".ci" / "run").read_text().splitlines()
+
+
+def test_ci_installs_into_a_new_virtual_environment():
+    """CI must not lean on packages installed by hand on its machine (a newer pytest once hid a failure)."""
+    lines = (ROOT / ".ci" / "run").read_text().splitlines()
+    venv = next(i for i, line in enumerate(lines) if "-m venv" in line)
+    activate = next(i for i, line in enumerate(lines) if "/bin/activate" in line)
+    assert venv < activate < lines.index(quick_start()[1])
