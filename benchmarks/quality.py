@@ -7,7 +7,7 @@ For each dataset: training-free anchors (teacher DDIM at 32/8/4/2/1 steps, DPM-S
 4 and 2 steps) and distilled students (2-Reflow, PeRFlow, ProReflow-I/II/1step, ablations),
 every student trained for the same number of optimiser steps from the teacher's weights; the
 teacher network evaluations each method spent are counted and reported. Every sampler is
-scored on the same noise and conditions (``proreflow.evaluation.suite``). Writes
+scored on the same noise and conditions (``proreflow.builtin.suite``). Writes
 ``docs/results.md`` and ``docs/results.json`` (and ``docs/quality_vs_budget.png``).
 """
 
@@ -24,12 +24,12 @@ from pathlib import Path
 import diffusers
 import torch
 
+from proreflow.builtin.baselines import dpm_solver_sample
+from proreflow.builtin.suite import evaluate_callable, evaluate_sampler, make_eval_set
+from proreflow.builtin.teacher import builtin_setup
 from proreflow.commands.demo import GUIDANCE, data_kind, default_eval_samples
-from proreflow.evaluation.baselines import dpm_solver_sample
-from proreflow.evaluation.suite import evaluate_callable, evaluate_sampler, make_eval_set
-from proreflow.recipes import load_recipe
 from proreflow.training import train
-from proreflow.training.teacher import builtin_setup
+from proreflow.training.recipes import load_recipe
 from proreflow.windows import TimeWindows
 
 ROOT = Path(__file__).resolve().parents[1]

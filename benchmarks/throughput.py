@@ -137,11 +137,11 @@ def run_config(cfg: Config) -> dict:
     from diffusers import UNet2DConditionModel
 
     from proreflow.conditioning import map_cond
-    from proreflow.models.stable_diffusion import unet_network
-    from proreflow.recipes import load_recipe
     from proreflow.schedules import VPSchedule
+    from proreflow.sd.pipeline import unet_network
     from proreflow.training import DistillationSetup, StageRunner, make_accelerator
     from proreflow.training.batches import collate_pairs
+    from proreflow.training.recipes import load_recipe
 
     unet_config, px, tokens, width, pooled = MODELS[cfg.model]
     mixed = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}[cfg.dtype]

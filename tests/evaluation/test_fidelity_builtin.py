@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from proreflow import Denoiser, TimeWindows, VPSchedule, sample
+from proreflow.builtin import MLPDenoiser
 from proreflow.evaluation import fidelity, fidelity_to_teacher, sampler_straightness, straightness, trajectory_times
-from proreflow.models import MLPDenoiser
 
 
 @pytest.fixture

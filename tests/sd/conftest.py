@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from .t2i_fixtures import clip_dir, feature_file, make_coco, student_dir, teacher_dir  # noqa: F401 (text-to-image evaluation)
 from .tiny import save_tiny_sd15, save_tiny_sdxl, write_image_folder
 
 

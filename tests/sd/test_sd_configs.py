@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from proreflow.models.sd_setup import build_sd_setup
-from proreflow.recipes import load_config
+from proreflow.sd.setup import build_sd_setup
+from proreflow.training.recipes import load_config
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from proreflow.data.captions import (
+from proreflow.sd.captions import (
     FolderSource,
     ImageCaptionDataset,
     TarShardSource,
@@ -114,7 +114,7 @@ def test_read_prompts(tmp_path):
 
 
 def test_latent_cache_equals_encoding_on_the_fly(sd15_dir, image_dir, tmp_path):
-    from proreflow.models.sd_setup import build_sd_setup
+    from proreflow.sd.setup import build_sd_setup
 
     common = {"teacher": str(sd15_dir), "data": str(image_dir), "device": "cpu", "seed": 3}
     cached = build_sd_setup(cache_dir=str(tmp_path / "cache"), **common)

@@ -7,8 +7,8 @@ import torch
 
 from proreflow import Denoiser, TimeWindows, sample
 from proreflow.conditioning import cat_cond, expand_cond, map_cond
-from proreflow.diffusers import ProReflowScheduler
-from proreflow.models.stable_diffusion import load_teacher, unet_network
+from proreflow.sd import ProReflowScheduler
+from proreflow.sd.pipeline import load_teacher, unet_network
 
 
 def scheduler_loop(unet, scheduler, noise, steps, cond, uncond, guidance):

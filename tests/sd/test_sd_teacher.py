@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from proreflow.models.stable_diffusion import load_teacher, read_model_index, sdxl_time_ids
+from proreflow.sd.pipeline import load_teacher, read_model_index, sdxl_time_ids
 
 
 def test_sd15_conditions_and_latents(sd15_dir):

@@ -10,11 +10,11 @@ import torch
 
 from proreflow import Denoiser, TimeWindows, sample
 from proreflow.cli import main as cli
-from proreflow.diffusers import ProReflowScheduler
-from proreflow.diffusers.export import export_lora, export_pipeline, load_run_student, read_export_info
-from proreflow.diffusers.lora import extract_lora
-from proreflow.models.sd_setup import build_sd_setup
-from proreflow.models.stable_diffusion import load_teacher, unet_network
+from proreflow.sd import ProReflowScheduler
+from proreflow.sd.export import export_lora, export_pipeline, load_run_student, read_export_info
+from proreflow.sd.lora import extract_lora
+from proreflow.sd.pipeline import load_teacher, unet_network
+from proreflow.sd.setup import build_sd_setup
 from proreflow.training import train
 
 RECIPE = {"name": "tiny", "checkpoint_every": 0, "log_every": 1,
@@ -151,7 +151,7 @@ def test_prompt_only_data_are_teacher_samples(sd15_dir, tmp_path):
                            prompt_steps=4, prompt_guidance=3.0, seed=1)
     latents, cond = setup.dataset[1]
     teacher = load_teacher(sd15_dir)
-    from proreflow.data.latent_cache import item_generator
+    from proreflow.sd.latent_cache import item_generator
 
     noise = torch.randn(1, 4, 8, 8, generator=item_generator(1, 1))
     denoiser = Denoiser(unet_network(teacher.unet), teacher.prediction_type, teacher.schedule)

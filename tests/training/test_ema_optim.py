@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from proreflow.recipes import Stage
 from proreflow.training import EMA
 from proreflow.training.optim import make_optimizer, set_stage_hyperparameters, warmup_lr
+from proreflow.training.recipes import Stage
 
 
 def kept_fraction(decay: float, n: int) -> float:

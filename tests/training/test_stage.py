@@ -6,8 +6,8 @@ import torch
 from engine_toys import CLASSES, MLP, make_setup
 
 from proreflow import TimeWindows
-from proreflow.recipes import load_recipe
 from proreflow.targets import make_reflow_batch
+from proreflow.training.recipes import load_recipe
 from proreflow.training.stage import build_stage_teacher
 
 EDGES4 = [1.0, 0.75, 0.5, 0.25, 0.0]

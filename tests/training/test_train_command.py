@@ -10,7 +10,7 @@ import yaml
 from engine_toys import tiny_recipe
 
 from proreflow.cli import main
-from proreflow.recipes import Recipe, Stage
+from proreflow.training.recipes import Recipe, Stage
 
 
 @pytest.fixture

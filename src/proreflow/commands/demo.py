@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from ..data import DATASETS, get_spec
-from ..recipes import load_recipe
+from ..builtin import DATASETS, get_spec
+from ..training.recipes import load_recipe
 from ..windows import TimeWindows
 
 DEFAULT_DATA = ["moons", "digits"]
@@ -64,8 +64,8 @@ def default_eval_samples(data: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..builtin.teacher import builtin_setup
     from ..training import train
-    from ..training.teacher import builtin_setup
 
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
 
 def evaluate_demo(data, setup, result, args):
     """Rows for teacher DDIM-32/4 and student 4/2/1 steps, on one fixed evaluation set."""
-    from ..evaluation.suite import evaluate_sampler, make_eval_set
+    from ..builtin.suite import evaluate_sampler, make_eval_set
 
     teacher = setup.denoiser(setup.teacher_model)
     guidance = GUIDANCE[data_kind(data)]

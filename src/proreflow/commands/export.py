@@ -24,8 +24,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..diffusers.export import export_lora, export_pipeline, load_run_student
-    from ..models.stable_diffusion import load_teacher
+    from ..sd.export import export_lora, export_pipeline, load_run_student
+    from ..sd.pipeline import load_teacher
 
     run_dir = Path(args.run)
     info_path = run_dir / "student.json"

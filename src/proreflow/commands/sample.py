@@ -36,8 +36,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..data.captions import read_prompts
-    from ..diffusers.export import load_student_pipeline
+    from ..sd.captions import read_prompts
+    from ..sd.export import load_student_pipeline
 
     prompts = list(args.prompt) + (read_prompts(args.prompts) if args.prompts else [])
     if not prompts:

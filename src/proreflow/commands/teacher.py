@@ -10,7 +10,7 @@ import argparse
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..data import DATASETS
+    from ..builtin import DATASETS
 
     parser.add_argument("--data", required=True, choices=sorted(DATASETS), help="built-in dataset")
     parser.add_argument("--steps", type=int, default=None, help="training steps (default: the dataset's default)")
@@ -38,9 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..data import get_spec
-    from ..evaluation.suite import make_eval_set, quality
-    from ..training.teacher import load_or_train_teacher
+    from ..builtin import get_spec
+    from ..builtin.suite import make_eval_set, quality
+    from ..builtin.teacher import load_or_train_teacher
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -7,7 +7,7 @@ import sys
 
 import yaml
 
-from ..recipes import PRESETS, Recipe, RecipeError, describe_keys, read_config
+from ..training.recipes import PRESETS, Recipe, RecipeError, describe_keys, read_config
 
 USAGE_NOTES = """\
 config: a YAML file holding a recipe and a `setup:` section naming what to distill, e.g.

@@ -19,7 +19,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..recipes import Recipe, load_recipe
 from ..teachers import Denoiser
 from ..windows import TimeWindows
 from .checkpoint import (
@@ -34,6 +33,7 @@ from .checkpoint import (
     write_stage_result,
 )
 from .ema import EMA
+from .recipes import Recipe, load_recipe
 from .report import Reporter, StageCounters, StageSummary, final_loss
 from .runner import StageRunner, Trainee, make_accelerator
 from .setup import DistillationSetup

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..recipes import Stage
+from .recipes import Stage
 
 
 def warmup_lr(lr: float, step: int, warmup_steps: int) -> float:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from ..recipes import Stage
+from .recipes import Stage
 
 logger = logging.getLogger("proreflow.training")
 

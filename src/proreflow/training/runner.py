@@ -33,11 +33,11 @@ import torch
 from torch import Tensor, nn
 
 from ..conditioning import Cond, map_cond
-from ..recipes import Recipe, Stage, load_recipe
 from .batches import BatchPlan, micro_batches
 from .checkpoint import student_module
 from .ema import EMA
 from .optim import make_optimizer
+from .recipes import Recipe, Stage, load_recipe
 from .report import StageCounters
 from .setup import DistillationSetup
 from .stage import NonFiniteLossError, StageContext, StepResult, as_teacher, build_stage_teacher, train_step

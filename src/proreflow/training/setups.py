@@ -15,7 +15,7 @@ from .setup import DistillationSetup
 
 SETUPS: dict[str, Callable[..., DistillationSetup]] = {}
 
-BUILTIN_MODULES = ("proreflow.data", "proreflow.models.stable_diffusion")
+BUILTIN_MODULES = ("proreflow.builtin", "proreflow.sd.pipeline")
 """Imported before a lookup so that their setups are registered (skipped when absent)."""
 
 

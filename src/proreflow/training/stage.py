@@ -27,13 +27,13 @@ from torch import Tensor, nn
 
 from ..conditioning import Cond, map_cond, null_like, select_cond
 from ..losses import aligned_v_loss
-from ..recipes import Recipe, Stage
 from ..targets import StageTeacher, make_reflow_batch
 from ..teachers import Denoiser, Network
 from ..windows import TimeWindows
 from .batches import BatchPlan, sample_randomness
 from .ema import EMA
 from .optim import set_stage_hyperparameters
+from .recipes import Recipe, Stage
 from .setup import DistillationSetup
 
 

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-import proreflow.evaluation.classifier as classifier_module
-from proreflow.data import load_dataset
-from proreflow.evaluation import class_accuracy, feature_fd, load_or_train_classifier
+import proreflow.builtin.classifier as classifier_module
+from proreflow.builtin import load_dataset
+from proreflow.builtin.classifier import class_accuracy, feature_fd, load_or_train_classifier
 
 
 @pytest.fixture(scope="module")

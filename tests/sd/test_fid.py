@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from proreflow.evaluation import fid as fid_module
-from proreflow.evaluation.fid import (
+from proreflow.sd import fid as fid_module
+from proreflow.sd.fid import (
     FID,
     FIDStats,
     InceptionFeatures,

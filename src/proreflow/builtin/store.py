@@ -21,7 +21,7 @@ from typing import Any
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .small import build_network
+from .networks import build_network
 
 CACHE_ENV = "PROREFLOW_CACHE"
 WEIGHTS, RECORD = "model.safetensors", "config.json"

@@ -68,7 +68,7 @@ def export_pipeline(student_unet: nn.Module, teacher, out_dir: str | Path, num_w
                     guidance: float = 1.0, extra: dict | None = None) -> Path:
     """Save the teacher's pipeline with ``student_unet`` and a ProReflowScheduler (module doc).
 
-    teacher: an :class:`~proreflow.models.stable_diffusion.SDTeacher` (its pipeline's other
+    teacher: an :class:`~proreflow.sd.pipeline.SDTeacher` (its pipeline's other
     components are saved). A LoRA student is merged into plain UNet weights first.
     """
     out_dir = Path(out_dir)
@@ -87,7 +87,7 @@ def export_lora(student_unet: nn.Module, teacher, out_dir: str | Path, num_windo
     """Save the student as LoRA weights for the teacher's pipeline (module doc).
 
     A LoRA student is saved as trained (kept fraction 1); a fully fine-tuned one is extracted
-    at ``rank`` by SVD (:func:`~proreflow.diffusers.lora.extract_lora`). Returns the weights
+    at ``rank`` by SVD (:func:`~proreflow.sd.lora.extract_lora`). Returns the weights
     file and the kept fraction of the weight change.
     """
     out_dir = Path(out_dir)
@@ -112,7 +112,7 @@ def load_student_pipeline(model: str | Path, lora: str | Path | None = None, num
     """
     from diffusers import DiffusionPipeline
 
-    from ..models.stable_diffusion import UNUSED_COMPONENTS, default_local_files_only, read_model_index
+    from .pipeline import UNUSED_COMPONENTS, default_local_files_only, read_model_index
 
     local_files_only = default_local_files_only() if local_files_only is None else local_files_only
     index = read_model_index(model, local_files_only)

@@ -2,7 +2,7 @@
 penultimate feature space, the analogue of FID) and the class accuracy of conditional samples
 (the analogue of CLIP score).
 
-The classifier (:class:`proreflow.models.SmallClassifier`) is trained with cross-entropy on
+The classifier (:class:`proreflow.builtin.SmallClassifier`) is trained with cross-entropy on
 the ``train`` split of the real data, reports its accuracy on the held-out ``test`` split,
 and is cached like a teacher under ``<cache>/classifiers/<data>-<hash of config>/``.
 Samples are clamped to the data range [-1, 1] before they are classified.
@@ -22,9 +22,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..data import get_spec, load_dataset
-from ..models import build_network, load_or_fit
-from .frechet import frechet_distance
+from ..evaluation.frechet import frechet_distance
+from .data import get_spec, load_dataset
+from .networks import build_network
+from .store import load_or_fit
 
 KIND = "classifiers"
 FORMAT = 1

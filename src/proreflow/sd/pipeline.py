@@ -241,8 +241,8 @@ def unet_network(unet) -> Network:
 
 
 def build_sd_setup(**kwargs):
-    """The ``stable-diffusion`` setup; see :func:`proreflow.models.sd_setup.build_sd_setup`."""
-    from .sd_setup import build_sd_setup as build
+    """The ``stable-diffusion`` setup; see :func:`proreflow.sd.setup.build_sd_setup`."""
+    from .setup import build_sd_setup as build
 
     return build(**kwargs)
 

@@ -16,7 +16,7 @@ of the weights with decay ``min(ema_decay, (1 + n) / (10 + n))`` after ``n`` upd
 weights are the teacher.
 
 A trained teacher is stored under ``<cache>/teachers/<data>-<hash of config>/``
-(:mod:`proreflow.models.store`); :func:`load_or_train_teacher` reuses it and
+(:mod:`proreflow.builtin.store`); :func:`load_or_train_teacher` reuses it and
 :func:`builtin_setup` hands it to the distillation engine as a :class:`DistillationSetup`.
 """
 
@@ -37,12 +37,13 @@ from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 
 from ..conditioning import select_cond
-from ..data import get_spec, load_dataset
-from ..models import adapter_for_spec, build_network, load_or_fit, mlp_spec, small_unet
 from ..schedules import VPSchedule
 from ..targets import sample_times
 from ..teachers import Denoiser
-from .setup import DistillationSetup
+from ..training.setup import DistillationSetup
+from .data import get_spec, load_dataset
+from .networks import adapter_for_spec, build_network, mlp_spec, small_unet
+from .store import load_or_fit
 
 KIND = "teachers"
 FORMAT = 1  # bump when training code changes what a config produces

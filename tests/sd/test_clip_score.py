@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from proreflow.evaluation.clip_score import ClipScorer
+from proreflow.sd.clip_score import ClipScorer
 
 
 def test_clip_score_is_clamped_100_cosine_of_clip_forward(clip_dir):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from proreflow import Denoiser, VPSchedule
-from proreflow.models import (
+from proreflow.builtin import (
     MLPDenoiser,
     SmallClassifier,
     adapter_for_spec,
@@ -20,7 +20,7 @@ from proreflow.models import (
     save_entry,
     small_unet,
 )
-from proreflow.models.small import timestep_embedding
+from proreflow.builtin.networks import timestep_embedding
 
 
 def test_timestep_embedding():

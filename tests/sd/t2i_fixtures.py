@@ -3,7 +3,7 @@
 - a tiny TorchScript feature network (the role of the TF-Inception file, 64 features),
 - a tiny random CLIP model with its processor, saved like a real one,
 - the tiny SD1.5 pipeline of ``tests/sd/tiny.py`` as teacher, and its weights exported as a
-  2-window student (``proreflow.diffusers.export.export_pipeline``),
+  2-window student (``proreflow.sd.export.export_pipeline``),
 - a COCO-format captions file with its image folder.
 """
 
@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from sd.tiny import save_tiny_sd15, tokenizer
 from torch import nn
+
+from sd.tiny import save_tiny_sd15, tokenizer
 
 
 class TinyFeatures(nn.Module):
@@ -70,8 +71,8 @@ def teacher_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def student_dir(teacher_dir, tmp_path_factory) -> Path:
     """The teacher's weights exported as a 2-window student sampled at guidance 2 (`proreflow export`)."""
-    from proreflow.diffusers.export import export_pipeline
-    from proreflow.models.stable_diffusion import load_teacher
+    from proreflow.sd.export import export_pipeline
+    from proreflow.sd.pipeline import load_teacher
 
     teacher = load_teacher(teacher_dir)
     return export_pipeline(teacher.unet, teacher, tmp_path_factory.mktemp("student") / "pipe", num_windows=2,

@@ -13,7 +13,7 @@ of :func:`build_sd_setup`) gives a :class:`~proreflow.training.setup.Distillatio
 - ``keep_on_dropout``: for SDXL ``("added_cond_kwargs.time_ids",)``: a dropped condition (and
   the unconditional branch of guidance) keeps the sample's own size / crop micro-conditioning
   and loses only the text, as in diffusers' SDXL training scripts and pipeline;
-- ``adapter``: :func:`~proreflow.models.stable_diffusion.unet_network`;
+- ``adapter``: :func:`~proreflow.sd.pipeline.unet_network`;
 - ``info``: teacher, data, resolution, LoRA settings and ``skipped_images`` (unreadable image ->
   error), which the engine writes into the run's ``student.json``. Encoding on the fly, it is
   the dataset's own record, filled as images are read (in loader workers, each worker keeps
@@ -28,8 +28,9 @@ from pathlib import Path
 import torch
 
 from ..conditioning import map_cond
-from ..data.captions import ImageCaptionDataset, PromptDataset, open_source, read_prompts
-from ..data.latent_cache import (
+from ..training.setup import DistillationSetup
+from .captions import ImageCaptionDataset, PromptDataset, open_source, read_prompts
+from .latent_cache import (
     EncodedDataset,
     LatentCacheDataset,
     build_latent_cache,
@@ -38,9 +39,8 @@ from ..data.latent_cache import (
     generate_items,
     read_manifest,
 )
-from ..diffusers.lora import add_lora
-from ..training.setup import DistillationSetup
-from .stable_diffusion import load_teacher, unet_network
+from .lora import add_lora
+from .pipeline import load_teacher, unet_network
 
 
 def default_device() -> torch.device:

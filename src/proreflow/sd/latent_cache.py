@@ -37,10 +37,10 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from ..conditioning import Cond, map_cond
-from ..models.stable_diffusion import SDTeacher, sdxl_time_ids, unet_network
 from ..sampling import sample
 from ..teachers import Denoiser
 from ..windows import TimeWindows
+from .pipeline import SDTeacher, sdxl_time_ids, unet_network
 
 Encoder = Callable[[list[dict]], tuple[Tensor, dict]]
 

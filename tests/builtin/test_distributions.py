@@ -7,8 +7,8 @@ import pytest
 import torch
 from scipy import special, stats
 
-from proreflow.data import sample_toy
-from proreflow.evaluation import energy_distance, sliced_wasserstein, toy_distances
+from proreflow.builtin import sample_toy
+from proreflow.builtin.distributions import energy_distance, sliced_wasserstein, toy_distances
 
 
 def gaussians(n, mu, seed):

@@ -11,10 +11,11 @@ from PIL import Image
 from torch import nn
 
 from proreflow import Denoiser, TimeWindows, VPSchedule, sample
-from proreflow.diffusers.export import load_student_pipeline
-from proreflow.evaluation.clip_score import NO_CLIP_MESSAGE, ClipScorer
-from proreflow.evaluation.fid import FID, to_uint8_rgb
-from proreflow.evaluation.t2i import (
+from proreflow.sd.clip_score import NO_CLIP_MESSAGE, ClipScorer
+from proreflow.sd.export import load_student_pipeline
+from proreflow.sd.fid import FID, to_uint8_rgb
+from proreflow.sd.pipeline import load_teacher
+from proreflow.sd.t2i import (
     PSNR_CAP,
     Sampler,
     ddim_sampler,
@@ -25,7 +26,6 @@ from proreflow.evaluation.t2i import (
     psnr,
     write_report,
 )
-from proreflow.models.stable_diffusion import load_teacher
 
 
 def test_prompt_noise_depends_only_on_seed_and_index():
@@ -152,9 +152,9 @@ def test_pipelines_teacher_ddim_vs_exported_student(teacher_dir, student_dir, fe
 
 def test_sdxl_pipelines(tmp_path):
     from diffusers import StableDiffusionXLPipeline
-    from sd.tiny import save_tiny_sdxl
 
-    from proreflow.diffusers import ProReflowScheduler
+    from proreflow.sd import ProReflowScheduler
+    from sd.tiny import save_tiny_sdxl
 
     sd = load_teacher(save_tiny_sdxl(tmp_path / "sdxl"))
     pipe = sd.pipe

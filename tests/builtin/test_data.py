@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from proreflow.data import DATASETS, TOY_SAMPLERS, get_spec, load_dataset, sample_toy
-from proreflow.data.images import stratified_split
+from proreflow.builtin import DATASETS, TOY_SAMPLERS, get_spec, load_dataset, sample_toy
+from proreflow.builtin.images import stratified_split
 
 
 @pytest.mark.parametrize("name, n, side, per_class", [("digits", 1797, 8, None), ("mnist", 5000, 28, 500)])

@@ -3,18 +3,18 @@
 import pytest
 import torch
 
-import proreflow.training.teacher as teacher_module
+import proreflow.builtin.teacher as teacher_module
 from proreflow import TimeWindows, VPSchedule, sample
-from proreflow.cli import main
-from proreflow.data import get_spec, load_dataset
-from proreflow.evaluation import toy_distances
-from proreflow.training.setup import DistillationSetup
-from proreflow.training.teacher import (
+from proreflow.builtin import get_spec, load_dataset
+from proreflow.builtin.distributions import toy_distances
+from proreflow.builtin.teacher import (
     builtin_setup,
     load_or_train_teacher,
     teacher_config,
     train_teacher,
 )
+from proreflow.cli import main
+from proreflow.training.setup import DistillationSetup
 
 TINY_2D = {"class": "MLPDenoiser", "kwargs": {"shape": [2], "num_classes": 0, "width": 16, "depth": 1}}
 TINY_DIGITS = {"class": "MLPDenoiser", "kwargs": {"shape": [1, 8, 8], "num_classes": 10, "width": 16, "depth": 1}}
@@ -139,7 +139,7 @@ def test_default_2d_teachers_are_good(name, tmp_path):
 @pytest.mark.parametrize("name", ["digits", "mnist"])
 def test_default_image_teachers_are_good(name, tmp_path):
     # measured with guidance 2: digits accuracy 1.0, FD 1.5; MNIST 0.97, FD 1.1 (real vs real: 0.7, 0.15)
-    from proreflow.evaluation.classifier import class_accuracy, feature_fd, load_or_train_classifier
+    from proreflow.builtin.classifier import class_accuracy, feature_fd, load_or_train_classifier
 
     trained = load_or_train_teacher(name, cache_dir=tmp_path, progress=False)
     labels = torch.arange(1000) % 10

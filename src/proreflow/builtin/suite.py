@@ -18,13 +18,13 @@ import torch
 from torch import Tensor
 
 from ..conditioning import Cond
-from ..data import get_spec, load_dataset
+from ..evaluation.fidelity import fidelity, straightness, trajectory_times
 from ..sampling import sample
 from ..teachers import Denoiser
 from ..windows import TimeWindows
 from .classifier import TrainedClassifier, class_accuracy, feature_fd, load_or_train_classifier
+from .data import get_spec, load_dataset
 from .distributions import toy_distances
-from .fidelity import fidelity, straightness, trajectory_times
 
 REFERENCE_STEPS = 32
 

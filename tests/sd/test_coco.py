@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from proreflow.evaluation import coco
-from proreflow.evaluation.coco import load_coco, load_prompt_file, read_coco_captions
+from proreflow.sd import coco
+from proreflow.sd.coco import load_coco, load_prompt_file, read_coco_captions
 
 
 def test_captions_grouped_per_image(make_coco):

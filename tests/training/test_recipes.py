@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from proreflow.recipes import (
+from proreflow.training.recipes import (
     PRESETS,
     STAGE_KEYS,
     Recipe,
@@ -19,7 +19,7 @@ from proreflow.recipes import (
     read_config,
 )
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 def windows(recipe: Recipe) -> list[int]:

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 from tqdm.auto import tqdm
 
-from .frechet import frechet_distance_from_stats
+from ..evaluation.frechet import frechet_distance_from_stats
 
 FID_SIZE = 299
 RESIZE = "clean-fid: PIL bicubic per channel in float mode to 299x299, network input (x - 128) / 128"

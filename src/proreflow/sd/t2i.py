@@ -30,14 +30,14 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..conditioning import Cond
-from ..models.stable_diffusion import SDTeacher
+from ..evaluation.fidelity import fidelity
 from ..sampling import sample
 from ..teachers import Denoiser
 from ..windows import TimeWindows
 from .clip_score import NO_CLIP_MESSAGE, ClipScorer
 from .fid import FID, FIDStats, to_uint8_rgb
-from .fidelity import fidelity
 from .grids import save_grids
+from .pipeline import SDTeacher
 
 Generate = Callable[[Tensor, Sequence[Any]], Tensor]
 PSNR_CAP = 100.0  # dB, for identical images
@@ -74,7 +74,7 @@ def prompt_noise(seed: int, indices: Sequence[int], shape: Sequence[int]) -> Ten
 def pipeline_sampler(pipe, steps: int, guidance: float, name: str, resolution: int | None = None) -> Sampler:
     """A diffusers SD / SDXL pipeline with its own scheduler at ``steps`` steps; the noise is its latents.
 
-    The pipeline returns latents, decoded with :meth:`proreflow.models.stable_diffusion.SDTeacher.decode_latents`
+    The pipeline returns latents, decoded with :meth:`proreflow.sd.pipeline.SDTeacher.decode_latents`
     (in the VAE's own dtype: a float32 VAE beside a float16 UNet works). ``resolution``: square
     images of that many pixels (default: the pipeline's native size).
     """

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..data import sample_toy
+from .toy2d import sample_toy
 
 
 def _check(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
