@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from proreflow.builtin import DATASETS, TOY_SAMPLERS, get_spec, load_dataset, sample_toy
+from proreflow.builtin import TOY_SAMPLERS, get_spec, load_dataset, sample_toy
 from proreflow.builtin.images import stratified_split
 
 
@@ -88,7 +88,3 @@ def test_clear_errors():
     with pytest.raises(ValueError, match="unknown 2D distribution"):
         sample_toy("spiral", 10)
 
-
-def test_setups_are_registered_with_the_engine():
-    setups = pytest.importorskip("proreflow.training.setups")
-    assert set(DATASETS) <= set(setups.SETUPS)

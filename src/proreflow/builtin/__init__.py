@@ -1,9 +1,8 @@
 """Built-in data (2D toy distributions and small labelled image sets, all shipped offline), the
 small networks trained on it and the cache of trained small models.
 
-Importing this package registers one distillation setup per built-in dataset with the training
-engine's registry (``proreflow.training.setups``), built by
-:func:`proreflow.builtin.teacher.builtin_setup` when first used.
+Each dataset is a distillation setup (:func:`proreflow.builtin.teacher.builtin_setup`), named
+for ``proreflow train`` by ``proreflow.commands.setups``.
 """
 
 from .data import DATASETS, SPLITS, BuiltinDataset, DataSpec, get_spec, load_dataset
@@ -18,25 +17,3 @@ __all__ = [
     "load_digits_images", "load_entry", "load_mnist_images", "load_or_fit", "mlp_spec", "sample_toy", "save_entry",
     "small_unet",
 ]
-
-
-def _setup_builder(name: str):
-    def build(**kwargs):
-        from .teacher import builtin_setup
-
-        return builtin_setup(name, **kwargs)
-
-    build.__doc__ = f"DistillationSetup of the built-in dataset {name!r} (see training.teacher.builtin_setup)."
-    return build
-
-
-def _register_setups() -> None:
-    try:
-        from ..training.setups import register_setup
-    except ImportError:  # the training engine is not part of this installation
-        return
-    for name in DATASETS:
-        register_setup(name, _setup_builder(name))
-
-
-_register_setups()

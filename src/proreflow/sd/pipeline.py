@@ -238,18 +238,3 @@ def unet_network(unet) -> Network:
         return network(x, timestep, map_cond(cast, cond))
 
     return call
-
-
-def build_sd_setup(**kwargs):
-    """The ``stable-diffusion`` setup; see :func:`proreflow.sd.setup.build_sd_setup`."""
-    from .setup import build_sd_setup as build
-
-    return build(**kwargs)
-
-
-try:
-    from ..training.setups import register_setup
-except ImportError:  # an installation without the training engine
-    pass
-else:
-    register_setup("stable-diffusion", build_sd_setup)

@@ -1,0 +1,62 @@
+"""The table of named setups behind ``proreflow train``'s ``setup:`` section."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from proreflow.builtin import DATASETS
+from proreflow.builtin.teacher import builtin_setup
+from proreflow.commands import setups
+from proreflow.commands.setups import build_setup, get_setup_builder
+from proreflow.schedules import VPSchedule
+from proreflow.training import DistillationSetup
+
+HERE = __name__  # this module's import name, for builders named by import path
+
+
+def make_setup(n: int = 64, conditional: bool = True) -> DistillationSetup:
+    """A setup of ``n`` 2D points with class labels (None when not ``conditional``)."""
+    labels = torch.arange(n) % 2
+    dataset = TensorDataset(torch.randn(n, 2), labels) if conditional else [(x, None) for x in torch.randn(n, 2)]
+    return DistillationSetup(nn.Linear(2, 2), "epsilon", VPSchedule.from_betas("scaled_linear"), dataset,
+                             uncond=torch.tensor([2]) if conditional else None)
+
+
+@pytest.fixture
+def registered(monkeypatch):
+    monkeypatch.setitem(setups.SETUPS, "test-mixture", f"{HERE}:make_setup")
+
+
+def test_build_a_registered_setup_with_arguments(registered):
+    setup = build_setup({"name": "test-mixture", "n": 16, "conditional": False})
+    assert isinstance(setup, DistillationSetup) and len(setup.dataset) == 16 and setup.uncond is None
+
+
+def test_build_from_an_import_path():
+    setup = build_setup({"name": f"{HERE}:make_setup", "n": 8})
+    assert len(setup.dataset) == 8
+
+
+def test_clear_errors(registered, monkeypatch):
+    with pytest.raises(ValueError, match=r"unknown setup 'nope'; known: .*test-mixture"):
+        build_setup({"name": "nope"})
+    with pytest.raises(ValueError, match="the setup section needs a name"):
+        build_setup({"n": 3})
+    with pytest.raises(ValueError, match=r"setup 'test-mixture': .*unexpected keyword argument 'size'"):
+        build_setup({"name": "test-mixture", "size": 3})
+    with pytest.raises(ValueError, match=f"cannot import '{HERE}:nothing'"):
+        get_setup_builder(f"{HERE}:nothing")
+    monkeypatch.setitem(setups.SETUPS, "not-a-setup", "builtins:int")
+    with pytest.raises(TypeError, match="returned int, not a DistillationSetup"):
+        build_setup({"name": "not-a-setup"})
+
+
+def test_every_builtin_dataset_is_a_setup():
+    for name in DATASETS:
+        builder = get_setup_builder(name)
+        assert isinstance(builder, functools.partial) and builder.func is builtin_setup and builder.args == (name,)
