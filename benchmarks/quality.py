@@ -25,9 +25,9 @@ import diffusers
 import torch
 
 from proreflow.builtin.baselines import dpm_solver_sample
+from proreflow.builtin.defaults import GUIDANCE, data_kind, default_eval_samples
 from proreflow.builtin.suite import evaluate_callable, evaluate_sampler, make_eval_set
 from proreflow.builtin.teacher import builtin_setup
-from proreflow.commands.demo import GUIDANCE, data_kind, default_eval_samples
 from proreflow.training import train
 from proreflow.training.recipes import load_recipe
 from proreflow.windows import TimeWindows

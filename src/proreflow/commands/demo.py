@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from ..builtin import DATASETS, get_spec
+from ..builtin.defaults import GUIDANCE, data_kind, default_eval_samples
 from ..training.recipes import load_recipe
 from ..windows import TimeWindows
 
@@ -26,7 +27,6 @@ every stage) had the lowest 4-step FD / energy distance of the ProReflow and PeR
 and moons at equal optimiser steps, and the best 1-step FD on digits."""
 DEMO_STEPS = {"2d": 400, "digits": 400, "mnist": 200}
 """Optimiser steps per stage (the demo's budget; 3 stages of ProReflow-II)."""
-GUIDANCE = {"2d": 1.0, "digits": 2.0, "mnist": 2.0}
 STUDENT_STEPS = (4, 2, 1)
 TEACHER_STEPS = (32, 4)
 
@@ -51,16 +51,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (default 1: the built-in networks are tiny, more threads only contend)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
-
-
-def data_kind(data: str) -> str:
-    """'2d' for 2D toy data, else the dataset's name (the key of GUIDANCE and DEMO_STEPS)."""
-    return "2d" if get_spec(data).is_2d else data
-
-
-def default_eval_samples(data: str) -> int:
-    """Evaluation samples per sampler: 10000 for 2D data (distances have a ~1/sqrt(n) floor), 1000 for images."""
-    return 10_000 if get_spec(data).is_2d else 1000
 
 
 def run(args: argparse.Namespace) -> int:
