@@ -16,19 +16,19 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from .schedules import VPSchedule, _bcast, _compute_dtype, from_x0_eps, to_x0_eps
+from .schedules import VPSchedule, bcast, compute_dtype, from_x0_eps, to_x0_eps
 
 
 def ddim_step(x0: Tensor, eps: Tensor, abar_next: Tensor) -> Tensor:
     """``x_s = sqrt(abar(s)) x0 + sqrt(1 - abar(s)) eps`` (deterministic DDIM, eta = 0)."""
-    a = _bcast(abar_next, x0).to(x0.dtype)
+    a = bcast(abar_next, x0).to(x0.dtype)
     return a.sqrt() * x0 + (1 - a).sqrt() * eps
 
 
 def _gap(t: Tensor, t_target: Tensor, x: Tensor) -> Tensor:
     """``s - t`` per sample, shaped for ``x``; zero-length gaps become 1 (their step is empty)."""
-    dtype = _compute_dtype(x)
-    dt = _bcast(t_target, x).to(dtype) - _bcast(t, x).to(dtype)
+    dtype = compute_dtype(x)
+    dt = bcast(t_target, x).to(dtype) - bcast(t, x).to(dtype)
     return dt.masked_fill(dt == 0, 1.0)
 
 
@@ -36,10 +36,10 @@ def output_to_velocity(output: Tensor, x: Tensor, t: Tensor, t_target: Tensor,
                        prediction_type: str, schedule: VPSchedule | None = None) -> Tensor:
     """Velocity ``(x_s - x_t) / (s - t)`` of the segment from ``(x_t, t)`` to the DDIM landing at ``s``."""
     if prediction_type == "velocity":
-        return output.to(_compute_dtype(x))
+        return output.to(compute_dtype(x))
     if schedule is None:
         raise ValueError(f"a {prediction_type!r} output needs the teacher's VPSchedule to become a velocity")
-    x = x.to(_compute_dtype(x))
+    x = x.to(compute_dtype(x))
     x0, eps = to_x0_eps(output, x, schedule.abar(t), prediction_type)
     return (ddim_step(x0, eps, schedule.abar(t_target)) - x) / _gap(t, t_target, x)
 
@@ -55,11 +55,11 @@ def velocity_to_output(velocity: Tensor, x: Tensor, t: Tensor, t_target: Tensor,
         return velocity
     if schedule is None:
         raise ValueError(f"a {prediction_type!r} output needs the teacher's VPSchedule")
-    x = x.to(_compute_dtype(x))
+    x = x.to(compute_dtype(x))
     a_t, a_s = schedule.abar(t), schedule.abar(t_target)
     x_s = x + _gap(t, t_target, x) * velocity.to(x.dtype)
-    st, s1t = _bcast(a_t, x).sqrt(), _bcast(1 - a_t, x).sqrt()
-    ss, s1s = _bcast(a_s, x).sqrt(), _bcast(1 - a_s, x).sqrt()
+    st, s1t = bcast(a_t, x).sqrt(), bcast(1 - a_t, x).sqrt()
+    ss, s1s = bcast(a_s, x).sqrt(), bcast(1 - a_s, x).sqrt()
     det = st * s1s - s1t * ss
     x0 = (x * s1s - x_s * s1t) / det
     eps = (st * x_s - ss * x) / det

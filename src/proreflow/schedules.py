@@ -19,7 +19,8 @@ PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "velocity")
 DIFFUSION_PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
-def _compute_dtype(x: Tensor) -> torch.dtype:
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype schedule math runs in for ``x``: float64 for float64 tensors, else float32."""
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
@@ -87,7 +88,7 @@ class VPSchedule:
     def abar(self, t: Tensor) -> Tensor:
         """``alphas_cumprod`` at continuous t, linear between integer timesteps."""
         t = torch.as_tensor(t)
-        dtype = torch.float64 if t.dtype == torch.float64 else torch.float32
+        dtype = compute_dtype(t)
         table = self.alphas_cumprod.to(device=t.device, dtype=torch.float64)
         tau = (t.to(torch.float64) * (self.num_train_timesteps - 1)).clamp(0, self.num_train_timesteps - 1)
         lo = tau.floor().long().clamp(max=self.num_train_timesteps - 2)
@@ -96,11 +97,11 @@ class VPSchedule:
 
     def add_noise(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
         """``x_t = sqrt(abar(t)) x0 + sqrt(1 - abar(t)) eps`` with per-sample t."""
-        a = _bcast(self.abar(t).to(_compute_dtype(x0)), x0)
+        a = bcast(self.abar(t).to(compute_dtype(x0)), x0)
         return a.sqrt() * x0 + (1 - a).sqrt() * noise
 
 
-def _bcast(v: Tensor, like: Tensor) -> Tensor:
+def bcast(v: Tensor, like: Tensor) -> Tensor:
     """Per-sample scalar ``v`` (shape ``(B,)`` or ``()``) shaped to broadcast against ``like``."""
     v = torch.as_tensor(v, device=like.device)
     if v.ndim == 0:
@@ -115,9 +116,9 @@ def to_x0_eps(output: Tensor, x: Tensor, abar: Tensor, prediction_type: str) -> 
     v_prediction (``v = sqrt(a) eps - sqrt(1-a) x0``): ``x0 = sqrt(a) x - sqrt(1-a) v``,
     ``eps = sqrt(1-a) x + sqrt(a) v``.
     """
-    a = _bcast(abar, x).to(_compute_dtype(x))
+    a = bcast(abar, x).to(compute_dtype(x))
     sa, s1a = a.sqrt(), (1 - a).sqrt()
-    out = output.to(_compute_dtype(x))
+    out = output.to(compute_dtype(x))
     if prediction_type == "epsilon":
         return (x - s1a * out) / sa, out
     if prediction_type == "sample":
@@ -130,7 +131,7 @@ def to_x0_eps(output: Tensor, x: Tensor, abar: Tensor, prediction_type: str) -> 
 
 def from_x0_eps(x0: Tensor, eps: Tensor, abar: Tensor, prediction_type: str) -> Tensor:
     """Inverse of :func:`to_x0_eps`: the output of type ``prediction_type`` for ``(x0, eps)``."""
-    a = _bcast(abar, x0).to(_compute_dtype(x0))
+    a = bcast(abar, x0).to(compute_dtype(x0))
     if prediction_type == "epsilon":
         return eps
     if prediction_type == "sample":

@@ -17,15 +17,14 @@ import torch
 from torch import Tensor
 
 from .conditioning import Cond
-from .schedules import _bcast
+from .schedules import bcast, compute_dtype
 from .teachers import Denoiser
 from .windows import TimeWindows
 
 
 def per_sample_time(t, like: Tensor) -> Tensor:
     """A time (float or tensor) as a ``(B,)`` tensor in ``like``'s compute dtype."""
-    dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
-    return torch.as_tensor(t, dtype=dtype, device=like.device).reshape(-1).expand(like.shape[0])
+    return torch.as_tensor(t, dtype=compute_dtype(like), device=like.device).reshape(-1).expand(like.shape[0])
 
 
 def solver_steps(denoiser: Denoiser, x: Tensor, t_start, t_end, steps: int, cond: Cond = None,
@@ -34,7 +33,7 @@ def solver_steps(denoiser: Denoiser, x: Tensor, t_start, t_end, steps: int, cond
     """Yield ``x`` after each of ``steps`` steps from ``t_start`` to ``t_end`` (per-sample times)."""
     if steps < 1:
         raise ValueError(f"a solve needs at least one step, got steps={steps}")
-    x = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+    x = x.to(compute_dtype(x))
     # the grid in float64 (as TimeWindows.time_grid), then rounded once to the compute dtype
     t0, t1 = (torch.as_tensor(t, dtype=torch.float64, device=x.device).reshape(-1).expand(x.shape[0])
               for t in (t_start, t_end))
@@ -43,7 +42,7 @@ def solver_steps(denoiser: Denoiser, x: Tensor, t_start, t_end, steps: int, cond
         s, s_next = grid[j], grid[j + 1]
         target = s_next if windows is None else windows.bounds((s + s_next) / 2)[1].to(s.dtype)
         v = denoiser.velocity(x, s, target, cond, uncond, guidance)
-        x = x + _bcast(s_next - s, x) * v
+        x = x + bcast(s_next - s, x) * v
         yield x
 
 

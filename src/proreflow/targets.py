@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from .conditioning import Cond
-from .schedules import VPSchedule, _bcast
+from .schedules import VPSchedule, bcast, compute_dtype
 from .solvers import per_sample_time, solve
 from .teachers import Denoiser
 from .windows import TimeWindows
@@ -72,7 +72,7 @@ def make_reflow_batch(x0: Tensor, noise: Tensor, windows: TimeWindows, teacher: 
     ``t`` defaults to :func:`sample_times`; ``x_start`` (e.g. from :func:`teacher_start_points`)
     replaces forward noising of ``x0`` when given.
     """
-    x0 = x0.to(torch.float64 if x0.dtype == torch.float64 else torch.float32)
+    x0 = x0.to(compute_dtype(x0))
     t = sample_times(x0.shape[0], generator, x0.device) if t is None else per_sample_time(t, x0)
     t = t.to(x0.dtype)
     t_start, t_end = windows.bounds(t)
@@ -80,6 +80,6 @@ def make_reflow_batch(x0: Tensor, noise: Tensor, windows: TimeWindows, teacher: 
         x_start = schedule.add_noise(x0, noise.to(x0.dtype), t_start)
     x_end = solve(teacher.denoiser, x_start, t_start, t_end, teacher.steps, cond, uncond,
                   teacher.guidance, teacher.windows)
-    v = (x_end - x_start) / _bcast(t_end - t_start, x0)
-    x_t = x_start + _bcast(t - t_start, x0) * v
+    v = (x_end - x_start) / bcast(t_end - t_start, x0)
+    x_t = x_start + bcast(t - t_start, x0) * v
     return ReflowBatch(x_t=x_t, t=t, v_target=v, t_start=t_start, t_end=t_end)

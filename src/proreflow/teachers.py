@@ -18,7 +18,7 @@ from torch import Tensor
 
 from .conditioning import Cond, cat_cond, expand_cond
 from .parametrize import output_to_velocity
-from .schedules import DIFFUSION_PREDICTION_TYPES, PREDICTION_TYPES, VPSchedule
+from .schedules import DIFFUSION_PREDICTION_TYPES, PREDICTION_TYPES, VPSchedule, compute_dtype
 
 Network = Callable[[Tensor, Tensor, Any], Tensor]
 
@@ -68,7 +68,7 @@ class Denoiser:
 
     def _call(self, x: Tensor, t: Tensor, cond: Cond) -> Tensor:
         dtype = self.dtype or x.dtype
-        timestep = (t.to(torch.float32 if x.dtype != torch.float64 else x.dtype) * self.time_scale)
+        timestep = t.to(compute_dtype(x)) * self.time_scale
         out = self.network(x.to(dtype), timestep, cond)
         if out.shape != x.shape:
             raise ValueError(f"the network returned shape {tuple(out.shape)} for input {tuple(x.shape)}: "

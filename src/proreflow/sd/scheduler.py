@@ -21,7 +21,7 @@ from diffusers.utils import BaseOutput
 from torch import Tensor
 
 from ..parametrize import output_to_velocity
-from ..schedules import DIFFUSION_PREDICTION_TYPES, VPSchedule
+from ..schedules import DIFFUSION_PREDICTION_TYPES, VPSchedule, compute_dtype
 from ..windows import TimeWindows
 
 
@@ -87,7 +87,7 @@ class ProReflowScheduler(SchedulerMixin, ConfigMixin):
 
         Schedule math runs in float32 (float64 for float64 samples); the result has ``sample``'s dtype.
         """
-        dtype = torch.float64 if sample.dtype == torch.float64 else torch.float32
+        dtype = compute_dtype(sample)
         t, t_next, t_end = self._grid[self.index_for_timestep(timestep)].to(device=sample.device, dtype=dtype)
         v = output_to_velocity(model_output, sample, t, t_end, self.config.prediction_type, self.schedule)
         prev = (sample.to(dtype) + (t_next - t) * v).to(sample.dtype)

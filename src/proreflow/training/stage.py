@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from ..conditioning import Cond, map_cond, null_like, select_cond
 from ..losses import aligned_v_loss
+from ..schedules import compute_dtype
 from ..targets import StageTeacher, make_reflow_batch
 from ..teachers import Denoiser, Network
 from ..windows import TimeWindows
@@ -154,7 +155,7 @@ def train_step(ctx: StageContext, batches: Iterator[tuple[Tensor, Cond]], step: 
         ctx.check_condition(cond)
         x0 = x0.to(acc.device)
         cond = map_cond(lambda c: c.to(acc.device), cond)
-        dtype = torch.float64 if x0.dtype == torch.float64 else torch.float32
+        dtype = compute_dtype(x0)
         t, keep, noise = sample_randomness(ctx.plan.positions(step, micro), ctx.recipe.seed, ctx.index,
                                            tuple(x0.shape[1:]), dtype, stage.cond_dropout)
         t, keep, noise = t.to(acc.device), keep.to(acc.device), noise.to(acc.device)
