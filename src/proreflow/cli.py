@@ -40,13 +40,6 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         build_parser().print_help()
         return 0 if name is None else 2
-    try:
-        _module(name)
-    except ModuleNotFoundError as err:
-        if err.name == f"proreflow.commands.{name}":
-            print(f"proreflow {name}: not available in this version", file=sys.stderr)
-            return 2
-        raise
     args = build_parser(load=name).parse_args(argv)
     return int(_module(name).run(args) or 0)
 

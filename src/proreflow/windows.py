@@ -64,7 +64,7 @@ class TimeWindows:
         base, extra = divmod(steps, self.count)
         return [base + (1 if i < extra else 0) for i in range(self.count)]
 
-    def time_grid(self, steps: int, dtype: torch.dtype = torch.float64) -> list[tuple[float, float, float]]:
+    def time_grid(self, steps: int) -> list[tuple[float, float, float]]:
         """Sampler grid: one ``(t, t_next, t_window_end)`` per step, from t = 1 to t = 0."""
         edges = self.edges(torch.float64).tolist()
         grid = []

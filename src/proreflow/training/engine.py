@@ -22,6 +22,7 @@ from torch import nn
 from ..teachers import Denoiser
 from ..windows import TimeWindows
 from .checkpoint import (
+    STUDENT_FORMAT,
     atomic_write_text,
     latest_checkpoint,
     load_weights,
@@ -237,7 +238,7 @@ class _Run:
     def _student_info(self, index: int, state: RunState) -> dict[str, Any]:
         """``student.json``: what sampling code needs to rebuild and sample the student."""
         stage = self.recipe.stages[index]
-        return {"format": 1, "windows": stage.windows, "prediction_type": self.setup.prediction_type,
+        return {"format": STUDENT_FORMAT, "windows": stage.windows, "prediction_type": self.setup.prediction_type,
                 "guidance_mode": stage.guidance_mode,
                 "guidance": stage.guidance if stage.guidance_mode == "cfg_sync" else 1.0,
                 "from_scratch": self.recipe.from_scratch, "recipe": self.recipe.name, "stage": index + 1,
