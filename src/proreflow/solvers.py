@@ -21,6 +21,10 @@ from .schedules import bcast, compute_dtype
 from .teachers import Denoiser
 from .windows import TimeWindows
 
+REFERENCE_STEPS = 32
+"""DDIM steps that stand for the teacher's exact ODE over t in [0, 1]: the reference of fidelity and
+of the evaluation suites, the trajectory plots, prompt-only start points and the original
+teacher's default solver steps (``32 // windows`` per window)."""
 
 def per_sample_time(t, like: Tensor) -> Tensor:
     """A time (float or tensor) as a ``(B,)`` tensor in ``like``'s compute dtype."""

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from .conditioning import Cond
 from .schedules import VPSchedule, bcast, compute_dtype
-from .solvers import per_sample_time, solve
+from .solvers import REFERENCE_STEPS, per_sample_time, solve
 from .teachers import Denoiser
 from .windows import TimeWindows
 
@@ -57,7 +57,7 @@ def sample_times(batch: int, generator: torch.Generator | None = None, device=No
 
 @torch.no_grad()
 def teacher_start_points(teacher: StageTeacher, noise: Tensor, t_start: Tensor, cond: Cond = None,
-                         uncond: Cond = None, steps: int = 32) -> Tensor:
+                         uncond: Cond = None, steps: int = REFERENCE_STEPS) -> Tensor:
     """Start points made by the teacher from noise (prompt-only data): solve t = 1 -> t_start."""
     return solve(teacher.denoiser, noise, 1.0, t_start, steps, cond, uncond, teacher.guidance, teacher.windows)
 

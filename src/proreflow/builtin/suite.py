@@ -20,13 +20,12 @@ from torch import Tensor
 from ..conditioning import Cond
 from ..evaluation.fidelity import fidelity, straightness, trajectory_times
 from ..sampling import sample
+from ..solvers import REFERENCE_STEPS
 from ..teachers import Denoiser
 from ..windows import TimeWindows
 from .classifier import TrainedClassifier, class_accuracy, feature_fd, load_or_train_classifier
 from .data import get_spec, load_dataset
 from .distributions import toy_distances
-
-REFERENCE_STEPS = 32
 
 Sampler = Callable[[Tensor, Cond], Tensor]
 """``sampler(noise, cond) -> samples``: anything that turns the fixed noise into data."""

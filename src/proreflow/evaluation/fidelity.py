@@ -24,10 +24,9 @@ from torch import Tensor
 
 from ..conditioning import Cond
 from ..sampling import sample
+from ..solvers import REFERENCE_STEPS
 from ..teachers import Denoiser
 from ..windows import TimeWindows
-
-TEACHER_STEPS = 32
 
 
 def fidelity(samples: Tensor, reference: Tensor) -> float:
@@ -66,7 +65,7 @@ def sampler_straightness(denoiser: Denoiser, noise: Tensor, windows: TimeWindows
 
 def fidelity_to_teacher(denoiser: Denoiser, teacher: Denoiser, noise: Tensor, windows: TimeWindows, steps: int,
                         cond: Cond = None, uncond: Cond = None, guidance: float = 1.0,
-                        teacher_steps: int = TEACHER_STEPS) -> float:
+                        teacher_steps: int = REFERENCE_STEPS) -> float:
     """:func:`fidelity` of ``denoiser``'s ``steps``-step samples to the teacher's DDIM-``teacher_steps``
     samples from the same ``noise``, ``cond`` and ``guidance``."""
     ours = sample(denoiser, noise, windows, steps, cond, uncond, guidance)

@@ -13,6 +13,7 @@ import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 from ..sampling import sample  # noqa: E402
+from ..solvers import REFERENCE_STEPS  # noqa: E402
 from ..teachers import Denoiser  # noqa: E402
 from ..windows import TimeWindows  # noqa: E402
 
@@ -52,12 +53,12 @@ def scatter_panels(samples: Mapping[str, Tensor], real: Tensor, path: Path, limi
 
 
 def trajectory_panels(teacher: Denoiser, student: Denoiser, windows: TimeWindows, noise: Tensor, path: Path,
-                      fine_steps: int = 32) -> None:
-    """Paths from noise to data: the teacher's DDIM-32 ODE, and the student sampled with 32 small Euler
+                      fine_steps: int = REFERENCE_STEPS) -> None:
+    """Paths from noise to data: the teacher's DDIM-``fine_steps`` ODE, and the student sampled with as many small Euler
     steps (its own field, finely resolved: straight pieces inside each of its windows)."""
     fig, axes = plt.subplots(1, 2, figsize=(6.4, 3.2))
-    runs = {"teacher ODE (DDIM-32)": (teacher, TimeWindows(fine_steps)),
-            f"student ({windows.count} windows, 32 steps)": (student, windows)}
+    runs = {f"teacher ODE (DDIM-{fine_steps})": (teacher, TimeWindows(fine_steps)),
+            f"student ({windows.count} windows, {fine_steps} steps)": (student, windows)}
     for ax, (name, (model, w)) in zip(axes, runs.items()):
         _, traj = sample(model, noise, w, fine_steps, return_trajectory=True)
         for i in range(traj.shape[1]):

@@ -43,9 +43,7 @@ from typing import Any
 
 import yaml
 
-TEACHER_SOLVER_STEPS = 32
-"""DDIM steps over the whole of t in [0, 1] for the original teacher when ``solver_steps`` is
-left out: ``32 // windows`` per window (PeRFlow: 4 windows x 8 steps)."""
+from ..solvers import REFERENCE_STEPS
 
 
 class RecipeError(ValueError):
@@ -66,7 +64,7 @@ class Stage:
                         "(the previous stage's EMA student)", default="original")
     solver_steps: int | None = _doc(
         "teacher solver steps per window: DDIM steps for the original teacher (default "
-        f"{TEACHER_SOLVER_STEPS} // windows); Euler steps for a previous-stage teacher (default "
+        f"{REFERENCE_STEPS} // windows); Euler steps for a previous-stage teacher (default "
         "previous windows / windows: one step per old window)", default=None)
     alpha: float = _doc("weight of the direction term 1 - cos(v_pred, v_target); 0 gives plain MSE",
                         default=1.0)
@@ -413,7 +411,7 @@ def _check_schedule(stages: list[Stage]) -> None:
                 raise RecipeError(f"{where}.solver_steps: {stage.solver_steps} Euler steps cannot cross "
                                   f"{ratio} old windows evenly; use a multiple of {ratio}")
         elif stage.solver_steps is None:
-            stage.solver_steps = max(1, TEACHER_SOLVER_STEPS // stage.windows)
+            stage.solver_steps = max(1, REFERENCE_STEPS // stage.windows)
         if stage.guidance_mode == "cfg_sync" and stage.cond_dropout == 0:
             raise RecipeError(f"{where}.cond_dropout: 'cfg_sync' trains the unconditional velocity through "
                               "condition dropout; set cond_dropout > 0 (PeRFlow: 0.1)")
