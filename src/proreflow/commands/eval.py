@@ -18,8 +18,6 @@ import torch
 
 from ..sd.coco import PROTOCOLS, load_coco, load_prompt_file
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
 
 def _default_cache() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "proreflow" / "fid"
@@ -64,7 +62,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grid-prompts", type=int, default=8, help="prompts shown in grids (default 8)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="where the models run (default: cuda if available)")
-    p.add_argument("--dtype", choices=list(DTYPES), help="pipeline dtype (default float16 on GPU, float32 on CPU)")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
+                   help="pipeline dtype (default float16 on GPU, float32 on CPU)")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="image loading processes")
 
 
@@ -82,6 +81,7 @@ def _run(args: argparse.Namespace) -> int:
     from ..sd.fid import FID, reference_statistics
     from ..sd.pipeline import SDTeacher, load_teacher, read_model_index
     from ..sd.t2i import ddim_sampler, evaluate, pipeline_sampler, write_report
+    from ..training.runner import as_dtype
 
     if args.coco_annotations is not None and args.coco_images is None:
         raise ValueError("--coco-annotations needs --coco-images (the folder of its images, e.g. val2014/)")
@@ -95,7 +95,7 @@ def _run(args: argparse.Namespace) -> int:
     if not (args.student / "model_index.json").is_file():
         raise FileNotFoundError(f"student folder {args.student} has no model_index.json: pass a folder written by "
                                 "`proreflow export` (or, with --student-lora, the base pipeline folder)")
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if args.device.startswith("cuda") else torch.float32)
+    dtype = as_dtype(args.dtype) if args.dtype else (torch.float16 if args.device.startswith("cuda") else torch.float32)
     fid = FID(args.inception, device=args.device)
     clip = ClipScorer.load(args.clip_model, args.device) if args.clip_model else None
     if clip is None:

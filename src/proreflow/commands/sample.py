@@ -38,12 +38,13 @@ def run(args: argparse.Namespace) -> int:
 
     from ..sd.captions import read_prompts
     from ..sd.export import load_student_pipeline
+    from ..training.runner import as_dtype
 
     prompts = list(args.prompt) + (read_prompts(args.prompts) if args.prompts else [])
     if not prompts:
         raise SystemExit("proreflow sample: give --prompt TEXT (repeatable) or --prompts FILE")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
+    dtype = as_dtype(args.dtype) if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
     pipe, info = load_student_pipeline(args.model, args.lora, args.windows, dtype, device, args.local_files_only)
     windows = pipe.scheduler.config.num_windows
     steps = args.steps or windows

@@ -30,22 +30,12 @@ from torch import Tensor
 from ..conditioning import Cond, map_cond
 from ..schedules import VPSchedule
 from ..teachers import Network, diffusers_network
+from ..training.runner import as_dtype
 
 log = logging.getLogger(__name__)
 
 SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
 UNUSED_COMPONENTS = ("safety_checker", "feature_extractor", "image_encoder")
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
-
-
-def as_dtype(value: str | torch.dtype) -> torch.dtype:
-    """A torch dtype from ``float32`` / ``bf16`` / ``fp16`` (or a dtype)."""
-    if isinstance(value, torch.dtype):
-        return value
-    if value not in DTYPES:
-        raise ValueError(f"unknown dtype {value!r}: use one of {', '.join(DTYPES)}")
-    return DTYPES[value]
 
 
 def default_local_files_only() -> bool:

@@ -42,8 +42,19 @@ from .report import StageCounters
 from .setup import DistillationSetup
 from .stage import NonFiniteLossError, StageContext, StepResult, as_teacher, build_stage_teacher, train_step
 
-WEIGHT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
-"""The dtype frozen teachers are cast to under each ``mixed_precision`` (none for 'no')."""
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+"""Dtype names: torch's and accelerate's ``mixed_precision`` ones (the dtype frozen teachers are cast
+to; none for 'no')."""
+
+
+def as_dtype(value: str | torch.dtype) -> torch.dtype:
+    """A torch dtype from ``float32`` / ``bf16`` / ``fp16`` (or a dtype)."""
+    if isinstance(value, torch.dtype):
+        return value
+    if value not in DTYPES:
+        raise ValueError(f"unknown dtype {value!r}: use one of {', '.join(DTYPES)}")
+    return DTYPES[value]
 
 
 def make_accelerator(mixed_precision: str):
@@ -90,7 +101,7 @@ class Trainee:
         student = accelerator.prepare(module)
         module = accelerator.unwrap_model(student)
         optimizer = accelerator.prepare(make_optimizer(module))
-        weight_dtype = WEIGHT_DTYPES.get(recipe.mixed_precision)
+        weight_dtype = DTYPES.get(recipe.mixed_precision)
         original = as_teacher(setup.teacher_model, accelerator.device, weight_dtype)
         uncond = map_cond(lambda c: c.to(accelerator.device), setup.uncond)
         return cls(accelerator, module, student, optimizer, original, uncond, weight_dtype)
