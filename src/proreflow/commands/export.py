@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 
@@ -26,13 +25,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..sd.export import export_lora, export_pipeline, load_run_student
     from ..sd.pipeline import load_teacher
+    from ..training.checkpoint import read_student_info
 
     run_dir = Path(args.run)
     info_path = run_dir / "student.json"
     if not info_path.is_file():
         raise SystemExit(f"proreflow export: {info_path} not found; --run takes the output folder of a "
                          "finished `proreflow train` run")
-    info = json.loads(info_path.read_text())
+    info = read_student_info(run_dir)
     source = args.teacher or info.get("info", {}).get("teacher")
     if not source:
         raise SystemExit("proreflow export: the run does not name its teacher; pass --teacher")

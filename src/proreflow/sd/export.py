@@ -22,6 +22,7 @@ from typing import Any
 
 from torch import nn
 
+from ..training.checkpoint import load_weights, read_student_info
 from .lora import add_lora, extract_lora, has_lora, merge_lora, save_lora
 from .scheduler import ProReflowScheduler
 
@@ -43,16 +44,16 @@ def load_run_student(run_dir: str | Path, teacher_unet: nn.Module) -> tuple[nn.M
     """The final (EMA) student UNet of a ``stable-diffusion`` training run, and its ``student.json``.
 
     Rebuilt as the run built it: a copy of the teacher's UNet (with LoRA layers when the run
-    trained LoRA), then the saved weights.
+    trained LoRA), then the saved weights in the teacher's dtype. Not
+    :func:`proreflow.training.load_student`, which needs the run's whole ``DistillationSetup``
+    (its training data included) and returns a Denoiser; export has only the teacher's pipeline.
     """
-    from safetensors.torch import load_file
-
     run_dir = Path(run_dir)
     info_path, weights = run_dir / "student.json", run_dir / "student.safetensors"
     if not info_path.is_file() or not weights.is_file():
         raise FileNotFoundError(f"{run_dir} holds no trained student (student.json / student.safetensors); "
                                 "give the output folder of a finished `proreflow train` stage")
-    info = json.loads(info_path.read_text())
+    info = read_student_info(run_dir)
     setup_info = info.get("info", {})
     if setup_info.get("model") != "stable-diffusion":
         raise ValueError(f"{run_dir} is a {setup_info.get('model', 'non Stable Diffusion')!r} run; export "
@@ -60,7 +61,7 @@ def load_run_student(run_dir: str | Path, teacher_unet: nn.Module) -> tuple[nn.M
     unet = copy.deepcopy(teacher_unet)
     if setup_info.get("lora_rank"):
         add_lora(unet, setup_info["lora_rank"], setup_info.get("lora_alpha"))
-    unet.load_state_dict(load_file(str(weights)))
+    unet.load_state_dict(load_weights(weights))
     return unet.eval().requires_grad_(False), info
 
 

@@ -230,7 +230,7 @@ def load_student(out_dir: str | Path, setup: DistillationSetup, stage: int | Non
     info_path = (folder / "student.json")
     if not info_path.is_file():
         raise FileNotFoundError(f"{info_path} not found: {out_dir} holds no finished stage of a training run")
-    info = json.loads(info_path.read_text())
+    info = read_student_info(folder)
     if info.get("prediction_type") != setup.prediction_type:
         raise ValueError(f"the student in {folder} predicts {info.get('prediction_type')!r} but the setup's "
                          f"teacher predicts {setup.prediction_type!r}: load it with the setup it was trained with")
@@ -243,5 +243,6 @@ def load_student(out_dir: str | Path, setup: DistillationSetup, stage: int | Non
 
 
 def read_student_info(out_dir: str | Path) -> dict[str, Any]:
-    """``OUT/student.json``: windows, prediction type, sampling guidance, recipe, stage, setup info."""
+    """``OUT/student.json`` (or a stage folder's): windows, prediction type, sampling guidance, recipe,
+    stage, setup info. The one reader of the file."""
     return json.loads((Path(out_dir) / "student.json").read_text())
