@@ -110,7 +110,7 @@ def test_mnist_unet_teacher_round_trip(tmp_path, monkeypatch):
 
 
 def test_registered_setup_builds_the_builtin_setup(tmp_path):
-    setups = pytest.importorskip("proreflow.commands.setups")
+    setups = pytest.importorskip("proreflow.commands.named_setups")
     setup = setups.build_setup({"name": "moons", "steps": 2, "network": TINY_2D, "cache_dir": str(tmp_path),
                                 "progress": False})
     assert setup.info["data"] == "moons"

@@ -17,7 +17,7 @@ from proreflow.sd.fid import FID, to_uint8_rgb
 from proreflow.sd.pipeline import load_teacher
 from proreflow.sd.t2i import (
     PSNR_CAP,
-    Sampler,
+    PromptSampler,
     ddim_sampler,
     denoiser_sampler,
     evaluate,
@@ -174,7 +174,7 @@ def test_a_failing_teacher_is_not_skipped(denoiser):
         raise ValueError("teacher is broken")
 
     with pytest.raises(ValueError, match="teacher is broken"):
-        evaluate(Sampler("teacher", 4, broken), [], [0, 1], (1, 8, 8), progress=False)
+        evaluate(PromptSampler("teacher", 4, broken), [], [0, 1], (1, 8, 8), progress=False)
     teacher, _ = builtin_methods(denoiser)
     with pytest.raises(ValueError, match="names must be unique"):
         evaluate(teacher, [teacher], [0, 1], (1, 8, 8), progress=False)

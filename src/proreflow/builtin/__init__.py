@@ -2,7 +2,7 @@
 small networks trained on it and the cache of trained small models.
 
 Each dataset is a distillation setup (:func:`proreflow.builtin.teacher.builtin_setup`), named
-for ``proreflow train`` by ``proreflow.commands.setups``.
+for ``proreflow train`` by ``proreflow.commands.named_setups``.
 """
 
 from .data import DATASETS, SPLITS, BuiltinDataset, DataSpec, get_spec, load_dataset

@@ -27,7 +27,7 @@ from .classifier import TrainedClassifier, class_accuracy, feature_fd, load_or_t
 from .data import get_spec, load_dataset
 from .distributions import toy_distances
 
-Sampler = Callable[[Tensor, Cond], Tensor]
+NoiseToSamples = Callable[[Tensor, Cond], Tensor]
 """``sampler(noise, cond) -> samples``: anything that turns the fixed noise into data."""
 
 
@@ -88,7 +88,7 @@ def evaluate_sampler(evalset: EvalSet, denoiser: Denoiser, windows: TimeWindows,
     return metrics
 
 
-def evaluate_callable(evalset: EvalSet, sampler: Sampler, nfe: int) -> dict[str, float]:
+def evaluate_callable(evalset: EvalSet, sampler: NoiseToSamples, nfe: int) -> dict[str, float]:
     """Score an outside sampler (e.g. diffusers' DPM-Solver) on ``evalset`` (no straightness)."""
     start = time.perf_counter()
     with torch.no_grad():

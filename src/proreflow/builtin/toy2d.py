@@ -18,7 +18,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-Sampler = Callable[[int, "torch.Generator | None"], Tensor]
+ToySampler = Callable[[int, "torch.Generator | None"], Tensor]
 
 
 def checkerboard(n: int, generator: torch.Generator | None = None) -> Tensor:
@@ -46,7 +46,7 @@ def two_moons(n: int, generator: torch.Generator | None = None) -> Tensor:
     return 1.5 * (points - torch.tensor([0.5, 0.25]))
 
 
-TOY_SAMPLERS: dict[str, Sampler] = {
+TOY_SAMPLERS: dict[str, ToySampler] = {
     "checkerboard": checkerboard,
     "8gaussians": eight_gaussians,
     "moons": two_moons,

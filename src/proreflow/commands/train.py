@@ -12,7 +12,7 @@ from ..training.recipes import PRESETS, Recipe, RecipeError, describe_keys, read
 USAGE_NOTES = """\
 config: a YAML file holding a recipe and a `setup:` section naming what to distill, e.g.
 
-  setup: {{name: digits}}          # a named setup (commands/setups.py), or package.module:function; other keys
+  setup: {{name: digits}}          # a named setup (commands/named_setups.py), or package.module:function; other keys
                                  # are passed to it as keyword arguments
   name: my-run
   defaults: {{lr: 1.0e-4, batch_size: 64}}
@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
 
     from ..training import NonFiniteLossError, train
-    from .setups import build_setup
+    from .named_setups import build_setup
 
     try:
         setup = build_setup(setup_spec)

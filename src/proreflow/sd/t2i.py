@@ -1,6 +1,6 @@
 """Evaluate a few-step student against its teacher, as the paper does: FID, CLIP score and fidelity.
 
-A method is a :class:`Sampler`: a name, a step count and ``generate(noise, prompts) -> images``
+A method is a :class:`PromptSampler`: a name, a step count and ``generate(noise, prompts) -> images``
 (N x C x H x W in [0, 1]). Diffusers pipelines (:func:`pipeline_sampler`, :func:`ddim_sampler`
 for the teacher) and built-in denoisers (:func:`denoiser_sampler`) both become Samplers, so the
 same runner serves Stable Diffusion students and students of the built-in data.
@@ -44,7 +44,7 @@ PSNR_CAP = 100.0  # dB, for identical images
 
 
 @dataclass
-class Sampler:
+class PromptSampler:
     """A method to evaluate: ``generate(noise, prompts)`` -> N x C x H x W images in [0, 1].
 
     ``noise`` arrives as float32 on the CPU; ``generate`` moves it where its model runs.
@@ -71,7 +71,7 @@ def prompt_noise(seed: int, indices: Sequence[int], shape: Sequence[int]) -> Ten
 # --- diffusers pipelines ---------------------------------------------------------------------------
 
 
-def pipeline_sampler(pipe, steps: int, guidance: float, name: str, resolution: int | None = None) -> Sampler:
+def pipeline_sampler(pipe, steps: int, guidance: float, name: str, resolution: int | None = None) -> PromptSampler:
     """A diffusers SD / SDXL pipeline with its own scheduler at ``steps`` steps; the noise is its latents.
 
     The pipeline returns latents, decoded with :meth:`proreflow.sd.pipeline.SDTeacher.decode_latents`
@@ -86,10 +86,11 @@ def pipeline_sampler(pipe, steps: int, guidance: float, name: str, resolution: i
                        width=resolution, latents=noise.to(pipe.device, pipe.unet.dtype), output_type="latent").images
         return (sd.decode_latents(latents) + 1) / 2
 
-    return Sampler(name, steps, generate)
+    return PromptSampler(name, steps, generate)
 
 
-def ddim_sampler(pipe, steps: int, guidance: float, name: str | None = None, resolution: int | None = None) -> Sampler:
+def ddim_sampler(pipe, steps: int, guidance: float, name: str | None = None,
+                 resolution: int | None = None) -> PromptSampler:
     """The teacher: the pipeline with a DDIMScheduler built from its scheduler config (its components shared)."""
     from diffusers import DDIMScheduler
 
@@ -103,7 +104,8 @@ def ddim_sampler(pipe, steps: int, guidance: float, name: str | None = None, res
 
 def denoiser_sampler(denoiser: Denoiser, windows: TimeWindows, steps: int, name: str, *, uncond: Cond = None,
                      guidance: float = 1.0, condition: Callable[[Sequence[Any]], Cond] | None = None,
-                     decode: Callable[[Tensor], Tensor] | None = None, device: str | torch.device = "cpu") -> Sampler:
+                     decode: Callable[[Tensor], Tensor] | None = None,
+                     device: str | torch.device = "cpu") -> PromptSampler:
     """A built-in student or teacher through :func:`proreflow.sample` (``TimeWindows(n)`` with ``n`` steps is DDIM).
 
     condition: a batch of prompt items -> the network's condition (default: the items as a tensor,
@@ -119,7 +121,7 @@ def denoiser_sampler(denoiser: Denoiser, windows: TimeWindows, steps: int, name:
         x = sample(denoiser, noise.to(device), windows, steps, cond, uncond, guidance)
         return decode(x) if decode is not None else ((x.float() + 1) / 2).clamp(0, 1)
 
-    return Sampler(name, steps, generate)
+    return PromptSampler(name, steps, generate)
 
 
 # --- the runner ------------------------------------------------------------------------------------
@@ -157,13 +159,14 @@ def psnr(images: Tensor, reference: Tensor) -> Tensor:
     return 10 * torch.log10(1 / mse.clamp(min=10 ** (-PSNR_CAP / 10)))
 
 
-def _run(sampler: Sampler, noise: Tensor, prompts: Sequence[Any]) -> tuple[Tensor, float]:
+def _run(sampler: PromptSampler, noise: Tensor, prompts: Sequence[Any]) -> tuple[Tensor, float]:
     start = time.perf_counter()
     images = to_uint8_rgb(sampler.generate(noise, prompts).cpu())
     return images, time.perf_counter() - start
 
 
-def evaluate(teacher: Sampler, students: Sequence[Sampler], prompts: Sequence[Any], noise_shape: Sequence[int], *,
+def evaluate(teacher: PromptSampler, students: Sequence[PromptSampler], prompts: Sequence[Any],
+             noise_shape: Sequence[int], *,
              seed: int = 0, batch_size: int = 16, fid: FID | None = None, reference: FIDStats | None = None,
              clip: ClipScorer | None = None, sample_count: int = 8, progress: bool = True) -> Evaluation:
     """Generate every prompt with every method from the same noise and score the outputs.

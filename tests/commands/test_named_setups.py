@@ -11,8 +11,8 @@ from torch.utils.data import TensorDataset
 
 from proreflow.builtin import DATASETS
 from proreflow.builtin.teacher import builtin_setup
-from proreflow.commands import setups
-from proreflow.commands.setups import build_setup, get_setup_builder
+from proreflow.commands import named_setups as setups
+from proreflow.commands.named_setups import build_setup, get_setup_builder
 from proreflow.schedules import VPSchedule
 from proreflow.training import DistillationSetup
 
