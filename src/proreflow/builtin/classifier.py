@@ -20,10 +20,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from ..evaluation.frechet import frechet_distance
 from .data import get_spec, load_dataset
+from .fitting import fit_steps
 from .networks import build_network
 from .store import load_or_fit
 
@@ -96,16 +96,13 @@ def fit_classifier(config: ClassifierConfig, device: str | torch.device = "cpu",
         torch.manual_seed(config.seed)
         model = build_network(config.network).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    # torch's one-cycle schedule: the cached classifiers were trained with it (diffusers' named schedules lack it)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr, total_steps=config.steps)
     gen = torch.Generator().manual_seed(config.seed)
     start = time.perf_counter()
-    for _ in tqdm(range(config.steps), desc=f"classifier {config.data}", disable=not progress):
-        idx = torch.randint(0, len(x_all), (config.batch_size,), generator=gen).to(device)
-        loss = F.cross_entropy(model(x_all[idx]), y_all[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
+    fit_steps(model, lambda idx: F.cross_entropy(model(x_all[idx]), y_all[idx]), opt, sched, steps=config.steps,
+              batch_size=config.batch_size, size=len(x_all), generator=gen, device=device,
+              desc=f"classifier {config.data}", progress=progress)
     model = model.cpu().eval().requires_grad_(False)
     test = load_dataset(config.data, "test")
     accuracy = float((_batched(model, test.x).argmax(dim=1) == test.labels).float().mean())

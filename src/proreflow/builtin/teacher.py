@@ -34,7 +34,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
-from tqdm.auto import tqdm
 
 from ..conditioning import select_cond
 from ..schedules import VPSchedule
@@ -42,6 +41,7 @@ from ..targets import sample_times
 from ..teachers import Denoiser
 from ..training.setup import DistillationSetup
 from .data import get_spec, load_dataset
+from .fitting import fit_steps
 from .networks import adapter_for_spec, build_network, mlp_spec, small_unet
 from .store import load_or_fit
 
@@ -123,6 +123,14 @@ class TrainedTeacher:
 
 
 def _ema_avg(decay: float):
+    """``AveragedModel``'s average ``d * avg + (1 - d) * w``, ``d = min(decay, (1 + n) / (10 + n))``.
+
+    The warm-up of :class:`proreflow.training.EMA`, kept on torch's ``AveragedModel`` on purpose: the
+    EMA class computes ``lerp`` (other rounding) and starts from the initial weights where
+    ``AveragedModel`` copies the first update, so moving to it would change every teacher this
+    code trains, while cached teachers are found by their config alone.
+    """
+
     def avg(averaged: torch.Tensor, current: torch.Tensor, num_averaged: torch.Tensor) -> torch.Tensor:
         d = min(decay, (1 + int(num_averaged)) / (10 + int(num_averaged)))
         return d * averaged + (1 - d) * current
@@ -131,7 +139,11 @@ def _ema_avg(decay: float):
 
 
 def _lr_factor(step: int, warmup: int, steps: int) -> float:
-    """Linear warm-up over ``warmup`` steps, then cosine decay to 0 at ``steps``."""
+    """Linear warm-up over ``warmup`` steps, times a cosine decay to 0 at ``steps``.
+
+    Not ``diffusers.optimization.get_scheduler("cosine")``: that one starts at lr 0 and starts the
+    cosine after the warm-up; the product here is what the cached teachers were trained with.
+    """
     return min(1.0, (step + 1) / max(warmup, 1)) * 0.5 * (1 + math.cos(math.pi * step / steps))
 
 
@@ -154,10 +166,8 @@ def fit_teacher(config: TeacherConfig, device: str | torch.device = "cpu", progr
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, config.warmup, config.steps))
     gen = torch.Generator().manual_seed(config.seed)
-    start, bar = time.perf_counter(), tqdm(range(config.steps), desc=f"teacher {config.data}", disable=not progress)
-    losses = []
-    for _ in bar:
-        idx = torch.randint(0, x_all.shape[0], (config.batch_size,), generator=gen).to(device)
+
+    def loss_of_batch(idx: torch.Tensor) -> torch.Tensor:
         x0 = x_all[idx]
         noise = torch.randn(x0.shape, generator=gen)
         if config.offset_noise:
@@ -168,15 +178,13 @@ def fit_teacher(config: TeacherConfig, device: str | torch.device = "cpu", progr
         if labels is not None:
             keep = torch.rand(config.batch_size, generator=gen).to(device) >= config.cond_dropout
             cond = select_cond(keep, labels[idx], uncond)
-        loss = F.mse_loss(network(schedule.add_noise(x0, noise, t), schedule.timestep(t), cond), noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        opt.step()
-        sched.step()
-        ema.update_parameters(model)
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{sum(losses[-100:]) / len(losses[-100:]):.4f}", refresh=False)
+        return F.mse_loss(network(schedule.add_noise(x0, noise, t), schedule.timestep(t), cond), noise)
+
+    start = time.perf_counter()
+    losses = fit_steps(model, loss_of_batch, opt, sched, steps=config.steps, batch_size=config.batch_size,
+                       size=x_all.shape[0], generator=gen, device=device, grad_clip=config.grad_clip,
+                       after_step=lambda: ema.update_parameters(model), desc=f"teacher {config.data}",
+                       progress=progress)
     stats = {"train_seconds": round(time.perf_counter() - start, 2), "device": str(device),
              "final_loss": sum(losses[-100:]) / max(len(losses[-100:]), 1), "torch": torch.__version__}
     return ema.module.cpu().eval().requires_grad_(False), stats

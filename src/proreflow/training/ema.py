@@ -17,6 +17,11 @@ held: a LoRA student's EMA is the size of its LoRA layers, not of the frozen bas
 parameters never change, so their average is the student's own value: :meth:`EMA.state_dict`
 takes them (and buffers, e.g. normalisation statistics) from the module, giving the full EMA
 student; :meth:`EMA.tensors` is the averages alone (what a mid-stage checkpoint stores).
+
+Kept beside diffusers' ``EMAModel`` (same warm-up) because this one is keyed by parameter name
+(checkpoints, LoRA students, tied weights) and takes the step number from the caller instead of
+counting updates itself, so a resumed stage needs no EMA step counter. The built-in teacher
+trainer keeps torch's ``AveragedModel`` (see ``builtin.teacher._ema_avg`` for why).
 """
 
 from __future__ import annotations

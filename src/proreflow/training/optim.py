@@ -5,6 +5,8 @@ The learning rate of the ``k``-th optimiser step of a stage (``k = 1, 2, ...``) 
     lr_k = lr * min(1, k / warmup_steps)        (lr_k = lr when warmup_steps = 0),
 
 set before each step, so it is a function of the step alone (no scheduler state to save).
+``diffusers.optimization.get_scheduler("constant_with_warmup")`` is a ``LambdaLR`` whose first step
+runs at lr 0 and whose state a resumed run would have to restore; this rule needs neither.
 """
 
 from __future__ import annotations
