@@ -1,7 +1,8 @@
 """Piecewise Euler sampling: one signature for students and teachers.
 
 ``sample(denoiser, noise, windows, steps)`` spreads ``steps`` evenly over the windows and,
-inside window ``(t_start, t_end)``, takes Euler steps along the velocity towards ``t_end``.
+inside window ``(t_start, t_end)``, takes Euler steps along the velocity towards ``t_end``: the
+grid ``windows.time_grid(steps)`` is built once and stepped along by :func:`~proreflow.solvers.euler_steps`.
 A teacher sampled with ``TimeWindows(n)`` and ``n`` steps is DDIM with ``n`` steps.
 """
 
@@ -11,7 +12,7 @@ import torch
 from torch import Tensor
 
 from .conditioning import Cond
-from .solvers import solver_steps
+from .solvers import euler_steps
 from .teachers import Denoiser
 from .windows import TimeWindows
 
@@ -25,13 +26,10 @@ def sample(denoiser: Denoiser, noise: Tensor, windows: TimeWindows, steps: int, 
     Returns the samples, or with ``return_trajectory`` also a ``(steps + 1, *noise.shape)``
     tensor of the states (first row: the noise).
     """
-    edges = windows.edges().tolist()
     x, states = noise, [noise]
-    for i, n in enumerate(windows.steps_per_window(steps)):
-        for state in solver_steps(denoiser, x, edges[i], edges[i + 1], n, cond, uncond, guidance, windows):
-            if return_trajectory:
-                states.append(state)
-        x = state
+    for x in euler_steps(denoiser, noise, windows.time_grid(steps), cond, uncond, guidance):
+        if return_trajectory:
+            states.append(x)
     if return_trajectory:
         return x, torch.stack([s.to(x.dtype) for s in states])
     return x

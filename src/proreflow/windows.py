@@ -65,11 +65,18 @@ class TimeWindows:
         return [base + (1 if i < extra else 0) for i in range(self.count)]
 
     def time_grid(self, steps: int) -> list[tuple[float, float, float]]:
-        """Sampler grid: one ``(t, t_next, t_window_end)`` per step, from t = 1 to t = 0."""
+        """Sampler grid: one ``(t, t_next, t_window_end)`` per step, from t = 1 to t = 0: each window's
+        :func:`uniform_times` with its share of ``steps``. Every sampler steps along this grid."""
         edges = self.edges(torch.float64).tolist()
         grid = []
         for i, n in enumerate(self.steps_per_window(steps)):
-            start, end = edges[i], edges[i + 1]
-            for j in range(n):
-                grid.append((start + (end - start) * j / n, start + (end - start) * (j + 1) / n, end))
+            times = uniform_times(edges[i], edges[i + 1], n).tolist()
+            grid.extend((times[j], times[j + 1], edges[i + 1]) for j in range(n))
         return grid
+
+
+def uniform_times(t_start, t_end, steps: int, device=None) -> Tensor:
+    """``s_j = t_start + (t_end - t_start) * j / steps`` for ``j = 0..steps`` in float64, shape
+    ``(steps + 1, *ends)`` (the ends: floats, or per-sample ``(B,)`` tensors)."""
+    t0, t1 = (torch.as_tensor(t, dtype=torch.float64, device=device) for t in (t_start, t_end))
+    return torch.stack([t0 + (t1 - t0) * j / steps for j in range(steps + 1)])
