@@ -39,15 +39,14 @@ from ..data.latent_cache import (
     read_manifest,
 )
 from ..diffusers.lora import add_lora
+from ..training.runner import process_state
 from ..training.setup import DistillationSetup
 from .stable_diffusion import load_teacher, unet_network
 
 
 def default_device() -> torch.device:
     """This process's accelerator (``accelerate`` picks the GPU of each process), else CPU."""
-    from accelerate import PartialState
-
-    return PartialState().device
+    return process_state().device
 
 
 def build_sd_setup(teacher: str, data: str | list[str] | None = None, data_kind: str = "auto",
@@ -71,8 +70,6 @@ def build_sd_setup(teacher: str, data: str | list[str] | None = None, data_kind:
     encoder_dtype: text encoders' dtype (float32, bf16, fp16); the VAE stays float32.
     seed: of the VAE posterior samples / prompt noise (item i uses (seed, i)).
     """
-    from accelerate import PartialState
-
     if (data is None) == (prompts is None):
         raise ValueError("stable-diffusion setup: give exactly one of data (images with captions) and "
                          "prompts (a prompt file, prompt-only training)")
@@ -94,11 +91,12 @@ def build_sd_setup(teacher: str, data: str | list[str] | None = None, data_kind:
     settings.update(teacher=str(teacher), resolution=resolution, seed=seed)
 
     if cache_dir is not None:
-        with PartialState().main_process_first():
+        state = process_state()  # as the engine's accelerator will be: several processes share one cache
+        with state.main_process_first():
             manifest = read_manifest(cache_dir)
             if manifest is not None:
                 check_manifest(manifest, settings, cache_dir)
-            elif PartialState().is_main_process:
+            elif state.is_main_process:
                 build_latent_cache(items, encode, cache_dir, settings, batch_size=cache_batch_size,
                                    num_workers=num_workers)
         dataset = LatentCacheDataset(cache_dir)
