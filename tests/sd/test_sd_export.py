@@ -6,7 +6,8 @@ timesteps (``t * T - 1``, table ``abar``), ``proreflow.sample`` on ``t * (T - 1)
 guidance 2, student = teacher UNet or teacher + LoRA), the largest differences were 1.1e-2 in
 latents (whose values reach 67: 1.6e-4 relative; SD1.5 at 4 windows; SDXL at 2: 4.7e-3, LoRA
 at 2: 6.2e-3) and 1.2e-4 in images in [0, 1]; the tolerances sit just above them. The base pipeline's own scheduler
-(what LoRA users get without the line) is shown to miss by far more.
+(what LoRA users get without the line) is shown to miss by far more. The kohya copy of a LoRA is
+checked by diffusers' kohya loader (the same UNet) and against ComfyUI's key map.
 """
 
 from __future__ import annotations
@@ -109,21 +110,38 @@ def lora_export(sd15_dir, tmp_path_factory):
     return teacher, student, out
 
 
-@pytest.mark.parametrize("weight_name", [None, KOHYA_LORA])
-def test_lora_with_the_scheduler_line_samples_like_proreflow(lora_export, sd15_dir, tmp_path, weight_name):
-    """diffusers' own weights, and the kohya copy read by diffusers' kohya loader, with TRAILING_DDIM_LINE."""
+def test_lora_with_the_scheduler_line_samples_like_proreflow(lora_export, sd15_dir, tmp_path):
+    """The base pipeline + LoRA + TRAILING_DDIM_LINE, in a fresh interpreter without proreflow."""
     teacher, student, out = lora_export
     noise = noise_for(teacher)
     latents, images, scheduler = fresh_sample(tmp_path, "StableDiffusionPipeline", sd15_dir, noise, 2, out,
-                                              weight_name, TRAILING_DDIM_LINE)
+                                              scheduler_line=TRAILING_DDIM_LINE)
     want_latents, want_images = proreflow_sample(teacher, student, noise, 2)
-    print(f"LoRA {weight_name}: latents {max_diff(latents, want_latents):.2e}, "
-          f"images {max_diff(images, want_images):.2e}")
+    print(f"LoRA: latents {max_diff(latents, want_latents):.2e}, images {max_diff(images, want_images):.2e}")
     assert scheduler == "DDIMScheduler"
     assert max_diff(latents, want_latents) < LATENT_TOL and max_diff(images, want_images) < IMAGE_TOL
-    if weight_name is None:  # without the line: the base pipeline's DDPM, another sampler
-        latents, images, scheduler = fresh_sample(tmp_path, "StableDiffusionPipeline", sd15_dir, noise, 2, out)
-        assert scheduler == "DDPMScheduler" and max_diff(latents, want_latents) > 10 * LATENT_TOL
+
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(sd15_dir)  # without the line: the base pipeline's DDPM
+    pipe.load_lora_weights(out)
+    pipe.set_progress_bar_config(disable=True)
+    other = pipe(PROMPTS, num_inference_steps=2, guidance_scale=GUIDANCE, latents=noise, output_type="latent").images
+    assert type(pipe.scheduler).__name__ == "DDPMScheduler" and max_diff(other, want_latents) > 10 * LATENT_TOL
+
+
+def test_kohya_copy_loads_as_the_same_unet(lora_export, sd15_dir):
+    """lora_kohya.safetensors through diffusers' kohya loader gives the student's UNet (alpha 8, rank 4)."""
+    from diffusers import StableDiffusionPipeline
+
+    teacher, student, out = lora_export
+    pipe = StableDiffusionPipeline.from_pretrained(sd15_dir)
+    pipe.load_lora_weights(out, weight_name=KOHYA_LORA)
+    x, cond = torch.randn(2, 4, 8, 8), {"encoder_hidden_states": torch.randn(2, 16, 32)}
+    with torch.no_grad():
+        want, before = student(x, 321.0, **cond).sample, teacher.unet(x, 321.0, **cond).sample
+        torch.testing.assert_close(pipe.unet(x, 321.0, **cond).sample, want, rtol=1e-5, atol=1e-5)
+    assert max_diff(want, before) > 1e-2  # the LoRA changes the UNet
 
 
 def test_kohya_keys_are_the_ones_comfyui_maps(lora_export):
@@ -185,6 +203,7 @@ def test_export_command_pushes_to_hub(sd15_dir, image_dir, tmp_path, monkeypatch
     assert calls[1] == ("upload", "me/tiny", ["README.md", KOHYA_LORA, "proreflow.json",
                                                "pytorch_lora_weights.safetensors"])
     info = read_export_info(tmp_path / "lora")
+    assert 'pipe.load_lora_weights("me/tiny")' in (tmp_path / "lora/README.md").read_text()
     assert info["teacher_guidance"] == 3.0 and info["guidance"] == 1.0 and info["dtype"] == "float16"
     assert {v.dtype for k, v in load_file(str(tmp_path / "lora" / KOHYA_LORA)).items()
             if not k.endswith(".alpha")} == {torch.float16}

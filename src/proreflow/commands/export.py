@@ -25,7 +25,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora-rank", type=int, default=64,
                    help="rank when extracting LoRA from a fully fine-tuned student (default 64)")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
-                   help="dtype of the saved weights (default float32)")
+                   help="dtype of the saved weights (default float32; SDXL's VAE overflows in float16: "
+                        "prefer bfloat16 there)")
     p.add_argument("--eval", metavar="DIR", help="a `proreflow eval` output folder: its results go into the model card")
     p.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the folder to this Hugging Face model repo "
                    "(created if missing; token from `hf auth login` or HF_TOKEN)")
@@ -61,6 +62,8 @@ def run(args: argparse.Namespace) -> int:
              "guidance_mode": info.get("guidance_mode"), "global_step": info.get("global_step")}
     if (run_dir / "recipe.yaml").is_file():  # the guidance of the teacher the final student reproduces
         extra["teacher_guidance"] = load_recipe(run_dir / "recipe.yaml").stages[-1].guidance
+    if args.push_to_hub:
+        extra["repo_id"] = args.push_to_hub  # the model card's loading lines name the repo
     dtype = as_dtype(args.dtype) if args.dtype else None
     windows, guidance = info["windows"], info.get("guidance", 1.0)
     if args.lora:

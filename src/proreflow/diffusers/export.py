@@ -74,9 +74,10 @@ def model_card(info: dict, metrics: list[dict] | None = None) -> str:
     tags = ["proreflow", "distillation", "text-to-image", "stable-diffusion-xl" if xl else "stable-diffusion"]
     data = ModelCardData(library_name="diffusers", pipeline_tag="text-to-image", tags=tags + (["lora"] if lora else []),
                          base_model=teacher if _looks_like_hub_id(teacher) else None)
+    here = info.get("repo_id", "THIS_FOLDER")
     load = (f'pipe = {pipeline}.from_pretrained("{teacher}", torch_dtype=torch.float16).to("cuda")\n'
-            'pipe.load_lora_weights("THIS_FOLDER_OR_REPO")\n' + TRAILING_DDIM_LINE if lora else
-            f'pipe = {pipeline}.from_pretrained("THIS_FOLDER_OR_REPO", torch_dtype=torch.float16).to("cuda")\n'
+            f'pipe.load_lora_weights("{here}")\n' + TRAILING_DDIM_LINE if lora else
+            f'pipe = {pipeline}.from_pretrained("{here}", torch_dtype=torch.float16).to("cuda")\n'
             f"# the scheduler is already DDIMScheduler(timestep_spacing='trailing', set_alpha_to_one=False, ...)")
     what = "LoRA weights" if lora else "A diffusers pipeline"
     lines = [
