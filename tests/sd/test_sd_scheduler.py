@@ -264,3 +264,21 @@ def test_training_and_export_share_a_schedule_whose_json_omits_betas(sd15_dir, i
     torch.testing.assert_close(exported.alphas_cumprod.double(), pipeline_table, rtol=0, atol=1e-6)
     ours = ProReflowScheduler.from_config(exported.config, num_windows=2)
     torch.testing.assert_close(ours.schedule.alphas_cumprod, pipeline_table, rtol=0, atol=1e-6)
+
+
+def test_trailing_ddim_keeps_a_schedule_taken_from_other_defaults():
+    """LCMScheduler's defaults (scaled_linear 0.00085 .. 0.012) are not DDIM's: trailing_ddim keeps them,
+    where a plain DDIMScheduler.from_config would fall back to DDIM's linear 0.0001 .. 0.02."""
+    from diffusers import DDIMScheduler, LCMScheduler
+
+    from proreflow import VPSchedule
+    from proreflow.diffusers.scheduler import TRAILING_DDIM, trailing_ddim
+
+    source = LCMScheduler()
+    ddim = trailing_ddim(source.config)
+    torch.testing.assert_close(ddim.alphas_cumprod, source.alphas_cumprod, rtol=0, atol=0)
+    torch.testing.assert_close(VPSchedule.from_scheduler_config(source.config).alphas_cumprod,
+                               ddim.alphas_cumprod.double(), rtol=0, atol=1e-6)  # what training reads
+    assert {k: ddim.config[k] for k in TRAILING_DDIM} == TRAILING_DDIM
+    plain = DDIMScheduler.from_config(source.config)
+    assert (plain.alphas_cumprod - source.alphas_cumprod).abs().max() > 0.1

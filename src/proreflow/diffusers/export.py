@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from .lora import add_lora, extract_lora, has_lora, merge_lora, save_kohya_lora, save_lora
-from .scheduler import PROREFLOW_LINE, TRAILING_DDIM_LINE, ProReflowScheduler, trailing_ddim
+from .scheduler import PROREFLOW_LINE, TRAILING_DDIM_LINE, ProReflowScheduler, explicit_config, trailing_ddim
 
 EXPORT_INFO = "proreflow.json"
 MODEL_CARD = "README.md"
@@ -229,7 +229,7 @@ def load_student_pipeline(model: str | Path, lora: str | Path | None = None, num
     if not num_windows:
         raise ValueError(f"the student's number of windows is unknown: {model} is not an exported student "
                          "and no proreflow.json says it; pass num_windows (--windows)")
-    pipe.scheduler = ProReflowScheduler.from_config(pipe.scheduler.config, num_windows=num_windows)
+    pipe.scheduler = ProReflowScheduler.from_config(explicit_config(pipe.scheduler.config), num_windows=num_windows)
     if device is not None:
         pipe.to(device)
     return pipe, info

@@ -49,11 +49,22 @@ PROREFLOW_LINE = "pipe.scheduler = ProReflowScheduler.from_config(pipe.scheduler
 number of steps >= windows. Format with ``windows=``."""
 
 
+def explicit_config(config) -> dict:
+    """A scheduler config with the values its scheduler took from its own defaults kept as values.
+
+    ``from_config`` drops the keys listed in ``_use_default_values`` and uses the new class's
+    defaults: an LCMScheduler's 0.00085 .. 0.012 would become DDIM's 0.0001 .. 0.02. Without the
+    list every value carries over, the schedule training reads (``VPSchedule.from_scheduler_config``).
+    """
+    return {k: v for k, v in dict(config).items() if k != "_use_default_values"}
+
+
 def trailing_ddim(config):
-    """``DDIMScheduler.from_config(config, **TRAILING_DDIM)``: the stock scheduler of :data:`TRAILING_DDIM_LINE`."""
+    """The stock scheduler of :data:`TRAILING_DDIM_LINE` on exactly the schedule of ``config``
+    (:func:`explicit_config`)."""
     from diffusers import DDIMScheduler
 
-    return DDIMScheduler.from_config(config, **TRAILING_DDIM)
+    return DDIMScheduler.from_config(explicit_config(config), **TRAILING_DDIM)
 
 
 @dataclass
