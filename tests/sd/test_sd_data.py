@@ -135,3 +135,42 @@ def test_latent_cache_equals_encoding_on_the_fly(sd15_dir, image_dir, tmp_path):
     assert (tmp_path / "cache" / "shard-00000.safetensors").stat().st_mtime_ns == stamp
     with pytest.raises(ValueError, match="resolution: cache 16, now 32"):
         build_sd_setup(cache_dir=str(tmp_path / "cache"), resolution=32, **common)
+
+
+def test_a_stale_latent_cache_is_rebuilt(sd15_dir, tmp_path, caplog):
+    """The cache is keyed on its files (count, sizes, mtimes) and encoders (classes, dtype): adding an
+    image or changing encoder_dtype rebuilds it, saying why; the same inputs reuse it."""
+    from proreflow.sd.setup import build_sd_setup
+
+    data = write_image_folder(tmp_path / "data", corrupt=False)
+    cache = tmp_path / "data" / "cache"  # inside the data folder: its own files are not data
+    common = {"teacher": str(sd15_dir), "data": str(data), "device": "cpu", "cache_dir": str(cache)}
+
+    def built() -> dict:
+        return json.loads((cache / "manifest.json").read_text())
+
+    build_sd_setup(**common)
+    first = built()
+    assert first["count"] == len(CAPTIONS) and first["settings"]["files"]["count"] == 2 * len(CAPTIONS)
+    assert first["settings"]["encoder_dtype"] == "torch.float32"
+    assert first["settings"]["encoder"] == "CLIPTextModel+AutoencoderKL"
+    stamp = (cache / "shard-00000.safetensors").stat().st_mtime_ns
+    build_sd_setup(**common)
+    assert built() == first and (cache / "shard-00000.safetensors").stat().st_mtime_ns == stamp  # reused
+
+    Image.new("RGB", (20, 24), (200, 10, 10)).save(data / "new.png")
+    (data / "new.txt").write_text("a new red cat\n")
+    with caplog.at_level(logging.WARNING, logger="proreflow.sd.latent_cache"):
+        setup = build_sd_setup(**common)
+    assert built()["count"] == len(CAPTIONS) + 1 and len(setup.dataset) == len(CAPTIONS) + 1
+    assert any("is stale (files: cache {'count': 12" in r.message and "rebuilding" in r.message
+               for r in caplog.records)
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="proreflow.sd.latent_cache"):
+        build_sd_setup(**common, encoder_dtype="bf16")
+    assert built()["settings"]["encoder_dtype"] == "torch.bfloat16"
+    assert any("encoder_dtype: cache 'torch.float32', now 'torch.bfloat16'" in r.message for r in caplog.records)
+    stamp = (cache / "shard-00000.safetensors").stat().st_mtime_ns
+    build_sd_setup(**common, encoder_dtype="bfloat16")  # the same dtype by another name: reused
+    assert (cache / "shard-00000.safetensors").stat().st_mtime_ns == stamp

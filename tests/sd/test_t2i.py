@@ -178,3 +178,27 @@ def test_a_failing_teacher_is_not_skipped(denoiser):
     teacher, _ = builtin_methods(denoiser)
     with pytest.raises(ValueError, match="names must be unique"):
         evaluate(teacher, [teacher], [0, 1], (1, 8, 8), progress=False)
+
+
+def test_teacher_ddim_is_proreflows_ddim_up_to_the_timestep_convention(teacher_dir):
+    """The baseline is DDIM with trailing integer timesteps, no clipping, last step to alphas_cumprod[0]:
+    ``proreflow.sample`` with ``TimeWindows(n)`` and n steps but for ``t * T - 1`` against ``t * (T - 1)``.
+    Measured on the tiny teacher at guidance 3, images in [0, 1]: 3e-7 at 1 step, 1.35e-4 at 4 steps; the
+    pipeline's own DDIM settings (leading, clip_sample from the DDPM config) miss by 9.3e-2 at 4 steps."""
+    from diffusers import DDIMScheduler
+
+    from proreflow import Denoiser, TimeWindows, sample
+    from proreflow.sd.pipeline import unet_network
+
+    sd = load_teacher(teacher_dir)
+    prompts, shape = ["a cat", "a dog"], sd.latent_shape(sd.resolution)
+    noise = prompt_noise(0, [0, 1], shape)
+    denoiser = Denoiser(unet_network(sd.unet), sd.prediction_type, sd.schedule)
+    for steps in (1, 4):
+        want = (sd.decode_latents(sample(denoiser, noise, TimeWindows(steps), steps, sd.encode_prompts(prompts),
+                                         sd.null_cond(), 3.0)) + 1) / 2
+        got = ddim_sampler(sd.pipe, steps, 3.0).generate(noise, prompts)
+        assert (got - want).abs().max() < 3e-4, steps
+    own = type(sd.pipe).from_pipe(sd.pipe, scheduler=DDIMScheduler.from_config(sd.pipe.scheduler.config))
+    own.set_progress_bar_config(disable=True)
+    assert (pipeline_sampler(own, 4, 3.0, "own DDIM").generate(noise, prompts) - want).abs().max() > 1e-2

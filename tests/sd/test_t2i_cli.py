@@ -33,7 +33,9 @@ def test_eval_on_coco_writes_results_tables_and_grids(base_args, make_coco, clip
         assert rows[name]["fid_to_teacher"] > 0 and rows[name]["rmse_to_teacher"] > 0
     settings = payload["settings"]
     assert settings["student_scheduler"] == "ProReflowScheduler, 2 windows" and settings["count"] == 5
-    assert settings["guidance"] == 3 and settings["student_guidance"] == 2  # the student's, from proreflow.json
+    assert settings["teacher_guidance"] == 3 and settings["student_guidance"] == 3  # --guidance: shared
+    assert settings["teacher_scheduler"] == ("DDIMScheduler(timestep_spacing='trailing', set_alpha_to_one=False, "
+                                             "clip_sample=False), 4 steps")
     assert settings["clip_model"] == str(clip_dir) and settings["fid_network"] == base_args[6]
     prompts = json.loads((out / "prompts.json").read_text())
     assert len(prompts) == 5 and all(p["image"].startswith(str(images)) for p in prompts)
@@ -93,3 +95,20 @@ def test_coco_annotations_need_their_images(base_args, make_coco, tmp_path, caps
     annotations, _ = make_coco(images=3)
     assert main([*base_args, "--coco-annotations", str(annotations), "--out", str(tmp_path / "o")]) == 2
     assert "--coco-annotations needs --coco-images" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("given, info, want", [
+    ({}, {"guidance": 2.0}, (2.0, 2.0)),  # cfg_sync export: both at its guidance
+    ({}, {"guidance": 1.0, "teacher_guidance": 4.0}, (4.0, 1.0)),  # baked: the teacher it reproduces
+    ({}, {}, (7.5, 7.5)),
+    ({"guidance": 3.0}, {"guidance": 1.0, "teacher_guidance": 4.0}, (3.0, 3.0)),
+    ({"guidance": 3.0, "teacher_guidance": 5.0}, {}, (5.0, 3.0)),
+    ({"student_guidance": 1.5}, {"guidance": 2.0}, (2.0, 1.5)),
+])
+def test_teacher_and_student_share_the_guidance_unless_told(given, info, want):
+    import argparse
+
+    from proreflow.commands.eval import guidances
+
+    args = argparse.Namespace(**{"guidance": None, "teacher_guidance": None, "student_guidance": None, **given})
+    assert guidances(args, info) == want

@@ -18,6 +18,17 @@ import torch
 
 from ..sd.coco import PROTOCOLS, load_coco, load_prompt_file
 
+DEFAULT_GUIDANCE = 7.5
+
+
+def guidances(args: argparse.Namespace, info: dict) -> tuple[float, float]:
+    """(teacher, student) guidance: --teacher/--student-guidance, else --guidance for both, else the
+    export's (``proreflow.json``: ``teacher_guidance`` and ``guidance``, the first defaulting to the second)."""
+    student = info.get("guidance", DEFAULT_GUIDANCE) if args.guidance is None else args.guidance
+    teacher = info.get("teacher_guidance", student) if args.guidance is None else args.guidance
+    return (teacher if args.teacher_guidance is None else args.teacher_guidance,
+            student if args.student_guidance is None else args.student_guidance)
+
 
 def _default_cache() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "proreflow" / "fid"
@@ -47,10 +58,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "images, one caption each; custom: --num random images (default: all)")
     p.add_argument("--num", type=int, help="number of prompts (with a named protocol: its first N, a quick subset)")
     p.add_argument("--steps", type=_steps, default=[1, 2, 4, 8], help="student step counts (default 1,2,4,8)")
-    p.add_argument("--teacher-steps", type=int, default=32, help="teacher DDIM steps (default 32)")
-    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
-    p.add_argument("--student-guidance", type=float,
-                   help="student guidance (default: the one its proreflow.json records, else --guidance)")
+    p.add_argument("--teacher-steps", type=int, default=32,
+                   help="teacher DDIM steps (default 32; DDIM with trailing timesteps, no clipping, the schedule's "
+                        "last step as proreflow samples: not the pipeline's own DDIM settings)")
+    p.add_argument("--guidance", type=float,
+                   help="classifier-free guidance of teacher and student (default: the export's: the student samples "
+                        "at its recorded guidance, the teacher at the guidance the student was distilled to "
+                        f"reproduce; {DEFAULT_GUIDANCE} when the export records none)")
+    p.add_argument("--teacher-guidance", type=float, help="the teacher's guidance, when it differs from --guidance")
+    p.add_argument("--student-guidance", type=float, help="the student's guidance, when it differs from --guidance")
     p.add_argument("--resolution", type=int, help="image size in px (default: the teacher's native size)")
     p.add_argument("--clip-model", help="CLIP model folder or hub id for CLIP score (without: FID only)")
     p.add_argument("--inception", type=Path,
@@ -80,6 +96,7 @@ def _run(args: argparse.Namespace) -> int:
     from ..sd.export import load_student_pipeline
     from ..sd.fid import FID, reference_statistics
     from ..sd.pipeline import SDTeacher, load_teacher, read_model_index
+    from ..sd.scheduler import TRAILING_DDIM
     from ..sd.t2i import ddim_sampler, evaluate, pipeline_sampler, write_report
     from ..training.runner import as_dtype
 
@@ -108,16 +125,14 @@ def _run(args: argparse.Namespace) -> int:
     if SDTeacher(student_pipe, str(args.student)).latent_shape(resolution) != shape:
         raise ValueError(f"the student's latents differ from the teacher's {shape}: it must be distilled from "
                          f"{args.teacher}")
-    student_guidance = args.student_guidance
-    if student_guidance is None:
-        student_guidance = info.get("guidance", args.guidance)
+    teacher_guidance, student_guidance = guidances(args, info)
     methods = [pipeline_sampler(student_pipe, n, student_guidance, f"student {n}-step", resolution) for n in args.steps]
     reference = None
     if prompt_set.image_paths is not None:
         reference = reference_statistics(fid, prompt_set.image_paths, resolution, args.fid_cache,
                                          batch_size=args.batch_size, workers=args.workers,
                                          description=prompt_set.source)
-    evaluation = evaluate(ddim_sampler(teacher.pipe, args.teacher_steps, args.guidance, resolution=resolution),
+    evaluation = evaluate(ddim_sampler(teacher.pipe, args.teacher_steps, teacher_guidance, resolution=resolution),
                           methods, prompt_set.prompts, shape, seed=args.seed, batch_size=args.batch_size, fid=fid,
                           reference=reference, clip=clip, sample_count=args.grid_prompts)
     scheduler = student_pipe.scheduler
@@ -125,8 +140,9 @@ def _run(args: argparse.Namespace) -> int:
         "teacher": str(args.teacher), "student": str(args.student),
         "student_lora": None if args.student_lora is None else str(args.student_lora),
         "prompts": prompt_set.source, "count": len(prompt_set), "resolution": resolution,
-        "guidance": args.guidance, "student_guidance": student_guidance,
-        "teacher_scheduler": f"DDIM, {args.teacher_steps} steps",
+        "teacher_guidance": teacher_guidance, "student_guidance": student_guidance,
+        "teacher_scheduler": f"DDIMScheduler({', '.join(f'{k}={v!r}' for k, v in TRAILING_DDIM.items())}), "
+                             f"{args.teacher_steps} steps",
         "student_scheduler": f"{type(scheduler).__name__}, {scheduler.config.get('num_windows')} windows",
         "seed": args.seed, "fid_network": str(getattr(fid.extractor, "path", "custom")),
         "fid_network_sha256": fid.fingerprint, "clip_model": clip.name if clip is not None else None,

@@ -1,16 +1,26 @@
-"""Export a trained Stable Diffusion student: a complete diffusers pipeline folder, or LoRA weights.
+"""Export a trained Stable Diffusion student as files anyone with diffusers can load.
 
 Pipeline export (:func:`export_pipeline`): the teacher's pipeline (VAE, tokenizers, text
-encoders, its class: StableDiffusion / StableDiffusionXL) with the student's UNet and a
-:class:`ProReflowScheduler` (the student's windows), saved with ``save_pretrained``; it loads
-with ``DiffusionPipeline.from_pretrained(DIR)`` where proreflow is installed.
+encoders, its class: StableDiffusion / StableDiffusionXL) with the student's UNet and diffusers'
+own ``DDIMScheduler`` set to the student's sampler (:func:`~proreflow.sd.scheduler.trailing_ddim`),
+saved with ``save_pretrained``. It loads with ``StableDiffusionPipeline.from_pretrained(DIR)``
+(or the XL one) where proreflow is not installed; sample with ``num_inference_steps`` equal to
+the student's windows. That DDIM takes the student's steps on diffusers' integer timestep grid
+(``t * T - 1``) where :func:`proreflow.sample` uses ``t * (T - 1)`` with interpolated ``abar``;
+``tests/sd/test_sd_export.py`` measures the difference. The exact sampler, and more steps than
+windows, is an opt-in line: :data:`~proreflow.sd.scheduler.PROREFLOW_LINE`.
 
-LoRA export (:func:`export_lora`): ``pytorch_lora_weights.safetensors`` for
-``pipe.load_lora_weights(DIR)`` on the base pipeline or a fine-tune of it, used with
-``ProReflowScheduler.from_config(pipe.scheduler.config, num_windows=...)``.
+LoRA export (:func:`export_lora`): ``pytorch_lora_weights.safetensors`` (diffusers / peft keys)
+for ``pipe.load_lora_weights(DIR)`` on the base pipeline or a fine-tune of it, used with
+:data:`~proreflow.sd.scheduler.TRAILING_DDIM_LINE` (the base pipeline's own scheduler,
+e.g. SD1.5's PNDM, is another sampler); and ``lora_kohya.safetensors``, the same weights with
+kohya keys (``lora_unet_<module>.lora_down/.lora_up/.alpha``, diffusers'
+``convert_state_dict_to_kohya``), the format AUTOMATIC1111 and ComfyUI load.
 
-Both write ``proreflow.json``: the windows, the guidance scale to sample with (1 when guidance
-was baked in), the output type and where the student came from.
+Both write ``proreflow.json`` (windows, the guidance to sample with, 1 when guidance was baked
+in, the guidance of the teacher the student reproduces, where it came from) and a model card
+``README.md``; ``dtype`` saves the weights in float16 / bfloat16; :func:`push_to_hub` uploads
+the folder.
 """
 
 from __future__ import annotations
@@ -20,13 +30,16 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..training.checkpoint import load_weights, read_student_info
-from .lora import add_lora, extract_lora, has_lora, merge_lora, save_lora
-from .scheduler import ProReflowScheduler
+from .lora import add_lora, extract_lora, has_lora, merge_lora, save_kohya_lora, save_lora
+from .scheduler import PROREFLOW_LINE, TRAILING_DDIM_LINE, ProReflowScheduler, explicit_config, trailing_ddim
 
 EXPORT_INFO = "proreflow.json"
+MODEL_CARD = "README.md"
+KOHYA_LORA = "lora_kohya.safetensors"
 
 
 def read_export_info(folder: str | Path) -> dict[str, Any]:
@@ -35,9 +48,89 @@ def read_export_info(folder: str | Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def _write_info(out_dir: Path, num_windows: int, guidance: float, prediction_type: str, extra: dict) -> None:
-    info = {"num_windows": num_windows, "guidance": guidance, "prediction_type": prediction_type, **extra}
+def _write_info(out_dir: Path, info: dict, metrics: list[dict] | None) -> None:
     (out_dir / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n")
+    (out_dir / MODEL_CARD).write_text(model_card(info, metrics))
+
+
+def read_metrics(eval_dir: str | Path) -> list[dict]:
+    """The result rows of a ``proreflow eval`` output folder (its ``results.json``)."""
+    path = Path(eval_dir) / "results.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: --eval takes the --out folder of a `proreflow eval` run")
+    return json.loads(path.read_text())["results"]
+
+
+def model_card(info: dict, metrics: list[dict] | None = None) -> str:
+    """The export's ``README.md``: hub metadata, the lines that load and sample it, how it was trained,
+    and the ``proreflow eval`` results when given (rows of its ``results.json``)."""
+    from huggingface_hub import ModelCardData
+
+    from .pipeline import _looks_like_hub_id
+
+    lora, windows, guidance = "base" in info, info["num_windows"], info["guidance"]
+    teacher = info["base"] if lora else info["teacher"]
+    xl = info.get("pipeline") == "StableDiffusionXLPipeline"
+    pipeline = "StableDiffusionXLPipeline" if xl else "StableDiffusionPipeline"
+    tags = ["proreflow", "distillation", "text-to-image", "stable-diffusion-xl" if xl else "stable-diffusion"]
+    data = ModelCardData(library_name="diffusers", pipeline_tag="text-to-image", tags=tags + (["lora"] if lora else []),
+                         base_model=teacher if _looks_like_hub_id(teacher) else None)
+    here = info.get("repo_id", "THIS_FOLDER")
+    load = (f'pipe = {pipeline}.from_pretrained("{teacher}", torch_dtype=torch.float16).to("cuda")\n'
+            f'pipe.load_lora_weights("{here}")\n' + TRAILING_DDIM_LINE if lora else
+            f'pipe = {pipeline}.from_pretrained("{here}", torch_dtype=torch.float16).to("cuda")\n'
+            f"# the scheduler is already DDIMScheduler(timestep_spacing='trailing', set_alpha_to_one=False, ...)")
+    what = "LoRA weights" if lora else "A diffusers pipeline"
+    lines = [
+        "---", data.to_yaml(), "---", "",
+        f"# ProReflow student of `{teacher}`", "",
+        f"{what} distilled with proreflow (ProReflow: progressive reflow, aligned v-prediction): "
+        f"a {windows}-step sampler. Sample with **{windows} steps** at guidance **{guidance:g}**"
+        + (" (the teacher's guidance is baked in)." if guidance == 1.0 else "."), "",
+        "## Use it with diffusers alone", "",
+        "```python", "import torch", f"from diffusers import DDIMScheduler, {pipeline}", "", load,
+        f'image = pipe("a photo of a cat", num_inference_steps={windows}, guidance_scale={guidance:g}).images[0]',
+        "```",
+        "",
+        f"The DDIM line is the student's sampler at `num_inference_steps={windows}` (one step per window); "
+        + ("without it the base pipeline's own scheduler samples something else. " if lora else "")
+        + "It runs on diffusers' integer timesteps (`t * 1000 - 1`); proreflow's own sampler "
+          "(`t * 999`, interpolated schedule) is an opt-in that also takes more steps than windows:", "",
+        "```python", "from proreflow.sd import ProReflowScheduler", PROREFLOW_LINE.format(windows=windows),
+        "```",
+        "",
+    ]
+    if lora:
+        lines += [f"`{KOHYA_LORA}` holds the same weights with kohya keys (`lora_unet_...`, `.alpha`), the "
+                  "format AUTOMATIC1111 and ComfyUI load; sample it with DDIM at "
+                  f"{windows} steps on trailing timesteps.", ""]
+    rows = [("teacher", f"`{teacher}`"), ("recipe", info.get("recipe")), ("stage", info.get("stage")),
+            ("windows (steps)", windows), ("guidance to sample with", f"{guidance:g}"),
+            ("teacher guidance it reproduces", info.get("teacher_guidance")),
+            ("prediction type", info.get("prediction_type")), ("weights dtype", info.get("dtype", "float32"))]
+    if lora:
+        rows.append(("LoRA kept fraction of the weight change", f"{info.get('lora_kept_fraction', 1.0):.4f}"))
+    lines += ["## Training", "", "| | |", "|---|---|"]
+    lines += [f"| {key} | {value} |" for key, value in rows if value is not None]
+    if metrics:
+        from .t2i import COLUMNS, _cell
+
+        lines += ["", "## Evaluation (`proreflow eval`)", "",
+                  "| " + " | ".join(title for title, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+        lines += ["| " + " | ".join(_cell(row.get(key)) for _, key in COLUMNS) + " |" for row in metrics
+                  if not row.get("skipped")]
+    return "\n".join(lines) + "\n"
+
+
+def push_to_hub(folder: str | Path, repo_id: str, private: bool = False, token: str | None = None) -> str:
+    """Upload an export folder to the Hugging Face hub (``create_repo`` + ``upload_folder``); the repo's URL."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    api.upload_folder(repo_id=repo_id, folder_path=str(folder), repo_type="model",
+                      commit_message="Upload ProReflow student (proreflow export)")
+    return str(url)
 
 
 def load_run_student(run_dir: str | Path, teacher_unet: nn.Module) -> tuple[nn.Module, dict[str, Any]]:
@@ -66,30 +159,37 @@ def load_run_student(run_dir: str | Path, teacher_unet: nn.Module) -> tuple[nn.M
 
 
 def export_pipeline(student_unet: nn.Module, teacher, out_dir: str | Path, num_windows: int,
-                    guidance: float = 1.0, extra: dict | None = None) -> Path:
-    """Save the teacher's pipeline with ``student_unet`` and a ProReflowScheduler (module doc).
+                    guidance: float = 1.0, extra: dict | None = None, dtype: torch.dtype | None = None,
+                    metrics: list[dict] | None = None) -> Path:
+    """Save the teacher's pipeline with ``student_unet`` and the stock DDIM of the student (module doc).
 
     teacher: an :class:`~proreflow.sd.pipeline.SDTeacher` (its pipeline's other
-    components are saved). A LoRA student is merged into plain UNet weights first.
+    components are saved). A LoRA student is merged into plain UNet weights first. dtype: of
+    the saved weights (default: as they are). metrics: ``proreflow eval`` rows for the model card.
     """
     out_dir = Path(out_dir)
     unet = merge_lora(copy.deepcopy(student_unet)) if has_lora(student_unet) else student_unet
     pipe = copy.copy(teacher.pipe)  # shares the components, leaves the teacher's pipeline as it was
-    scheduler = ProReflowScheduler.from_config(pipe.scheduler.config, num_windows=num_windows)
-    pipe.register_modules(unet=unet, scheduler=scheduler)
+    pipe.register_modules(unet=unet, scheduler=trailing_ddim(pipe.scheduler.config))
+    if dtype is not None:
+        pipe.register_modules(**{name: copy.deepcopy(module).to(dtype) for name, module in pipe.components.items()
+                                 if isinstance(module, nn.Module)})
     pipe.save_pretrained(out_dir, safe_serialization=True)
-    _write_info(out_dir, num_windows, guidance, scheduler.config.prediction_type,
-                {"teacher": teacher.source, **(extra or {})})
+    info = {"num_windows": num_windows, "guidance": guidance, "prediction_type": teacher.prediction_type,
+            "teacher": teacher.source, "pipeline": type(teacher.pipe).__name__, "scheduler": TRAILING_DDIM_LINE,
+            "dtype": str(dtype or unet.dtype).removeprefix("torch."), **(extra or {})}
+    _write_info(out_dir, info, metrics)
     return out_dir
 
 
 def export_lora(student_unet: nn.Module, teacher, out_dir: str | Path, num_windows: int, guidance: float = 1.0,
-                rank: int = 64, extra: dict | None = None) -> tuple[Path, float]:
-    """Save the student as LoRA weights for the teacher's pipeline (module doc).
+                rank: int = 64, extra: dict | None = None, dtype: torch.dtype | None = None,
+                metrics: list[dict] | None = None) -> tuple[Path, float]:
+    """Save the student as LoRA weights for the teacher's pipeline, in diffusers' and kohya's keys (module doc).
 
     A LoRA student is saved as trained (kept fraction 1); a fully fine-tuned one is extracted
-    at ``rank`` by SVD (:func:`~proreflow.sd.lora.extract_lora`). Returns the weights
-    file and the kept fraction of the weight change.
+    at ``rank`` by SVD (:func:`~proreflow.sd.lora.extract_lora`). Returns the diffusers
+    weights file and the kept fraction of the weight change.
     """
     out_dir = Path(out_dir)
     kept = 1.0
@@ -97,9 +197,13 @@ def export_lora(student_unet: nn.Module, teacher, out_dir: str | Path, num_windo
         adapted = student_unet
     else:
         adapted, kept = extract_lora(student_unet, teacher.unet, rank)
-    path = save_lora(adapted, out_dir, teacher.is_sdxl)
-    _write_info(out_dir, num_windows, guidance, teacher.prediction_type,
-                {"base": teacher.source, "lora_kept_fraction": kept, **(extra or {})})
+    path = save_lora(adapted, out_dir, teacher.is_sdxl, dtype)
+    save_kohya_lora(adapted, out_dir / KOHYA_LORA, dtype)
+    info = {"num_windows": num_windows, "guidance": guidance, "prediction_type": teacher.prediction_type,
+            "base": teacher.source, "pipeline": type(teacher.pipe).__name__, "scheduler": TRAILING_DDIM_LINE,
+            "lora_kept_fraction": kept, "kohya_weights": KOHYA_LORA,
+            "dtype": str(dtype or torch.float32).removeprefix("torch."), **(extra or {})}
+    _write_info(out_dir, info, metrics)
     return path, kept
 
 
@@ -126,7 +230,7 @@ def load_student_pipeline(model: str | Path, lora: str | Path | None = None, num
     if not num_windows:
         raise ValueError(f"the student's number of windows is unknown: {model} is not an exported student "
                          "and no proreflow.json says it; pass num_windows (--windows)")
-    pipe.scheduler = ProReflowScheduler.from_config(pipe.scheduler.config, num_windows=num_windows)
+    pipe.scheduler = ProReflowScheduler.from_config(explicit_config(pipe.scheduler.config), num_windows=num_windows)
     if device is not None:
         pipe.to(device)
     return pipe, info

@@ -16,12 +16,17 @@ Cache layout (``build_latent_cache``)::
     DIR/manifest.json             what was encoded (teacher, data, resolution, ...), shard sizes,
                                   and the images skipped as unreadable; written last
 
-A cache without a manifest is incomplete and is rebuilt; one built for other settings is
-refused with the differing keys named.
+The manifest's settings key the cache on what it encodes: the teacher, the data path, the
+resolution and the other preprocessing settings; the data files (:func:`files_fingerprint`:
+their count, sizes and modification times); the encoders and their dtype. A cache without a
+manifest is incomplete and is rebuilt; one whose files or encoders changed is stale and is
+rebuilt with a warning naming what changed (:data:`REBUILD_KEYS`); one built for other settings
+(another teacher, data path, resolution, ...) is another cache and is refused with the keys named.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -48,6 +53,28 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 CACHE_FORMAT = 1
+REBUILD_KEYS = ("files", "encoder", "encoder_dtype")
+"""Settings whose change makes a cache stale, rebuilt: what it was encoded from and with."""
+
+
+def files_fingerprint(paths: list[str | Path], exclude: str | Path | None = None) -> dict:
+    """The files a cache encodes: count, total bytes and a SHA-256 of every ``(path, size, mtime)``.
+
+    paths: files and folders (walked recursively); files under ``exclude`` (the cache folder, when
+    it lies inside the data) are left out. Adding, removing, replacing or touching a file changes it.
+    """
+    exclude = Path(exclude).resolve() if exclude is not None else None
+    lines, total = [], 0
+    for root in map(Path, paths):
+        files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root] if root.is_file() else []
+        for f in files:
+            if exclude is not None and f.resolve().is_relative_to(exclude):
+                continue
+            stat = f.stat()
+            total += stat.st_size
+            lines.append(f"{f.relative_to(root) if root.is_dir() else f}\t{stat.st_size}\t{stat.st_mtime_ns}")
+    digest = hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]
+    return {"count": len(lines), "bytes": total, "sha256": digest}
 
 
 def item_generator(seed: int, index: int) -> torch.Generator:
@@ -136,13 +163,17 @@ def read_manifest(cache_dir: str | Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def check_manifest(manifest: dict, settings: dict, cache_dir: str | Path) -> None:
-    """Refuse a cache built for other settings, naming the keys that differ."""
+def check_manifest(manifest: dict, settings: dict, cache_dir: str | Path) -> bool:
+    """True when the cache matches ``settings``; False when it is stale (only :data:`REBUILD_KEYS`
+    differ: logged, to be rebuilt); refuses a cache built for other settings, naming the keys."""
     differ = {k: (manifest["settings"].get(k), v) for k, v in settings.items() if manifest["settings"].get(k) != v}
-    if differ:
-        detail = "; ".join(f"{k}: cache {a!r}, now {b!r}" for k, (a, b) in differ.items())
+    detail = "; ".join(f"{k}: cache {a!r}, now {b!r}" for k, (a, b) in differ.items())
+    if set(differ) - set(REBUILD_KEYS):
         raise ValueError(f"the latent cache {cache_dir} was built with other settings ({detail}); "
                          "use another cache_dir or delete this one to rebuild it")
+    if differ:
+        log.warning("latent cache %s is stale (%s): rebuilding it", cache_dir, detail)
+    return not differ
 
 
 def build_latent_cache(items: Dataset, encode: Encoder, cache_dir: str | Path, settings: dict,

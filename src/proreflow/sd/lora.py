@@ -3,7 +3,8 @@
 A LoRA layer adds ``(alpha / r) * B A x`` to a frozen base layer ``W x``. Training with LoRA
 (:func:`add_lora`): ``B = 0`` at the start, so the UNet with its LoRA layers *is* the teacher,
 and only ``A, B`` train. Export (:func:`save_lora`) writes diffusers' LoRA format, which
-applies to the base model and to fine-tunes of it (same architecture, other weights).
+applies to the base model and to fine-tunes of it (same architecture, other weights);
+:func:`save_kohya_lora` writes the same weights with kohya's keys (AUTOMATIC1111, ComfyUI).
 
 A fully fine-tuned student becomes LoRA weights by :func:`extract_lora`: per layer, the
 weight change ``D = W_student - W_base`` (flattened to ``out x in*k*k`` for convolutions) is
@@ -49,15 +50,45 @@ def lora_state_dict(unet: nn.Module) -> dict[str, torch.Tensor]:
     return get_peft_model_state_dict(unet)
 
 
-def save_lora(unet: nn.Module, out_dir: str | Path, sdxl: bool) -> Path:
+def _cast(state: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    return state if dtype is None else {k: v.to(dtype) for k, v in state.items()}
+
+
+def save_lora(unet: nn.Module, out_dir: str | Path, sdxl: bool, dtype: torch.dtype | None = None) -> Path:
     """Write ``unet``'s LoRA weights (and their config: rank, alpha) as ``pytorch_lora_weights.safetensors``."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     pipeline = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
     out_dir = Path(out_dir)
-    pipeline.save_lora_weights(out_dir, unet_lora_layers=lora_state_dict(unet), safe_serialization=True,
+    pipeline.save_lora_weights(out_dir, unet_lora_layers=_cast(lora_state_dict(unet), dtype), safe_serialization=True,
                                unet_lora_adapter_metadata=unet.peft_config["default"].to_dict())
     return out_dir / "pytorch_lora_weights.safetensors"
+
+
+def kohya_state_dict(unet: nn.Module) -> dict[str, torch.Tensor]:
+    """``unet``'s LoRA weights with kohya keys: ``lora_unet_<module, dots as _>.lora_down.weight`` (A),
+    ``.lora_up.weight`` (B) and ``.alpha`` (scale ``alpha / rank``), as AUTOMATIC1111 and ComfyUI read them.
+
+    diffusers' ``convert_state_dict_to_kohya`` names the keys; it writes ``alpha = rank`` (scale 1),
+    so the alphas are set to the adapter's own ``lora_alpha`` afterwards.
+    """
+    from diffusers.utils import convert_state_dict_to_kohya
+
+    config = unet.peft_config["default"]
+    if config.rank_pattern or config.alpha_pattern:
+        raise ValueError("kohya export supports one rank and alpha for all LoRA layers")
+    state = convert_state_dict_to_kohya({f"unet.{k}": v for k, v in lora_state_dict(unet).items()})
+    return {k: torch.tensor(float(config.lora_alpha)) if k.endswith(".alpha") else v for k, v in state.items()}
+
+
+def save_kohya_lora(unet: nn.Module, path: str | Path, dtype: torch.dtype | None = None) -> Path:
+    """Write :func:`kohya_state_dict` (weights in ``dtype``, alphas float32) as one safetensors file."""
+    from safetensors.torch import save_file
+
+    state = {k: v if k.endswith(".alpha") else (v.to(dtype) if dtype is not None else v).contiguous()
+             for k, v in kohya_state_dict(unet).items()}
+    save_file(state, str(path), metadata={"format": "pt", "ss_network_module": "networks.lora"})
+    return Path(path)
 
 
 def has_lora(unet: nn.Module) -> bool:

@@ -8,6 +8,17 @@ VP timestep convention of :mod:`proreflow.schedules`, the same value a
 straight segment towards the window's end with :func:`proreflow.parametrize.output_to_velocity`
 and takes the Euler step ``x <- x + (t_next - t) * v``: the math of :func:`proreflow.sampling.sample`.
 Inputs need no scaling (``init_noise_sigma = 1``, ``scale_model_input`` is the identity).
+
+Defaults are diffusers' own (``DDPMScheduler``: linear betas 0.0001 .. 0.02): ``from_config``
+drops the keys a source config left at their defaults, so equal defaults keep the teacher's
+schedule. ``betas``, ``alphas`` and ``alphas_cumprod`` are float32 tensors, as in diffusers.
+
+Stock alternative (:func:`trailing_ddim`, :data:`TRAILING_DDIM_LINE`): diffusers' own
+``DDIMScheduler`` with trailing spacing, ``set_alpha_to_one=False`` and no clipping, at
+``num_inference_steps == num_windows``, takes the student's steps from window edge to window
+edge on diffusers' integer grid (timesteps ``t * T - 1`` with table ``abar``) instead of ours
+(``t * (T - 1)``, interpolated ``abar``): the same sampler up to that convention. It is what
+exports carry, so that they load without proreflow.
 """
 
 from __future__ import annotations
@@ -23,6 +34,37 @@ from torch import Tensor
 from ..parametrize import output_to_velocity
 from ..schedules import DIFFUSION_PREDICTION_TYPES, VPSchedule, compute_dtype
 from ..windows import TimeWindows
+
+TRAILING_DDIM = {"timestep_spacing": "trailing", "set_alpha_to_one": False, "clip_sample": False}
+"""DDIMScheduler settings of the student's sampler (module doc): the last step lands on
+``alphas_cumprod[0]`` as :func:`proreflow.sample` does (``set_alpha_to_one=True`` would land on 1)."""
+
+TRAILING_DDIM_LINE = ("pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, "
+                      + ", ".join(f"{k}={v!r}" for k, v in TRAILING_DDIM.items()) + ")")
+"""The one line that gives a pipeline the student's sampler with stock diffusers (needs
+``from diffusers import DDIMScheduler``); sample with ``num_inference_steps`` = the student's windows."""
+
+PROREFLOW_LINE = "pipe.scheduler = ProReflowScheduler.from_config(pipe.scheduler.config, num_windows={windows})"
+"""The opt-in line (``from proreflow.sd import ProReflowScheduler``): our exact sampler, any
+number of steps >= windows. Format with ``windows=``."""
+
+
+def explicit_config(config) -> dict:
+    """A scheduler config with the values its scheduler took from its own defaults kept as values.
+
+    ``from_config`` drops the keys listed in ``_use_default_values`` and uses the new class's
+    defaults: an LCMScheduler's 0.00085 .. 0.012 would become DDIM's 0.0001 .. 0.02. Without the
+    list every value carries over, the schedule training reads (``VPSchedule.from_scheduler_config``).
+    """
+    return {k: v for k, v in dict(config).items() if k != "_use_default_values"}
+
+
+def trailing_ddim(config):
+    """The stock scheduler of :data:`TRAILING_DDIM_LINE` on exactly the schedule of ``config``
+    (:func:`explicit_config`)."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler.from_config(explicit_config(config), **TRAILING_DDIM)
 
 
 @dataclass
@@ -46,13 +88,17 @@ class ProReflowScheduler(SchedulerMixin, ConfigMixin):
     order = 1
 
     @register_to_config
-    def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012,
-                 beta_schedule: str = "scaled_linear", trained_betas: list[float] | None = None,
+    def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
+                 beta_schedule: str = "linear", trained_betas: list[float] | None = None,
                  prediction_type: str = "epsilon", rescale_betas_zero_snr: bool = False, num_windows: int = 4):
         if prediction_type not in DIFFUSION_PREDICTION_TYPES:
             raise ValueError(f"ProReflowScheduler samples VP students; prediction_type must be one of "
                              f"{DIFFUSION_PREDICTION_TYPES}, got {prediction_type!r}")
         self.schedule = VPSchedule.from_scheduler_config(self.config)
+        abar = self.schedule.alphas_cumprod  # float64; alphas[i] = abar[i] / abar[i - 1]
+        self.alphas_cumprod = abar.to(torch.float32)
+        self.alphas = torch.cat([abar[:1], abar[1:] / abar[:-1]]).to(torch.float32)
+        self.betas = 1.0 - self.alphas
         self.windows = TimeWindows(num_windows)
         self.init_noise_sigma = 1.0
         self.num_inference_steps: int | None = None

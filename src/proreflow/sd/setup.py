@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from ..conditioning import map_cond
+from ..training.runner import as_dtype, process_state
 from ..training.setup import DistillationSetup
 from .captions import ImageCaptionDataset, PromptDataset, open_source, read_prompts
 from .latent_cache import (
@@ -36,6 +37,7 @@ from .latent_cache import (
     build_latent_cache,
     check_manifest,
     encode_items,
+    files_fingerprint,
     generate_items,
     read_manifest,
 )
@@ -45,9 +47,7 @@ from .pipeline import load_teacher, unet_network
 
 def default_device() -> torch.device:
     """This process's accelerator (``accelerate`` picks the GPU of each process), else CPU."""
-    from accelerate import PartialState
-
-    return PartialState().device
+    return process_state().device
 
 
 def build_sd_setup(teacher: str, data: str | list[str] | None = None, data_kind: str = "auto",
@@ -65,14 +65,13 @@ def build_sd_setup(teacher: str, data: str | list[str] | None = None, data_kind:
         auto, folder, webdataset, datasets). prompts: a prompt file instead, for prompt-only
         training (teacher samples with ``prompt_steps`` DDIM steps at ``prompt_guidance``).
     resolution: training image size (default: the pipeline's, e.g. 512 / 1024).
-    cache_dir: encode everything once into this folder (reused when the settings match).
+    cache_dir: encode everything once into this folder (reused while the settings, the data files and
+        the encoders match; rebuilt when files or encoders changed; refused for other settings).
     lora_rank / lora_alpha: train LoRA layers on the attention projections instead of all weights.
     gradient_checkpointing, compile: for the student (compile in place: teacher and student).
     encoder_dtype: text encoders' dtype (float32, bf16, fp16); the VAE stays float32.
     seed: of the VAE posterior samples / prompt noise (item i uses (seed, i)).
     """
-    from accelerate import PartialState
-
     if (data is None) == (prompts is None):
         raise ValueError("stable-diffusion setup: give exactly one of data (images with captions) and "
                          "prompts (a prompt file, prompt-only training)")
@@ -86,19 +85,24 @@ def build_sd_setup(teacher: str, data: str | list[str] | None = None, data_kind:
         encode = partial(generate_items, sd, seed=seed, resolution=resolution, steps=prompt_steps,
                          guidance=prompt_guidance)
         settings = {"prompts": str(prompts), "prompt_steps": prompt_steps, "prompt_guidance": prompt_guidance}
+        files = [prompts]
     else:
         source = open_source(data, data_kind, image_column, caption_column)
         items = ImageCaptionDataset(source, resolution, center_crop, random_flip)
         encode = partial(encode_items, sd, seed=seed, resolution=resolution)
         settings = {"data": str(data), "center_crop": center_crop, "random_flip": random_flip}
+        files = getattr(source, "shards", None) or [getattr(source, "root", None) or source.path]
     settings.update(teacher=str(teacher), resolution=resolution, seed=seed)
 
-    if cache_dir is not None:
-        with PartialState().main_process_first():
+    if cache_dir is not None:  # keyed on what it encodes: the files, the encoders and their dtype too
+        encoders = [getattr(sd.pipe, name, None) for name in ("text_encoder", "text_encoder_2", "vae")]
+        settings.update(files=files_fingerprint(files, exclude=cache_dir), encoder_dtype=str(as_dtype(encoder_dtype)),
+                        encoder="+".join(type(m).__name__ for m in encoders if m is not None))
+        state = process_state()  # as the engine's accelerator will be: several processes share one cache
+        with state.main_process_first():
             manifest = read_manifest(cache_dir)
-            if manifest is not None:
-                check_manifest(manifest, settings, cache_dir)
-            elif PartialState().is_main_process:
+            current = manifest is not None and check_manifest(manifest, settings, cache_dir)
+            if not current and state.is_main_process:
                 build_latent_cache(items, encode, cache_dir, settings, batch_size=cache_batch_size,
                                    num_workers=num_workers)
         dataset = LatentCacheDataset(cache_dir)

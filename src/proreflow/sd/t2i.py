@@ -91,10 +91,13 @@ def pipeline_sampler(pipe, steps: int, guidance: float, name: str, resolution: i
 
 def ddim_sampler(pipe, steps: int, guidance: float, name: str | None = None,
                  resolution: int | None = None) -> PromptSampler:
-    """The teacher: the pipeline with a DDIMScheduler built from its scheduler config (its components shared)."""
-    from diffusers import DDIMScheduler
+    """The teacher's DDIM: the pipeline (its components shared) with the DDIMScheduler of
+    :func:`~proreflow.sd.scheduler.trailing_ddim` built from its schedule: trailing timesteps,
+    no sample clipping, last step to ``alphas_cumprod[0]`` as :func:`proreflow.sample` lands; not the
+    pipeline's own DDIM settings (SD1.5's are "leading", ``steps_offset`` 1, clipping inherited)."""
+    from .scheduler import trailing_ddim
 
-    ddim = type(pipe).from_pipe(pipe, scheduler=DDIMScheduler.from_config(pipe.scheduler.config))
+    ddim = type(pipe).from_pipe(pipe, scheduler=trailing_ddim(pipe.scheduler.config))
     ddim.set_progress_bar_config(disable=True)
     return pipeline_sampler(ddim, steps, guidance, name or f"teacher DDIM-{steps}", resolution)
 

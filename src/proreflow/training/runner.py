@@ -57,16 +57,32 @@ def as_dtype(value: str | torch.dtype) -> torch.dtype:
     return DTYPES[value]
 
 
+def _cpu_only() -> bool:
+    return not (torch.cuda.is_available() or (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()))
+
+
+def process_state():
+    """This process's ``accelerate.PartialState``, initialised as :func:`make_accelerator` initialises it.
+
+    Setups that need the device or the process index before training (to place the teacher, to
+    build a cache on the main process) call this, never a bare ``PartialState()``: the first one
+    created fixes the state, and without ``cpu=True`` on a machine without GPU it stays a single
+    process, so under ``torchrun`` every rank would train alone and write the same folder.
+    """
+    from accelerate import PartialState
+
+    return PartialState(cpu=_cpu_only())
+
+
 def make_accelerator(mixed_precision: str):
     """An ``accelerate.Accelerator`` on GPU when there is one (else CPU, gloo for several processes)."""
-    from accelerate import Accelerator, PartialState
+    from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
     shared = AcceleratorState._shared_state
-    if shared and shared.get("_mixed_precision") != mixed_precision and PartialState().num_processes == 1:
+    if shared and shared.get("_mixed_precision") != mixed_precision and process_state().num_processes == 1:
         AcceleratorState._reset_state()  # a new single-process run in this interpreter, other precision
-    cpu = not (torch.cuda.is_available() or (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()))
-    return Accelerator(mixed_precision=mixed_precision, cpu=cpu)
+    return Accelerator(mixed_precision=mixed_precision, cpu=_cpu_only())
 
 
 @dataclass
