@@ -22,6 +22,7 @@ from typing import Any
 
 from torch import nn
 
+from ..training.checkpoint import check_finite
 from .lora import add_lora, extract_lora, has_lora, merge_lora, save_lora
 from .scheduler import ProReflowScheduler
 
@@ -73,6 +74,7 @@ def export_pipeline(student_unet: nn.Module, teacher, out_dir: str | Path, num_w
     """
     out_dir = Path(out_dir)
     unet = merge_lora(copy.deepcopy(student_unet)) if has_lora(student_unet) else student_unet
+    check_finite(unet.state_dict(), "refusing to export the student UNet")
     pipe = copy.copy(teacher.pipe)  # shares the components, leaves the teacher's pipeline as it was
     scheduler = ProReflowScheduler.from_config(pipe.scheduler.config, num_windows=num_windows)
     pipe.register_modules(unet=unet, scheduler=scheduler)
@@ -96,6 +98,7 @@ def export_lora(student_unet: nn.Module, teacher, out_dir: str | Path, num_windo
         adapted = student_unet
     else:
         adapted, kept = extract_lora(student_unet, teacher.unet, rank)
+    check_finite(adapted.state_dict(), "refusing to export the student's LoRA weights")
     path = save_lora(adapted, out_dir, teacher.is_sdxl)
     _write_info(out_dir, num_windows, guidance, teacher.prediction_type,
                 {"base": teacher.source, "lora_kept_fraction": kept, **(extra or {})})

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import random
 import shutil
 from pathlib import Path
@@ -36,6 +35,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from ..files import atomic_write, atomic_write_text, replace_dir, write_json
 from ..teachers import Denoiser
 from ..windows import TimeWindows
 from .setup import DistillationSetup
@@ -45,37 +45,28 @@ LATEST = "latest"
 STUDENT_FORMAT = 1
 
 
-# ---------------------------------------------------------------- atomic files
+# ---------------------------------------------------------------- weights
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path``, then rename it into place."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+class NonFiniteWeightsError(ValueError):
+    """Weights about to be written hold NaN or infinite values (nothing was written)."""
 
 
-def write_json(path: Path, data: Any) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
-
-
-def replace_dir(tmp: Path, final: Path) -> None:
-    """Move a finished folder ``tmp`` to ``final``, replacing an older ``final``."""
-    old = final.with_name(f".{final.name}.old")
-    if old.exists():
-        shutil.rmtree(old)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old.exists():
-        shutil.rmtree(old)
+def check_finite(tensors: dict[str, Tensor], what: str) -> None:
+    """Raise :class:`NonFiniteWeightsError` naming the first tensor of ``tensors`` with a NaN / inf value."""
+    for key, value in tensors.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            bad = int((~torch.isfinite(value)).sum())
+            raise NonFiniteWeightsError(f"{what}: {key} holds {bad} non-finite value(s) of {value.numel()}; "
+                                        "nothing was written")
 
 
 def save_weights(state_dict: dict[str, Tensor], path: Path) -> None:
-    """A state dict as safetensors (CPU copies, so tied weights do not share storage), atomically."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.detach().to("cpu", copy=True).contiguous() for k, v in state_dict.items()}, str(tmp))
-    os.replace(tmp, path)
+    """A state dict as safetensors (CPU copies, so tied weights do not share storage), atomically;
+    checked to be finite before anything is written."""
+    check_finite(state_dict, f"refusing to write {path.name}")
+    tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state_dict.items()}
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp)))
 
 
 def load_weights(path: Path) -> dict[str, Tensor]:

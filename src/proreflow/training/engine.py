@@ -19,18 +19,17 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..files import atomic_write_text, write_json
 from ..recipes import Recipe, load_recipe
 from ..teachers import Denoiser
 from ..windows import TimeWindows
 from .checkpoint import (
-    atomic_write_text,
     latest_checkpoint,
     load_weights,
     read_checkpoint,
     set_rng_state,
     stage_dir,
     write_checkpoint,
-    write_json,
     write_stage_result,
 )
 from .ema import EMA
@@ -207,18 +206,23 @@ class _Run:
 
     def _nonfinite(self, index: int, state: RunState) -> None:
         skipped, limit = state.counters.skipped, self.recipe.max_nonfinite
-        self.reporter.say(f"stage {index + 1}, step {state.step}: non-finite loss, step skipped "
+        self.reporter.say(f"stage {index + 1}, step {state.step}: non-finite loss or gradient, step skipped "
                           f"({skipped} of at most {limit})", warning=True)
         if skipped >= limit:
-            last = latest_checkpoint(self.out)
             raise NonFiniteLossError(
-                f"stage {index + 1}, step {state.step}: {skipped} optimiser steps had a non-finite loss "
-                f"(max_nonfinite={limit}); the run stopped. Last good checkpoint: "
-                f"{last if last is not None else 'none (none was written yet)'}. Lower the learning rate or "
-                "check the data and the teacher, then continue with --resume.")
+                f"stage {index + 1}, step {state.step}: {skipped} optimiser steps had a non-finite loss or "
+                f"gradient (max_nonfinite={limit}); the run stopped. {self._last_good()}")
+
+    def _last_good(self) -> str:
+        last = latest_checkpoint(self.out)
+        return (f"Last good checkpoint: {last if last is not None else 'none (none was written yet)'}. Lower the "
+                "learning rate or check the data and the teacher, then continue with --resume.")
 
     def _finish_stage(self, index: int, state: RunState, ema: EMA, first_global: int) -> None:
         recipe, stage, acc = self.recipe, self.recipe.stages[index], self.acc
+        if state.counters.skipped >= state.step:
+            raise NonFiniteLossError(f"stage {index + 1}: all {state.step} optimiser steps were skipped (non-finite "
+                                     f"loss or gradient); the stage has no result. {self._last_good()}")
         summary = StageSummary(stage=index + 1, windows=stage.windows, teacher=stage.teacher, steps=state.step,
                                skipped=state.counters.skipped, samples=state.counters.samples,
                                teacher_evals=state.counters.teacher_evals, seconds=state.counters.seconds,
