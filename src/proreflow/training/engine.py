@@ -26,7 +26,7 @@ from ..windows import TimeWindows
 from .checkpoint import (
     latest_checkpoint,
     load_weights,
-    read_checkpoint,
+    resume_checkpoint,
     set_rng_state,
     stage_dir,
     write_checkpoint,
@@ -115,17 +115,18 @@ class _Run:
 
     def run(self, resume: bool) -> TrainResult:
         recipe, acc = self.recipe, self.acc
-        checkpoint = latest_checkpoint(self.out)
-        if checkpoint is not None and not resume:
-            raise FileExistsError(f"{self.out} already holds checkpoints (latest: {checkpoint.name}); resume "
-                                  "with --resume (resume=True) or choose another output folder")
+        if not resume and latest_checkpoint(self.out) is not None:
+            raise FileExistsError(f"{self.out} already holds checkpoints (latest: {latest_checkpoint(self.out).name}); "
+                                  "resume with --resume (resume=True) or choose another output folder")
+        found = resume_checkpoint(self.out, acc.process_index, lambda line: self.reporter.say(line, warning=True))
+        checkpoint = found.path if found is not None else None
         state, saved = RunState(), None
-        if checkpoint is not None:
-            meta, saved, rng = read_checkpoint(checkpoint, acc.process_index)
-            self._check_resume(meta, checkpoint)
-            state = RunState.from_checkpoint(meta, saved)
-            if rng is not None:
-                set_rng_state(rng)
+        if found is not None:
+            self._check_resume(found.meta, checkpoint)
+            saved = found.state
+            state = RunState.from_checkpoint(found.meta, saved)
+            if found.rng is not None:
+                set_rng_state(found.rng)
             self.reporter.say(f"resuming from {checkpoint} (stage {state.stage + 1}, step {state.step})")
         elif resume:
             self.reporter.say(f"no checkpoint in {self.out}: starting from the beginning")
