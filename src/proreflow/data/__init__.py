@@ -22,7 +22,20 @@ def _setup_builder(name: str):
         return builtin_setup(name, **kwargs)
 
     build.__doc__ = f"DistillationSetup of the built-in dataset {name!r} (see training.teacher.builtin_setup)."
+    build.setup_keys = _builtin_setup_keys  # called when a config is checked
     return build
+
+
+def _builtin_setup_keys() -> tuple[str, ...]:
+    """The keys of a built-in setup: :func:`builtin_setup`'s options and the teacher's settings."""
+    import dataclasses
+    import inspect
+
+    from ..training.teacher import TeacherConfig, builtin_setup
+
+    params = inspect.signature(builtin_setup).parameters.values()
+    own = [p.name for p in params if p.kind is p.KEYWORD_ONLY]
+    return tuple(own + [f.name for f in dataclasses.fields(TeacherConfig) if f.name not in ("data", *own)])
 
 
 def _register_setups() -> None:

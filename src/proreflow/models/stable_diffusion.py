@@ -247,6 +247,17 @@ def build_sd_setup(**kwargs):
     return build(**kwargs)
 
 
+def _sd_setup_keys() -> tuple[str, ...]:
+    import inspect
+
+    from .sd_setup import build_sd_setup as build
+
+    return tuple(inspect.signature(build).parameters)
+
+
+build_sd_setup.setup_keys = _sd_setup_keys  # checked before anything loads
+
+
 try:
     from ..training.setups import register_setup
 except ImportError:  # an installation without the training engine

@@ -98,6 +98,27 @@ def build_stage_teacher(setup: DistillationSetup, recipe: Recipe, index: int, or
     return teacher, counter
 
 
+def check_setup_fits(recipe: Recipe, setup: DistillationSetup, num_processes: int = 1) -> None:
+    """Clear errors, before anything trains, for settings of any stage that ``setup`` cannot serve."""
+    if recipe.from_scratch and setup.make_student is None:
+        raise ValueError("from_scratch: true needs a setup with make_student (a builder of a fresh network); "
+                         "this setup only has a teacher to copy: set from_scratch: false")
+    if len(setup.dataset) < 1:
+        raise ValueError("the setup's training dataset is empty")
+    for index, stage in enumerate(recipe.stages):
+        where = f"stages.{index}"
+        if setup.uncond is None and stage.teacher_guidance() != 1.0:
+            raise ValueError(f"{where}.guidance: baking guidance {stage.guidance} into the targets needs "
+                             "conditioned data and setup.uncond; set guidance: 1.0 for this setup")
+        if setup.uncond is None and stage.cond_dropout > 0:
+            raise ValueError(f"{where}.cond_dropout: condition dropout needs conditioned data and "
+                             "setup.uncond; set cond_dropout: 0.0 for this setup")
+        if stage.batch_size % (stage.grad_accum * num_processes):
+            raise ValueError(f"{where}.batch_size: a global batch of {stage.batch_size} does not split into "
+                             f"{stage.grad_accum} accumulation step(s) x {num_processes} process(es); use a "
+                             f"multiple of {stage.grad_accum * num_processes}")
+
+
 @dataclass
 class StageContext:
     """Everything a stage's optimiser step needs."""
