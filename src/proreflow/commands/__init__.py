@@ -78,17 +78,27 @@ def check_device(text: str, option: str = "--device") -> str:
     return text
 
 
-def writable_dir(path: str | os.PathLike, option: str = "--out") -> Path:
-    """``path`` as a folder that exists (it is made) and can be written in, else a UsageError."""
+def writable_dir(path: str | os.PathLike, option: str = "--out", create: bool = False) -> Path:
+    """``path`` if it is a folder this process can write in, or one it can make (made with ``create``);
+    else a UsageError. Nothing is written when ``create`` is False."""
     path = Path(path).expanduser()
     if path.exists() and not path.is_dir():
         raise UsageError(f"{option}: {path} is a file, not a folder; give a folder")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
-            pass
-    except OSError as err:
-        raise UsageError(f"{option}: cannot write in {path} ({err.strerror or err}); give a writable folder") from None
+    parent = path
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UsageError(f"{option}: cannot make {path}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"{option}: cannot write in {parent}; give a writable folder")
+    if create:
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=path):
+                pass
+        except OSError as err:
+            raise UsageError(f"{option}: cannot write in {path} ({err.strerror or err}); give a writable "
+                             "folder") from None
     return path
 
 

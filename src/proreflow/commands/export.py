@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
+
+from . import UsageError, bounded_int, existing_dir, writable_dir
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -17,7 +18,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--teacher", help="teacher pipeline folder or hub id (default: the one the run was trained from)")
     p.add_argument("--lora", action="store_true",
                    help="write LoRA weights (pipe.load_lora_weights) instead of a full pipeline")
-    p.add_argument("--lora-rank", type=int, default=64,
+    p.add_argument("--lora-rank", type=bounded_int(1, 4096), default=64,
                    help="rank when extracting LoRA from a fully fine-tuned student (default 64)")
     p.add_argument("--local-files-only", action=argparse.BooleanOptionalAction, default=None,
                    help="never download (default: on when HF_HUB_OFFLINE=1)")
@@ -25,17 +26,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..diffusers.export import export_lora, export_pipeline, load_run_student
-    from ..models.stable_diffusion import load_teacher
+    from ..models.stable_diffusion import load_teacher, read_model_index
+    from ..training.checkpoint import check_weights_file
 
-    run_dir = Path(args.run)
+    run_dir = existing_dir(args.run, "--run")
     info_path = run_dir / "student.json"
     if not info_path.is_file():
-        raise SystemExit(f"proreflow export: {info_path} not found; --run takes the output folder of a "
-                         "finished `proreflow train` run")
-    info = json.loads(info_path.read_text())
+        raise UsageError(f"--run: {info_path} not found; --run takes the output folder of a finished "
+                         "`proreflow train` run")
+    try:
+        info = json.loads(info_path.read_text(encoding="utf-8"))
+    except ValueError as err:
+        raise UsageError(f"--run: {info_path} is not valid JSON ({err}); the run's files are damaged") from None
+    if not isinstance(info, dict) or not isinstance(info.get("info", {}), dict) or "windows" not in info:
+        raise UsageError(f"--run: {info_path} is not a student record of `proreflow train`")
+    check_weights_file(run_dir / "student.safetensors", UsageError)
     source = args.teacher or info.get("info", {}).get("teacher")
     if not source:
-        raise SystemExit("proreflow export: the run does not name its teacher; pass --teacher")
+        raise UsageError("the run does not name its teacher; pass --teacher")
+    writable_dir(args.out)
+    read_model_index(source, args.local_files_only)  # a wrong teacher fails before anything loads
     teacher = load_teacher(source, local_files_only=args.local_files_only)
     student, info = load_run_student(run_dir, teacher.unet)
     extra = {"run": str(run_dir), "recipe": info.get("recipe"), "stage": info.get("stage")}

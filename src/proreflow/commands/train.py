@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     from ..training.checkpoint import CheckpointError, latest_checkpoint
     from ..training.engine import TrainingInterrupted, check_output_folder
 
-    out = writable_dir(args.out or f"runs/{recipe.name}")
+    out = writable_dir(args.out or f"runs/{recipe.name}", create=True)
     try:  # the output folder is checked before any model loads
         check_output_folder(recipe, out, args.resume, args.allow_recipe_change)
     except CheckpointError as err:

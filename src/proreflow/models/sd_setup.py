@@ -43,7 +43,7 @@ from ..diffusers.lora import add_lora
 from ..training.setup import DistillationSetup
 from .stable_diffusion import load_teacher, read_model_index, unet_network
 
-LIMITS = {"resolution": (64, 4096), "prompt_steps": (1, 1000), "prompt_guidance": (0, 100), "lora_rank": (0, 1024),
+LIMITS = {"resolution": (8, 4096), "prompt_steps": (1, 1000), "prompt_guidance": (0, 100), "lora_rank": (0, 1024),
           "lora_alpha": (0, 1e6), "cache_batch_size": (1, 4096), "num_workers": (0, 256), "seed": (0, 2**63 - 1)}
 """Bounds of the setup's numbers (beyond them memory runs out or a run never ends)."""
 
