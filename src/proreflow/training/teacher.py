@@ -98,7 +98,28 @@ def teacher_config(data: str, **overrides: Any) -> TeacherConfig:
     unknown = sorted(set(values) - names)
     if unknown:
         raise TypeError(f"unknown teacher setting(s) {unknown}; known: {sorted(names)}")
+    for key, value in values.items():
+        _check_setting(key, value)
     return TeacherConfig(data=data, **values)
+
+
+SETTING_LIMITS = {"steps": (1, 10**7), "batch_size": (1, 65536), "lr": (0, 1), "weight_decay": (0, 1),
+                  "warmup": (0, 10**7), "grad_clip": (0, 1e6), "ema_decay": (0, 0.999999), "cond_dropout": (0, 1),
+                  "offset_noise": (0, 10), "seed": (0, 2**63 - 1), "beta_start": (0, 1), "beta_end": (0, 1),
+                  "num_train_timesteps": (2, 100_000)}
+"""Bounds of the teacher's numeric settings (beyond them training hangs, runs out of memory or diverges)."""
+
+
+def _check_setting(key: str, value: Any) -> None:
+    expected = {f.name: f.type for f in dataclasses.fields(TeacherConfig)}[key]
+    if key not in SETTING_LIMITS:
+        return
+    whole = expected in (int, "int")
+    if isinstance(value, bool) or not isinstance(value, int if whole else (int, float)):
+        raise ValueError(f"setup.{key}: expected {'an integer' if whole else 'a number'}, got {value!r}")
+    low, high = SETTING_LIMITS[key]
+    if not (math.isfinite(value) and low <= value <= high):
+        raise ValueError(f"setup.{key}: must be a finite number in [{low}, {high}], got {value!r}")
 
 
 @dataclass
