@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from ..evaluation.coco import PROTOCOLS, load_coco, load_prompt_file
-from . import bounded_int, check_device, existing_dir, existing_file, finite_float, writable_dir
+from . import bounded_int, check_device, existing_dir, existing_file, finite_float, one_line, writable_dir
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         return _run(args)
     except (OSError, ValueError) as err:  # bad input: the message says what to fix
-        print(f"proreflow eval: error: {err}", file=sys.stderr)
+        print(f"proreflow eval: error: {one_line(err)}", file=sys.stderr)
         return 2
 
 
