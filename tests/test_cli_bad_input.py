@@ -4,6 +4,7 @@ stderr (no traceback), fails before any model loads, and does not hang (an alarm
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import signal
 import subprocess
@@ -323,7 +324,7 @@ def _alarm(signum, frame):
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_bad_input_is_one_line_and_exit_code_2(paths, capsys, case):
+def test_bad_input_is_one_line_and_exit_code_2(paths, capsys, caplog, case):
     name, template, expected = case
     argv = [a.format(**paths) for a in template]
     previous = signal.signal(signal.SIGALRM, _alarm)
@@ -340,6 +341,8 @@ def test_bad_input_is_one_line_and_exit_code_2(paths, capsys, case):
     assert code == 2, f"{name}: exit code {code}, stderr {err!r}"
     assert "Traceback" not in err and len(lines) == 1, f"{name}: stderr is not one line: {err!r}"
     assert expected in lines[0], f"{name}: {lines[0]!r} lacks {expected!r}"
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert not warnings, f"{name}: warnings would add stderr lines: {warnings}"
 
 
 def test_the_table_is_large():

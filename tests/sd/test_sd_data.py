@@ -202,5 +202,5 @@ def test_read_prompts_leaves_out_unreadable_lines(tmp_path):
     (tmp_path / "p.jsonl").write_bytes(b'{"prompt": "a cat"}\n{oops\n{"prompt": "a dog"}\n')
     assert read_prompts(tmp_path / "p.jsonl") == ["a cat", "a dog"]
     (tmp_path / "bad.txt").write_bytes(b"\xff\xfe\n")
-    with pytest.raises(ValueError, match=r"holds no prompts \(1 unreadable lines\)"):
+    with pytest.raises(ValueError, match=r"holds no prompts \(1 unreadable lines; first: .*bad.txt:1: not UTF-8"):
         read_prompts(tmp_path / "bad.txt")

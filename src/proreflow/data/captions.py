@@ -363,7 +363,7 @@ def read_prompts(path: str | Path, caption_column: str | None = None) -> list[st
         raise FileNotFoundError(f"prompt file {path} does not exist (one prompt per line, or JSON lines)")
     left_out: dict[str, str] = {}
     if path.suffix == ".jsonl":
-        rows = read_json_lines(path, left_out)
+        rows = read_json_lines(path, left_out, warn=False)
         key = caption_column or next((k for k in CAPTION_KEYS if rows and k in rows[0][1]), "text")
         prompts = []
         for n, row in rows:
@@ -371,31 +371,36 @@ def read_prompts(path: str | Path, caption_column: str | None = None) -> list[st
                 prompts.append(_first_caption(row[key]))
             else:
                 left_out[f"{path}:{n}"] = f"no {key!r} key"
-                log.warning("%s:%d: no %r key; left out", path, n, key)
     else:
-        prompts = [line.strip() for _, line in _text_lines(path, left_out) if line.strip()]
+        prompts = [line.strip() for _, line in _text_lines(path, left_out, warn=False) if line.strip()]
+    first = next(iter(left_out.items()), None)
     if not prompts:
-        raise ValueError(f"{path} holds no prompts" + (f" ({len(left_out)} unreadable lines)" if left_out else ""))
+        raise ValueError(f"{path} holds no prompts" + (f" ({len(left_out)} unreadable lines; first: "
+                                                       f"{first[0]}: {first[1]})" if first else ""))
+    if first:
+        log.warning("%s: %d unreadable lines left out (first: %s: %s)", path, len(left_out), *first)
     return prompts
 
 
-def _text_lines(path: Path, left_out: dict[str, str]) -> list[tuple[int, str]]:
-    """``(line number, text)`` of a file's UTF-8 lines; a line that is not UTF-8 is left out with a warning."""
+def _text_lines(path: Path, left_out: dict[str, str], warn: bool = True) -> list[tuple[int, str]]:
+    """``(line number, text)`` of a file's UTF-8 lines; a line that is not UTF-8 is left out (``left_out``),
+    with a warning if ``warn``."""
     lines = []
     for n, raw in enumerate(path.read_bytes().splitlines(), 1):
         try:
             lines.append((n, raw.decode("utf-8")))
         except UnicodeDecodeError as err:
             left_out[f"{path}:{n}"] = f"not UTF-8 ({err.reason})"
-            log.warning("%s:%d: not UTF-8 (%s); left out", path, n, err.reason)
+            if warn:
+                log.warning("%s:%d: not UTF-8 (%s); left out", path, n, err.reason)
     return lines
 
 
-def read_json_lines(path: Path, left_out: dict[str, str]) -> list[tuple[int, dict]]:
+def read_json_lines(path: Path, left_out: dict[str, str], warn: bool = True) -> list[tuple[int, dict]]:
     """``(line number, object)`` of a JSON-lines file; a line that is not a JSON object is left out, named
-    ``file:line`` in a warning and in ``left_out``."""
+    ``file:line`` in ``left_out`` (and in a warning if ``warn``)."""
     rows = []
-    for n, line in _text_lines(path, left_out):
+    for n, line in _text_lines(path, left_out, warn):
         if not line.strip():
             continue
         try:
@@ -408,7 +413,8 @@ def read_json_lines(path: Path, left_out: dict[str, str]) -> list[tuple[int, dic
             rows.append((n, row))
         else:
             left_out[f"{path}:{n}"] = why
-            log.warning("%s:%d: %s; left out", path, n, why)
+            if warn:
+                log.warning("%s:%d: %s; left out", path, n, why)
     return rows
 
 
