@@ -73,8 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as err:  # bad input: the message names it and the fix
         print(f"proreflow {name}: error: {one_line(err)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"proreflow {name}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as err:  # TrainingInterrupted says where the run stopped
+        print(f"proreflow {name}: {one_line(err) or 'interrupted'}", file=sys.stderr)
         return 130
 
 

@@ -52,6 +52,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seed of the recipe and of the evaluation noise")
     parser.add_argument("--threads", type=bounded_int(1, 1024), default=1,
                         help="torch CPU threads (default 1: the built-in networks are tiny, more threads only contend)")
+    parser.add_argument("--allow-recipe-change", action="store_true",
+                        help="resume a run in --out whose recipe differs (other --steps, --seed, ...)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
@@ -76,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
         writable_dir(args.cache_dir, "--cache-dir")
     recipes = {data: _recipe(data, args) for data in args.data}  # every recipe checked before any training
     for data, recipe in recipes.items():
-        check_output_folder(recipe, out / data / "run", resume=True)
+        check_output_folder(recipe, out / data / "run", resume=True, allow_recipe_change=args.allow_recipe_change)
     sections, results = [], {}
     for data in args.data:
         start = time.perf_counter()
@@ -85,7 +87,8 @@ def run(args: argparse.Namespace) -> int:
         steps = args.steps or DEMO_STEPS[data_kind(data)]
         recipe = recipes[data]
         # an earlier (or killed) demo run in the same folder is resumed, never deleted
-        result = train(recipe, setup, out / data / "run", resume=True, progress=not args.no_progress)
+        result = train(recipe, setup, out / data / "run", resume=True, progress=not args.no_progress,
+                       allow_recipe_change=args.allow_recipe_change)
         rows, samples = evaluate_demo(data, setup, result, args)
         results[data] = {"recipe": recipe.name, "steps_per_stage": steps, "rows": rows,
                          "stages": [s.__dict__ for s in result.stages],

@@ -112,9 +112,10 @@ def train(recipe: Recipe | str | Path | dict, setup: DistillationSetup, out_dir:
         reporter.close()
 
 
-class TrainingInterrupted(Exception):
+class TrainingInterrupted(KeyboardInterrupt):
     """Ctrl-C (SIGINT) stopped :func:`train` between two optimiser steps; ``checkpoint`` is the
-    newest checkpoint (written at the stop when the stage had made progress), or None."""
+    newest checkpoint (written at the stop when the stage had made progress), or None. A
+    KeyboardInterrupt, so that code catching Exception lets it through."""
 
     def __init__(self, message: str, checkpoint: Path | None):
         super().__init__(message)
