@@ -10,6 +10,8 @@ import argparse
 import importlib
 import sys
 
+from .commands import one_line
+
 COMMANDS = {
     "demo": "Train (or reuse) a teacher on built-in data, distill it with ProReflow, write a report.",
     "teacher": "Train an epsilon-prediction DDPM teacher on a built-in dataset.",
@@ -20,8 +22,15 @@ COMMANDS = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line on stderr (exit code 2)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")
+
+
 def build_parser(load: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="proreflow", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="proreflow", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, help_text in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
@@ -35,13 +44,38 @@ def _module(name: str):
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run a command; bad input (ValueError, OSError) is one line on stderr and exit code 2, Ctrl-C 130.
+
+    Commands report their own run-time failures (exit code 1); anything else is a bug and keeps its
+    traceback.
+    """
     argv = sys.argv[1:] if argv is None else argv
     name = next((a for a in argv if not a.startswith("-")), None)
+    if name is None:
+        if argv in ([], ["-h"], ["--help"]):
+            build_parser().print_help()
+            return 0
+        print(f"proreflow: error: no command in {' '.join(argv)!r}; commands: {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
     if name not in COMMANDS:
-        build_parser().print_help()
-        return 0 if name is None else 2
-    args = build_parser(load=name).parse_args(argv)
-    return int(_module(name).run(args) or 0)
+        print(f"proreflow: unknown command {name!r}; commands: {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    try:
+        _module(name)
+    except ModuleNotFoundError as err:
+        if err.name == f"proreflow.commands.{name}":
+            print(f"proreflow {name}: not available in this version", file=sys.stderr)
+            return 2
+        raise
+    try:
+        args = build_parser(load=name).parse_args(argv)
+        return int(_module(name).run(args) or 0)
+    except (ValueError, OSError) as err:  # bad input: the message names it and the fix
+        print(f"proreflow {name}: error: {one_line(err)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as err:  # TrainingInterrupted says where the run stopped
+        print(f"proreflow {name}: {one_line(err) or 'interrupted'}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

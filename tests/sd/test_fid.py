@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 import numpy as np
@@ -162,12 +163,20 @@ def test_cached_reference_stats_equal_fresh_ones(feature_file, tmp_path, monkeyp
     assert fid_module.load_reference_image(paths[0], 24).shape == (3, 24, 24)
 
 
-def test_reference_errors_name_the_file(feature_file, tmp_path):
+def test_reference_errors_name_the_file_and_unreadable_images_are_skipped(feature_file, tmp_path, caplog):
     fid = FID(feature_file)
     paths = write_pngs(tmp_path / "real", smooth_images(3))
     with pytest.raises(FileNotFoundError, match="missing.png"):
         reference_statistics(fid, [*paths, tmp_path / "missing.png"])
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"\x89PNG garbage")
-    with pytest.raises(ValueError, match="broken.png"):
-        reference_statistics(fid, [*paths, broken])
+    empty = tmp_path / "empty.jpg"
+    empty.write_bytes(b"")
+    with caplog.at_level(logging.WARNING):
+        skipped = reference_statistics(fid, [broken, *paths, empty], batch_size=2)
+    assert "1 skipped so far" in caplog.text and "2 skipped so far" in caplog.text
+    assert "2 of 5 images unreadable and skipped" in caplog.text
+    readable = reference_statistics(fid, paths)  # an unreadable image is skipped (as training skips it)
+    assert skipped.n == readable.n == 3
+    torch.testing.assert_close(skipped.mu, readable.mu, rtol=0, atol=0)
+    torch.testing.assert_close(skipped.sigma, readable.sigma, rtol=0, atol=1e-12)

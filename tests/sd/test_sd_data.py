@@ -174,3 +174,72 @@ def test_a_stale_latent_cache_is_rebuilt(sd15_dir, tmp_path, caplog):
     stamp = (cache / "shard-00000.safetensors").stat().st_mtime_ns
     build_sd_setup(**common, encoder_dtype="bfloat16")  # the same dtype by another name: reused
     assert (cache / "shard-00000.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_bad_captions_and_metadata_lines_are_left_out_and_named(tmp_path, caplog):
+    folder = tmp_path / "txt"
+    folder.mkdir()
+    for k in range(3):
+        (folder / f"{k}.png").write_bytes(_png(k))
+        (folder / f"{k}.txt").write_bytes(b"caption \xff\xfe bad" if k == 1 else f"caption {k}".encode())
+    with caplog.at_level(logging.WARNING):
+        source = FolderSource(folder)
+    assert [source.record(i).caption for i in range(len(source))] == ["caption 0", "caption 2"]
+    assert list(source.left_out) == [str(folder / "1.txt")] and "not UTF-8" in caplog.text
+
+    meta = tmp_path / "meta"
+    meta.mkdir()
+    lines = [json.dumps({"file_name": "0.png", "text": "zero"}), "{not json", "[1, 2]",
+             json.dumps({"text": "no file"}), b"\xff\xfe".decode("latin-1"), json.dumps({"file_name": "1.png",
+                                                                                          "text": "one"})]
+    (meta / "metadata.jsonl").write_bytes("\n".join(lines).replace("\u00ff\u00fe", "\udcff").encode(
+        "utf-8", "surrogateescape"))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        source = FolderSource(meta)
+    assert [source.record(i).caption for i in range(len(source))] == ["zero", "one"]
+    path = meta / "metadata.jsonl"
+    assert sorted(source.left_out) == [f"{path}:{n}" for n in (2, 3, 4, 5)]
+    assert f"{path}:2: not valid JSON" in caplog.text and f"{path}:5: not UTF-8" in caplog.text
+
+
+def test_damaged_shards_are_skipped_and_counted(tmp_path, caplog):
+    with tarfile.open(tmp_path / "good.tar", "w") as tar:
+        for k in range(2):
+            _add(tar, f"{k:03d}.png", _png(k))
+            _add(tar, f"{k:03d}.txt", f"caption {k}".encode())
+    data = (tmp_path / "good.tar").read_bytes()
+    (tmp_path / "truncated.tar").write_bytes(data[:700])  # inside the first member's header / data
+    (tmp_path / "garbage.tar").write_bytes(b"this is no tar file" * 50)
+    with caplog.at_level(logging.WARNING):
+        source = TarShardSource(tmp_path)
+    assert len(source) == 2 and sorted(source.left_out) == [str(tmp_path / "garbage.tar"),
+                                                              str(tmp_path / "truncated.tar")]
+    assert "skipping damaged shard" in caplog.text and "2 of 3 shards skipped" in caplog.text
+    (tmp_path / "good.tar").unlink()
+    with pytest.raises(ValueError, match=r"in 2 shard\(s\) \(2 damaged\)"):
+        TarShardSource(tmp_path)
+
+
+def test_an_image_too_large_once_resized_is_skipped_before_decoding(tmp_path):
+    """A valid 1 x 20000 px PNG at resolution 512 would be resized to 512 x 10,240,000 px (15.7 GB as floats)."""
+    folder = tmp_path / "strip"
+    folder.mkdir()
+    Image.new("RGB", (1, 20000)).save(folder / "strip.png")
+    (folder / "strip.txt").write_text("a strip")
+    (folder / "ok.png").write_bytes(_png(1))
+    (folder / "ok.txt").write_text("fine")
+    data = ImageCaptionDataset(FolderSource(folder), 512)
+    skipped = data.load(1)
+    assert skipped["skipped"].endswith("strip.png") and "exceeds the limit of 67,108,864 px" in skipped["error"]
+    assert data[1]["caption"] == "fine" and list(data.skipped) == [str(folder / "strip.png")]
+
+
+def test_read_prompts_leaves_out_unreadable_lines(tmp_path):
+    (tmp_path / "p.txt").write_bytes(b"a cat\n\xff\xfe\na dog\n")
+    assert read_prompts(tmp_path / "p.txt") == ["a cat", "a dog"]
+    (tmp_path / "p.jsonl").write_bytes(b'{"prompt": "a cat"}\n{oops\n{"prompt": "a dog"}\n')
+    assert read_prompts(tmp_path / "p.jsonl") == ["a cat", "a dog"]
+    (tmp_path / "bad.txt").write_bytes(b"\xff\xfe\n")
+    with pytest.raises(ValueError, match=r"holds no prompts \(1 unreadable lines; first: .*bad.txt:1: not UTF-8"):
+        read_prompts(tmp_path / "bad.txt")

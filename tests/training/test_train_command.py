@@ -27,7 +27,7 @@ def test_train_from_a_config_with_overrides_and_resume(tmp_path, config, capsys)
     assert "student: " in capsys.readouterr().out
     assert [s["steps"] for s in json.loads((out / "summary.json").read_text())] == [3, 3]
     assert Recipe.from_dict(yaml.safe_load((out / "recipe.yaml").read_text())).seed == 4
-    assert main(args) == 1  # the folder holds a run
+    assert main(args) == 2  # the folder holds a run
     assert "--resume" in capsys.readouterr().err
     assert main(["train", "--config", str(config), "--out", str(out), "--no-progress", "--resume",
                  "stages.*.steps=3", "seed=4"]) == 0

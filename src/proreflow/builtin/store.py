@@ -3,8 +3,8 @@
 Layout: ``<root>/<kind>/<name>-<hash>/{model.safetensors, config.json}`` where ``root`` is
 ``cache_dir`` if given, else ``$PROREFLOW_CACHE``, else ``~/.cache/proreflow``; ``hash`` is the
 first 12 hex digits of the SHA-256 of the training config as canonical JSON, so a changed
-config trains a new model and an unchanged one is reused. Files are written to a temporary
-name and moved into place with ``os.replace``; ``config.json`` is written last and marks a
+config trains a new model and an unchanged one is reused. Files are written atomically
+(:mod:`proreflow.files`); ``config.json`` is written last and marks a
 complete entry.
 """
 
@@ -21,6 +21,7 @@ from typing import Any
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..files import atomic_write, atomic_write_text
 from .networks import build_network
 
 CACHE_ENV = "PROREFLOW_CACHE"
@@ -45,15 +46,6 @@ def entry_dir(kind: str, name: str, config: dict[str, Any], cache_dir: str | os.
     return cache_root(cache_dir) / kind / f"{name}-{config_hash(config)}"
 
 
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def save_entry(directory: Path, module: nn.Module, record: dict[str, Any]) -> None:
     """Write ``module``'s weights and ``record`` (needs ``record["network"]``, a spec) atomically."""
     if "network" not in record:
@@ -61,8 +53,8 @@ def save_entry(directory: Path, module: nn.Module, record: dict[str, Any]) -> No
     directory.mkdir(parents=True, exist_ok=True)
     (directory / RECORD).unlink(missing_ok=True)  # incomplete until the record is back
     state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
-    _atomic_write(directory / WEIGHTS, lambda p: save_file(state, str(p)))
-    _atomic_write(directory / RECORD, lambda p: p.write_text(json.dumps(record, indent=2, sort_keys=True)))
+    atomic_write(directory / WEIGHTS, lambda p: save_file(state, str(p)))
+    atomic_write_text(directory / RECORD, json.dumps(record, indent=2, sort_keys=True))
 
 
 def load_entry(directory: Path) -> tuple[nn.Module, dict[str, Any]] | None:

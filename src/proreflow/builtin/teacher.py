@@ -23,6 +23,7 @@ A trained teacher is stored under ``<cache>/teachers/<data>-<hash of config>/``
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import os
 import time
@@ -99,7 +100,28 @@ def teacher_config(data: str, **overrides: Any) -> TeacherConfig:
     unknown = sorted(set(values) - names)
     if unknown:
         raise TypeError(f"unknown teacher setting(s) {unknown}; known: {sorted(names)}")
+    for key, value in values.items():
+        _check_setting(key, value)
     return TeacherConfig(data=data, **values)
+
+
+SETTING_LIMITS = {"steps": (1, 10**7), "batch_size": (1, 65536), "lr": (0, 1), "weight_decay": (0, 1),
+                  "warmup": (0, 10**7), "grad_clip": (0, 1e6), "ema_decay": (0, 0.999999), "cond_dropout": (0, 1),
+                  "offset_noise": (0, 10), "seed": (0, 2**63 - 1), "beta_start": (0, 1), "beta_end": (0, 1),
+                  "num_train_timesteps": (2, 100_000)}
+"""Bounds of the teacher's numeric settings (beyond them training hangs, runs out of memory or diverges)."""
+
+
+def _check_setting(key: str, value: Any) -> None:
+    expected = {f.name: f.type for f in dataclasses.fields(TeacherConfig)}[key]
+    if key not in SETTING_LIMITS:
+        return
+    whole = expected in (int, "int")
+    if isinstance(value, bool) or not isinstance(value, int if whole else (int, float)):
+        raise ValueError(f"setup.{key}: expected {'an integer' if whole else 'a number'}, got {value!r}")
+    low, high = SETTING_LIMITS[key]
+    if not (math.isfinite(value) and low <= value <= high):
+        raise ValueError(f"setup.{key}: must be a finite number in [{low}, {high}], got {value!r}")
 
 
 @dataclass
@@ -229,3 +251,14 @@ def builtin_setup(name: str, *, steps: int | None = None, cache_dir: str | os.Pa
         info={"data": name, "teacher_path": str(teacher.path), "teacher_config": teacher.config.to_dict(),
               "teacher_stats": teacher.stats, "shape": list(spec.shape), "num_classes": spec.num_classes},
     )
+
+
+def builtin_setup_keys() -> tuple[str, ...]:
+    """The keys of a built-in setup: :func:`builtin_setup`'s options and the teacher's settings
+    (:class:`TeacherConfig`), which ``**overrides`` passes on."""
+    params = inspect.signature(builtin_setup).parameters.values()
+    own = [p.name for p in params if p.kind is p.KEYWORD_ONLY]
+    return tuple(own + [f.name for f in dataclasses.fields(TeacherConfig) if f.name not in ("data", *own)])
+
+
+builtin_setup.setup_keys = builtin_setup_keys  # checked (commands.named_setups) before anything is built

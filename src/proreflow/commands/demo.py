@@ -19,6 +19,7 @@ from ..builtin import DATASETS, get_spec
 from ..builtin.defaults import GUIDANCE, data_kind, default_eval_samples
 from ..training.recipes import load_recipe
 from ..windows import TimeWindows
+from . import bounded_int, writable_dir
 
 DEFAULT_DATA = ["moons", "digits"]
 RECIPE = "proreflow-ii"
@@ -38,39 +39,46 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="report folder (default: reports/demo); a training run found there is resumed "
                         "(delete OUT/DATA/run to start over)")
     parser.add_argument("--recipe", default=RECIPE, help=f"preset or YAML recipe (default: {RECIPE})")
-    parser.add_argument("--steps", type=int, default=None,
+    parser.add_argument("--steps", type=bounded_int(1, 10**7), default=None,
                         help="optimiser steps per stage (default: per dataset, " +
                         ", ".join(f"{k} {v}" for k, v in DEMO_STEPS.items()) + ")")
-    parser.add_argument("--teacher-steps", type=int, default=None,
+    parser.add_argument("--teacher-steps", type=bounded_int(1, 10**7), default=None,
                         help="teacher training steps when no cached teacher exists (default: per dataset)")
-    parser.add_argument("--samples", type=int, default=None,
+    parser.add_argument("--samples", type=bounded_int(2, 10**6), default=None,
                         help="evaluation samples per sampler (default: 10000 for 2D data, whose distances have a "
                         "finite-sample floor of about 1/sqrt(n); 1000 for images)")
     parser.add_argument("--cache-dir", default=None, help="teacher/classifier cache (default ~/.cache/proreflow)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the recipe and of the evaluation noise")
-    parser.add_argument("--threads", type=int, default=1,
+    parser.add_argument("--seed", type=bounded_int(0, 2**63 - 1), default=0,
+                        help="seed of the recipe and of the evaluation noise")
+    parser.add_argument("--threads", type=bounded_int(1, 1024), default=1,
                         help="torch CPU threads (default 1: the built-in networks are tiny, more threads only contend)")
+    parser.add_argument("--allow-recipe-change", action="store_true",
+                        help="resume a run in --out whose recipe differs (other --steps, --seed, ...)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
 def run(args: argparse.Namespace) -> int:
     from ..builtin.teacher import builtin_setup
     from ..training import train
+    from ..training.engine import check_output_folder
 
     torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = writable_dir(args.out, create=True)
+    if args.cache_dir is not None:
+        writable_dir(args.cache_dir, "--cache-dir")
+    recipes = {data: _recipe(data, args) for data in args.data}  # every recipe checked before any training
+    for data, recipe in recipes.items():
+        check_output_folder(recipe, out / data / "run", resume=True, allow_recipe_change=args.allow_recipe_change)
     sections, results = [], {}
     for data in args.data:
-        kind = data_kind(data)
         start = time.perf_counter()
         setup = builtin_setup(data, steps=args.teacher_steps, cache_dir=args.cache_dir,
                               progress=not args.no_progress)
-        steps = args.steps or DEMO_STEPS[kind]
-        recipe = load_recipe(args.recipe, [f"stages.*.steps={steps}", f"stages.*.guidance={GUIDANCE[kind]}",
-                                           f"seed={args.seed}"])
+        steps = args.steps or DEMO_STEPS[data_kind(data)]
+        recipe = recipes[data]
         # an earlier (or killed) demo run in the same folder is resumed, never deleted
-        result = train(recipe, setup, out / data / "run", resume=True, progress=not args.no_progress)
+        result = train(recipe, setup, out / data / "run", resume=True, progress=not args.no_progress,
+                       allow_recipe_change=args.allow_recipe_change)
         rows, samples = evaluate_demo(data, setup, result, args)
         results[data] = {"recipe": recipe.name, "steps_per_stage": steps, "rows": rows,
                          "stages": [s.__dict__ for s in result.stages],
@@ -80,6 +88,12 @@ def run(args: argparse.Namespace) -> int:
     (out / "report.md").write_text(_report(sections, args))
     print(f"report written to {out / 'report.md'}")
     return 0
+
+
+def _recipe(data: str, args: argparse.Namespace):
+    kind = data_kind(data)
+    return load_recipe(args.recipe, [f"stages.*.steps={args.steps or DEMO_STEPS[kind]}",
+                                     f"stages.*.guidance={GUIDANCE[kind]}", f"seed={args.seed}"])
 
 
 def evaluate_demo(data, setup, result, args):

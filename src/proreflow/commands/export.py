@@ -12,7 +12,8 @@ The folders load with diffusers alone (a stock DDIMScheduler is the student's sa
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
+
+from . import UsageError, bounded_int, existing_dir, writable_dir
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -21,7 +22,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--teacher", help="teacher pipeline folder or hub id (default: the one the run was trained from)")
     p.add_argument("--lora", action="store_true",
                    help="write LoRA weights (pipe.load_lora_weights) instead of a full pipeline")
-    p.add_argument("--lora-rank", type=int, default=64,
+    p.add_argument("--lora-rank", type=bounded_int(1, 4096), default=64,
                    help="rank when extracting LoRA from a fully fine-tuned student (default 64)")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
                    help="dtype of the saved weights (default float32; SDXL's VAE overflows in float16: "
@@ -36,27 +37,33 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..sd.export import export_lora, export_pipeline, load_run_student, push_to_hub, read_metrics
-    from ..sd.pipeline import load_teacher
+    from ..sd.pipeline import load_teacher, read_model_index
     from ..sd.scheduler import TRAILING_DDIM_LINE
-    from ..training.checkpoint import read_student_info
+    from ..training.checkpoint import check_weights_file, read_student_info
     from ..training.recipes import load_recipe
     from ..training.runner import as_dtype
 
-    run_dir = Path(args.run)
+    run_dir = existing_dir(args.run, "--run")
     info_path = run_dir / "student.json"
     if not info_path.is_file():
-        raise SystemExit(f"proreflow export: {info_path} not found; --run takes the output folder of a "
-                         "finished `proreflow train` run")
-    info = read_student_info(run_dir)
+        raise UsageError(f"--run: {info_path} not found; --run takes the output folder of a finished "
+                         "`proreflow train` run")
+    try:
+        info = read_student_info(run_dir)
+    except ValueError as err:
+        raise UsageError(f"--run: {err}") from None
+    check_weights_file(run_dir / "student.safetensors", UsageError)
     source = args.teacher or info.get("info", {}).get("teacher")
     if not source:
-        raise SystemExit("proreflow export: the run does not name its teacher; pass --teacher")
+        raise UsageError("the run does not name its teacher; pass --teacher")
     metrics = None
     if args.eval:
         try:
             metrics = read_metrics(args.eval)
         except FileNotFoundError as err:
-            raise SystemExit(f"proreflow export: {err}") from None
+            raise UsageError(f"--eval: {err}") from None
+    writable_dir(args.out)
+    read_model_index(source, args.local_files_only)  # a wrong teacher fails before anything loads
     teacher = load_teacher(source, local_files_only=args.local_files_only)
     student, info = load_run_student(run_dir, teacher.unet)
     extra = {"run": str(run_dir), "recipe": info.get("recipe"), "stage": info.get("stage"),

@@ -9,8 +9,10 @@ name any builder by import path, ``package.module:function``: a new family needs
 
 from __future__ import annotations
 
+import difflib
 import functools
 import importlib
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -56,13 +58,57 @@ def get_setup_builder(name: str) -> Callable[..., DistillationSetup]:
                      f"(or give an import path, package.module:function)")
 
 
-def build_setup(spec: dict[str, Any]) -> DistillationSetup:
-    """Build a setup from a config's ``setup:`` section: ``{name: NAME, **keyword arguments}``."""
-    spec = dict(spec)
-    name = spec.pop("name", None)
+def setup_keys(builder: Callable[..., DistillationSetup]) -> tuple[str, ...] | None:
+    """The keyword arguments ``builder`` takes: its ``setup_keys`` attribute (a tuple, or a function
+    that returns one; looked up on a ``functools.partial``'s function too), else its signature's
+    (None when it takes any ``**kwargs``)."""
+    keys = getattr(builder, "setup_keys", None) or getattr(getattr(builder, "func", None), "setup_keys", None)
+    if keys is not None:
+        return tuple(keys() if callable(keys) else keys)
+    try:
+        params = inspect.signature(builder).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return None
+    return tuple(p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+
+
+def check_setup_spec(spec: Any) -> Callable[..., DistillationSetup]:
+    """The builder of a ``setup:`` section, after checking its name and keys (nothing is built)."""
+    if not isinstance(spec, dict):
+        raise ValueError(f"setup: expected a mapping such as {{name: digits}}, got {spec!r}")
+    name = spec.get("name")
     if not isinstance(name, str):
         raise ValueError("setup.name: the setup section needs a name, e.g. setup: {name: digits}")
     builder = get_setup_builder(name)
+    keys = setup_keys(builder)
+    if keys is None:
+        return builder
+    unknown = [k for k in spec if k != "name" and k not in keys]
+    if unknown:
+        close = difflib.get_close_matches(str(unknown[0]), keys, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"setup.{unknown[0]}: {name!r} takes no key {unknown[0]!r}{hint}; valid keys: "
+                         f"{', '.join(keys)}")
+    try:
+        signature = inspect.signature(builder)
+    except (TypeError, ValueError):
+        return builder
+    missing = [p.name for p in signature.parameters.values() if p.default is p.empty
+               and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in spec]
+    if missing:
+        raise ValueError(f"setup.{missing[0]}: setup {name!r} needs the key {missing[0]!r}; valid keys: "
+                         f"{', '.join(keys)}")
+    return builder
+
+
+def build_setup(spec: dict[str, Any]) -> DistillationSetup:
+    """Build a setup from a config's ``setup:`` section: ``{name: NAME, **keyword arguments}``
+    (checked first by :func:`check_setup_spec`)."""
+    builder = check_setup_spec(spec)
+    spec = dict(spec)
+    name = spec.pop("name")
     try:
         setup = builder(**spec)
     except TypeError as err:

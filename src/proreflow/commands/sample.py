@@ -10,7 +10,8 @@ made again one by one. Files: ``OUT/<i>-<k>.png`` and ``OUT/prompts.txt``.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
+
+from . import UsageError, bounded_int, check_device, existing_dir, existing_file, finite_float, one_line, writable_dir
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -19,13 +20,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora", help="LoRA folder from `proreflow export --lora`")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for several)")
     p.add_argument("--prompts", help="file with one prompt per line")
-    p.add_argument("--steps", type=int, help="sampling steps, at least the student's windows (default: one per window)")
-    p.add_argument("--windows", type=int, help="the student's windows (default: from the export)")
-    p.add_argument("--guidance", type=float, help="classifier-free guidance (default: the export's; 1 = none)")
-    p.add_argument("--num-images", type=int, default=1, help="images per prompt")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--height", type=int)
-    p.add_argument("--width", type=int)
+    p.add_argument("--steps", type=bounded_int(1, 1000),
+                   help="sampling steps, at least the student's windows (default: one per window)")
+    p.add_argument("--windows", type=bounded_int(1, 1024), help="the student's windows (default: from the export)")
+    p.add_argument("--guidance", type=finite_float(0, 100),
+                   help="classifier-free guidance (default: the export's; 1 = none)")
+    p.add_argument("--num-images", type=bounded_int(1, 256), default=1, help="images per prompt")
+    p.add_argument("--seed", type=bounded_int(0, 2**63 - 1), default=0)
+    p.add_argument("--height", type=bounded_int(8, 4096), help="image height in px (a multiple of 8)")
+    p.add_argument("--width", type=bounded_int(8, 4096), help="image width in px (a multiple of 8)")
     p.add_argument("--out", default="samples", help="output folder (default: samples)")
     p.add_argument("--device", help="default: cuda when available, else cpu")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
@@ -33,23 +36,56 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--local-files-only", action=argparse.BooleanOptionalAction, default=None)
 
 
+def _check_lora(folder: str) -> dict:
+    """The ``proreflow.json`` of a LoRA folder, after checking that it holds LoRA weights."""
+    from ..sd.export import read_export_info
+
+    path = existing_dir(folder, "--lora", "folder")
+    if not (path / "pytorch_lora_weights.safetensors").is_file():
+        raise UsageError(f"--lora: {path} holds no pytorch_lora_weights.safetensors; give a folder written by "
+                         "`proreflow export --lora`")
+    try:
+        return read_export_info(path)
+    except ValueError as err:
+        raise UsageError(f"--lora: {path / 'proreflow.json'} is not valid JSON ({err})") from None
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..sd.captions import read_prompts
     from ..sd.export import load_student_pipeline
+    from ..sd.pipeline import read_model_index
     from ..training.runner import as_dtype
 
-    prompts = list(args.prompt) + (read_prompts(args.prompts) if args.prompts else [])
+    prompts = list(args.prompt) + (read_prompts(existing_file(args.prompts, "--prompts")) if args.prompts else [])
     if not prompts:
-        raise SystemExit("proreflow sample: give --prompt TEXT (repeatable) or --prompts FILE")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        raise UsageError("give --prompt TEXT (repeatable) or --prompts FILE")
+    for option, size in (("--height", args.height), ("--width", args.width)):
+        if size is not None and size % 8:
+            raise UsageError(f"{option}: {size} is not a multiple of 8 (the VAE's factor)")
+    device = torch.device(check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu")))
     dtype = as_dtype(args.dtype) if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
-    pipe, info = load_student_pipeline(args.model, args.lora, args.windows, dtype, device, args.local_files_only)
+    lora_info = _check_lora(args.lora) if args.lora else {}
+    try:  # a wrong --model fails before anything loads
+        read_model_index(args.model, args.local_files_only)
+    except OSError as err:
+        raise UsageError(f"--model: {one_line(err).replace('--teacher takes', '--model takes')}") from None
+    out = writable_dir(args.out)
+    try:
+        pipe, info = load_student_pipeline(args.model, args.lora, args.windows, dtype, device, args.local_files_only)
+    except (ValueError, RuntimeError, KeyError) as err:
+        if not args.lora:
+            raise
+        base = lora_info.get("base")
+        raise UsageError(f"--lora {args.lora} does not fit --model {args.model}: the LoRA was exported for the base "
+                         f"{base!r} (its proreflow.json); give that pipeline as --model" if base else
+                         f"--lora {args.lora} does not fit --model {args.model} ({one_line(err)[:200]})") from None
     windows = pipe.scheduler.config.num_windows
     steps = args.steps or windows
+    if steps < windows:
+        raise UsageError(f"--steps {steps}: the student has {windows} windows; sample with at least {windows} steps")
     guidance = args.guidance if args.guidance is not None else info.get("guidance", 1.0)
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     n = args.num_images
     for i, prompt in enumerate(prompts):

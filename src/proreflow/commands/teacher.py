@@ -11,12 +11,17 @@ import argparse
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ..builtin import DATASETS
+    from . import bounded_int, finite_float
 
     parser.add_argument("--data", required=True, choices=sorted(DATASETS), help="built-in dataset")
-    parser.add_argument("--steps", type=int, default=None, help="training steps (default: the dataset's default)")
-    parser.add_argument("--batch-size", type=int, default=None, help="batch size (default: the dataset's default)")
-    parser.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the dataset's default)")
-    parser.add_argument("--seed", type=int, default=None, help="seed of initialisation and batches (default 0)")
+    parser.add_argument("--steps", type=bounded_int(1, 10**7), default=None,
+                        help="training steps (default: the dataset's default)")
+    parser.add_argument("--batch-size", type=bounded_int(1, 65536), default=None,
+                        help="batch size (default: the dataset's default)")
+    parser.add_argument("--lr", type=finite_float(0, 1), default=None,
+                        help="peak learning rate (default: the dataset's default)")
+    parser.add_argument("--seed", type=bounded_int(0, 2**63 - 1), default=None,
+                        help="seed of initialisation and batches (default 0)")
     parser.add_argument("--cache-dir", default=None,
                         help="cache root (default: $PROREFLOW_CACHE or ~/.cache/proreflow); "
                              "the teacher goes to <root>/teachers/<data>-<hash of config>/")
@@ -25,11 +30,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval", action="store_true",
                         help="sample DDIM-32 and print its metrics (2D: distances to the true distribution; "
                              "images: FD and class accuracy with the dataset's feature classifier)")
-    parser.add_argument("--guidance", type=float, default=2.0, help="guidance scale of --eval on labelled data")
-    parser.add_argument("--samples", type=int, default=None,
+    parser.add_argument("--guidance", type=finite_float(0, 100), default=2.0,
+                        help="guidance scale of --eval on labelled data")
+    parser.add_argument("--samples", type=bounded_int(2, 10**6), default=None,
                         help="number of samples of --eval (default: 10000 for 2D data, whose distances have a "
                              "finite-sample floor of about 1 / sqrt(n); 1000 images)")
-    parser.add_argument("--threads", type=int, default=None,
+    parser.add_argument("--threads", type=bounded_int(1, 1024), default=None,
                         help="CPU threads of torch (the small networks often train fastest on 1, "
                              "always on a machine that other jobs keep busy)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -41,7 +47,11 @@ def run(args: argparse.Namespace) -> int:
     from ..builtin import get_spec
     from ..builtin.suite import make_eval_set, quality
     from ..builtin.teacher import load_or_train_teacher
+    from . import check_device, writable_dir
 
+    check_device(args.device)
+    if args.cache_dir is not None:
+        writable_dir(args.cache_dir, "--cache-dir")
     if args.threads:
         torch.set_num_threads(args.threads)
     teacher = load_or_train_teacher(args.data, steps=args.steps, batch_size=args.batch_size, lr=args.lr,

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 
 import yaml
 
 from ..training.recipes import PRESETS, Recipe, RecipeError, describe_keys, read_config
+from . import one_line, writable_dir
 
 USAGE_NOTES = """\
 config: a YAML file holding a recipe and a `setup:` section naming what to distill, e.g.
@@ -46,13 +48,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", metavar="DIR", default=None,
                         help="output folder for checkpoints, stage results and the student (default: runs/NAME)")
     parser.add_argument("--resume", action="store_true",
-                        help="continue from the latest checkpoint in --out (starts fresh when there is none)")
+                        help="continue from the newest complete checkpoint in --out (starts fresh when there is none)")
+    parser.add_argument("--allow-recipe-change", action="store_true",
+                        help="with --resume: go on with changed values of keys that change the weights (lr, seed, "
+                             "...); without it such a change is an error")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars or stage summaries")
     parser.add_argument("--print-config", action="store_true",
                         help="print the checked recipe (every stage spelled out) and exit without training")
 
 
 def run(args: argparse.Namespace) -> int:
+    from .named_setups import check_setup_spec
+
     try:
         raw = read_config(args.config, args.overrides)
         setup_spec = raw.pop("setup", None)
@@ -60,31 +67,52 @@ def run(args: argparse.Namespace) -> int:
     except RecipeError as err:
         print(f"proreflow train: error: {err}", file=sys.stderr)
         return 2
-    if args.print_config:
-        print(recipe.to_yaml(), end="")
-        if setup_spec is not None:
-            print(yaml.safe_dump({"setup": setup_spec}, sort_keys=False), end="")
-        return 0
-    if not isinstance(setup_spec, dict):
+    if setup_spec is None:
         print("proreflow train: error: the config has no setup section; add `setup: {name: digits}` to it "
               "or pass setup.name=digits", file=sys.stderr)
         return 2
+    check_setup_spec(setup_spec)  # names and keys, before anything is built (ValueError: exit 2)
+    if args.print_config:
+        print(recipe.to_yaml(), end="")
+        print(yaml.safe_dump({"setup": setup_spec}, sort_keys=False), end="")
+        return 0
 
     from ..training import NonFiniteLossError, train
+    from ..training.checkpoint import CheckpointError, latest_checkpoint
+    from ..training.engine import TrainingInterrupted, check_output_folder
     from .named_setups import build_setup
 
-    try:
-        setup = build_setup(setup_spec)
-    except ValueError as err:
+    out = writable_dir(args.out or f"runs/{recipe.name}", create=True)
+    try:  # the output folder is checked before any model loads
+        check_output_folder(recipe, out, args.resume, args.allow_recipe_change)
+    except CheckpointError as err:
         print(f"proreflow train: error: {err}", file=sys.stderr)
         return 2
-    out = args.out or f"runs/{recipe.name}"
+    resume_command = _resume_command(args, out)
     try:
-        result = train(recipe, setup, out, resume=args.resume, progress=not args.no_progress)
-    except (NonFiniteLossError, FileExistsError) as err:
-        print(f"proreflow train: {err}", file=sys.stderr)
+        setup = build_setup(setup_spec)
+        result = train(recipe, setup, out, resume=args.resume, progress=not args.no_progress,
+                       allow_recipe_change=args.allow_recipe_change)
+    except (NonFiniteLossError, CheckpointError) as err:
+        print(f"proreflow train: {one_line(err)}", file=sys.stderr)
         return 1
+    except TrainingInterrupted as err:
+        print(f"proreflow train: {err}; continue with: {resume_command}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        newest = latest_checkpoint(out)
+        print(f"proreflow train: interrupted; newest checkpoint: {newest or 'none'}; continue with: {resume_command}",
+              file=sys.stderr)
+        return 130
     guidance = f", guidance {result.guidance:g}" if result.guidance != 1.0 else ""
     print(f"student: {out}/student.safetensors ({result.windows.count} windows: sample with "
           f"{result.windows.count} steps{guidance})")
     return 0
+
+
+def _resume_command(args: argparse.Namespace, out) -> str:
+    """The command line that continues this run."""
+    words = ["proreflow", "train", "--config", args.config, "--out", str(out), "--resume"]
+    words += ["--allow-recipe-change"] if args.allow_recipe_change else []
+    words += ["--no-progress"] if args.no_progress else []
+    return shlex.join(words + list(args.overrides))

@@ -20,7 +20,10 @@ random crop to ``resolution x resolution``, optional horizontal flip, pixels in 
 also returns the SDXL micro-conditioning (original size, crop top-left). An image that cannot
 be read or decoded (corrupt, truncated, missing) is skipped, logged with its reason and counted
 in ``dataset.skipped``: the item is replaced by the next readable one, so a run never stops on
-bad files.
+bad files. So is an image whose decoded or resized size would exceed :data:`MAX_PIXELS` (checked
+from its header, before decoding). Captions that are not UTF-8, bad lines of ``metadata.jsonl``
+(named by file:line) and damaged ``.tar`` shards are left out with a warning and counted
+(``source.left_out``).
 """
 
 from __future__ import annotations
@@ -41,6 +44,9 @@ from torch.utils.data import Dataset
 
 log = logging.getLogger(__name__)
 
+MAX_PIXELS = 2**26
+"""The most pixels (about 8192 x 8192) an image may have, decoded or after its resize; a larger one
+(a 1 x 20000 px strip resized to 512 px on its short side is 512 x 10,240,000) is skipped."""
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 CAPTION_KEYS = ("text", "caption", "prompt")
 
@@ -70,6 +76,7 @@ class FolderSource:
 
     def __init__(self, root: str | Path, caption_column: str | None = None):
         self.root = Path(root).expanduser()
+        self.left_out: dict[str, str] = {}
         if not self.root.is_dir():
             raise FileNotFoundError(f"image folder {self.root} does not exist")
         metadata = self.root / "metadata.jsonl"
@@ -80,21 +87,32 @@ class FolderSource:
 
     def _from_metadata(self, path: Path, caption_column: str | None) -> list[tuple[Path, str]]:
         items = []
-        for n, line in enumerate(path.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            row = json.loads(line)
+        for n, row in read_json_lines(path, self.left_out):
             key = caption_column or next((k for k in CAPTION_KEYS if k in row), None)
             if "file_name" not in row or key not in row:
-                raise ValueError(f"{path}:{n}: each line needs 'file_name' and a caption "
-                                 f"({caption_column or ' / '.join(CAPTION_KEYS)}), got keys {sorted(row)}")
-            items.append((path.parent / row["file_name"], _first_caption(row[key])))
+                self._leave_out(f"{path}:{n}", f"each line needs 'file_name' and a caption "
+                                f"({caption_column or ' / '.join(CAPTION_KEYS)}), got keys {sorted(row)}")
+                continue
+            items.append((path.parent / str(row["file_name"]), _first_caption(row[key])))
         return items
+
+    def _leave_out(self, where: str, why: str) -> None:
+        self.left_out[where] = why
+        log.warning("%s: %s; left out (%d so far)", where, why, len(self.left_out))
 
     def _from_txt(self) -> list[tuple[Path, str]]:
         images = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
-        items = [(p, p.with_suffix(".txt").read_text().strip()) for p in images if p.with_suffix(".txt").is_file()]
-        if len(items) < len(images):
+        items = []
+        for p in images:
+            if p.with_suffix(".txt").is_file():
+                try:
+                    items.append((p, p.with_suffix(".txt").read_bytes().decode("utf-8").strip()))
+                except UnicodeDecodeError as err:
+                    self._leave_out(str(p.with_suffix(".txt")), f"caption is not UTF-8 ({err.reason} at byte "
+                                    f"{err.start})")
+                except OSError as err:
+                    self._leave_out(str(p.with_suffix(".txt")), f"caption cannot be read ({err})")
+        if len(items) + len(self.left_out) < len(images):
             log.warning("%s: %d of %d images have no .txt caption beside them and are left out",
                         self.root, len(images) - len(items), len(images))
         return items
@@ -139,14 +157,21 @@ class TarShardSource:
 
         self.shards = expand_shards(shards)
         self.items: list[tuple[int, str, tuple[int, int], tuple[int, int]]] = []
+        self.left_out: dict[str, str] = {}
         incomplete = 0
         for s, shard in enumerate(self.shards):
             groups: dict[str, dict[str, tuple[int, int]]] = {}
-            with tarfile.open(shard) as tar:
-                for member in tar:
-                    key, ext = base_plus_ext(member.name) if member.isfile() else (None, None)
-                    if key is not None:
-                        groups.setdefault(key, {})[ext.lower()] = (member.offset_data, member.size)
+            try:
+                with tarfile.open(shard) as tar:
+                    for member in tar:
+                        key, ext = base_plus_ext(member.name) if member.isfile() else (None, None)
+                        if key is not None:
+                            groups.setdefault(key, {})[ext.lower()] = (member.offset_data, member.size)
+            except (tarfile.TarError, EOFError, OSError) as err:  # truncated or not a tar file
+                self.left_out[str(shard)] = f"damaged shard ({type(err).__name__}: {err})"
+                log.warning("skipping damaged shard %s (%s: %s); %d of %d shards skipped", shard,
+                            type(err).__name__, err, len(self.left_out), len(self.shards))
+                continue
             for key, members in groups.items():
                 image = next((members[e] for e in ("jpg", "jpeg", "png", "webp") if e in members), None)
                 if image is None or "txt" not in members:
@@ -158,7 +183,7 @@ class TarShardSource:
                         incomplete, len(self.shards))
         if not self.items:
             raise ValueError(f"no samples with an image (jpg/png/webp) and a txt caption in "
-                             f"{len(self.shards)} shard(s)")
+                             f"{len(self.shards)} shard(s) ({len(self.left_out)} damaged)")
 
     def __len__(self) -> int:
         return len(self.items)
@@ -276,9 +301,16 @@ def resize_and_crop(image: Image.Image, resolution: int, center_crop: bool = Tru
     return pixels, (h, w), (y, x)
 
 
-def decode(record: Record) -> Image.Image:
-    """Open and fully decode the image (a truncated file fails here, not later)."""
+def decode(record: Record, resolution: int | None = None) -> Image.Image:
+    """Open and fully decode the image (a truncated file fails here, not later); with ``resolution``,
+    first check from its header that neither it nor its resize exceeds :data:`MAX_PIXELS`."""
     image = record.open()
+    if resolution is not None:
+        w, h = image.size
+        short, long = min(w, h), max(w, h)
+        resized = resolution * int(resolution * long / max(short, 1))
+        if w * h > MAX_PIXELS or resized > MAX_PIXELS or short < 1:
+            raise ValueError(f"{w} x {h} px image (resized: {resized:,} px) exceeds the limit of {MAX_PIXELS:,} px")
     image.load()
     return image
 
@@ -301,12 +333,12 @@ class ImageCaptionDataset(Dataset):
     def load(self, i: int) -> dict:
         """Item ``i``, or ``{"skipped": name, "error": reason}`` if its image cannot be read."""
         record = self.source.record(i)
+        flip = self.random_flip and bool(torch.rand(()) < 0.5)
         try:
-            image = decode(record)
+            image = decode(record, self.resolution)
+            pixels, original_size, crop = resize_and_crop(image, self.resolution, self.center_crop, flip)
         except Exception as err:  # any decoder error: PIL raises OSError, ValueError, SyntaxError, ...
             return {"skipped": record.name, "error": f"{type(err).__name__}: {err}"}
-        flip = self.random_flip and bool(torch.rand(()) < 0.5)
-        pixels, original_size, crop = resize_and_crop(image, self.resolution, self.center_crop, flip)
         return {"index": i, "pixels": pixels, "caption": record.caption, "original_size": original_size,
                 "crop_top_left": crop}
 
@@ -329,19 +361,61 @@ def read_prompts(path: str | Path, caption_column: str | None = None) -> list[st
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"prompt file {path} does not exist (one prompt per line, or JSON lines)")
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    left_out: dict[str, str] = {}
     if path.suffix == ".jsonl":
-        rows = [json.loads(line) for line in lines]
-        key = caption_column or next((k for k in CAPTION_KEYS if rows and k in rows[0]), "text")
-        missing = [n for n, row in enumerate(rows, 1) if key not in row]
-        if missing:
-            raise ValueError(f"{path}: lines {missing[:5]} have no {key!r} key")
-        prompts = [_first_caption(row[key]) for row in rows]
+        rows = read_json_lines(path, left_out, warn=False)
+        key = caption_column or next((k for k in CAPTION_KEYS if rows and k in rows[0][1]), "text")
+        prompts = []
+        for n, row in rows:
+            if key in row:
+                prompts.append(_first_caption(row[key]))
+            else:
+                left_out[f"{path}:{n}"] = f"no {key!r} key"
     else:
-        prompts = [line.strip() for line in lines]
+        prompts = [line.strip() for _, line in _text_lines(path, left_out, warn=False) if line.strip()]
+    first = next(iter(left_out.items()), None)
     if not prompts:
-        raise ValueError(f"{path} holds no prompts")
+        raise ValueError(f"{path} holds no prompts" + (f" ({len(left_out)} unreadable lines; first: "
+                                                       f"{first[0]}: {first[1]})" if first else ""))
+    if first:
+        log.warning("%s: %d unreadable lines left out (first: %s: %s)", path, len(left_out), *first)
     return prompts
+
+
+def _text_lines(path: Path, left_out: dict[str, str], warn: bool = True) -> list[tuple[int, str]]:
+    """``(line number, text)`` of a file's UTF-8 lines; a line that is not UTF-8 is left out (``left_out``),
+    with a warning if ``warn``."""
+    lines = []
+    for n, raw in enumerate(path.read_bytes().splitlines(), 1):
+        try:
+            lines.append((n, raw.decode("utf-8")))
+        except UnicodeDecodeError as err:
+            left_out[f"{path}:{n}"] = f"not UTF-8 ({err.reason})"
+            if warn:
+                log.warning("%s:%d: not UTF-8 (%s); left out", path, n, err.reason)
+    return lines
+
+
+def read_json_lines(path: Path, left_out: dict[str, str], warn: bool = True) -> list[tuple[int, dict]]:
+    """``(line number, object)`` of a JSON-lines file; a line that is not a JSON object is left out, named
+    ``file:line`` in ``left_out`` (and in a warning if ``warn``)."""
+    rows = []
+    for n, line in _text_lines(path, left_out, warn):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as err:
+            row, why = None, f"not valid JSON ({err})"
+        else:
+            why = None if isinstance(row, dict) else f"a JSON {type(row).__name__}, not an object"
+        if why is None:
+            rows.append((n, row))
+        else:
+            left_out[f"{path}:{n}"] = why
+            if warn:
+                log.warning("%s:%d: %s; left out", path, n, why)
+    return rows
 
 
 class PromptDataset(Dataset):

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..training.checkpoint import load_weights, read_student_info
+from ..training.checkpoint import check_finite, load_weights, read_student_info
 from .lora import add_lora, extract_lora, has_lora, merge_lora, save_kohya_lora, save_lora
 from .scheduler import PROREFLOW_LINE, TRAILING_DDIM_LINE, ProReflowScheduler, explicit_config, trailing_ddim
 
@@ -169,6 +169,7 @@ def export_pipeline(student_unet: nn.Module, teacher, out_dir: str | Path, num_w
     """
     out_dir = Path(out_dir)
     unet = merge_lora(copy.deepcopy(student_unet)) if has_lora(student_unet) else student_unet
+    check_finite(unet.state_dict(), "refusing to export the student UNet")
     pipe = copy.copy(teacher.pipe)  # shares the components, leaves the teacher's pipeline as it was
     pipe.register_modules(unet=unet, scheduler=trailing_ddim(pipe.scheduler.config))
     if dtype is not None:
@@ -197,6 +198,7 @@ def export_lora(student_unet: nn.Module, teacher, out_dir: str | Path, num_windo
         adapted = student_unet
     else:
         adapted, kept = extract_lora(student_unet, teacher.unet, rank)
+    check_finite(adapted.state_dict(), "refusing to export the student's LoRA weights")
     path = save_lora(adapted, out_dir, teacher.is_sdxl, dtype)
     save_kohya_lora(adapted, out_dir / KOHYA_LORA, dtype)
     info = {"num_windows": num_windows, "guidance": guidance, "prediction_type": teacher.prediction_type,

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -36,6 +37,8 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from tqdm.auto import tqdm
 
 from ..evaluation.frechet import frechet_distance_from_stats
+
+log = logging.getLogger(__name__)
 
 FID_SIZE = 299
 RESIZE = "clean-fid: PIL bicubic per channel in float mode to 299x299, network input (x - 128) / 128"
@@ -257,14 +260,30 @@ def load_reference_image(path: str | Path, image_size: int | None) -> Tensor:
 
 
 class _ReferenceImages(torch.utils.data.Dataset):
+    """Preprocessed reference images; an unreadable one is ``(None, path, reason)`` (skipped and counted
+    in the main process, as training skips bad images)."""
+
     def __init__(self, paths: Sequence[Path], image_size: int | None) -> None:
         self.paths, self.image_size = paths, image_size
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i: int) -> Tensor:
-        return clean_resize(load_reference_image(self.paths[i], self.image_size)[None])[0]
+    def __getitem__(self, i: int):
+        try:
+            return clean_resize(load_reference_image(self.paths[i], self.image_size)[None])[0], str(self.paths[i]), ""
+        except Exception as err:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError, ...
+            return None, str(self.paths[i]), f"{type(err).__name__}: {err}"
+
+
+def _readable(items: list, skipped: dict[str, str]) -> Tensor | None:
+    """Stack the readable images of a batch; note the others in ``skipped``."""
+    for image, path, error in items:
+        if image is None:
+            skipped[path] = error
+            log.warning("skipping unreadable reference image %s (%s); %d skipped so far", path, error, len(skipped))
+    images = [image for image, _, _ in items if image is not None]
+    return torch.stack(images) if images else None
 
 
 def reference_key(fid: FID, paths: Sequence[Path], image_size: int | None) -> dict:
@@ -295,8 +314,12 @@ def reference_statistics(fid: FID, paths: Sequence[str | Path], image_size: int 
     if cache is not None and cache.is_file():
         return FIDStats.load(cache)
     loader = torch.utils.data.DataLoader(_ReferenceImages(paths, image_size), batch_size=batch_size,
-                                         num_workers=workers)
-    stats = fid.statistics(loader, total=len(paths), desc="reference FID statistics")
+                                         num_workers=workers, collate_fn=list)
+    skipped: dict[str, str] = {}
+    batches = (b for b in (_readable(items, skipped) for items in loader) if b is not None)
+    stats = fid.statistics(batches, total=len(paths), desc="reference FID statistics")
+    if skipped:
+        log.warning("reference FID statistics: %d of %d images unreadable and skipped", len(skipped), len(paths))
     if cache is not None:
         stats.save(cache, {"description": description, **key})
     return stats

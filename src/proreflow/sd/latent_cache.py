@@ -29,7 +29,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -42,6 +41,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from ..conditioning import Cond, map_cond
+from ..files import atomic_write, write_json
 from ..sampling import sample
 from ..teachers import Denoiser
 from ..windows import TimeWindows
@@ -200,9 +200,7 @@ def build_latent_cache(items: Dataset, encode: Encoder, cache_dir: str | Path, s
             return
         tensors = {k: torch.cat([p[k] for p in pending]).contiguous() for k in pending[0]}
         name = f"shard-{len(shards):05d}.safetensors"
-        tmp = cache_dir / f".{name}.tmp"
-        save_file(tensors, str(tmp))
-        os.replace(tmp, cache_dir / name)
+        atomic_write(cache_dir / name, lambda tmp: save_file(tensors, str(tmp)))
         shards.append({"file": name, "count": int(tensors["latents"].shape[0])})
         pending = []
 
@@ -226,9 +224,7 @@ def build_latent_cache(items: Dataset, encode: Encoder, cache_dir: str | Path, s
                            f"{dict(list(skipped.items())[:3])}")
     manifest = {"format": CACHE_FORMAT, "settings": settings, "count": total,
                 "shards": shards, "skipped": skipped}
-    tmp = cache_dir / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, cache_dir / MANIFEST)
+    write_json(cache_dir / MANIFEST, manifest)
     if skipped:
         log.warning("latent cache %s: %d images encoded, %d unreadable images skipped", cache_dir, total, len(skipped))
     return manifest

@@ -22,6 +22,7 @@ of :func:`build_sd_setup`) gives a :class:`~proreflow.training.setup.Distillatio
 
 from __future__ import annotations
 
+import math
 from functools import partial
 from pathlib import Path
 
@@ -42,7 +43,23 @@ from .latent_cache import (
     read_manifest,
 )
 from .lora import add_lora
-from .pipeline import load_teacher, unet_network
+from .pipeline import load_teacher, read_model_index, unet_network
+
+LIMITS = {"resolution": (8, 4096), "prompt_steps": (1, 1000), "prompt_guidance": (0, 100), "lora_rank": (0, 1024),
+          "lora_alpha": (0, 1e6), "cache_batch_size": (1, 4096), "num_workers": (0, 256), "seed": (0, 2**63 - 1)}
+"""Bounds of the setup's numbers (beyond them memory runs out or a run never ends)."""
+
+
+def _check_numbers(**values) -> None:
+    for key, value in values.items():
+        if value is None:
+            continue
+        low, high = LIMITS[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"setup.{key}: expected a finite number, got {value!r}")
+        if not low <= value <= high:
+            raise ValueError(f"setup.{key}: must be {f'at least {low}' if value < low else f'at most {high}'}, "
+                             f"got {value}")
 
 
 def default_device() -> torch.device:
@@ -75,19 +92,25 @@ def build_sd_setup(teacher: str, data: str | list[str] | None = None, data_kind:
     if (data is None) == (prompts is None):
         raise ValueError("stable-diffusion setup: give exactly one of data (images with captions) and "
                          "prompts (a prompt file, prompt-only training)")
+    _check_numbers(resolution=resolution, prompt_steps=prompt_steps, prompt_guidance=prompt_guidance,
+                   lora_rank=lora_rank, lora_alpha=lora_alpha, cache_batch_size=cache_batch_size,
+                   num_workers=num_workers, seed=seed)
+    # everything that can be checked without the teacher is checked before it loads
+    read_model_index(teacher, local_files_only)
+    prompt_list = read_prompts(prompts, caption_column) if prompts is not None else None
+    source = open_source(data, data_kind, image_column, caption_column) if data is not None else None
     device = torch.device(device) if device is not None else default_device()
     sd = load_teacher(teacher, encoder_dtype=encoder_dtype, variant=variant, local_files_only=local_files_only,
                       device=device)
     resolution = resolution or sd.resolution
     sd.latent_shape(resolution)  # checks the size
     if prompts is not None:
-        items = PromptDataset(read_prompts(prompts, caption_column), resolution)
+        items = PromptDataset(prompt_list, resolution)
         encode = partial(generate_items, sd, seed=seed, resolution=resolution, steps=prompt_steps,
                          guidance=prompt_guidance)
         settings = {"prompts": str(prompts), "prompt_steps": prompt_steps, "prompt_guidance": prompt_guidance}
         files = [prompts]
     else:
-        source = open_source(data, data_kind, image_column, caption_column)
         items = ImageCaptionDataset(source, resolution, center_crop, random_flip)
         encode = partial(encode_items, sd, seed=seed, resolution=resolution)
         settings = {"data": str(data), "center_crop": center_crop, "random_flip": random_flip}

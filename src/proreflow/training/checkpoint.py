@@ -25,19 +25,23 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import random
+import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from ..files import atomic_write, atomic_write_text, replace_dir, write_json
 from ..teachers import Denoiser
 from ..windows import TimeWindows
+from .recipes import Recipe, RecipeError
 from .setup import DistillationSetup
 
 CHECKPOINTS = "checkpoints"
@@ -45,37 +49,28 @@ LATEST = "latest"
 STUDENT_FORMAT = 1
 
 
-# ---------------------------------------------------------------- atomic files
+# ---------------------------------------------------------------- weights
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path``, then rename it into place."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+class NonFiniteWeightsError(ValueError):
+    """Weights about to be written hold NaN or infinite values (nothing was written)."""
 
 
-def write_json(path: Path, data: Any) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
-
-
-def replace_dir(tmp: Path, final: Path) -> None:
-    """Move a finished folder ``tmp`` to ``final``, replacing an older ``final``."""
-    old = final.with_name(f".{final.name}.old")
-    if old.exists():
-        shutil.rmtree(old)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old.exists():
-        shutil.rmtree(old)
+def check_finite(tensors: dict[str, Tensor], what: str) -> None:
+    """Raise :class:`NonFiniteWeightsError` naming the first tensor of ``tensors`` with a NaN / inf value."""
+    for key, value in tensors.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            bad = int((~torch.isfinite(value)).sum())
+            raise NonFiniteWeightsError(f"{what}: {key} holds {bad} non-finite value(s) of {value.numel()}; "
+                                        "nothing was written")
 
 
 def save_weights(state_dict: dict[str, Tensor], path: Path) -> None:
-    """A state dict as safetensors (CPU copies, so tied weights do not share storage), atomically."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.detach().to("cpu", copy=True).contiguous() for k, v in state_dict.items()}, str(tmp))
-    os.replace(tmp, path)
+    """A state dict as safetensors (CPU copies, so tied weights do not share storage), atomically;
+    checked to be finite before anything is written."""
+    check_finite(state_dict, f"refusing to write {path.name}")
+    tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state_dict.items()}
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp)))
 
 
 def load_weights(path: Path) -> dict[str, Tensor]:
@@ -115,25 +110,151 @@ def checkpoint_name(global_step: int) -> str:
     return f"step-{global_step:08d}"
 
 
+_NAME = re.compile(r"step-\d{8,}")
+META_KEYS = {"format": int, "recipe": dict, "stage": int, "step": int, "global_step": int, "counters": dict,
+             "completed": list}
+"""The keys of a checkpoint's ``meta.json`` and their types."""
+
+
+class CheckpointError(RuntimeError):
+    """No complete checkpoint is left to resume from."""
+
+
+class DamagedCheckpoint(Exception):
+    """One file of a checkpoint is missing or unreadable (the message names it and what is wrong)."""
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint verified complete: its folder, ``meta.json``, ``state.pt`` and this process's RNG state."""
+
+    path: Path
+    meta: dict[str, Any]
+    state: dict[str, Any]
+    rng: dict[str, Any] | None
+
+
+def _pointed(root: Path) -> Path | None:
+    """The checkpoint ``root/latest`` names, if it names a checkpoint folder inside ``root``."""
+    try:
+        name = (root / LATEST).read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return root / name if _NAME.fullmatch(name) else None
+
+
+def _candidates(root: Path) -> list[Path]:
+    """Checkpoint folders, newest first: the one ``latest`` names, then the others by step."""
+    found = sorted((p for p in root.glob("step-*") if _NAME.fullmatch(p.name) and p.is_dir()), reverse=True)
+    pointed = _pointed(root)
+    return ([pointed] if pointed in found else []) + [p for p in found if p != pointed]
+
+
 def latest_checkpoint(out_dir: Path) -> Path | None:
-    """The checkpoint ``OUT/checkpoints/latest`` names (else the newest complete one), or None."""
+    """The checkpoint ``OUT/checkpoints/latest`` names (else the newest with a meta.json), or None.
+
+    Only a folder ``step-NNNNNNNN`` inside ``OUT/checkpoints`` counts: a pointer naming any other path
+    (``../../other-run/...``) is ignored. Nothing is verified; :func:`resume_checkpoint` does that.
+    """
     root = Path(out_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return None
+    return next((p for p in _candidates(root) if (p / "meta.json").is_file()), None)
+
+
+def resume_checkpoint(out_dir: Path, rank: int = 0, warn=None) -> Checkpoint | None:
+    """The newest checkpoint whose every needed file is present and readable, or None if there is none.
+
+    A damaged checkpoint is reported with ``warn(line)`` (which file, what is wrong) and the one
+    before it is tried. Raises :class:`CheckpointError` when checkpoints exist but all are damaged.
+    """
+    root = Path(out_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return None
     pointer = root / LATEST
-    if pointer.is_file():
-        path = root / pointer.read_text().strip()
-        if (path / "meta.json").is_file():
-            return path
-    found = sorted(p for p in root.glob("step-*") if (p / "meta.json").is_file()) if root.is_dir() else []
-    return found[-1] if found else None
+    if pointer.exists() and _pointed(root) is None and warn is not None:
+        warn(f"{pointer} does not name a checkpoint folder of this run (step-NNNNNNNN); ignored")
+    damaged = []
+    for path in _candidates(root):
+        try:
+            checkpoint = _verify(path, Path(out_dir), rank)
+        except DamagedCheckpoint as err:
+            damaged.append(f"{path.name}: {err}")
+            if warn is not None:
+                warn(f"checkpoint {path} is damaged ({err}); trying the one before it")
+            continue
+        return checkpoint
+    if damaged:
+        raise CheckpointError(f"no complete checkpoint left in {root} ({'; '.join(damaged)}); delete {out_dir} "
+                              "to start over, or give another output folder")
+    return None
 
 
-def read_checkpoint(path: Path, rank: int = 0) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any] | None]:
-    """``(meta, state, rng)`` of a checkpoint; ``rng`` is None when it has no file for ``rank``."""
-    meta = json.loads((path / "meta.json").read_text())
-    state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
-    rng_path = path / f"rng-{rank}.pt"
-    rng = torch.load(rng_path, map_location="cpu", weights_only=True) if rng_path.is_file() else None
-    return meta, state, rng
+def _verify(path: Path, out_dir: Path, rank: int) -> Checkpoint:
+    """Read a checkpoint's meta, state and RNG state and open every weights file it needs."""
+    def load(name: str) -> Any:
+        file = path / name
+        if not file.is_file():
+            raise DamagedCheckpoint(f"{name} is missing")
+        try:
+            return torch.load(file, map_location="cpu", weights_only=True)
+        except Exception as err:  # truncated or garbage files raise many kinds of errors
+            raise DamagedCheckpoint(f"{name} is unreadable: {_brief(err)}") from None
+
+    try:
+        meta = json.loads((path / "meta.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DamagedCheckpoint("meta.json is missing") from None
+    except (OSError, ValueError) as err:
+        raise DamagedCheckpoint(f"meta.json is not valid JSON: {_brief(err)}") from None
+    if not isinstance(meta, dict):
+        raise DamagedCheckpoint(f"meta.json holds a {type(meta).__name__}, not a mapping")
+    for key, kind in META_KEYS.items():
+        if not isinstance(meta.get(key), kind) or isinstance(meta.get(key), bool):
+            what = "missing" if key not in meta else f"not a {kind.__name__}"
+            raise DamagedCheckpoint(f"meta.json: {key!r} is {what}")
+    try:
+        stages = Recipe.from_dict(meta["recipe"]).stages
+    except RecipeError as err:
+        raise DamagedCheckpoint(f"meta.json: its recipe is invalid ({err})") from None
+    stage, step = meta["stage"], meta["step"]
+    if not (0 <= stage <= len(stages) and step >= 0 and (step == 0 or stage < len(stages))):
+        raise DamagedCheckpoint(f"meta.json: stage {stage}, step {step} is not a place in its recipe")
+    state = load("state.pt")
+    if not isinstance(state, dict) or not isinstance(state.get("history"), Tensor):
+        raise DamagedCheckpoint("state.pt holds no loss history")
+    if step > 0 and not isinstance(state.get("optimizer"), dict):
+        raise DamagedCheckpoint("state.pt holds no optimiser state")
+    rng_name = f"rng-{rank}.pt"
+    rng = None
+    if (path / rng_name).exists() or rank < int(meta.get("num_processes", 1)):
+        rng = load(rng_name)
+        if not isinstance(rng, dict) or not {"torch", "python", "numpy"} <= set(rng):
+            raise DamagedCheckpoint(f"{rng_name} holds no RNG state")
+    needed = [path / f"{stem}.safetensors" for stem in ("student", "ema")] if step > 0 else []
+    if stage > 0:
+        needed.append(stage_dir(out_dir, stage - 1, stages[stage - 1].windows) / "ema.safetensors")
+    for file in needed:
+        check_weights_file(file, DamagedCheckpoint, str(file.relative_to(path if file.parent == path else out_dir)))
+    return Checkpoint(path, meta, state, rng)
+
+
+def check_weights_file(path: Path, error=ValueError, name: str | None = None) -> None:
+    """Raise ``error`` naming the file (``name``, default ``path``) unless it is a complete safetensors
+    file (its header read and its size checked against it)."""
+    name = name or str(path)
+    if not path.is_file():
+        raise error(f"{name} is missing")
+    try:
+        with safe_open(str(path), "pt") as f:
+            list(f.keys())
+    except Exception as err:  # SafetensorError, OSError
+        raise error(f"{name} is unreadable: {_brief(err)}") from None
+
+
+def _brief(err: BaseException) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= 160 else text[:157] + "..."
 
 
 def write_checkpoint(accelerator, out_dir: Path, global_step: int, meta: dict[str, Any],
@@ -245,4 +366,11 @@ def load_student(out_dir: str | Path, setup: DistillationSetup, stage: int | Non
 def read_student_info(out_dir: str | Path) -> dict[str, Any]:
     """``OUT/student.json`` (or a stage folder's): windows, prediction type, sampling guidance, recipe,
     stage, setup info. The one reader of the file."""
-    return json.loads((Path(out_dir) / "student.json").read_text())
+    path = Path(out_dir) / "student.json"
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as err:  # also undecodable bytes
+        raise ValueError(f"{path} is not valid JSON ({err}); the run's files are damaged") from None
+    if not isinstance(info, dict) or not isinstance(info.get("info", {}), dict) or "windows" not in info:
+        raise ValueError(f"{path} is not a student record of `proreflow train`")
+    return info

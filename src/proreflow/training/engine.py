@@ -12,6 +12,8 @@ this module adds what a run keeps on disk.
 from __future__ import annotations
 
 import dataclasses
+import signal
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,18 +21,18 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..files import atomic_write_text, write_json
 from ..teachers import Denoiser
 from ..windows import TimeWindows
 from .checkpoint import (
     STUDENT_FORMAT,
-    atomic_write_text,
+    Checkpoint,
     latest_checkpoint,
     load_weights,
-    read_checkpoint,
+    resume_checkpoint,
     set_rng_state,
     stage_dir,
     write_checkpoint,
-    write_json,
     write_stage_result,
 )
 from .ema import EMA
@@ -38,7 +40,7 @@ from .recipes import Recipe, load_recipe
 from .report import Reporter, StageCounters, StageSummary, final_loss
 from .runner import StageRunner, Trainee, make_accelerator
 from .setup import DistillationSetup
-from .stage import NonFiniteLossError
+from .stage import NonFiniteLossError, check_setup_fits
 
 CHECKPOINT_FORMAT = 1
 
@@ -85,49 +87,149 @@ class RunState:
 
 
 def train(recipe: Recipe | str | Path | dict, setup: DistillationSetup, out_dir: str | Path,
-          resume: bool = False, progress: bool = True) -> TrainResult:
+          resume: bool = False, progress: bool = True, allow_recipe_change: bool = False) -> TrainResult:
     """Run every stage of ``recipe`` on ``setup`` and write the results under ``out_dir``.
 
-    resume: continue from ``out_dir``'s latest checkpoint (a fresh start when there is none).
-        Without it an ``out_dir`` that already holds checkpoints is an error.
+    resume: continue from ``out_dir``'s newest complete checkpoint (a fresh start when there is
+        none; damaged ones are reported and passed over). Without it an ``out_dir`` that already
+        holds checkpoints is an error; so is a resume with other values of keys that change the
+        weights (lr, seed, ...) unless ``allow_recipe_change`` (:func:`check_output_folder`).
     progress: progress bars and per-stage summaries on the main process.
 
     The teacher network is put in eval mode and moved to the device (cast to the
     mixed-precision dtype) in place; it never gets gradients. Raises
     :class:`NonFiniteLossError` after ``max_nonfinite`` skipped steps in a stage, leaving the
-    last good checkpoint as it was.
+    last good checkpoint as it was. Ctrl-C stops between two optimiser steps, writes a
+    checkpoint and raises :class:`TrainingInterrupted`.
     """
     recipe = load_recipe(recipe)
     out = Path(out_dir)
     acc = make_accelerator(recipe.mixed_precision)
     reporter = Reporter(out, acc.is_main_process, progress, recipe.tensorboard, recipe.log_every)
     try:
-        return _Run(recipe, setup, out, acc, reporter).run(resume)
+        with _StopRequest() as stop:
+            return _Run(recipe, setup, out, acc, reporter, stop).run(resume, allow_recipe_change)
     finally:
         reporter.close()
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) stopped :func:`train` between two optimiser steps; ``checkpoint`` is the
+    newest checkpoint (written at the stop when the stage had made progress), or None. A
+    KeyboardInterrupt, so that code catching Exception lets it through."""
+
+    def __init__(self, message: str, checkpoint: Path | None):
+        super().__init__(message)
+        self.checkpoint = checkpoint
+
+
+class _StopRequest:
+    """While active (main thread only), the first Ctrl-C sets :attr:`requested` instead of raising;
+    a second one raises KeyboardInterrupt at once."""
+
+    def __init__(self):
+        self.requested, self._previous = False, None
+
+    def __enter__(self) -> _StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+        signal.signal(signal.SIGINT, self._previous)
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+NO_REPLAY_KEYS = ("name", "description", "checkpoint_every", "keep_checkpoints", "max_nonfinite", "log_every",
+                  "tensorboard", "num_workers")
+"""Recipe keys that do not change the weights a run trains: a resume may change them freely."""
+
+
+def check_output_folder(recipe: Recipe, out_dir: str | Path, resume: bool, allow_recipe_change: bool = False,
+                        rank: int = 0, warn=None) -> Checkpoint | None:
+    """What :func:`train` checks of ``out_dir`` before it trains: the checkpoint it would resume from.
+
+    Errors: checkpoints there without ``resume`` (FileExistsError); only damaged ones
+    (:class:`~proreflow.training.checkpoint.CheckpointError`); a checkpoint of other stages, or one
+    trained with other values of keys that change the weights (lr, seed, ...) unless
+    ``allow_recipe_change`` (ValueError). ``warn(line)`` hears of damaged checkpoints passed over.
+    """
+    out = Path(out_dir)
+    latest = latest_checkpoint(out)
+    if not resume and latest is not None:
+        raise FileExistsError(f"{out} already holds checkpoints (latest: {latest.name}); resume with --resume "
+                              "(resume=True) or choose another output folder")
+    found = resume_checkpoint(out, rank, warn)
+    if found is not None:
+        changed = check_resume(recipe, found.meta, found.path, allow_recipe_change)
+        if changed and warn is not None:
+            warn(f"resuming with a changed recipe: {', '.join(changed)}")
+    return found
+
+
+def check_resume(recipe: Recipe, meta: dict[str, Any], checkpoint: Path, allow_change: bool = False) -> list[str]:
+    """The keys whose values differ between ``recipe`` and the checkpoint's; raises ValueError when the
+    checkpoint's finished and current stages are not this recipe's, or when a key that changes the
+    weights differs and ``allow_change`` is False."""
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{checkpoint} has checkpoint format {meta.get('format')}, this version reads "
+                         f"{CHECKPOINT_FORMAT}")
+    old = Recipe.from_dict(meta["recipe"])
+    last = meta["stage"] if meta["step"] > 0 else meta["stage"] - 1
+    if last >= len(recipe.stages):
+        raise ValueError(f"{checkpoint} is past stage {last + 1}, but the recipe has {len(recipe.stages)} "
+                         "stages; resume with the recipe of that run")
+    for i in range(last + 1):
+        for key in ("windows", "teacher"):
+            if getattr(old.stages[i], key) != getattr(recipe.stages[i], key):
+                raise ValueError(f"stages.{i}.{key}: the checkpoint {checkpoint} was trained with "
+                                 f"{getattr(old.stages[i], key)!r}, the recipe says "
+                                 f"{getattr(recipe.stages[i], key)!r}; resume with the same stages")
+    changed = _changed_keys(old.to_dict(), recipe.to_dict())
+    replayed = [key for key in changed if key not in NO_REPLAY_KEYS]
+    if replayed and not allow_change:
+        first = replayed[0]
+        raise ValueError(f"{first}: the checkpoint {checkpoint.name} was trained with {_value(old, first)!r}, the "
+                         f"recipe now says {_value(recipe, first)!r}" + (f" (changed too: {', '.join(replayed[1:])})"
+                                                                         if len(replayed) > 1 else "")
+                         + "; resume with the recipe of the run, or pass --allow-recipe-change "
+                         "(allow_recipe_change=True) to go on with the new values")
+    return changed
+
+
+def _value(recipe: Recipe, dotted: str) -> Any:
+    node: Any = recipe.to_dict()
+    for part in dotted.split("."):
+        node = node[int(part)] if isinstance(node, list) else node.get(part) if isinstance(node, dict) else None
+    return node
 
 
 class _Run:
     """The state of one :func:`train` call (module doc)."""
 
-    def __init__(self, recipe: Recipe, setup: DistillationSetup, out: Path, acc, reporter: Reporter):
+    def __init__(self, recipe: Recipe, setup: DistillationSetup, out: Path, acc, reporter: Reporter,
+                 stop: _StopRequest):
         self.recipe, self.setup, self.out, self.acc, self.reporter = recipe, setup, out, acc, reporter
+        self.stop = stop
 
     # ------------------------------------------------------------ setup and resume
 
-    def run(self, resume: bool) -> TrainResult:
+    def run(self, resume: bool, allow_recipe_change: bool) -> TrainResult:
         recipe, acc = self.recipe, self.acc
-        checkpoint = latest_checkpoint(self.out)
-        if checkpoint is not None and not resume:
-            raise FileExistsError(f"{self.out} already holds checkpoints (latest: {checkpoint.name}); resume "
-                                  "with --resume (resume=True) or choose another output folder")
+        found = check_output_folder(recipe, self.out, resume, allow_recipe_change, acc.process_index,
+                                    lambda line: self.reporter.say(line, warning=True))
+        check_setup_fits(recipe, self.setup, acc.num_processes)
+        checkpoint = found.path if found is not None else None
         state, saved = RunState(), None
-        if checkpoint is not None:
-            meta, saved, rng = read_checkpoint(checkpoint, acc.process_index)
-            self._check_resume(meta, checkpoint)
-            state = RunState.from_checkpoint(meta, saved)
-            if rng is not None:
-                set_rng_state(rng)
+        if found is not None:
+            saved = found.state
+            state = RunState.from_checkpoint(found.meta, saved)
+            if found.rng is not None:
+                set_rng_state(found.rng)
             self.reporter.say(f"resuming from {checkpoint} (stage {state.stage + 1}, step {state.step})")
         elif resume:
             self.reporter.say(f"no checkpoint in {self.out}: starting from the beginning")
@@ -153,26 +255,6 @@ class _Run:
         return TrainResult(self.setup.denoiser(module), module, TimeWindows(recipe.final_windows),
                            recipe.sample_guidance, state.completed, state.history, self.out)
 
-    def _check_resume(self, meta: dict[str, Any], checkpoint: Path) -> None:
-        """The checkpoint's finished and current stages must be those of this recipe."""
-        if meta.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"{checkpoint} has checkpoint format {meta.get('format')}, this version reads "
-                             f"{CHECKPOINT_FORMAT}")
-        old = Recipe.from_dict(meta["recipe"])
-        last = meta["stage"] if meta["step"] > 0 else meta["stage"] - 1
-        if last >= len(self.recipe.stages):
-            raise ValueError(f"{checkpoint} is past stage {last + 1}, but the recipe has {len(self.recipe.stages)} "
-                             "stages; resume with the recipe of that run")
-        for i in range(last + 1):
-            for key in ("windows", "teacher"):
-                if getattr(old.stages[i], key) != getattr(self.recipe.stages[i], key):
-                    raise ValueError(f"stages.{i}.{key}: the checkpoint {checkpoint} was trained with "
-                                     f"{getattr(old.stages[i], key)!r}, the recipe says "
-                                     f"{getattr(self.recipe.stages[i], key)!r}; resume with the same stages")
-        changed = _changed_keys(old.to_dict(), self.recipe.to_dict())
-        if changed:
-            self.reporter.say(f"resuming with a changed recipe: {', '.join(changed)}", warning=True)
-
     def _stage_weights(self, index: int) -> dict[str, torch.Tensor]:
         path = stage_dir(self.out, index, self.recipe.stages[index].windows) / "ema.safetensors"
         if not path.is_file():
@@ -193,6 +275,8 @@ class _Run:
         self.reporter.start_stage(index, len(recipe.stages), stage, state.step)
         with runner:
             while runner.step_index < stage.steps:
+                if self._stop_requested():
+                    self._interrupt(index, state, runner)
                 result = runner.step()
                 state.step, state.global_step = runner.step_index, state.global_step + 1
                 if result.nonfinite:
@@ -206,20 +290,41 @@ class _Run:
                     self._checkpoint(state, {"student": self.module.state_dict(), "ema": runner.ema.tensors()})
         self._finish_stage(index, state, runner.ema, first_global)
 
+    def _stop_requested(self) -> bool:
+        """Whether Ctrl-C was pressed on any process (all of them stop at the same step)."""
+        flag = torch.tensor([float(self.stop.requested)])
+        if self.acc.num_processes > 1:
+            flag = self.acc.reduce(flag.to(self.acc.device), "sum").cpu()
+        return bool(flag.item() > 0)
+
+    def _interrupt(self, index: int, state: RunState, runner: StageRunner) -> None:
+        """Write a checkpoint of the steps done (if the stage made any) and raise TrainingInterrupted."""
+        if state.step > 0:
+            self._checkpoint(state, {"student": self.module.state_dict(), "ema": runner.ema.tensors()})
+        newest = latest_checkpoint(self.out)
+        where = f"stage {index + 1}, step {state.step}"
+        raise TrainingInterrupted(f"interrupted at {where}; " + (f"newest checkpoint: {newest}" if newest else
+                                                                 "no checkpoint yet (nothing was trained)"), newest)
+
     def _nonfinite(self, index: int, state: RunState) -> None:
         skipped, limit = state.counters.skipped, self.recipe.max_nonfinite
-        self.reporter.say(f"stage {index + 1}, step {state.step}: non-finite loss, step skipped "
+        self.reporter.say(f"stage {index + 1}, step {state.step}: non-finite loss or gradient, step skipped "
                           f"({skipped} of at most {limit})", warning=True)
         if skipped >= limit:
-            last = latest_checkpoint(self.out)
             raise NonFiniteLossError(
-                f"stage {index + 1}, step {state.step}: {skipped} optimiser steps had a non-finite loss "
-                f"(max_nonfinite={limit}); the run stopped. Last good checkpoint: "
-                f"{last if last is not None else 'none (none was written yet)'}. Lower the learning rate or "
-                "check the data and the teacher, then continue with --resume.")
+                f"stage {index + 1}, step {state.step}: {skipped} optimiser steps had a non-finite loss or "
+                f"gradient (max_nonfinite={limit}); the run stopped. {self._last_good()}")
+
+    def _last_good(self) -> str:
+        last = latest_checkpoint(self.out)
+        return (f"Last good checkpoint: {last if last is not None else 'none (none was written yet)'}. Lower the "
+                "learning rate or check the data and the teacher, then continue with --resume.")
 
     def _finish_stage(self, index: int, state: RunState, ema: EMA, first_global: int) -> None:
         recipe, stage, acc = self.recipe, self.recipe.stages[index], self.acc
+        if state.counters.skipped >= state.step:
+            raise NonFiniteLossError(f"stage {index + 1}: all {state.step} optimiser steps were skipped (non-finite "
+                                     f"loss or gradient); the stage has no result. {self._last_good()}")
         summary = StageSummary(stage=index + 1, windows=stage.windows, teacher=stage.teacher, steps=state.step,
                                skipped=state.counters.skipped, samples=state.counters.samples,
                                teacher_evals=state.counters.teacher_evals, seconds=state.counters.seconds,

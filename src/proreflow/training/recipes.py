@@ -19,7 +19,9 @@ YAML form (``configs/*.yaml``): recipe keys at the top level, shared stage setti
 Overrides (``key=value``, the value read as YAML) edit that form before it is checked:
 ``seed=3``, ``stages.1.lr=5e-5`` (one stage), ``stages.*.lr=5e-5`` (every stage, even where it
 sets its own), ``defaults.lr=5e-5`` (stages that do not set their own). Unknown keys, wrong
-types and impossible schedules raise :class:`RecipeError` naming the key.
+types, impossible schedules, non-finite numbers and values outside the bounds of ``_LIMITS``
+(beyond which a run hangs, exhausts memory or trains NaN weights) raise :class:`RecipeError`
+naming the key; so do YAML syntax errors, with file, line and column.
 
 YAML 1.1 reads some unquoted words as other types: ``no`` / ``off`` / ``false`` and ``yes`` / ``on``
 / ``true`` are booleans, ``3`` and ``1.5`` numbers, ``2025-01-31`` a date. ``mixed_precision=no``
@@ -34,6 +36,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import datetime
+import math
 import textwrap
 import types
 import typing
@@ -206,12 +209,25 @@ def read_config(source: str | Path | dict, overrides: typing.Iterable[str] = ())
         path = Path(source)
         if not path.is_file():
             raise RecipeError(f"{source!r} is neither a preset ({', '.join(PRESETS)}) nor a YAML file")
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = _read_yaml(path) or {}
         if not isinstance(raw, dict):
             raise RecipeError(f"{path}: a config must be a YAML mapping of keys, got {type(raw).__name__}")
     for item in overrides:
         apply_override(raw, item)
     return raw
+
+
+def _read_yaml(path: Path) -> Any:
+    """A YAML file's content; unreadable files and syntax errors (with line and column) are RecipeErrors."""
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as err:
+        raise RecipeError(f"{path}: cannot read the file ({err})") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        what = " ".join(str(getattr(err, "problem", None) or err).split())
+        raise RecipeError(f"{where}: YAML syntax error: {what}") from None
 
 
 def apply_override(raw: dict[str, Any], item: str) -> None:
@@ -222,7 +238,8 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
     try:
         value = yaml.safe_load(text) if text else None
     except yaml.YAMLError as err:
-        raise RecipeError(f"override {key}: cannot read {text!r} as a YAML value ({err})") from None
+        what = " ".join(str(getattr(err, "problem", None) or err).split())
+        raise RecipeError(f"override {key}: cannot read {text!r} as a YAML value ({what})") from None
     _set_path(raw, key.split("."), value, key)
 
 
@@ -277,12 +294,24 @@ def load_recipe(source: str | Path | dict | Recipe, overrides: typing.Iterable[s
 
 _CHOICES = {"teacher": ("original", "previous"), "guidance_mode": ("baked", "cfg_sync"),
             "mixed_precision": ("no", "fp16", "bf16")}
-_MINIMUM = {"windows": 1, "steps": 1, "solver_steps": 1, "batch_size": 1, "grad_accum": 1,
-            "max_nonfinite": 1, "log_every": 1}
+_LIMITS: dict[str, tuple[float, float]] = {
+    # stage keys
+    "windows": (1, 1024), "steps": (1, 10**8), "solver_steps": (1, 1000), "alpha": (0, 1000), "beta": (0, 1000),
+    "lr": (0, 1), "warmup_steps": (0, 10**8), "weight_decay": (0, 1), "grad_clip": (0, 1e6),
+    "batch_size": (1, 65536), "grad_accum": (1, 4096), "guidance": (0, 100),
+    # recipe keys
+    "seed": (0, 2**63 - 1), "checkpoint_every": (0, 10**8), "keep_checkpoints": (0, 10**6),
+    "max_nonfinite": (1, 10**8), "log_every": (1, 10**8), "num_workers": (0, 256),
+}
+"""Inclusive ``(low, high)`` bounds of numeric keys: beyond them a run hangs, exhausts memory or trains
+NaN weights (lr 1e3, say). A numeric key without an entry must be finite and >= 0."""
+_BELOW_ONE = ("ema_decay", "cond_dropout")
+"""Keys in [0, 1)."""
 
 
 def _check_value(key: str, name: str, value: Any, hint: Any) -> Any:
-    """``value`` converted to the field's type, or a RecipeError naming ``key``."""
+    """``value`` converted to the field's type and checked against :data:`_LIMITS`, or a RecipeError
+    naming ``key``."""
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         if value is None:
             return None
@@ -292,14 +321,9 @@ def _check_value(key: str, name: str, value: Any, hint: Any) -> Any:
             return value
         raise RecipeError(f"{key}: expected true or false, got {value!r}")
     if hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            out = value
-        else:
+        if not isinstance(value, int) or isinstance(value, bool):
             raise RecipeError(f"{key}: expected an integer, got {value!r}")
-        low = _MINIMUM.get(name, 0)
-        if out < low:
-            raise RecipeError(f"{key}: must be at least {low}, got {out}")
-        return out
+        return _check_range(key, name, value)
     if hint is float:
         if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
             try:
@@ -308,12 +332,15 @@ def _check_value(key: str, name: str, value: Any, hint: Any) -> Any:
                 raise RecipeError(f"{key}: expected a number, got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise RecipeError(f"{key}: expected a number, got {value!r}")
-        out = float(value)
-        if not out >= 0:
-            raise RecipeError(f"{key}: must be a finite number >= 0, got {value!r}")
-        if name in ("ema_decay", "cond_dropout") and out >= 1:
+        try:
+            out = float(value)
+        except OverflowError:  # an integer beyond float range
+            out = math.inf
+        if not math.isfinite(out):
+            raise RecipeError(f"{key}: must be a finite number, got {value!r}")
+        if name in _BELOW_ONE and not 0 <= out < 1:
             raise RecipeError(f"{key}: must be in [0, 1), got {out}")
-        return out
+        return _check_range(key, name, out)
     if hint is str:
         if name == "mixed_precision" and value is False:
             return "no"  # YAML 1.1 reads no / off / false as the boolean False
@@ -321,8 +348,19 @@ def _check_value(key: str, name: str, value: Any, hint: Any) -> Any:
             raise RecipeError(_not_a_string(key, name, value))
         if name in _CHOICES and value not in _CHOICES[name]:
             raise RecipeError(f"{key}: {value!r} is not one of {', '.join(_CHOICES[name])}")
+        if name == "name" and (not value.strip() or any(c in value for c in "/\\\0") or value in (".", "..")):
+            raise RecipeError(f"{key}: {value!r} is not a folder name (it names runs/NAME): no slashes, not empty")
         return value
     raise TypeError(f"no check for {hint!r}")  # pragma: no cover - a new field type
+
+
+def _check_range(key: str, name: str, value: float) -> float:
+    low, high = _LIMITS.get(name, (0, math.inf))
+    if not low <= value <= high:
+        bound = f"at least {low}" if value < low else f"at most {high}"
+        shown = f"{value:g}" if isinstance(value, float) else (str(value) if abs(value) < 10**30 else "a huge integer")
+        raise RecipeError(f"{key}: must be {bound}, got {shown}")
+    return value
 
 
 def _not_a_string(key: str, name: str, value: Any) -> str:
@@ -412,6 +450,9 @@ def _check_schedule(stages: list[Stage]) -> None:
                                   f"{ratio} old windows evenly; use a multiple of {ratio}")
         elif stage.solver_steps is None:
             stage.solver_steps = max(1, REFERENCE_STEPS // stage.windows)
+        if stage.batch_size % stage.grad_accum:
+            raise RecipeError(f"{where}.batch_size: a batch of {stage.batch_size} does not split into "
+                              f"{stage.grad_accum} accumulation steps; use a multiple of {stage.grad_accum}")
         if stage.guidance_mode == "cfg_sync" and stage.cond_dropout == 0:
             raise RecipeError(f"{where}.cond_dropout: 'cfg_sync' trains the unconditional velocity through "
                               "condition dropout; set cond_dropout > 0 (PeRFlow: 0.1)")

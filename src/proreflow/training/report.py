@@ -33,7 +33,7 @@ class StageSummary:
 
     teacher_evals: teacher network evaluations, one per sample per network call (a guided
         call evaluates the conditional and unconditional branch: 2).
-    steps: optimiser steps attempted (``skipped`` of them had a non-finite loss).
+    steps: optimiser steps attempted (``skipped`` of them had a non-finite loss or gradient).
     samples: training samples seen, over all processes.
     """
 

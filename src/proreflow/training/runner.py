@@ -200,7 +200,7 @@ class StageRunner:
 
     def step(self) -> StepResult:
         """One optimiser step (the stage's next): accumulate, clip, step, update the EMA; adds to
-        :attr:`counters`. A non-finite loss skips the update and is counted, not raised."""
+        :attr:`counters`. A non-finite loss or gradient skips the update and is counted, not raised."""
         if self._batches is None:
             raise RuntimeError("this StageRunner was closed")
         start = time.perf_counter()
@@ -228,7 +228,7 @@ class StageRunner:
             if result.nonfinite and self.counters.skipped >= self.recipe.max_nonfinite:
                 raise NonFiniteLossError(
                     f"stage {self.index + 1}, step {self.step_index}: {self.counters.skipped} optimiser steps had "
-                    f"a non-finite loss (max_nonfinite={self.recipe.max_nonfinite})")
+                    f"a non-finite loss or gradient (max_nonfinite={self.recipe.max_nonfinite})")
         return done
 
     def close(self) -> None:

@@ -37,9 +37,14 @@ from .optim import set_stage_hyperparameters
 from .recipes import Recipe, Stage
 from .setup import DistillationSetup
 
+MAX_GRAD_NORM = float(torch.finfo(torch.float32).max) ** 0.5
+"""A step whose gradient norm is not below this is skipped: its square (AdamW's second moment)
+would overflow float32, and a NaN or infinite norm means a non-finite gradient."""
+
 
 class NonFiniteLossError(RuntimeError):
-    """Too many optimiser steps of a stage had a non-finite loss (``max_nonfinite``)."""
+    """A stage cannot go on with finite weights: too many optimiser steps had a non-finite loss or
+    gradient (``max_nonfinite``), every step of it was skipped, or an update made weights non-finite."""
 
 
 class CountingNetwork:
@@ -94,6 +99,27 @@ def build_stage_teacher(setup: DistillationSetup, recipe: Recipe, index: int, or
     return teacher, counter
 
 
+def check_setup_fits(recipe: Recipe, setup: DistillationSetup, num_processes: int = 1) -> None:
+    """Clear errors, before anything trains, for settings of any stage that ``setup`` cannot serve."""
+    if recipe.from_scratch and setup.make_student is None:
+        raise ValueError("from_scratch: true needs a setup with make_student (a builder of a fresh network); "
+                         "this setup only has a teacher to copy: set from_scratch: false")
+    if len(setup.dataset) < 1:
+        raise ValueError("the setup's training dataset is empty")
+    for index, stage in enumerate(recipe.stages):
+        where = f"stages.{index}"
+        if setup.uncond is None and stage.teacher_guidance() != 1.0:
+            raise ValueError(f"{where}.guidance: baking guidance {stage.guidance} into the targets needs "
+                             "conditioned data and setup.uncond; set guidance: 1.0 for this setup")
+        if setup.uncond is None and stage.cond_dropout > 0:
+            raise ValueError(f"{where}.cond_dropout: condition dropout needs conditioned data and "
+                             "setup.uncond; set cond_dropout: 0.0 for this setup")
+        if stage.batch_size % (stage.grad_accum * num_processes):
+            raise ValueError(f"{where}.batch_size: a global batch of {stage.batch_size} does not split into "
+                             f"{stage.grad_accum} accumulation step(s) x {num_processes} process(es); use a "
+                             f"multiple of {stage.grad_accum * num_processes}")
+
+
 @dataclass
 class StageContext:
     """Everything a stage's optimiser step needs."""
@@ -143,7 +169,9 @@ class StepResult:
 def train_step(ctx: StageContext, batches: Iterator[tuple[Tensor, Cond]], step: int) -> StepResult:
     """Optimiser step ``step`` (0-based) of the stage: accumulate, check finiteness, clip, step, EMA.
 
-    A non-finite loss on any process skips the update on all of them (gradients discarded).
+    A non-finite loss on any process, or a non-finite gradient norm, skips the update on all of them
+    (gradients discarded; parameters, optimiser state and EMA unchanged). Raises
+    :class:`NonFiniteLossError` if an update from a finite gradient made a weight non-finite.
     """
     acc, stage = ctx.accelerator, ctx.stage
     lr = set_stage_hyperparameters(ctx.optimizer, stage, step + 1)
@@ -182,9 +210,26 @@ def train_step(ctx: StageContext, batches: Iterator[tuple[Tensor, Cond]], step: 
         return StepResult(float("nan"), {"lr": lr}, True, evals, samples)
     scalars = {"lr": lr, "mse": float(sums[1]) / micro_total, "direction": float(sums[2]) / micro_total,
                "magnitude": float(sums[3]) / micro_total}
-    if stage.grad_clip > 0:
-        scalars["grad_norm"] = float(acc.clip_grad_norm_(ctx.student.parameters(), stage.grad_clip))
+    # the norm of the (all-reduced, unscaled) gradient; max_norm = inf measures it and scales by exactly 1
+    grad_norm = float(acc.clip_grad_norm_(ctx.student.parameters(), stage.grad_clip or float("inf")))
+    scalars["grad_norm"] = grad_norm
+    if not grad_norm < MAX_GRAD_NORM:
+        if acc.scaler is not None:
+            ctx.optimizer.step()  # the grad scaler saw the overflow: it skips the update and lowers its scale
+        ctx.optimizer.zero_grad(set_to_none=True)
+        return StepResult(float("nan"), {"lr": lr, "grad_norm": grad_norm}, True, evals, samples)
     ctx.optimizer.step()
     ctx.optimizer.zero_grad(set_to_none=True)
+    bad = nonfinite_parameters(ctx.module)
+    if bad:
+        raise NonFiniteLossError(f"stage {ctx.index + 1}, step {step + 1}: the update made {bad} of the student's "
+                                 "weights non-finite (from a finite gradient); the run stopped and nothing was "
+                                 "written with them. Lower lr or weight_decay, then continue with --resume.")
     ctx.ema.update(ctx.module, step + 1)
     return StepResult(float(sums[0]) / micro_total, scalars, False, evals, samples)
+
+
+def nonfinite_parameters(module: nn.Module) -> int:
+    """How many trainable parameter tensors of ``module`` hold a NaN or infinite value."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    return int(sum(~torch.isfinite(p).all() for p in params)) if params else 0

@@ -1,0 +1,111 @@
+"""Resume falls back past a damaged checkpoint: every kind of damage is reported in one line and the
+run resumes from the newest complete checkpoint, ending bit-identical to an uninterrupted run."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+
+import pytest
+import torch
+from engine_toys import Mixture, make_setup, tiny_recipe
+from safetensors.torch import load_file
+
+from proreflow.training import train
+from proreflow.training.checkpoint import CheckpointError, resume_checkpoint
+
+RECIPE = tiny_recipe(checkpoint_every=2, keep_checkpoints=0,
+                     defaults={"lr": 1e-2, "batch_size": 8, "steps": 6, "ema_decay": 0.8, "solver_steps": 2})
+# checkpoints at global steps 2, 4, 6 (end of stage 1), 8, 10; the crash is at stage 2, step 5
+
+
+class CrashAt(Mixture):
+    def __init__(self, crash_at: int):
+        super().__init__()
+        self.calls, self.crash_at = 0, crash_at
+
+    def __getitem__(self, i):
+        self.calls += 1
+        if self.calls == self.crash_at:
+            raise RuntimeError("simulated crash")
+        return super().__getitem__(i)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    train(RECIPE, make_setup(), root / "straight", progress=False)
+    setup = make_setup()
+    setup.dataset = CrashAt(6 * 8 + 4 * 8 + 1)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(RECIPE, setup, root / "crashed", progress=False)
+    return root
+
+
+def _truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _point_outside(out):
+    other = out.parent / "other-run"
+    shutil.copytree(out, other)
+    (other / "checkpoints/step-00000012").mkdir()  # a newer-looking folder in another run
+    (out / "checkpoints/latest").write_text("../../other-run/checkpoints/step-00000012\n")
+
+
+LAST = "checkpoints/step-00000010"
+DAMAGE = {  # name: (how, checkpoint resumed from, text of the warning)
+    "student truncated": (lambda o: _truncate(o / LAST / "student.safetensors"), 8, "student.safetensors is unread"),
+    "student empty": (lambda o: (o / LAST / "student.safetensors").write_bytes(b""), 8, "student.safetensors is unr"),
+    "student deleted": (lambda o: (o / LAST / "student.safetensors").unlink(), 8, "student.safetensors is missing"),
+    "ema truncated": (lambda o: _truncate(o / LAST / "ema.safetensors"), 8, "ema.safetensors is unreadable"),
+    "ema empty": (lambda o: (o / LAST / "ema.safetensors").write_bytes(b""), 8, "ema.safetensors is unreadable"),
+    "ema deleted": (lambda o: (o / LAST / "ema.safetensors").unlink(), 8, "ema.safetensors is missing"),
+    "stage result deleted": (lambda o: (o / "stage-1-4w/ema.safetensors").unlink(), 4,
+                             "stage-1-4w/ema.safetensors is missing"),
+    "stage result truncated": (lambda o: _truncate(o / "stage-1-4w/ema.safetensors"), 4,
+                               "stage-1-4w/ema.safetensors is unreadable"),
+    "meta garbage": (lambda o: (o / LAST / "meta.json").write_bytes(b"\x00\xffgarbage{"), 8, "meta.json is not valid"),
+    "meta empty mapping": (lambda o: (o / LAST / "meta.json").write_text("{}"), 8, "meta.json: 'format' is missing"),
+    "meta a list": (lambda o: (o / LAST / "meta.json").write_text("[1, 2]"), 8, "meta.json holds a list"),
+    "meta wrong type": (lambda o: (o / LAST / "meta.json").write_text(
+        (o / LAST / "meta.json").read_text().replace('"step": 4', '"step": "4"')), 8, "meta.json: 'step' is not a"),
+    "meta deleted": (lambda o: (o / LAST / "meta.json").unlink(), 8, "meta.json is missing"),
+    "state truncated": (lambda o: _truncate(o / LAST / "state.pt"), 8, "state.pt is unreadable"),
+    "state deleted": (lambda o: (o / LAST / "state.pt").unlink(), 8, "state.pt is missing"),
+    "rng garbage": (lambda o: (o / LAST / "rng-0.pt").write_bytes(b"garbage" * 10), 8, "rng-0.pt is unreadable"),
+    "rng deleted": (lambda o: (o / LAST / "rng-0.pt").unlink(), 8, "rng-0.pt is missing"),
+    "latest garbage": (lambda o: (o / "checkpoints/latest").write_bytes(b"\xff\xfe??"), 10, "does not name"),
+    "latest outside the run": (_point_outside, 10, "does not name a checkpoint folder of this run"),
+}
+
+
+@pytest.mark.parametrize("kind", list(DAMAGE))
+def test_a_damaged_checkpoint_falls_back_to_the_previous_complete_one(runs, tmp_path, caplog, kind):
+    damage, expected_step, message = DAMAGE[kind]
+    out = tmp_path / "run"
+    shutil.copytree(runs / "crashed", out)
+    damage(out)
+    found = resume_checkpoint(out)
+    assert found.path.name == f"step-{expected_step:08d}"
+    with caplog.at_level(logging.INFO, logger="proreflow.training"):
+        result = train(RECIPE, make_setup(), out, resume=True, progress=False)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(message in w for w in warnings), warnings
+    assert all("\n" not in w for w in warnings)
+    assert f"resuming from {out / 'checkpoints' / found.path.name}" in caplog.text
+    for name in ("student.safetensors", "stage-1-4w/ema.safetensors", "stage-2-2w/ema.safetensors"):
+        a, b = load_file(str(out / name)), load_file(str(runs / "straight" / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    assert len(result.history) == 12
+
+
+def test_with_every_checkpoint_damaged_the_error_says_so(runs, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(runs / "crashed", out)
+    for meta in (out / "checkpoints").glob("step-*/meta.json"):
+        meta.write_text("{}")
+    with pytest.raises(CheckpointError, match=r"no complete checkpoint left in .*step-00000010: meta.json: "
+                                              r"'format' is missing.*delete .* to start over"):
+        train(RECIPE, make_setup(), out, resume=True, progress=False)

@@ -1,0 +1,94 @@
+"""Ctrl-C writes a checkpoint and the run resumes bit-identically; a resume with changed
+hyperparameters is refused unless allowed."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+import torch
+import yaml
+from engine_toys import Mixture, make_setup, tiny_recipe
+from safetensors.torch import load_file
+
+from proreflow.cli import main
+from proreflow.training import train
+from proreflow.training.engine import TrainingInterrupted
+
+RECIPE = tiny_recipe(checkpoint_every=4, keep_checkpoints=0,
+                     defaults={"lr": 1e-2, "batch_size": 8, "steps": 6, "ema_decay": 0.8, "solver_steps": 2})
+
+
+class CtrlCAt(Mixture):
+    """Sends this process SIGINT (Ctrl-C) when item ``at`` (1-based) is read."""
+
+    def __init__(self, at: int):
+        super().__init__()
+        self.calls, self.at = 0, at
+
+    def __getitem__(self, i):
+        self.calls += 1
+        if self.calls == self.at:
+            os.kill(os.getpid(), signal.SIGINT)
+        return super().__getitem__(i)
+
+
+def _same(a, b) -> None:
+    for name in ("student.safetensors", "stage-1-4w/ema.safetensors", "stage-2-2w/ema.safetensors"):
+        x, y = load_file(str(a / name)), load_file(str(b / name))
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x), name
+
+
+@pytest.mark.parametrize("at_read, stopped", [(6 * 8 + 2 * 8 + 3, "stage 2, step 3"), (2, "stage 1, step 1")])
+def test_ctrl_c_writes_a_checkpoint_and_resume_is_bit_identical(tmp_path, at_read, stopped):
+    """Ctrl-C in the middle of a step: the step finishes, a checkpoint of it is written, and a resume
+    ends where an uninterrupted run does."""
+    straight = train(RECIPE, make_setup(), tmp_path / "straight", progress=False)
+    setup = make_setup()
+    setup.dataset = CtrlCAt(at_read)
+    with pytest.raises(TrainingInterrupted, match=rf"interrupted at {stopped}; newest checkpoint: .*step-") as err:
+        train(RECIPE, setup, tmp_path / "run", progress=False)
+    assert err.value.checkpoint.name == f"step-{int(stopped[6]) * 6 - 6 + int(stopped[-1]):08d}"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
+    resumed = train(RECIPE, make_setup(), tmp_path / "run", resume=True, progress=False)
+    _same(tmp_path / "run", tmp_path / "straight")
+    assert resumed.history == straight.history
+
+
+def test_the_cli_prints_the_resume_command_on_ctrl_c(tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"setup": {"name": "test_interrupt_and_resume:interrupting_setup"}, **RECIPE}))
+    out = tmp_path / "run"
+    assert main(["train", "--config", str(config), "--out", str(out), "--no-progress"]) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in err[0]
+    assert err[0].startswith("proreflow train: interrupted at stage 1, step 2; newest checkpoint: ")
+    assert err[0].endswith(f"continue with: proreflow train --config {config} --out {out} --resume --no-progress")
+
+
+def interrupting_setup():
+    setup = make_setup()
+    setup.dataset = CtrlCAt(8 + 3)
+    return setup
+
+
+@pytest.mark.parametrize("override, key", [("stages.*.lr=0.005", "stages.0.lr"), ("seed=3", "seed"),
+                                           ("stages.1.alpha=0.5", "stages.1.alpha")])
+def test_resume_with_changed_hyperparameters_is_refused_unless_allowed(tmp_path, override, key):
+    from proreflow.training.recipes import load_recipe
+
+    setup = make_setup()
+    setup.dataset = CtrlCAt(3 * 8 + 1)
+    with pytest.raises(TrainingInterrupted):
+        train(RECIPE, setup, tmp_path, progress=False)
+    changed = load_recipe(RECIPE, [override])
+    with pytest.raises(ValueError, match=rf"^{key}: the checkpoint step-00000004 was trained with .*"
+                                         r"--allow-recipe-change"):
+        train(changed, make_setup(), tmp_path, resume=True, progress=False)
+    quiet = load_recipe(RECIPE, ["log_every=5", "keep_checkpoints=3"])  # keys that do not change the weights
+    with pytest.raises(TrainingInterrupted):
+        setup.dataset = CtrlCAt(1 * 8 + 1)
+        train(quiet, setup, tmp_path, resume=True, progress=False)
+    result = train(changed, make_setup(), tmp_path, resume=True, progress=False, allow_recipe_change=True)
+    assert len(result.history) == 12
