@@ -43,6 +43,8 @@ from typing import Any
 
 import yaml
 
+from .losses import LOSS_SPACES, LOSS_WEIGHTINGS
+
 TEACHER_SOLVER_STEPS = 32
 """DDIM steps over the whole of t in [0, 1] for the original teacher when ``solver_steps`` is
 left out: ``32 // windows`` per window (PeRFlow: 4 windows x 8 steps)."""
@@ -71,6 +73,17 @@ class Stage:
     alpha: float = _doc("weight of the direction term 1 - cos(v_pred, v_target); 0 gives plain MSE",
                         default=1.0)
     beta: float = _doc("weight of the magnitude term (|v_pred| - |v_target|)^2 / |v_target|^2", default=0.0)
+    loss_space: str = _doc(
+        "space of the squared error (direction and magnitude terms stay on velocities): 'velocity' "
+        "mean((v_pred - v_tgt)^2); 'epsilon' (PeRFlow's noise matching) the same on the epsilons whose DDIM "
+        "step to the window end is x_t + (t_end - t) v, i.e. the velocity error over c(t, t_end) = "
+        "(sqrt(1 - abar_end) - sqrt(abar_end (1 - abar_t) / abar_t)) / (t_end - t); 'x0' on the implied "
+        "x0 (the epsilon error times sqrt((1 - abar_t) / abar_t))", default="velocity")
+    loss_weighting: str = _doc(
+        "per-sample weight of the squared error: 'none'; 'min_snr' min(SNR(t), snr_gamma) / SNR(t), "
+        "SNR = abar / (1 - abar) (min-SNR-gamma, Hang et al. 2023); 'window' 1 / (mean squared target of "
+        "the batch's samples in the same window)", default="none")
+    snr_gamma: float = _doc("gamma of loss_weighting: min_snr", default=5.0)
     lr: float = _doc("AdamW learning rate", default=1e-4)
     warmup_steps: int = _doc("linear learning-rate warm-up: step k uses lr * min(1, k / warmup_steps)",
                              default=0)
@@ -278,7 +291,8 @@ def load_recipe(source: str | Path | dict | Recipe, overrides: typing.Iterable[s
 
 
 _CHOICES = {"teacher": ("original", "previous"), "guidance_mode": ("baked", "cfg_sync"),
-            "mixed_precision": ("no", "fp16", "bf16")}
+            "mixed_precision": ("no", "fp16", "bf16"), "loss_space": LOSS_SPACES,
+            "loss_weighting": LOSS_WEIGHTINGS}
 _MINIMUM = {"windows": 1, "steps": 1, "solver_steps": 1, "batch_size": 1, "grad_accum": 1,
             "max_nonfinite": 1, "log_every": 1}
 
@@ -315,6 +329,8 @@ def _check_value(key: str, name: str, value: Any, hint: Any) -> Any:
             raise RecipeError(f"{key}: must be a finite number >= 0, got {value!r}")
         if name in ("ema_decay", "cond_dropout") and out >= 1:
             raise RecipeError(f"{key}: must be in [0, 1), got {out}")
+        if name == "snr_gamma" and out <= 0:
+            raise RecipeError(f"{key}: must be > 0 (min-SNR clamps SNR at gamma; 5 is the published value), got {out}")
         return out
     if hint is str:
         if name == "mixed_precision" and value is False:

@@ -5,7 +5,8 @@ Per micro-batch of real data ``x0`` (see :mod:`.batches` for times and noise):
     x_start = sqrt(abar(t_start)) x0 + sqrt(1 - abar(t_start)) eps
     x_end   = stage teacher's solve from (x_start, t_start) to t_end   (frozen, no gradients)
     v_tgt   = (x_end - x_start) / (t_end - t_start),  x_t = x_start + (t - t_start) v_tgt
-    loss    = aligned_v_loss(student velocity at (x_t, t) towards t_end, v_tgt, alpha, beta)
+    loss    = aligned_v_loss(student velocity at (x_t, t) towards t_end, v_tgt, alpha, beta), its
+              squared error in the stage's ``loss_space`` with ``loss_weighting`` (:mod:`proreflow.losses`)
 
 Targets are made online for each batch. Condition dropout (probability ``cond_dropout``)
 replaces a sample's condition by the null condition for teacher and student alike; the null
@@ -26,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from ..conditioning import Cond, map_cond, null_like, select_cond
-from ..losses import aligned_v_loss
+from ..losses import LossTerms, aligned_v_loss, time_weights, to_loss_space
 from ..recipes import Recipe, Stage
 from ..targets import StageTeacher, make_reflow_batch
 from ..teachers import Denoiser, Network
@@ -139,6 +140,15 @@ class StepResult:
     seconds: float = 0.0
 
 
+def stage_loss(stage: Stage, batch, v_pred: Tensor, schedule) -> LossTerms:
+    """The stage's loss of ``v_pred`` against ``batch.v_target`` (its loss space and time weighting)."""
+    space = [to_loss_space(v, batch.x_t, batch.t, batch.t_end, stage.loss_space, schedule)
+             for v in (v_pred, batch.v_target)]
+    weights = time_weights(stage.loss_weighting, batch.t, batch.t_start, space[1], schedule, stage.snr_gamma)
+    return aligned_v_loss(v_pred, batch.v_target, stage.alpha, stage.beta, space_pred=space[0],
+                          space_target=space[1], mse_weights=weights)
+
+
 def train_step(ctx: StageContext, batches: Iterator[tuple[Tensor, Cond]], step: int) -> StepResult:
     """Optimiser step ``step`` (0-based) of the stage: accumulate, check finiteness, clip, step, EMA.
 
@@ -165,7 +175,7 @@ def train_step(ctx: StageContext, batches: Iterator[tuple[Tensor, Cond]], step: 
         with contextlib.nullcontext() if last else acc.no_sync(ctx.student):
             batch = make_reflow_batch(x0, noise, windows, ctx.teacher, ctx.setup.schedule, cond, uncond, t=t)
             v_pred = ctx.student_denoiser.velocity(batch.x_t, batch.t, batch.t_end, cond)
-            terms = aligned_v_loss(v_pred, batch.v_target, stage.alpha, stage.beta)
+            terms = stage_loss(stage, batch, v_pred, ctx.setup.schedule)
             acc.backward(terms.total / stage.grad_accum)
         parts = torch.stack([terms.total, terms.mse, terms.direction, terms.magnitude]).detach().double().cpu()
         finite = bool(torch.isfinite(parts).all())
