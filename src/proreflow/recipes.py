@@ -137,6 +137,9 @@ class Recipe:
     log_every: int = _doc("log loss and throughput every N optimiser steps", default=10)
     tensorboard: bool = _doc("write TensorBoard scalars under OUT/tensorboard", default=False)
     num_workers: int = _doc("DataLoader worker processes per training process", default=0)
+    target_cache: str = _doc("folder where the original teacher's reflow batches are stored and reused by later "
+                             "runs with the same teacher, stage windows / solver steps / guidance, seed and batch "
+                             "layout (e.g. a loss or learning-rate study); '' (default): none", default="")
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> Recipe:
