@@ -192,7 +192,8 @@ def run_dataset(data: str, args, log) -> tuple[list[dict], list[dict]]:
             main_budget = args.budget or (600 if args.quick else BUDGET[data_kind(data)])
             curve = [main_budget // 4, main_budget // 2] if args.curve_budgets is None else args.curve_budgets
             for budget in sorted({main_budget, *(curve if method in CURVE_METHODS else [])}):
-                recipe = method_recipe(method, budget, guidance, seed, args.lr, args.set)
+                recipe = method_recipe(method, budget, guidance, seed, args.lr,
+                                       [f"target_cache={args.work / 'targets'}", *args.set])
                 start = time.perf_counter()
                 result = train(recipe, setup, args.work / data / f"{method}-{budget}-s{seed}".replace(" ", "_"),
                                progress=not args.no_progress)
