@@ -55,15 +55,20 @@ METHODS = {
     "ProReflow-II, velocity MSE": ("proreflow-ii", ["stages.*.loss_space=velocity"]),
     "ProReflow-II, epsilon-space MSE": ("proreflow-ii", ["stages.*.loss_space=epsilon"]),
     "ProReflow-II, x0-space MSE": ("proreflow-ii", ["stages.*.loss_space=x0"]),
+    "ProReflow-II, geometric velocity-epsilon MSE": ("proreflow-ii", ["stages.*.loss_space=geometric"]),
+    "PeRFlow, geometric velocity-epsilon MSE": ("perflow", ["stages.*.loss_space=geometric"]),
     "ProReflow-II, epsilon-space MSE + min-SNR-5": ("proreflow-ii", ["stages.*.loss_space=epsilon",
                                                                      "stages.*.loss_weighting=min_snr"]),
     "ProReflow-II, window-normalised velocity MSE": ("proreflow-ii", ["stages.*.loss_space=velocity",
                                                                       "stages.*.loss_weighting=window"]),
+    "ProReflow-II, epsilon-space MSE, warm-up 10 steps": ("proreflow-ii", ["stages.*.loss_space=epsilon",
+                                                                           "stages.*.warmup_steps=10"]),
+    "ProReflow-II, epsilon-space MSE, lr 3e-4": ("proreflow-ii", ["stages.*.loss_space=epsilon", "stages.*.lr=3e-4"]),
     "PeRFlow, velocity MSE": ("perflow", ["stages.*.loss_space=velocity"]),
     "PeRFlow, epsilon-space MSE": ("perflow", ["stages.*.loss_space=epsilon"]),
 }
 QUICK_METHODS = ["2-Reflow", "PeRFlow", "ProReflow-I", "ProReflow-II"]
-CURVE_METHODS = ("PeRFlow", "ProReflow-I", "ProReflow-II")
+CURVE_METHODS = ("PeRFlow", "ProReflow-I", "ProReflow-II", "ProReflow-II, epsilon-space MSE")
 TEACHER_STEPS = (32, 8, 4, 2, 1)
 DPM_STEPS = (4, 2)
 STUDENT_STEPS = (4, 2, 1)
@@ -279,7 +284,7 @@ def budget_plot(agg: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, len(datasets), figsize=(4.5 * len(datasets), 3.4), squeeze=False)
     for ax, data in zip(axes[0], datasets):
         metric = "fd" if any("fd" in r for r in agg if r["data"] == data) else "energy_distance"
-        for method in ("PeRFlow", "ProReflow-I", "ProReflow-II"):
+        for method in CURVE_METHODS:
             pts = sorted((r["budget"], r[metric], r[metric + "_std"]) for r in agg
                          if r["data"] == data and r["method"] == method and r["steps"] == 4)
             if pts:

@@ -92,7 +92,20 @@ def test_epsilon_space_is_the_epsilon_output_and_velocity_error_over_c():
     assert terms.mse.item() == pytest.approx((eps_pred - eps_tgt).pow(2).mean().item(), rel=1e-12)
 
 
-@pytest.mark.parametrize("space", ["velocity", "epsilon", "x0"])
+def test_geometric_space_is_the_geometric_mean_of_velocity_and_epsilon_errors():
+    sched, t, t_start, t_end, x, eps_pred, eps_tgt, v_pred, v_tgt = _window_batch()
+    from proreflow.losses import velocity_per_epsilon
+
+    torch.testing.assert_close(velocity_per_epsilon(t, t_end, sched), _c(sched, t, t_end))
+    assert (_c(sched, t, t_end) > 0).all()
+    sp, sg = (to_loss_space(v, x, t, t_end, "geometric", sched) for v in (v_pred, v_tgt))
+    per = (sp - sg).pow(2).flatten(1).mean(1)
+    vel = (v_pred - v_tgt).pow(2).flatten(1).mean(1)
+    eps = (eps_pred - eps_tgt).pow(2).flatten(1).mean(1)
+    torch.testing.assert_close(per, (vel * eps).sqrt())
+
+
+@pytest.mark.parametrize("space", ["velocity", "epsilon", "x0", "geometric"])
 def test_every_space_loss_is_zero_exactly_when_the_velocity_loss_is(space):
     sched, t, t_start, t_end, x, eps_pred, eps_tgt, v_pred, v_tgt = _window_batch()
     for pred, zero in ((v_tgt.clone(), True), (v_pred, False)):
@@ -124,7 +137,7 @@ def test_time_weights_equal_their_formulas():
 
 def test_unknown_space_and_weighting_are_errors_naming_the_choices():
     v = torch.zeros(2, 3)
-    with pytest.raises(ValueError, match="velocity, epsilon, x0"):
+    with pytest.raises(ValueError, match="velocity, epsilon, x0, geometric"):
         to_loss_space(v, v, torch.ones(2), torch.zeros(2), "noise")
     with pytest.raises(ValueError, match="none, min_snr, window"):
         time_weights("snr", torch.ones(2), torch.ones(2), v)

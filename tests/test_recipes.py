@@ -124,7 +124,7 @@ def test_overrides():
     (["stages.*.guidance_mode=cfg_sync"], r"stages.0.cond_dropout: 'cfg_sync' trains .* set cond_dropout > 0"),
     (["stages.1.teacher=previous", "stages.1.guidance_mode=cfg_sync", "stages.1.cond_dropout=0.1"],
      r"stages.1.guidance_mode: 'cfg_sync' differs"),
-    (["stages.0.loss_space=noise"], r"stages.0.loss_space: 'noise' is not one of velocity, epsilon, x0"),
+    (["stages.0.loss_space=noise"], r"stages.0.loss_space: 'noise' is not one of velocity, epsilon, x0, geometric"),
     (["defaults.loss_weighting=snr"], r"stages.0.loss_weighting: 'snr' is not one of none, min_snr, window"),
     (["stages.*.snr_gamma=0"], r"stages.0.snr_gamma: must be > 0"),
     (["stages=[]"], r"stages: a recipe needs a non-empty list"),

@@ -14,8 +14,10 @@ Loss spaces, for a sample at ``(x_t, t)`` in the window ending at ``s`` (``a = a
     epsilon:  p = eps implied by v        (PeRFlow's "noise matching"), eps error = v error / c(t, s),
               c(t, s) = (sqrt(1 - a_s) - sqrt(a_s (1 - a_t) / a_t)) / (s - t)
     x0:       p = x0 implied by v,        x0 error = eps error * sqrt((1 - a_t) / a_t)
+    geometric: p = v / sqrt(c(t, s)),     squared error = velocity error^2 / c = |v error| |eps error|
+              (the geometric mean of the velocity and epsilon spaces' squared errors)
 
-each the output whose DDIM step from ``(x_t, t)`` to ``s`` is ``x_t + (s - t) v``
+epsilon and x0 are the outputs whose DDIM step from ``(x_t, t)`` to ``s`` is ``x_t + (s - t) v``
 (:func:`~proreflow.parametrize.velocity_to_output`), so a space's error is zero exactly when
 the velocity error is. Time weights (``SNR(t) = a_t / (1 - a_t)``):
 
@@ -33,11 +35,11 @@ import torch
 from torch import Tensor
 
 from .parametrize import velocity_to_output
-from .schedules import VPSchedule
+from .schedules import VPSchedule, _bcast
 
 _EPS = 1e-12
 
-LOSS_SPACES = ("velocity", "epsilon", "x0")
+LOSS_SPACES = ("velocity", "epsilon", "x0", "geometric")
 LOSS_WEIGHTINGS = ("none", "min_snr", "window")
 _SPACE_OUTPUT = {"epsilon": "epsilon", "x0": "sample"}
 
@@ -71,7 +73,16 @@ def to_loss_space(v: Tensor, x_t: Tensor, t: Tensor, t_end: Tensor, space: str,
         return v
     if schedule is None:
         raise ValueError(f"the {space!r} loss space needs the teacher's VPSchedule; use loss_space: velocity")
+    if space == "geometric":
+        return v / _bcast(velocity_per_epsilon(t, t_end, schedule).to(v.dtype), v).sqrt()
     return velocity_to_output(v, x_t, t, t_end, _SPACE_OUTPUT[space], schedule)
+
+
+def velocity_per_epsilon(t: Tensor, t_end: Tensor, schedule: VPSchedule) -> Tensor:
+    """``c(t, s) = (sqrt(1 - a_s) - sqrt(a_s (1 - a_t) / a_t)) / (s - t)`` (> 0 for s < t): the velocity
+    error of an epsilon error (module doc)."""
+    a_t, a_s = schedule.abar(t), schedule.abar(t_end)
+    return ((1 - a_s).sqrt() - (a_s * (1 - a_t) / a_t).sqrt()) / (t_end - t)
 
 
 def snr(t: Tensor, schedule: VPSchedule) -> Tensor:

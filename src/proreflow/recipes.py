@@ -78,7 +78,8 @@ class Stage:
         "mean((v_pred - v_tgt)^2); 'epsilon' (PeRFlow's noise matching) the same on the epsilons whose DDIM "
         "step to the window end is x_t + (t_end - t) v, i.e. the velocity error over c(t, t_end) = "
         "(sqrt(1 - abar_end) - sqrt(abar_end (1 - abar_t) / abar_t)) / (t_end - t); 'x0' on the implied "
-        "x0 (the epsilon error times sqrt((1 - abar_t) / abar_t))", default="velocity")
+        "x0 (the epsilon error times sqrt((1 - abar_t) / abar_t)); 'geometric' the velocity error^2 / c(t, t_end), "
+        "the geometric mean of the velocity and epsilon squared errors", default="velocity")
     loss_weighting: str = _doc(
         "per-sample weight of the squared error: 'none'; 'min_snr' min(SNR(t), snr_gamma) / SNR(t), "
         "SNR = abar / (1 - abar) (min-SNR-gamma, Hang et al. 2023); 'window' 1 / (mean squared target of "
