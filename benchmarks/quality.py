@@ -7,8 +7,14 @@ For each dataset: training-free anchors (teacher DDIM at 32/8/4/2/1 steps, DPM-S
 4 and 2 steps) and distilled students (2-Reflow, PeRFlow, ProReflow-I/II/1step, ablations),
 every student trained for the same number of optimiser steps from the teacher's weights; the
 teacher network evaluations each method spent are counted and reported. Every sampler is
-scored on the same noise and conditions (``proreflow.evaluation.suite``). Writes
-``docs/results.md`` and ``docs/results.json`` (and ``docs/quality_vs_budget.png``).
+scored on the same noise and conditions (``proreflow.evaluation.suite``), and every student's
+last-stage windows are diagnosed (:func:`window_diagnostics`). Writes ``docs/results.md`` and
+``docs/results.json`` (and ``docs/quality_vs_budget.png``, ``docs/results-windows.png``).
+
+Cost savers, neither of which changes a number: the evaluation set and the training-free
+anchors are cached per teacher and seed under ``--work/evalsets``; the original teacher's
+reflow batches under ``--work/targets`` (recipe ``target_cache``), shared by methods that
+differ only in loss or optimiser settings.
 """
 
 from __future__ import annotations
