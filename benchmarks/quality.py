@@ -189,8 +189,9 @@ def cached_eval_set(setup, data: str, teacher, samples: int, guidance: float, se
     return evalset, rows
 
 
-def run_dataset(data: str, args, log) -> tuple[list[dict], list[dict]]:
-    """Metric rows and window-diagnostic rows of every seed and method on ``data``."""
+def run_dataset(data: str, args, log, save=lambda rows, diag: None) -> tuple[list[dict], list[dict]]:
+    """Metric rows and window-diagnostic rows of every seed and method on ``data``; ``save(rows, diag)``
+    after each trained method (a killed run keeps what it measured)."""
     guidance = args.guidance or GUIDANCE[data_kind(data)]
     setup = builtin_setup(data, progress=not args.no_progress)
     teacher = setup.denoiser(setup.teacher_model)
@@ -217,6 +218,7 @@ def run_dataset(data: str, args, log) -> tuple[list[dict], list[dict]]:
                 if budget == main_budget:
                     for r in window_diagnostics(setup, result.student, teacher, recipe, data, guidance, seed):
                         diag.append({"data": data, "seed": seed, "method": method, "budget": budget, **r})
+                save(rows, diag)
                 log(f"{data} seed {seed} {method} budget {budget}: trained {trained:.0f} s, "
                     f"evaluated {evaluated:.0f} s, diagnostics "
                     f"{time.perf_counter() - start - trained - evaluated:.0f} s, "
@@ -429,8 +431,14 @@ def main(argv: list[str] | None = None) -> int:
         args.seeds = sorted({r["seed"] for r in rows})
     else:
         rows, diag = [], []
+        partial = args.out / f"{'results-quick' if quick else 'results'}-partial.json"
+
+        def save(new_rows, new_diag):
+            partial.write_text(json.dumps({"argv": sys.argv[1:], "rows": rows + new_rows,
+                                           "diagnostics": diag + new_diag}, indent=1))
+
         for data in args.data:
-            more_rows, more_diag = run_dataset(data, args, log)
+            more_rows, more_diag = run_dataset(data, args, log, save)
             rows, diag = rows + more_rows, diag + more_diag
     agg = aggregate(rows)
     stem = "results-quick" if quick else "results"
