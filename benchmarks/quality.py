@@ -7,13 +7,20 @@ For each dataset: training-free anchors (teacher DDIM at 32/8/4/2/1 steps, DPM-S
 4 and 2 steps) and distilled students (2-Reflow, PeRFlow, ProReflow-I/II/1step, ablations),
 every student trained for the same number of optimiser steps from the teacher's weights; the
 teacher network evaluations each method spent are counted and reported. Every sampler is
-scored on the same noise and conditions (``proreflow.builtin.suite``). Writes
-``docs/results.md`` and ``docs/results.json`` (and ``docs/quality_vs_budget.png``).
+scored on the same noise and conditions (``proreflow.builtin.suite``), and every student's
+last-stage windows are diagnosed (:func:`window_diagnostics`). Writes ``docs/results.md`` and
+``docs/results.json`` (and ``docs/quality_vs_budget.png``, ``docs/results-windows.png``).
+
+Cost savers, neither of which changes a number: the evaluation set and the training-free
+anchors are cached per teacher and seed under ``--work/evalsets``; the original teacher's
+reflow batches under ``--work/targets`` (recipe ``target_cache``), shared by methods that
+differ only in loss or optimiser settings.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import statistics
@@ -24,10 +31,13 @@ from pathlib import Path
 import diffusers
 import torch
 
+from proreflow.builtin import load_dataset
 from proreflow.builtin.baselines import dpm_solver_sample
 from proreflow.builtin.defaults import GUIDANCE, data_kind, default_eval_samples
 from proreflow.builtin.suite import evaluate_callable, evaluate_sampler, make_eval_set
 from proreflow.builtin.teacher import builtin_setup
+from proreflow.files import atomic_write
+from proreflow.targets import StageTeacher, make_reflow_batch
 from proreflow.training import train
 from proreflow.training.recipes import load_recipe
 from proreflow.windows import TimeWindows
@@ -48,12 +58,29 @@ METHODS = {
     "ProReflow-I, previous student as stage teacher": ("proreflow-i", ["stages.1.teacher=previous"]),
     "ProReflow-II, previous student as stage teacher": ("proreflow-ii", ["stages.1.teacher=previous",
                                                                          "stages.2.teacher=previous"]),
+    # loss-space study (issue 13): each changes one thing against the preset
+    "ProReflow-II, velocity MSE": ("proreflow-ii", ["stages.*.loss_space=velocity"]),
+    "ProReflow-II, epsilon-space MSE": ("proreflow-ii", ["stages.*.loss_space=epsilon"]),
+    "ProReflow-II, x0-space MSE": ("proreflow-ii", ["stages.*.loss_space=x0"]),
+    "ProReflow-II, geometric velocity-epsilon MSE": ("proreflow-ii", ["stages.*.loss_space=geometric"]),
+    "PeRFlow, geometric velocity-epsilon MSE": ("perflow", ["stages.*.loss_space=geometric"]),
+    "ProReflow-II, epsilon-space MSE + min-SNR-5": ("proreflow-ii", ["stages.*.loss_space=epsilon",
+                                                                     "stages.*.loss_weighting=min_snr"]),
+    "ProReflow-II, window-normalised velocity MSE": ("proreflow-ii", ["stages.*.loss_space=velocity",
+                                                                      "stages.*.loss_weighting=window"]),
+    "ProReflow-II, epsilon-space MSE, warm-up 10 steps": ("proreflow-ii", ["stages.*.loss_space=epsilon",
+                                                                           "stages.*.warmup_steps=10"]),
+    "ProReflow-II, epsilon-space MSE, lr 3e-4": ("proreflow-ii", ["stages.*.loss_space=epsilon", "stages.*.lr=3e-4"]),
+    "PeRFlow, velocity MSE": ("perflow", ["stages.*.loss_space=velocity"]),
+    "PeRFlow, epsilon-space MSE": ("perflow", ["stages.*.loss_space=epsilon"]),
 }
 QUICK_METHODS = ["2-Reflow", "PeRFlow", "ProReflow-I", "ProReflow-II"]
-CURVE_METHODS = ("PeRFlow", "ProReflow-I", "ProReflow-II")
+CURVE_METHODS = ("PeRFlow", "ProReflow-I", "ProReflow-II", "ProReflow-II, epsilon-space MSE")
 TEACHER_STEPS = (32, 8, 4, 2, 1)
 DPM_STEPS = (4, 2)
 STUDENT_STEPS = (4, 2, 1)
+BUDGET = {"2d": 800, "digits": 800, "mnist": 400}
+"""Default optimiser steps per method and dataset kind (MNIST: what 2 CPU cores allow for 3 seeds)."""
 MAIN_METRIC = {"2d": "energy_distance", "image": "fd"}
 
 
@@ -79,41 +106,127 @@ def student_rows(result, evalset, method: str) -> list[dict]:
     return rows
 
 
-def run_dataset(data: str, args, log) -> list[dict]:
+DIAG_SAMPLES = 128
+DIAG_SUBINTERVALS = 4
+
+
+@torch.no_grad()
+def window_diagnostics(setup, student, initial, recipe, data: str, guidance: float, seed: int,
+                       samples: int = DIAG_SAMPLES, sub: int = DIAG_SUBINTERVALS) -> list[dict]:
+    """Where a student fails: per window of its last stage and per sub-interval of t inside it, the RMS
+    distance of its one-step endpoint ``x_t + (t_end - t) v(x_t, t)`` to the stage teacher's landing
+    ``x_end``, for the trained student and for its initialisation (the teacher's weights: one DDIM step).
+
+    Inputs: held-out test images (``samples`` per cell, cycling), fresh noise seeded by ``seed``, t at the
+    centre of each sub-interval, and the last stage's own teacher (original, its solver steps, baked guidance).
+    """
+    stage = recipe.stages[-1]
+    windows = TimeWindows(stage.windows)
+    teacher = StageTeacher(setup.denoiser(setup.teacher_model), stage.solver_steps, None, stage.teacher_guidance())
+    test = load_dataset(data, "test")
+    g = torch.Generator().manual_seed(10_000 + seed)
+    idx = torch.randint(len(test), (samples,), generator=g)
+    x0 = test.x[idx]
+    cond = None if test.labels is None else test.labels[idx]
+    cond = cond if setup.uncond is not None else None
+    uncond = None if cond is None else setup.uncond
+    noise = torch.randn(x0.shape, generator=g)
+    edges = windows.edges(torch.float64)
+    rows = []
+    for w in range(windows.count):
+        start, end = float(edges[w]), float(edges[w + 1])
+        for k in range(sub):
+            t_mid = start + (end - start) * (k + 0.5) / sub
+            t = torch.full((samples,), t_mid)
+            batch = make_reflow_batch(x0, noise, windows, teacher, setup.schedule, cond, uncond, t=t)
+            x_end = batch.x_t + (batch.t_end - batch.t).reshape(-1, *[1] * (x0.ndim - 1)) * batch.v_target
+            row = {"window": w, "t": t_mid, "t_start": start, "t_end": end}
+            for name, model in (("student", student), ("initial", initial)):
+                v = model.velocity(batch.x_t, batch.t, batch.t_end, cond)
+                landing = batch.x_t + (batch.t_end - batch.t).reshape(-1, *[1] * (x0.ndim - 1)) * v
+                row[name] = float((landing - x_end).flatten(1).pow(2).mean(1).sqrt().mean())
+            rows.append(row)
+    return rows
+
+
+def anchor_rows(data: str, teacher, evalset, guidance: float, seed: int, samples: int) -> list[dict]:
+    """Training-free rows of one evaluation set: teacher DDIM-n and DPM-Solver++ 2M."""
+    rows = []
+    for n in TEACHER_STEPS:
+        m = evaluate_sampler(evalset, teacher, TimeWindows(n), n, guidance)
+        m.pop("samples")
+        rows.append({"data": data, "seed": seed, "method": "teacher DDIM", "steps": n, "budget": 0,
+                     "teacher_evals": 0, "samples": samples, **m})
+    for n in DPM_STEPS:
+        def dpm(noise, cond, n=n, uncond=evalset.uncond):
+            return dpm_solver_sample(teacher, noise, n, cond, uncond, guidance)
+
+        m = evaluate_callable(evalset, dpm, nfe=n * (2 if guidance != 1 and evalset.uncond is not None else 1))
+        m.pop("samples")
+        rows.append({"data": data, "seed": seed, "method": "DPM-Solver++ 2M", "steps": n, "budget": 0,
+                     "teacher_evals": 0, "samples": samples, **m})
+    return rows
+
+
+def cached_eval_set(setup, data: str, teacher, samples: int, guidance: float, seed: int, cache: Path, log):
+    """The evaluation set and its anchor rows, computed once per (teacher, data, samples, guidance, seed).
+
+    The teacher's DDIM-32 reference and the anchor rows cost about a third of an MNIST run's network
+    evaluations and are the same for every method; they are kept in ``cache`` (``--work``) as a tensor file.
+    """
+    key = f"{Path(setup.info['teacher_path']).name}-n{samples}-g{guidance:g}-s{seed}"
+    path = cache / "evalsets" / f"{key}.pt"
+    evalset = make_eval_set(data, teacher, 1, guidance, seed, progress=False)  # classifier and real data
+    if path.is_file():
+        saved = torch.load(path, weights_only=False)
+        return dataclasses.replace(evalset, noise=saved["noise"], cond=saved["cond"],
+                                   reference=saved["reference"]), saved["rows"]
+    start = time.perf_counter()
+    evalset = make_eval_set(data, teacher, samples, guidance, seed, progress=False)
+    rows = anchor_rows(data, teacher, evalset, guidance, seed, samples)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    saved = {"noise": evalset.noise, "cond": evalset.cond, "reference": evalset.reference, "rows": rows}
+    atomic_write(path, lambda tmp: torch.save(saved, tmp))
+    log(f"{data} seed {seed}: evaluation set and anchors in {time.perf_counter() - start:.0f} s (cached {path})")
+    return evalset, rows
+
+
+def run_dataset(data: str, args, log, save=lambda rows, diag: None) -> tuple[list[dict], list[dict]]:
+    """Metric rows and window-diagnostic rows of every seed and method on ``data``; ``save(rows, diag)``
+    after each trained method (a killed run keeps what it measured)."""
     guidance = args.guidance or GUIDANCE[data_kind(data)]
     setup = builtin_setup(data, progress=not args.no_progress)
     teacher = setup.denoiser(setup.teacher_model)
-    rows = []
+    rows, diag = [], []
     for seed in args.seeds:
         samples = args.samples or (500 if args.quick and data_kind(data) != "2d" else default_eval_samples(data))
-        evalset = make_eval_set(data, teacher, samples, guidance, seed, progress=not args.no_progress)
-        for n in TEACHER_STEPS:
-            m = evaluate_sampler(evalset, teacher, TimeWindows(n), n, guidance)
-            m.pop("samples")
-            rows.append({"data": data, "seed": seed, "method": "teacher DDIM", "steps": n, "budget": 0,
-                         "teacher_evals": 0, "samples": samples, **m})
-        for n in DPM_STEPS:
-            def dpm(noise, cond, n=n, uncond=evalset.uncond):
-                return dpm_solver_sample(teacher, noise, n, cond, uncond, guidance)
-
-            m = evaluate_callable(evalset, dpm, nfe=n * (2 if guidance != 1 and evalset.uncond is not None else 1))
-            m.pop("samples")
-            rows.append({"data": data, "seed": seed, "method": "DPM-Solver++ 2M", "steps": n, "budget": 0,
-                         "teacher_evals": 0, "samples": samples, **m})
+        evalset, anchors = cached_eval_set(setup, data, teacher, samples, guidance, seed, args.work, log)
+        rows += anchors
         for method in args.methods:
-            for budget in sorted({args.budget, *(args.curve_budgets if method in CURVE_METHODS else [])}):
-                recipe = method_recipe(method, budget, guidance, seed, args.lr, args.set)
+            main_budget = args.budget or (600 if args.quick else BUDGET[data_kind(data)])
+            curve = [main_budget // 4, main_budget // 2] if args.curve_budgets is None else args.curve_budgets
+            for budget in sorted({main_budget, *(curve if method in CURVE_METHODS else [])}):
+                recipe = method_recipe(method, budget, guidance, seed, args.lr,
+                                       [f"target_cache={args.work / 'targets'}", *args.set])
                 start = time.perf_counter()
                 result = train(recipe, setup, args.work / data / f"{method}-{budget}-s{seed}".replace(" ", "_"),
                                progress=not args.no_progress)
                 evals = sum(s.teacher_evals for s in result.stages)
-                log(f"{data} seed {seed} {method} budget {budget}: trained in {time.perf_counter() - start:.0f} s, "
-                    f"teacher evals {evals:,}")
+                trained = time.perf_counter() - start
                 for r in student_rows(result, evalset, method):
                     rows.append({"data": data, "seed": seed, "budget": budget, "teacher_evals": evals,
                                  "samples": samples, **r})
+                evaluated = time.perf_counter() - start - trained
+                if budget == main_budget:
+                    for r in window_diagnostics(setup, result.student, teacher, recipe, data, guidance, seed):
+                        diag.append({"data": data, "seed": seed, "method": method, "budget": budget, **r})
+                save(rows, diag)
+                log(f"{data} seed {seed} {method} budget {budget}: trained {trained:.0f} s, "
+                    f"evaluated {evaluated:.0f} s, diagnostics "
+                    f"{time.perf_counter() - start - trained - evaluated:.0f} s, "
+                    f"teacher evals {evals:,}")
         log(f"{data} seed {seed} done")
-    return rows
+    return rows, diag
 
 
 def aggregate(rows: list[dict]) -> list[dict]:
@@ -181,7 +294,7 @@ def budget_plot(agg: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, len(datasets), figsize=(4.5 * len(datasets), 3.4), squeeze=False)
     for ax, data in zip(axes[0], datasets):
         metric = "fd" if any("fd" in r for r in agg if r["data"] == data) else "energy_distance"
-        for method in ("PeRFlow", "ProReflow-I", "ProReflow-II"):
+        for method in CURVE_METHODS:
             pts = sorted((r["budget"], r[metric], r[metric + "_std"]) for r in agg
                          if r["data"] == data and r["method"] == method and r["steps"] == 4)
             if pts:
@@ -200,6 +313,73 @@ def budget_plot(agg: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def _diag_mean(diag: list[dict]) -> dict[tuple, dict]:
+    """Mean over seeds of the window diagnostics, keyed by (data, method, budget, window, t)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in diag:
+        groups.setdefault((r["data"], r["method"], r["budget"], r["window"], r["t"]), []).append(r)
+    return {k: {"student": statistics.mean(r["student"] for r in rs),
+                "initial": statistics.mean(r["initial"] for r in rs), "seeds": len(rs)} for k, rs in groups.items()}
+
+
+def diagnostics_markdown(diag: list[dict]) -> str:
+    """Per window and sub-interval of t: the student's and its initialisation's endpoint error (mean of seeds)."""
+    if not diag:
+        return ""
+    mean = _diag_mean(diag)
+    lines = ["", "## Where students fail: endpoint error per window and sub-interval of t", "",
+             "RMS distance of the one-step landing `x_t + (t_end - t) v(x_t, t)` to the last stage teacher's "
+             f"landing `x_end` ({DIAG_SAMPLES} held-out samples per cell, t at the centre of {DIAG_SUBINTERVALS} "
+             "sub-intervals of each window of the student's last stage; `initial` = the student's initialisation, "
+             "the teacher's weights, i.e. one DDIM step). Mean over seeds; `ratio` = student / initial "
+             "(< 1: training helped).", ""]
+    keys = sorted(mean, key=lambda k: (k[0], k[1], k[2], k[3], -k[4]))
+    groups: dict[tuple, list[tuple]] = {}
+    for k in keys:
+        groups.setdefault(k[:3], []).append(k)
+    for (data, method, budget), ks in groups.items():
+        lines += [f"**{data}, {method}, budget {budget}** ({mean[ks[0]]['seeds']} seeds)", "",
+                  "| window | t | student | initial | ratio |", "|---|---|---|---|---|"]
+        for k in ks:
+            m = mean[k]
+            lines.append(f"| {k[3]} | {k[4]:.3f} | {m['student']:.4g} | {m['initial']:.4g} | "
+                         f"{m['student'] / max(m['initial'], 1e-12):.3f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def diagnostics_plot(diag: list[dict], path: Path) -> None:
+    """Endpoint error vs t, one panel per dataset, student (solid) and initialisation (dotted) per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    mean = _diag_mean(diag)
+    datasets = list(dict.fromkeys(k[0] for k in mean))
+    fig, axes = plt.subplots(1, len(datasets), figsize=(5.5 * len(datasets), 3.8), squeeze=False)
+    for ax, data in zip(axes[0], datasets):
+        combos = list(dict.fromkeys(k[1:3] for k in mean if k[0] == data))
+        for i, (method, budget) in enumerate(combos):
+            ks = sorted((k for k in mean if k[0] == data and k[1:3] == (method, budget)), key=lambda k: -k[4])
+            color = f"C{i % 10}"
+            for w in sorted({k[3] for k in ks}):
+                kw = [k for k in ks if k[3] == w]
+                ts = [k[4] for k in kw]
+                ax.plot(ts, [mean[k]["student"] for k in kw], "-o", ms=3, color=color,
+                        label=f"{method} ({budget})" if w == 0 else None)
+                ax.plot(ts, [mean[k]["initial"] for k in kw], ":", color=color)
+        ax.invert_xaxis()
+        ax.set_yscale("log")
+        ax.set_xlabel("t (1 = noise)")
+        ax.set_ylabel("endpoint RMS error vs stage teacher")
+        ax.set_title(f"{data} (dotted: initialisation)")
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="one seed, digits, 4 methods, 600 steps, 500 samples")
@@ -207,7 +387,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", nargs="+", type=int, default=None, help="seeds (default 0 1 2)")
     p.add_argument("--methods", nargs="+", default=None, choices=list(METHODS), metavar="METHOD",
                    help="methods (default: all): " + "; ".join(METHODS))
-    p.add_argument("--budget", type=int, default=None, help="optimiser steps of every method (default 3000)")
+    p.add_argument("--budget", type=int, default=None, help="optimiser steps of every method (default: per dataset, "
+                   + ", ".join(f"{k} {v}" for k, v in BUDGET.items()) + "; 600 with --quick)")
     p.add_argument("--curve-budgets", nargs="*", type=int, default=None,
                    help="extra budgets for " + ", ".join(CURVE_METHODS) + " (quality-vs-budget plot; "
                    "default: budget / 4 and budget / 2)")
@@ -232,9 +413,8 @@ def main(argv: list[str] | None = None) -> int:
     args.data = args.data or (["digits"] if quick else ["moons", "digits", "mnist"])
     args.seeds = args.seeds or ([0] if quick else [0, 1, 2])
     args.methods = args.methods or (QUICK_METHODS if quick else list(METHODS))
-    args.budget = args.budget or (600 if quick else 3000)
-    if args.curve_budgets is None:
-        args.curve_budgets = [] if quick else [args.budget // 4, args.budget // 2]
+    if quick and args.curve_budgets is None:
+        args.curve_budgets = []
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
 
@@ -242,20 +422,36 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{(time.perf_counter() - start) / 60:5.1f} min] {msg}", flush=True)
 
     if args.merge:
-        rows = [r for path in args.merge for r in json.loads(path.read_text())["rows"]]
+        runs = [json.loads(path.read_text()) for path in args.merge]
+        rows = [r for run in runs for r in run["rows"]]
+        diag = [r for run in runs for r in run.get("diagnostics", [])]
         # runs of extra methods repeat the training-free anchors of the same seeds: keep one of each
         rows = list({(r["data"], r["seed"], r["method"], r["steps"], r["budget"]): r for r in rows}.values())
+        diag = list({(r["data"], r["seed"], r["method"], r["budget"], r["window"], r["t"]): r
+                     for r in diag}.values())
         args.data = list(dict.fromkeys(r["data"] for r in rows))
         args.seeds = sorted({r["seed"] for r in rows})
     else:
-        rows = [r for data in args.data for r in run_dataset(data, args, log)]
+        rows, diag = [], []
+        partial = args.out / f"{'results-quick' if quick else 'results'}-partial.json"
+
+        def save(new_rows, new_diag):
+            partial.write_text(json.dumps({"argv": sys.argv[1:], "rows": rows + new_rows,
+                                           "diagnostics": diag + new_diag}, indent=1))
+
+        for data in args.data:
+            more_rows, more_diag = run_dataset(data, args, log, save)
+            rows, diag = rows + more_rows, diag + more_diag
     agg = aggregate(rows)
     stem = "results-quick" if quick else "results"
-    (args.out / f"{stem}.json").write_text(json.dumps({"argv": sys.argv[1:], "rows": rows, "aggregate": agg},
-                                                      indent=1))
-    (args.out / f"{stem}.md").write_text(markdown(agg, args, time.perf_counter() - start))
-    if args.curve_budgets:
+    (args.out / f"{stem}.json").write_text(json.dumps({"argv": sys.argv[1:], "rows": rows, "aggregate": agg,
+                                                       "diagnostics": diag}, indent=1))
+    (args.out / f"{stem}.md").write_text(markdown(agg, args, time.perf_counter() - start) +
+                                         diagnostics_markdown(diag))
+    if args.curve_budgets != []:
         budget_plot(agg, args.out / "quality_vs_budget.png")
+    if diag:
+        diagnostics_plot(diag, args.out / f"{stem}-windows.png")
     log(f"wrote {args.out / (stem + '.md')}")
     return 0
 

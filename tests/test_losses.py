@@ -51,3 +51,93 @@ def test_half_precision_predictions_are_reduced_in_float32_and_shape_mismatch_is
     assert aligned_v_loss(p, p.float()).total.dtype == torch.float32
     with pytest.raises(ValueError, match="differ in shape"):
         aligned_v_loss(torch.zeros(2, 4), torch.zeros(2, 5))
+
+
+# ---------------------------------------------------------------- loss spaces and time weights
+
+from proreflow.losses import snr, time_weights, to_loss_space  # noqa: E402
+from proreflow.parametrize import output_to_velocity  # noqa: E402
+from proreflow.schedules import VPSchedule  # noqa: E402
+
+
+def _window_batch():
+    """Float64 batch with times in 4 windows, a student epsilon and the teacher's target velocity."""
+    g = torch.Generator().manual_seed(3)
+    sched = VPSchedule.from_betas("scaled_linear")
+    t = torch.tensor([0.95, 0.9, 0.6, 0.55, 0.3, 0.1, 1.0, 0.74], dtype=torch.float64)
+    t_end = torch.floor((t - 1e-9) * 4) / 4
+    t_start = t_end + 0.25
+    x = torch.randn(8, 2, 3, generator=g, dtype=torch.float64)
+    eps_pred, eps_tgt = torch.randn(2, 8, 2, 3, generator=g, dtype=torch.float64)
+    v_pred, v_tgt = (output_to_velocity(e, x, t, t_end, "epsilon", sched) for e in (eps_pred, eps_tgt))
+    return sched, t, t_start, t_end, x, eps_pred, eps_tgt, v_pred, v_tgt
+
+
+def _c(sched, t, s):
+    a_t, a_s = sched.abar(t), sched.abar(s)
+    return ((1 - a_s).sqrt() - (a_s * (1 - a_t) / a_t).sqrt()) / (s - t)
+
+
+def test_epsilon_space_is_the_epsilon_output_and_velocity_error_over_c():
+    sched, t, t_start, t_end, x, eps_pred, eps_tgt, v_pred, v_tgt = _window_batch()
+    torch.testing.assert_close(to_loss_space(v_pred, x, t, t_end, "epsilon", sched), eps_pred)
+    torch.testing.assert_close(to_loss_space(v_tgt, x, t, t_end, "epsilon", sched), eps_tgt)
+    c = _c(sched, t, t_end).reshape(-1, 1, 1)
+    torch.testing.assert_close(v_pred - v_tgt, c * (eps_pred - eps_tgt))
+    # x0 space: x0 = (x - sqrt(1 - a) eps) / sqrt(a), so the x0 error is -sqrt((1 - a) / a) times the eps error
+    a = sched.abar(t).reshape(-1, 1, 1)
+    dx0 = to_loss_space(v_pred, x, t, t_end, "x0", sched) - to_loss_space(v_tgt, x, t, t_end, "x0", sched)
+    torch.testing.assert_close(dx0, -((1 - a) / a).sqrt() * (eps_pred - eps_tgt))
+    terms = aligned_v_loss(v_pred, v_tgt, alpha=0.0, space_pred=eps_pred, space_target=eps_tgt)
+    assert terms.mse.item() == pytest.approx((eps_pred - eps_tgt).pow(2).mean().item(), rel=1e-12)
+
+
+def test_geometric_space_is_the_geometric_mean_of_velocity_and_epsilon_errors():
+    sched, t, t_start, t_end, x, eps_pred, eps_tgt, v_pred, v_tgt = _window_batch()
+    from proreflow.losses import velocity_per_epsilon
+
+    torch.testing.assert_close(velocity_per_epsilon(t, t_end, sched), _c(sched, t, t_end))
+    assert (_c(sched, t, t_end) > 0).all()
+    sp, sg = (to_loss_space(v, x, t, t_end, "geometric", sched) for v in (v_pred, v_tgt))
+    per = (sp - sg).pow(2).flatten(1).mean(1)
+    vel = (v_pred - v_tgt).pow(2).flatten(1).mean(1)
+    eps = (eps_pred - eps_tgt).pow(2).flatten(1).mean(1)
+    torch.testing.assert_close(per, (vel * eps).sqrt())
+
+
+@pytest.mark.parametrize("space", ["velocity", "epsilon", "x0", "geometric"])
+def test_every_space_loss_is_zero_exactly_when_the_velocity_loss_is(space):
+    sched, t, t_start, t_end, x, eps_pred, eps_tgt, v_pred, v_tgt = _window_batch()
+    for pred, zero in ((v_tgt.clone(), True), (v_pred, False)):
+        sp, sg = (to_loss_space(v, x, t, t_end, space, sched) for v in (pred, v_tgt))
+        mse = aligned_v_loss(pred, v_tgt, alpha=1.0, space_pred=sp, space_target=sg).mse.item()
+        vel = aligned_v_loss(pred, v_tgt, alpha=1.0).mse.item()
+        assert (mse < 1e-24) == (vel < 1e-24) == zero
+
+
+def test_time_weights_equal_their_formulas():
+    sched, t, t_start, t_end, x, eps_pred, eps_tgt, v_pred, v_tgt = _window_batch()
+    torch.testing.assert_close(time_weights("none", t, t_start, v_tgt), torch.ones(8, dtype=torch.float64))
+    a = sched.abar(t)
+    ratio = a / (1 - a)
+    torch.testing.assert_close(snr(t, sched), ratio)
+    expected = torch.minimum(ratio, torch.full_like(ratio, 5.0)) / ratio
+    torch.testing.assert_close(time_weights("min_snr", t, t_start, v_tgt, sched, 5.0), expected)
+    assert expected[5] < 1 and expected[0] == 1  # t = 0.1 (SNR > 5) is clamped, t = 0.95 not
+    w = time_weights("window", t, t_start, v_tgt)
+    size = v_tgt.pow(2).flatten(1).mean(1)
+    for i in range(8):
+        same = t_start == t_start[i]
+        assert w[i].item() == pytest.approx(1 / size[same].mean().item(), rel=1e-12)
+    # the MSE term is sum_i u_i w_i mse_i with u = 1 / batch (mse weights are not normalised)
+    terms = aligned_v_loss(v_pred, v_tgt, alpha=0.0, mse_weights=w)
+    per = (v_pred - v_tgt).pow(2).flatten(1).mean(1)
+    assert terms.mse.item() == pytest.approx((w * per).mean().item(), rel=1e-12)
+
+
+def test_unknown_space_and_weighting_are_errors_naming_the_choices():
+    v = torch.zeros(2, 3)
+    with pytest.raises(ValueError, match="velocity, epsilon, x0, geometric"):
+        to_loss_space(v, v, torch.ones(2), torch.zeros(2), "noise")
+    with pytest.raises(ValueError, match="none, min_snr, window"):
+        time_weights("snr", torch.ones(2), torch.ones(2), v)

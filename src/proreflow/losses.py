@@ -1,10 +1,30 @@
-"""Aligned v-prediction loss: velocity direction weighs more than magnitude.
+"""Aligned v-prediction loss, the space its squared error is measured in, and time weights.
 
-    L = mean((v_pred - v_tgt)^2) + alpha * (1 - cos(v_pred, v_tgt))
-        + beta * (|v_pred| - |v_tgt|)^2 / |v_tgt|^2
+    L = sum_i u_i [w_i mse_i + alpha (1 - cos(v_pred_i, v_tgt_i)) + beta (|v_pred_i| - |v_tgt_i|)^2 / |v_tgt_i|^2]
 
-cosine and norms per sample over all non-batch dims; terms averaged over the batch with
-optional per-sample weights.
+with ``u_i`` optional per-sample weights normalised to sum 1 (default 1 / batch). The direction
+and magnitude terms are always on velocities (per sample over all non-batch dims). The squared
+error ``mse_i`` is the mean of ``(p - g)^2`` over the dims of sample ``i``, where ``(p, g)`` are
+the prediction and target in a *loss space* (:func:`to_loss_space`) and ``w_i`` a per-sample
+time weight (:func:`time_weights`).
+
+Loss spaces, for a sample at ``(x_t, t)`` in the window ending at ``s`` (``a = abar``):
+
+    velocity: p = v                       (the paper's loss)
+    epsilon:  p = eps implied by v        (PeRFlow's "noise matching"), eps error = v error / c(t, s),
+              c(t, s) = (sqrt(1 - a_s) - sqrt(a_s (1 - a_t) / a_t)) / (s - t)
+    x0:       p = x0 implied by v,        x0 error = eps error * sqrt((1 - a_t) / a_t)
+    geometric: p = v / sqrt(c(t, s)),     squared error = velocity error^2 / c = |v error| |eps error|
+              (the geometric mean of the velocity and epsilon spaces' squared errors)
+
+epsilon and x0 are the outputs whose DDIM step from ``(x_t, t)`` to ``s`` is ``x_t + (s - t) v``
+(:func:`~proreflow.parametrize.velocity_to_output`), so a space's error is zero exactly when
+the velocity error is. Time weights (``SNR(t) = a_t / (1 - a_t)``):
+
+    none:    w = 1
+    min_snr: w = min(SNR(t), gamma) / SNR(t)      (min-SNR-gamma, Hang et al. 2023, as for an epsilon loss)
+    window:  w = 1 / mean over the batch's samples of the same window of mean(g^2)
+             (each window's error relative to its own target size; the mean is not differentiated)
 """
 
 from __future__ import annotations
@@ -14,7 +34,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .parametrize import velocity_to_output
+from .schedules import VPSchedule, bcast
+
 _EPS = 1e-12
+
+LOSS_SPACES = ("velocity", "epsilon", "x0", "geometric")
+LOSS_WEIGHTINGS = ("none", "min_snr", "window")
+_SPACE_OUTPUT = {"epsilon": "epsilon", "x0": "sample"}
 
 
 @dataclass
@@ -33,25 +60,85 @@ def _safe_norm(v: Tensor) -> Tensor:
     return torch.where(sq > _EPS**2, sq.clamp_min(_EPS**2).sqrt(), torch.zeros_like(sq))
 
 
+def _flat(x: Tensor) -> Tensor:
+    return x.float().flatten(1) if x.dtype in (torch.float16, torch.bfloat16) else x.flatten(1)
+
+
+def to_loss_space(v: Tensor, x_t: Tensor, t: Tensor, t_end: Tensor, space: str,
+                  schedule: VPSchedule | None = None) -> Tensor:
+    """Velocity ``v`` at ``(x_t, t)`` towards ``t_end`` expressed in loss space ``space`` (module doc)."""
+    if space not in LOSS_SPACES:
+        raise ValueError(f"unknown loss space {space!r}; use one of {', '.join(LOSS_SPACES)}")
+    if space == "velocity":
+        return v
+    if schedule is None:
+        raise ValueError(f"the {space!r} loss space needs the teacher's VPSchedule; use loss_space: velocity")
+    if space == "geometric":
+        return v / bcast(velocity_per_epsilon(t, t_end, schedule).to(v.dtype), v).sqrt()
+    return velocity_to_output(v, x_t, t, t_end, _SPACE_OUTPUT[space], schedule)
+
+
+def velocity_per_epsilon(t: Tensor, t_end: Tensor, schedule: VPSchedule) -> Tensor:
+    """``c(t, s) = (sqrt(1 - a_s) - sqrt(a_s (1 - a_t) / a_t)) / (s - t)`` (> 0 for s < t): the velocity
+    error of an epsilon error (module doc)."""
+    a_t, a_s = schedule.abar(t), schedule.abar(t_end)
+    return ((1 - a_s).sqrt() - (a_s * (1 - a_t) / a_t).sqrt()) / (t_end - t)
+
+
+def snr(t: Tensor, schedule: VPSchedule) -> Tensor:
+    """``SNR(t) = abar(t) / (1 - abar(t))``."""
+    a = schedule.abar(t)
+    return a / (1 - a).clamp_min(_EPS)
+
+
+def time_weights(weighting: str, t: Tensor, t_start: Tensor, target: Tensor, schedule: VPSchedule | None = None,
+                 gamma: float = 5.0) -> Tensor:
+    """Per-sample weights ``w_i`` of the squared error (module doc); ``target`` in the loss space."""
+    if weighting not in LOSS_WEIGHTINGS:
+        raise ValueError(f"unknown loss weighting {weighting!r}; use one of {', '.join(LOSS_WEIGHTINGS)}")
+    g = _flat(target).detach()
+    if weighting == "none":
+        return torch.ones(g.shape[0], dtype=g.dtype, device=g.device)
+    if weighting == "min_snr":
+        if schedule is None:
+            raise ValueError("min_snr weighting needs the teacher's VPSchedule; use loss_weighting: none")
+        s = snr(t, schedule).to(g)
+        return s.clamp(max=gamma) / s.clamp_min(_EPS)
+    size = g.pow(2).mean(dim=1)
+    same = t_start.reshape(-1, 1) == t_start.reshape(1, -1)  # same window
+    window_mean = (same.to(g) @ size) / same.sum(dim=1).to(g)
+    return 1.0 / window_mean.clamp_min(_EPS)
+
+
 def aligned_v_loss(v_pred: Tensor, v_target: Tensor, alpha: float = 1.0, beta: float = 0.0,
-                   weights: Tensor | None = None) -> LossTerms:
-    """Aligned v-prediction loss (module doc). Zero vectors give cos = 0 and no NaN."""
+                   weights: Tensor | None = None, space_pred: Tensor | None = None,
+                   space_target: Tensor | None = None, mse_weights: Tensor | None = None) -> LossTerms:
+    """Aligned v-prediction loss (module doc). Zero vectors give cos = 0 and no NaN.
+
+    ``weights``: per-sample weights ``u`` of every term (normalised to sum 1). ``space_pred`` /
+    ``space_target``: the prediction and target in a loss space (:func:`to_loss_space`) for the
+    squared error (default: the velocities); ``mse_weights``: time weights ``w`` of the squared
+    error only, as given (not normalised: min-SNR keeps its scale against the direction term).
+    """
     if v_pred.shape != v_target.shape:
         raise ValueError(f"v_pred {tuple(v_pred.shape)} and v_target {tuple(v_target.shape)} differ in shape")
-    p = v_pred.float().flatten(1) if v_pred.dtype in (torch.float16, torch.bfloat16) else v_pred.flatten(1)
+    p = _flat(v_pred)
     g = v_target.to(p.dtype).flatten(1)
-    mse = (p - g).pow(2).mean(dim=1)
+    sp = p if space_pred is None else _flat(space_pred).to(p.dtype)
+    sg = g if space_target is None else space_target.to(p.dtype).flatten(1)
+    mse = (sp - sg).pow(2).mean(dim=1)
     np_, ng = _safe_norm(p), _safe_norm(g)
     cos = (p * g).sum(dim=1) / (np_ * ng).clamp_min(_EPS)
     direction = 1 - cos
     magnitude = (np_ - ng).pow(2) / ng.pow(2).clamp_min(_EPS)
     w = torch.ones_like(mse) if weights is None else weights.to(mse)
     w = w / w.sum().clamp_min(_EPS)
+    wm = w if mse_weights is None else w * mse_weights.to(mse)
 
-    def reduce(term: Tensor) -> Tensor:
-        return (w * term).sum()
+    def reduce(term: Tensor, weight: Tensor = w) -> Tensor:
+        return (weight * term).sum()
 
-    terms = LossTerms(total=torch.zeros((), dtype=p.dtype, device=p.device), mse=reduce(mse),
+    terms = LossTerms(total=torch.zeros((), dtype=p.dtype, device=p.device), mse=reduce(mse, wm),
                       direction=reduce(direction), magnitude=reduce(magnitude))
     terms.total = terms.mse + (alpha * terms.direction if alpha else 0) + (beta * terms.magnitude if beta else 0)
     return terms

@@ -358,3 +358,26 @@ def test_a_teacher_frozen_throughout_gives_a_fully_trainable_student(tmp_path):
     result = train(tiny_recipe(stages=[{"windows": 2, "steps": 2}]), setup, tmp_path, progress=False)
     trained = result.module.state_dict()
     assert all((trained[k] - v).abs().max() > 0 for k, v in setup.teacher_model.state_dict().items())
+
+
+def test_target_cache_reproduces_the_uncached_run_and_is_shared_by_a_loss_study(tmp_path):
+    """Cached original-teacher batches give the same weights, history and counted teacher evaluations;
+    a second run that changes only the loss reuses them (no new cache files) and equals its uncached twin."""
+    base = {"batch_size": 8, "steps": 5, "guidance": 2.0, "cond_dropout": 0.25, "solver_steps": 2, "lr": 1e-2}
+    stages = [{"windows": 4}, {"windows": 2}]
+    cache = tmp_path / "cache"
+    plain = train(tiny_recipe(defaults=base, stages=stages), make_setup(), tmp_path / "plain", progress=False)
+    first = train(tiny_recipe(defaults=base, stages=stages, target_cache=str(cache)), make_setup(), tmp_path / "a",
+                  progress=False)
+    files = sorted(cache.rglob("*.pt"))
+    assert len(files) == 2 * 5  # 2 stages x 5 steps x 1 micro-batch
+    assert_same(weights(tmp_path / "a/student.safetensors"), weights(tmp_path / "plain/student.safetensors"))
+    assert first.history == plain.history
+    assert [s.teacher_evals for s in first.stages] == [s.teacher_evals for s in plain.stages] == [160, 160]
+    eps = {**base, "loss_space": "epsilon"}
+    again = train(tiny_recipe(defaults=eps, stages=stages, target_cache=str(cache)), make_setup(), tmp_path / "b",
+                  progress=False)
+    twin = train(tiny_recipe(defaults=eps, stages=stages), make_setup(), tmp_path / "c", progress=False)
+    assert sorted(cache.rglob("*.pt")) == files
+    assert_same(weights(tmp_path / "b/student.safetensors"), weights(tmp_path / "c/student.safetensors"))
+    assert again.history == twin.history != plain.history

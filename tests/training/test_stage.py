@@ -59,3 +59,28 @@ def test_cfg_sync_teacher_is_unguided():
     teacher, _ = build_stage_teacher(setup, recipe, 0, setup.teacher_model, None)
     assert teacher.guidance == 1.0
     assert setup.uncond.item() == CLASSES
+
+
+def test_stage_loss_space_matches_epsilon_noise_matching_and_velocity_default():
+    """loss_space epsilon: the squared error is between the student's epsilon output and the epsilon
+    whose DDIM step lands on the target (PeRFlow's noise matching); velocity: the plain velocity MSE."""
+    from proreflow.losses import aligned_v_loss
+    from proreflow.parametrize import output_to_velocity, velocity_to_output
+    from proreflow.schedules import VPSchedule
+    from proreflow.targets import ReflowBatch
+    from proreflow.training.stage import stage_loss
+
+    g = torch.Generator().manual_seed(0)
+    sched = VPSchedule.from_betas("scaled_linear")
+    t = torch.tensor([0.9, 0.6, 0.3, 0.05], dtype=torch.float64)
+    t_start, t_end = TimeWindows(2).bounds(t)
+    x_t, eps, v_tgt = torch.randn(3, 4, 5, generator=g, dtype=torch.float64)
+    v_pred = output_to_velocity(eps, x_t, t, t_end, "epsilon", sched)
+    batch = ReflowBatch(x_t=x_t, t=t, v_target=v_tgt, t_start=t_start, t_end=t_end)
+    eps_tgt = velocity_to_output(v_tgt, x_t, t, t_end, "epsilon", sched)
+    recipe = load_recipe("proreflow-ii", ["stages.*.loss_space=epsilon", "stages.*.alpha=0.5"])
+    terms = stage_loss(recipe.stages[0], batch, v_pred, sched)
+    assert abs(terms.mse.item() - (eps - eps_tgt).pow(2).mean().item()) < 1e-12
+    assert abs(terms.direction.item() - aligned_v_loss(v_pred, v_tgt).direction.item()) < 1e-12
+    plain = stage_loss(load_recipe("proreflow-ii", ["stages.*.loss_space=velocity"]).stages[0], batch, v_pred, sched)
+    assert abs(plain.total.item() - aligned_v_loss(v_pred, v_tgt, 1.0).total.item()) < 1e-12

@@ -46,6 +46,7 @@ from typing import Any
 
 import yaml
 
+from ..losses import LOSS_SPACES, LOSS_WEIGHTINGS
 from ..solvers import REFERENCE_STEPS
 
 
@@ -72,6 +73,18 @@ class Stage:
     alpha: float = _doc("weight of the direction term 1 - cos(v_pred, v_target); 0 gives plain MSE",
                         default=1.0)
     beta: float = _doc("weight of the magnitude term (|v_pred| - |v_target|)^2 / |v_target|^2", default=0.0)
+    loss_space: str = _doc(
+        "space of the squared error (direction and magnitude terms stay on velocities): 'velocity' "
+        "mean((v_pred - v_tgt)^2); 'epsilon' (PeRFlow's noise matching) the same on the epsilons whose DDIM "
+        "step to the window end is x_t + (t_end - t) v, i.e. the velocity error over c(t, t_end) = "
+        "(sqrt(1 - abar_end) - sqrt(abar_end (1 - abar_t) / abar_t)) / (t_end - t); 'x0' on the implied "
+        "x0 (the epsilon error times sqrt((1 - abar_t) / abar_t)); 'geometric' the velocity error^2 / c(t, t_end), "
+        "the geometric mean of the velocity and epsilon squared errors", default="velocity")
+    loss_weighting: str = _doc(
+        "per-sample weight of the squared error: 'none'; 'min_snr' min(SNR(t), snr_gamma) / SNR(t), "
+        "SNR = abar / (1 - abar) (min-SNR-gamma, Hang et al. 2023); 'window' 1 / (mean squared target of "
+        "the batch's samples in the same window)", default="none")
+    snr_gamma: float = _doc("gamma of loss_weighting: min_snr", default=5.0)
     lr: float = _doc("AdamW learning rate", default=1e-4)
     warmup_steps: int = _doc("linear learning-rate warm-up: step k uses lr * min(1, k / warmup_steps)",
                              default=0)
@@ -125,6 +138,9 @@ class Recipe:
     log_every: int = _doc("log loss and throughput every N optimiser steps", default=10)
     tensorboard: bool = _doc("write TensorBoard scalars under OUT/tensorboard", default=False)
     num_workers: int = _doc("DataLoader worker processes per training process", default=0)
+    target_cache: str = _doc("folder where the original teacher's reflow batches are stored and reused by later "
+                             "runs with the same teacher, stage windows / solver steps / guidance, seed and batch "
+                             "layout (e.g. a loss or learning-rate study); '' (default): none", default="")
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> Recipe:
@@ -293,7 +309,8 @@ def load_recipe(source: str | Path | dict | Recipe, overrides: typing.Iterable[s
 
 
 _CHOICES = {"teacher": ("original", "previous"), "guidance_mode": ("baked", "cfg_sync"),
-            "mixed_precision": ("no", "fp16", "bf16")}
+            "mixed_precision": ("no", "fp16", "bf16"), "loss_space": LOSS_SPACES,
+            "loss_weighting": LOSS_WEIGHTINGS}
 _LIMITS: dict[str, tuple[float, float]] = {
     # stage keys
     "windows": (1, 1024), "steps": (1, 10**8), "solver_steps": (1, 1000), "alpha": (0, 1000), "beta": (0, 1000),
@@ -340,6 +357,8 @@ def _check_value(key: str, name: str, value: Any, hint: Any) -> Any:
             raise RecipeError(f"{key}: must be a finite number, got {value!r}")
         if name in _BELOW_ONE and not 0 <= out < 1:
             raise RecipeError(f"{key}: must be in [0, 1), got {out}")
+        if name == "snr_gamma" and out <= 0:
+            raise RecipeError(f"{key}: must be > 0 (min-SNR clamps SNR at gamma; 5 is the published value), got {out}")
         return _check_range(key, name, out)
     if hint is str:
         if name == "mixed_precision" and value is False:

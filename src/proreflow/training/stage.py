@@ -5,7 +5,8 @@ Per micro-batch of real data ``x0`` (see :mod:`.batches` for times and noise):
     x_start = sqrt(abar(t_start)) x0 + sqrt(1 - abar(t_start)) eps
     x_end   = stage teacher's solve from (x_start, t_start) to t_end   (frozen, no gradients)
     v_tgt   = (x_end - x_start) / (t_end - t_start),  x_t = x_start + (t - t_start) v_tgt
-    loss    = aligned_v_loss(student velocity at (x_t, t) towards t_end, v_tgt, alpha, beta)
+    loss    = aligned_v_loss(student velocity at (x_t, t) towards t_end, v_tgt, alpha, beta), its
+              squared error in the stage's ``loss_space`` with ``loss_weighting`` (:mod:`proreflow.losses`)
 
 Targets are made online for each batch. Condition dropout (probability ``cond_dropout``)
 replaces a sample's condition by the null condition for teacher and student alike; the null
@@ -18,17 +19,20 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ..conditioning import Cond, map_cond, null_like, select_cond
-from ..losses import aligned_v_loss
+from ..files import atomic_write
+from ..losses import LossTerms, aligned_v_loss, time_weights, to_loss_space
 from ..schedules import compute_dtype
-from ..targets import StageTeacher, make_reflow_batch
+from ..targets import ReflowBatch, StageTeacher, make_reflow_batch
 from ..teachers import Denoiser, Network
 from ..windows import TimeWindows
 from .batches import BatchPlan, sample_randomness
@@ -120,6 +124,46 @@ def check_setup_fits(recipe: Recipe, setup: DistillationSetup, num_processes: in
                              f"multiple of {stage.grad_accum * num_processes}")
 
 
+_BATCH_FIELDS = tuple(f.name for f in dataclasses.fields(ReflowBatch))
+
+
+class TargetCache:
+    """Reflow batches of an original-teacher stage on disk, reused by later runs (recipe ``target_cache``).
+
+    A batch depends only on the teacher, the stage's windows / solver steps / guidance / dropout, the
+    recipe seed, the stage index, the batch layout and the stream position (:mod:`.batches`), so runs that
+    differ in anything else (loss, learning rate, EMA, step count) share them: the teacher's solve, most of
+    an original-teacher stage's cost, is paid once. Files: ``root/<key>/<step>-<micro>-<rank>.pt``, where
+    ``key`` hashes all of the above and the teacher's weights.
+    """
+
+    def __init__(self, root: str | Path, ctx: StageContext):
+        stage, acc = ctx.stage, ctx.accelerator
+        digest = hashlib.blake2b(digest_size=10)
+        for name, tensor in sorted(ctx.setup.teacher_model.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        parts = (stage.windows, stage.solver_steps, stage.teacher_guidance(), stage.guidance_mode, stage.cond_dropout,
+                 ctx.recipe.seed, ctx.index, stage.batch_size, stage.grad_accum, acc.num_processes,
+                 ctx.recipe.mixed_precision, len(ctx.setup.dataset))
+        digest.update(repr(parts).encode())
+        self.folder, self.rank = Path(root) / digest.hexdigest(), acc.process_index
+
+    def batch(self, step: int, micro: int, make: Callable[[], ReflowBatch], counter: CountingNetwork
+              ) -> tuple[ReflowBatch, int]:
+        """The cached batch of ``(step, micro)`` and the teacher evaluations it cost, made and stored on a miss."""
+        path = self.folder / f"{step}-{micro}-{self.rank}.pt"
+        if path.is_file():
+            saved = torch.load(path, weights_only=True)
+            return ReflowBatch(**{k: saved[k] for k in _BATCH_FIELDS}), int(saved["teacher_evals"])
+        batch = make()
+        evals = counter.take()
+        self.folder.mkdir(parents=True, exist_ok=True)
+        saved = {**{k: getattr(batch, k).cpu() for k in _BATCH_FIELDS}, "teacher_evals": evals}
+        atomic_write(path, lambda tmp: torch.save(saved, tmp))
+        return batch, evals
+
+
 @dataclass
 class StageContext:
     """Everything a stage's optimiser step needs."""
@@ -137,6 +181,7 @@ class StageContext:
     counter: CountingNetwork
     plan: BatchPlan
     uncond: Cond = None
+    targets: TargetCache | None = None  # made on the first step when the recipe sets target_cache
 
     @property
     def stage(self) -> Stage:
@@ -166,6 +211,15 @@ class StepResult:
     seconds: float = 0.0
 
 
+def stage_loss(stage: Stage, batch, v_pred: Tensor, schedule) -> LossTerms:
+    """The stage's loss of ``v_pred`` against ``batch.v_target`` (its loss space and time weighting)."""
+    space = [to_loss_space(v, batch.x_t, batch.t, batch.t_end, stage.loss_space, schedule)
+             for v in (v_pred, batch.v_target)]
+    weights = time_weights(stage.loss_weighting, batch.t, batch.t_start, space[1], schedule, stage.snr_gamma)
+    return aligned_v_loss(v_pred, batch.v_target, stage.alpha, stage.beta, space_pred=space[0],
+                          space_target=space[1], mse_weights=weights)
+
+
 def train_step(ctx: StageContext, batches: Iterator[tuple[Tensor, Cond]], step: int) -> StepResult:
     """Optimiser step ``step`` (0-based) of the stage: accumulate, check finiteness, clip, step, EMA.
 
@@ -192,15 +246,23 @@ def train_step(ctx: StageContext, batches: Iterator[tuple[Tensor, Cond]], step: 
             cond = select_cond(keep, cond, uncond)
         last = micro == stage.grad_accum - 1
         with contextlib.nullcontext() if last else acc.no_sync(ctx.student):
-            batch = make_reflow_batch(x0, noise, windows, ctx.teacher, ctx.setup.schedule, cond, uncond, t=t)
+            def make(x0=x0, noise=noise, cond=cond, uncond=uncond, t=t):
+                return make_reflow_batch(x0, noise, windows, ctx.teacher, ctx.setup.schedule, cond, uncond, t=t)
+
+            if ctx.recipe.target_cache and stage.teacher == "original":
+                ctx.targets = ctx.targets or TargetCache(ctx.recipe.target_cache, ctx)
+                batch, evals = ctx.targets.batch(step, micro, make, ctx.counter)
+                batch = ReflowBatch(**{k: getattr(batch, k).to(acc.device) for k in _BATCH_FIELDS})
+            else:
+                batch, evals = make(), ctx.counter.take()
             v_pred = ctx.student_denoiser.velocity(batch.x_t, batch.t, batch.t_end, cond)
-            terms = aligned_v_loss(v_pred, batch.v_target, stage.alpha, stage.beta)
+            terms = stage_loss(stage, batch, v_pred, ctx.setup.schedule)
             acc.backward(terms.total / stage.grad_accum)
         parts = torch.stack([terms.total, terms.mse, terms.direction, terms.magnitude]).detach().double().cpu()
         finite = bool(torch.isfinite(parts).all())
         sums[:4] += parts if finite else 0.0
         sums[4] += 0.0 if finite else 1.0
-        sums[5] += ctx.counter.take()
+        sums[5] += evals
     if acc.num_processes > 1:
         sums = acc.reduce(sums.to(acc.device), "sum").cpu()
     micro_total = stage.grad_accum * acc.num_processes
