@@ -88,8 +88,8 @@ class SD3Teacher:
         return self
 
     @torch.no_grad()
-    def encode_prompts(self, prompts: list[str], time_ids: Tensor | None = None) -> dict:
-        """Condition dict (module doc) of a batch of prompts (``time_ids``: unused, SDXL's)."""
+    def encode_prompts(self, prompts: list[str]) -> dict:
+        """Condition dict (module doc) of a batch of prompts."""
         states, _, pooled, _ = self.pipe.encode_prompt(list(prompts), None, None, device=self.device,
                                                        num_images_per_prompt=1, do_classifier_free_guidance=False)
         return {"encoder_hidden_states": states, "pooled_projections": pooled}
