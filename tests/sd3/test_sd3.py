@@ -130,3 +130,18 @@ def test_export_loads_in_stock_diffusers_and_reproduces_the_student(sd3_dir, tmp
     want = sample(Denoiser(transformer_network(student_model), "flow_velocity", sd3.schedule()), noise,
                   TimeWindows(2), 2, cond)
     torch.testing.assert_close(torch.load(tmp_path / "out.pt"), want, rtol=1e-5, atol=1e-5)
+
+
+def test_latent_cache_equals_encoding_on_the_fly(sd3_dir, image_dir, tmp_path):
+    common = {"teacher": str(sd3_dir), "data": str(image_dir), "device": "cpu", "seed": 3}
+    cached = build_sd3_setup(cache_dir=str(tmp_path / "cache"), **common)
+    live = build_sd3_setup(**common)
+    assert len(cached.dataset) == len(live.dataset) - 1  # the cache leaves the corrupt image out
+    # the folder sorts broken.jpg first: cache row i holds image i + 1; live item 0 is image 1's stand-in
+    for row, index in [(0, 0), (0, 1), (4, 5)]:
+        (x_cache, c_cache), (x_live, c_live) = cached.dataset[row], live.dataset[index]
+        torch.testing.assert_close(x_cache, x_live, rtol=2e-3, atol=2e-3)  # float16 storage
+        for key in ("encoder_hidden_states", "pooled_projections"):
+            torch.testing.assert_close(c_cache[key], c_live[key], rtol=2e-3, atol=2e-3)
+    with pytest.raises(ValueError, match="resolution: cache 16, now 32"):
+        build_sd3_setup(cache_dir=str(tmp_path / "cache"), resolution=32, **common)

@@ -23,14 +23,7 @@ from torch import Tensor
 
 from ..conditioning import map_cond
 from ..sd.captions import ImageCaptionDataset, open_source
-from ..sd.latent_cache import (
-    EncodedDataset,
-    LatentCacheDataset,
-    build_latent_cache,
-    check_manifest,
-    item_generator,
-    read_manifest,
-)
+from ..sd.latent_cache import item_generator, latent_dataset
 from ..sd.lora import add_lora
 from ..sd.setup import default_device
 from ..training.setup import DistillationSetup
@@ -54,8 +47,6 @@ def build_sd3_setup(teacher: str, data: str | list[str], data_kind: str = "auto"
                     cache_batch_size: int = 16, num_workers: int = 0) -> DistillationSetup:
     """The SD3 setup (module doc); the arguments are the ``stable-diffusion`` setup's, plus
     ``window_space`` (:mod:`proreflow.flow`) and ``use_t5`` (False: no T5, diffusers pads with zeros)."""
-    from accelerate import PartialState
-
     device = torch.device(device) if device is not None else default_device()
     sd3 = load_sd3_teacher(teacher, encoder_dtype=encoder_dtype, use_t5=use_t5, window_space=window_space,
                            variant=variant, local_files_only=local_files_only, device=device)
@@ -66,17 +57,7 @@ def build_sd3_setup(teacher: str, data: str | list[str], data_kind: str = "auto"
     encode = partial(encode_sd3_items, sd3, seed=seed)
     settings = {"data": str(data), "center_crop": center_crop, "random_flip": random_flip, "teacher": str(teacher),
                 "resolution": resolution, "seed": seed, "use_t5": sd3.pipe.text_encoder_3 is not None}
-    if cache_dir is not None:
-        with PartialState().main_process_first():
-            manifest = read_manifest(cache_dir)
-            if manifest is not None:
-                check_manifest(manifest, settings, cache_dir)
-            elif PartialState().is_main_process:
-                build_latent_cache(items, encode, cache_dir, settings, batch_size=cache_batch_size,
-                                   num_workers=num_workers)
-        dataset = LatentCacheDataset(cache_dir)
-    else:
-        dataset = EncodedDataset(items, encode)
+    dataset = latent_dataset(items, encode, settings, cache_dir, cache_batch_size, num_workers)
 
     model = sd3.transformer
     if lora_rank:
