@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from proreflow import Denoiser, TimeWindows, sample
+from proreflow import Denoiser, FlowSchedule, TimeWindows, sample
 from proreflow.commands.named_setups import get_setup_builder
 from proreflow.sd3.export import export_sd3_pipeline, read_export_info, window_sigmas
 from proreflow.sd3.pipeline import load_sd3_teacher, transformer_network
@@ -145,3 +145,21 @@ def test_latent_cache_equals_encoding_on_the_fly(sd3_dir, image_dir, tmp_path):
             torch.testing.assert_close(c_cache[key], c_live[key], rtol=2e-3, atol=2e-3)
     with pytest.raises(ValueError, match="resolution: cache 16, now 32"):
         build_sd3_setup(cache_dir=str(tmp_path / "cache"), resolution=32, **common)
+
+
+def test_dynamic_shifting_uses_the_pipelines_mu(sd3_dynamic_dir):
+    """The pipeline computes mu from the latent size itself; the teacher's schedule must use the same."""
+    sd3 = load_sd3_teacher(sd3_dynamic_dir, window_space="unshifted", device="cpu")
+    mu = sd3.mu(16)
+    assert mu is not None and sd3.schedule(16).shift == pytest.approx(math.exp(mu))
+    sd3.pipe.transformer = _perturbed(sd3.transformer, seed=2)
+    student = Denoiser(transformer_network(sd3.pipe.transformer), "flow_velocity", sd3.schedule(16))
+    cond = sd3.encode_prompts(["a cat"])
+    noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(4))
+    windows = TimeWindows(3)
+    got = sd3.pipe(prompt_embeds=cond["encoder_hidden_states"], pooled_prompt_embeds=cond["pooled_projections"],
+                   sigmas=window_sigmas(sd3.schedule(16), windows), guidance_scale=1.0, latents=noise,
+                   output_type="latent").images
+    torch.testing.assert_close(got, sample(student, noise, windows, 3, cond), rtol=1e-5, atol=1e-5)
+    static = Denoiser(student.network, "flow_velocity", FlowSchedule(1.0, "unshifted"))  # mu ignored: differs
+    assert (sample(static, noise, windows, 3, cond) - got).abs().max() > 1e-3
