@@ -4,6 +4,7 @@ Time convention: t in [0, 1], t = 1 is noise, t = 0 is data.
 """
 
 from .conditioning import cat_cond, select_cond
+from .flow import FlowSchedule
 from .losses import LossTerms, aligned_v_loss
 from .parametrize import ddim_step, output_to_velocity, velocity_to_output
 from .sampling import sample
@@ -16,7 +17,7 @@ from .windows import TimeWindows
 __version__ = "0.1.0"
 
 __all__ = [
-    "Denoiser", "LossTerms", "ReflowBatch", "StageTeacher", "TimeWindows", "VPSchedule",
+    "Denoiser", "FlowSchedule", "LossTerms", "ReflowBatch", "StageTeacher", "TimeWindows", "VPSchedule",
     "aligned_v_loss", "cat_cond", "convert_output", "ddim_step", "diffusers_network", "from_x0_eps",
     "make_reflow_batch", "output_to_velocity", "sample", "sample_times", "select_cond", "solve",
     "teacher_start_points", "to_x0_eps", "velocity_to_output",

@@ -9,13 +9,15 @@ A diffusion output (epsilon, v_prediction or sample) at ``(x_t, t)`` gives an es
 so one Euler step ``x_t + (s - t) v`` *is* that DDIM step. With ``s`` the end of the window
 holding ``t``, this is the epsilon parametrization of a ProReflow student: a student equal to
 its diffusion teacher, stepped once per window, reproduces one teacher DDIM step per window.
-A ``velocity`` output is the velocity itself (flow-matching teachers, students from scratch).
+A ``velocity`` output is the velocity itself (students from scratch). A ``flow_velocity`` output
+(a flow-matching teacher's ``dx/dsigma``) is turned by the same rule in :mod:`proreflow.flow`.
 """
 
 from __future__ import annotations
 
 from torch import Tensor
 
+from .flow import FLOW_PREDICTION_TYPE, FlowSchedule, flow_to_velocity, velocity_to_flow
 from .schedules import VPSchedule, bcast, compute_dtype, from_x0_eps, to_x0_eps
 
 
@@ -33,10 +35,12 @@ def _gap(t: Tensor, t_target: Tensor, x: Tensor) -> Tensor:
 
 
 def output_to_velocity(output: Tensor, x: Tensor, t: Tensor, t_target: Tensor,
-                       prediction_type: str, schedule: VPSchedule | None = None) -> Tensor:
+                       prediction_type: str, schedule: VPSchedule | FlowSchedule | None = None) -> Tensor:
     """Velocity ``(x_s - x_t) / (s - t)`` of the segment from ``(x_t, t)`` to the DDIM landing at ``s``."""
     if prediction_type == "velocity":
         return output.to(compute_dtype(x))
+    if prediction_type == FLOW_PREDICTION_TYPE:
+        return flow_to_velocity(output, x, t, t_target, _flow_schedule(schedule))
     if schedule is None:
         raise ValueError(f"a {prediction_type!r} output needs the teacher's VPSchedule to become a velocity")
     x = x.to(compute_dtype(x))
@@ -45,7 +49,7 @@ def output_to_velocity(output: Tensor, x: Tensor, t: Tensor, t_target: Tensor,
 
 
 def velocity_to_output(velocity: Tensor, x: Tensor, t: Tensor, t_target: Tensor,
-                       prediction_type: str, schedule: VPSchedule | None = None) -> Tensor:
+                       prediction_type: str, schedule: VPSchedule | FlowSchedule | None = None) -> Tensor:
     """Inverse of :func:`output_to_velocity`: the output whose DDIM step to ``s`` is ``x + (s - t) v``.
 
     Solves ``x_t = sqrt(a_t) x0 + sqrt(1-a_t) eps`` and ``x_s = sqrt(a_s) x0 + sqrt(1-a_s) eps``
@@ -53,6 +57,8 @@ def velocity_to_output(velocity: Tensor, x: Tensor, t: Tensor, t_target: Tensor,
     """
     if prediction_type == "velocity":
         return velocity
+    if prediction_type == FLOW_PREDICTION_TYPE:
+        return velocity_to_flow(velocity, x, t, t_target, _flow_schedule(schedule))
     if schedule is None:
         raise ValueError(f"a {prediction_type!r} output needs the teacher's VPSchedule")
     x = x.to(compute_dtype(x))
@@ -64,3 +70,9 @@ def velocity_to_output(velocity: Tensor, x: Tensor, t: Tensor, t_target: Tensor,
     x0 = (x * s1s - x_s * s1t) / det
     eps = (st * x_s - ss * x) / det
     return from_x0_eps(x0, eps, a_t, prediction_type)
+
+
+def _flow_schedule(schedule) -> FlowSchedule:
+    if not isinstance(schedule, FlowSchedule):
+        raise ValueError(f"a {FLOW_PREDICTION_TYPE!r} output needs the teacher's FlowSchedule, got {schedule!r}")
+    return schedule

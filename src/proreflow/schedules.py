@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "velocity")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "velocity", "flow_velocity")
 DIFFUSION_PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 

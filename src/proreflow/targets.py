@@ -3,6 +3,7 @@
 For a time ``t`` in window ``(t_start, t_end)``:
 
     x_start = sqrt(abar(t_start)) x0 + sqrt(1 - abar(t_start)) eps      (forward noising)
+              (a flow-matching teacher: (1 - sigma(t_start)) x0 + sigma(t_start) eps)
     x_end   = teacher ODE solve from (x_start, t_start) to t_end
     v       = (x_end - x_start) / (t_end - t_start)
     x_t     = x_start + (t - t_start) v

@@ -1,7 +1,8 @@
 """Denoisers: a network with a declared output type, classifier-free guidance, and a velocity.
 
 A network is any callable ``network(x, timestep, cond) -> output``. ``Denoiser`` gives it the
-time convention (t in [0, 1], t = 1 noise; a VP network sees ``tau = t * (T - 1)``), guidance
+time convention (t in [0, 1], t = 1 noise; a VP network sees ``tau = t * (T - 1)``, a flow-matching
+network ``sigma(t) * T``, :mod:`proreflow.flow`), guidance
 and the conversion of its output to a velocity (:mod:`proreflow.parametrize`). Teachers and
 students are both Denoisers; a student keeps its teacher's prediction type.
 """
@@ -17,6 +18,7 @@ import torch
 from torch import Tensor
 
 from .conditioning import Cond, cat_cond, expand_cond
+from .flow import FLOW_PREDICTION_TYPE, FlowSchedule
 from .parametrize import output_to_velocity
 from .schedules import DIFFUSION_PREDICTION_TYPES, PREDICTION_TYPES, VPSchedule, compute_dtype
 
@@ -28,14 +30,16 @@ class Denoiser:
     """``network`` plus what its output means.
 
     prediction_type: "epsilon", "v_prediction", "sample" (VP diffusion, need ``schedule``) or
-        "velocity" (dx/dt in the t convention above).
-    time_scale: the network sees ``t * time_scale`` (default ``T - 1`` for VP, 1 for velocity).
+        "velocity" (dx/dt in the t convention above) or "flow_velocity" (a flow-matching network's
+        dx/dsigma, needs a ``FlowSchedule``).
+    time_scale: the network sees ``t * time_scale`` (default ``T - 1`` for VP, 1 for velocity);
+        a flow network sees ``sigma(t) * time_scale`` (default ``T``).
     dtype: dtype of the network's input (e.g. bf16); schedule math stays in float32.
     """
 
     network: Network
     prediction_type: str
-    schedule: VPSchedule | None = None
+    schedule: VPSchedule | FlowSchedule | None = None
     time_scale: float | None = None
     dtype: torch.dtype | None = None
 
@@ -44,6 +48,11 @@ class Denoiser:
             raise ValueError(f"unknown prediction_type {self.prediction_type!r}; use one of {PREDICTION_TYPES}")
         if self.prediction_type in DIFFUSION_PREDICTION_TYPES and self.schedule is None:
             raise ValueError(f"a {self.prediction_type!r} denoiser needs a VPSchedule (schedule=...)")
+        if (self.prediction_type == FLOW_PREDICTION_TYPE) != isinstance(self.schedule, FlowSchedule):
+            raise ValueError(f"a FlowSchedule goes with prediction_type {FLOW_PREDICTION_TYPE!r} and only with it "
+                             f"(got {self.prediction_type!r} with {type(self.schedule).__name__})")
+        if self.time_scale is None and isinstance(self.schedule, FlowSchedule):
+            self.time_scale = float(self.schedule.num_train_timesteps)
         if self.time_scale is None:
             self.time_scale = (self.schedule.num_train_timesteps - 1) if self.schedule is not None else 1.0
 
@@ -68,7 +77,8 @@ class Denoiser:
 
     def _call(self, x: Tensor, t: Tensor, cond: Cond) -> Tensor:
         dtype = self.dtype or x.dtype
-        timestep = t.to(compute_dtype(x)) * self.time_scale
+        t = t.to(compute_dtype(x))
+        timestep = (self.schedule.sigma(t) if isinstance(self.schedule, FlowSchedule) else t) * self.time_scale
         out = self.network(x.to(dtype), timestep, cond)
         if out.shape != x.shape:
             raise ValueError(f"the network returned shape {tuple(out.shape)} for input {tuple(x.shape)}: "

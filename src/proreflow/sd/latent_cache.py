@@ -132,14 +132,15 @@ class EncodedDataset(Dataset):
 
 
 def _flatten(cond: dict) -> dict[str, Tensor]:
-    """SD / SDXL condition dict -> flat tensor names of a shard."""
-    flat = {"encoder_hidden_states": cond["encoder_hidden_states"]}
+    """Condition dict -> flat tensor names of a shard: SDXL's ``added_cond_kwargs`` leaves by their own
+    names, every other entry (``encoder_hidden_states``, SD3's ``pooled_projections``) as it is."""
+    flat = {key: value for key, value in cond.items() if key != "added_cond_kwargs"}
     flat.update(cond.get("added_cond_kwargs", {}))
     return flat
 
 
 def _nest(flat: dict[str, Tensor]) -> dict:
-    cond = {"encoder_hidden_states": flat["encoder_hidden_states"]}
+    cond = {key: value for key, value in flat.items() if key not in ("text_embeds", "time_ids")}
     if "text_embeds" in flat:
         cond["added_cond_kwargs"] = {"text_embeds": flat["text_embeds"], "time_ids": flat["time_ids"]}
     return cond
@@ -263,3 +264,20 @@ class LatentCacheDataset(Dataset):
 
     def __getstate__(self) -> dict:  # open handles stay in their process
         return {**self.__dict__, "_handles": {}}
+
+
+def latent_dataset(items: Dataset, encode: Encoder, settings: dict, cache_dir: str | Path | None = None,
+                   batch_size: int = 16, num_workers: int = 0) -> EncodedDataset | LatentCacheDataset:
+    """``items`` encoded on the fly, or with ``cache_dir`` once into a cache (built by the main process,
+    reused when its manifest matches ``settings``): the dataset of any latent-space family's setup."""
+    from accelerate import PartialState
+
+    if cache_dir is None:
+        return EncodedDataset(items, encode)
+    with PartialState().main_process_first():
+        manifest = read_manifest(cache_dir)
+        if manifest is not None:
+            check_manifest(manifest, settings, cache_dir)
+        elif PartialState().is_main_process:
+            build_latent_cache(items, encode, cache_dir, settings, batch_size=batch_size, num_workers=num_workers)
+    return LatentCacheDataset(cache_dir)

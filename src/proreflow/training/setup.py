@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ..conditioning import Cond
+from ..flow import FlowSchedule
 from ..schedules import VPSchedule
 from ..teachers import Denoiser, Network
 
@@ -46,7 +47,7 @@ class DistillationSetup:
 
     teacher_model: nn.Module
     prediction_type: str
-    schedule: VPSchedule
+    schedule: VPSchedule | FlowSchedule
     dataset: Dataset
     uncond: Cond = None
     adapter: Callable[[nn.Module], Network] = call_module

@@ -1,0 +1,75 @@
+"""The ``stable-diffusion-3`` setup: an SD3 / SD3.5 teacher and its latent data for the engine.
+
+``setup: {name: stable-diffusion-3, teacher: DIR_OR_ID, data: PATH, ...}`` gives a
+:class:`~proreflow.training.setup.DistillationSetup` with
+
+- ``teacher_model``: the ``SD3Transformer2DModel`` (float32 master weights; with ``lora_rank > 0``
+  zero-initialised LoRA layers on the attention projections, and only those train);
+- ``prediction_type="flow_velocity"`` and the teacher's :class:`~proreflow.flow.FlowSchedule`
+  (``window_space``: windows uniform in sigma, the default, or in diffusers' unshifted s);
+- ``dataset``: ``(latents, cond)`` items from images with captions (a VAE posterior sample of
+  each, seeded by ``(seed, index)``), encoded when read or once into a cache (the Stable
+  Diffusion family's image-caption readers and latent cache, which are model-neutral);
+- ``uncond``: "" encoded; ``adapter``: :func:`~proreflow.sd3.pipeline.transformer_network`.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ..conditioning import map_cond
+from ..sd.captions import ImageCaptionDataset, open_source
+from ..sd.latent_cache import item_generator, latent_dataset
+from ..sd.lora import add_lora
+from ..sd.setup import default_device
+from ..training.setup import DistillationSetup
+from .pipeline import SD3Teacher, load_sd3_teacher, transformer_network
+
+
+@torch.no_grad()
+def encode_sd3_items(teacher: SD3Teacher, items: list[dict], seed: int) -> tuple[Tensor, dict]:
+    """Latents and condition dict (with batch dimension) of items of an ``ImageCaptionDataset``."""
+    pixels = torch.stack([item["pixels"] for item in items])
+    latents = teacher.encode_images(pixels, [item_generator(seed, item["index"]) for item in items])
+    return latents, teacher.encode_prompts([item["caption"] for item in items])
+
+
+def build_sd3_setup(teacher: str, data: str | list[str], data_kind: str = "auto", resolution: int | None = None,
+                    cache_dir: str | None = None, center_crop: bool = True, random_flip: bool = False,
+                    image_column: str = "image", caption_column: str | None = None, window_space: str = "sigma",
+                    use_t5: bool = True, lora_rank: int = 0, lora_alpha: float | None = None,
+                    gradient_checkpointing: bool = False, encoder_dtype: str = "float32", variant: str | None = None,
+                    local_files_only: bool | None = None, device: str | None = None, seed: int = 0,
+                    cache_batch_size: int = 16, num_workers: int = 0) -> DistillationSetup:
+    """The SD3 setup (module doc); the arguments are the ``stable-diffusion`` setup's, plus
+    ``window_space`` (:mod:`proreflow.flow`) and ``use_t5`` (False: no T5, diffusers pads with zeros)."""
+    device = torch.device(device) if device is not None else default_device()
+    sd3 = load_sd3_teacher(teacher, encoder_dtype=encoder_dtype, use_t5=use_t5, window_space=window_space,
+                           variant=variant, local_files_only=local_files_only, device=device)
+    resolution = resolution or sd3.resolution
+    sd3.latent_shape(resolution)  # checks the size
+    items = ImageCaptionDataset(open_source(data, data_kind, image_column, caption_column), resolution,
+                                center_crop, random_flip)
+    encode = partial(encode_sd3_items, sd3, seed=seed)
+    settings = {"data": str(data), "center_crop": center_crop, "random_flip": random_flip, "teacher": str(teacher),
+                "resolution": resolution, "seed": seed, "use_t5": sd3.pipe.text_encoder_3 is not None}
+    dataset = latent_dataset(items, encode, settings, cache_dir, cache_batch_size, num_workers)
+
+    model = sd3.transformer
+    if lora_rank:
+        add_lora(model, lora_rank, lora_alpha)
+    if gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    schedule = sd3.schedule(resolution)
+    info = {"model": "stable-diffusion-3", "teacher": str(teacher), "pipeline": type(sd3.pipe).__name__,
+            "resolution": resolution, "window_space": window_space, "shift": schedule.shift,
+            "use_t5": settings["use_t5"], "lora_rank": lora_rank, "lora_alpha": lora_alpha or lora_rank or None,
+            "data": str(data), "cache_dir": str(Path(cache_dir)) if cache_dir else None,
+            "skipped_images": dataset.skipped}
+    return DistillationSetup(teacher_model=model, prediction_type="flow_velocity", schedule=schedule,
+                             dataset=dataset, uncond=map_cond(lambda a: a.float().cpu(), sd3.null_cond()),
+                             adapter=transformer_network, info=info)
