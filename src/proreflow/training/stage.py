@@ -75,7 +75,7 @@ def build_stage_teacher(setup: DistillationSetup, recipe: Recipe, index: int, or
                         autocast: Callable[[], Any] = contextlib.nullcontext) -> tuple[StageTeacher, CountingNetwork]:
     """Stage ``index``'s teacher and its evaluation counter.
 
-    original teacher: ``solver_steps`` DDIM steps per window, guided when baked.
+    original teacher: ``solver_steps`` steps of ``solver`` per window, guided when baked.
     previous student (``previous``, frozen EMA weights of stage ``index - 1``): piecewise
     straight over the previous windows; crossing a window of this stage takes ``solver_steps``
     Euler steps (by default one per old window), unguided (its guidance is already baked in).
@@ -90,7 +90,7 @@ def build_stage_teacher(setup: DistillationSetup, recipe: Recipe, index: int, or
     denoiser = setup.denoiser(module, dtype=dtype)
     counter = CountingNetwork(denoiser.network, autocast)
     teacher = StageTeacher(dataclasses.replace(denoiser, network=counter), stage.solver_steps, windows,
-                           stage.teacher_guidance())
+                           stage.teacher_guidance(), stage.solver)
     return teacher, counter
 
 
