@@ -1,4 +1,5 @@
-"""ODE solvers inside a window: DDIM for diffusion teachers, Euler for velocity models.
+"""ODE solvers inside a window: DDIM for diffusion teachers, Euler for velocity models, and two
+second-order teacher solvers (DPM-Solver++(2M), Heun).
 
 Both are one loop: on a uniform grid ``t_start = s_0 > s_1 > ... > s_S = t_end`` take
 ``x <- x + (s_{j+1} - s_j) * v`` with ``v = denoiser.velocity(x, s_j, target_j)``. With
@@ -9,6 +10,11 @@ a student (used by :func:`proreflow.sampling.sample` and by a student acting as 
 
 The grid is built once (:func:`solve_grid` here, ``TimeWindows.time_grid`` for sampling, both
 from :func:`~proreflow.windows.uniform_times`) and passed to the one loop, :func:`euler_steps`.
+
+A window solve of the original teacher may pick a higher-order method on the same grid
+(``solve(..., solver=...)``, :data:`SOLVERS`): ``"dpmpp_2m"`` (:func:`dpmpp_2m_steps`, one
+evaluation per step, diffusion teachers only) or ``"heun"`` (:func:`heun_steps`, two
+evaluations per step). Both are second order; DDIM / Euler is first order.
 """
 
 from __future__ import annotations
@@ -20,7 +26,8 @@ import torch
 from torch import Tensor
 
 from .conditioning import Cond
-from .schedules import bcast, compute_dtype
+from .parametrize import ddim_step
+from .schedules import bcast, compute_dtype, to_x0_eps
 from .teachers import Denoiser
 from .windows import TimeWindows, uniform_times
 
@@ -63,8 +70,112 @@ def euler_steps(denoiser: Denoiser, x: Tensor, grid, cond: Cond = None, uncond: 
         yield x
 
 
+SOLVERS = ("ddim", "dpmpp_2m", "heun")
+"""Window solvers of :func:`solve`: "ddim" (Euler for a velocity teacher; 1 evaluation per step),
+"dpmpp_2m" (1 per step, diffusion teachers), "heun" (2 per step). A guided evaluation is 2
+network evaluations (conditional and unconditional halves of one batch)."""
+
+EVALS_PER_STEP = {"ddim": 1, "dpmpp_2m": 1, "heun": 2}
+
+
+def x0_eps(denoiser: Denoiser, x: Tensor, t: Tensor, cond: Cond = None, uncond: Cond = None,
+           guidance: float = 1.0) -> tuple[Tensor, Tensor]:
+    """A diffusion denoiser's ``(x0, eps)`` estimate at ``(x, t)`` (guided when asked)."""
+    _check_diffusion(denoiser)
+    out = denoiser.predict(x, t, cond, uncond, guidance)
+    return to_x0_eps(out, x, denoiser.schedule.abar(t), denoiser.prediction_type)
+
+
+def _check_diffusion(denoiser: Denoiser) -> None:
+    if denoiser.schedule is None or denoiser.prediction_type == "velocity":
+        raise ValueError(f"a {denoiser.prediction_type!r} denoiser has no (x0, eps) estimate; "
+                         "use solver 'ddim' (Euler) or 'heun' for a velocity teacher")
+
+
+def log_snr(abar: Tensor) -> Tensor:
+    """``lambda = log(sqrt(abar) / sqrt(1 - abar))``, the half log signal-to-noise ratio."""
+    return 0.5 * (torch.log(abar) - torch.log1p(-abar))
+
+
+def dpmpp_2m_data(x0: Tensor, x0_prev: Tensor | None, h: Tensor, h_prev: Tensor | None) -> Tensor:
+    """The data estimate DPM-Solver++(2M) steps with: with ``r = h_prev / h``,
+
+        D = (1 + 1 / (2 r)) x0_i - 1 / (2 r) x0_{i-1},
+
+    ``h = lambda_{i+1} - lambda_i``; the first step (no history) uses ``D = x0_i`` (DDIM)."""
+    if x0_prev is None:
+        return x0
+    c = bcast(h / (2 * h_prev), x0).to(x0.dtype)
+    return (1 + c) * x0 - c * x0_prev
+
+
+def ddim_from_data(x: Tensor, data: Tensor, abar: Tensor, abar_next: Tensor) -> Tensor:
+    """The exponential-integrator step with data estimate ``D``:
+
+        x_{i+1} = (sigma_{i+1} / sigma_i) x_i + alpha_{i+1} (1 - exp(-h)) D
+                = alpha_{i+1} D + sigma_{i+1} (x_i - alpha_i D) / sigma_i,
+
+    ``alpha = sqrt(abar)``, ``sigma = sqrt(1 - abar)``: a DDIM step whose ``x0`` is ``D``."""
+    a = bcast(abar, x).to(x.dtype)
+    return ddim_step(data, (x - a.sqrt() * data) / (1 - a).sqrt(), abar_next)
+
+
+def dpmpp_2m_steps(denoiser: Denoiser, x: Tensor, grid, cond: Cond = None, uncond: Cond = None,
+                   guidance: float = 1.0) -> Iterator[Tensor]:
+    """Yield ``x`` after each DPM-Solver++(2M) step (Lu et al. 2022, data prediction, multistep)
+    along ``grid``'s rows ``(t, t_next, _)``: :func:`ddim_from_data` with :func:`dpmpp_2m_data`,
+    ``lambda`` = :func:`log_snr`. One evaluation per step; second order."""
+    _check_diffusion(denoiser)
+    schedule = denoiser.schedule
+    x = x.to(compute_dtype(x))
+    x0_prev = h_prev = None
+    for row in grid:
+        s, s_next, _ = (per_sample_time(v, x) for v in row)
+        a, a_next = schedule.abar(s).to(x.dtype), schedule.abar(s_next).to(x.dtype)
+        x0, _ = x0_eps(denoiser, x, s, cond, uncond, guidance)
+        h = log_snr(a_next) - log_snr(a)
+        x = ddim_from_data(x, dpmpp_2m_data(x0, x0_prev, h, h_prev), a, a_next)
+        x0_prev, h_prev = x0, h
+        yield x
+
+
+def heun_steps(denoiser: Denoiser, x: Tensor, grid, cond: Cond = None, uncond: Cond = None,
+               guidance: float = 1.0) -> Iterator[Tensor]:
+    """Yield ``x`` after each Heun step along ``grid``'s rows ``(t, t_next, _)``; two evaluations per
+    step, second order.
+
+    Velocity teacher, in t: ``x' = x + dt v(x, t)``, ``x_next = x + dt (v(x, t) + v(x', t_next)) / 2``.
+    Diffusion teacher, in ``y = x / alpha`` and ``rho = sigma / alpha`` (where the PF-ODE is
+    ``dy/drho = eps(x)`` and DDIM is its Euler step, as in Karras et al. 2022): ``x'`` = the DDIM
+    step with ``eps_1 = eps(x, t)``, then the DDIM step from ``x`` with ``(eps_1 + eps(x', t_next)) / 2``."""
+    x = x.to(compute_dtype(x))
+    for row in grid:
+        s, s_next, _ = (per_sample_time(v, x) for v in row)
+        if denoiser.prediction_type == "velocity":
+            dt = bcast(s_next - s, x)
+            v = denoiser.velocity(x, s, s_next, cond, uncond, guidance)
+            v_next = denoiser.velocity(x + dt * v, s_next, s_next, cond, uncond, guidance)
+            x = x + dt * (v + v_next) / 2
+        else:
+            a, a_next = denoiser.schedule.abar(s).to(x.dtype), denoiser.schedule.abar(s_next).to(x.dtype)
+            x0, eps = x0_eps(denoiser, x, s, cond, uncond, guidance)
+            _, eps_next = x0_eps(denoiser, ddim_step(x0, eps, a_next), s_next, cond, uncond, guidance)
+            eps = (eps + eps_next) / 2
+            a_b = bcast(a, x)
+            x = ddim_step((x - (1 - a_b).sqrt() * eps) / a_b.sqrt(), eps, a_next)
+        yield x
+
+
 def solve(denoiser: Denoiser, x: Tensor, t_start, t_end, steps: int, cond: Cond = None,
-          uncond: Cond = None, guidance: float = 1.0, windows: TimeWindows | None = None) -> Tensor:
-    """Solve the denoiser's ODE from ``t_start`` to ``t_end`` in ``steps`` steps (see module doc)."""
+          uncond: Cond = None, guidance: float = 1.0, windows: TimeWindows | None = None,
+          solver: str = "ddim") -> Tensor:
+    """Solve the denoiser's ODE from ``t_start`` to ``t_end`` in ``steps`` steps of ``solver``
+    (:data:`SOLVERS`; see module doc). A piecewise-straight student (``windows``) takes Euler steps."""
+    if solver not in SOLVERS:
+        raise ValueError(f"unknown solver {solver!r}; use one of {', '.join(SOLVERS)}")
+    if windows is not None and solver != "ddim":
+        raise ValueError(f"solver {solver!r} is for the original teacher; a piecewise-straight "
+                         "student crosses its windows with Euler steps (solver 'ddim')")
     grid = solve_grid(t_start, t_end, steps, x, windows)
-    return deque(euler_steps(denoiser, x, grid, cond, uncond, guidance), maxlen=1)[0]
+    step = {"ddim": euler_steps, "dpmpp_2m": dpmpp_2m_steps, "heun": heun_steps}[solver]
+    return deque(step(denoiser, x, grid, cond, uncond, guidance), maxlen=1)[0]

@@ -43,12 +43,14 @@ class StageTeacher:
     ``windows=None``: a diffusion teacher, ``steps`` DDIM steps per window (Euler for a
     velocity teacher). ``windows`` set: a previous-stage student, piecewise straight over its
     own (finer) windows, ``steps`` Euler steps in all per window of the current stage.
+    ``solver``: the original teacher's window solver (:data:`~proreflow.solvers.SOLVERS`).
     """
 
     denoiser: Denoiser
     steps: int
     windows: TimeWindows | None = None
     guidance: float = 1.0
+    solver: str = "ddim"
 
 
 def sample_times(batch: int, generator: torch.Generator | None = None, device=None) -> Tensor:
@@ -80,7 +82,7 @@ def make_reflow_batch(x0: Tensor, noise: Tensor, windows: TimeWindows, teacher: 
     if x_start is None:
         x_start = schedule.add_noise(x0, noise.to(x0.dtype), t_start)
     x_end = solve(teacher.denoiser, x_start, t_start, t_end, teacher.steps, cond, uncond,
-                  teacher.guidance, teacher.windows)
+                  teacher.guidance, teacher.windows, teacher.solver)
     v = (x_end - x_start) / bcast(t_end - t_start, x0)
     x_t = x_start + bcast(t - t_start, x0) * v
     return ReflowBatch(x_t=x_t, t=t, v_target=v, t_start=t_start, t_end=t_end)

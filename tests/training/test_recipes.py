@@ -176,3 +176,12 @@ def test_every_key_is_documented():
     for f in dataclasses.fields(Recipe) + dataclasses.fields(Stage):
         assert f"  {f.name} " in text and f.metadata.get("help")
     assert set(STAGE_KEYS) == {f.name for f in dataclasses.fields(Stage)}
+
+
+def test_the_window_solver_is_a_checked_stage_key_and_defaults_to_ddim():
+    assert all(s.solver == "ddim" for s in load_recipe("proreflow-ii").stages)
+    assert load_recipe("proreflow-ii", ["stages.0.solver=dpmpp_2m"]).stages[0].solver == "dpmpp_2m"
+    with pytest.raises(RecipeError, match=r"stages.0.solver: 'rk4' is not one of ddim, dpmpp_2m, heun"):
+        load_recipe("proreflow-ii", ["stages.0.solver=rk4"])
+    with pytest.raises(RecipeError, match=r"stages.1.solver: a previous-stage teacher is piecewise straight"):
+        load_recipe("proreflow-ii", ["stages.1.teacher=previous", "stages.1.solver=heun"])

@@ -16,6 +16,7 @@ the low rank keeps.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from pathlib import Path
 
@@ -40,6 +41,35 @@ def add_lora(unet: nn.Module, rank: int, alpha: float | None = None,
         if "lora_" in name:
             p.requires_grad_(True)
     return unet
+
+
+class AdaptersDisabled(nn.Module):
+    """The base model of a LoRA-adapted ``unet`` without a second copy: each call runs ``unet``
+    with its adapters disabled (diffusers' ``disable_adapters()`` / ``enable_adapters()``, i.e.
+    ``W x`` instead of ``W x + (alpha / r) B A x``) and in eval mode, then restores both.
+    The LoRA student's original teacher (``DistillationSetup.teacher_view``)."""
+
+    def __init__(self, unet: nn.Module):
+        super().__init__()
+        object.__setattr__(self, "unet", unet)  # not a submodule: no second set of parameters
+
+    @contextlib.contextmanager
+    def _base(self):
+        training = self.unet.training
+        self.unet.eval().disable_adapters()
+        try:
+            yield
+        finally:
+            self.unet.enable_adapters()
+            self.unet.train(training)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
+
+    def forward(self, sample, timestep, encoder_hidden_states=None, **kwargs):
+        with self._base():
+            return self.unet(sample, timestep, encoder_hidden_states, **kwargs)
 
 
 def lora_state_dict(unet: nn.Module) -> dict[str, torch.Tensor]:

@@ -42,7 +42,7 @@ from .latent_cache import (
     generate_items,
     read_manifest,
 )
-from .lora import add_lora
+from .lora import AdaptersDisabled, add_lora
 from .pipeline import load_teacher, read_model_index, unet_network
 
 LIMITS = {"resolution": (8, 4096), "prompt_steps": (1, 1000), "prompt_guidance": (0, 100), "lora_rank": (0, 1024),
@@ -84,7 +84,8 @@ def build_sd_setup(teacher: str, data: str | list[str] | None = None, data_kind:
     resolution: training image size (default: the pipeline's, e.g. 512 / 1024).
     cache_dir: encode everything once into this folder (reused while the settings, the data files and
         the encoders match; rebuilt when files or encoders changed; refused for other settings).
-    lora_rank / lora_alpha: train LoRA layers on the attention projections instead of all weights.
+    lora_rank / lora_alpha: train LoRA layers on the attention projections instead of all weights;
+        one UNet in memory: the teacher is the student with its adapters disabled (trained in place).
     gradient_checkpointing, compile: for the student (compile in place: teacher and student).
     encoder_dtype: text encoders' dtype (float32, bf16, fp16); the VAE stays float32.
     seed: of the VAE posterior samples / prompt noise (item i uses (seed, i)).
@@ -147,4 +148,5 @@ def build_sd_setup(teacher: str, data: str | list[str] | None = None, data_kind:
             "skipped_images": dataset.skipped}  # the live dict: runs record what was skipped by then
     return DistillationSetup(teacher_model=unet, prediction_type=sd.prediction_type, schedule=sd.schedule,
                              dataset=dataset, uncond=uncond, adapter=unet_network, info=info,
-                             keep_on_dropout=("added_cond_kwargs.time_ids",) if sd.is_sdxl else ())
+                             keep_on_dropout=("added_cond_kwargs.time_ids",) if sd.is_sdxl else (),
+                             teacher_view=AdaptersDisabled if lora_rank else None)

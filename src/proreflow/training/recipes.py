@@ -47,7 +47,7 @@ from typing import Any
 import yaml
 
 from ..losses import LOSS_SPACES, LOSS_WEIGHTINGS
-from ..solvers import REFERENCE_STEPS
+from ..solvers import REFERENCE_STEPS, SOLVERS
 
 
 class RecipeError(ValueError):
@@ -70,6 +70,10 @@ class Stage:
         "teacher solver steps per window: DDIM steps for the original teacher (default "
         f"{REFERENCE_STEPS} // windows); Euler steps for a previous-stage teacher (default "
         "previous windows / windows: one step per old window)", default=None)
+    solver: str = _doc("original teacher's window solver: 'ddim' (Euler for a velocity teacher; 1 "
+                       "evaluation per step), 'dpmpp_2m' (DPM-Solver++(2M), 1 per step, diffusion "
+                       "teachers) or 'heun' (2 per step); a previous-stage teacher takes Euler steps",
+                       default="ddim")
     alpha: float = _doc("weight of the direction term 1 - cos(v_pred, v_target); 0 gives plain MSE",
                         default=1.0)
     beta: float = _doc("weight of the magnitude term (|v_pred| - |v_target|)^2 / |v_target|^2", default=0.0)
@@ -308,7 +312,7 @@ def load_recipe(source: str | Path | dict | Recipe, overrides: typing.Iterable[s
 # ---------------------------------------------------------------- checking
 
 
-_CHOICES = {"teacher": ("original", "previous"), "guidance_mode": ("baked", "cfg_sync"),
+_CHOICES = {"teacher": ("original", "previous"), "guidance_mode": ("baked", "cfg_sync"), "solver": SOLVERS,
             "mixed_precision": ("no", "fp16", "bf16"), "loss_space": LOSS_SPACES,
             "loss_weighting": LOSS_WEIGHTINGS}
 _LIMITS: dict[str, tuple[float, float]] = {
@@ -461,6 +465,9 @@ def _check_schedule(stages: list[Stage]) -> None:
                 raise RecipeError(f"{where}.guidance_mode: {stage.guidance_mode!r} differs from the previous "
                                   f"stage's {prev.guidance_mode!r}, whose student is this stage's teacher; "
                                   "use one guidance mode for both")
+            if stage.solver != "ddim":
+                raise RecipeError(f"{where}.solver: a previous-stage teacher is piecewise straight and is "
+                                  f"crossed with Euler steps, not {stage.solver!r}; use solver: ddim")
             ratio = prev.windows // stage.windows
             if stage.solver_steps is None:
                 stage.solver_steps = ratio

@@ -107,8 +107,10 @@ class Trainee:
     def prepare(cls, setup: DistillationSetup, recipe: Recipe, accelerator,
                 weights: Iterable[dict[str, Tensor]] = ()) -> Trainee:
         """A fresh student (teacher copy or ``make_student()``, in float32), with ``weights`` loaded
-        in order, prepared with its optimiser; the original teacher cast and moved in place."""
-        module = student_module(setup, recipe.from_scratch)
+        in order, prepared with its optimiser; the original teacher cast and moved in place, or
+        with ``setup.teacher_view`` the student is ``setup.teacher_model`` and the teacher its view."""
+        shared = setup.teacher_view is not None and not recipe.from_scratch
+        module = setup.teacher_model if shared else student_module(setup, recipe.from_scratch)
         if any(p.dtype in (torch.float16, torch.bfloat16) for p in module.parameters()):
             module = module.float()  # optimiser master weights in float32
         for state in weights:
@@ -118,7 +120,8 @@ class Trainee:
         module = accelerator.unwrap_model(student)
         optimizer = accelerator.prepare(make_optimizer(module))
         weight_dtype = DTYPES.get(recipe.mixed_precision)
-        original = as_teacher(setup.teacher_model, accelerator.device, weight_dtype)
+        original = (setup.teacher_view(module) if shared
+                    else as_teacher(setup.teacher_model, accelerator.device, weight_dtype))
         uncond = map_cond(lambda c: c.to(accelerator.device), setup.uncond)
         return cls(accelerator, module, student, optimizer, original, uncond, weight_dtype)
 

@@ -43,6 +43,10 @@ class DistillationSetup:
         becomes ``uncond``'s (:func:`~proreflow.conditioning.null_like`). The Stable Diffusion
         setup sets ``("added_cond_kwargs.time_ids",)`` for SDXL: dropout removes the text, not
         the image size and crop, as diffusers' SDXL training scripts do.
+    teacher_view: one network in memory (LoRA): given the student, the original teacher as a view
+        of it (e.g. the student with its adapters disabled). Then the student *is*
+        ``teacher_model``, trained in place (build a new setup for a new run); None: the student
+        is a copy and the teacher stays a separate frozen network.
     """
 
     teacher_model: nn.Module
@@ -54,6 +58,7 @@ class DistillationSetup:
     make_student: Callable[[], nn.Module] | None = None
     info: dict[str, Any] = field(default_factory=dict)
     keep_on_dropout: tuple[str, ...] = ()
+    teacher_view: Callable[[nn.Module], nn.Module] | None = None
 
     def denoiser(self, module: nn.Module, dtype=None) -> Denoiser:
         """A Denoiser over ``module`` with the teacher's output type and schedule."""

@@ -84,7 +84,7 @@ def build_stage_teacher(setup: DistillationSetup, recipe: Recipe, index: int, or
                         autocast: Callable[[], Any] = contextlib.nullcontext) -> tuple[StageTeacher, CountingNetwork]:
     """Stage ``index``'s teacher and its evaluation counter.
 
-    original teacher: ``solver_steps`` DDIM steps per window, guided when baked.
+    original teacher: ``solver_steps`` steps of ``solver`` per window, guided when baked.
     previous student (``previous``, frozen EMA weights of stage ``index - 1``): piecewise
     straight over the previous windows; crossing a window of this stage takes ``solver_steps``
     Euler steps (by default one per old window), unguided (its guidance is already baked in).
@@ -99,7 +99,7 @@ def build_stage_teacher(setup: DistillationSetup, recipe: Recipe, index: int, or
     denoiser = setup.denoiser(module, dtype=dtype)
     counter = CountingNetwork(denoiser.network, autocast)
     teacher = StageTeacher(dataclasses.replace(denoiser, network=counter), stage.solver_steps, windows,
-                           stage.teacher_guidance())
+                           stage.teacher_guidance(), stage.solver)
     return teacher, counter
 
 
@@ -130,7 +130,7 @@ _BATCH_FIELDS = tuple(f.name for f in dataclasses.fields(ReflowBatch))
 class TargetCache:
     """Reflow batches of an original-teacher stage on disk, reused by later runs (recipe ``target_cache``).
 
-    A batch depends only on the teacher, the stage's windows / solver steps / guidance / dropout, the
+    A batch depends only on the teacher, the stage's windows / solver and its steps / guidance / dropout, the
     recipe seed, the stage index, the batch layout and the stream position (:mod:`.batches`), so runs that
     differ in anything else (loss, learning rate, EMA, step count) share them: the teacher's solve, most of
     an original-teacher stage's cost, is paid once. Files: ``root/<key>/<step>-<micro>-<rank>.pt``, where
@@ -143,8 +143,8 @@ class TargetCache:
         for name, tensor in sorted(ctx.setup.teacher_model.state_dict().items()):
             digest.update(name.encode())
             digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-        parts = (stage.windows, stage.solver_steps, stage.teacher_guidance(), stage.guidance_mode, stage.cond_dropout,
-                 ctx.recipe.seed, ctx.index, stage.batch_size, stage.grad_accum, acc.num_processes,
+        parts = (stage.windows, stage.solver, stage.solver_steps, stage.teacher_guidance(), stage.guidance_mode,
+                 stage.cond_dropout, ctx.recipe.seed, ctx.index, stage.batch_size, stage.grad_accum, acc.num_processes,
                  ctx.recipe.mixed_precision, len(ctx.setup.dataset))
         digest.update(repr(parts).encode())
         self.folder, self.rank = Path(root) / digest.hexdigest(), acc.process_index
