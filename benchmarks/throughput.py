@@ -140,7 +140,7 @@ def run_config(cfg: Config) -> dict:
     from proreflow.schedules import VPSchedule
     from proreflow.sd.pipeline import unet_network
     from proreflow.training import DistillationSetup, StageRunner, make_accelerator
-    from proreflow.training.batches import collate_pairs
+    from proreflow.training.batches import collate_items
     from proreflow.training.recipes import load_recipe
 
     unet_config, px, tokens, width, pooled = MODELS[cfg.model]
@@ -176,7 +176,7 @@ def run_config(cfg: Config) -> dict:
     loop = time.perf_counter() - start
     runner.close()
 
-    x0, cond = collate_pairs([dataset[i] for i in range(cfg.batch)])
+    x0, cond, _ = collate_items([dataset[i] for i in range(cfg.batch)])
     x = x0.to(device)
     cond = map_cond(lambda a: a.to(device), cond)
     timestep = torch.full((cfg.batch,), 500.0, device=device)

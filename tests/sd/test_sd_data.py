@@ -125,7 +125,7 @@ def test_latent_cache_equals_encoding_on_the_fly(sd15_dir, image_dir, tmp_path):
     assert len(cached.dataset) == len(CAPTIONS)
     # the folder sorts broken.jpg first: cache row i holds image i + 1; live item 0 is image 1's stand-in
     for row, index in [(0, 0), (0, 1), (4, 5)]:
-        (x_cache, c_cache), (x_live, c_live) = cached.dataset[row], live.dataset[index]
+        (x_cache, c_cache), (x_live, c_live) = cached.dataset[row], live.dataset[index][:2]
         assert x_cache.dtype == torch.float32 and x_cache.shape == (4, 8, 8)
         torch.testing.assert_close(x_cache, x_live, rtol=2e-3, atol=2e-3)  # float16 storage
         torch.testing.assert_close(c_cache["encoder_hidden_states"], c_live["encoder_hidden_states"],

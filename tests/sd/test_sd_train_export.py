@@ -16,6 +16,8 @@ from proreflow.sd.lora import extract_lora
 from proreflow.sd.pipeline import load_teacher, unet_network
 from proreflow.sd.setup import build_sd_setup
 from proreflow.training import train
+from proreflow.training.batches import BatchPlan
+from proreflow.training.recipes import load_recipe
 
 RECIPE = {"name": "tiny", "checkpoint_every": 0, "log_every": 1,
           "defaults": {"batch_size": 2, "lr": 1e-3, "warmup_steps": 0, "guidance": 2.0, "ema_decay": 0.5},
@@ -46,6 +48,33 @@ def test_training_skips_and_reports_the_corrupt_image(sd15_run, image_dir):
     assert "truncated" in info["info"]["skipped_images"][str(image_dir / "broken.jpg")]
     student, _ = load_run_student(out, load_teacher(setup.info["teacher"]).unet)
     assert weights_changed(student, load_teacher(setup.info["teacher"]).unet)
+
+
+def skipped_reads(recipe: dict, num_items: int, broken: int) -> int:
+    """How often the batch plan reads item ``broken`` in stage 1 (each read is skipped and counted)."""
+    stage = recipe["stages"][0]
+    plan = BatchPlan(num_items, load_recipe(recipe).seed, 0, recipe["defaults"]["batch_size"], 1)
+    return plan.indices(range(stage["steps"] * recipe["defaults"]["batch_size"])).count(broken)
+
+
+def test_skipped_images_reach_the_summary_from_loader_workers(sd15_dir, image_dir, tmp_path):
+    """Encoding on the fly, the skips of the loader's worker processes are counted as in-process ones."""
+    broken = str(image_dir / "broken.jpg")
+    summaries = {}
+    for workers in (0, 2):
+        recipe = {**RECIPE, "num_workers": workers, "stages": [{"windows": 2, "steps": 4, "solver_steps": 1}]}
+        setup = build_sd_setup(teacher=str(sd15_dir), data=str(image_dir), device="cpu")
+        train(recipe, setup, tmp_path / f"run{workers}", progress=False)
+        summaries[workers] = json.loads((tmp_path / f"run{workers}" / "summary.json").read_text())[0]
+        if workers:
+            assert setup.dataset.skipped == {}  # the main process read nothing itself
+    num_items = len(setup.dataset)
+    index = [setup.dataset.items.source.record(i).name for i in range(num_items)].index(broken)
+    expected = skipped_reads(recipe, num_items, index)
+    assert expected >= 1  # 4 steps x 2 samples cover the 7 items' first epoch
+    for summary in summaries.values():
+        assert summary["skipped_items"] == expected and summary["skipped_item_names"] == [broken]
+    assert summaries[0]["final_loss"] == summaries[2]["final_loss"]  # the same batches either way
 
 
 def test_sdxl_trains_from_the_latent_cache(sdxl_dir, image_dir, tmp_path):

@@ -89,8 +89,9 @@ def test_setup_is_registered_and_trains_two_stages(sd3_dir, image_dir, tmp_path)
     assert get_setup_builder("stable-diffusion-3") is build_sd3_setup
     setup = build_sd3_setup(teacher=str(sd3_dir), data=str(image_dir), device="cpu", window_space="unshifted")
     assert setup.prediction_type == "flow_velocity" and setup.schedule.shift == 3.0
-    x0, cond = setup.dataset[0]
+    x0, cond, skipped = setup.dataset[0]  # broken.jpg sorts first: item 0 is the next image, naming it
     assert x0.shape == (4, 8, 8) and set(cond) == {"encoder_hidden_states", "pooled_projections"}
+    assert skipped == [str(image_dir / "broken.jpg")] and len(setup.dataset[1]) == 2
     result = train(RECIPE, setup, tmp_path / "run", progress=False)
     assert result.windows == TimeWindows(1) and len(result.history) == 4
     assert all(math.isfinite(loss) for _, loss in result.history)
@@ -139,7 +140,7 @@ def test_latent_cache_equals_encoding_on_the_fly(sd3_dir, image_dir, tmp_path):
     assert len(cached.dataset) == len(live.dataset) - 1  # the cache leaves the corrupt image out
     # the folder sorts broken.jpg first: cache row i holds image i + 1; live item 0 is image 1's stand-in
     for row, index in [(0, 0), (0, 1), (4, 5)]:
-        (x_cache, c_cache), (x_live, c_live) = cached.dataset[row], live.dataset[index]
+        (x_cache, c_cache), (x_live, c_live) = cached.dataset[row], live.dataset[index][:2]
         torch.testing.assert_close(x_cache, x_live, rtol=2e-3, atol=2e-3)  # float16 storage
         for key in ("encoder_hidden_states", "pooled_projections"):
             torch.testing.assert_close(c_cache[key], c_live[key], rtol=2e-3, atol=2e-3)

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import pytest
 import torch
 
-from proreflow.training.batches import BatchPlan, collate_pairs, sample_randomness
+from proreflow.training.batches import BatchPlan, collate_items, sample_randomness
+from proreflow.training.report import SKIPPED_NAMES_KEPT, StageCounters
 
 
 def global_batch(plan_args: dict, step: int, processes: int, accum: int) -> list[int]:
@@ -53,12 +57,34 @@ def test_randomness_depends_on_position_only():
     assert abs(1 - many.double().mean().item() - 0.1) < 0.02
 
 
-def test_collate_pairs():
-    x, cond = collate_pairs([(torch.zeros(2), None), (torch.ones(2), None)])
-    assert x.shape == (2, 2) and cond is None
-    x, cond = collate_pairs([(torch.zeros(2), {"a": torch.ones(3)}), (torch.ones(2), {"a": torch.zeros(3)})])
-    assert cond["a"].shape == (2, 3)
-    _, labels = collate_pairs([(torch.zeros(2), 1), (torch.ones(2), 2)])
+def test_collate_items():
+    x, cond, skipped = collate_items([(torch.zeros(2), None), (torch.ones(2), None)])
+    assert torch.equal(x, torch.tensor([[0.0, 0.0], [1.0, 1.0]])) and cond is None and skipped == []
+    x, cond, _ = collate_items([(torch.zeros(2), {"a": torch.ones(3)}), (torch.ones(2), {"a": torch.zeros(3)})])
+    assert torch.equal(cond["a"], torch.tensor([[1.0] * 3, [0.0] * 3]))
+    _, labels, _ = collate_items([(torch.zeros(2), 1), (torch.ones(2), 2)])
     assert labels.tolist() == [1, 2]
     with pytest.raises(ValueError, match="some dataset items have a condition"):
-        collate_pairs([(torch.zeros(2), None), (torch.ones(2), 2)])
+        collate_items([(torch.zeros(2), None), (torch.ones(2), 2)])
+
+
+def test_collate_items_brings_the_skipped_names_in_item_order():
+    """A third element (names skipped to reach the item) is stripped from the batch and listed."""
+    x, cond, skipped = collate_items([(torch.zeros(2), None, ["a.png", "b.png"]), (torch.ones(2), None),
+                                      (torch.full((2,), 2.0), None, ["a.png"])])
+    assert torch.equal(x[:, 0], torch.tensor([0.0, 1.0, 2.0])) and cond is None
+    assert skipped == ["a.png", "b.png", "a.png"]
+    with pytest.raises(ValueError, match=r"\(x0, cond\) or \(x0, cond, skipped names\)"):
+        collate_items([(torch.zeros(2),)])
+
+
+def test_skipped_item_counters_count_every_read_and_keep_the_first_distinct_names():
+    counters = StageCounters()
+    counters.add_skipped_items(["a", "b", "a"])
+    counters.add_skipped_items([])
+    counters.add_skipped_items([f"n{k}" for k in range(SKIPPED_NAMES_KEPT + 5)])
+    assert counters.skipped_items == 3 + SKIPPED_NAMES_KEPT + 5
+    assert counters.skipped_item_names == ["a", "b"] + [f"n{k}" for k in range(SKIPPED_NAMES_KEPT - 2)]
+    # a checkpoint's JSON round trip keeps them (resume goes on counting from there)
+    again = StageCounters(**json.loads(json.dumps(dataclasses.asdict(counters))))
+    assert again == counters

@@ -316,10 +316,12 @@ def decode(record: Record, resolution: int | None = None) -> Image.Image:
 
 
 class ImageCaptionDataset(Dataset):
-    """Preprocessed items ``{"index", "pixels", "caption", "original_size", "crop_top_left"}`` of a source.
+    """Preprocessed items ``{"index", "pixels", "caption", "original_size", "crop_top_left", "skipped_before"}``
+    of a source.
 
     Unreadable images are skipped (module doc): ``skipped`` maps their names to the error, in
-    this process.
+    this process; each item's ``skipped_before`` names the images skipped to reach it, so that
+    they travel with it out of a loader worker.
     """
 
     def __init__(self, source, resolution: int, center_crop: bool = True, random_flip: bool = False):
@@ -343,11 +345,13 @@ class ImageCaptionDataset(Dataset):
                 "crop_top_left": crop}
 
     def __getitem__(self, i: int) -> dict:
-        """Item ``i``, or the next readable one after it."""
+        """Item ``i``, or the next readable one after it, with ``skipped_before``: the names passed over."""
+        passed: list[str] = []
         for k in range(len(self)):
             item = self.load((i + k) % len(self))
             if "skipped" not in item:
-                return item
+                return {**item, "skipped_before": passed}
+            passed.append(item["skipped"])
             if item["skipped"] not in self.skipped:
                 self.skipped[item["skipped"]] = item["error"]
                 log.warning("skipping unreadable image %s (%s); %d skipped so far",

@@ -126,9 +126,14 @@ class EncodedDataset(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, i: int) -> tuple[Tensor, Cond]:
-        latents, cond = self.encode([self.items[i]])
-        return latents[0].float().cpu(), map_cond(lambda a: a[0].float().cpu(), cond)
+    def __getitem__(self, i: int) -> tuple[Tensor, Cond] | tuple[Tensor, Cond, list[str]]:
+        """``(latents, cond)``, with the names of the items skipped to reach it as a third element if any
+        (the engine counts them: :class:`~proreflow.training.setup.DistillationSetup`)."""
+        item = self.items[i]
+        latents, cond = self.encode([item])
+        latents, cond = latents[0].float().cpu(), map_cond(lambda a: a[0].float().cpu(), cond)
+        skipped = item.get("skipped_before") or []
+        return (latents, cond, list(skipped)) if skipped else (latents, cond)
 
 
 def _flatten(cond: dict) -> dict[str, Tensor]:

@@ -17,7 +17,9 @@ of :func:`build_sd_setup`) gives a :class:`~proreflow.training.setup.Distillatio
 - ``info``: teacher, data, resolution, LoRA settings and ``skipped_images`` (unreadable image ->
   error), which the engine writes into the run's ``student.json``. Encoding on the fly, it is
   the dataset's own record, filled as images are read (in loader workers, each worker keeps
-  its own and logs its skips); with a cache it is the cache's complete list.
+  its own and logs its skips); with a cache it is the cache's complete list. Encoding on the
+  fly, each item also names the images skipped to reach it, so the stage summary counts them
+  (``skipped_items``, ``skipped_item_names``) whatever the number of loader workers.
 """
 
 from __future__ import annotations

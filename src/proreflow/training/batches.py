@@ -84,23 +84,30 @@ def sample_randomness(positions: range, seed: int, stage: int, shape: tuple[int,
     return torch.stack(ts).to(dtype), torch.stack(keeps), torch.stack(noises)
 
 
-def collate_pairs(items: list[tuple[Tensor, Cond]]) -> tuple[Tensor, Cond]:
-    """Stack ``(x0, cond)`` items; ``cond`` may be None, a tensor, a number or a dict of them."""
-    xs = default_collate([torch.as_tensor(x) for x, _ in items])
-    conds = [c for _, c in items]
+def collate_items(items: list[tuple]) -> tuple[Tensor, Cond, list[str]]:
+    """Stack ``(x0, cond)`` items into ``(x0, cond, skipped)``; ``cond`` may be None, a tensor, a
+    number or a dict of them. An item may carry a third element, the names of the dataset items
+    skipped to reach it (see :class:`~proreflow.training.setup.DistillationSetup`); ``skipped``
+    lists them all, in item order, so they reach the main process from loader workers too."""
+    if any(len(item) not in (2, 3) for item in items):
+        raise ValueError("dataset items must be (x0, cond) or (x0, cond, skipped names)")
+    xs = default_collate([torch.as_tensor(item[0]) for item in items])
+    skipped = [str(name) for item in items if len(item) == 3 for name in item[2]]
+    conds = [item[1] for item in items]
     if all(c is None for c in conds):
-        return xs, None
+        return xs, None, skipped
     if any(c is None for c in conds):
         raise ValueError("some dataset items have a condition and some have None: give every item one")
-    return xs, default_collate(conds)
+    return xs, default_collate(conds), skipped
 
 
 def micro_batches(dataset: Dataset, plan: BatchPlan, start_step: int, num_workers: int = 0
-                  ) -> Iterator[tuple[Tensor, Cond]]:
-    """Endless iterator over this process's micro-batches ``(x0, cond)`` from ``start_step`` on."""
+                  ) -> Iterator[tuple[Tensor, Cond, list[str]]]:
+    """Endless iterator over this process's micro-batches ``(x0, cond, skipped)`` (:func:`collate_items`)
+    from ``start_step`` on."""
     if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__getitem__"):
         raise TypeError("the training dataset must be map-style (__len__ and __getitem__), "
                         f"got {type(dataset).__name__}")
-    loader = DataLoader(dataset, batch_sampler=plan.batches(start_step), collate_fn=collate_pairs,
+    loader = DataLoader(dataset, batch_sampler=plan.batches(start_step), collate_fn=collate_items,
                         num_workers=num_workers)
     return iter(loader)

@@ -328,7 +328,9 @@ class _Run:
         summary = StageSummary(stage=index + 1, windows=stage.windows, teacher=stage.teacher, steps=state.step,
                                skipped=state.counters.skipped, samples=state.counters.samples,
                                teacher_evals=state.counters.teacher_evals, seconds=state.counters.seconds,
-                               final_loss=final_loss(state.history, first_global))
+                               final_loss=final_loss(state.history, first_global),
+                               skipped_items=state.counters.skipped_items,
+                               skipped_item_names=list(state.counters.skipped_item_names))
         if acc.is_main_process:
             write_stage_result(self.out, index, ema.state_dict(self.module), self._student_info(index, state))
         acc.wait_for_everyone()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -16,6 +16,9 @@ logger = logging.getLogger("proreflow.training")
 FINAL_LOSS_STEPS = 50
 """The final loss of a stage is the mean loss of its last ``FINAL_LOSS_STEPS`` good steps."""
 
+SKIPPED_NAMES_KEPT = 10
+"""A stage's summary names its first ``SKIPPED_NAMES_KEPT`` distinct skipped data items."""
+
 
 @dataclass
 class StageCounters:
@@ -25,6 +28,18 @@ class StageCounters:
     samples: int = 0
     skipped: int = 0
     seconds: float = 0.0
+    skipped_items: int = 0
+    skipped_item_names: list[str] = field(default_factory=list)
+
+    def add_skipped_items(self, names: list[str]) -> None:
+        """Count data items the dataset skipped (each read of one counts) and keep the first
+        :data:`SKIPPED_NAMES_KEPT` distinct names."""
+        self.skipped_items += len(names)
+        for name in names:
+            if len(self.skipped_item_names) >= SKIPPED_NAMES_KEPT:
+                break
+            if name not in self.skipped_item_names:
+                self.skipped_item_names.append(name)
 
 
 @dataclass
@@ -35,6 +50,9 @@ class StageSummary:
         call evaluates the conditional and unconditional branch: 2).
     steps: optimiser steps attempted (``skipped`` of them had a non-finite loss or gradient).
     samples: training samples seen, over all processes.
+    skipped_items: reads of data items the dataset skipped (e.g. unreadable images; an item read
+        in two epochs counts twice), over all processes and loader workers; skipped_item_names:
+        the first :data:`SKIPPED_NAMES_KEPT` distinct ones.
     """
 
     stage: int
@@ -46,12 +64,16 @@ class StageSummary:
     teacher_evals: int
     seconds: float
     final_loss: float
+    skipped_items: int = 0
+    skipped_item_names: list[str] = field(default_factory=list)
 
     def line(self, total_stages: int) -> str:
         return (f"stage {self.stage}/{total_stages} ({self.windows} windows, teacher: {self.teacher}): "
                 f"{self.steps} steps in {self.seconds:.1f} s, {self.samples} samples, "
                 f"{self.teacher_evals} teacher evaluations, final loss {self.final_loss:.5g}"
-                + (f", {self.skipped} non-finite steps skipped" if self.skipped else ""))
+                + (f", {self.skipped} non-finite steps skipped" if self.skipped else "")
+                + (f", {self.skipped_items} data items skipped (first: {', '.join(self.skipped_item_names)})"
+                   if self.skipped_items else ""))
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -214,6 +214,7 @@ class StageRunner:
         self.counters.samples += result.samples
         self.counters.seconds += result.seconds
         self.counters.skipped += int(result.nonfinite)
+        self.counters.add_skipped_items(result.skipped_items)
         return result
 
     def run(self, steps: int) -> StageCounters:
@@ -228,6 +229,7 @@ class StageRunner:
             done.samples += result.samples
             done.seconds += result.seconds
             done.skipped += int(result.nonfinite)
+            done.add_skipped_items(result.skipped_items)
             if result.nonfinite and self.counters.skipped >= self.recipe.max_nonfinite:
                 raise NonFiniteLossError(
                     f"stage {self.index + 1}, step {self.step_index}: {self.counters.skipped} optimiser steps had "

@@ -33,7 +33,10 @@ class DistillationSetup:
     teacher_model: the teacher's network (frozen by the engine, never trained).
     prediction_type: the teacher's output type; the student keeps it (see parametrize.py).
     dataset: items ``(x0, cond)`` in the space the networks see (images, or VAE latents);
-        ``cond`` may be None, a tensor (class label, text states) or a dict of tensors.
+        ``cond`` may be None, a tensor (class label, text states) or a dict of tensors. An item may
+        be ``(x0, cond, skipped)`` instead, ``skipped`` naming the source items the dataset passed
+        over to reach it (e.g. unreadable images); the engine counts them in the stage summary
+        (``skipped_items``, ``skipped_item_names``), from loader worker processes too.
     uncond: the null condition with batch size 1 (for guidance and condition dropout).
     adapter: turns a module into ``network(x, timestep, cond)`` (``diffusers_network`` for UNets).
     make_student: builds a fresh student network (training from scratch); None: copy the teacher.

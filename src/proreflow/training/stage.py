@@ -21,11 +21,12 @@ import contextlib
 import dataclasses
 import hashlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils import gather_object
 from torch import Tensor, nn
 
 from ..conditioning import Cond, map_cond, null_like, select_cond
@@ -201,7 +202,9 @@ class StageContext:
 @dataclass
 class StepResult:
     """One optimiser step, reduced over processes. ``loss`` is nan when the step was skipped.
-    ``seconds``: wall-clock time of the step (set by :class:`~proreflow.training.runner.StageRunner`)."""
+    ``seconds``: wall-clock time of the step (set by :class:`~proreflow.training.runner.StageRunner`).
+    ``skipped_items``: names of the data items the dataset skipped to fill the step's batches
+    (:func:`~proreflow.training.batches.collate_items`), over all processes."""
 
     loss: float
     scalars: dict[str, float]
@@ -209,6 +212,7 @@ class StepResult:
     teacher_evals: int
     samples: int
     seconds: float = 0.0
+    skipped_items: list[str] = field(default_factory=list)
 
 
 def stage_loss(stage: Stage, batch, v_pred: Tensor, schedule) -> LossTerms:
@@ -220,7 +224,7 @@ def stage_loss(stage: Stage, batch, v_pred: Tensor, schedule) -> LossTerms:
                           space_target=space[1], mse_weights=weights)
 
 
-def train_step(ctx: StageContext, batches: Iterator[tuple[Tensor, Cond]], step: int) -> StepResult:
+def train_step(ctx: StageContext, batches: Iterator[tuple[Tensor, Cond, list[str]]], step: int) -> StepResult:
     """Optimiser step ``step`` (0-based) of the stage: accumulate, check finiteness, clip, step, EMA.
 
     A non-finite loss on any process, or a non-finite gradient norm, skips the update on all of them
@@ -230,10 +234,14 @@ def train_step(ctx: StageContext, batches: Iterator[tuple[Tensor, Cond]], step: 
     acc, stage = ctx.accelerator, ctx.stage
     lr = set_stage_hyperparameters(ctx.optimizer, stage, step + 1)
     windows = TimeWindows(stage.windows)
-    # sums over micro-batches: loss, mse, direction, magnitude, non-finite count, teacher evaluations
-    sums = torch.zeros(6, dtype=torch.float64)
+    # sums over micro-batches: loss, mse, direction, magnitude, non-finite count, teacher evaluations,
+    # skipped data items
+    sums = torch.zeros(7, dtype=torch.float64)
+    skipped: list[str] = []
     for micro in range(stage.grad_accum):
-        x0, cond = next(batches)
+        x0, cond, names = next(batches)
+        skipped += names
+        sums[6] += len(names)
         ctx.check_condition(cond)
         x0 = x0.to(acc.device)
         cond = map_cond(lambda c: c.to(acc.device), cond)
@@ -265,11 +273,13 @@ def train_step(ctx: StageContext, batches: Iterator[tuple[Tensor, Cond]], step: 
         sums[5] += evals
     if acc.num_processes > 1:
         sums = acc.reduce(sums.to(acc.device), "sum").cpu()
+        if sums[6] > 0:  # every process knows this, so all of them gather
+            skipped = [name for names in gather_object([skipped]) for name in names]
     micro_total = stage.grad_accum * acc.num_processes
     evals, samples = int(sums[5]), stage.batch_size
     if sums[4] > 0:
         ctx.optimizer.zero_grad(set_to_none=True)
-        return StepResult(float("nan"), {"lr": lr}, True, evals, samples)
+        return StepResult(float("nan"), {"lr": lr}, True, evals, samples, skipped_items=skipped)
     scalars = {"lr": lr, "mse": float(sums[1]) / micro_total, "direction": float(sums[2]) / micro_total,
                "magnitude": float(sums[3]) / micro_total}
     # the norm of the (all-reduced, unscaled) gradient; max_norm = inf measures it and scales by exactly 1
@@ -279,7 +289,8 @@ def train_step(ctx: StageContext, batches: Iterator[tuple[Tensor, Cond]], step: 
         if acc.scaler is not None:
             ctx.optimizer.step()  # the grad scaler saw the overflow: it skips the update and lowers its scale
         ctx.optimizer.zero_grad(set_to_none=True)
-        return StepResult(float("nan"), {"lr": lr, "grad_norm": grad_norm}, True, evals, samples)
+        return StepResult(float("nan"), {"lr": lr, "grad_norm": grad_norm}, True, evals, samples,
+                          skipped_items=skipped)
     ctx.optimizer.step()
     ctx.optimizer.zero_grad(set_to_none=True)
     bad = nonfinite_parameters(ctx.module)
@@ -288,7 +299,7 @@ def train_step(ctx: StageContext, batches: Iterator[tuple[Tensor, Cond]], step: 
                                  "weights non-finite (from a finite gradient); the run stopped and nothing was "
                                  "written with them. Lower lr or weight_decay, then continue with --resume.")
     ctx.ema.update(ctx.module, step + 1)
-    return StepResult(float(sums[0]) / micro_total, scalars, False, evals, samples)
+    return StepResult(float(sums[0]) / micro_total, scalars, False, evals, samples, skipped_items=skipped)
 
 
 def nonfinite_parameters(module: nn.Module) -> int:
