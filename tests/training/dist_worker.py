@@ -10,7 +10,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from engine_toys import make_setup  # noqa: E402
+from engine_toys import SkippingMixture, make_setup  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from proreflow.training import train  # noqa: E402
@@ -20,4 +20,5 @@ if __name__ == "__main__":
     out, recipe, teacher = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
     setup = make_setup(pretrained=False)
     setup.teacher_model.load_state_dict(load_file(teacher))
+    setup.dataset = SkippingMixture()
     train(recipe, setup, out, progress=False)

@@ -10,6 +10,7 @@ from torch.utils.data import Dataset
 
 from proreflow.schedules import VPSchedule
 from proreflow.training import DistillationSetup
+from proreflow.training.batches import BatchPlan
 
 CLASSES = 3
 
@@ -49,6 +50,22 @@ class Mixture(Dataset):
 
     def __getitem__(self, i):
         return self.x[i], (self.labels[i] if self.conditional else None)
+
+
+class SkippingMixture(Mixture):
+    """A Mixture whose item ``i`` names ``gone-(i - 1)`` as skipped to reach it when ``i % 5 == 1``
+    (the ``(x0, cond, skipped)`` items of DistillationSetup.dataset)."""
+
+    def __getitem__(self, i):
+        x, c = super().__getitem__(i)
+        return (x, c, [f"gone-{i - 1}"]) if i % 5 == 1 else (x, c)
+
+
+def skipped_per_step(n: int, seed: int, stage: int, batch_size: int, steps: int) -> list[str]:
+    """The names SkippingMixture(n) reports in a stage: each step's sorted, step after step."""
+    plan = BatchPlan(n, seed, stage, batch_size, 1)
+    return [name for s in range(steps)
+            for name in sorted(f"gone-{i - 1}" for i in plan.indices(plan.positions(s, 0)) if i % 5 == 1)]
 
 
 SCHEDULE = VPSchedule.from_betas()  # Stable Diffusion's scaled-linear schedule

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import torch
-from engine_toys import make_setup, tiny_recipe
+from engine_toys import SkippingMixture, make_setup, skipped_per_step, tiny_recipe
 from safetensors.torch import load_file, save_file
 
 from proreflow.training import train
@@ -22,6 +22,7 @@ def test_two_processes_match_one(tmp_path):
     recipe = tiny_recipe(checkpoint_every=3, defaults={"lr": 1e-2, "batch_size": 8, "grad_accum": 2, "steps": 6,
                                                        "ema_decay": 0.8, "solver_steps": 2, "cond_dropout": 0.25})
     setup = make_setup()
+    setup.dataset = SkippingMixture()  # items naming skipped ones: gathered from both processes
     save_file(setup.teacher_model.state_dict(), str(tmp_path / "teacher.safetensors"))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true", "CUDA_VISIBLE_DEVICES": ""}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(WORKER),
@@ -36,6 +37,10 @@ def test_two_processes_match_one(tmp_path):
     summary = json.loads((tmp_path / "two/summary.json").read_text())
     assert [s["teacher_evals"] for s in summary] == [s.teacher_evals for s in one.stages]
     assert [s["samples"] for s in summary] == [48, 48]
+    for stage, (two, one_stage) in enumerate(zip(summary, one.stages, strict=True)):
+        gone = skipped_per_step(len(setup.dataset), recipe["seed"], stage, 8, 6)
+        assert two["skipped_items"] == one_stage.skipped_items == len(gone) > 0
+        assert two["skipped_item_names"] == one_stage.skipped_item_names == list(dict.fromkeys(gone))[:10]
     assert sorted(p.name for p in (tmp_path / "two/checkpoints/step-00000009").iterdir()) == [
         "ema.safetensors", "meta.json", "rng-0.pt", "rng-1.pt", "state.pt", "student.safetensors"]
     meta = json.loads((tmp_path / "two/checkpoints/step-00000009/meta.json").read_text())

@@ -10,12 +10,11 @@ import signal
 import pytest
 import torch
 import yaml
-from engine_toys import Mixture, make_setup, tiny_recipe
+from engine_toys import Mixture, SkippingMixture, make_setup, skipped_per_step, tiny_recipe
 from safetensors.torch import load_file
 
 from proreflow.cli import main
 from proreflow.training import train
-from proreflow.training.batches import BatchPlan
 from proreflow.training.engine import TrainingInterrupted
 from proreflow.training.report import SKIPPED_NAMES_KEPT
 
@@ -59,33 +58,25 @@ def test_ctrl_c_writes_a_checkpoint_and_resume_is_bit_identical(tmp_path, at_rea
     assert resumed.history == straight.history
 
 
-class SkipsBefore(CtrlCAt):
-    """Item ``i`` names ``gone-(i - 1)`` as skipped to reach it when ``i % 5 == 1`` (the convention
-    of DistillationSetup.dataset); Ctrl-C at read ``at`` as CtrlCAt (0: never)."""
-
-    def __getitem__(self, i):
-        x, c = super().__getitem__(i)
-        return (x, c, [f"gone-{i - 1}"]) if i % 5 == 1 else (x, c)
+class SkippingCtrlCAt(CtrlCAt, SkippingMixture):
+    """SkippingMixture's items, with Ctrl-C at read ``at`` as CtrlCAt (0: never)."""
 
 
 def test_skipped_items_are_counted_per_stage_and_resume_exactly(tmp_path):
     """The stage summaries count every read of a skipped item (and name the first distinct ones),
     the same after a Ctrl-C in stage 2 and a resume as in one uninterrupted run."""
     straight_setup = make_setup()
-    straight_setup.dataset = SkipsBefore(0)
+    straight_setup.dataset = SkippingCtrlCAt(0)
     straight = train(RECIPE, straight_setup, tmp_path / "straight", progress=False)
     setup = make_setup()
-    setup.dataset = SkipsBefore(6 * 8 + 2 * 8 + 3)
+    setup.dataset = SkippingCtrlCAt(6 * 8 + 2 * 8 + 3)
     with pytest.raises(TrainingInterrupted, match="interrupted at stage 2, step 3"):
         train(RECIPE, setup, tmp_path / "run", progress=False)
     resumed_setup = make_setup()
-    resumed_setup.dataset = SkipsBefore(0)
+    resumed_setup.dataset = SkippingCtrlCAt(0)
     resumed = train(RECIPE, resumed_setup, tmp_path / "run", resume=True, progress=False)
-    n = len(straight_setup.dataset)
     for stage, (a, b) in enumerate(zip(straight.stages, resumed.stages, strict=True)):
-        plan = BatchPlan(n, RECIPE["seed"], stage, 8, 1)
-        read = plan.indices(range(6 * 8))
-        gone = [f"gone-{i - 1}" for i in read if i % 5 == 1]
+        gone = skipped_per_step(len(straight_setup.dataset), RECIPE["seed"], stage, 8, 6)
         assert a.skipped_items == b.skipped_items == len(gone) > 0
         assert a.skipped_item_names == b.skipped_item_names == list(dict.fromkeys(gone))[:SKIPPED_NAMES_KEPT]
         assert f"{len(gone)} data items skipped (first: {gone[0]}, " in a.line(2)

@@ -204,7 +204,7 @@ class StepResult:
     """One optimiser step, reduced over processes. ``loss`` is nan when the step was skipped.
     ``seconds``: wall-clock time of the step (set by :class:`~proreflow.training.runner.StageRunner`).
     ``skipped_items``: names of the data items the dataset skipped to fill the step's batches
-    (:func:`~proreflow.training.batches.collate_items`), over all processes."""
+    (:func:`~proreflow.training.batches.collate_items`), over all processes, sorted."""
 
     loss: float
     scalars: dict[str, float]
@@ -275,6 +275,7 @@ def train_step(ctx: StageContext, batches: Iterator[tuple[Tensor, Cond, list[str
         sums = acc.reduce(sums.to(acc.device), "sum").cpu()
         if sums[6] > 0:  # every process knows this, so all of them gather
             skipped = [name for names in gather_object([skipped]) for name in names]
+    skipped.sort()  # a step's names in an order that does not depend on the process layout
     micro_total = stage.grad_accum * acc.num_processes
     evals, samples = int(sums[5]), stage.batch_size
     if sums[4] > 0:
