@@ -72,8 +72,8 @@ class StageSummary:
                 f"{self.steps} steps in {self.seconds:.1f} s, {self.samples} samples, "
                 f"{self.teacher_evals} teacher evaluations, final loss {self.final_loss:.5g}"
                 + (f", {self.skipped} non-finite steps skipped" if self.skipped else "")
-                + (f", {self.skipped_items} data items skipped (first: {', '.join(self.skipped_item_names)})"
-                   if self.skipped_items else ""))
+                + (f", {self.skipped_items} data items skipped (first: {', '.join(self.skipped_item_names[:3])}"
+                   + (", ...)" if len(self.skipped_item_names) > 3 else ")") if self.skipped_items else ""))
 
     def to_dict(self) -> dict:
         return asdict(self)
