@@ -273,16 +273,19 @@ class LatentCacheDataset(Dataset):
 
 def latent_dataset(items: Dataset, encode: Encoder, settings: dict, cache_dir: str | Path | None = None,
                    batch_size: int = 16, num_workers: int = 0) -> EncodedDataset | LatentCacheDataset:
-    """``items`` encoded on the fly, or with ``cache_dir`` once into a cache (built by the main process,
-    reused when its manifest matches ``settings``): the dataset of any latent-space family's setup."""
-    from accelerate import PartialState
+    """``items`` encoded on the fly, or with ``cache_dir`` once into a cache, built by the main process
+    and reused while its manifest matches ``settings`` (rebuilt when stale, refused for other settings:
+    :func:`check_manifest`): the dataset of any latent-space family's setup. The process state is the
+    one the engine's accelerator will have (:func:`~proreflow.training.runner.process_state`), so
+    several processes share one cache."""
+    from ..training.runner import process_state
 
     if cache_dir is None:
         return EncodedDataset(items, encode)
-    with PartialState().main_process_first():
+    state = process_state()
+    with state.main_process_first():
         manifest = read_manifest(cache_dir)
-        if manifest is not None:
-            check_manifest(manifest, settings, cache_dir)
-        elif PartialState().is_main_process:
+        current = manifest is not None and check_manifest(manifest, settings, cache_dir)
+        if not current and state.is_main_process:
             build_latent_cache(items, encode, cache_dir, settings, batch_size=batch_size, num_workers=num_workers)
     return LatentCacheDataset(cache_dir)

@@ -35,14 +35,10 @@ from ..training.runner import as_dtype, process_state
 from ..training.setup import DistillationSetup
 from .captions import ImageCaptionDataset, PromptDataset, open_source, read_prompts
 from .latent_cache import (
-    EncodedDataset,
-    LatentCacheDataset,
-    build_latent_cache,
-    check_manifest,
     encode_items,
     files_fingerprint,
     generate_items,
-    read_manifest,
+    latent_dataset,
 )
 from .lora import AdaptersDisabled, add_lora
 from .pipeline import load_teacher, read_model_index, unet_network
@@ -124,16 +120,7 @@ def build_sd_setup(teacher: str, data: str | list[str] | None = None, data_kind:
         encoders = [getattr(sd.pipe, name, None) for name in ("text_encoder", "text_encoder_2", "vae")]
         settings.update(files=files_fingerprint(files, exclude=cache_dir), encoder_dtype=str(as_dtype(encoder_dtype)),
                         encoder="+".join(type(m).__name__ for m in encoders if m is not None))
-        state = process_state()  # as the engine's accelerator will be: several processes share one cache
-        with state.main_process_first():
-            manifest = read_manifest(cache_dir)
-            current = manifest is not None and check_manifest(manifest, settings, cache_dir)
-            if not current and state.is_main_process:
-                build_latent_cache(items, encode, cache_dir, settings, batch_size=cache_batch_size,
-                                   num_workers=num_workers)
-        dataset = LatentCacheDataset(cache_dir)
-    else:
-        dataset = EncodedDataset(items, encode)
+    dataset = latent_dataset(items, encode, settings, cache_dir, cache_batch_size, num_workers)
 
     unet = sd.unet
     if lora_rank:
