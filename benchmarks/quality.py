@@ -71,6 +71,10 @@ METHODS = {
     "ProReflow-II, epsilon-space MSE, warm-up 10 steps": ("proreflow-ii", ["stages.*.loss_space=epsilon",
                                                                            "stages.*.warmup_steps=10"]),
     "ProReflow-II, epsilon-space MSE, lr 3e-4": ("proreflow-ii", ["stages.*.loss_space=epsilon", "stages.*.lr=3e-4"]),
+    "ProReflow-II, velocity MSE, half at window starts": ("proreflow-ii", ["stages.*.loss_space=velocity",
+                                                                           "stages.*.start_share=0.5"]),
+    "ProReflow-II, epsilon-space MSE, half at window starts": ("proreflow-ii", ["stages.*.loss_space=epsilon",
+                                                                                "stages.*.start_share=0.5"]),
     "PeRFlow, velocity MSE": ("perflow", ["stages.*.loss_space=velocity"]),
     "PeRFlow, epsilon-space MSE": ("perflow", ["stages.*.loss_space=epsilon"]),
 }
@@ -115,7 +119,9 @@ def window_diagnostics(setup, student, initial, recipe, data: str, guidance: flo
                        samples: int = DIAG_SAMPLES, sub: int = DIAG_SUBINTERVALS) -> list[dict]:
     """Where a student fails: per window of its last stage and per sub-interval of t inside it, the RMS
     distance of its one-step endpoint ``x_t + (t_end - t) v(x_t, t)`` to the stage teacher's landing
-    ``x_end``, for the trained student and for its initialisation (the teacher's weights: one DDIM step).
+    ``x_end``, for the trained student and for its initialisation (the teacher's weights: one DDIM step);
+    also at each window's start ``t = t_start`` (x_t = noised data), the point a sampler with one step per
+    window evaluates.
 
     Inputs: held-out test images (``samples`` per cell, cycling), fresh noise seeded by ``seed``, t at the
     centre of each sub-interval, and the last stage's own teacher (original, its solver steps, baked guidance).
@@ -135,8 +141,8 @@ def window_diagnostics(setup, student, initial, recipe, data: str, guidance: flo
     rows = []
     for w in range(windows.count):
         start, end = float(edges[w]), float(edges[w + 1])
-        for k in range(sub):
-            t_mid = start + (end - start) * (k + 0.5) / sub
+        for k in range(-1, sub):  # k = -1: the window's start, where a one-step-per-window sampler evaluates
+            t_mid = start if k < 0 else start + (end - start) * (k + 0.5) / sub
             t = torch.full((samples,), t_mid)
             batch = make_reflow_batch(x0, noise, windows, teacher, setup.schedule, cond, uncond, t=t)
             x_end = batch.x_t + (batch.t_end - batch.t).reshape(-1, *[1] * (x0.ndim - 1)) * batch.v_target

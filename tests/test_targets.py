@@ -6,6 +6,7 @@ from proreflow import (
     StageTeacher,
     TimeWindows,
     VPSchedule,
+    at_window_start,
     make_reflow_batch,
     sample_times,
     teacher_start_points,
@@ -59,3 +60,23 @@ def test_teacher_start_points_follow_the_teacher_flow_from_noise():
     for i in range(1, 4):
         exact = exact_flow(SCHEDULE, mu, s, noise[i], 1.0, t_start[i].item())
         assert (x[i] - exact).abs().max() < 1e-2
+
+
+def test_at_window_start_gives_the_batch_drawn_at_the_window_starts():
+    """Moving samples to their window's start equals drawing them there: x_t == x_start, same targets."""
+    mu, s = 0.4, 0.5
+    teacher = StageTeacher(gaussian_teacher(SCHEDULE, mu, s), steps=8)
+    windows = TimeWindows(4)
+    g = torch.Generator().manual_seed(1)
+    x0 = mu + s * torch.randn(16, 3, generator=g, dtype=torch.float64)
+    noise = torch.randn(16, 3, generator=g, dtype=torch.float64)
+    t = sample_times(16, g).double()
+    batch = make_reflow_batch(x0, noise, windows, teacher, SCHEDULE, t=t)
+    mask = torch.arange(16) % 3 == 0
+    moved = at_window_start(batch, mask)
+    direct = make_reflow_batch(x0, noise, windows, teacher, SCHEDULE, t=torch.where(mask, batch.t_start, t))
+    for name in ("x_t", "t", "v_target", "t_start", "t_end"):
+        torch.testing.assert_close(getattr(moved, name), getattr(direct, name), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(moved.x_t[mask], SCHEDULE.add_noise(x0, noise, batch.t_start)[mask],
+                               rtol=1e-12, atol=1e-12)
+    assert torch.equal(moved.x_t[~mask], batch.x_t[~mask]) and torch.equal(moved.t[~mask], t[~mask])

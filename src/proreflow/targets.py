@@ -58,6 +58,15 @@ def sample_times(batch: int, generator: torch.Generator | None = None, device=No
     return 1.0 - torch.rand(batch, generator=generator, device=device)
 
 
+def at_window_start(batch: ReflowBatch, mask: Tensor) -> ReflowBatch:
+    """``batch`` with the samples in ``mask`` moved to their window's start along their segment:
+    ``t = t_start`` and ``x_t <- x_t + (t_start - t) v = x_start``; targets and windows unchanged."""
+    mask = mask.to(batch.t.device)
+    t = torch.where(mask, batch.t_start, batch.t)
+    x_t = batch.x_t + bcast(t - batch.t, batch.x_t) * batch.v_target
+    return ReflowBatch(x_t=x_t, t=t, v_target=batch.v_target, t_start=batch.t_start, t_end=batch.t_end)
+
+
 @torch.no_grad()
 def teacher_start_points(teacher: StageTeacher, noise: Tensor, t_start: Tensor, cond: Cond = None,
                          uncond: Cond = None, steps: int = REFERENCE_STEPS) -> Tensor:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 
 import pytest
 import torch
 
-from proreflow.training.batches import BatchPlan, collate_items, sample_randomness
+from proreflow.training.batches import BatchPlan, collate_items, sample_randomness, start_mask
 from proreflow.training.report import SKIPPED_NAMES_KEPT, StageCounters
 
 
@@ -88,3 +89,15 @@ def test_skipped_item_counters_count_every_read_and_keep_the_first_distinct_name
     # a checkpoint's JSON round trip keeps them (resume goes on counting from there)
     again = StageCounters(**json.loads(json.dumps(dataclasses.asdict(counters))))
     assert again == counters
+
+
+def test_start_mask_takes_exactly_its_share_evenly_and_for_any_layout():
+    for share in (0.0, 0.25, 0.5, 1 / 3, 1.0):
+        full = start_mask(range(0, 600), share)
+        assert int(full.sum()) == math.floor(600 * share)
+        # every window of 12 consecutive positions holds floor or ceil of 12 * share
+        counts = full.unfold(0, 12, 1).sum(dim=1)
+        assert int(counts.min()) >= math.floor(12 * share) and int(counts.max()) <= math.ceil(12 * share)
+        # positions split over processes / micro-batches give the same samples
+        parts = torch.cat([start_mask(range(a, a + 50), share) for a in range(0, 600, 50)])
+        assert torch.equal(parts, full)

@@ -84,6 +84,14 @@ def sample_randomness(positions: range, seed: int, stage: int, shape: tuple[int,
     return torch.stack(ts).to(dtype), torch.stack(keeps), torch.stack(noises)
 
 
+def start_mask(positions: range, share: float) -> Tensor:
+    """Which samples of ``positions`` train at their window's start: position ``p`` iff
+    ``floor((p + 1) share) > floor(p share)``, i.e. exactly ``share`` of every long run of the stream,
+    spread evenly and the same whatever the number of processes (the stream's order is random)."""
+    p = torch.tensor(list(positions), dtype=torch.float64)
+    return torch.floor((p + 1) * share) > torch.floor(p * share)
+
+
 def collate_items(items: list[tuple]) -> tuple[Tensor, Cond, list[str]]:
     """Stack ``(x0, cond)`` items into ``(x0, cond, skipped)``; ``cond`` may be None, a tensor, a
     number or a dict of them. An item may carry a third element, the names of the dataset items

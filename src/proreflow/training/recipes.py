@@ -89,6 +89,11 @@ class Stage:
         "SNR = abar / (1 - abar) (min-SNR-gamma, Hang et al. 2023); 'window' 1 / (mean squared target of "
         "the batch's samples in the same window)", default="none")
     snr_gamma: float = _doc("gamma of loss_weighting: min_snr", default=5.0)
+    start_share: float = _doc(
+        "share of each batch's samples trained at their window's start (t = t_start, x_t = x_start) instead "
+        "of at their uniform t inside the window: the times a sampler with one step per window evaluates. "
+        "Sample p of the stage's stream is moved iff floor((p + 1) s) > floor(p s); the teacher's solves "
+        "are unchanged", default=0.0)
     lr: float = _doc("AdamW learning rate", default=1e-4)
     warmup_steps: int = _doc("linear learning-rate warm-up: step k uses lr * min(1, k / warmup_steps)",
                              default=0)
@@ -319,7 +324,7 @@ _LIMITS: dict[str, tuple[float, float]] = {
     # stage keys
     "windows": (1, 1024), "steps": (1, 10**8), "solver_steps": (1, 1000), "alpha": (0, 1000), "beta": (0, 1000),
     "lr": (0, 1), "warmup_steps": (0, 10**8), "weight_decay": (0, 1), "grad_clip": (0, 1e6),
-    "batch_size": (1, 65536), "grad_accum": (1, 4096), "guidance": (0, 100),
+    "batch_size": (1, 65536), "grad_accum": (1, 4096), "guidance": (0, 100), "start_share": (0, 1),
     # recipe keys
     "seed": (0, 2**63 - 1), "checkpoint_every": (0, 10**8), "keep_checkpoints": (0, 10**6),
     "max_nonfinite": (1, 10**8), "log_every": (1, 10**8), "num_workers": (0, 256),

@@ -33,10 +33,10 @@ from ..conditioning import Cond, map_cond, null_like, select_cond
 from ..files import atomic_write
 from ..losses import LossTerms, aligned_v_loss, time_weights, to_loss_space
 from ..schedules import compute_dtype
-from ..targets import ReflowBatch, StageTeacher, make_reflow_batch
+from ..targets import ReflowBatch, StageTeacher, at_window_start, make_reflow_batch
 from ..teachers import Denoiser, Network
 from ..windows import TimeWindows
-from .batches import BatchPlan, sample_randomness
+from .batches import BatchPlan, sample_randomness, start_mask
 from .ema import EMA
 from .optim import set_stage_hyperparameters
 from .recipes import Recipe, Stage
@@ -263,6 +263,8 @@ def train_step(ctx: StageContext, batches: Iterator[tuple[Tensor, Cond, list[str
                 batch = ReflowBatch(**{k: getattr(batch, k).to(acc.device) for k in _BATCH_FIELDS})
             else:
                 batch, evals = make(), ctx.counter.take()
+            if stage.start_share:
+                batch = at_window_start(batch, start_mask(ctx.plan.positions(step, micro), stage.start_share))
             v_pred = ctx.student_denoiser.velocity(batch.x_t, batch.t, batch.t_end, cond)
             terms = stage_loss(stage, batch, v_pred, ctx.setup.schedule)
             acc.backward(terms.total / stage.grad_accum)
