@@ -247,3 +247,33 @@ def test_compiled_teacher_and_student_train_and_match_eager(sd15_dir, image_dir,
                                    rtol=1e-4, atol=1e-4)
     recipe = {**RECIPE, "stages": [{"windows": 2, "steps": 1, "solver_steps": 1}]}
     assert torch.isfinite(torch.tensor(train(recipe, setup, tmp_path / "run", progress=False).history)).all()
+
+
+def test_validation_grids_show_the_prompts_decoded_by_the_vae(sd15_dir, image_dir, tmp_path):
+    """validation_prompts: the stage-end grid is the saved student sampled for the encoded prompts from the
+    fixed noise, decoded by the VAE (its pixels, round((x + 1) 127.5), in the first cell)."""
+    import numpy as np
+    from PIL import Image
+    from safetensors.torch import load_file
+
+    from proreflow.training import load_student
+    from proreflow.training.validation import to_uint8, validation_noise
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red cube\na blue ball\n")
+    setup = build_sd_setup(teacher=str(sd15_dir), data=str(image_dir), device="cpu", validation_prompts=str(prompts))
+    recipe = {**RECIPE, "validation_every": 1, "stages": [{"windows": 2, "steps": 1, "solver_steps": 1}]}
+    out = tmp_path / "run"
+    train(recipe, setup, out, progress=False)
+    teacher = load_teacher(sd15_dir)
+    student, _ = load_student(out, setup)
+    cond = teacher.encode_prompts(["a red cube", "a blue ball"])
+    latents = sample(student, validation_noise(0, (2, *teacher.latent_shape(setup.info["resolution"]))),
+                     TimeWindows(2), 2, cond)  # guidance 1: baked
+    saved = load_file(str(out / "validation/stage-1-2w/step-00000001.safetensors"))["samples"]
+    torch.testing.assert_close(saved, latents, rtol=1e-5, atol=1e-5)
+    grid = np.asarray(Image.open(out / "validation/stage-1-2w/step-00000001.png"))
+    first = to_uint8(teacher.decode_latents(saved[:1]))[0].permute(1, 2, 0).numpy()
+    h, w = first.shape[:2]
+    scale = max(1, -(-96 // max(h, w)))
+    assert np.array_equal(grid[4: 4 + h * scale: scale, 4: 4 + w * scale: scale], first)

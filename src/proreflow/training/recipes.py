@@ -96,7 +96,7 @@ class Stage:
     lr_schedule: str = _doc(
         "learning-rate schedule by diffusers' name (diffusers.optimization.get_scheduler): optimiser step k "
         "(1-based) of the stage runs at lr times the schedule's factor at step k, over the stage's steps; "
-        "'constant_with_warmup' (the default) is lr * min(1, k / warmup_steps); 'constant', 'linear', "
+        "'constant_with_warmup' (the default) is lr * min(1, k / warmup_steps); 'constant' (no warm-up), 'linear', "
         "'cosine', 'cosine_with_restarts' (lr_num_cycles restarts), 'polynomial' (lr_power, down to 1e-7); "
         "the decaying ones reach 0 (1e-7) at the stage's last step", default="constant_with_warmup")
     warmup_steps: int = _doc("linear learning-rate warm-up steps of lr_schedule (0: none)", default=0)
@@ -157,7 +157,7 @@ class Recipe:
     allow_tf32: bool = _doc("TF32 matrix products and convolutions on NVIDIA GPUs (Ampere and newer: faster "
                             "float32, 10-bit mantissa); nothing changes on CPU", default=False)
     gradient_checkpointing: bool = _doc(
-        "recompute activations in the backward pass instead of storing them (less memory, ~30% more time): "
+        "recompute activations in the backward pass instead of storing them (less memory, more compute): "
         "the student's enable_gradient_checkpointing() (diffusers models; the built-in networks have one "
         "too); teachers run without gradients, so the frozen ones keep nothing to recompute", default=False)
     max_train_samples: int | None = _doc("train on the first N items of the setup's dataset only (all of "
@@ -569,4 +569,7 @@ def _describe(f: dataclasses.Field) -> str:
 
 
 def _describe_line(name: str, default: str, text: str) -> str:
-    return textwrap.fill(text, width=100, initial_indent=f"  {name:<17}{default:<11}", subsequent_indent=" " * 30)
+    head = f"  {name:<23}{default:<11}"
+    if len(head) > 36:  # a long default (max_train_samples' None fits) on a line of its own
+        head = f"  {name:<23}{default} "
+    return textwrap.fill(text, width=100, initial_indent=head, subsequent_indent=" " * 36)
