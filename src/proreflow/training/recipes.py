@@ -171,9 +171,9 @@ class Recipe:
                                  "each stage's end, with fixed conditions and fixed noise, one step per window: "
                                  "a grid OUT/validation/stage-<i>-<w>w/step-<global step>.png (and the samples "
                                  "as .safetensors), logged to the trackers (0: no validation)", default=0)
-    validation_samples: int = _doc("validation samples per grid: the setup's validation conditions (Stable "
-                                   "Diffusion: setup.validation_prompts), else those of the dataset's first "
-                                   "items", default=8)
+    validation_samples: int = _doc("validation samples per grid, for the conditions of the dataset's first N "
+                                   "items; a setup's own validation conditions (Stable Diffusion: "
+                                   "setup.validation_prompts) come in their own number", default=8)
     num_workers: int = _doc("DataLoader worker processes per training process", default=0)
     target_cache: str = _doc("folder where the original teacher's reflow batches are stored and reused by later "
                              "runs with the same teacher, stage windows / solver steps / guidance, seed and batch "
