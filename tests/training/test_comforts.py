@@ -117,15 +117,15 @@ def test_adamw_8bit_is_bitsandbytes_adamw8bit(monkeypatch):
         assert made[0].param_groups[0]["betas"] == (0.6, 0.999)
 
 
-def test_adamw_8bit_without_bitsandbytes_is_a_clear_error(monkeypatch):
-    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # find_spec raises ValueError for a None entry
+def test_adamw_8bit_without_bitsandbytes_is_a_clear_error(monkeypatch, tmp_path):
     import importlib.util
 
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else
-                        importlib.machinery.PathFinder.find_spec(name))
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a, **k: None if name == "bitsandbytes" else real(name, *a, **k))
     with pytest.raises(ValueError, match=r"optimizer: 'adamw_8bit' needs bitsandbytes.*pip install bitsandbytes"):
-        train(tiny_recipe(optimizer="adamw_8bit"), make_setup(), "unused-folder", progress=False)
-    assert not Path("unused-folder").exists()
+        train(tiny_recipe(optimizer="adamw_8bit"), make_setup(), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()  # refused before anything was written
 
 
 def test_allow_tf32_sets_torch_flags_and_changes_nothing_on_cpu(tmp_path):

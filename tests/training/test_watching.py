@@ -68,6 +68,20 @@ def test_the_stage_end_grid_samples_the_stage_result_from_the_fixed_noise(valida
     assert not torch.equal(first, load_file(str(out / "validation/stage-1-4w/step-00000006.safetensors"))["samples"])
 
 
+def test_cfg_sync_grids_are_sampled_with_the_stage_guidance(tmp_path):
+    recipe = tiny_recipe(validation_every=6, validation_samples=4, stages=[
+        {"windows": 2, "guidance_mode": "cfg_sync", "guidance": 3.0, "cond_dropout": 0.2}])
+    setup = make_setup()
+    train(recipe, setup, tmp_path, progress=False)
+    student, _ = load_student(tmp_path, setup)
+    conds = torch.stack([setup.dataset[i][1] for i in range(4)])
+    noise = validation_noise(0, (4, 2), torch.float64)
+    got = load_file(str(tmp_path / "validation/stage-1-2w/step-00000006.safetensors"))["samples"]
+    guided = sample(student, noise, TimeWindows(2), 2, conds, torch.tensor([CLASSES]), 3.0)
+    assert torch.equal(got, guided.float())
+    assert not torch.equal(got, sample(student, noise, TimeWindows(2), 2, conds).float())
+
+
 def test_resumed_runs_draw_the_same_grids(validated, tmp_path):
     """Resumed from step 4 (the later grids deleted), the run draws every later grid as the uninterrupted one."""
     out, _ = validated
