@@ -3,6 +3,7 @@ stderr (no traceback), fails before any model loads, and does not hang (an alarm
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import shutil
@@ -130,7 +131,47 @@ TRAIN = [  # (id, arguments after `train --config CFG`, a part of the one error 
      "stages.0.windows: the checkpoint"),
     ("resume_all_damaged", ["--out", "{damaged}", "--resume"], "no complete checkpoint left"),
     ("unknown_option", ["--bogus"], "unrecognized arguments: --bogus"),
-]
+    # issue 14, items 6-7: the keys of watching a run and of diffusers' training comforts
+    ("lr_schedule_bogus", ["stages.*.lr_schedule=cosine_forever"],
+     "stages.0.lr_schedule: 'cosine_forever' is not one of constant_with_warmup, constant, linear, cosine"),
+    ("lr_schedule_piecewise", ["defaults.lr_schedule=piecewise_constant"], "'piecewise_constant' is not one of"),
+    ("lr_schedule_number", ["stages.*.lr_schedule=3"], "lr_schedule: expected one of constant_with_warmup"),
+    ("lr_num_cycles_zero", ["stages.*.lr_num_cycles=0"], "stages.0.lr_num_cycles: must be at least 1"),
+    ("lr_num_cycles_float", ["stages.*.lr_num_cycles=1.5"], "stages.0.lr_num_cycles: expected an integer"),
+    ("lr_power_zero", ["stages.*.lr_power=0"], "stages.0.lr_power: must be at least 0.001"),
+    ("lr_power_inf", ["stages.*.lr_power=.inf"], "stages.0.lr_power: must be a finite number"),
+    ("polynomial_below_its_end", ["stages.*.lr_schedule=polynomial", "stages.*.lr=1e-8"],
+     "stages.0.lr: the polynomial schedule decays to 1e-07"),
+    ("adam_beta1_one", ["defaults.adam_beta1=1"], "stages.0.adam_beta1: must be in [0, 1)"),
+    ("adam_beta2_negative", ["stages.*.adam_beta2=-0.1"], "stages.0.adam_beta2: must be in [0, 1)"),
+    ("adam_epsilon_zero", ["stages.*.adam_epsilon=0"], "stages.0.adam_epsilon: must be at least 1e-30"),
+    ("adam_epsilon_huge", ["stages.*.adam_epsilon=5"], "stages.0.adam_epsilon: must be at most 1"),
+    ("optimizer_bogus", ["optimizer=sgd"], "optimizer: 'sgd' is not one of adamw, adamw_8bit"),
+    ("allow_tf32_word", ["allow_tf32=maybe"], "allow_tf32: expected true or false"),
+    ("gradient_checkpointing_word", ["gradient_checkpointing=3"], "gradient_checkpointing: expected true or false"),
+    ("gradient_checkpointing_unsupported", ["gradient_checkpointing=true"],
+     "gradient_checkpointing: the student network (MLP) has no enable_gradient_checkpointing()"),
+    ("setup_gradient_checkpointing_moved", ["setup.gradient_checkpointing=true"],
+     "setup.gradient_checkpointing: gradient checkpointing is now the recipe key gradient_checkpointing"),
+    ("max_train_samples_zero", ["max_train_samples=0"], "max_train_samples: must be at least 1"),
+    ("max_train_samples_float", ["max_train_samples=2.5"], "max_train_samples: expected an integer"),
+    ("report_to_bogus", ["report_to=mlflow"], "report_to: 'mlflow' is not one of none, tensorboard, wandb, all"),
+    ("report_to_boolean", ["report_to=no"], "report_to: expected one of none, tensorboard, wandb, all"),
+    ("tensorboard_word", ["tensorboard=3"], "tensorboard: expected true or false, got 3 (the key is now report_to"),
+    ("tensorboard_contradiction", ["tensorboard=true", "report_to=wandb"], "tensorboard: true contradicts report_to"),
+    ("validation_every_negative", ["validation_every=-2"], "validation_every: must be at least 0"),
+    ("validation_samples_zero", ["validation_samples=0"], "validation_samples: must be at least 1"),
+    ("validation_samples_huge", ["validation_samples=100000"], "validation_samples: must be at most 1024"),
+    ("resume_from_absent", ["--out", "{run}", "--resume-from", "step-00000099"],
+     "step-00000099 does not exist; checkpoints in"),
+    ("resume_from_elsewhere", ["--out", "{run}", "--resume-from", "{tmp}/step-00000002"], "not a checkpoint of"),
+    ("resume_from_damaged", ["--out", "{damaged}", "--resume-from", "2"], "step-00000002 is damaged (meta.json"),
+] + [case for case, absent in [
+    (("optimizer_8bit_without_bitsandbytes", ["optimizer=adamw_8bit"], "optimizer: 'adamw_8bit' needs bitsandbytes"),
+     importlib.util.find_spec("bitsandbytes") is None),
+    (("report_to_wandb_without_wandb", ["report_to=wandb"], "report_to: 'wandb' needs the wandb package"),
+     importlib.util.find_spec("wandb") is None),
+] if absent]  # (these two cases exist where the package is not installed)
 
 TRAIN_OTHER = [  # (id, whole argument list, part of the error)
     ("no_config", ["train"], "the following arguments are required: --config"),

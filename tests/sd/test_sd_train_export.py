@@ -209,12 +209,32 @@ def test_sdxl_pipeline_with_the_scheduler_samples_like_proreflow(sdxl_dir, tmp_p
 
 
 def test_bf16_with_gradient_checkpointing(sd15_dir, image_dir, tmp_path):
-    setup = build_sd_setup(teacher=str(sd15_dir), data=str(image_dir), device="cpu", gradient_checkpointing=True)
-    assert setup.teacher_model.is_gradient_checkpointing
-    recipe = {**RECIPE, "mixed_precision": "bf16", "stages": [{"windows": 2, "steps": 1, "solver_steps": 1}]}
+    setup = build_sd_setup(teacher=str(sd15_dir), data=str(image_dir), device="cpu")
+    recipe = {**RECIPE, "mixed_precision": "bf16", "gradient_checkpointing": True,
+              "stages": [{"windows": 2, "steps": 1, "solver_steps": 1}]}
     result = train(recipe, setup, tmp_path / "run", progress=False)
+    assert result.module.is_gradient_checkpointing  # the recipe key reached the student UNet
     assert setup.teacher_model.dtype == torch.bfloat16  # the frozen teacher runs in the training dtype
     assert torch.isfinite(torch.tensor(result.history)).all()
+
+
+def test_gradient_checkpointing_gives_the_same_update(sd15_dir, image_dir):
+    """Recomputing the UNet's activations in the backward pass changes memory, not the step: two optimiser
+    steps with and without gradient_checkpointing give the same weights (float32, up to rounding)."""
+    from proreflow.training import StageRunner
+
+    recipe = {**RECIPE, "stages": [{"windows": 2, "steps": 2, "solver_steps": 1}]}
+    weights = []
+    for checkpointing in (False, True):
+        setup = build_sd_setup(teacher=str(sd15_dir), data=str(image_dir), device="cpu")
+        with StageRunner({**recipe, "gradient_checkpointing": checkpointing}, setup) as runner:
+            runner.run(2)
+            assert runner.module.is_gradient_checkpointing == checkpointing
+            weights.append({k: v.clone() for k, v in runner.module.state_dict().items()})
+    moved = max(float((weights[0][k] - v).abs().max()) for k, v in load_teacher(sd15_dir).unet.state_dict().items())
+    assert moved > 1e-4  # the steps changed the weights, so the comparison below means something
+    for key, value in weights[0].items():
+        torch.testing.assert_close(weights[1][key], value, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.slow
@@ -227,3 +247,33 @@ def test_compiled_teacher_and_student_train_and_match_eager(sd15_dir, image_dir,
                                    rtol=1e-4, atol=1e-4)
     recipe = {**RECIPE, "stages": [{"windows": 2, "steps": 1, "solver_steps": 1}]}
     assert torch.isfinite(torch.tensor(train(recipe, setup, tmp_path / "run", progress=False).history)).all()
+
+
+def test_validation_grids_show_the_prompts_decoded_by_the_vae(sd15_dir, image_dir, tmp_path):
+    """validation_prompts: the stage-end grid is the saved student sampled for the encoded prompts from the
+    fixed noise, decoded by the VAE (its pixels, round((x + 1) 127.5), in the first cell)."""
+    import numpy as np
+    from PIL import Image
+    from safetensors.torch import load_file
+
+    from proreflow.training import load_student
+    from proreflow.training.validation import to_uint8, validation_noise
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red cube\na blue ball\n")
+    setup = build_sd_setup(teacher=str(sd15_dir), data=str(image_dir), device="cpu", validation_prompts=str(prompts))
+    recipe = {**RECIPE, "validation_every": 1, "stages": [{"windows": 2, "steps": 1, "solver_steps": 1}]}
+    out = tmp_path / "run"
+    train(recipe, setup, out, progress=False)
+    teacher = load_teacher(sd15_dir)
+    student, _ = load_student(out, setup)
+    cond = teacher.encode_prompts(["a red cube", "a blue ball"])
+    latents = sample(student, validation_noise(0, (2, *teacher.latent_shape(setup.info["resolution"]))),
+                     TimeWindows(2), 2, cond)  # guidance 1: baked
+    saved = load_file(str(out / "validation/stage-1-2w/step-00000001.safetensors"))["samples"]
+    torch.testing.assert_close(saved, latents, rtol=1e-5, atol=1e-5)
+    grid = np.asarray(Image.open(out / "validation/stage-1-2w/step-00000001.png"))
+    first = to_uint8(teacher.decode_latents(saved[:1]))[0].permute(1, 2, 0).numpy()
+    h, w = first.shape[:2]
+    scale = max(1, -(-96 // max(h, w)))
+    assert np.array_equal(grid[4: 4 + h * scale: scale, 4: 4 + w * scale: scale], first)

@@ -29,7 +29,7 @@ def test_config_trains_through_the_cli(sd3_dir, image_dir, tmp_path):
     from proreflow.cli import main
 
     overrides = [f"setup.teacher={sd3_dir}", f"setup.data={image_dir}", "setup.resolution=16", "setup.use_t5=false",
-                 "setup.encoder_dtype=float32", "setup.gradient_checkpointing=false", "mixed_precision='no'",
+                 "setup.encoder_dtype=float32", "gradient_checkpointing=false", "mixed_precision='no'",
                  "stages.*.steps=1", "defaults.batch_size=2", "defaults.grad_accum=1", "defaults.warmup_steps=0",
                  "stages.0.solver_steps=1", "setup.window_space=unshifted"]
     assert main(["train", "--config", str(CONFIG), "--out", str(tmp_path / "run"), "--no-progress", *overrides]) == 0

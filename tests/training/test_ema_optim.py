@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from proreflow.training import EMA
-from proreflow.training.optim import make_optimizer, set_stage_hyperparameters, warmup_lr
+from proreflow.training.optim import make_optimizer, set_stage_hyperparameters, stage_lr
 from proreflow.training.recipes import Stage
 
 
@@ -84,13 +84,18 @@ def test_ema_state_dict_loads_into_the_module_with_tied_weights():
 
 
 def test_warmup_learning_rate_values():
-    assert [warmup_lr(1.0, k, 4) for k in (1, 2, 3, 4, 5, 100)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
-    assert warmup_lr(3e-4, 1, 0) == 3e-4
-    stage = Stage(windows=2, lr=0.1, warmup_steps=10, weight_decay=0.5)
+    """The default schedule is the linear warm-up lr * min(1, k / warmup_steps), written out."""
+    stage = Stage(windows=2, lr=1.0, warmup_steps=4)
+    assert [stage_lr(stage, k) for k in (1, 2, 3, 4, 5, 100)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert stage_lr(Stage(windows=2, lr=3e-4), 1) == 3e-4
+    assert all(stage_lr(Stage(windows=2, lr=3e-4, warmup_steps=7), k) == 3e-4 * min(1.0, k / 7) for k in range(1, 30))
+    stage = Stage(windows=2, lr=0.1, warmup_steps=10, weight_decay=0.5, adam_beta1=0.8, adam_beta2=0.95,
+                  adam_epsilon=1e-6)
     optimizer = make_optimizer(nn.Linear(2, 2))
     assert set_stage_hyperparameters(optimizer, stage, 3) == pytest.approx(0.03)
-    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.03)
-    assert optimizer.param_groups[0]["weight_decay"] == 0.5
+    group = optimizer.param_groups[0]
+    assert group["lr"] == pytest.approx(0.03) and group["weight_decay"] == 0.5
+    assert group["betas"] == (0.8, 0.95) and group["eps"] == 1e-6
 
 
 def test_optimizer_needs_trainable_parameters():

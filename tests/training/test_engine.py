@@ -324,8 +324,8 @@ def test_condition_dropout_keeps_the_named_leaves(tmp_path, keep_on_dropout):
 
 
 def test_tensorboard_and_progress(tmp_path, capsys):
-    train(tiny_recipe(tensorboard=True, stages=[{"windows": 2, "steps": 3}]), make_setup(), tmp_path)
-    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    train(tiny_recipe(report_to="tensorboard", stages=[{"windows": 2, "steps": 3}]), make_setup(), tmp_path)
+    assert list((tmp_path / "tensorboard" / "tiny").glob("events.out.tfevents.*"))
     err = capsys.readouterr()
     assert "stage 1/1 (2 windows, teacher: original): 3 steps" in err.out + err.err
 

@@ -103,7 +103,10 @@ def interrupting_setup():
 
 
 @pytest.mark.parametrize("override, key", [("stages.*.lr=0.005", "stages.0.lr"), ("seed=3", "seed"),
-                                           ("stages.1.alpha=0.5", "stages.1.alpha")])
+                                           ("stages.1.alpha=0.5", "stages.1.alpha"),
+                                           ("stages.*.lr_schedule=cosine", "stages.0.lr_schedule"),
+                                           ("stages.*.adam_beta2=0.9", "stages.0.adam_beta2"),
+                                           ("max_train_samples=5", "max_train_samples")])
 def test_resume_with_changed_hyperparameters_is_refused_unless_allowed(tmp_path, override, key):
     from proreflow.training.recipes import load_recipe
 
@@ -115,7 +118,8 @@ def test_resume_with_changed_hyperparameters_is_refused_unless_allowed(tmp_path,
     with pytest.raises(ValueError, match=rf"^{key}: the checkpoint step-00000004 was trained with .*"
                                          r"--allow-recipe-change"):
         train(changed, make_setup(), tmp_path, resume=True, progress=False)
-    quiet = load_recipe(RECIPE, ["log_every=5", "keep_checkpoints=3"])  # keys that do not change the weights
+    quiet = load_recipe(RECIPE, ["log_every=5", "keep_checkpoints=3", "validation_every=2",  # keys that do
+                                 "report_to=tensorboard"])                                  # not change weights
     with pytest.raises(TrainingInterrupted):
         setup.dataset = CtrlCAt(1 * 8 + 1)
         train(quiet, setup, tmp_path, resume=True, progress=False)

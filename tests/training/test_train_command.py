@@ -52,7 +52,7 @@ def test_help_documents_every_option(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     text = capsys.readouterr().out
-    for option in ("--config", "--out", "--resume", "--no-progress", "--print-config", "KEY=VALUE"):
+    for option in ("--config", "--out", "--resume", "--resume-from", "--no-progress", "--print-config", "KEY=VALUE"):
         assert option in text
     for f in dataclasses.fields(Recipe) + dataclasses.fields(Stage):
         assert f"  {f.name} " in text

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from ..teachers import Network, diffusers_network
 
@@ -55,7 +56,8 @@ class MLPDenoiser(nn.Module):
     The embedding ``emb = silu(MLP(sinusoid(timestep)) + E[cond])`` enters every block; ``E`` has
     ``num_classes + 1`` rows, the last one the null class (also used when ``cond`` is None).
     ``num_classes = 0`` makes an unconditional network (``cond`` must be None). The output layer
-    starts at zero.
+    starts at zero. :meth:`enable_gradient_checkpointing` recomputes each block in the backward pass
+    (``torch.utils.checkpoint``), as diffusers models do.
     """
 
     def __init__(self, shape: tuple[int, ...] | list[int], num_classes: int = 0, width: int = 256,
@@ -70,6 +72,11 @@ class MLPDenoiser(nn.Module):
         self.out = nn.Sequential(nn.LayerNorm(width), nn.SiLU(), nn.Linear(width, dim))
         nn.init.zeros_(self.out[-1].weight)
         nn.init.zeros_(self.out[-1].bias)
+        self.gradient_checkpointing = False
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Store only each block's input while gradients are recorded; recompute the block when they flow back."""
+        self.gradient_checkpointing = True
 
     def forward(self, x: Tensor, timestep: Tensor, cond: Tensor | None = None) -> Tensor:
         emb = self.time(timestep_embedding(timestep.expand(x.shape[0]), self.emb_dim).to(x.dtype))
@@ -82,7 +89,10 @@ class MLPDenoiser(nn.Module):
         emb = F.silu(emb)
         h = self.inp(x.reshape(x.shape[0], -1))
         for block in self.blocks:
-            h = block(h, emb)
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                h = checkpoint(block, h, emb, use_reentrant=False)
+            else:
+                h = block(h, emb)
         return self.out(h).reshape(x.shape)
 
 

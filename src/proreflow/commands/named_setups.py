@@ -28,6 +28,14 @@ BUILTIN_DATA = "proreflow.builtin.teacher:builtin_setup"
 """Builder of each built-in dataset's setup, called as ``builtin_setup(dataset_name, **kwargs)``."""
 
 
+MOVED_TO_RECIPE = {
+    "gradient_checkpointing": "gradient checkpointing is now the recipe key gradient_checkpointing (for every "
+                              "setup): move it out of the setup section, e.g. gradient_checkpointing: true at "
+                              "the top level of the config",
+}
+"""Setup keys of earlier versions that became recipe keys -> the one-line fix."""
+
+
 def _import(path: str) -> Callable[..., Any]:
     module, _, attr = path.partition(":")
     try:
@@ -84,6 +92,9 @@ def check_setup_spec(spec: Any) -> Callable[..., DistillationSetup]:
         raise ValueError("setup.name: the setup section needs a name, e.g. setup: {name: digits}")
     builder = get_setup_builder(name)
     keys = setup_keys(builder)
+    for key in spec:
+        if key in MOVED_TO_RECIPE:
+            raise ValueError(f"setup.{key}: {MOVED_TO_RECIPE[key]}")
     if keys is None:
         return builder
     unknown = [k for k in spec if k != "name" and k not in keys]

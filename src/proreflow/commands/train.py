@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import shlex
 import sys
 
@@ -49,10 +51,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="output folder for checkpoints, stage results and the student (default: runs/NAME)")
     parser.add_argument("--resume", action="store_true",
                         help="continue from the newest complete checkpoint in --out (starts fresh when there is none)")
+    parser.add_argument("--resume-from", metavar="CHECKPOINT", default=None,
+                        help="continue from this checkpoint of --out: its name (step-00000500), its global step "
+                             "(500) or its folder; the checkpoints after it are deleted (implies --resume)")
     parser.add_argument("--allow-recipe-change", action="store_true",
                         help="with --resume: go on with changed values of keys that change the weights (lr, seed, "
                              "...); without it such a change is an error")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars or stage summaries")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bars: plain log lines on stdout instead (every log_every steps, messages, "
+                             "warnings, stage summaries), as in OUT/train.log")
     parser.add_argument("--print-config", action="store_true",
                         help="print the checked recipe (every stage spelled out) and exit without training")
 
@@ -80,19 +87,23 @@ def run(args: argparse.Namespace) -> int:
     from ..training import NonFiniteLossError, train
     from ..training.checkpoint import CheckpointError, latest_checkpoint
     from ..training.engine import TrainingInterrupted, check_output_folder
+    from ..training.runner import check_environment
     from .named_setups import build_setup
 
+    check_environment(recipe)  # trackers and optimiser packages (ValueError: exit 2)
     out = writable_dir(args.out or f"runs/{recipe.name}", create=True)
+    resume = args.resume_from or args.resume
     try:  # the output folder is checked before any model loads
-        check_output_folder(recipe, out, args.resume, args.allow_recipe_change)
+        check_output_folder(recipe, out, resume, args.allow_recipe_change)
     except CheckpointError as err:
-        print(f"proreflow train: error: {err}", file=sys.stderr)
+        print(f"proreflow train: error: {one_line(err)}", file=sys.stderr)
         return 2
     resume_command = _resume_command(args, out)
     try:
         setup = build_setup(setup_spec)
-        result = train(recipe, setup, out, resume=args.resume, progress=not args.no_progress,
-                       allow_recipe_change=args.allow_recipe_change)
+        with _log_lines(args.no_progress):
+            result = train(recipe, setup, out, resume=resume, progress=not args.no_progress,
+                           allow_recipe_change=args.allow_recipe_change)
     except (NonFiniteLossError, CheckpointError) as err:
         print(f"proreflow train: {one_line(err)}", file=sys.stderr)
         return 1
@@ -108,6 +119,26 @@ def run(args: argparse.Namespace) -> int:
     print(f"student: {out}/student.safetensors ({result.windows.count} windows: sample with "
           f"{result.windows.count} steps{guidance})")
     return 0
+
+
+@contextlib.contextmanager
+def _log_lines(enabled: bool):
+    """With ``enabled`` (--no-progress), what the run logs (``proreflow`` loggers, INFO and up) on stdout."""
+    if not enabled:
+        yield
+        return
+    package = logging.getLogger("proreflow")
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+    previous = package.level
+    package.addHandler(handler)
+    if package.getEffectiveLevel() > logging.INFO:
+        package.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        package.removeHandler(handler)
+        package.setLevel(previous)
 
 
 def _resume_command(args: argparse.Namespace, out) -> str:

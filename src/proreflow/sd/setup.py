@@ -32,7 +32,7 @@ import torch
 
 from ..conditioning import map_cond
 from ..training.runner import as_dtype, process_state
-from ..training.setup import DistillationSetup
+from ..training.setup import DistillationSetup, ValidationSet
 from .captions import ImageCaptionDataset, PromptDataset, open_source, read_prompts
 from .latent_cache import (
     encode_items,
@@ -69,10 +69,11 @@ def build_sd_setup(teacher: str, data: str | list[str] | None = None, data_kind:
                    prompts: str | None = None, resolution: int | None = None, cache_dir: str | None = None,
                    center_crop: bool = True, random_flip: bool = False, image_column: str = "image",
                    caption_column: str | None = None, prompt_steps: int = 32, prompt_guidance: float = 7.5,
-                   lora_rank: int = 0, lora_alpha: float | None = None, gradient_checkpointing: bool = False,
-                   compile: bool = False, encoder_dtype: str = "float32", variant: str | None = None,
+                   lora_rank: int = 0, lora_alpha: float | None = None, compile: bool = False,
+                   encoder_dtype: str = "float32", variant: str | None = None,
                    local_files_only: bool | None = None, device: str | None = None, seed: int = 0,
-                   cache_batch_size: int = 16, num_workers: int = 0) -> DistillationSetup:
+                   cache_batch_size: int = 16, num_workers: int = 0,
+                   validation_prompts: str | None = None) -> DistillationSetup:
     """The Stable Diffusion setup (module doc).
 
     teacher: diffusers pipeline folder or hub id (SD1.5, SD2.x, SDXL and fine-tunes).
@@ -84,9 +85,12 @@ def build_sd_setup(teacher: str, data: str | list[str] | None = None, data_kind:
         the encoders match; rebuilt when files or encoders changed; refused for other settings).
     lora_rank / lora_alpha: train LoRA layers on the attention projections instead of all weights;
         one UNet in memory: the teacher is the student with its adapters disabled (trained in place).
-    gradient_checkpointing, compile: for the student (compile in place: teacher and student).
+    compile: torch.compile in place (teacher and student); gradient checkpointing is the recipe key
+        ``gradient_checkpointing``.
     encoder_dtype: text encoders' dtype (float32, bf16, fp16); the VAE stays float32.
     seed: of the VAE posterior samples / prompt noise (item i uses (seed, i)).
+    validation_prompts: a prompt file (.txt or .jsonl) whose prompts the run's validation grids show
+        (recipe ``validation_every``; default: the captions of the dataset's first items, encoded).
     """
     if (data is None) == (prompts is None):
         raise ValueError("stable-diffusion setup: give exactly one of data (images with captions) and "
@@ -97,6 +101,7 @@ def build_sd_setup(teacher: str, data: str | list[str] | None = None, data_kind:
     # everything that can be checked without the teacher is checked before it loads
     read_model_index(teacher, local_files_only)
     prompt_list = read_prompts(prompts, caption_column) if prompts is not None else None
+    validation_list = read_prompts(validation_prompts) if validation_prompts is not None else None
     source = open_source(data, data_kind, image_column, caption_column) if data is not None else None
     device = torch.device(device) if device is not None else default_device()
     sd = load_teacher(teacher, encoder_dtype=encoder_dtype, variant=variant, local_files_only=local_files_only,
@@ -125,8 +130,6 @@ def build_sd_setup(teacher: str, data: str | list[str] | None = None, data_kind:
     unet = sd.unet
     if lora_rank:
         add_lora(unet, lora_rank, lora_alpha)
-    if gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
     if compile:
         unet.compile()
     uncond = map_cond(lambda a: a.float().cpu(), sd.null_cond())
@@ -138,4 +141,19 @@ def build_sd_setup(teacher: str, data: str | list[str] | None = None, data_kind:
     return DistillationSetup(teacher_model=unet, prediction_type=sd.prediction_type, schedule=sd.schedule,
                              dataset=dataset, uncond=uncond, adapter=unet_network, info=info,
                              keep_on_dropout=("added_cond_kwargs.time_ids",) if sd.is_sdxl else (),
-                             teacher_view=AdaptersDisabled if lora_rank else None)
+                             teacher_view=AdaptersDisabled if lora_rank else None,
+                             validation=validation_set(sd, validation_list), decode=latent_decoder(sd))
+
+
+def validation_set(teacher, prompts: list[str] | None) -> ValidationSet | None:
+    """The validation grids' conditions: ``prompts`` encoded by ``teacher`` (its ``encode_prompts``), on CPU."""
+    if not prompts:
+        return None
+    return ValidationSet(map_cond(lambda a: a.float().cpu(), teacher.encode_prompts(prompts)), list(prompts))
+
+
+def latent_decoder(teacher):
+    """Latents -> images in [-1, 1] on CPU, by ``teacher``'s VAE (``decode_latents``), a few at a time."""
+    def decode(latents: torch.Tensor) -> torch.Tensor:
+        return torch.cat([teacher.decode_latents(z).cpu() for z in latents.split(4)])
+    return decode

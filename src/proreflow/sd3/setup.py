@@ -22,10 +22,10 @@ import torch
 from torch import Tensor
 
 from ..conditioning import map_cond
-from ..sd.captions import ImageCaptionDataset, open_source
+from ..sd.captions import ImageCaptionDataset, open_source, read_prompts
 from ..sd.latent_cache import item_generator, latent_dataset
 from ..sd.lora import add_lora
-from ..sd.setup import default_device
+from ..sd.setup import default_device, latent_decoder, validation_set
 from ..training.setup import DistillationSetup
 from .pipeline import SD3Teacher, load_sd3_teacher, transformer_network
 
@@ -42,11 +42,13 @@ def build_sd3_setup(teacher: str, data: str | list[str], data_kind: str = "auto"
                     cache_dir: str | None = None, center_crop: bool = True, random_flip: bool = False,
                     image_column: str = "image", caption_column: str | None = None, window_space: str = "sigma",
                     use_t5: bool = True, lora_rank: int = 0, lora_alpha: float | None = None,
-                    gradient_checkpointing: bool = False, encoder_dtype: str = "float32", variant: str | None = None,
+                    encoder_dtype: str = "float32", variant: str | None = None,
                     local_files_only: bool | None = None, device: str | None = None, seed: int = 0,
-                    cache_batch_size: int = 16, num_workers: int = 0) -> DistillationSetup:
+                    cache_batch_size: int = 16, num_workers: int = 0,
+                    validation_prompts: str | None = None) -> DistillationSetup:
     """The SD3 setup (module doc); the arguments are the ``stable-diffusion`` setup's, plus
     ``window_space`` (:mod:`proreflow.flow`) and ``use_t5`` (False: no T5, diffusers pads with zeros)."""
+    validation_list = read_prompts(validation_prompts) if validation_prompts is not None else None
     device = torch.device(device) if device is not None else default_device()
     sd3 = load_sd3_teacher(teacher, encoder_dtype=encoder_dtype, use_t5=use_t5, window_space=window_space,
                            variant=variant, local_files_only=local_files_only, device=device)
@@ -62,8 +64,6 @@ def build_sd3_setup(teacher: str, data: str | list[str], data_kind: str = "auto"
     model = sd3.transformer
     if lora_rank:
         add_lora(model, lora_rank, lora_alpha)
-    if gradient_checkpointing:
-        model.enable_gradient_checkpointing()
     schedule = sd3.schedule(resolution)
     info = {"model": "stable-diffusion-3", "teacher": str(teacher), "pipeline": type(sd3.pipe).__name__,
             "resolution": resolution, "window_space": window_space, "shift": schedule.shift,
@@ -72,4 +72,5 @@ def build_sd3_setup(teacher: str, data: str | list[str], data_kind: str = "auto"
             "skipped_images": dataset.skipped}
     return DistillationSetup(teacher_model=model, prediction_type="flow_velocity", schedule=schedule,
                              dataset=dataset, uncond=map_cond(lambda a: a.float().cpu(), sd3.null_cond()),
-                             adapter=transformer_network, info=info)
+                             adapter=transformer_network, info=info,
+                             validation=validation_set(sd3, validation_list), decode=latent_decoder(sd3))

@@ -7,8 +7,9 @@
 Modules: ``engine`` (stages, resume), ``runner`` (the optimiser steps of a stage, in memory:
 :class:`StageRunner`, :func:`run_steps`), ``stage`` (one optimiser step, stage teachers),
 ``batches`` (data and randomness per step), ``ema``, ``optim``, ``checkpoint`` (files on
-disk, :func:`load_student`), ``report`` (progress, TensorBoard, summaries), ``recipes``
-(stages and presets), ``setup`` (:class:`DistillationSetup`, all the engine knows of a model).
+disk, :func:`load_student`), ``report`` (progress, ``OUT/train.log``, accelerate's trackers, summaries),
+``validation`` (grids of fixed-noise samples), ``recipes`` (stages and presets), ``setup``
+(:class:`DistillationSetup`, all the engine knows of a model).
 """
 
 from .checkpoint import latest_checkpoint, load_student, read_student_info

@@ -190,6 +190,50 @@ def resume_checkpoint(out_dir: Path, rank: int = 0, warn=None) -> Checkpoint | N
     return None
 
 
+def named_checkpoint(out_dir: Path, name: str) -> Path:
+    """The folder of checkpoint ``name`` of the run in ``out_dir``: a folder name (``step-00000500``), a
+    global step (``500``) or the folder's path; a CheckpointError naming the ones there when it is absent."""
+    root = Path(out_dir) / CHECKPOINTS
+    text = str(name).strip()
+    match = re.fullmatch(r"(?:step-)?(\d+)", text)
+    if match:
+        path = root / checkpoint_name(int(match.group(1)))
+    else:
+        path = Path(text)
+        if path.parent.resolve() != root.resolve() or not _NAME.fullmatch(path.name):
+            raise CheckpointError(f"--resume-from {name}: not a checkpoint of {out_dir}; give a name such as "
+                                  f"step-00000500, a global step such as 500, or a folder in {root}")
+        path = root / path.name
+    if not path.is_dir():
+        there = sorted(p.name for p in root.glob("step-*") if _NAME.fullmatch(p.name) and p.is_dir())
+        raise CheckpointError(f"--resume-from {name}: {path} does not exist; checkpoints in {root}: "
+                              f"{', '.join(there) if there else 'none'}")
+    return path
+
+
+def open_checkpoint(path: Path, out_dir: Path, rank: int = 0) -> Checkpoint:
+    """Checkpoint ``path`` (of the run in ``out_dir``) verified complete, or a CheckpointError saying what is
+    damaged (no fallback to another one: it was asked for by name)."""
+    try:
+        return _verify(Path(path), Path(out_dir), rank)
+    except DamagedCheckpoint as err:
+        raise CheckpointError(f"checkpoint {path} is damaged ({err}); give another one, or --resume for the "
+                              "newest complete one") from None
+
+
+def discard_newer_checkpoints(out_dir: Path, checkpoint: Path) -> list[str]:
+    """Delete the checkpoints after ``checkpoint`` (a continuation this run replaces) and point ``latest`` at
+    it (main process); the names deleted."""
+    root = Path(out_dir) / CHECKPOINTS
+    step = int(checkpoint.name.removeprefix("step-"))
+    newer = sorted(p for p in root.glob("step-*")
+                   if _NAME.fullmatch(p.name) and p.is_dir() and int(p.name.removeprefix("step-")) > step)
+    for path in newer:
+        shutil.rmtree(path)
+    atomic_write_text(root / LATEST, checkpoint.name + "\n")
+    return [p.name for p in newer]
+
+
 def _verify(path: Path, out_dir: Path, rank: int) -> Checkpoint:
     """Read a checkpoint's meta, state and RNG state and open every weights file it needs."""
     def load(name: str) -> Any:

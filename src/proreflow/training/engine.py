@@ -11,6 +11,7 @@ this module adds what a run keeps on disk.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import signal
 import threading
@@ -27,8 +28,11 @@ from ..windows import TimeWindows
 from .checkpoint import (
     STUDENT_FORMAT,
     Checkpoint,
+    discard_newer_checkpoints,
     latest_checkpoint,
     load_weights,
+    named_checkpoint,
+    open_checkpoint,
     resume_checkpoint,
     set_rng_state,
     stage_dir,
@@ -38,9 +42,10 @@ from .checkpoint import (
 from .ema import EMA
 from .recipes import Recipe, load_recipe
 from .report import Reporter, StageCounters, StageSummary, final_loss
-from .runner import StageRunner, Trainee, make_accelerator
+from .runner import StageRunner, Trainee, check_environment, limit_dataset, make_accelerator, set_tf32
 from .setup import DistillationSetup
 from .stage import NonFiniteLossError, check_setup_fits
+from .validation import Validation, ema_weights, grid_image, validation_samples, write_validation
 
 CHECKPOINT_FORMAT = 1
 
@@ -87,14 +92,17 @@ class RunState:
 
 
 def train(recipe: Recipe | str | Path | dict, setup: DistillationSetup, out_dir: str | Path,
-          resume: bool = False, progress: bool = True, allow_recipe_change: bool = False) -> TrainResult:
+          resume: bool | str = False, progress: bool = True, allow_recipe_change: bool = False) -> TrainResult:
     """Run every stage of ``recipe`` on ``setup`` and write the results under ``out_dir``.
 
-    resume: continue from ``out_dir``'s newest complete checkpoint (a fresh start when there is
-        none; damaged ones are reported and passed over). Without it an ``out_dir`` that already
-        holds checkpoints is an error; so is a resume with other values of keys that change the
-        weights (lr, seed, ...) unless ``allow_recipe_change`` (:func:`check_output_folder`).
-    progress: progress bars and per-stage summaries on the main process.
+    resume: True (or 'latest'): continue from ``out_dir``'s newest complete checkpoint (a fresh start
+        when there is none; damaged ones are reported and passed over); a checkpoint's name
+        (``step-00000500``), global step (``'500'``) or folder: continue from that one, deleting the
+        checkpoints after it (the continuation this run replaces). Without it an ``out_dir`` that
+        already holds checkpoints is an error; so is a resume with other values of keys that change
+        the weights (lr, seed, ...) unless ``allow_recipe_change`` (:func:`check_output_folder`).
+    progress: progress bars on the main process, with messages and warnings written above them
+        (:class:`~proreflow.training.report.Reporter`); every run also logs to ``OUT/train.log``.
 
     The teacher network is put in eval mode and moved to the device (cast to the
     mixed-precision dtype) in place; it never gets gradients. Raises
@@ -104,8 +112,10 @@ def train(recipe: Recipe | str | Path | dict, setup: DistillationSetup, out_dir:
     """
     recipe = load_recipe(recipe)
     out = Path(out_dir)
-    acc = make_accelerator(recipe.mixed_precision)
-    reporter = Reporter(out, acc.is_main_process, progress, recipe.tensorboard, recipe.log_every)
+    check_environment(recipe)
+    set_tf32(recipe.allow_tf32)
+    acc = make_accelerator(recipe.mixed_precision, recipe.report_to, out)
+    reporter = Reporter(out, acc, progress, recipe.log_every)
     try:
         with _StopRequest() as stop:
             return _Run(recipe, setup, out, acc, reporter, stop).run(resume, allow_recipe_change)
@@ -145,25 +155,30 @@ class _StopRequest:
 
 
 NO_REPLAY_KEYS = ("name", "description", "checkpoint_every", "keep_checkpoints", "max_nonfinite", "log_every",
-                  "tensorboard", "num_workers")
-"""Recipe keys that do not change the weights a run trains: a resume may change them freely."""
+                  "report_to", "validation_every", "validation_samples", "num_workers", "gradient_checkpointing")
+"""Recipe keys that do not change the weights a run trains (gradient checkpointing: up to rounding): a resume
+may change them freely."""
 
 
-def check_output_folder(recipe: Recipe, out_dir: str | Path, resume: bool, allow_recipe_change: bool = False,
+def check_output_folder(recipe: Recipe, out_dir: str | Path, resume: bool | str, allow_recipe_change: bool = False,
                         rank: int = 0, warn=None) -> Checkpoint | None:
-    """What :func:`train` checks of ``out_dir`` before it trains: the checkpoint it would resume from.
+    """What :func:`train` checks of ``out_dir`` before it trains: the checkpoint it would resume from
+    (``resume`` as in :func:`train`).
 
-    Errors: checkpoints there without ``resume`` (FileExistsError); only damaged ones
-    (:class:`~proreflow.training.checkpoint.CheckpointError`); a checkpoint of other stages, or one
-    trained with other values of keys that change the weights (lr, seed, ...) unless
-    ``allow_recipe_change`` (ValueError). ``warn(line)`` hears of damaged checkpoints passed over.
+    Errors: checkpoints there without ``resume`` (FileExistsError); only damaged ones, or a named one
+    that is absent or damaged (:class:`~proreflow.training.checkpoint.CheckpointError`); a checkpoint
+    of other stages, or one trained with other values of keys that change the weights (lr, seed, ...)
+    unless ``allow_recipe_change`` (ValueError). ``warn(line)`` hears of damaged checkpoints passed over.
     """
     out = Path(out_dir)
     latest = latest_checkpoint(out)
     if not resume and latest is not None:
         raise FileExistsError(f"{out} already holds checkpoints (latest: {latest.name}); resume with --resume "
                               "(resume=True) or choose another output folder")
-    found = resume_checkpoint(out, rank, warn)
+    if isinstance(resume, str) and resume != "latest":
+        found = open_checkpoint(named_checkpoint(out, resume), out, rank)
+    else:
+        found = resume_checkpoint(out, rank, warn)
     if found is not None:
         changed = check_resume(recipe, found.meta, found.path, allow_recipe_change)
         if changed and warn is not None:
@@ -218,11 +233,21 @@ class _Run:
 
     # ------------------------------------------------------------ setup and resume
 
-    def run(self, resume: bool, allow_recipe_change: bool) -> TrainResult:
+    def run(self, resume: bool | str, allow_recipe_change: bool) -> TrainResult:
         recipe, acc = self.recipe, self.acc
         found = check_output_folder(recipe, self.out, resume, allow_recipe_change, acc.process_index,
                                     lambda line: self.reporter.say(line, warning=True))
         check_setup_fits(recipe, self.setup, acc.num_processes)
+        self.reporter.open(recipe.name, recipe.to_dict(), recipe.report_to)
+        self.validation = (Validation.for_run(recipe, limit_dataset(self.setup, recipe.max_train_samples))
+                           if recipe.validation_every else None)
+        if found is not None and isinstance(resume, str) and resume != "latest":
+            if acc.is_main_process:
+                dropped = discard_newer_checkpoints(self.out, found.path)
+                if dropped:
+                    self.reporter.say(f"resuming from {found.path.name}: deleted the later checkpoints "
+                                      f"{', '.join(dropped)}", warning=True)
+            acc.wait_for_everyone()
         checkpoint = found.path if found is not None else None
         state, saved = RunState(), None
         if found is not None:
@@ -285,6 +310,8 @@ class _Run:
                     state.history.append((state.global_step, result.loss))
                 self.reporter.step(state.global_step, state.step, result.loss, result.scalars,
                                    result.samples / result.seconds)
+                if recipe.validation_every and state.step % recipe.validation_every == 0 and state.step < stage.steps:
+                    self._validate(index, state.global_step, runner.ema)  # before the checkpoint that follows it
                 if recipe.checkpoint_every and state.step % recipe.checkpoint_every == 0 and state.step < stage.steps:
                     # the EMA file holds the averaged (trainable) tensors only: the frozen ones are the student's
                     self._checkpoint(state, {"student": self.module.state_dict(), "ema": runner.ema.tensors()})
@@ -335,12 +362,30 @@ class _Run:
             write_stage_result(self.out, index, ema.state_dict(self.module), self._student_info(index, state))
         acc.wait_for_everyone()
         ema.copy_to(self.module)  # the next stage starts from this stage's EMA weights
+        if recipe.validation_every:
+            self._validate(index, state.global_step, None)
         state.completed.append(summary)
         state.stage, state.step, state.counters = index + 1, 0, StageCounters()
         if acc.is_main_process:
             write_json(self.out / "summary.json", [s.to_dict() for s in state.completed])
         self._checkpoint(state, {})
         self.reporter.end_stage(summary, len(recipe.stages))
+
+    def _validate(self, index: int, global_step: int, ema: EMA | None) -> None:
+        """Validation samples and grid of the student (its EMA weights, or its weights when ``ema`` is None)."""
+        acc, stage = self.acc, self.recipe.stages[index]
+        if acc.is_main_process:
+            guidance = stage.guidance if stage.guidance_mode == "cfg_sync" else 1.0
+            with ema_weights(self.module, ema) if ema is not None else contextlib.nullcontext():
+                samples = validation_samples(self.setup, self.module, self.validation, stage.windows, guidance,
+                                             self.trainee.uncond, acc.device, acc.autocast)
+            grid = grid_image(samples, self.validation.labels, self.setup.decode)
+            folder = self.out / "validation" / stage_dir(self.out, index, stage.windows).name
+            path = write_validation(folder, global_step, samples, grid)
+            if grid is not None:
+                self.reporter.images(f"validation/stage-{index + 1}-{stage.windows}w", grid, global_step)
+            self.reporter.say(f"validation samples of step {global_step}: {path or folder}")
+        acc.wait_for_everyone()
 
     def _student_info(self, index: int, state: RunState) -> dict[str, Any]:
         """``student.json``: what sampling code needs to rebuild and sample the student."""

@@ -26,9 +26,12 @@ naming the key; so do YAML syntax errors, with file, line and column.
 YAML 1.1 reads some unquoted words as other types: ``no`` / ``off`` / ``false`` and ``yes`` / ``on``
 / ``true`` are booleans, ``3`` and ``1.5`` numbers, ``2025-01-31`` a date. ``mixed_precision=no``
 (a boolean false) means 'no'; any other string-valued key (``name``, ``description``,
-``teacher``, ``guidance_mode``) given such a value is an error that says to quote it
+``teacher``, ``guidance_mode``, ...) given such a value is an error that says to quote it
 (``name: '2025'``, or ``name="'2025'"`` as an override). Numbers written as ``1e-4`` (a string
 to YAML 1.1) are read as numbers.
+
+Older recipes' ``tensorboard: true`` reads as ``report_to: tensorboard`` (``false`` as nothing), so their
+files and checkpoints still load.
 """
 
 from __future__ import annotations
@@ -94,10 +97,20 @@ class Stage:
         "of at their uniform t inside the window: the times a sampler with one step per window evaluates. "
         "Sample p of the stage's stream is moved iff floor((p + 1) s) > floor(p s); the teacher's solves "
         "are unchanged", default=0.0)
-    lr: float = _doc("AdamW learning rate", default=1e-4)
-    warmup_steps: int = _doc("linear learning-rate warm-up: step k uses lr * min(1, k / warmup_steps)",
-                             default=0)
+    lr: float = _doc("AdamW learning rate (the peak of lr_schedule)", default=1e-4)
+    lr_schedule: str = _doc(
+        "learning-rate schedule by diffusers' name (diffusers.optimization.get_scheduler): optimiser step k "
+        "(1-based) of the stage runs at lr times the schedule's factor at step k, over the stage's steps; "
+        "'constant_with_warmup' (the default) is lr * min(1, k / warmup_steps); 'constant' (no warm-up), 'linear', "
+        "'cosine', 'cosine_with_restarts' (lr_num_cycles restarts), 'polynomial' (lr_power, down to 1e-7); "
+        "the decaying ones reach 0 (1e-7) at the stage's last step", default="constant_with_warmup")
+    warmup_steps: int = _doc("linear learning-rate warm-up steps of lr_schedule (0: none)", default=0)
+    lr_num_cycles: int = _doc("hard restarts of lr_schedule: cosine_with_restarts", default=1)
+    lr_power: float = _doc("power of lr_schedule: polynomial (1: linear decay)", default=1.0)
     weight_decay: float = _doc("AdamW weight decay", default=1e-2)
+    adam_beta1: float = _doc("AdamW beta1 (decay of the gradient's running mean)", default=0.9)
+    adam_beta2: float = _doc("AdamW beta2 (decay of the squared gradient's running mean)", default=0.999)
+    adam_epsilon: float = _doc("AdamW epsilon (added to the root of the second moment)", default=1e-8)
     grad_clip: float = _doc("clip the global gradient norm to this value (0: no clipping)", default=1.0)
     batch_size: int = _doc("global batch per optimiser step, over all processes and accumulation steps",
                            default=64)
@@ -144,8 +157,28 @@ class Recipe:
     keep_checkpoints: int = _doc("checkpoints kept on disk, newest first (0: keep all)", default=2)
     max_nonfinite: int = _doc("stop the run after this many skipped non-finite steps in a stage",
                               default=10)
-    log_every: int = _doc("log loss and throughput every N optimiser steps", default=10)
-    tensorboard: bool = _doc("write TensorBoard scalars under OUT/tensorboard", default=False)
+    optimizer: str = _doc("'adamw' (torch) or 'adamw_8bit' (bitsandbytes' AdamW8bit: 8-bit optimiser states, "
+                          "needs pip install bitsandbytes)", default="adamw")
+    allow_tf32: bool = _doc("TF32 matrix products and convolutions on NVIDIA GPUs (Ampere and newer: faster "
+                            "float32, 10-bit mantissa); nothing changes on CPU", default=False)
+    gradient_checkpointing: bool = _doc(
+        "recompute activations in the backward pass instead of storing them (less memory, more compute): "
+        "the student's enable_gradient_checkpointing() (diffusers models; the built-in networks have one "
+        "too); teachers run without gradients, so the frozen ones keep nothing to recompute", default=False)
+    max_train_samples: int | None = _doc("train on the first N items of the setup's dataset only (all of "
+                                         "them when it has fewer; null: all)", default=None)
+    log_every: int = _doc("log loss, learning rate and throughput every N optimiser steps (OUT/train.log, "
+                          "trackers; the console under --no-progress)", default=10)
+    report_to: str = _doc("trackers (accelerate's) the scalars and validation grids go to: 'none', "
+                          "'tensorboard' (OUT/tensorboard/NAME), 'wandb' (needs pip install wandb) or 'all' "
+                          "(both); OUT/train.log is always written", default="none")
+    validation_every: int = _doc("sample the student's EMA weights every N optimiser steps of a stage and at "
+                                 "each stage's end, with fixed conditions and fixed noise, one step per window: "
+                                 "a grid OUT/validation/stage-<i>-<w>w/step-<global step>.png (and the samples "
+                                 "as .safetensors), logged to the trackers (0: no validation)", default=0)
+    validation_samples: int = _doc("validation samples per grid, for the conditions of the dataset's first N "
+                                   "items; a setup's own validation conditions (Stable Diffusion: "
+                                   "setup.validation_prompts) come in their own number", default=8)
     num_workers: int = _doc("DataLoader worker processes per training process", default=0)
     target_cache: str = _doc("folder where the original teacher's reflow batches are stored and reused by later "
                              "runs with the same teacher, stage windows / solver steps / guidance, seed and batch "
@@ -317,21 +350,32 @@ def load_recipe(source: str | Path | dict | Recipe, overrides: typing.Iterable[s
 # ---------------------------------------------------------------- checking
 
 
+LR_SCHEDULES = ("constant_with_warmup", "constant", "linear", "cosine", "cosine_with_restarts", "polynomial")
+"""The learning-rate schedules of ``diffusers.optimization.get_scheduler`` a stage may name (its
+``piecewise_constant`` needs rules given as text, which a step count does not fit)."""
+POLYNOMIAL_LR_END = 1e-7
+"""Where diffusers' ``polynomial`` schedule ends (its ``lr_end``), absolute."""
+REPORT_TO = ("none", "tensorboard", "wandb", "all")
+OPTIMIZERS = ("adamw", "adamw_8bit")
+
 _CHOICES = {"teacher": ("original", "previous"), "guidance_mode": ("baked", "cfg_sync"), "solver": SOLVERS,
             "mixed_precision": ("no", "fp16", "bf16"), "loss_space": LOSS_SPACES,
-            "loss_weighting": LOSS_WEIGHTINGS}
+            "loss_weighting": LOSS_WEIGHTINGS, "lr_schedule": LR_SCHEDULES, "report_to": REPORT_TO,
+            "optimizer": OPTIMIZERS}
 _LIMITS: dict[str, tuple[float, float]] = {
     # stage keys
     "windows": (1, 1024), "steps": (1, 10**8), "solver_steps": (1, 1000), "alpha": (0, 1000), "beta": (0, 1000),
     "lr": (0, 1), "warmup_steps": (0, 10**8), "weight_decay": (0, 1), "grad_clip": (0, 1e6),
     "batch_size": (1, 65536), "grad_accum": (1, 4096), "guidance": (0, 100), "start_share": (0, 1),
+    "lr_num_cycles": (1, 10**6), "lr_power": (1e-3, 1e3), "adam_epsilon": (1e-30, 1),
     # recipe keys
     "seed": (0, 2**63 - 1), "checkpoint_every": (0, 10**8), "keep_checkpoints": (0, 10**6),
     "max_nonfinite": (1, 10**8), "log_every": (1, 10**8), "num_workers": (0, 256),
+    "max_train_samples": (1, 10**12), "validation_every": (0, 10**8), "validation_samples": (1, 1024),
 }
 """Inclusive ``(low, high)`` bounds of numeric keys: beyond them a run hangs, exhausts memory or trains
 NaN weights (lr 1e3, say). A numeric key without an entry must be finite and >= 0."""
-_BELOW_ONE = ("ema_decay", "cond_dropout")
+_BELOW_ONE = ("ema_decay", "cond_dropout", "adam_beta1", "adam_beta2")
 """Keys in [0, 1)."""
 
 
@@ -434,6 +478,7 @@ def _build_stage(raw: Any, defaults: dict[str, Any], where: str) -> Stage:
 def _build_recipe(raw: dict[str, Any]) -> Recipe:
     if not isinstance(raw, dict):
         raise RecipeError(f"a recipe must be a mapping, got {type(raw).__name__}")
+    raw = _legacy_keys(raw)
     for key in raw:
         if key not in RECIPE_KEYS:
             raise _unknown(key, RECIPE_KEYS)
@@ -452,6 +497,25 @@ def _build_recipe(raw: dict[str, Any]) -> Recipe:
               for name in RECIPE_KEYS if name in raw and name not in ("stages", "defaults")}
     _check_schedule(stages)
     return Recipe(stages=stages, **values)
+
+
+def _legacy_keys(raw: dict[str, Any]) -> dict[str, Any]:
+    """``raw`` with the keys of older recipes (and their checkpoints) in today's form: ``tensorboard: true``
+    is ``report_to: tensorboard``, ``tensorboard: false`` says nothing."""
+    if "tensorboard" not in raw:
+        return raw
+    raw = dict(raw)
+    old = raw.pop("tensorboard")
+    if not isinstance(old, bool):
+        raise RecipeError(f"tensorboard: expected true or false, got {old!r} (the key is now report_to: "
+                          "none, tensorboard, wandb or all)")
+    current = raw.get("report_to", "none")
+    if old and current not in ("none", "tensorboard", "all"):
+        raise RecipeError(f"tensorboard: true contradicts report_to: {current}; drop tensorboard (the key is now "
+                          "report_to: none, tensorboard, wandb or all)")
+    if old and current == "none":
+        raw["report_to"] = "tensorboard"
+    return raw
 
 
 def _check_schedule(stages: list[Stage]) -> None:
@@ -484,6 +548,9 @@ def _check_schedule(stages: list[Stage]) -> None:
         if stage.batch_size % stage.grad_accum:
             raise RecipeError(f"{where}.batch_size: a batch of {stage.batch_size} does not split into "
                               f"{stage.grad_accum} accumulation steps; use a multiple of {stage.grad_accum}")
+        if stage.lr_schedule == "polynomial" and stage.lr <= POLYNOMIAL_LR_END:
+            raise RecipeError(f"{where}.lr: the polynomial schedule decays to {POLYNOMIAL_LR_END:g}, so lr must be "
+                              f"above it, got {stage.lr:g}; raise lr or use lr_schedule: linear")
         if stage.guidance_mode == "cfg_sync" and stage.cond_dropout == 0:
             raise RecipeError(f"{where}.cond_dropout: 'cfg_sync' trains the unconditional velocity through "
                               "condition dropout; set cond_dropout > 0 (PeRFlow: 0.1)")
@@ -507,4 +574,7 @@ def _describe(f: dataclasses.Field) -> str:
 
 
 def _describe_line(name: str, default: str, text: str) -> str:
-    return textwrap.fill(text, width=100, initial_indent=f"  {name:<17}{default:<11}", subsequent_indent=" " * 30)
+    head = f"  {name:<23}{default:<11}"
+    if len(head) > 36:  # a long default (max_train_samples' None fits) on a line of its own
+        head = f"  {name:<23}{default} "
+    return textwrap.fill(text, width=100, initial_indent=head, subsequent_indent=" " * 36)

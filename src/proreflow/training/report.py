@@ -1,9 +1,10 @@
-"""What a run reports: progress bars, TensorBoard scalars and per-stage summaries."""
+"""What a run reports: progress bars, log lines (``OUT/train.log``), trackers and per-stage summaries."""
 
 from __future__ import annotations
 
 import logging
 import math
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -85,31 +86,95 @@ def final_loss(history: list[tuple[int, float]], first_global_step: int) -> floa
     return sum(losses) / len(losses) if losses else math.nan
 
 
+STEP_LINE = "proreflow_step_line"
+"""Attribute set on the log records of the every-``log_every``-steps lines (the progress bar shows them)."""
+
+LOG_FILE = "train.log"
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class _TqdmHandler(logging.StreamHandler):
+    """Writes records with ``tqdm.write``, above the progress bars, and leaves the bars whole."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:  # pragma: no cover - logging's own contract
+            self.handleError(record)
+
+
+def _is_console(handler: logging.Handler) -> bool:
+    return (isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler)
+            and handler.stream in (sys.stdout, sys.stderr))
+
+
 class Reporter:
-    """Progress bar, log lines and TensorBoard scalars, on the main process only."""
+    """What a run reports, on the main process only (nothing on the others).
 
-    def __init__(self, out_dir: Path, enabled: bool, progress: bool, tensorboard: bool, log_every: int):
-        self.enabled, self.progress, self.log_every = enabled, progress and enabled, log_every
-        self.bar = None
-        self.writer = None
-        if enabled and tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError as err:
-                raise ImportError("tensorboard=true needs the tensorboard package: pip install tensorboard") from err
-            self.writer = SummaryWriter(str(Path(out_dir) / "tensorboard"))
+    Everything goes through the ``proreflow.training`` logger: messages and stage summaries (INFO),
+    warnings, and a line of loss, learning rate and throughput every ``log_every`` steps (INFO, marked
+    :data:`STEP_LINE`). :meth:`open` adds ``OUT/train.log``, which receives every record of the
+    ``proreflow`` loggers, and starts accelerate's trackers (``report_to``), which get the scalars and
+    the validation grids. With ``progress`` there are progress bars, and while they run every record
+    that reaches the root logger's console handlers (or Python's last-resort stderr), warnings of the
+    ``warnings`` module included, is written above them with ``tqdm.write`` (the step lines, which the
+    bar shows, are left to the file). Without ``progress`` the console gets what the application's
+    logging setup sends there (``proreflow train --no-progress``: every line, on stdout).
+    """
 
-    def say(self, message: str, warning: bool = False) -> None:
+    def __init__(self, out_dir: Path, accelerator, progress: bool, log_every: int):
+        self.out_dir, self.acc = Path(out_dir), accelerator
+        self.enabled = accelerator.is_main_process
+        self.progress, self.log_every = progress and self.enabled, log_every
+        self.bar, self.file, self.trackers = None, None, False
+        self._restore: list = []
+        package = logging.getLogger("proreflow")
+        if self.enabled and package.getEffectiveLevel() > logging.INFO:
+            previous = package.level
+            package.setLevel(logging.INFO)
+            self._restore.append(lambda: package.setLevel(previous))
+        if self.progress:
+            self._redirect_console()
+
+    def _redirect_console(self) -> None:
+        root = logging.getLogger()
+        original = list(root.handlers)
+        console = next((h for h in original if _is_console(h)), None)
+        handler = _TqdmHandler(console.stream if console is not None else sys.stderr)
+        if console is not None:
+            handler.setFormatter(console.formatter)
+            handler.setLevel(console.level)
+        handler.addFilter(lambda record: not getattr(record, STEP_LINE, False))
+        root.handlers = [h for h in original if not _is_console(h)] + [handler]
+        logging.captureWarnings(True)
+
+        def restore():
+            logging.captureWarnings(False)
+            root.handlers = [h for h in root.handlers if h is not handler] + [h for h in original if _is_console(h)]
+        self._restore.append(restore)
+
+    def open(self, project: str, config: dict, report_to: str) -> None:
+        """Start ``OUT/train.log`` and the trackers of ``report_to`` (``config``: the recipe, logged with them)."""
         if not self.enabled:
             return
-        logger.log(logging.WARNING if warning else logging.INFO, message)
-        if self.progress:
-            tqdm.write(message)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.file = logging.FileHandler(self.out_dir / LOG_FILE, encoding="utf-8")
+        self.file.setFormatter(logging.Formatter(LOG_FORMAT))
+        self.file.setLevel(logging.INFO)
+        logging.getLogger("proreflow").addHandler(self.file)
+        if report_to != "none":
+            self.acc.init_trackers(project, config=flat_config(config))
+            self.trackers = True
+
+    def say(self, message: str, warning: bool = False) -> None:
+        if self.enabled:
+            logger.log(logging.WARNING if warning else logging.INFO, message)
 
     def start_stage(self, index: int, total: int, stage: Stage, start_step: int) -> None:
+        self.where = f"stage {index + 1}/{total} ({stage.windows}w)"
+        self.stage_steps = stage.steps
         if self.progress:
-            self.bar = tqdm(total=stage.steps, initial=start_step, dynamic_ncols=True,
-                            desc=f"stage {index + 1}/{total} ({stage.windows}w)", unit="step")
+            self.bar = tqdm(total=stage.steps, initial=start_step, dynamic_ncols=True, desc=self.where, unit="step")
 
     def step(self, global_step: int, step: int, loss: float, scalars: dict[str, float],
              samples_per_second: float) -> None:
@@ -119,26 +184,56 @@ class Reporter:
             self.bar.update(1)
             if step % self.log_every == 0 or step == 1:
                 self.bar.set_postfix(loss=f"{loss:.4g}", samples_s=f"{samples_per_second:.1f}", refresh=False)
-        if self.writer is not None and step % self.log_every == 0:
-            self.writer.add_scalar("train/loss", loss, global_step)
-            self.writer.add_scalar("train/samples_per_second", samples_per_second, global_step)
-            for name, value in scalars.items():
-                self.writer.add_scalar(f"train/{name}", value, global_step)
+        if step % self.log_every == 0:
+            values = " ".join(f"{name} {value:.4g}" for name, value in scalars.items())
+            logger.info(f"{self.where} step {step}/{self.stage_steps} (global {global_step}): loss {loss:.5g} "
+                        f"{values} samples/s {samples_per_second:.1f}", extra={STEP_LINE: True})
+            if self.trackers:
+                self.acc.log({"train/loss": loss, "train/samples_per_second": samples_per_second,
+                              **{f"train/{name}": value for name, value in scalars.items()}}, step=global_step)
+
+    def images(self, name: str, grid, step: int) -> None:
+        """Log an image (``H x W x 3`` uint8 array) to every tracker."""
+        if not (self.enabled and self.trackers):
+            return
+        for tracker in self.acc.trackers:
+            if tracker.name == "tensorboard":
+                tracker.log_images({name: grid[None]}, step=step, dataformats="NHWC")
+            else:
+                tracker.log_images({name: [grid]}, step=step)
 
     def end_stage(self, summary: StageSummary, total: int) -> None:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
-        if self.writer is not None:
-            self.writer.add_scalar("stage/final_loss", summary.final_loss, summary.stage)
-            self.writer.add_scalar("stage/teacher_evals", summary.teacher_evals, summary.stage)
-            self.writer.flush()
+        if self.trackers:
+            self.acc.log({"stage/final_loss": summary.final_loss, "stage/teacher_evals": summary.teacher_evals},
+                         step=summary.stage)
         self.say(summary.line(total))
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
+        if self.trackers:
+            self.acc.end_training()
+            self.trackers = False
+        if self.file is not None:
+            logging.getLogger("proreflow").removeHandler(self.file)
+            self.file.close()
+            self.file = None
+        while self._restore:
+            self._restore.pop()()
+
+
+def flat_config(config: dict, prefix: str = "") -> dict:
+    """A nested recipe as one level of ``a.b.0.c`` keys with tracker-friendly values (None as 'null')."""
+    flat = {}
+    items = config.items() if isinstance(config, dict) else enumerate(config)
+    for key, value in items:
+        name = f"{prefix}{key}"
+        if isinstance(value, (dict, list, tuple)):
+            flat.update(flat_config(value, f"{name}."))
+        else:
+            flat[name] = "null" if value is None else value
+    return flat

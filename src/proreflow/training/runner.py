@@ -23,6 +23,7 @@ mixed-precision dtype, in place.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -31,12 +32,13 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils.data import Subset
 
 from ..conditioning import Cond, map_cond
 from .batches import BatchPlan, micro_batches
 from .checkpoint import student_module
 from .ema import EMA
-from .optim import make_optimizer
+from .optim import check_optimizer, make_optimizer
 from .recipes import Recipe, Stage, load_recipe
 from .report import StageCounters
 from .setup import DistillationSetup
@@ -74,15 +76,65 @@ def process_state():
     return PartialState(cpu=_cpu_only())
 
 
-def make_accelerator(mixed_precision: str):
-    """An ``accelerate.Accelerator`` on GPU when there is one (else CPU, gloo for several processes)."""
+TRACKERS = {"none": (), "tensorboard": ("tensorboard",), "wandb": ("wandb",), "all": ("tensorboard", "wandb")}
+"""Recipe ``report_to`` -> accelerate's tracker names."""
+
+
+def check_environment(recipe: Recipe) -> None:
+    """A ValueError naming the fix for recipe settings this installation cannot serve: a tracker or
+    the 8-bit optimiser whose package is missing (checked before anything loads)."""
+    import importlib.util
+
+    for name in TRACKERS[recipe.report_to]:
+        if importlib.util.find_spec(name) is None:
+            raise ValueError(f"report_to: {recipe.report_to!r} needs the {name} package, which is not installed; "
+                             f"pip install {name}, or choose another report_to")
+    check_optimizer(recipe.optimizer)
+
+
+def set_tf32(allow: bool) -> None:
+    """TF32 for float32 matrix products and cuDNN convolutions on NVIDIA GPUs (torch's global flags, as
+    diffusers' training scripts set them); on CPU the flags change nothing."""
+    torch.backends.cuda.matmul.allow_tf32 = allow
+    torch.backends.cudnn.allow_tf32 = allow
+
+
+def make_accelerator(mixed_precision: str, report_to: str = "none", out_dir: str | Path | None = None):
+    """An ``accelerate.Accelerator`` on GPU when there is one (else CPU, gloo for several processes);
+    with the trackers of ``report_to`` (:data:`TRACKERS`) logging under ``out_dir``."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
+    from accelerate.utils import ProjectConfiguration
 
     shared = AcceleratorState._shared_state
     if shared and shared.get("_mixed_precision") != mixed_precision and process_state().num_processes == 1:
         AcceleratorState._reset_state()  # a new single-process run in this interpreter, other precision
-    return Accelerator(mixed_precision=mixed_precision, cpu=_cpu_only())
+    trackers = list(TRACKERS[report_to])
+    project = None
+    if trackers:
+        if out_dir is None:
+            raise ValueError(f"report_to: {report_to!r} needs an output folder for the trackers")
+        project = ProjectConfiguration(project_dir=str(out_dir), logging_dir=str(Path(out_dir) / "tensorboard"))
+    return Accelerator(mixed_precision=mixed_precision, cpu=_cpu_only(), log_with=trackers or None,
+                       project_config=project)
+
+
+def limit_dataset(setup: DistillationSetup, max_train_samples: int | None) -> DistillationSetup:
+    """``setup`` whose dataset is its first ``max_train_samples`` items (all of them when it has fewer, or
+    when ``max_train_samples`` is None): a ``torch.utils.data.Subset`` of indices 0..N-1."""
+    if max_train_samples is None or max_train_samples >= len(setup.dataset):
+        return setup
+    return dataclasses.replace(setup, dataset=Subset(setup.dataset, range(max_train_samples)))
+
+
+def enable_gradient_checkpointing(module: nn.Module) -> None:
+    """Turn on ``module.enable_gradient_checkpointing()`` (diffusers models, the built-in networks), or a
+    ValueError naming the recipe key when the network has none."""
+    enable = getattr(module, "enable_gradient_checkpointing", None)
+    if not callable(enable):
+        raise ValueError(f"gradient_checkpointing: the student network ({type(module).__name__}) has no "
+                         "enable_gradient_checkpointing(); set gradient_checkpointing: false")
+    enable()
 
 
 @dataclass
@@ -115,10 +167,12 @@ class Trainee:
             module = module.float()  # optimiser master weights in float32
         for state in weights:
             module.load_state_dict(state)
+        if recipe.gradient_checkpointing:
+            enable_gradient_checkpointing(module)
         module.train()
         student = accelerator.prepare(module)
         module = accelerator.unwrap_model(student)
-        optimizer = accelerator.prepare(make_optimizer(module))
+        optimizer = accelerator.prepare(make_optimizer(module, recipe.optimizer))
         weight_dtype = DTYPES.get(recipe.mixed_precision)
         original = (setup.teacher_view(module) if shared
                     else as_teacher(setup.teacher_model, accelerator.device, weight_dtype))
@@ -149,6 +203,7 @@ class StageRunner:
             raise IndexError(f"stage index {index}: the recipe has {len(recipe.stages)} stage(s) (0-based index)")
         if trainee is None:
             if accelerator is None:
+                set_tf32(recipe.allow_tf32)
                 accelerator = make_accelerator(recipe.mixed_precision)
             elif accelerator.mixed_precision != recipe.mixed_precision:
                 raise ValueError(f"the accelerator runs mixed precision {accelerator.mixed_precision!r} but the "
@@ -157,6 +212,7 @@ class StageRunner:
         elif accelerator is not None and accelerator is not trainee.accelerator:
             raise ValueError("give either a trainee or an accelerator: the trainee brings its own")
         acc = trainee.accelerator
+        setup = limit_dataset(setup, recipe.max_train_samples)
         self.recipe, self.setup, self.index, self.trainee = recipe, setup, index, trainee
         stage = self.stage
         self.ema = EMA(trainee.module, stage.ema_decay)

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from ..conditioning import Cond
@@ -24,6 +24,18 @@ from ..teachers import Denoiser, Network
 def call_module(module: nn.Module) -> Network:
     """The plain adapter: ``module(x, timestep, cond)``."""
     return lambda x, timestep, cond: module(x, timestep, cond)
+
+
+@dataclass
+class ValidationSet:
+    """The conditions a run's validation grids are sampled for (recipe ``validation_every``).
+
+    cond: the conditions as one batch (None: unconditional); labels: one caption per sample (its
+    prompt), which also gives the number of samples.
+    """
+
+    cond: Cond
+    labels: list[str]
 
 
 @dataclass
@@ -50,6 +62,10 @@ class DistillationSetup:
         of it (e.g. the student with its adapters disabled). Then the student *is*
         ``teacher_model``, trained in place (build a new setup for a new run); None: the student
         is a copy and the teacher stays a separate frozen network.
+    validation: the conditions of the validation grids (:class:`ValidationSet`); None: those of the
+        dataset's first ``validation_samples`` items.
+    decode: samples -> images ``N x C x H x W`` in [-1, 1] for the validation grids (e.g. the VAE of
+        a latent model); None: samples shaped ``C x H x W`` (C = 1 or 3) are shown as they are.
     """
 
     teacher_model: nn.Module
@@ -62,6 +78,8 @@ class DistillationSetup:
     info: dict[str, Any] = field(default_factory=dict)
     keep_on_dropout: tuple[str, ...] = ()
     teacher_view: Callable[[nn.Module], nn.Module] | None = None
+    validation: ValidationSet | None = None
+    decode: Callable[[Tensor], Tensor] | None = None
 
     def denoiser(self, module: nn.Module, dtype=None) -> Denoiser:
         """A Denoiser over ``module`` with the teacher's output type and schedule."""
