@@ -75,9 +75,10 @@ def as_teacher(module: nn.Module, device=None, dtype: torch.dtype | None = None)
 
     Teachers run under ``torch.no_grad`` (:func:`make_reflow_batch`), so they are frozen
     whatever their ``requires_grad`` flags; those are left alone, since a copy of the original
-    teacher's flags says what the student trains.
+    teacher's flags says what the student trains. ``dtype`` is passed on only when given: diffusers'
+    ``ModelMixin.to`` warns about float32 modules whenever a ``dtype`` keyword is present, even None.
     """
-    return module.eval().to(device=device, dtype=dtype)
+    return module.eval().to(device=device, **({} if dtype is None else {"dtype": dtype}))
 
 
 def build_stage_teacher(setup: DistillationSetup, recipe: Recipe, index: int, original: nn.Module,
