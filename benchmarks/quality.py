@@ -79,6 +79,8 @@ METHODS = {
         "proreflow-ii", ["stages.*.loss_space=geometric", "stages.*.start_share=0.5"]),
     "ProReflow-II, velocity MSE then epsilon-space in the last stage, half at window starts": (
         "proreflow-ii", ["stages.*.loss_space=velocity", "stages.2.loss_space=epsilon", "stages.*.start_share=0.5"]),
+    "ProReflow-II, epsilon space capped at c = 4, half at window starts": (
+        "proreflow-ii", ["stages.*.loss_space=capped_epsilon", "stages.*.c_cap=4.0", "stages.*.start_share=0.5"]),
     "ProReflow-II, epsilon-space MSE, quarter at window starts": ("proreflow-ii", ["stages.*.loss_space=epsilon",
                                                                                    "stages.*.start_share=0.25"]),
     "ProReflow-II, epsilon-space MSE, all at window starts": ("proreflow-ii", ["stages.*.loss_space=epsilon",

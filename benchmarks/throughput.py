@@ -11,6 +11,12 @@ guidance), and in the same process times the raw UNet:
 - ``train``: samples/s, teacher evaluations/s and optimiser steps/s of the engine's loop;
 - ``ideal``: the samples/s the loop would reach with no overhead,
   ``1 / (solver_steps / fwd + 1 / fwd_bwd)``; ``efficiency = train / ideal``;
+- timing: after the warm-up steps (and one untimed raw call each), ``--steps`` interleaved rounds, each
+  one engine optimiser step, then the ``solver_steps`` teacher forwards and the one student
+  forward+backward that step needs, on the same batch; every rate is from the medians of the rounds,
+  so load from other processes or clock drift affects the loop and the raw networks alike (the earlier
+  version timed them in separate 2-call blocks; its ``--tiny`` ratio read 381 % once and 47 % on a
+  loaded machine, so it could not be trusted);
 - peak memory (GPU: ``max_memory_allocated``; CPU: the process's max RSS).
 
 Usage::
@@ -31,6 +37,7 @@ import datetime
 import gc
 import platform
 import resource
+import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -85,8 +92,7 @@ class Config:
     compile: bool
     solver_steps: int = 8
     warmup: int = 2
-    steps: int = 5
-    raw_iters: int = 5
+    steps: int = 5  # timed rounds
     grad_ckpt: bool = False
 
 
@@ -115,15 +121,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _timed(fn, iters: int, device: torch.device) -> float:
-    """Seconds per call of ``fn`` (one untimed call first)."""
-    fn()
+def _seconds(fn, device: torch.device) -> float:
+    """Wall seconds of one call of ``fn``, the device synchronised before and after."""
     _sync(device)
     start = time.perf_counter()
-    for _ in range(iters):
-        fn()
+    fn()
     _sync(device)
-    return (time.perf_counter() - start) / iters
+    return time.perf_counter() - start
 
 
 def _peak_memory(device: torch.device) -> str:
@@ -168,14 +172,6 @@ def run_config(cfg: Config) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
-    runner.run(cfg.warmup)
-    _sync(device)
-    start = time.perf_counter()
-    evals = runner.run(cfg.steps).teacher_evals
-    _sync(device)
-    loop = time.perf_counter() - start
-    runner.close()
-
     x0, cond, _ = collate_items([dataset[i] for i in range(cfg.batch)])
     x = x0.to(device)
     cond = map_cond(lambda a: a.to(device), cond)
@@ -192,15 +188,32 @@ def run_config(cfg: Config) -> dict:
         out.float().pow(2).mean().backward()
         optimizer.zero_grad(set_to_none=True)
 
-    t_fwd = _timed(fwd, cfg.raw_iters, device)
-    t_fwd_bwd = _timed(fwd_bwd, cfg.raw_iters, device)
-    fwd_rate, fwd_bwd_rate = cfg.batch / t_fwd, cfg.batch / t_fwd_bwd
-    train_rate = cfg.batch * cfg.steps / loop
-    ideal = 1.0 / (cfg.solver_steps / fwd_rate + 1.0 / fwd_bwd_rate)
+    def teacher_fwds():
+        for _ in range(cfg.solver_steps):
+            fwd()
+
+    runner.run(cfg.warmup)
+    for fn in (fwd, fwd_bwd):
+        fn()  # first calls (allocations, autotuning) untimed, as the loop's warm-up steps are
+    # interleaved rounds: each round times one engine step, the teacher forwards one step needs and one
+    # student forward+backward, so drift in clock or load (other processes) hits all three alike
+    loop_s, teacher_s, student_s, evals = [], [], [], 0
+    for _ in range(cfg.steps):
+        start = time.perf_counter()
+        evals += runner.run(1).teacher_evals
+        _sync(device)
+        loop_s.append(time.perf_counter() - start)
+        teacher_s.append(_seconds(teacher_fwds, device))
+        student_s.append(_seconds(fwd_bwd, device))
+    runner.close()
+    loop, t_teacher, t_student = (statistics.median(v) for v in (loop_s, teacher_s, student_s))
+    raw = t_teacher + t_student  # the same step with nothing but the networks' work
+    fwd_rate, fwd_bwd_rate = cfg.batch * cfg.solver_steps / t_teacher, cfg.batch / t_student
+    train_rate, ideal = cfg.batch / loop, cfg.batch / raw
     row = {"model": cfg.model, "px": px, "batch": cfg.batch, "dtype": cfg.dtype,
            "compile": "on" if cfg.compile else "off", "params": f"{params / 1e6:.0f} M",
            "fwd": f"{fwd_rate:.1f}", "fwd_bwd": f"{fwd_bwd_rate:.1f}", "train": f"{train_rate:.2f}",
-           "evals": f"{evals / loop:.0f}", "steps": f"{cfg.steps / loop:.3f}", "ideal": f"{ideal:.2f}",
+           "evals": f"{evals / cfg.steps / loop:.0f}", "steps": f"{1 / loop:.3f}", "ideal": f"{ideal:.2f}",
            "efficiency": f"{train_rate / ideal:.0%}", "memory": _peak_memory(device)}
     return row
 
@@ -245,14 +258,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, help="batch per optimiser step (default: 32 for sd15, 4 for sdxl)")
     p.add_argument("--solver-steps", type=int, default=8, help="teacher DDIM steps per window (PeRFlow: 8)")
     p.add_argument("--warmup", type=int, default=2, help="untimed optimiser steps first")
-    p.add_argument("--steps", type=int, default=5, help="timed optimiser steps")
+    p.add_argument("--steps", type=int, default=5, help="timed rounds (one engine step and its raw network work each)")
     p.add_argument("--budget-s", type=float, default=330, help="--gpu-suite: skip configs that no longer fit")
     p.add_argument("--out-md", default=str(ROOT / "docs" / "throughput.md"), help="markdown file to append to")
     args = p.parse_args(argv)
 
     if args.tiny:
         torch.set_num_threads(min(torch.get_num_threads(), 2))
-        configs = [(Config("tiny", args.batch or 2, "fp32", False, solver_steps=2, warmup=1, steps=2, raw_iters=2), 0)]
+        configs = [(Config("tiny", args.batch or 2, "fp32", False, solver_steps=2, warmup=3, steps=20), 0)]
     elif args.gpu_suite:
         if not torch.cuda.is_available():
             p.error("--gpu-suite needs a GPU; use --tiny on CPU")

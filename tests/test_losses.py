@@ -105,7 +105,21 @@ def test_geometric_space_is_the_geometric_mean_of_velocity_and_epsilon_errors():
     torch.testing.assert_close(per, (vel * eps).sqrt())
 
 
-@pytest.mark.parametrize("space", ["velocity", "epsilon", "x0", "geometric"])
+def test_capped_epsilon_space_is_epsilon_below_the_cap_and_scaled_velocity_above():
+    sched, t, t_start, t_end, x, eps_pred, eps_tgt, v_pred, v_tgt = _window_batch()
+    c = _c(sched, t, t_end)
+    cap = float(c.median())  # some samples on each side
+    assert (c > cap).any() and (c < cap).any()
+    sp, sg = (to_loss_space(v, x, t, t_end, "capped_epsilon", sched, c_cap=cap) for v in (v_pred, v_tgt))
+    below = c <= cap
+    torch.testing.assert_close((sp - sg)[below], (eps_pred - eps_tgt)[below])
+    torch.testing.assert_close((sp - sg)[~below], (v_pred - v_tgt)[~below] / cap)
+    # a cap above every c gives the epsilon space's errors exactly (the values differ by a term free of v)
+    sp, sg = (to_loss_space(v, x, t, t_end, "capped_epsilon", sched, c_cap=1e6) for v in (v_pred, v_tgt))
+    torch.testing.assert_close(sp - sg, eps_pred - eps_tgt)
+
+
+@pytest.mark.parametrize("space", ["velocity", "epsilon", "x0", "geometric", "capped_epsilon"])
 def test_every_space_loss_is_zero_exactly_when_the_velocity_loss_is(space):
     sched, t, t_start, t_end, x, eps_pred, eps_tgt, v_pred, v_tgt = _window_batch()
     for pred, zero in ((v_tgt.clone(), True), (v_pred, False)):

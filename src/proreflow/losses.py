@@ -16,6 +16,9 @@ Loss spaces, for a sample at ``(x_t, t)`` in the window ending at ``s`` (``a = a
     x0:       p = x0 implied by v,        x0 error = eps error * sqrt((1 - a_t) / a_t)
     geometric: p = v / sqrt(c(t, s)),     squared error = velocity error^2 / c = |v error| |eps error|
               (the geometric mean of the velocity and epsilon spaces' squared errors)
+    capped_epsilon: p = v / min(c(t, s), c_cap): the epsilon space where c <= c_cap, the velocity
+              space scaled by 1 / c_cap^2 where c is larger (the noisy start of the first windows,
+              whose error the epsilon space divides by up to c^2 ~ 180)
 
 epsilon and x0 are the outputs whose DDIM step from ``(x_t, t)`` to ``s`` is ``x_t + (s - t) v``
 (:func:`~proreflow.parametrize.velocity_to_output`), so a space's error is zero exactly when
@@ -39,7 +42,7 @@ from .schedules import VPSchedule, bcast
 
 _EPS = 1e-12
 
-LOSS_SPACES = ("velocity", "epsilon", "x0", "geometric")
+LOSS_SPACES = ("velocity", "epsilon", "x0", "geometric", "capped_epsilon")
 LOSS_WEIGHTINGS = ("none", "min_snr", "window")
 _SPACE_OUTPUT = {"epsilon": "epsilon", "x0": "sample"}
 
@@ -65,7 +68,7 @@ def _flat(x: Tensor) -> Tensor:
 
 
 def to_loss_space(v: Tensor, x_t: Tensor, t: Tensor, t_end: Tensor, space: str,
-                  schedule: VPSchedule | None = None) -> Tensor:
+                  schedule: VPSchedule | None = None, c_cap: float = 4.0) -> Tensor:
     """Velocity ``v`` at ``(x_t, t)`` towards ``t_end`` expressed in loss space ``space`` (module doc)."""
     if space not in LOSS_SPACES:
         raise ValueError(f"unknown loss space {space!r}; use one of {', '.join(LOSS_SPACES)}")
@@ -75,6 +78,8 @@ def to_loss_space(v: Tensor, x_t: Tensor, t: Tensor, t_end: Tensor, space: str,
         raise ValueError(f"the {space!r} loss space needs the teacher's VPSchedule; use loss_space: velocity")
     if space == "geometric":
         return v / bcast(velocity_per_epsilon(t, t_end, schedule).to(v.dtype), v).sqrt()
+    if space == "capped_epsilon":
+        return v / bcast(velocity_per_epsilon(t, t_end, schedule).clamp(max=c_cap).to(v.dtype), v)
     return velocity_to_output(v, x_t, t, t_end, _SPACE_OUTPUT[space], schedule)
 
 

@@ -135,3 +135,16 @@ def test_absurd_hyperparameters_are_rejected_when_the_recipe_is_read(override):
     key = override.partition("=")[0]
     with pytest.raises(RecipeError, match=rf"stages\.0\.{key}: must be"):
         load_recipe("perflow", [f"stages.*.{override}"])
+
+
+def test_nonfinite_parameters_counts_nan_and_inf_tensors_and_not_large_finite_ones():
+    from torch import nn
+
+    from proreflow.training.stage import nonfinite_parameters
+
+    module = nn.ParameterList([nn.Parameter(torch.tensor([1.0, float("nan")])),
+                               nn.Parameter(torch.tensor([3e38, -3e38])),  # finite; its 2-norm would overflow
+                               nn.Parameter(torch.tensor([float("-inf"), 0.0])),
+                               nn.Parameter(torch.zeros(2, dtype=torch.bfloat16)),
+                               nn.Parameter(torch.tensor([float("inf")]), requires_grad=False)])  # frozen: ignored
+    assert nonfinite_parameters(module) == 2

@@ -221,10 +221,8 @@ def unet_network(unet) -> Network:
     """
     network = diffusers_network(unet)
 
-    def cast(a: Tensor) -> Tensor:
-        return a.to(unet.dtype) if a.is_floating_point() else a
-
     def call(x: Tensor, timestep: Tensor, cond: Cond) -> Tensor:
-        return network(x, timestep, map_cond(cast, cond))
+        dtype = unet.dtype  # once per call: diffusers' ModelMixin.dtype walks the module tree
+        return network(x, timestep, map_cond(lambda a: a.to(dtype) if a.is_floating_point() else a, cond))
 
     return call

@@ -50,8 +50,10 @@ class EMA:
     def update(self, module: nn.Module, step: int) -> None:
         """``ema <- d_k * ema + (1 - d_k) * w`` after optimiser step ``step`` (1-based)."""
         weight = 1.0 - self.decay_at(step)
-        for name, p in _tracked(module, self.shadow):
-            self.shadow[name].lerp_(p.detach().to(self.shadow[name].dtype), weight)
+        names, params = zip(*_tracked(module, self.shadow)) if self.shadow else ((), ())
+        shadows = [self.shadow[name] for name in names]
+        # one multi-tensor call instead of a kernel per parameter (hundreds per step for a UNet)
+        torch._foreach_lerp_(shadows, [p.detach().to(s.dtype) for p, s in zip(params, shadows)], weight)
 
     def tensors(self) -> dict[str, Tensor]:
         """The averaged tensors alone, keyed by parameter name (trainable parameters only);

@@ -86,7 +86,10 @@ class Stage:
         "step to the window end is x_t + (t_end - t) v, i.e. the velocity error over c(t, t_end) = "
         "(sqrt(1 - abar_end) - sqrt(abar_end (1 - abar_t) / abar_t)) / (t_end - t); 'x0' on the implied "
         "x0 (the epsilon error times sqrt((1 - abar_t) / abar_t)); 'geometric' the velocity error^2 / c(t, t_end), "
-        "the geometric mean of the velocity and epsilon squared errors", default="velocity")
+        "the geometric mean of the velocity and epsilon squared errors; 'capped_epsilon' the velocity error^2 / "
+        "min(c, c_cap)^2: epsilon space where c <= c_cap, scaled velocity space at the noisy window starts",
+        default="velocity")
+    c_cap: float = _doc("c_cap of loss_space: capped_epsilon", default=4.0)
     loss_weighting: str = _doc(
         "per-sample weight of the squared error: 'none'; 'min_snr' min(SNR(t), snr_gamma) / SNR(t), "
         "SNR = abar / (1 - abar) (min-SNR-gamma, Hang et al. 2023); 'window' 1 / (mean squared target of "
@@ -416,6 +419,9 @@ def _check_value(key: str, name: str, value: Any, hint: Any) -> Any:
             raise RecipeError(f"{key}: must be in [0, 1), got {out}")
         if name == "snr_gamma" and out <= 0:
             raise RecipeError(f"{key}: must be > 0 (min-SNR clamps SNR at gamma; 5 is the published value), got {out}")
+        if name == "c_cap" and out <= 0:
+            raise RecipeError(f"{key}: must be > 0 (the largest c(t, t_end) the epsilon space divides by; e.g. 4), "
+                              f"got {out}")
         return _check_range(key, name, out)
     if hint is str:
         if name == "mixed_precision" and value is False:

@@ -218,7 +218,7 @@ class StepResult:
 
 def stage_loss(stage: Stage, batch, v_pred: Tensor, schedule) -> LossTerms:
     """The stage's loss of ``v_pred`` against ``batch.v_target`` (its loss space and time weighting)."""
-    space = [to_loss_space(v, batch.x_t, batch.t, batch.t_end, stage.loss_space, schedule)
+    space = [to_loss_space(v, batch.x_t, batch.t, batch.t_end, stage.loss_space, schedule, stage.c_cap)
              for v in (v_pred, batch.v_target)]
     weights = time_weights(stage.loss_weighting, batch.t, batch.t_start, space[1], schedule, stage.snr_gamma)
     return aligned_v_loss(v_pred, batch.v_target, stage.alpha, stage.beta, space_pred=space[0],
@@ -307,6 +307,10 @@ def train_step(ctx: StageContext, batches: Iterator[tuple[Tensor, Cond, list[str
 
 
 def nonfinite_parameters(module: nn.Module) -> int:
-    """How many trainable parameter tensors of ``module`` hold a NaN or infinite value."""
-    params = [p for p in module.parameters() if p.requires_grad]
-    return int(sum(~torch.isfinite(p).all() for p in params)) if params else 0
+    """How many trainable parameter tensors of ``module`` hold a NaN or infinite value: those whose
+    max-abs norm is not finite (one multi-tensor call and one host sync; a max cannot overflow)."""
+    params = [p.detach() for p in module.parameters() if p.requires_grad]
+    if not params:
+        return 0
+    norms = torch.stack([n.float() for n in torch._foreach_norm(params, float("inf"))])
+    return int((~torch.isfinite(norms)).sum())
