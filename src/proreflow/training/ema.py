@@ -50,10 +50,9 @@ class EMA:
     def update(self, module: nn.Module, step: int) -> None:
         """``ema <- d_k * ema + (1 - d_k) * w`` after optimiser step ``step`` (1-based)."""
         weight = 1.0 - self.decay_at(step)
-        names, params = zip(*_tracked(module, self.shadow)) if self.shadow else ((), ())
-        shadows = [self.shadow[name] for name in names]
-        # one multi-tensor call instead of a kernel per parameter (hundreds per step for a UNet)
-        torch._foreach_lerp_(shadows, [p.detach().to(s.dtype) for p, s in zip(params, shadows)], weight)
+        pairs = [(self.shadow[name], p.detach()) for name, p in _tracked(module, self.shadow)]
+        if pairs:  # one multi-tensor call instead of a kernel per parameter (hundreds per step for a UNet)
+            torch._foreach_lerp_([s for s, _ in pairs], [p.to(s.dtype) for s, p in pairs], weight)
 
     def tensors(self) -> dict[str, Tensor]:
         """The averaged tensors alone, keyed by parameter name (trainable parameters only);

@@ -247,7 +247,8 @@ def train_step(ctx: StageContext, batches: Iterator[tuple[Tensor, Cond, list[str
         x0 = x0.to(acc.device)
         cond = map_cond(lambda c: c.to(acc.device), cond)
         dtype = compute_dtype(x0)
-        t, keep, noise = sample_randomness(ctx.plan.positions(step, micro), ctx.recipe.seed, ctx.index,
+        positions = ctx.plan.positions(step, micro)
+        t, keep, noise = sample_randomness(positions, ctx.recipe.seed, ctx.index,
                                            tuple(x0.shape[1:]), dtype, stage.cond_dropout)
         t, keep, noise = t.to(acc.device), keep.to(acc.device), noise.to(acc.device)
         uncond = null_like(cond, ctx.uncond, ctx.setup.keep_on_dropout)  # each sample's null condition
@@ -265,7 +266,7 @@ def train_step(ctx: StageContext, batches: Iterator[tuple[Tensor, Cond, list[str
             else:
                 batch, evals = make(), ctx.counter.take()
             if stage.start_share:
-                batch = at_window_start(batch, start_mask(ctx.plan.positions(step, micro), stage.start_share))
+                batch = at_window_start(batch, start_mask(positions, stage.start_share))
             v_pred = ctx.student_denoiser.velocity(batch.x_t, batch.t, batch.t_end, cond)
             terms = stage_loss(stage, batch, v_pred, ctx.setup.schedule)
             acc.backward(terms.total / stage.grad_accum)
