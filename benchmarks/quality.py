@@ -5,7 +5,8 @@
 
 For each dataset: training-free anchors (teacher DDIM at 32/8/4/2/1 steps, DPM-Solver++ 2M at
 4 and 2 steps) and distilled students (2-Reflow, PeRFlow, ProReflow-I/II/1step, ablations),
-every student trained for the same number of optimiser steps from the teacher's weights; the
+every student trained for the same number of optimiser steps from the teacher's weights (the
+"from scratch" methods: from a fresh network of the teacher's architecture); the
 teacher network evaluations each method spent are counted and reported. Every sampler is
 scored on the same noise and conditions (``proreflow.builtin.suite``), and every student's
 last-stage windows are diagnosed (:func:`window_diagnostics`). Writes ``docs/results.md`` and
@@ -87,6 +88,20 @@ METHODS = {
                                                                                "stages.*.start_share=1.0"]),
     "PeRFlow, velocity MSE": ("perflow", ["stages.*.loss_space=velocity"]),
     "PeRFlow, epsilon-space MSE": ("perflow", ["stages.*.loss_space=epsilon"]),
+    # optimiser schedule relative to stage length (issue 13): the default with one change each
+    "ProReflow-II, velocity MSE, half at window starts, warm-up 10 steps": (
+        "proreflow-ii", ["stages.*.loss_space=velocity", "stages.*.start_share=0.5", "stages.*.warmup_steps=10"]),
+    "ProReflow-II, velocity MSE, half at window starts, lr 3e-4": (
+        "proreflow-ii", ["stages.*.loss_space=velocity", "stages.*.start_share=0.5", "stages.*.lr=3e-4"]),
+    "ProReflow-II, velocity MSE, half at window starts, EMA off": (
+        "proreflow-ii", ["stages.*.loss_space=velocity", "stages.*.start_share=0.5", "stages.*.ema_decay=0.0"]),
+    # student parametrization (issue 13): students from scratch, the network's output type
+    "2-Reflow from scratch, epsilon output": ("reflow", ["from_scratch=true"]),
+    "2-Reflow from scratch, velocity output": ("reflow", ["from_scratch=true", "student_prediction=velocity"]),
+    "2-Reflow from scratch, x0 output": ("reflow", ["from_scratch=true", "student_prediction=sample"]),
+    "ProReflow-II from scratch, epsilon output": ("proreflow-ii", ["from_scratch=true"]),
+    "ProReflow-II from scratch, velocity output": ("proreflow-ii", ["from_scratch=true",
+                                                                   "student_prediction=velocity"]),
 }
 for _preset, _overrides in METHODS.values():
     # methods that do not name a start share keep the uniform t of the runs they were measured in (the
@@ -218,7 +233,7 @@ def run_dataset(data: str, args, log, save=lambda rows, diag: None) -> tuple[lis
     """Metric rows and window-diagnostic rows of every seed and method on ``data``; ``save(rows, diag)``
     after each trained method (a killed run keeps what it measured)."""
     guidance = args.guidance or GUIDANCE[data_kind(data)]
-    setup = builtin_setup(data, progress=not args.no_progress)
+    setup = builtin_setup(data, progress=not args.no_progress, from_scratch=True)  # for the from-scratch methods
     teacher = setup.denoiser(setup.teacher_model)
     rows, diag = [], []
     for seed in args.seeds:

@@ -360,8 +360,10 @@ def write_stage_result(out_dir: Path, index: int, weights: dict[str, Tensor], in
     write_json(out_dir / "student.json", info)
 
 
-def student_module(setup: DistillationSetup, from_scratch: bool) -> nn.Module:
-    """A student network: a copy of the teacher, or ``setup.make_student()``.
+def student_module(setup: DistillationSetup, from_scratch: bool, seed: int = 0) -> nn.Module:
+    """A student network: a copy of the teacher, or ``setup.make_student()`` initialised from torch's
+    generator seeded with ``seed`` (the recipe's: the same run starts from the same weights; the global
+    generator is left as it was).
 
     The copy keeps the teacher's ``requires_grad`` flags where some are set: they say what the
     student trains (e.g. only LoRA layers). A teacher frozen throughout gives a student that
@@ -371,7 +373,9 @@ def student_module(setup: DistillationSetup, from_scratch: bool) -> nn.Module:
         if setup.make_student is None:
             raise ValueError("from_scratch=true needs a setup with make_student (a builder of a fresh "
                              "network); this setup only has a teacher to copy")
-        return setup.make_student()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return setup.make_student()
     module = copy.deepcopy(setup.teacher_model)
     if not any(p.requires_grad for p in module.parameters()):
         module.requires_grad_(True)
@@ -396,15 +400,18 @@ def load_student(out_dir: str | Path, setup: DistillationSetup, stage: int | Non
     if not info_path.is_file():
         raise FileNotFoundError(f"{info_path} not found: {out_dir} holds no finished stage of a training run")
     info = read_student_info(folder)
-    if info.get("prediction_type") != setup.prediction_type:
-        raise ValueError(f"the student in {folder} predicts {info.get('prediction_type')!r} but the setup's "
-                         f"teacher predicts {setup.prediction_type!r}: load it with the setup it was trained with")
+    try:
+        prediction_type = setup.student_prediction_type(info.get("prediction_type"), info.get("from_scratch", False))
+    except ValueError:
+        raise ValueError(f"the student in {folder} predicts {info.get('prediction_type')!r}, which the setup's "
+                         f"teacher ({setup.prediction_type!r}) cannot serve: load it with the setup it was trained "
+                         "with") from None
     module = student_module(setup, info.get("from_scratch", False))
     module.load_state_dict(load_weights(folder / f"{stem}.safetensors"), assign=True)  # saved dtypes
     module.eval().requires_grad_(False)
     if device is not None:
         module.to(device)
-    return setup.denoiser(module), TimeWindows(int(info["windows"]))
+    return setup.denoiser(module, prediction_type=prediction_type), TimeWindows(int(info["windows"]))
 
 
 def read_student_info(out_dir: str | Path) -> dict[str, Any]:

@@ -231,6 +231,11 @@ class _Run:
         self.recipe, self.setup, self.out, self.acc, self.reporter = recipe, setup, out, acc, reporter
         self.stop = stop
 
+    @property
+    def student_type(self) -> str:
+        """The student's output type (recipe ``student_prediction``)."""
+        return self.setup.student_prediction_type(self.recipe.student_prediction, self.recipe.from_scratch)
+
     # ------------------------------------------------------------ setup and resume
 
     def run(self, resume: bool | str, allow_recipe_change: bool) -> TrainResult:
@@ -277,7 +282,8 @@ class _Run:
             self._run_stage(index, state, resumed, saved if resumed else None)
         acc.wait_for_everyone()
         module = acc.unwrap_model(self.trainee.student, keep_fp32_wrapper=False).eval()
-        return TrainResult(self.setup.denoiser(module), module, TimeWindows(recipe.final_windows),
+        return TrainResult(self.setup.denoiser(module, prediction_type=self.student_type), module,
+                           TimeWindows(recipe.final_windows),
                            recipe.sample_guidance, state.completed, state.history, self.out)
 
     def _stage_weights(self, index: int) -> dict[str, torch.Tensor]:
@@ -378,7 +384,7 @@ class _Run:
             guidance = stage.guidance if stage.guidance_mode == "cfg_sync" else 1.0
             with ema_weights(self.module, ema) if ema is not None else contextlib.nullcontext():
                 samples = validation_samples(self.setup, self.module, self.validation, stage.windows, guidance,
-                                             self.trainee.uncond, acc.device, acc.autocast)
+                                             self.trainee.uncond, acc.device, acc.autocast, self.student_type)
             grid = grid_image(samples, self.validation.labels, self.setup.decode)
             folder = self.out / "validation" / stage_dir(self.out, index, stage.windows).name
             path = write_validation(folder, global_step, samples, grid)
@@ -390,7 +396,7 @@ class _Run:
     def _student_info(self, index: int, state: RunState) -> dict[str, Any]:
         """``student.json``: what sampling code needs to rebuild and sample the student."""
         stage = self.recipe.stages[index]
-        return {"format": STUDENT_FORMAT, "windows": stage.windows, "prediction_type": self.setup.prediction_type,
+        return {"format": STUDENT_FORMAT, "windows": stage.windows, "prediction_type": self.student_type,
                 "guidance_mode": stage.guidance_mode,
                 "guidance": stage.guidance if stage.guidance_mode == "cfg_sync" else 1.0,
                 "from_scratch": self.recipe.from_scratch, "recipe": self.recipe.name, "stage": index + 1,

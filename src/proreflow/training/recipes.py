@@ -50,6 +50,7 @@ from typing import Any
 import yaml
 
 from ..losses import LOSS_SPACES, LOSS_WEIGHTINGS
+from ..schedules import PREDICTION_TYPES
 from ..solvers import REFERENCE_STEPS, SOLVERS
 
 
@@ -155,6 +156,10 @@ class Recipe:
                                 default="no")
     from_scratch: bool = _doc("start stage 1 from setup.make_student() instead of the teacher's weights",
                               default=False)
+    student_prediction: str = _doc(
+        "what the student network outputs: 'teacher' (the teacher's own type, the only choice for a student "
+        "copied from the teacher), or with from_scratch: true 'velocity' (the straight segment's velocity), "
+        "'epsilon', 'v_prediction' or 'sample' (VP teachers), 'flow_velocity' (flow teachers)", default="teacher")
     checkpoint_every: int = _doc("write a checkpoint every N optimiser steps of a stage (0: only at "
                                  "stage ends)", default=500)
     keep_checkpoints: int = _doc("checkpoints kept on disk, newest first (0: keep all)", default=2)
@@ -368,7 +373,7 @@ OPTIMIZERS = ("adamw", "adamw_8bit")
 _CHOICES = {"teacher": ("original", "previous"), "guidance_mode": ("baked", "cfg_sync"), "solver": SOLVERS,
             "mixed_precision": ("no", "fp16", "bf16"), "loss_space": LOSS_SPACES,
             "loss_weighting": LOSS_WEIGHTINGS, "lr_schedule": LR_SCHEDULES, "report_to": REPORT_TO,
-            "optimizer": OPTIMIZERS}
+            "optimizer": OPTIMIZERS, "student_prediction": ("teacher",) + PREDICTION_TYPES}
 _LIMITS: dict[str, tuple[float, float]] = {
     # stage keys
     "windows": (1, 1024), "steps": (1, 10**8), "solver_steps": (1, 1000), "alpha": (0, 1000), "beta": (0, 1000),

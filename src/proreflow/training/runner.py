@@ -162,7 +162,7 @@ class Trainee:
         in order, prepared with its optimiser; the original teacher cast and moved in place, or
         with ``setup.teacher_view`` the student is ``setup.teacher_model`` and the teacher its view."""
         shared = setup.teacher_view is not None and not recipe.from_scratch
-        module = setup.teacher_model if shared else student_module(setup, recipe.from_scratch)
+        module = setup.teacher_model if shared else student_module(setup, recipe.from_scratch, recipe.seed)
         if any(p.dtype in (torch.float16, torch.bfloat16) for p in module.parameters()):
             module = module.float()  # optimiser master weights in float32
         for state in weights:
@@ -227,9 +227,10 @@ class StageRunner:
                                                trainee.weight_dtype, acc.autocast)
         plan = BatchPlan(len(setup.dataset), recipe.seed, index, stage.batch_size, stage.grad_accum,
                          acc.num_processes, acc.process_index)
-        self.context = StageContext(acc, recipe, index, setup, trainee.student, trainee.module,
-                                    setup.denoiser(_Prepared(trainee.student, trainee.module)), trainee.optimizer,
-                                    self.ema, teacher, counter, plan, trainee.uncond)
+        student_type = setup.student_prediction_type(recipe.student_prediction, recipe.from_scratch)
+        student = setup.denoiser(_Prepared(trainee.student, trainee.module), prediction_type=student_type)
+        self.context = StageContext(acc, recipe, index, setup, trainee.student, trainee.module, student,
+                                    trainee.optimizer, self.ema, teacher, counter, plan, trainee.uncond)
         self._batches = micro_batches(setup.dataset, plan, start_step, recipe.num_workers)
         self.step_index = start_step
         self.counters = counters if counters is not None else StageCounters()

@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 
 from ..conditioning import Cond
 from ..flow import FlowSchedule
-from ..schedules import VPSchedule
+from ..schedules import DIFFUSION_PREDICTION_TYPES, VPSchedule
 from ..teachers import Denoiser, Network
 
 
@@ -43,7 +43,8 @@ class DistillationSetup:
     """A teacher network, its schedule, and training data.
 
     teacher_model: the teacher's network (frozen by the engine, never trained).
-    prediction_type: the teacher's output type; the student keeps it (see parametrize.py).
+    prediction_type: the teacher's output type; a student copied from the teacher keeps it, a student
+        from scratch may output another (:meth:`student_prediction_type`, recipe ``student_prediction``).
     dataset: items ``(x0, cond)`` in the space the networks see (images, or VAE latents);
         ``cond`` may be None, a tensor (class label, text states) or a dict of tensors. An item may
         be ``(x0, cond, skipped)`` instead, ``skipped`` naming the source items the dataset passed
@@ -81,9 +82,29 @@ class DistillationSetup:
     validation: ValidationSet | None = None
     decode: Callable[[Tensor], Tensor] | None = None
 
-    def denoiser(self, module: nn.Module, dtype=None) -> Denoiser:
-        """A Denoiser over ``module`` with the teacher's output type and schedule."""
-        return Denoiser(self.adapter(module), self.prediction_type, self.schedule, dtype=dtype)
+    def denoiser(self, module: nn.Module, dtype=None, prediction_type: str | None = None) -> Denoiser:
+        """A Denoiser over ``module`` with the teacher's schedule and output type (or ``prediction_type``)."""
+        return Denoiser(self.adapter(module), prediction_type or self.prediction_type, self.schedule, dtype=dtype)
+
+    def student_prediction_type(self, student_prediction: str = "teacher", from_scratch: bool = False) -> str:
+        """The student's output type for recipe ``student_prediction`` (``"teacher"``: the teacher's).
+
+        A copy of the teacher keeps the teacher's type: any other reading of the same network is another
+        function, which would not start as the teacher's DDIM (and a fixed re-expression of the same output,
+        e.g. epsilon read back as x0, is the same function with the same gradients: nothing to choose).
+        A student from scratch may output the velocity directly, or any type the schedule converts.
+        """
+        wanted = self.prediction_type if student_prediction == "teacher" else student_prediction
+        allowed = (("flow_velocity", "velocity") if isinstance(self.schedule, FlowSchedule)
+                   else (*DIFFUSION_PREDICTION_TYPES, "velocity"))
+        if wanted not in allowed:
+            raise ValueError(f"student_prediction: {wanted!r} does not fit this setup's teacher "
+                             f"({self.prediction_type!r}); use one of teacher, {', '.join(allowed)}")
+        if wanted != self.prediction_type and not from_scratch:
+            raise ValueError(f"student_prediction: {wanted!r} needs from_scratch: true (a student copied from the "
+                             f"teacher outputs the teacher's {self.prediction_type!r}); or set student_prediction: "
+                             "teacher")
+        return wanted
 
     def new_student(self) -> nn.Module:
         """Stage 1's student: a copy of the teacher's weights, or ``make_student()``."""

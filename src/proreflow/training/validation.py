@@ -98,16 +98,18 @@ def ema_weights(module: nn.Module, ema: EMA):
 
 @torch.no_grad()
 def validation_samples(setup: DistillationSetup, module: nn.Module, validation: Validation, windows: int,
-                       guidance: float, uncond: Cond, device, autocast: Callable[[], Any] = contextlib.nullcontext
-                       ) -> Tensor:
-    """``module`` sampled from the validation noise with one Euler step per window (eval mode inside)."""
+                       guidance: float, uncond: Cond, device, autocast: Callable[[], Any] = contextlib.nullcontext,
+                       prediction_type: str | None = None) -> Tensor:
+    """``module`` (output ``prediction_type``, default the teacher's) sampled from the validation noise with
+    one Euler step per window (eval mode inside)."""
     cond = map_cond(lambda c: c.to(device), validation.cond)
     null = null_like(cond, uncond, setup.keep_on_dropout) if cond is not None and uncond is not None else None
     was_training = module.training
     module.eval()
     try:
         with autocast():
-            x = sample(setup.denoiser(module), validation.noise.to(device), TimeWindows(windows), windows, cond,
+            student = setup.denoiser(module, prediction_type=prediction_type)
+            x = sample(student, validation.noise.to(device), TimeWindows(windows), windows, cond,
                        null, guidance)
     finally:
         module.train(was_training)
