@@ -95,10 +95,28 @@ METHODS = {
         "proreflow-ii", ["stages.*.loss_space=velocity", "stages.*.start_share=0.5", "stages.*.lr=3e-4"]),
     "ProReflow-II, velocity MSE, half at window starts, EMA off": (
         "proreflow-ii", ["stages.*.loss_space=velocity", "stages.*.start_share=0.5", "stages.*.ema_decay=0.0"]),
+    # the teacher's solve (issues 13, 16): evaluations per window against the default's 32 // windows DDIM steps
+    "ProReflow-II, velocity MSE, half at window starts, DDIM at half the steps": (
+        "proreflow-ii", ["stages.*.loss_space=velocity", "stages.*.start_share=0.5", "stages.0.solver_steps=2",
+                         "stages.1.solver_steps=4", "stages.2.solver_steps=8"]),
+    "ProReflow-II, velocity MSE, half at window starts, DPM-Solver++(2M) at half the steps": (
+        "proreflow-ii", ["stages.*.loss_space=velocity", "stages.*.start_share=0.5", "stages.*.solver=dpmpp_2m",
+                         "stages.0.solver_steps=2", "stages.1.solver_steps=4", "stages.2.solver_steps=8"]),
+    "ProReflow-II, velocity MSE, half at window starts, DDIM at twice the steps": (
+        "proreflow-ii", ["stages.*.loss_space=velocity", "stages.*.start_share=0.5", "stages.0.solver_steps=8",
+                         "stages.1.solver_steps=16", "stages.2.solver_steps=32"]),
+    # guidance (issue 13): PeRFlow's cfg_sync (unguided targets, student sampled with guidance) against baking it
+    "ProReflow-II, velocity MSE, half at window starts, cfg_sync": (
+        "proreflow-ii", ["stages.*.loss_space=velocity", "stages.*.start_share=0.5", "stages.*.guidance_mode=cfg_sync",
+                         "stages.*.cond_dropout=0.1"]),
     # student parametrization (issue 13): students from scratch, the network's output type
     "2-Reflow from scratch, epsilon output": ("reflow", ["from_scratch=true"]),
     "2-Reflow from scratch, velocity output": ("reflow", ["from_scratch=true", "student_prediction=velocity"]),
     "2-Reflow from scratch, x0 output": ("reflow", ["from_scratch=true", "student_prediction=sample"]),
+    "2-Reflow from scratch, velocity output, aligned v, half at the start": (
+        "reflow", ["from_scratch=true", "student_prediction=velocity", "stages.*.alpha=1.0",
+                   "stages.*.start_share=0.5"]),
+    "PeRFlow from scratch, velocity output": ("perflow", ["from_scratch=true", "student_prediction=velocity"]),
     "ProReflow-II from scratch, epsilon output": ("proreflow-ii", ["from_scratch=true"]),
     "ProReflow-II from scratch, velocity output": ("proreflow-ii", ["from_scratch=true",
                                                                    "student_prediction=velocity"]),

@@ -11,6 +11,17 @@ holding ``t``, this is the epsilon parametrization of a ProReflow student: a stu
 its diffusion teacher, stepped once per window, reproduces one teacher DDIM step per window.
 A ``velocity`` output is the velocity itself (students from scratch). A ``flow_velocity`` output
 (a flow-matching teacher's ``dx/dsigma``) is turned by the same rule in :mod:`proreflow.flow`.
+
+The student's parametrization (recipe ``student_prediction``) is the type its network's output is
+read as. A student copied from its teacher keeps the teacher's type: reading the same network as
+another type is another function, which would not start as the teacher's DDIM, and a fixed
+re-expression (epsilon output converted to x0 or v by the formulas here) composes an invertible
+map of ``(x_t, output)`` with the same network, so the student and its gradients are unchanged:
+for a copied student only the loss space (:mod:`proreflow.losses`) is a choice. A student from
+scratch may output ``velocity`` (``v = output``), ``epsilon``, ``v_prediction`` or ``sample``
+(``v`` = the DDIM segment above), which changes what a network smooth in ``t`` can express: an
+epsilon output must jump at an inner window edge to keep ``v`` piecewise straight, and an error
+``de`` in it reaches the 1-step sample as ``sqrt(1 - abar) / sqrt(abar) de`` (~14.6 at t = 1).
 """
 
 from __future__ import annotations
