@@ -8,7 +8,7 @@ import re
 
 import pytest
 import torch
-from engine_toys import Mixture, make_setup, tiny_recipe
+from engine_toys import CrashingMixture, Mixture, make_setup, tiny_recipe
 from safetensors.torch import load_file
 
 from proreflow.solvers import solve
@@ -206,27 +206,13 @@ def test_a_damaged_or_missing_shard_is_solved_again_and_the_run_is_unchanged(tmp
                                load_file(tmp_path / "a/student.safetensors"), rtol=0, atol=0)
 
 
-class Crashing(Mixture):
-    """The mixture, raising at its ``crash_at``-th item read."""
-
-    def __init__(self, n: int, crash_at: int):
-        super().__init__(n)
-        self.calls, self.crash_at = 0, crash_at
-
-    def __getitem__(self, i):
-        self.calls += 1
-        if self.calls == self.crash_at:
-            raise RuntimeError("simulated crash")
-        return super().__getitem__(i)
-
-
 def test_a_run_resumed_after_a_crash_reads_the_trajectories_and_equals_the_uninterrupted_one(tmp_path):
     def raw(cache):
         return recipe(target_cache=str(tmp_path / cache), checkpoint_every=1, keep_checkpoints=0)
 
     straight = train(raw("a"), make_setup(ITEMS), tmp_path / "straight", progress=False)
     setup = make_setup(ITEMS)
-    setup.dataset = Crashing(ITEMS, crash_at=50)  # stage 1: 24 reads to train, 1 + 16 to build; crash in stage 2
+    setup.dataset = CrashingMixture(50, ITEMS)  # stage 1: 24 reads to train, 1 + 16 to build; crash in stage 2
     out = tmp_path / "resumed"
     with pytest.raises(RuntimeError, match="simulated crash"):
         train(raw("b"), setup, out, progress=False)
@@ -245,7 +231,7 @@ def test_a_run_killed_while_building_solves_only_the_missing_shards_when_resumed
     for shard in (tmp_path / "cache").glob("trajectories-*/shard-*"):
         shard.unlink()
     setup = make_setup(ITEMS)
-    setup.dataset = Crashing(ITEMS, crash_at=8 + 1 + 8 + 1)  # step 1, the shape read, shard 0, shard 1
+    setup.dataset = CrashingMixture(8 + 1 + 8 + 1, ITEMS)  # step 1, the shape read, shard 0, shard 1
     with pytest.raises(RuntimeError, match="simulated crash"):
         train(raw, setup, tmp_path / "killed", progress=False)
     assert [p.name for p in (tmp_path / "cache").glob("trajectories-*/shard-*")] == ["shard-00000.safetensors"]
