@@ -13,6 +13,7 @@ The teacher is the built-in moons architecture with random weights: the counts d
 (the preset is unguided; a guided evaluation would count 2). Writes a JSON record and prints a Markdown table.
 
     python3 benchmarks/trajectory_reuse.py [--steps 1000] [--items 50000 2000] [--out docs/benchmark-runs/...]
+    python3 benchmarks/trajectory_reuse.py --table docs/benchmark-runs/trajectory-reuse.json
 """
 
 from __future__ import annotations
@@ -76,13 +77,31 @@ def run(mode: str, steps: int, items: int | None, work: Path) -> dict:
             "per_stage_samples": [s.samples for s in result.stages], "evals_per_sample": counted / samples}
 
 
+def table(record: dict) -> str:
+    """The Markdown table of a record."""
+    lines = ["| start points | items (trajectories) | training samples | teacher evaluations, 8w / 4w / 2w stage "
+             "| per training sample, 8w / 4w / 2w | per training sample, all stages |",
+             "|---|---:|---:|---|---|---:|"]
+    for row in record["rows"]:
+        stages = " / ".join(f"{e:,}" for e in row["per_stage"])
+        per = " / ".join(f"{e / n:.2f}" for e, n in zip(row["per_stage"], row["per_stage_samples"], strict=True))
+        items = f"{row['items']:,}" if row["mode"] == "cached" else "-"
+        total = f"{row['evals_per_sample']:.2f}"
+        lines.append(f"| {row['mode']} | {items} | {row['samples']:,} | {stages} | {per} | {total} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=1000, help="optimiser steps per stage (the preset: 1000)")
     parser.add_argument("--items", type=int, nargs="+", default=[50_000, 2_000],
                         help="dataset items (trajectories) of the cached runs")
     parser.add_argument("--out", type=Path, default=Path("docs/benchmark-runs/trajectory-reuse.json"))
+    parser.add_argument("--table", type=Path, help="only print the table of this record (no runs)")
     args = parser.parse_args()
+    if args.table is not None:
+        print(table(json.loads(args.table.read_text())))
+        return
     torch.set_num_threads(1)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -94,11 +113,7 @@ def main() -> None:
               "steps_per_stage": args.steps, "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=2) + "\n")
-    print("\n| start points | items | training samples | teacher evaluations (8w / 4w / 2w) | per training sample |")
-    print("|---|---:|---:|---|---:|")
-    for row in rows:
-        stages = " / ".join(f"{e:,}" for e in row["per_stage"])
-        print(f"| {row['mode']} | {row['items']:,} | {row['samples']:,} | {stages} | {row['evals_per_sample']:.2f} |")
+    print("\n" + table(record))
 
 
 if __name__ == "__main__":
