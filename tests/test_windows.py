@@ -77,3 +77,14 @@ def test_steps_spread_evenly_and_grid_covers_each_window():
     assert [g[2] for g in grid] == [0.75, 0.75, 0.5, 0.5, 0.25, 0.0]
     with pytest.raises(ValueError, match="steps >= 4"):
         w.steps_per_window(3)
+
+
+def test_edge_indices_name_a_window_by_the_edges_of_the_finer_windows_it_merges():
+    t = torch.tensor([1.0, 0.9, 0.75, 0.5, 0.26, 0.25, 0.0], dtype=torch.float64)
+    first, last = TimeWindows(2).edge_indices(t, TimeWindows(8))
+    assert first.tolist() == [0, 0, 0, 4, 4, 4, 4] and last.tolist() == [4, 4, 4, 8, 8, 8, 8]
+    fine = TimeWindows(8).edges()
+    start, end = TimeWindows(2).bounds(t)
+    assert torch.equal(fine[first], start) and torch.equal(fine[last], end)
+    with pytest.raises(ValueError, match="do not nest"):
+        TimeWindows(3).edge_indices(t, TimeWindows(8))

@@ -33,8 +33,8 @@ from .windows import TimeWindows, uniform_times
 
 REFERENCE_STEPS = 32
 """DDIM steps that stand for the teacher's exact ODE over t in [0, 1]: the reference of fidelity and
-of the evaluation suites, the trajectory plots, prompt-only start points and the original
-teacher's default solver steps (``32 // windows`` per window)."""
+of the evaluation suites, the trajectory plots and prompt-only data, and the original teacher's default
+solver steps (``32 // windows`` per window, so that every stage of a progressive recipe steps on one grid)."""
 
 
 def per_sample_time(t, like: Tensor) -> Tensor:

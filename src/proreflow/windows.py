@@ -49,6 +49,15 @@ class TimeWindows:
         edges = self.edges(torch.float64, t.device)
         return edges[i].to(dtype), edges[i + 1].to(dtype)
 
+    def edge_indices(self, t: Tensor, fine: TimeWindows) -> tuple[Tensor, Tensor]:
+        """Indices among the edges of ``fine`` (whose windows nest in these: ``fine.count = r * count``) of
+        the start and end edge of the window holding each ``t``: ``(r i, r (i + 1))`` for window ``i``."""
+        if fine.count % self.count:
+            raise ValueError(f"{self.count} windows do not nest in {fine.count}: the finer count must be a multiple")
+        ratio = fine.count // self.count
+        i = self.index(t)
+        return i * ratio, (i + 1) * ratio
+
     def merge(self) -> TimeWindows:
         """Join neighbouring windows pairwise: ``k -> k / 2``."""
         if self.count % 2:

@@ -1,4 +1,5 @@
-"""A tiny training run for test_distributed.py, launched with ``torchrun``: OUT RECIPE_JSON TEACHER."""
+"""A tiny training run for test_distributed.py, launched with ``torchrun``: OUT RECIPE_JSON TEACHER [SHARD_SIZE]
+(SHARD_SIZE: trajectories per target-cache shard, for runs with teacher start points)."""
 
 from __future__ import annotations
 
@@ -13,11 +14,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 from engine_toys import SkippingMixture, make_setup  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-from proreflow.training import train  # noqa: E402
+from proreflow.training import target_cache, train  # noqa: E402
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
     out, recipe, teacher = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
+    if len(sys.argv) > 4:
+        target_cache.SHARD_SIZE = int(sys.argv[4])
     setup = make_setup(pretrained=False)
     setup.teacher_model.load_state_dict(load_file(teacher))
     setup.dataset = SkippingMixture()

@@ -52,6 +52,20 @@ class Mixture(Dataset):
         return self.x[i], (self.labels[i] if self.conditional else None)
 
 
+class CrashingMixture(Mixture):
+    """A Mixture of ``n`` points that raises at its ``crash_at``-th item read (a run killed mid-stage)."""
+
+    def __init__(self, crash_at: int, n: int = 64):
+        super().__init__(n)
+        self.calls, self.crash_at = 0, crash_at
+
+    def __getitem__(self, i):
+        self.calls += 1
+        if self.calls == self.crash_at:
+            raise RuntimeError("simulated crash")
+        return super().__getitem__(i)
+
+
 class SkippingMixture(Mixture):
     """A Mixture whose item ``i`` names ``gone-(i - 1)`` as skipped to reach it when ``i % 5 == 1``
     (the ``(x0, cond, skipped)`` items of DistillationSetup.dataset)."""

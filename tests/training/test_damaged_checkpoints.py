@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 import torch
-from engine_toys import Mixture, make_setup, tiny_recipe
+from engine_toys import CrashingMixture, make_setup, tiny_recipe
 from safetensors.torch import load_file
 
 from proreflow.training import train
@@ -19,24 +19,12 @@ RECIPE = tiny_recipe(checkpoint_every=2, keep_checkpoints=0,
 # checkpoints at global steps 2, 4, 6 (end of stage 1), 8, 10; the crash is at stage 2, step 5
 
 
-class CrashAt(Mixture):
-    def __init__(self, crash_at: int):
-        super().__init__()
-        self.calls, self.crash_at = 0, crash_at
-
-    def __getitem__(self, i):
-        self.calls += 1
-        if self.calls == self.crash_at:
-            raise RuntimeError("simulated crash")
-        return super().__getitem__(i)
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     train(RECIPE, make_setup(), root / "straight", progress=False)
     setup = make_setup()
-    setup.dataset = CrashAt(6 * 8 + 4 * 8 + 1)
+    setup.dataset = CrashingMixture(6 * 8 + 4 * 8 + 1)
     with pytest.raises(RuntimeError, match="simulated crash"):
         train(RECIPE, setup, root / "crashed", progress=False)
     return root

@@ -45,3 +45,28 @@ def test_two_processes_match_one(tmp_path):
         "ema.safetensors", "meta.json", "rng-0.pt", "rng-1.pt", "state.pt", "student.safetensors"]
     meta = json.loads((tmp_path / "two/checkpoints/step-00000009/meta.json").read_text())
     assert meta["num_processes"] == 2
+
+
+def test_two_processes_build_the_trajectory_shards_between_them_and_match_one_process(tmp_path):
+    """Teacher start points through a target cache of 4 shards, solved by 2 processes (shards 0, 2 and 1, 3):
+    the same weights as one process solving online, and the evaluations of one trajectory per item."""
+    recipe = tiny_recipe(target_cache=str(tmp_path / "cache"),
+                         defaults={"lr": 1e-2, "batch_size": 8, "grad_accum": 2, "steps": 4, "ema_decay": 0.8,
+                                   "start_points": "teacher", "guidance": 2.0},
+                         stages=[{"windows": 4, "solver_steps": 2}, {"windows": 2, "solver_steps": 4}])
+    setup = make_setup()
+    setup.dataset = SkippingMixture()
+    save_file(setup.teacher_model.state_dict(), str(tmp_path / "teacher.safetensors"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true", "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(WORKER),
+           str(tmp_path / "two"), json.dumps(recipe), str(tmp_path / "teacher.safetensors"), "16"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert len(list((tmp_path / "cache").glob("trajectories-*/shard-*.safetensors"))) == 4
+
+    train({**recipe, "target_cache": ""}, setup, tmp_path / "one", progress=False)
+    a, b = load_file(str(tmp_path / "one/student.safetensors")), load_file(str(tmp_path / "two/student.safetensors"))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-9)
+    summary = json.loads((tmp_path / "two/summary.json").read_text())
+    assert [s["teacher_evals"] for s in summary] == [64 * 4 * 2 * 2, 0]  # items x windows x steps x guided

@@ -7,9 +7,10 @@ processes each micro-batch holds ``b = B / (A P)`` samples; process ``r`` at mic
 takes positions ``s B + m P b + r b + [0, b)``.
 
 Every random number of a sample (its time ``t ~ U(0, 1]``, its condition-dropout draw and its
-noise) comes from a generator seeded by ``(seed, stage, position)``. So a step's global batch
-and all its randomness are the same whatever the number of processes, and a resumed run
-draws exactly what an uninterrupted one would.
+noise) comes from a generator seeded by ``(seed, stage, position)``; with teacher start points the
+noise at t = 1 belongs to the dataset item instead (:func:`trajectory_noise`), so that every stage
+reads the same trajectory of it. So a step's global batch and all its randomness are the same
+whatever the number of processes, and a resumed run draws exactly what an uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -82,6 +83,17 @@ def sample_randomness(positions: range, seed: int, stage: int, shape: tuple[int,
         keeps.append(u[1] >= cond_dropout)
         noises.append(torch.randn(shape, generator=g, dtype=dtype))
     return torch.stack(ts).to(dtype), torch.stack(keeps), torch.stack(noises)
+
+
+TRAJECTORY_SEED = 0x7A3EC7
+"""Tag of the seeds of :func:`trajectory_noise` (apart from the per-position ones)."""
+
+
+def trajectory_noise(indices: list[int], seed: int, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    """The noise at t = 1 of each dataset item's teacher trajectory (``start_points: teacher``): ``N(0, I)``
+    of ``shape`` from a generator seeded by ``(seed, item)``, the same in every stage, epoch and process."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(mix_seed(seed, TRAJECTORY_SEED, j)),
+                                    dtype=dtype) for j in indices])
 
 
 def start_mask(positions: range, share: float) -> Tensor:

@@ -96,6 +96,14 @@ class Stage:
         "SNR = abar / (1 - abar) (min-SNR-gamma, Hang et al. 2023); 'window' 1 / (mean squared target of "
         "the batch's samples in the same window)", default="none")
     snr_gamma: float = _doc("gamma of loss_weighting: min_snr", default=5.0)
+    start_points: str = _doc(
+        "where a window's start point x_start comes from: 'data' (forward-noised data, PeRFlow's choice) or "
+        "'teacher' (the original teacher's trajectory from noise, solved window by window through the edges of "
+        "the recipe's finest such stage, solver_steps x windows / K steps per fine window: x_start and x_end are "
+        "its states at the window's edges; the dataset gives the conditions only). 'teacher' needs teacher: "
+        "original (a trajectory of the original teacher is no target of a previous student), a one-step solver "
+        "(ddim or heun) and cond_dropout 0; with target_cache the trajectories are solved once and read by every "
+        "stage (docs/trajectories.md)", default="data")
     start_share: float = _doc(
         "share of each batch's samples trained at their window's start (t = t_start, x_t = x_start) instead "
         "of at their uniform t inside the window: the times a sampler with one step per window evaluates. "
@@ -190,7 +198,10 @@ class Recipe:
     num_workers: int = _doc("DataLoader worker processes per training process", default=0)
     target_cache: str = _doc("folder where the original teacher's reflow batches are stored and reused by later "
                              "runs with the same teacher, stage windows / solver steps / guidance, seed and batch "
-                             "layout (e.g. a loss or learning-rate study); '' (default): none", default="")
+                             "layout (e.g. a loss or learning-rate study); for stages with start_points: teacher, "
+                             "the teacher's trajectories instead (one per dataset item, safetensors shards), solved "
+                             "once and read by every stage and run with the same trajectory; '' (default): none",
+                             default="")
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> Recipe:
@@ -205,6 +216,19 @@ class Recipe:
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def trajectory_windows(self, index: int) -> int:
+        """``K``, the fine windows through whose edges stage ``index`` (``start_points: teacher``) solves the
+        teacher's trajectory: the most windows among the recipe's teacher-start stages with its solver, guidance
+        and steps over t in [0, 1] (``windows * solver_steps``), which all read the same trajectory."""
+        own = self.stages[index]
+
+        def same_trajectory(stage: Stage) -> bool:
+            return (stage.start_points == "teacher" and stage.solver == own.solver
+                    and stage.teacher_guidance() == own.teacher_guidance()
+                    and stage.windows * stage.solver_steps == own.windows * own.solver_steps)
+
+        return max(stage.windows for stage in self.stages if same_trajectory(stage))
 
     @property
     def final_windows(self) -> int:
@@ -371,6 +395,7 @@ REPORT_TO = ("none", "tensorboard", "wandb", "all")
 OPTIMIZERS = ("adamw", "adamw_8bit")
 
 _CHOICES = {"teacher": ("original", "previous"), "guidance_mode": ("baked", "cfg_sync"), "solver": SOLVERS,
+            "start_points": ("data", "teacher"),
             "mixed_precision": ("no", "fp16", "bf16"), "loss_space": LOSS_SPACES,
             "loss_weighting": LOSS_WEIGHTINGS, "lr_schedule": LR_SCHEDULES, "report_to": REPORT_TO,
             "optimizer": OPTIMIZERS, "student_prediction": ("teacher",) + PREDICTION_TYPES}
@@ -566,9 +591,27 @@ def _check_schedule(stages: list[Stage]) -> None:
         if stage.lr_schedule == "polynomial" and stage.lr <= POLYNOMIAL_LR_END:
             raise RecipeError(f"{where}.lr: the polynomial schedule decays to {POLYNOMIAL_LR_END:g}, so lr must be "
                               f"above it, got {stage.lr:g}; raise lr or use lr_schedule: linear")
+        if stage.start_points == "teacher":
+            _check_teacher_start(stage, where)
         if stage.guidance_mode == "cfg_sync" and stage.cond_dropout == 0:
             raise RecipeError(f"{where}.cond_dropout: 'cfg_sync' trains the unconditional velocity through "
                               "condition dropout; set cond_dropout > 0 (PeRFlow: 0.1)")
+
+
+def _check_teacher_start(stage: Stage, where: str) -> None:
+    """What ``start_points: teacher`` needs: the original teacher, a one-step solver, no condition dropout."""
+    if stage.teacher != "original":
+        raise RecipeError(f"{where}.start_points: teacher start points lie on the original teacher's trajectory, "
+                          "which is no target of a stage taught by the previous student; use teacher: original "
+                          "or start_points: data")
+    if stage.solver == "dpmpp_2m":
+        raise RecipeError(f"{where}.solver: DPM-Solver++(2M) carries history across window edges, so a trajectory's "
+                          "pair for a merged window is not its solve of that window; use solver: ddim or heun with "
+                          "start_points: teacher")
+    if stage.cond_dropout > 0 or stage.guidance_mode == "cfg_sync":
+        raise RecipeError(f"{where}.cond_dropout: teacher start points follow each item's conditioned trajectory, "
+                          "so condition dropout (and cfg_sync) cannot apply; set cond_dropout: 0.0 and "
+                          "guidance_mode: baked, or start_points: data")
 
 
 def describe_keys() -> str:

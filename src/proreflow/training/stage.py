@@ -8,7 +8,9 @@ Per micro-batch of real data ``x0`` (see :mod:`.batches` for times and noise):
     loss    = aligned_v_loss(student velocity at (x_t, t) towards t_end, v_tgt, alpha, beta), its
               squared error in the stage's ``loss_space`` with ``loss_weighting`` (:mod:`proreflow.losses`)
 
-Targets are made online for each batch. Condition dropout (probability ``cond_dropout``)
+With ``start_points: teacher`` both ends lie on the original teacher's trajectory from the item's noise
+instead (:func:`teacher_start_batch`). Targets are made online for each batch, or read from the
+recipe's ``target_cache`` (:mod:`.target_cache`). Condition dropout (probability ``cond_dropout``)
 replaces a sample's condition by the null condition for teacher and student alike; the null
 condition of a sample (also the unconditional branch of guidance) keeps the leaves named by
 ``setup.keep_on_dropout`` from the sample (:func:`~proreflow.conditioning.null_like`).
@@ -19,10 +21,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,17 +30,17 @@ from accelerate.utils import gather_object
 from torch import Tensor, nn
 
 from ..conditioning import Cond, map_cond, null_like, select_cond
-from ..files import atomic_write
 from ..losses import LossTerms, aligned_v_loss, time_weights, to_loss_space
 from ..schedules import compute_dtype
-from ..targets import ReflowBatch, StageTeacher, at_window_start, make_reflow_batch
+from ..targets import ReflowBatch, StageTeacher, at_window_start, make_reflow_batch, make_trajectory_batch, reflow_batch
 from ..teachers import Denoiser, Network
 from ..windows import TimeWindows
-from .batches import BatchPlan, sample_randomness, start_mask
+from .batches import BatchPlan, sample_randomness, start_mask, trajectory_noise
 from .ema import EMA
 from .optim import set_stage_hyperparameters
 from .recipes import Recipe, Stage
 from .setup import DistillationSetup
+from .target_cache import BATCH_FIELDS, TargetCache, TrajectoryCache
 
 MAX_GRAD_NORM = float(torch.finfo(torch.float32).max) ** 0.5
 """A step whose gradient norm is not below this is skipped: its square (AdamW's second moment)
@@ -128,46 +128,6 @@ def check_setup_fits(recipe: Recipe, setup: DistillationSetup, num_processes: in
                              f"multiple of {stage.grad_accum * num_processes}")
 
 
-_BATCH_FIELDS = tuple(f.name for f in dataclasses.fields(ReflowBatch))
-
-
-class TargetCache:
-    """Reflow batches of an original-teacher stage on disk, reused by later runs (recipe ``target_cache``).
-
-    A batch depends only on the teacher, the stage's windows / solver and its steps / guidance / dropout, the
-    recipe seed, the stage index, the batch layout and the stream position (:mod:`.batches`), so runs that
-    differ in anything else (loss, learning rate, EMA, step count) share them: the teacher's solve, most of
-    an original-teacher stage's cost, is paid once. Files: ``root/<key>/<step>-<micro>-<rank>.pt``, where
-    ``key`` hashes all of the above and the teacher's weights.
-    """
-
-    def __init__(self, root: str | Path, ctx: StageContext):
-        stage, acc = ctx.stage, ctx.accelerator
-        digest = hashlib.blake2b(digest_size=10)
-        for name, tensor in sorted(ctx.setup.teacher_model.state_dict().items()):
-            digest.update(name.encode())
-            digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-        parts = (stage.windows, stage.solver, stage.solver_steps, stage.teacher_guidance(), stage.guidance_mode,
-                 stage.cond_dropout, ctx.recipe.seed, ctx.index, stage.batch_size, stage.grad_accum, acc.num_processes,
-                 ctx.recipe.mixed_precision, len(ctx.setup.dataset))
-        digest.update(repr(parts).encode())
-        self.folder, self.rank = Path(root) / digest.hexdigest(), acc.process_index
-
-    def batch(self, step: int, micro: int, make: Callable[[], ReflowBatch], counter: CountingNetwork
-              ) -> tuple[ReflowBatch, int]:
-        """The cached batch of ``(step, micro)`` and the teacher evaluations it cost, made and stored on a miss."""
-        path = self.folder / f"{step}-{micro}-{self.rank}.pt"
-        if path.is_file():
-            saved = torch.load(path, weights_only=True)
-            return ReflowBatch(**{k: saved[k] for k in _BATCH_FIELDS}), int(saved["teacher_evals"])
-        batch = make()
-        evals = counter.take()
-        self.folder.mkdir(parents=True, exist_ok=True)
-        saved = {**{k: getattr(batch, k).cpu() for k in _BATCH_FIELDS}, "teacher_evals": evals}
-        atomic_write(path, lambda tmp: torch.save(saved, tmp))
-        return batch, evals
-
-
 @dataclass
 class StageContext:
     """Everything a stage's optimiser step needs."""
@@ -186,6 +146,7 @@ class StageContext:
     plan: BatchPlan
     uncond: Cond = None
     targets: TargetCache | None = None  # made on the first step when the recipe sets target_cache
+    trajectories: TrajectoryCache | None = None  # likewise, for start_points: teacher
 
     @property
     def stage(self) -> Stage:
@@ -261,10 +222,12 @@ def train_step(ctx: StageContext, batches: Iterator[tuple[Tensor, Cond, list[str
             def make(x0=x0, noise=noise, cond=cond, uncond=uncond, t=t):
                 return make_reflow_batch(x0, noise, windows, ctx.teacher, ctx.setup.schedule, cond, uncond, t=t)
 
-            if ctx.recipe.target_cache and stage.teacher == "original":
+            if stage.start_points == "teacher":
+                batch, evals = teacher_start_batch(ctx, positions, x0, cond, uncond, t), ctx.counter.take()
+            elif ctx.recipe.target_cache and stage.teacher == "original":
                 ctx.targets = ctx.targets or TargetCache(ctx.recipe.target_cache, ctx)
                 batch, evals = ctx.targets.batch(step, micro, make, ctx.counter)
-                batch = ReflowBatch(**{k: getattr(batch, k).to(acc.device) for k in _BATCH_FIELDS})
+                batch = ReflowBatch(**{k: getattr(batch, k).to(acc.device) for k in BATCH_FIELDS})
             else:
                 batch, evals = make(), ctx.counter.take()
             if stage.start_share:
@@ -307,6 +270,23 @@ def train_step(ctx: StageContext, batches: Iterator[tuple[Tensor, Cond, list[str
                                  "written with them. Lower lr or weight_decay, then continue with --resume.")
     ctx.ema.update(ctx.module, step + 1)
     return StepResult(float(sums[0]) / micro_total, scalars, False, evals, samples, skipped_items=skipped)
+
+
+def teacher_start_batch(ctx: StageContext, positions: range, x0: Tensor, cond: Cond, uncond: Cond, t: Tensor
+                        ) -> ReflowBatch:
+    """The batch of a ``start_points: teacher`` micro-batch: the pairs of its items' teacher trajectories
+    (:mod:`proreflow.targets`), read from the target cache when the recipe has one (built on first use),
+    else solved from each item's noise up to its window's end."""
+    stage = ctx.stage
+    windows, edges = TimeWindows(stage.windows), TimeWindows(ctx.recipe.trajectory_windows(ctx.index))
+    indices = ctx.plan.indices(positions)
+    if ctx.recipe.target_cache:
+        ctx.trajectories = ctx.trajectories or TrajectoryCache(ctx.recipe.target_cache, ctx)
+        x_start, x_end = ctx.trajectories.pairs(indices, *windows.edge_indices(t.cpu(), edges), cond)
+        return reflow_batch(x_start.to(x0.device), x_end.to(x0.device), t, windows)
+    noise = trajectory_noise(indices, ctx.recipe.seed, tuple(x0.shape[1:]), compute_dtype(x0)).to(x0.device)
+    steps = stage.solver_steps * stage.windows // edges.count
+    return make_trajectory_batch(noise, windows, ctx.teacher, edges, steps, t, cond, uncond)
 
 
 def nonfinite_parameters(module: nn.Module) -> int:

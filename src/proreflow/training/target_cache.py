@@ -1,0 +1,273 @@
+"""The target cache (recipe ``target_cache``): the original teacher's work on disk, paid once.
+
+Two kinds of entry, each in a folder named by a hash of everything its content depends on, so that a
+run with other settings makes (and fills) another folder and a stale entry is never read:
+
+- :class:`TargetCache`, stages with ``start_points: data``: the reflow batches of each micro-batch,
+  ``root/<key>/<step>-<micro>-<rank>.pt``, shared by runs that differ in the loss or the optimiser only.
+- :class:`TrajectoryCache`, stages with ``start_points: teacher``: one trajectory of the original teacher
+  per dataset item, from its noise through the ``K + 1`` edges of the recipe's finest teacher-start
+  windows (:func:`~proreflow.targets.teacher_trajectory`), solved once and read by every stage whose
+  windows nest in them (8 -> 4 -> 2 -> 1) and by later runs::
+
+      root/trajectories-<key>/key.json                 the settings the key hashes (readable)
+      root/trajectories-<key>/shard-00000.safetensors  items [0, SHARD_SIZE): states (n, K + 1, *item shape),
+                                                       cond_digest (n, 16) uint8; metadata: key, first,
+                                                       count, digest (BLAKE2b of both tensors' bytes)
+
+  Item ``j``'s trajectory starts from :func:`~proreflow.training.batches.trajectory_noise` and follows the
+  condition of dataset item ``j``. The key hashes the teacher's weights, prediction type, schedule and time
+  scale, ``K``, the solver and its steps per fine window, the guidance and null condition, the seed, the
+  item count, the mixed precision and the shard size. Each shard is written atomically
+  (:func:`~proreflow.files.atomic_write`) by one process (shard ``s`` by process ``s % P``); at a stage's
+  first step every shard is checked (present, readable, its key and digest right) and a missing or
+  damaged one is solved again, so a run killed while building resumes where it stopped. Reading item ``j``
+  also checks the digest of its condition: a dataset whose conditions changed under the same key is
+  refused, with the folder to delete named.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from ..conditioning import Cond, map_cond, null_like
+from ..files import atomic_write, write_json
+from ..schedules import compute_dtype
+from ..targets import ReflowBatch, teacher_trajectory
+from ..windows import TimeWindows
+from .batches import collate_items, trajectory_noise
+
+if TYPE_CHECKING:
+    from .stage import CountingNetwork, StageContext
+
+log = logging.getLogger("proreflow.training")
+
+SHARD_SIZE = 256
+"""Trajectories per shard file."""
+TRAJECTORY_FORMAT = 1
+BATCH_FIELDS = tuple(f.name for f in dataclasses.fields(ReflowBatch))
+
+
+def tensor_bytes(tensor: Tensor) -> bytes:
+    """The raw bytes of a tensor (any dtype, bfloat16 included), for hashing."""
+    return tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def teacher_digest(ctx: StageContext) -> str:
+    """BLAKE2b of the original teacher's weights. With ``setup.teacher_view`` (one network in memory,
+    the teacher a view of the student) only the frozen tensors are the teacher's: the trainable ones
+    (the adapters) change from stage to stage."""
+    model = ctx.setup.teacher_model
+    trainable = ({name for name, p in model.named_parameters() if p.requires_grad}
+                 if ctx.setup.teacher_view is not None else set())
+    digest = hashlib.blake2b(digest_size=10)
+    for name, tensor in sorted(model.state_dict().items()):
+        if name not in trainable:
+            digest.update(name.encode())
+            digest.update(tensor_bytes(tensor))
+    return digest.hexdigest()
+
+
+def cond_digests(cond: Cond, n: int) -> Tensor:
+    """A 16-byte BLAKE2b of each of the ``n`` samples' condition (its leaves' paths, dtypes and values);
+    leaves of batch size 1 belong to every sample. Shape ``(n, 16)``, uint8."""
+    leaves: list[tuple[str, Tensor]] = []
+
+    def collect(node: Cond, path: str) -> None:
+        if isinstance(node, dict):
+            for key in sorted(node):
+                collect(node[key], f"{path}.{key}")
+        elif node is not None:
+            leaves.append((path, node.detach().cpu()))
+
+    collect(cond, "")
+    out = torch.empty(n, 16, dtype=torch.uint8)
+    for i in range(n):
+        digest = hashlib.blake2b(digest_size=16)
+        for path, leaf in leaves:
+            digest.update(f"{path}:{leaf.dtype}".encode())
+            digest.update(tensor_bytes(leaf[i if leaf.shape[0] == n else 0]))
+        out[i] = torch.frombuffer(bytearray(digest.digest()), dtype=torch.uint8)
+    return out
+
+
+class TargetCache:
+    """Reflow batches of an original-teacher stage with ``start_points: data`` on disk (module doc).
+
+    A batch depends only on the teacher, the stage's windows / solver and its steps / guidance / dropout, the
+    recipe seed, the stage index, the batch layout and the stream position (:mod:`.batches`), so runs that
+    differ in anything else (loss, learning rate, EMA, step count) share them: the teacher's solve, most of
+    an original-teacher stage's cost, is paid once. Files: ``root/<key>/<step>-<micro>-<rank>.pt``, where
+    ``key`` hashes all of the above and the teacher's weights.
+    """
+
+    def __init__(self, root: str | Path, ctx: StageContext):
+        stage, acc = ctx.stage, ctx.accelerator
+        parts = (stage.windows, stage.solver, stage.solver_steps, stage.teacher_guidance(), stage.guidance_mode,
+                 stage.cond_dropout, ctx.recipe.seed, ctx.index, stage.batch_size, stage.grad_accum, acc.num_processes,
+                 ctx.recipe.mixed_precision, len(ctx.setup.dataset))
+        digest = hashlib.blake2b(digest_size=10)
+        digest.update(bytes.fromhex(teacher_digest(ctx)))
+        digest.update(repr(parts).encode())
+        self.folder, self.rank = Path(root) / digest.hexdigest(), acc.process_index
+
+    def batch(self, step: int, micro: int, make: Callable[[], ReflowBatch], counter: CountingNetwork
+              ) -> tuple[ReflowBatch, int]:
+        """The cached batch of ``(step, micro)`` and the teacher evaluations it cost, made and stored on a miss."""
+        path = self.folder / f"{step}-{micro}-{self.rank}.pt"
+        if path.is_file():
+            saved = torch.load(path, weights_only=True)
+            return ReflowBatch(**{k: saved[k] for k in BATCH_FIELDS}), int(saved["teacher_evals"])
+        batch = make()
+        evals = counter.take()
+        self.folder.mkdir(parents=True, exist_ok=True)
+        saved = {**{k: getattr(batch, k).cpu() for k in BATCH_FIELDS}, "teacher_evals": evals}
+        atomic_write(path, lambda tmp: torch.save(saved, tmp))
+        return batch, evals
+
+
+def trajectory_settings(ctx: StageContext) -> dict[str, Any]:
+    """What stage ``ctx.index``'s trajectories depend on (module doc): the key of its folder."""
+    stage, recipe, setup = ctx.stage, ctx.recipe, ctx.setup
+    edges = recipe.trajectory_windows(ctx.index)
+    denoiser = ctx.teacher.denoiser
+    schedule = hashlib.blake2b(repr(setup.schedule).encode(), digest_size=8)
+    for value in dataclasses.asdict(setup.schedule).values() if dataclasses.is_dataclass(setup.schedule) else ():
+        if isinstance(value, Tensor):
+            schedule.update(tensor_bytes(value))
+    item_shape = list(torch.as_tensor(setup.dataset[0][0]).shape)
+    uncond = cond_digests(ctx.uncond, 1)[0].numpy().tobytes().hex() if ctx.uncond is not None else None
+    return {"format": TRAJECTORY_FORMAT, "teacher": teacher_digest(ctx), "prediction_type": denoiser.prediction_type,
+            "schedule": schedule.hexdigest(), "time_scale": denoiser.time_scale, "windows": edges,
+            "solver": stage.solver, "steps_per_window": stage.solver_steps * stage.windows // edges,
+            "guidance": ctx.teacher.guidance, "uncond": uncond, "keep_on_dropout": list(setup.keep_on_dropout),
+            "seed": recipe.seed, "items": len(setup.dataset), "item_shape": item_shape,
+            "mixed_precision": recipe.mixed_precision, "shard_size": SHARD_SIZE}
+
+
+class TrajectoryCache:
+    """The original teacher's trajectories of stage ``ctx.index`` on disk (module doc): made complete on
+    construction (the missing or damaged shards solved, their evaluations counted by ``ctx.counter``), then
+    read by :meth:`pairs`."""
+
+    def __init__(self, root: str | Path, ctx: StageContext):
+        self.settings = trajectory_settings(ctx)
+        key = hashlib.blake2b(json.dumps(self.settings, sort_keys=True).encode(), digest_size=10).hexdigest()
+        self.key, self.folder = key, Path(root) / f"trajectories-{key}"
+        self.edges = TimeWindows(self.settings["windows"])
+        self.steps = self.settings["steps_per_window"]
+        self.items, self.item_shape = self.settings["items"], tuple(self.settings["item_shape"])
+        acc = ctx.accelerator
+        if acc.is_main_process:
+            self._check_key_file()
+        acc.wait_for_everyone()
+        shards = range((self.items + SHARD_SIZE - 1) // SHARD_SIZE)
+        for shard in shards[acc.process_index::acc.num_processes]:
+            problem = self._problem(shard)
+            if problem is not None:
+                if problem != "missing":
+                    log.warning("target_cache: %s is %s; solving its trajectories again", self._path(shard), problem)
+                self._build(shard, ctx)
+        acc.wait_for_everyone()
+
+    def _path(self, shard: int) -> Path:
+        return self.folder / f"shard-{shard:05d}.safetensors"
+
+    def _span(self, shard: int) -> range:
+        return range(shard * SHARD_SIZE, min(self.items, (shard + 1) * SHARD_SIZE))
+
+    def _check_key_file(self) -> None:
+        """Write ``key.json``, or refuse a folder whose ``key.json`` holds other settings (a collision or an edit)."""
+        path = self.folder / "key.json"
+        if path.is_file():
+            try:
+                saved = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                saved = None
+            if saved is not None and saved != self.settings:
+                raise ValueError(f"target_cache: {path} holds the trajectories of other settings than its name says; "
+                                 f"delete {self.folder} (it is rebuilt)")
+            if saved is not None:
+                return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        write_json(path, self.settings)
+
+    def _problem(self, shard: int) -> str | None:
+        """None for a complete shard of this key, else what is wrong with it."""
+        path = self._path(shard)
+        if not path.is_file():
+            return "missing"
+        span = self._span(shard)
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                states, digests = f.get_tensor("states"), f.get_tensor("cond_digest")
+        except Exception as err:  # safetensors raises its own error types for a damaged file
+            return f"unreadable ({type(err).__name__})"
+        if (meta.get("key"), meta.get("first"), meta.get("count")) != (self.key, str(span.start), str(len(span))):
+            return "another key's or another span's"
+        if states.shape != (len(span), self.edges.count + 1, *self.item_shape) or digests.shape != (len(span), 16):
+            return "of the wrong shape"
+        if meta.get("digest") != _content_digest(states, digests):
+            return "damaged (its content digest differs)"
+        return None
+
+    @torch.no_grad()
+    def _build(self, shard: int, ctx: StageContext) -> None:
+        """Solve the trajectories of one shard's items in micro-batches and write the shard."""
+        acc, span = ctx.accelerator, self._span(shard)
+        states, digests = [], []
+        for start in range(span.start, span.stop, ctx.plan.micro_batch):
+            indices = list(range(start, min(span.stop, start + ctx.plan.micro_batch)))
+            x0, cond, _ = collate_items([ctx.setup.dataset[j] for j in indices])
+            ctx.check_condition(cond)
+            digests.append(cond_digests(cond, len(indices)))
+            cond = map_cond(lambda c: c.to(acc.device), cond)
+            uncond = null_like(cond, ctx.uncond, ctx.setup.keep_on_dropout)
+            noise = trajectory_noise(indices, ctx.recipe.seed, tuple(x0.shape[1:]), compute_dtype(x0))
+            path = teacher_trajectory(ctx.teacher, noise.to(acc.device), self.edges, self.steps, cond, uncond)
+            states.append(path.transpose(0, 1).cpu())
+        tensors = {"states": torch.cat(states).contiguous(), "cond_digest": torch.cat(digests)}
+        meta = {"key": self.key, "first": str(span.start), "count": str(len(span)),
+                "digest": _content_digest(tensors["states"], tensors["cond_digest"])}
+        atomic_write(self._path(shard), lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+
+    def pairs(self, indices: list[int], first: Tensor, last: Tensor, cond: Cond) -> tuple[Tensor, Tensor]:
+        """``(x_start, x_end)``: the states at edges ``first`` and ``last`` of items ``indices``' trajectories
+        (on the CPU); refuses items whose condition is not the one their trajectory was solved for."""
+        digests = cond_digests(cond, len(indices))
+        starts, ends = [None] * len(indices), [None] * len(indices)
+        by_shard: dict[int, list[int]] = {}
+        for row, j in enumerate(indices):
+            by_shard.setdefault(j // SHARD_SIZE, []).append(row)
+        for shard, rows in by_shard.items():
+            with safe_open(str(self._path(shard)), framework="pt") as f:
+                saved, states = f.get_slice("cond_digest"), f.get_slice("states")
+                for row in rows:
+                    j = indices[row]
+                    offset = j - shard * SHARD_SIZE
+                    if not torch.equal(saved[offset:offset + 1][0], digests[row]):
+                        raise ValueError(f"target_cache: the trajectory of dataset item {j} was solved for another "
+                                         f"condition (the dataset changed); delete {self.folder} (it is rebuilt) "
+                                         "or set another target_cache")
+                    path = states[offset:offset + 1][0]
+                    starts[row], ends[row] = path[int(first[row])], path[int(last[row])]
+        return torch.stack(starts), torch.stack(ends)
+
+
+def _content_digest(*tensors: Tensor) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    for tensor in tensors:
+        digest.update(tensor_bytes(tensor))
+    return digest.hexdigest()
