@@ -64,18 +64,23 @@ def tensor_bytes(tensor: Tensor) -> bytes:
     return tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
-def teacher_digest(ctx: StageContext) -> str:
-    """BLAKE2b of the original teacher's weights. With ``setup.teacher_view`` (one network in memory,
-    the teacher a view of the student) only the frozen tensors are the teacher's: the trainable ones
-    (the adapters) change from stage to stage."""
+def hash_teacher(digest, ctx: StageContext) -> None:
+    """Feed the original teacher's weights (names and bytes, in name order) to ``digest``. With
+    ``setup.teacher_view`` (one network in memory, the teacher a view of the student) only the frozen
+    tensors are the teacher's: the trainable ones (the adapters) change from stage to stage."""
     model = ctx.setup.teacher_model
     trainable = ({name for name, p in model.named_parameters() if p.requires_grad}
                  if ctx.setup.teacher_view is not None else set())
-    digest = hashlib.blake2b(digest_size=10)
     for name, tensor in sorted(model.state_dict().items()):
         if name not in trainable:
             digest.update(name.encode())
             digest.update(tensor_bytes(tensor))
+
+
+def teacher_digest(ctx: StageContext) -> str:
+    """BLAKE2b of the original teacher's weights (:func:`hash_teacher`)."""
+    digest = hashlib.blake2b(digest_size=10)
+    hash_teacher(digest, ctx)
     return digest.hexdigest()
 
 
@@ -117,8 +122,8 @@ class TargetCache:
         parts = (stage.windows, stage.solver, stage.solver_steps, stage.teacher_guidance(), stage.guidance_mode,
                  stage.cond_dropout, ctx.recipe.seed, ctx.index, stage.batch_size, stage.grad_accum, acc.num_processes,
                  ctx.recipe.mixed_precision, len(ctx.setup.dataset))
-        digest = hashlib.blake2b(digest_size=10)
-        digest.update(bytes.fromhex(teacher_digest(ctx)))
+        digest = hashlib.blake2b(digest_size=10)  # the teacher's bytes, then the parts: the keys of earlier
+        hash_teacher(digest, ctx)                  # versions, so their caches stay valid
         digest.update(repr(parts).encode())
         self.folder, self.rank = Path(root) / digest.hexdigest(), acc.process_index
 
