@@ -110,14 +110,15 @@ METHODS = {
         "proreflow-ii", ["stages.*.loss_space=velocity", "stages.*.start_share=0.5", "stages.*.guidance_mode=cfg_sync",
                          "stages.*.cond_dropout=0.1"]),
     # student parametrization (issue 13): students from scratch, the network's output type
-    "2-Reflow from scratch, epsilon output": ("reflow", ["from_scratch=true"]),
+    "2-Reflow from scratch, epsilon output": ("reflow", ["from_scratch=true", "student_prediction=epsilon"]),
     "2-Reflow from scratch, velocity output": ("reflow", ["from_scratch=true", "student_prediction=velocity"]),
     "2-Reflow from scratch, x0 output": ("reflow", ["from_scratch=true", "student_prediction=sample"]),
     "2-Reflow from scratch, velocity output, aligned v, half at the start": (
         "reflow", ["from_scratch=true", "student_prediction=velocity", "stages.*.alpha=1.0",
                    "stages.*.start_share=0.5"]),
     "PeRFlow from scratch, velocity output": ("perflow", ["from_scratch=true", "student_prediction=velocity"]),
-    "ProReflow-II from scratch, epsilon output": ("proreflow-ii", ["from_scratch=true"]),
+    "ProReflow-II from scratch, epsilon output": ("proreflow-ii", ["from_scratch=true",
+                                                                  "student_prediction=epsilon"]),
     "ProReflow-II from scratch, velocity output": ("proreflow-ii", ["from_scratch=true",
                                                                    "student_prediction=velocity"]),
 }
@@ -265,8 +266,9 @@ def run_dataset(data: str, args, log, save=lambda rows, diag: None) -> tuple[lis
                 recipe = method_recipe(method, budget, guidance, seed, args.lr,
                                        [f"target_cache={args.work / 'targets'}", *args.set])
                 start = time.perf_counter()
+                # resume=True: a killed benchmark continues its runs, and a finished run is read back, not retrained
                 result = train(recipe, setup, args.work / data / f"{method}-{budget}-s{seed}".replace(" ", "_"),
-                               progress=not args.no_progress)
+                               progress=not args.no_progress, resume=True)
                 evals = sum(s.teacher_evals for s in result.stages)
                 trained = time.perf_counter() - start
                 for r in student_rows(result, evalset, method):

@@ -133,7 +133,7 @@ TRAIN = [  # (id, arguments after `train --config CFG`, a part of the one error 
     ("setup_import_missing_module", ["setup.name=no_such_module_xyz:f"], "cannot import"),
     ("from_scratch_without_builder", ["from_scratch=true"], "from_scratch: true needs a setup with make_student"),
     ("student_prediction_of_a_copy", ["student_prediction=velocity"], "'velocity' needs from_scratch"),
-    ("student_prediction_bogus", ["student_prediction=noise"], "'noise' is not one of teacher, epsilon"),
+    ("student_prediction_bogus", ["student_prediction=noise"], "'noise' is not one of auto, teacher, epsilon"),
     ("out_is_a_file", ["--out", "{file}"], "is a file, not a folder"),
     ("out_unwritable", ["--out", "/proc/proreflow-out"], "--out: cannot"),
     ("out_holds_a_run", ["--out", "{run}"], "already holds checkpoints"),

@@ -56,7 +56,8 @@ def test_a_velocity_student_trains_as_the_epsilon_student_it_rewrites(tmp_path):
     velocity it implies (``student_prediction: velocity``) are one function, so the engine, reading each
     through its declared type (loss, start share, EMA, saved record), trains them to the same weights."""
     stages = [{"windows": 2, "steps": 8, "start_share": 0.5, "alpha": 1.0}]
-    eps = train(tiny_recipe(from_scratch=True, stages=stages), _from_scratch(lambda: MLP(5)),
+    eps = train(tiny_recipe(from_scratch=True, student_prediction="epsilon", stages=stages),
+                _from_scratch(lambda: MLP(5)),
                 tmp_path / "eps", progress=False)
     vel = train(tiny_recipe(from_scratch=True, student_prediction="velocity", stages=stages),
                 _from_scratch(lambda: VelocityOf(MLP(5), 2)), tmp_path / "vel", progress=False)
@@ -119,3 +120,31 @@ def test_a_student_from_scratch_starts_from_the_recipes_seed():
     assert torch.equal(torch.random.get_rng_state(), before)
     torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert not torch.equal(a, c)
+
+
+def test_auto_is_velocity_from_scratch_and_the_teachers_type_for_a_copy():
+    assert load_recipe(tiny_recipe()).student_prediction == "teacher"
+    assert load_recipe(tiny_recipe(from_scratch=True)).student_prediction == "velocity"
+    assert load_recipe(tiny_recipe(from_scratch=True, student_prediction="epsilon")).student_prediction == "epsilon"
+    setup = make_setup(from_scratch_seed=1)
+    assert setup.student_prediction_type("auto", from_scratch=True) == "velocity"
+    assert setup.student_prediction_type("auto", from_scratch=False) == "epsilon"
+
+
+def test_a_checkpoint_from_before_student_prediction_resumes_as_the_teachers_type(tmp_path):
+    """Runs of earlier versions trained the teacher's type, from scratch too: their checkpoints (recipes without
+    the key) resume with student_prediction: teacher, and a from-scratch one refuses the new default."""
+    import json
+
+    from proreflow.training import latest_checkpoint
+    recipe = tiny_recipe(from_scratch=True, student_prediction="teacher", checkpoint_every=2,
+                         stages=[{"windows": 2, "steps": 4}])
+    setup = make_setup(from_scratch_seed=2)
+    train(recipe, setup, tmp_path, progress=False)
+    meta_path = latest_checkpoint(tmp_path) / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["recipe"]["student_prediction"]
+    meta_path.write_text(json.dumps(meta))
+    train(recipe, setup, tmp_path, progress=False, resume=True)  # the same recipe: accepted
+    with pytest.raises(ValueError, match="student_prediction"):
+        train({**recipe, "student_prediction": "auto"}, setup, tmp_path, progress=False, resume=True)

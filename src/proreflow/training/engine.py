@@ -193,7 +193,8 @@ def check_resume(recipe: Recipe, meta: dict[str, Any], checkpoint: Path, allow_c
     if meta.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{checkpoint} has checkpoint format {meta.get('format')}, this version reads "
                          f"{CHECKPOINT_FORMAT}")
-    old = Recipe.from_dict(meta["recipe"])
+    # a checkpoint from before student_prediction trained the teacher's type, from scratch too
+    old = Recipe.from_dict({"student_prediction": "teacher", **meta["recipe"]})
     last = meta["stage"] if meta["step"] > 0 else meta["stage"] - 1
     if last >= len(recipe.stages):
         raise ValueError(f"{checkpoint} is past stage {last + 1}, but the recipe has {len(recipe.stages)} "

@@ -167,7 +167,9 @@ class Recipe:
     student_prediction: str = _doc(
         "what the student network outputs: 'teacher' (the teacher's own type, the only choice for a student "
         "copied from the teacher), or with from_scratch: true 'velocity' (the straight segment's velocity), "
-        "'epsilon', 'v_prediction' or 'sample' (VP teachers), 'flow_velocity' (flow teachers)", default="teacher")
+        "'epsilon', 'v_prediction' or 'sample' (VP teachers), 'flow_velocity' (flow teachers); 'auto' "
+        "(default): 'velocity' from scratch (docs/results.md: 1-step moons energy 0.063 against epsilon's "
+        "0.233), else 'teacher'", default="auto")
     checkpoint_every: int = _doc("write a checkpoint every N optimiser steps of a stage (0: only at "
                                  "stage ends)", default=500)
     keep_checkpoints: int = _doc("checkpoints kept on disk, newest first (0: keep all)", default=2)
@@ -398,7 +400,7 @@ _CHOICES = {"teacher": ("original", "previous"), "guidance_mode": ("baked", "cfg
             "start_points": ("data", "teacher"),
             "mixed_precision": ("no", "fp16", "bf16"), "loss_space": LOSS_SPACES,
             "loss_weighting": LOSS_WEIGHTINGS, "lr_schedule": LR_SCHEDULES, "report_to": REPORT_TO,
-            "optimizer": OPTIMIZERS, "student_prediction": ("teacher",) + PREDICTION_TYPES}
+            "optimizer": OPTIMIZERS, "student_prediction": ("auto", "teacher") + PREDICTION_TYPES}
 _LIMITS: dict[str, tuple[float, float]] = {
     # stage keys
     "windows": (1, 1024), "steps": (1, 10**8), "solver_steps": (1, 1000), "alpha": (0, 1000), "beta": (0, 1000),
@@ -536,6 +538,8 @@ def _build_recipe(raw: dict[str, Any]) -> Recipe:
     values = {name: _check_value(name, name, raw[name], hints[name])
               for name in RECIPE_KEYS if name in raw and name not in ("stages", "defaults")}
     _check_schedule(stages)
+    if values.get("student_prediction", "auto") == "auto":  # resolved here, so records and resumes compare it
+        values["student_prediction"] = "velocity" if values.get("from_scratch") else "teacher"
     return Recipe(stages=stages, **values)
 
 
