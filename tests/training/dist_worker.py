@@ -1,4 +1,5 @@
-"""A tiny training run for test_distributed.py, launched with ``torchrun``: OUT RECIPE_JSON TEACHER."""
+"""A tiny training run for test_distributed.py, launched with ``torchrun``: OUT RECIPE_JSON TEACHER [SHARDS]
+(SHARDS: train on a ShardStream of them instead of SkippingMixture; test_streams.py)."""
 
 from __future__ import annotations
 
@@ -14,11 +15,12 @@ from engine_toys import SkippingMixture, make_setup  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from proreflow.training import train  # noqa: E402
+from proreflow.training.streams import ShardStream  # noqa: E402
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
     out, recipe, teacher = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
     setup = make_setup(pretrained=False)
     setup.teacher_model.load_state_dict(load_file(teacher))
-    setup.dataset = SkippingMixture()
+    setup.dataset = ShardStream(sys.argv[4]) if len(sys.argv) > 4 else SkippingMixture()
     train(recipe, setup, out, progress=False)

@@ -40,10 +40,11 @@ Layout-based splitting (webdataset's ``split_by_node`` / ``split_by_worker``, ``
 global batch would depend on the number of processes, and 2 processes would not train what 1 does.
 
 Damaged data is counted, not fatal (the engine's skipped items, ``DistillationSetup``): a shard
-that cannot be opened, or ends early (a member runs past the end of the file; its complete samples
-before the damage are kept, less the last one, which may lack members), is named by the first
-item of every epoch; a sample that lacks a field or fails to decode is replaced by the next
-readable sample of its shard and named by the item that replaces it.
+that cannot be opened, ends early (a member runs past the end of the file; its complete samples
+before the damage are kept, less the last one, which may lack members) or holds samples without
+the fields is named by the first item of every epoch (:attr:`ShardStream.left_out`); a sample
+that fails to decode is replaced by the next readable sample of its shard and named by the item
+that replaces it.
 """
 
 from __future__ import annotations
@@ -265,9 +266,10 @@ def _list_samples(path: Path, fields: Sequence[str]) -> tuple[list[tuple[str, di
         groups.pop()  # the last sample before the damage may lack members
     complete = [(key, members) for key, members in groups
                 if all(any(ext.split(".")[0] == f for ext in members) for f in fields)]
-    if damage:
-        damage = f"damaged shard, {damage}; {len(complete)} complete samples before it kept"
-    return complete, damage
+    lacking = len(groups) - len(complete)
+    notes = ([f"damaged shard, {damage}; {len(complete)} complete samples before it kept"] if damage else []) + (
+        [f"{lacking} samples without {' and '.join(fields)} left out"] if lacking else [])
+    return complete, "; ".join(notes)
 
 
 class _ShardReader:
