@@ -295,9 +295,10 @@ def test_bad_stream_input_is_one_clear_error(tmp_path):
         train(RECIPE, setup, tmp_path / "run", progress=False)
 
 
-def missing_shards_setup():
+def shard_setup(shards: str):
+    """A setup builder by import path with a ``shards`` key (docs/streaming.md)."""
     setup = make_setup()
-    setup.dataset = ShardStream("/nonexistent/train-{000..009}.tar")
+    setup.dataset = ShardStream(shards)
     return setup
 
 
@@ -305,7 +306,8 @@ def test_the_cli_names_a_shard_pattern_that_matches_nothing(tmp_path, capsys):
     import yaml
 
     config = tmp_path / "c.yaml"
-    config.write_text(yaml.safe_dump({"setup": {"name": "test_streams:missing_shards_setup"}, **RECIPE}))
+    spec = {"name": "test_streams:shard_setup", "shards": "/nonexistent/train-{000..009}.tar"}
+    config.write_text(yaml.safe_dump({"setup": spec, **RECIPE}))
     assert main(["train", "--config", str(config), "--out", str(tmp_path / "run"), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "Traceback" not in err[0]
