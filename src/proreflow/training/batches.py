@@ -112,14 +112,10 @@ def collate_items(items: list[tuple]) -> tuple[Tensor, Cond, list[str]]:
 def micro_batches(dataset: Dataset, plan: BatchPlan, start_step: int, num_workers: int = 0
                   ) -> Iterator[tuple[Tensor, Cond, list[str]]]:
     """Endless iterator over this process's micro-batches ``(x0, cond, skipped)`` (:func:`collate_items`)
-    from ``start_step`` on; a :class:`~proreflow.training.streams.Stream` reads its own."""
-    from .streams import Stream
-
-    if isinstance(dataset, Stream):
-        return dataset.micro_batches(plan, start_step, num_workers)
+    from ``start_step`` on."""
     if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__getitem__"):
-        raise TypeError("the training dataset must be map-style (__len__ and __getitem__) or a stream "
-                        f"(proreflow.training.streams), got {type(dataset).__name__}")
+        raise TypeError("the training dataset must be map-style (__len__ and __getitem__), "
+                        f"got {type(dataset).__name__}")
     loader = DataLoader(dataset, batch_sampler=plan.batches(start_step), collate_fn=collate_items,
                         num_workers=num_workers)
     return iter(loader)

@@ -236,7 +236,10 @@ class StageRunner:
         student = setup.denoiser(_Prepared(trainee.student, trainee.module), prediction_type=student_type)
         self.context = StageContext(acc, recipe, index, setup, trainee.student, trainee.module, student,
                                     trainee.optimizer, self.ema, teacher, counter, plan, trainee.uncond)
-        self._batches = micro_batches(setup.dataset, plan, start_step, recipe.num_workers)
+        if isinstance(setup.dataset, Stream):  # a stream reads its own order (proreflow.training.streams)
+            self._batches = setup.dataset.micro_batches(plan, start_step, recipe.num_workers)
+        else:
+            self._batches = micro_batches(setup.dataset, plan, start_step, recipe.num_workers)
         self.step_index = start_step
         self.counters = counters if counters is not None else StageCounters()
 
