@@ -22,9 +22,10 @@ step ``s`` starts at position ``s B``: the sample count, with nothing of the run
 What each process reads, and what a resume skips:
 
 - ShardStream: every process lists the shards' tar headers once when the stream is made (512
-  bytes per member, the member data is seeked over) to count their samples; then each process,
-  and each DataLoader worker of it (``num_workers``; worker ``w`` of ``W`` builds micro-batches
-  ``w, w + W, ...``), reads the bytes of its own samples only, seeking over the others. A resume
+  bytes per member, the member data is seeked over) and keeps where each sample's members lie
+  (:class:`ShardLayout`); then each process, and each DataLoader worker of it (``num_workers``;
+  worker ``w`` of ``W`` builds micro-batches ``w, w + W, ...``), seeks to and reads the bytes of
+  its own samples only. A resume
   computes the shard and sample of position ``s B`` from the counts and starts there: nothing
   before it is read or decoded.
 - IterableStream: an iterable has no random access, so every process iterates all of it and
