@@ -242,9 +242,12 @@ def test_a_training_run_counts_the_damaged_shards_of_every_epoch(tmp_path):
     (tmp_path / "s-003.tar").write_bytes(b"not a tar file" * 100)
     setup = make_setup()
     setup.dataset = ShardStream(tmp_path)
-    result = train(RECIPE, setup, tmp_path / "run", progress=False)
+    result = train({**RECIPE, "validation_every": 3, "validation_samples": 4}, setup, tmp_path / "run",
+                   progress=False)
     # 48 samples of a 21-item stream per stage: positions 0, 21 and 42 start epochs
     assert [s.skipped_items for s in result.stages] == [3, 3]
+    # validation grids condition on the stream's first items (its given order)
+    assert len(list((tmp_path / "run" / "validation").rglob("step-*"))) >= 2
     assert result.stages[0].skipped_item_names == [f"{tmp_path / 's-003.tar'}: {stream_why(setup.dataset)}"]
 
 
