@@ -344,3 +344,25 @@ def test_two_processes_on_shards_with_loader_workers_match_one(tmp_path):
     assert [s["samples"] for s in summary] == [s.samples for s in one.stages] == [48, 48]
     assert [s["skipped_items"] for s in summary] == [s.skipped_items for s in one.stages] == [2, 2]
     assert [s["skipped_item_names"] for s in summary] == [s.skipped_item_names for s in one.stages]
+
+
+def test_other_member_layouts_decode_with_webdataset_handlers(tmp_path):
+    """LAION-style latent shards written by another tool (``KEY.latents.npy`` + ``KEY.cls``) read with
+    ``x0_field`` / ``cond_field``; unconditional shards with ``cond_field=None``."""
+    import numpy as np
+    import webdataset as wds
+
+    latents = np.arange(3 * 4, dtype=np.float32).reshape(3, 2, 2)
+    with wds.TarWriter(str(tmp_path / "latents-0.tar")) as sink:
+        for k in range(3):
+            sink.write({"__key__": f"img{k}", "latents.npy": latents[k], "cls": k + 5})
+    stream = ShardStream(tmp_path / "latents-0.tar", x0_field="latents", cond_field="cls")
+    x0, cond, _ = stream.micro_batches(BatchPlan(3, 0, 0, 3, 1), 0).__next__()
+    order = [int(c) - 5 for c in cond]
+    assert sorted(order) == [0, 1, 2] and torch.equal(x0, torch.from_numpy(latents[order]))
+    with pytest.raises(ValueError, match=r"no samples with the field\(s\) latents, cond .* name the fields"):
+        ShardStream(tmp_path / "latents-0.tar", x0_field="latents")
+
+    write_shards([(torch.full((2,), float(k)), None) for k in range(4)], tmp_path / "u" / "u-%03d.tar")
+    unconditional = ShardStream(tmp_path / "u", cond_field=None)
+    assert [(float(x[0]), c) for x, c in unconditional] == [(0.0, None), (1.0, None), (2.0, None), (3.0, None)]
