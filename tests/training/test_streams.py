@@ -366,3 +366,16 @@ def test_other_member_layouts_decode_with_webdataset_handlers(tmp_path):
     write_shards([(torch.full((2,), float(k)), None) for k in range(4)], tmp_path / "u" / "u-%03d.tar")
     unconditional = ShardStream(tmp_path / "u", cond_field=None)
     assert [(float(x[0]), c) for x, c in unconditional] == [(0.0, None), (1.0, None), (2.0, None), (3.0, None)]
+
+
+def test_dict_conditions_round_trip(tmp_path):
+    """Text-to-image latents: a condition dict (SD's encoder states, SDXL's added_cond_kwargs) per sample."""
+    g = torch.Generator().manual_seed(0)
+    items = [(torch.randn(4, 2, 2, generator=g), {"encoder_hidden_states": torch.randn(3, 8, generator=g),
+                                                   "added_cond_kwargs": {"time_ids": torch.arange(6.0) + k}})
+             for k in range(5)]
+    write_shards(items, tmp_path / "t-%03d.tar")
+    x0, cond, _ = ShardStream(tmp_path, shuffle_shards=False).micro_batches(BatchPlan(5, 0, 0, 5, 1), 0).__next__()
+    assert torch.equal(x0, torch.stack([i[0] for i in items]))
+    assert torch.equal(cond["encoder_hidden_states"], torch.stack([i[1]["encoder_hidden_states"] for i in items]))
+    assert torch.equal(cond["added_cond_kwargs"]["time_ids"], torch.stack([torch.arange(6.0) + k for k in range(5)]))

@@ -65,7 +65,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..conditioning import map_cond
-from .batches import collate_items, mix_seed
+from .batches import BatchPlan, collate_items, mix_seed
 
 Item = tuple  # (x0, cond) or (x0, cond, skipped names)
 
@@ -114,7 +114,7 @@ def write_shards(items: Iterable[Item], pattern: str | Path, max_count: int = 10
 class Stream(IterableDataset):
     """A dataset the engine reads in stream order (module doc); ``len`` is its items per epoch."""
 
-    def micro_batches(self, plan, start_step: int, num_workers: int = 0) -> Iterator[tuple]:
+    def micro_batches(self, plan: BatchPlan, start_step: int, num_workers: int = 0) -> Iterator[tuple]:
         """This process's micro-batches ``(x0, cond, skipped)`` of ``plan`` from ``start_step`` on, forever."""
         loader = DataLoader(_PlannedBatches(self, plan, start_step), batch_size=None, collate_fn=_as_is,
                             num_workers=num_workers)
@@ -143,7 +143,7 @@ class _PlannedBatches(IterableDataset):
     """The micro-batches of one process from ``start_step`` on; DataLoader worker ``w`` of ``W`` builds
     this process's micro-batches ``w, w + W, w + 2 W, ...`` (the loader returns them round robin)."""
 
-    def __init__(self, stream: Stream, plan, start_step: int):
+    def __init__(self, stream: Stream, plan: BatchPlan, start_step: int):
         self.stream, self.plan, self.start_step = stream, plan, start_step
 
     def __iter__(self) -> Iterator[tuple]:
@@ -395,7 +395,7 @@ class IterableStream(Stream):
         out.num_items = count
         return out
 
-    def micro_batches(self, plan, start_step: int, num_workers: int = 0) -> Iterator[tuple]:
+    def micro_batches(self, plan: BatchPlan, start_step: int, num_workers: int = 0) -> Iterator[tuple]:
         if num_workers:
             raise ValueError(f"num_workers: {num_workers}: an IterableStream is read in the training process (each "
                              "loader worker would read the whole iterable again); set num_workers: 0, or write the "
