@@ -4,7 +4,8 @@ Writes ``--shards`` webdataset shards of ``--per-shard`` samples (``x0``: a floa
 ``--shape``, ``cond``: an integer label) to a temporary folder, then times, for one process of
 ``--processes`` with ``--batch`` samples per step:
 
-- ``ShardStream(folder)``: listing every shard's tar headers (the sample count);
+- ``ShardStream(folder)``: listing every shard's tar headers (the sample count); with ``index=``
+  the first time (listing, then writing the index) and the next (reading it);
 - the first micro-batch at step 0 and at the step that starts 90% into the first epoch (a resume):
   a ShardStream jumps there from the counts; an IterableStream over the same shards read in order
   (an iterable without random access) reads and drops every item before it;
@@ -53,6 +54,10 @@ def main() -> None:
         start = time.perf_counter()
         shards = ShardStream(folder)
         print(f"ShardStream(folder): listing {args.shards} shards' headers, {time.perf_counter() - start:.2f} s")
+        for what in ("listing and writing the index", "reading the index"):
+            start = time.perf_counter()
+            ShardStream(folder, index=Path(folder) / "index.npz")
+            print(f"ShardStream(folder, index=...): {what}, {time.perf_counter() - start:.2f} s")
         iterable = IterableStream(ShardStream(folder, shuffle_shards=False), num_items=n)
         plan = BatchPlan(n, 0, 0, args.batch, 1, args.processes, args.processes - 1)
         resume = int(0.9 * n) // args.batch

@@ -379,3 +379,29 @@ def test_dict_conditions_round_trip(tmp_path):
     assert torch.equal(x0, torch.stack([i[0] for i in items]))
     assert torch.equal(cond["encoder_hidden_states"], torch.stack([i[1]["encoder_hidden_states"] for i in items]))
     assert torch.equal(cond["added_cond_kwargs"]["time_ids"], torch.stack([torch.arange(6.0) + k for k in range(5)]))
+
+
+def test_a_shard_index_skips_the_listing_of_unchanged_shards(tmp_path, monkeypatch):
+    """``index=``: the first open lists every shard and writes the layouts; the next lists none, and
+    one whose file changed (size or modification time) alone; both read the same stream."""
+    from proreflow.training import streams
+
+    write_shards(mixture_items(30), tmp_path / "data" / "s-%03d.tar", max_count=7)
+    (tmp_path / "data" / "s-009.tar").write_bytes(b"not a tar file" * 100)
+    listed = []
+    original = streams.list_samples
+    monkeypatch.setattr(streams, "list_samples",
+                        lambda path, fields: listed.append(path.name) or original(path, fields))
+    index = tmp_path / "index" / "layout.npz"
+    first = ShardStream(tmp_path / "data", index=index)
+    assert len(listed) == 6 and index.is_file()
+    listed.clear()
+    again = ShardStream(tmp_path / "data", index=index)
+    assert listed == [] and again.counts == first.counts and again.left_out == first.left_out
+    assert global_stream(again, 1, 0, 8, 8, 2, 1) == global_stream(first, 1, 0, 8, 8, 1, 1)
+    os.utime(tmp_path / "data" / "s-002.tar", ns=(1, 1))
+    ShardStream(tmp_path / "data", index=index)
+    assert listed == ["s-002.tar"]
+    listed.clear()
+    ShardStream(tmp_path / "data", index=index, cond_field=None)  # other fields: another layout
+    assert len(listed) == 6

@@ -53,6 +53,7 @@ from __future__ import annotations
 import bisect
 import io
 import itertools
+import json
 import tarfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -65,6 +66,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..conditioning import map_cond
+from ..files import atomic_write
 from .batches import BatchPlan, collate_items, mix_seed
 
 Item = tuple  # (x0, cond) or (x0, cond, skipped names)
@@ -176,6 +178,8 @@ class ShardStream(Stream):
         holding ``x0`` and its condition (decoded by extension: ``.pth`` tensors or dicts of them,
         ``.npy``, ``.cls`` integers, ...); ``cond_field=None``: unconditional, cond None.
     shuffle_shards: visit the shards in a seeded order per epoch (else as given).
+    index: a ``.npz`` file keeping the shards' layouts (:func:`read_index`): a shard whose path, size
+        and modification time are in it is not listed again; it is written when a shard was listed.
 
     Why not ``webdataset.WebDataset``: its tar iterator reads every member's bytes in order, so every
     process would read all the data; here each process seeks to its own samples. webdataset's key
@@ -183,20 +187,30 @@ class ShardStream(Stream):
     """
 
     def __init__(self, shards: str | Path | Sequence[str | Path], x0_field: str = "x0",
-                 cond_field: str | None = "cond", shuffle_shards: bool = True):
+                 cond_field: str | None = "cond", shuffle_shards: bool = True, index: str | Path | None = None):
         paths = expand_shards(shards)
         self.x0_field, self.cond_field, self.shuffle_shards = x0_field, cond_field, shuffle_shards
         self.left_out: dict[str, str] = {}
         self._lookup: _ShardReader | None = None
         self.shards: list[Path] = []
         self.layouts: list[ShardLayout] = []
+        known = read_index(index, self._fields()) if index is not None else {}
+        entries = []
         for path in paths:
-            layout, damage = list_samples(path, self._fields())
+            stat = path.stat()
+            fingerprint = [str(path), stat.st_size, stat.st_mtime_ns]
+            entry = known.get(str(path))
+            if entry is None or entry[0] != fingerprint:
+                entry = (fingerprint, *list_samples(path, self._fields()))
+            entries.append(entry)
+            _, layout, damage = entry
             if damage:
                 self.left_out[str(path)] = damage
             if layout.count:
                 self.shards.append(path)
                 self.layouts.append(layout)
+        if index is not None and any(entry is not known.get(entry[0][0]) for entry in entries):
+            write_index(index, self._fields(), entries)
         if not self.layouts:
             raise ValueError(f"no samples with the field(s) {', '.join(self._fields())} in {len(paths)} shard(s) "
                              f"at {shards!r} ({len(self.left_out)} damaged): write them with "
@@ -303,6 +317,45 @@ def list_samples(path: Path, fields: Sequence[str]) -> tuple[ShardLayout, str]:
                          np.array([[exts.index(e) for e, _, _ in members] for _, members in complete],
                                   dtype=np.int16).reshape(-1, len(fields)), exts)
     return layout, "; ".join(notes)
+
+
+INDEX_FORMAT = 1
+
+
+def read_index(path: str | Path, fields: Sequence[str]) -> dict[str, tuple[list, ShardLayout, str]]:
+    """A shard index (:func:`write_index`): ``{path: ([path, size, mtime_ns], layout, damage)}``; empty
+    when the file is absent or was written for other fields or another format."""
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    with np.load(path, allow_pickle=False) as data:
+        meta = json.loads(str(data["meta"]))
+        if meta.get("format") != INDEX_FORMAT or meta.get("fields") != list(fields):
+            return {}
+        keys, spans, ext_ids = data["keys"], data["spans"], data["ext_ids"]
+    entries, start = {}, 0
+    for shard in meta["shards"]:
+        end = start + shard["count"]
+        layout = ShardLayout(keys[start:end], spans[start:end], ext_ids[start:end], shard["exts"])
+        entries[shard["fingerprint"][0]] = (shard["fingerprint"], layout, shard["damage"])
+        start = end
+    return entries
+
+
+def write_index(path: str | Path, fields: Sequence[str], entries: Sequence[tuple[list, ShardLayout, str]]) -> None:
+    """Write shards' layouts as one ``.npz`` (atomically): their concatenated arrays and a JSON ``meta``."""
+    meta = {"format": INDEX_FORMAT, "fields": list(fields),
+            "shards": [{"fingerprint": fp, "count": layout.count, "exts": layout.exts, "damage": damage}
+                       for fp, layout, damage in entries]}
+    arrays = {name: np.concatenate([getattr(layout, name) for _, layout, _ in entries])
+              for name in ("keys", "spans", "ext_ids")}
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.savez(f, meta=np.array(json.dumps(meta)), **arrays)
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, write)
 
 
 class _ShardReader:
