@@ -25,7 +25,7 @@ What each process reads, and what a resume skips:
   bytes per member, the member data is seeked over) and keeps where each sample's members lie
   (:class:`ShardLayout`); then each process, and each DataLoader worker of it (``num_workers``;
   worker ``w`` of ``W`` builds micro-batches ``w, w + W, ...``), seeks to and reads the bytes of
-  its own samples only. A resume
+  its own samples only (``index=``: the listing kept in a file, for later runs). A resume
   computes the shard and sample of position ``s B`` from the counts and starts there: nothing
   before it is read or decoded.
 - IterableStream: an iterable has no random access, so every process iterates all of it and
