@@ -1,5 +1,5 @@
 """A tiny Stable Diffusion training run for test_sd_distributed.py, launched with ``torchrun``:
-OUT RECIPE_JSON TEACHER_DIR IMAGE_DIR CACHE_DIR. Each process that builds the latent cache
+OUT RECIPE_JSON TEACHER_DIR IMAGE_DIR CACHE_DIR. Each process that encodes part of the latent cache
 appends its rank to OUT.cache-builders."""
 
 from __future__ import annotations
@@ -16,13 +16,13 @@ from proreflow.training import train
 if __name__ == "__main__":
     torch.set_num_threads(1)
     out, recipe, teacher, images, cache = sys.argv[1:6]
-    build = latent_cache.build_latent_cache
+    encode_part = latent_cache.encode_part
 
-    def recording_build(*args, **kwargs):
+    def recording_encode_part(*args, **kwargs):
         with open(f"{out}.cache-builders", "a") as f:
             f.write(f"{sd_setup.process_state().process_index}\n")
-        return build(*args, **kwargs)
+        return encode_part(*args, **kwargs)
 
-    latent_cache.build_latent_cache = recording_build  # the one cache builder, called by latent_dataset
+    latent_cache.encode_part = recording_encode_part  # the one cache encoder, called by build_latent_cache
     setup = sd_setup.build_sd_setup(teacher=teacher, data=images, cache_dir=cache)
     train(json.loads(recipe), setup, out, progress=False)

@@ -1,5 +1,6 @@
 """Two CPU processes (torchrun, gloo) train the Stable Diffusion setup to the weights one process trains
-with the same global batch; only rank 0 builds the latent cache and writes the run."""
+with the same global batch; both build the latent cache (each its half of the images), to the cache one
+process builds, and only rank 0 writes the run."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
+from proreflow.sd.latent_cache import LatentCacheDataset
 from proreflow.sd.setup import build_sd_setup
 from proreflow.training import train
 
@@ -45,7 +48,17 @@ def test_two_processes_match_one(sd15_dir, image_dir, tmp_path):
     assert update > 1e-4 and gap < 0.1 * update and off < 1e-4 * sum(v.numel() for v in a.values())
     one, two = (json.loads((tmp_path / run / "summary.json").read_text()) for run in ("one", "two"))
     assert one[0]["final_loss"] == pytest.approx(two[0]["final_loss"], rel=1e-5)
-    assert (tmp_path / "two.cache-builders").read_text() == "0\n"  # rank 0 built the cache, rank 1 read it
+    builders = sorted((tmp_path / "two.cache-builders").read_text().split())
+    assert builders == ["0", "1"]  # each process encoded its part
+    cache_one, cache_two = LatentCacheDataset(tmp_path / "cache-one"), LatentCacheDataset(tmp_path / "cache-two")
+    assert len(cache_one.manifest["shards"]) == 1 and len(cache_two.manifest["shards"]) == 2
+    assert cache_one.manifest["skipped"] == cache_two.manifest["skipped"] and len(cache_one) == len(cache_two) > 1
+    assert sorted(p.name for p in (tmp_path / "cache-two").iterdir()) == [
+        "manifest.json", "shard-00000.safetensors", "shard-00001.safetensors"]
+    for row in range(len(cache_one)):  # the same rows in the same order (float16 storage)
+        (x1, c1), (x2, c2) = cache_one[row], cache_two[row]
+        torch.testing.assert_close(x1, x2, rtol=0, atol=2e-3)
+        torch.testing.assert_close(c1["encoder_hidden_states"], c2["encoder_hidden_states"], rtol=0, atol=2e-3)
     meta = json.loads((tmp_path / "two/checkpoints/step-00000002/meta.json").read_text())
     assert meta["num_processes"] == 2
     assert sorted(p.name for p in (tmp_path / "two/checkpoints/step-00000002").glob("rng-*.pt")) == ["rng-0.pt",

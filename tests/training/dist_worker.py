@@ -1,5 +1,6 @@
-"""A tiny training run for test_distributed.py, launched with ``torchrun``: OUT RECIPE_JSON TEACHER [SHARD_SIZE]
-(SHARD_SIZE: trajectories per target-cache shard, for runs with teacher start points)."""
+"""A tiny training run for test_distributed.py, launched with ``torchrun``: OUT RECIPE_JSON TEACHER [OPTION=VALUE ...]
+with options ``shard_size=N`` (trajectories per target-cache shard, for runs with teacher start points) and
+``shards=PATH`` (train on a ShardStream of them instead of SkippingMixture; test_streams.py)."""
 
 from __future__ import annotations
 
@@ -15,13 +16,15 @@ from engine_toys import SkippingMixture, make_setup  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from proreflow.training import target_cache, train  # noqa: E402
+from proreflow.training.streams import ShardStream  # noqa: E402
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
     out, recipe, teacher = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
-    if len(sys.argv) > 4:
-        target_cache.SHARD_SIZE = int(sys.argv[4])
+    options = dict(arg.split("=", 1) for arg in sys.argv[4:])
+    if "shard_size" in options:
+        target_cache.SHARD_SIZE = int(options["shard_size"])
     setup = make_setup(pretrained=False)
     setup.teacher_model.load_state_dict(load_file(teacher))
-    setup.dataset = SkippingMixture()
+    setup.dataset = ShardStream(options["shards"]) if "shards" in options else SkippingMixture()
     train(recipe, setup, out, progress=False)

@@ -59,7 +59,7 @@ def test_two_processes_build_the_trajectory_shards_between_them_and_match_one_pr
     save_file(setup.teacher_model.state_dict(), str(tmp_path / "teacher.safetensors"))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true", "CUDA_VISIBLE_DEVICES": ""}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(WORKER),
-           str(tmp_path / "two"), json.dumps(recipe), str(tmp_path / "teacher.safetensors"), "16"]
+           str(tmp_path / "two"), json.dumps(recipe), str(tmp_path / "teacher.safetensors"), "shard_size=16"]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert len(list((tmp_path / "cache").glob("trajectories-*/shard-*.safetensors"))) == 4

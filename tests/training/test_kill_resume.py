@@ -1,7 +1,9 @@
-"""kill -9 at random moments, then ``--resume``: the run ends bit-identical to an uninterrupted one."""
+"""kill -9 at random moments, then ``--resume``: the run ends bit-identical to an uninterrupted one, on a
+map-style dataset and on webdataset shards (a ShardStream)."""
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import subprocess
@@ -12,8 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from engine_toys import tiny_recipe
+from engine_toys import Mixture, tiny_recipe
 from safetensors.torch import load_file
+
+from proreflow.training.streams import write_shards
 
 RECIPE = tiny_recipe(checkpoint_every=3, keep_checkpoints=2,
                      defaults={"lr": 1e-2, "batch_size": 8, "steps": 80, "ema_decay": 0.9, "solver_steps": 2,
@@ -27,9 +31,15 @@ def _command(config: Path, out: Path, resume: bool) -> list[str]:
 
 
 @pytest.mark.slow
-def test_kill_9_at_random_moments_then_resume_is_bit_identical(tmp_path):
+@pytest.mark.parametrize("data", ["map-style", "shards"])
+def test_kill_9_at_random_moments_then_resume_is_bit_identical(tmp_path, data):
     config = tmp_path / "c.yaml"
-    config.write_text(yaml.safe_dump({"setup": {"name": "engine_toys:make_setup"}, **RECIPE}))
+    spec = {"name": "engine_toys:make_setup"}
+    if data == "shards":  # the mixture's 64 items in 7 shards (test_streams.shard_setup)
+        items = Mixture(64)
+        write_shards((items[i] for i in range(64)), tmp_path / "data" / "s-%03d.tar", max_count=10)
+        spec = {"name": "test_streams:shard_setup", "shards": str(tmp_path / "data")}
+    config.write_text(yaml.safe_dump({"setup": spec, **RECIPE}))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent),
                                                         os.environ.get("PYTHONPATH", "")])}
     start = time.monotonic()
@@ -61,3 +71,5 @@ def test_kill_9_at_random_moments_then_resume_is_bit_identical(tmp_path):
     for name in FILES:
         a, b = load_file(str(out / name)), load_file(str(tmp_path / "straight" / name))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    summaries = [json.loads((run / "summary.json").read_text()) for run in (out, tmp_path / "straight")]
+    assert [s["samples"] for s in summaries[0]] == [s["samples"] for s in summaries[1]] == [640, 640]

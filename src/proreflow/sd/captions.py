@@ -42,6 +42,8 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from ..training.streams import expand_shards
+
 log = logging.getLogger(__name__)
 
 MAX_PIXELS = 2**26
@@ -123,26 +125,6 @@ class FolderSource:
     def record(self, i: int) -> Record:
         path, caption = self.items[i]
         return Record(str(path), caption, lambda: Image.open(path))
-
-
-def expand_shards(spec: str | Path | Sequence[str]) -> list[Path]:
-    """Shard paths from a brace pattern, a folder of ``.tar`` files, one file, or a list of these."""
-    if not isinstance(spec, (str, Path)):
-        return [p for s in spec for p in expand_shards(s)]
-    from braceexpand import braceexpand  # installed with webdataset
-
-    paths = []
-    for item in braceexpand(str(spec)):
-        path = Path(item).expanduser()
-        if path.is_dir():
-            paths.extend(sorted(path.glob("*.tar")))
-        elif path.is_file():
-            paths.append(path)
-        else:
-            raise FileNotFoundError(f"webdataset shard {path} does not exist (from {spec!r})")
-    if not paths:
-        raise FileNotFoundError(f"no .tar shards found at {spec!r}")
-    return paths
 
 
 class TarShardSource:

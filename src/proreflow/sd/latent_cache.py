@@ -10,9 +10,9 @@ by ``(seed, i)``, so the on-the-fly and the cached datasets give the same latent
   solve from noise at t = 1 to t = 0 with guidance. Training then noises it to the window
   start, so the start points come from the teacher's distribution, not from real images.
 
-Cache layout (``build_latent_cache``)::
+Cache layout (``build_latent_cache``, by all processes: each encodes a contiguous part of the items)::
 
-    DIR/shard-00000.safetensors   latents, encoder_hidden_states[, text_embeds, time_ids]
+    DIR/shard-00000.safetensors   latents, encoder_hidden_states[, text_embeds, time_ids], in item order
     DIR/manifest.json             what was encoded (teacher, data, resolution, ...), shard sizes,
                                   and the images skipped as unreadable; written last
 
@@ -152,16 +152,16 @@ def _nest(flat: dict[str, Tensor]) -> dict:
 
 
 class _Loads(Dataset):
-    """``items.load(i)`` for a DataLoader: items, or skip records, never an exception."""
+    """``items.load(i)`` for ``i`` in ``indices``, for a DataLoader: items, or skip records, never an exception."""
 
-    def __init__(self, items: Dataset):
-        self.items = items
+    def __init__(self, items: Dataset, indices: range):
+        self.items, self.indices = items, indices
 
     def __len__(self) -> int:
-        return len(self.items)
+        return len(self.indices)
 
     def __getitem__(self, i: int) -> dict:
-        return self.items.load(i)
+        return self.items.load(self.indices[i])
 
 
 def read_manifest(cache_dir: str | Path) -> dict | None:
@@ -182,35 +182,31 @@ def check_manifest(manifest: dict, settings: dict, cache_dir: str | Path) -> boo
     return not differ
 
 
-def build_latent_cache(items: Dataset, encode: Encoder, cache_dir: str | Path, settings: dict,
-                       batch_size: int = 16, shard_size: int = 4096, dtype: torch.dtype = torch.float16,
-                       num_workers: int = 0) -> dict:
-    """Encode every readable item once into safetensors shards (module doc); return the manifest.
+def part_range(count: int, rank: int, num_processes: int) -> range:
+    """The items process ``rank`` of ``num_processes`` encodes: the ``rank``-th of equal contiguous parts."""
+    return range(rank * count // num_processes, (rank + 1) * count // num_processes)
 
-    ``items``: an :class:`ImageCaptionDataset` or :class:`PromptDataset` (their ``load``);
-    ``encode``: :func:`encode_items` or :func:`generate_items` bound to a teacher.
-    ``settings`` (JSON values: teacher, data, resolution, seed, ...) are stored and compared on
-    reuse. Items are read by ``num_workers`` loader processes; the encoders run here.
-    """
-    cache_dir = Path(cache_dir)
-    if cache_dir.exists():
-        shutil.rmtree(cache_dir)  # no manifest: an interrupted build
-    cache_dir.mkdir(parents=True)
-    loader = DataLoader(_Loads(items), batch_size=batch_size, num_workers=num_workers, collate_fn=list)
+
+def encode_part(items: Dataset, encode: Encoder, cache_dir: Path, rank: int = 0, num_processes: int = 1,
+                batch_size: int = 16, shard_size: int = 4096, dtype: torch.dtype = torch.float16,
+                num_workers: int = 0, progress: bool = True) -> dict:
+    """Encode process ``rank``'s items (:func:`part_range`) into ``part-RANK-K.safetensors`` shards of
+    ``cache_dir``, and record them in ``part-RANK.json``: ``{"shards": [{file, count}], "skipped": {...}}``."""
+    indices = part_range(len(items), rank, num_processes)
+    loader = DataLoader(_Loads(items, indices), batch_size=batch_size, num_workers=num_workers, collate_fn=list)
     shards, pending, skipped = [], [], {}
-    total = 0
 
     def flush() -> None:
         nonlocal pending
         if not pending:
             return
         tensors = {k: torch.cat([p[k] for p in pending]).contiguous() for k in pending[0]}
-        name = f"shard-{len(shards):05d}.safetensors"
+        name = f"part-{rank:05d}-{len(shards):05d}.safetensors"
         atomic_write(cache_dir / name, lambda tmp: save_file(tensors, str(tmp)))
         shards.append({"file": name, "count": int(tensors["latents"].shape[0])})
         pending = []
 
-    for batch in tqdm(loader, desc=f"caching latents in {cache_dir}", unit="batch"):
+    for batch in tqdm(loader, desc=f"caching latents in {cache_dir}", unit="batch", disable=not progress):
         good = [item for item in batch if "skipped" not in item]
         for item in batch:
             if "skipped" in item:
@@ -221,18 +217,60 @@ def build_latent_cache(items: Dataset, encode: Encoder, cache_dir: str | Path, s
         latents, cond = encode(good)
         flat = {"latents": latents, **_flatten(cond)}
         pending.append({k: v.to("cpu", torch.float32 if k == "time_ids" else dtype) for k, v in flat.items()})
-        total += len(good)
         if sum(p["latents"].shape[0] for p in pending) >= shard_size:
             flush()
     flush()
-    if not shards:
+    part = {"shards": shards, "skipped": skipped}
+    write_json(cache_dir / f"part-{rank:05d}.json", part)
+    return part
+
+
+def build_latent_cache(items: Dataset, encode: Encoder, cache_dir: str | Path, settings: dict,
+                       batch_size: int = 16, shard_size: int = 4096, dtype: torch.dtype = torch.float16,
+                       num_workers: int = 0, state=None) -> dict:
+    """Encode every readable item once into safetensors shards (module doc); return the manifest.
+
+    ``items``: an :class:`ImageCaptionDataset` or :class:`PromptDataset` (their ``load``);
+    ``encode``: :func:`encode_items` or :func:`generate_items` bound to a teacher.
+    ``settings`` (JSON values: teacher, data, resolution, seed, ...) are stored and compared on
+    reuse. Items are read by ``num_workers`` loader processes; the encoders run here.
+
+    state: an ``accelerate.PartialState`` (None: this process alone). Called by every process of it,
+    each encodes its contiguous part of the items (:func:`encode_part`) with its own encoders; the main
+    process then names the shards ``shard-NNNNN`` in item order and writes the manifest. Item ``i``'s
+    randomness is seeded by ``i``, so the cache holds the same rows for any number of processes (up to
+    the encoders' rounding for another batch composition).
+    """
+    cache_dir = Path(cache_dir)
+    rank, processes = (state.process_index, state.num_processes) if state is not None else (0, 1)
+    main = rank == 0
+    if main:
+        if cache_dir.exists():
+            shutil.rmtree(cache_dir)  # no manifest: an interrupted build
+        cache_dir.mkdir(parents=True)
+    barrier = state.wait_for_everyone if state is not None else (lambda: None)
+    barrier()
+    encode_part(items, encode, cache_dir, rank, processes, batch_size, shard_size, dtype, num_workers, main)
+    barrier()
+    parts = [json.loads((cache_dir / f"part-{r:05d}.json").read_text()) for r in range(processes)]
+    skipped = {name: why for part in parts for name, why in part["skipped"].items()}
+    written = [shard for part in parts for shard in part["shards"]]
+    if not written:
         raise RuntimeError(f"none of the {len(items)} items could be read; first errors: "
                            f"{dict(list(skipped.items())[:3])}")
-    manifest = {"format": CACHE_FORMAT, "settings": settings, "count": total,
-                "shards": shards, "skipped": skipped}
-    write_json(cache_dir / MANIFEST, manifest)
-    if skipped:
-        log.warning("latent cache %s: %d images encoded, %d unreadable images skipped", cache_dir, total, len(skipped))
+    shards = [{"file": f"shard-{k:05d}.safetensors", "count": shard["count"]} for k, shard in enumerate(written)]
+    total = sum(shard["count"] for shard in shards)
+    manifest = {"format": CACHE_FORMAT, "settings": settings, "count": total, "shards": shards, "skipped": skipped}
+    if main:
+        for old, new in zip(written, shards, strict=True):
+            (cache_dir / old["file"]).rename(cache_dir / new["file"])
+        for r in range(processes):
+            (cache_dir / f"part-{r:05d}.json").unlink()
+        write_json(cache_dir / MANIFEST, manifest)
+        if skipped:
+            log.warning("latent cache %s: %d images encoded, %d unreadable images skipped", cache_dir, total,
+                        len(skipped))
+    barrier()
     return manifest
 
 
@@ -273,19 +311,20 @@ class LatentCacheDataset(Dataset):
 
 def latent_dataset(items: Dataset, encode: Encoder, settings: dict, cache_dir: str | Path | None = None,
                    batch_size: int = 16, num_workers: int = 0) -> EncodedDataset | LatentCacheDataset:
-    """``items`` encoded on the fly, or with ``cache_dir`` once into a cache, built by the main process
-    and reused while its manifest matches ``settings`` (rebuilt when stale, refused for other settings:
-    :func:`check_manifest`): the dataset of any latent-space family's setup. The process state is the
-    one the engine's accelerator will have (:func:`~proreflow.training.runner.process_state`), so
-    several processes share one cache."""
+    """``items`` encoded on the fly, or with ``cache_dir`` once into a cache, built by all processes
+    (each its part: :func:`build_latent_cache`) and reused while its manifest matches ``settings``
+    (rebuilt when stale, refused for other settings: :func:`check_manifest`): the dataset of any
+    latent-space family's setup. The process state is the one the engine's accelerator will have
+    (:func:`~proreflow.training.runner.process_state`), so several processes share one cache."""
     from ..training.runner import process_state
 
     if cache_dir is None:
         return EncodedDataset(items, encode)
     state = process_state()
-    with state.main_process_first():
-        manifest = read_manifest(cache_dir)
-        current = manifest is not None and check_manifest(manifest, settings, cache_dir)
-        if not current and state.is_main_process:
-            build_latent_cache(items, encode, cache_dir, settings, batch_size=batch_size, num_workers=num_workers)
+    manifest = read_manifest(cache_dir)
+    current = manifest is not None and check_manifest(manifest, settings, cache_dir)
+    state.wait_for_everyone()  # every process has read the manifest before a rebuild removes it
+    if not current:
+        build_latent_cache(items, encode, cache_dir, settings, batch_size=batch_size, num_workers=num_workers,
+                           state=state)
     return LatentCacheDataset(cache_dir)

@@ -45,6 +45,7 @@ from .report import Reporter, StageCounters, StageSummary, final_loss
 from .runner import StageRunner, Trainee, check_environment, limit_dataset, make_accelerator, set_tf32
 from .setup import DistillationSetup
 from .stage import NonFiniteLossError, check_setup_fits
+from .streams import check_dataset
 from .validation import Validation, ema_weights, grid_image, validation_samples, write_validation
 
 CHECKPOINT_FORMAT = 1
@@ -243,6 +244,7 @@ class _Run:
         recipe, acc = self.recipe, self.acc
         found = check_output_folder(recipe, self.out, resume, allow_recipe_change, acc.process_index,
                                     lambda line: self.reporter.say(line, warning=True))
+        check_dataset(self.setup.dataset)
         check_setup_fits(recipe, self.setup, acc.num_processes)
         self.reporter.open(recipe.name, recipe.to_dict(), recipe.report_to)
         self.validation = (Validation.for_run(recipe, limit_dataset(self.setup, recipe.max_train_samples))

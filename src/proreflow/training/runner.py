@@ -43,6 +43,7 @@ from .recipes import Recipe, Stage, load_recipe
 from .report import StageCounters
 from .setup import DistillationSetup
 from .stage import NonFiniteLossError, StageContext, StepResult, as_teacher, build_stage_teacher, train_step
+from .streams import Stream, check_dataset
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -121,9 +122,13 @@ def make_accelerator(mixed_precision: str, report_to: str = "none", out_dir: str
 
 def limit_dataset(setup: DistillationSetup, max_train_samples: int | None) -> DistillationSetup:
     """``setup`` whose dataset is its first ``max_train_samples`` items (all of them when it has fewer, or
-    when ``max_train_samples`` is None): a ``torch.utils.data.Subset`` of indices 0..N-1."""
+    when ``max_train_samples`` is None): a ``torch.utils.data.Subset`` of indices 0..N-1, or a stream's
+    :meth:`~proreflow.training.streams.Stream.limited`."""
+    check_dataset(setup.dataset)
     if max_train_samples is None or max_train_samples >= len(setup.dataset):
         return setup
+    if isinstance(setup.dataset, Stream):
+        return dataclasses.replace(setup, dataset=setup.dataset.limited(max_train_samples))
     return dataclasses.replace(setup, dataset=Subset(setup.dataset, range(max_train_samples)))
 
 
@@ -231,7 +236,10 @@ class StageRunner:
         student = setup.denoiser(_Prepared(trainee.student, trainee.module), prediction_type=student_type)
         self.context = StageContext(acc, recipe, index, setup, trainee.student, trainee.module, student,
                                     trainee.optimizer, self.ema, teacher, counter, plan, trainee.uncond)
-        self._batches = micro_batches(setup.dataset, plan, start_step, recipe.num_workers)
+        if isinstance(setup.dataset, Stream):  # a stream reads its own order (proreflow.training.streams)
+            self._batches = setup.dataset.micro_batches(plan, start_step, recipe.num_workers)
+        else:
+            self._batches = micro_batches(setup.dataset, plan, start_step, recipe.num_workers)
         self.step_index = start_step
         self.counters = counters if counters is not None else StageCounters()
 

@@ -49,7 +49,10 @@ class DistillationSetup:
         ``cond`` may be None, a tensor (class label, text states) or a dict of tensors. An item may
         be ``(x0, cond, skipped)`` instead, ``skipped`` naming the source items the dataset passed
         over to reach it (e.g. unreadable images); the engine counts them in the stage summary
-        (``skipped_items``, ``skipped_item_names``), from loader worker processes too.
+        (``skipped_items``, ``skipped_item_names``), from loader worker processes too. A map-style
+        dataset is read in a seeded permutation per epoch (:mod:`.batches`); a stream
+        (:class:`~proreflow.training.streams.ShardStream` of webdataset shards,
+        :class:`~proreflow.training.streams.IterableStream` of any iterable) in its own order.
     uncond: the null condition with batch size 1 (for guidance and condition dropout).
     adapter: turns a module into ``network(x, timestep, cond)`` (``diffusers_network`` for UNets).
     make_student: builds a fresh student network (training from scratch); None: copy the teacher.
