@@ -381,3 +381,15 @@ def test_target_cache_reproduces_the_uncached_run_and_is_shared_by_a_loss_study(
     assert sorted(cache.rglob("*.pt")) == files
     assert_same(weights(tmp_path / "b/student.safetensors"), weights(tmp_path / "c/student.safetensors"))
     assert again.history == twin.history != plain.history
+
+
+def test_target_cache_refuses_other_data_of_the_same_size(tmp_path):
+    """The cache key names the dataset by its length: a dataset of the same length with other items must be
+    refused on its first cached batch, not trained on the first dataset's targets."""
+    recipe = tiny_recipe(target_cache=str(tmp_path / "cache"), stages=[{"windows": 2, "steps": 2}])
+    train(recipe, make_setup(), tmp_path / "a", progress=False)
+    other = make_setup()
+    other.dataset.x = other.dataset.x + 0.5
+    with pytest.raises(ValueError, match="holds targets of other data of the same size"):
+        train(recipe, other, tmp_path / "b", progress=False)
+    train(recipe, make_setup(), tmp_path / "c", progress=False)  # the same data still reads its targets

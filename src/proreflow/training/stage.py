@@ -226,7 +226,7 @@ def train_step(ctx: StageContext, batches: Iterator[tuple[Tensor, Cond, list[str
                 batch, evals = teacher_start_batch(ctx, positions, x0, cond, uncond, t), ctx.counter.take()
             elif ctx.recipe.target_cache and stage.teacher == "original":
                 ctx.targets = ctx.targets or TargetCache(ctx.recipe.target_cache, ctx)
-                batch, evals = ctx.targets.batch(step, micro, make, ctx.counter)
+                batch, evals = ctx.targets.batch(step, micro, make, ctx.counter, x0)
                 batch = ReflowBatch(**{k: getattr(batch, k).to(acc.device) for k in BATCH_FIELDS})
             else:
                 batch, evals = make(), ctx.counter.take()

@@ -127,17 +127,25 @@ class TargetCache:
         digest.update(repr(parts).encode())
         self.folder, self.rank = Path(root) / digest.hexdigest(), acc.process_index
 
-    def batch(self, step: int, micro: int, make: Callable[[], ReflowBatch], counter: CountingNetwork
-              ) -> tuple[ReflowBatch, int]:
-        """The cached batch of ``(step, micro)`` and the teacher evaluations it cost, made and stored on a miss."""
+    def batch(self, step: int, micro: int, make: Callable[[], ReflowBatch], counter: CountingNetwork,
+              x0: Tensor) -> tuple[ReflowBatch, int]:
+        """The cached batch of ``(step, micro)`` and the teacher evaluations it cost, made and stored on a miss.
+
+        ``x0``: the micro-batch's data. Its digest is stored with the batch and checked on a hit: the key
+        names the dataset by its length only, so another dataset of that length is refused here, not trained on
+        (batches of earlier versions, stored without a digest, are read as before)."""
         path = self.folder / f"{step}-{micro}-{self.rank}.pt"
+        data = hashlib.blake2b(tensor_bytes(x0), digest_size=16).hexdigest()
         if path.is_file():
             saved = torch.load(path, weights_only=True)
+            if saved.get("x0_digest", data) != data:
+                raise ValueError(f"target_cache: {self.folder} holds targets of other data of the same size (step "
+                                 f"{step}); delete that folder or choose another target_cache for this dataset")
             return ReflowBatch(**{k: saved[k] for k in BATCH_FIELDS}), int(saved["teacher_evals"])
         batch = make()
         evals = counter.take()
         self.folder.mkdir(parents=True, exist_ok=True)
-        saved = {**{k: getattr(batch, k).cpu() for k in BATCH_FIELDS}, "teacher_evals": evals}
+        saved = {**{k: getattr(batch, k).cpu() for k in BATCH_FIELDS}, "teacher_evals": evals, "x0_digest": data}
         atomic_write(path, lambda tmp: torch.save(saved, tmp))
         return batch, evals
 
