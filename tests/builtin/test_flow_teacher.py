@@ -137,3 +137,12 @@ def test_teacher_command_trains_and_evaluates_a_flow_teacher(tmp_path, capsys):
     assert main(args + ["--eval", "--samples", "500"]) == 0
     out = capsys.readouterr().out
     assert "reused from the cache" in out and "Euler-32" in out and "energy_distance" in out
+
+
+def test_train_command_setup_key_teacher_flow_builds_the_flow_setup(tmp_path):
+    from proreflow.commands.named_setups import build_setup
+
+    setup = build_setup({"name": "moons", "teacher": "flow", "steps": 2, "network": TINY_2D,
+                         "cache_dir": str(tmp_path), "progress": False})
+    assert setup.prediction_type == "flow_velocity" and isinstance(setup.schedule, FlowSchedule)
+    assert setup.info["teacher_config"]["teacher"] == "flow" and "moons-flow-" in setup.info["teacher_path"]
