@@ -224,6 +224,7 @@ def run_dataset(data: str, args, log, save=lambda rows, diag: None) -> tuple[lis
     guidance = args.guidance or GUIDANCE[data_kind(data)]
     setup = builtin_setup(data, teacher=args.teacher, progress=not args.no_progress)
     teacher = setup.denoiser(setup.teacher_model)
+    runs = data if args.teacher == "ddpm" else f"{data}-{args.teacher}"  # training runs of each teacher apart
     rows, diag = [], []
     for seed in args.seeds:
         samples = args.samples or (500 if args.quick and data_kind(data) != "2d" else default_eval_samples(data))
@@ -237,7 +238,7 @@ def run_dataset(data: str, args, log, save=lambda rows, diag: None) -> tuple[lis
                 recipe = method_recipe(method, budget, guidance, seed, args.lr,
                                        [f"target_cache={args.work / 'targets'}", *args.set])
                 start = time.perf_counter()
-                result = train(recipe, setup, args.work / data / f"{method}-{budget}-s{seed}".replace(" ", "_"),
+                result = train(recipe, setup, args.work / runs / f"{method}-{budget}-s{seed}".replace(" ", "_"),
                                progress=not args.no_progress)
                 evals = sum(s.teacher_evals for s in result.stages)
                 trained = time.perf_counter() - start
