@@ -83,6 +83,8 @@ def test_cache_keys_of_ddpm_and_flow_teachers_differ_and_ddpm_keys_are_unchanged
 def test_unknown_teacher_kind_is_a_clear_error():
     with pytest.raises(ValueError, match="setup.teacher: unknown teacher kind 'rectified'; use one of ddpm, flow"):
         teacher_config("digits", teacher="rectified")
+    with pytest.raises(ValueError, match="setup.beta_end: a flow teacher has no VP noise schedule"):
+        teacher_config("digits", teacher="flow", beta_end=0.02)
 
 
 def test_flow_teacher_cache_round_trip_is_bit_identical_and_apart_from_the_ddpm_one(tmp_path, monkeypatch):

@@ -133,6 +133,10 @@ def teacher_config(data: str, **overrides: Any) -> TeacherConfig:
     kind = given.get("teacher", "ddpm")
     if kind not in TEACHER_KINDS:
         raise ValueError(f"setup.teacher: unknown teacher kind {kind!r}; use one of {', '.join(TEACHER_KINDS)}")
+    vp_only = [key for key in VP_ONLY if key in given]
+    if kind == "flow" and vp_only:
+        raise ValueError(f"setup.{vp_only[0]}: a flow teacher has no VP noise schedule; drop {vp_only[0]} "
+                         "or use teacher: ddpm")
     values = {**DEFAULTS[data], **(FLOW_DEFAULTS if kind == "flow" else {}), **given}
     names = {f.name for f in dataclasses.fields(TeacherConfig)} - {"data"}
     unknown = sorted(set(values) - names)
