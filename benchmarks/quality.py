@@ -4,7 +4,8 @@
     python benchmarks/quality.py                      # the full table: 3 seeds, moons + digits + mnist
 
 For each dataset: training-free anchors (teacher DDIM at 32/8/4/2/1 steps, DPM-Solver++ 2M at
-4 and 2 steps) and distilled students (2-Reflow, PeRFlow, ProReflow-I/II/1step, ablations),
+4 and 2 steps; with ``--teacher flow`` the flow-matching teacher's Euler at 32/8/4/2/1 steps, and no
+DPM-Solver++, which needs a VP teacher) and distilled students (2-Reflow, PeRFlow, ProReflow-I/II/1step, ablations),
 every student trained for the same number of optimiser steps from the teacher's weights (the
 "from scratch" methods: from a fresh network of the teacher's architecture); the
 teacher network evaluations each method spent are counted and reported. Every sampler is
@@ -36,7 +37,7 @@ from proreflow.builtin import load_dataset
 from proreflow.builtin.baselines import dpm_solver_sample
 from proreflow.builtin.defaults import GUIDANCE, data_kind, default_eval_samples
 from proreflow.builtin.suite import evaluate_callable, evaluate_sampler, make_eval_set
-from proreflow.builtin.teacher import builtin_setup
+from proreflow.builtin.teacher import SAMPLER_NAMES, TEACHER_KINDS, builtin_setup
 from proreflow.files import atomic_write
 from proreflow.targets import StageTeacher, make_reflow_batch
 from proreflow.training import train
@@ -206,15 +207,17 @@ def window_diagnostics(setup, student, initial, recipe, data: str, guidance: flo
     return rows
 
 
-def anchor_rows(data: str, teacher, evalset, guidance: float, seed: int, samples: int) -> list[dict]:
-    """Training-free rows of one evaluation set: teacher DDIM-n and DPM-Solver++ 2M."""
+def anchor_rows(data: str, teacher, evalset, guidance: float, seed: int, samples: int, kind: str = "ddpm"
+                ) -> list[dict]:
+    """Training-free rows of one evaluation set: teacher DDIM-n and DPM-Solver++ 2M (a DDPM teacher), or
+    teacher Euler-n (a flow teacher: its ``sample`` loop is Euler; DPM-Solver++ needs a VP teacher)."""
     rows = []
     for n in TEACHER_STEPS:
         m = evaluate_sampler(evalset, teacher, TimeWindows(n), n, guidance)
         m.pop("samples")
-        rows.append({"data": data, "seed": seed, "method": "teacher DDIM", "steps": n, "budget": 0,
+        rows.append({"data": data, "seed": seed, "method": f"teacher {SAMPLER_NAMES[kind]}", "steps": n, "budget": 0,
                      "teacher_evals": 0, "samples": samples, **m})
-    for n in DPM_STEPS:
+    for n in DPM_STEPS if kind == "ddpm" else ():
         def dpm(noise, cond, n=n, uncond=evalset.uncond):
             return dpm_solver_sample(teacher, noise, n, cond, uncond, guidance)
 
@@ -225,7 +228,8 @@ def anchor_rows(data: str, teacher, evalset, guidance: float, seed: int, samples
     return rows
 
 
-def cached_eval_set(setup, data: str, teacher, samples: int, guidance: float, seed: int, cache: Path, log):
+def cached_eval_set(setup, data: str, teacher, samples: int, guidance: float, seed: int, cache: Path, log,
+                    kind: str = "ddpm"):
     """The evaluation set and its anchor rows, computed once per (teacher, data, samples, guidance, seed).
 
     The teacher's DDIM-32 reference and the anchor rows cost about a third of an MNIST run's network
@@ -240,7 +244,7 @@ def cached_eval_set(setup, data: str, teacher, samples: int, guidance: float, se
                                    reference=saved["reference"]), saved["rows"]
     start = time.perf_counter()
     evalset = make_eval_set(data, teacher, samples, guidance, seed, progress=False)
-    rows = anchor_rows(data, teacher, evalset, guidance, seed, samples)
+    rows = anchor_rows(data, teacher, evalset, guidance, seed, samples, kind)
     path.parent.mkdir(parents=True, exist_ok=True)
     saved = {"noise": evalset.noise, "cond": evalset.cond, "reference": evalset.reference, "rows": rows}
     atomic_write(path, lambda tmp: torch.save(saved, tmp))
@@ -252,12 +256,15 @@ def run_dataset(data: str, args, log, save=lambda rows, diag: None) -> tuple[lis
     """Metric rows and window-diagnostic rows of every seed and method on ``data``; ``save(rows, diag)``
     after each trained method (a killed run keeps what it measured)."""
     guidance = args.guidance or GUIDANCE[data_kind(data)]
-    setup = builtin_setup(data, progress=not args.no_progress, from_scratch=True)  # for the from-scratch methods
+    setup = builtin_setup(data, teacher=args.teacher, progress=not args.no_progress,
+                          from_scratch=True)  # make_student, for the from-scratch methods
     teacher = setup.denoiser(setup.teacher_model)
+    runs = data if args.teacher == "ddpm" else f"{data}-{args.teacher}"  # training runs of each teacher apart
     rows, diag = [], []
     for seed in args.seeds:
         samples = args.samples or (500 if args.quick and data_kind(data) != "2d" else default_eval_samples(data))
-        evalset, anchors = cached_eval_set(setup, data, teacher, samples, guidance, seed, args.work, log)
+        evalset, anchors = cached_eval_set(setup, data, teacher, samples, guidance, seed, args.work, log,
+                                            args.teacher)
         rows += anchors
         for method in args.methods:
             main_budget = args.budget or (600 if args.quick else BUDGET[data_kind(data)])
@@ -267,7 +274,7 @@ def run_dataset(data: str, args, log, save=lambda rows, diag: None) -> tuple[lis
                                        [f"target_cache={args.work / 'targets'}", *args.set])
                 start = time.perf_counter()
                 # resume=True: a killed benchmark continues its runs, and a finished run is read back, not retrained
-                result = train(recipe, setup, args.work / data / f"{method}-{budget}-s{seed}".replace(" ", "_"),
+                result = train(recipe, setup, args.work / runs / f"{method}-{budget}-s{seed}".replace(" ", "_"),
                                progress=not args.no_progress, resume=True)
                 evals = sum(s.teacher_evals for s in result.stages)
                 trained = time.perf_counter() - start
@@ -313,6 +320,7 @@ def markdown(agg: list[dict], args, seconds: float) -> str:
              f"Python {platform.python_version()}; date {time.strftime('%Y-%m-%d')}; " +
              (f"rows merged from {len(args.merge)} earlier runs  " if args.merge else
               f"wall time {seconds / 60:.1f} min  "),
+             f"Teacher: {'flow matching (Euler sampler)' if args.teacher == 'flow' else 'DDPM (DDIM sampler)'}.  ",
              f"Seeds: {args.seeds} (recipe seed = evaluation-noise seed); evaluation samples per sampler: "
              "given under each dataset.  ",
              "Budget: optimiser steps per method (split evenly over its stages, batch 64), the same for every "
@@ -321,7 +329,8 @@ def markdown(agg: list[dict], args, seconds: float) -> str:
              "Metrics (mean ± std over seeds): `fd` Frechet distance in a trained classifier's features to the "
              "held-out real data (lower is better); `acc` class accuracy of conditional samples; `energy` / `sw` "
              "energy distance / sliced Wasserstein to the true 2D distribution; `fidelity` RMS distance to the "
-             "teacher's DDIM-32 sample from the same noise; `straight` trajectory straightness (0 = straight); "
+             "teacher's DDIM-32 (flow teacher: Euler-32) sample from the same noise; `straight` trajectory "
+             "straightness (0 = straight); "
              "`nfe` network evaluations per sample. Students with more windows than steps are sampled by jumping "
              "to the ends of `steps` merged windows (their DDIM-like epsilon parametrization).", ""]
     for data in dict.fromkeys(r["data"] for r in agg):
@@ -358,9 +367,10 @@ def budget_plot(agg: list[dict], path: Path) -> None:
             if pts:
                 b, m, s = zip(*pts)
                 ax.errorbar(b, m, yerr=s, marker="o", capsize=3, label=method)
-        teacher = [r[metric] for r in agg if r["data"] == data and r["method"] == "teacher DDIM" and r["steps"] == 32]
+        teacher = [(r[metric], r["method"]) for r in agg if r["data"] == data and r["method"] in
+                   (f"teacher {name}" for name in SAMPLER_NAMES.values()) and r["steps"] == 32]
         if teacher:
-            ax.axhline(teacher[0], color="gray", ls="--", lw=1, label="teacher DDIM-32")
+            ax.axhline(teacher[0][0], color="gray", ls="--", lw=1, label=f"{teacher[0][1]}-32")
         ax.set_xscale("log")
         ax.set_xlabel("optimiser steps (training budget)")
         ax.set_ylabel(f"{metric} at 4 steps")
@@ -451,6 +461,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="extra budgets for " + ", ".join(CURVE_METHODS) + " (quality-vs-budget plot; "
                    "default: budget / 4 and budget / 2)")
     p.add_argument("--lr", type=float, default=None, help="learning rate of every stage (default: the preset's)")
+    p.add_argument("--teacher", choices=TEACHER_KINDS, default="ddpm",
+                   help="the built-in teacher: ddpm (epsilon prediction, default) or flow (flow matching, sampled "
+                   "by Euler; no DPM-Solver++ rows)")
     p.add_argument("--guidance", type=float, default=None,
                    help="guidance scale of teacher and students (default: 2 on digits / MNIST, 1 on 2D data)")
     p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",

@@ -155,3 +155,15 @@ def test_unknown_space_and_weighting_are_errors_naming_the_choices():
         to_loss_space(v, v, torch.ones(2), torch.zeros(2), "noise")
     with pytest.raises(ValueError, match="none, min_snr, window"):
         time_weights("snr", torch.ones(2), torch.ones(2), v)
+
+
+def test_vp_only_loss_spaces_and_weighting_refuse_a_flow_teacher():
+    from proreflow import FlowSchedule
+
+    _, t, t_start, t_end, x, _, _, v_pred, v_tgt = _window_batch()
+    torch.testing.assert_close(to_loss_space(v_pred, x, t, t_end, "velocity", FlowSchedule()), v_pred)
+    for space in ("epsilon", "x0", "geometric", "capped_epsilon"):
+        with pytest.raises(ValueError, match=f"the '{space}' loss space needs the teacher's VPSchedule"):
+            to_loss_space(v_pred, x, t, t_end, space, FlowSchedule())
+    with pytest.raises(ValueError, match="min_snr weighting needs the teacher's VPSchedule"):
+        time_weights("min_snr", t, t_start, v_tgt, FlowSchedule())

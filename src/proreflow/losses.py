@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .flow import FlowSchedule
 from .parametrize import velocity_to_output
 from .schedules import VPSchedule, bcast
 
@@ -68,14 +69,15 @@ def _flat(x: Tensor) -> Tensor:
 
 
 def to_loss_space(v: Tensor, x_t: Tensor, t: Tensor, t_end: Tensor, space: str,
-                  schedule: VPSchedule | None = None, c_cap: float = 4.0) -> Tensor:
+                  schedule: VPSchedule | FlowSchedule | None = None, c_cap: float = 4.0) -> Tensor:
     """Velocity ``v`` at ``(x_t, t)`` towards ``t_end`` expressed in loss space ``space`` (module doc)."""
     if space not in LOSS_SPACES:
         raise ValueError(f"unknown loss space {space!r}; use one of {', '.join(LOSS_SPACES)}")
     if space == "velocity":
         return v
-    if schedule is None:
-        raise ValueError(f"the {space!r} loss space needs the teacher's VPSchedule; use loss_space: velocity")
+    if not isinstance(schedule, VPSchedule):  # None, or a flow-matching teacher's FlowSchedule
+        raise ValueError(f"the {space!r} loss space needs the teacher's VPSchedule (a VP diffusion teacher); "
+                         "use loss_space: velocity")
     if space == "geometric":
         return v / bcast(velocity_per_epsilon(t, t_end, schedule).to(v.dtype), v).sqrt()
     if space == "capped_epsilon":
@@ -96,7 +98,8 @@ def snr(t: Tensor, schedule: VPSchedule) -> Tensor:
     return a / (1 - a).clamp_min(_EPS)
 
 
-def time_weights(weighting: str, t: Tensor, t_start: Tensor, target: Tensor, schedule: VPSchedule | None = None,
+def time_weights(weighting: str, t: Tensor, t_start: Tensor, target: Tensor,
+                 schedule: VPSchedule | FlowSchedule | None = None,
                  gamma: float = 5.0) -> Tensor:
     """Per-sample weights ``w_i`` of the squared error (module doc); ``target`` in the loss space."""
     if weighting not in LOSS_WEIGHTINGS:
@@ -105,8 +108,9 @@ def time_weights(weighting: str, t: Tensor, t_start: Tensor, target: Tensor, sch
     if weighting == "none":
         return torch.ones(g.shape[0], dtype=g.dtype, device=g.device)
     if weighting == "min_snr":
-        if schedule is None:
-            raise ValueError("min_snr weighting needs the teacher's VPSchedule; use loss_weighting: none")
+        if not isinstance(schedule, VPSchedule):
+            raise ValueError("min_snr weighting needs the teacher's VPSchedule (a VP diffusion teacher); "
+                             "use loss_weighting: none")
         s = snr(t, schedule).to(g)
         return s.clamp(max=gamma) / s.clamp_min(_EPS)
     size = g.pow(2).mean(dim=1)

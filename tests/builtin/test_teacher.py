@@ -73,10 +73,12 @@ def test_cache_root_from_environment(tmp_path, monkeypatch):
     assert trained.path.parent == tmp_path / "teachers"
 
 
-def test_teacher_learns_the_2d_distribution(tmp_path):
-    # a wrong objective (sign, scale, time convention) leaves the DDIM samples far from the data
+@pytest.mark.parametrize("kind", ["ddpm", "flow"])
+def test_teacher_learns_the_2d_distribution(kind, tmp_path):
+    # a wrong objective (sign, scale, time convention, path) leaves the DDIM / Euler samples far from the data
     net = {"class": "MLPDenoiser", "kwargs": {"shape": [2], "num_classes": 0, "width": 64, "depth": 2}}
-    trained = train_teacher("8gaussians", steps=800, batch_size=256, network=net, cache_dir=tmp_path, progress=False)
+    trained = train_teacher("8gaussians", teacher=kind, steps=800, batch_size=256, network=net, cache_dir=tmp_path,
+                            progress=False)
     noise = torch.randn(2000, 2, generator=torch.Generator().manual_seed(0))
     x = sample(trained.denoiser(), noise, TimeWindows(32), 32)
     assert toy_distances(x, "8gaussians", n_true=2000)["energy_distance"] < 0.15

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from ..conditioning import Cond
+from ..schedules import VPSchedule
 from ..teachers import Denoiser
 
 
@@ -19,8 +20,9 @@ def dpm_solver_sample(teacher: Denoiser, noise: Tensor, steps: int, cond: Cond =
     """Sample ``teacher`` with diffusers' ``DPMSolverMultistepScheduler`` (DPM-Solver++, ``order``)."""
     from diffusers import DPMSolverMultistepScheduler
 
-    if teacher.schedule is None or teacher.prediction_type == "velocity":
-        raise ValueError("DPM-Solver++ needs a VP diffusion teacher (epsilon / v_prediction / sample output)")
+    if not isinstance(teacher.schedule, VPSchedule) or teacher.prediction_type == "velocity":
+        raise ValueError("DPM-Solver++ needs a VP diffusion teacher (epsilon / v_prediction / sample output); "
+                         f"this one predicts {teacher.prediction_type!r}")
     betas = 1 - teacher.schedule.alphas_cumprod / torch.cat([torch.ones(1, dtype=torch.float64),
                                                            teacher.schedule.alphas_cumprod[:-1]])
     scheduler = DPMSolverMultistepScheduler(num_train_timesteps=teacher.schedule.num_train_timesteps,

@@ -1,6 +1,9 @@
-"""Epsilon-prediction DDPM teachers for the built-in datasets, cached and reused.
+"""Teachers for the built-in datasets, cached and reused: DDPM (epsilon prediction) or flow matching.
 
-Training minimises ``E || net(x_t, tau, c) - eps ||^2`` with ``t ~ U(0, 1]``,
+``TeacherConfig.teacher`` picks the kind; one training loop serves both, only the loss differs
+(:func:`teacher_loss`).
+
+DDPM (``teacher: ddpm``, the default): training minimises ``E || net(x_t, tau, c) - eps ||^2`` with ``t ~ U(0, 1]``,
 ``x_t = sqrt(abar(t)) x0 + sqrt(1 - abar(t)) eps`` and ``tau = t * (T - 1)``: the same
 continuous-time convention the samplers use (:mod:`proreflow.schedules`), on Stable
 Diffusion's noise schedule (``scaled_linear``, betas 0.00085..0.012, T = 1000). Class labels
@@ -11,11 +14,20 @@ constant over pixels: SD's schedule keeps ``sqrt(abar(1)) = 0.068`` of the signa
 network can read an image's mean brightness off ``x_1``, which the sampler's start ``N(0, I)``
 lacks; MNIST (mostly black) then comes out on grey backgrounds. Offset noise hides that mean.
 
+Flow matching (``teacher: flow``): training minimises ``E || net(x_sigma, 1000 sigma, c) - (eps - x0) ||^2``
+on the straight path ``x_sigma = (1 - sigma) x0 + sigma eps`` (diffusers' ``FlowMatchEulerDiscreteScheduler``
+conventions, shift 1, :class:`~proreflow.flow.FlowSchedule`), with ``sigma ~ U(0, 1]`` drawn exactly as the
+DDPM teachers draw t. Uniform, not SD3's logit-normal density: logit-normal rarely visits sigma near 1, the
+point every one-step-per-window student and the teacher's first Euler step start from, and uniform keeps
+the two kinds of teacher comparable (same draws, same network, same budget). Offset noise is off by
+default: the path ends in pure noise (``x_1 = eps``), so there is no mean brightness to leak.
+
 AdamW, linear warm-up then cosine decay of the learning rate, gradient clipping, and an EMA
 of the weights with decay ``min(ema_decay, (1 + n) / (10 + n))`` after ``n`` updates; the EMA
 weights are the teacher.
 
-A trained teacher is stored under ``<cache>/teachers/<data>-<hash of config>/``
+A trained teacher is stored under ``<cache>/teachers/<data>-<hash of config>/`` (flow:
+``<data>-flow-<hash>``; a DDPM config hashes as it did before the kind existed, so cached DDPM teachers stay valid)
 (:mod:`proreflow.builtin.store`); :func:`load_or_train_teacher` reuses it and
 :func:`builtin_setup` hands it to the distillation engine as a :class:`DistillationSetup`.
 """
@@ -33,10 +45,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel
 
 from ..conditioning import select_cond
+from ..flow import FLOW_PREDICTION_TYPE, FlowSchedule
 from ..schedules import VPSchedule
 from ..targets import sample_times
 from ..teachers import Denoiser
@@ -48,6 +61,13 @@ from .store import load_or_fit
 
 KIND = "teachers"
 FORMAT = 1  # bump when training code changes what a config produces
+TEACHER_KINDS = ("ddpm", "flow")
+"""``ddpm``: epsilon prediction on SD's VP schedule; ``flow``: flow matching (``u = eps - x0``,
+:mod:`proreflow.flow`)."""
+SAMPLER_NAMES = {"ddpm": "DDIM", "flow": "Euler"}
+"""What ``sample(teacher, noise, TimeWindows(n), n)`` is for each kind: DDIM-n, or flow-matching Euler-n."""
+VP_ONLY = ("beta_schedule", "beta_start", "beta_end")
+"""Settings a flow teacher does not use (left out of its cache key)."""
 
 
 @dataclass(frozen=True)
@@ -70,12 +90,24 @@ class TeacherConfig:
     beta_start: float = 0.00085
     beta_end: float = 0.012
     num_train_timesteps: int = 1000
+    teacher: str = "ddpm"
 
-    def schedule(self) -> VPSchedule:
+    def schedule(self) -> VPSchedule | FlowSchedule:
+        if self.teacher == "flow":
+            return FlowSchedule(1.0, num_train_timesteps=self.num_train_timesteps)
         return VPSchedule.from_betas(self.beta_schedule, self.num_train_timesteps, self.beta_start, self.beta_end)
 
+    @property
+    def prediction_type(self) -> str:
+        return FLOW_PREDICTION_TYPE if self.teacher == "flow" else "epsilon"
+
     def to_dict(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "format": FORMAT}
+        """The cache key's content: a DDPM config as before the kind existed (no ``teacher`` key), a flow
+        config with ``teacher: flow`` and without the VP schedule's settings."""
+        values = dataclasses.asdict(self)
+        for key in (("teacher",) if self.teacher == "ddpm" else VP_ONLY):
+            del values[key]
+        return {**values, "format": FORMAT}
 
 
 _TOY = dict(network=mlp_spec((2,), width=128, depth=3), steps=10_000, batch_size=256, lr=2e-3)
@@ -90,12 +122,22 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 """Default teacher per dataset. CPU time of one core (torch 2.13): 2D sets about 95 s, digits about
 75 s, MNIST about 520 s. DDIM-32 samples with guidance 2 are classified as their label 100 %
 (digits) and 97 % (MNIST, the classifier's own held-out accuracy) of the time."""
+FLOW_DEFAULTS: dict[str, Any] = {"offset_noise": 0.0}
+"""What a flow teacher sets differently from :data:`DEFAULTS` (no offset noise: module doc)."""
 
 
 def teacher_config(data: str, **overrides: Any) -> TeacherConfig:
     """The default config for ``data`` with ``overrides`` (None values are ignored)."""
     get_spec(data)
-    values = {**DEFAULTS[data], **{k: v for k, v in overrides.items() if v is not None}}
+    given = {k: v for k, v in overrides.items() if v is not None}
+    kind = given.get("teacher", "ddpm")
+    if kind not in TEACHER_KINDS:
+        raise ValueError(f"setup.teacher: unknown teacher kind {kind!r}; use one of {', '.join(TEACHER_KINDS)}")
+    vp_only = [key for key in VP_ONLY if key in given]
+    if kind == "flow" and vp_only:
+        raise ValueError(f"setup.{vp_only[0]}: a flow teacher has no VP noise schedule; drop {vp_only[0]} "
+                         "or use teacher: ddpm")
+    values = {**DEFAULTS[data], **(FLOW_DEFAULTS if kind == "flow" else {}), **given}
     names = {f.name for f in dataclasses.fields(TeacherConfig)} - {"data"}
     unknown = sorted(set(values) - names)
     if unknown:
@@ -136,12 +178,14 @@ class TrainedTeacher:
     trained: bool = False
 
     @property
-    def schedule(self) -> VPSchedule:
+    def schedule(self) -> VPSchedule | FlowSchedule:
         return self.config.schedule()
 
     def denoiser(self) -> Denoiser:
-        """The teacher as an epsilon-prediction :class:`Denoiser` (its DDIM-n is ``sample(..., TimeWindows(n), n)``)."""
-        return Denoiser(adapter_for_spec(self.config.network)(self.module), "epsilon", self.schedule)
+        """The teacher as a :class:`Denoiser` of its prediction type (``sample(..., TimeWindows(n), n)`` is
+        its DDIM-n, or Euler-n for a flow teacher)."""
+        return Denoiser(adapter_for_spec(self.config.network)(self.module), self.config.prediction_type,
+                        self.schedule)
 
 
 def _ema_avg(decay: float):
@@ -167,6 +211,14 @@ def _lr_factor(step: int, warmup: int, steps: int) -> float:
     cosine after the warm-up; the product here is what the cached teachers were trained with.
     """
     return min(1.0, (step + 1) / max(warmup, 1)) * 0.5 * (1 + math.cos(math.pi * step / steps))
+
+
+def teacher_loss(network, schedule: VPSchedule | FlowSchedule, prediction_type: str, x0: Tensor, noise: Tensor,
+                 t: Tensor, cond=None) -> Tensor:
+    """``mean (net(x_t, timestep(t), c) - target)^2``, ``x_t = schedule.add_noise(x0, eps, t)``; the target is
+    ``eps`` (epsilon: DDPM) or ``u = eps - x0`` (flow_velocity: flow matching, ``x_t = (1 - sigma) x0 + sigma eps``)."""
+    target = noise - x0 if prediction_type == FLOW_PREDICTION_TYPE else noise
+    return F.mse_loss(network(schedule.add_noise(x0, noise, t), schedule.timestep(t), cond), target)
 
 
 def fit_teacher(config: TeacherConfig, device: str | torch.device = "cpu", progress: bool = True
@@ -200,7 +252,7 @@ def fit_teacher(config: TeacherConfig, device: str | torch.device = "cpu", progr
         if labels is not None:
             keep = torch.rand(config.batch_size, generator=gen).to(device) >= config.cond_dropout
             cond = select_cond(keep, labels[idx], uncond)
-        return F.mse_loss(network(schedule.add_noise(x0, noise, t), schedule.timestep(t), cond), noise)
+        return teacher_loss(network, schedule, config.prediction_type, x0, noise, t, cond)
 
     start = time.perf_counter()
     losses = fit_steps(model, loss_of_batch, opt, sched, steps=config.steps, batch_size=config.batch_size,
@@ -218,7 +270,8 @@ def load_or_train_teacher(data: str, *, steps: int | None = None, cache_dir: str
     """The cached teacher of built-in dataset ``data`` for this config (default config +
     ``steps`` and ``overrides``), or train and cache it (always with ``force``)."""
     config = teacher_config(data, steps=steps, **overrides)
-    entry = load_or_fit(KIND, data, config.to_dict(), config.network,
+    name = data if config.teacher == "ddpm" else f"{data}-{config.teacher}"
+    entry = load_or_fit(KIND, name, config.to_dict(), config.network,
                         lambda: fit_teacher(config, device, progress), cache_dir, force)
     return TrainedTeacher(entry.module, config, entry.path, entry.record["stats"], entry.fitted)
 
@@ -233,8 +286,9 @@ def train_teacher(data: str, *, steps: int | None = None, cache_dir: str | os.Pa
 def builtin_setup(name: str, *, steps: int | None = None, cache_dir: str | os.PathLike | None = None,
                   force: bool = False, device: str | torch.device = "cpu", progress: bool = True,
                   from_scratch: bool = False, **overrides: Any) -> DistillationSetup:
-    """The :class:`DistillationSetup` of built-in dataset ``name``: its (cached or trained) teacher,
-    SD's schedule, the ``train`` split, ``uncond = tensor([num_classes])`` (None for 2D).
+    """The :class:`DistillationSetup` of built-in dataset ``name``: its (cached or trained) teacher with
+    its schedule (SD's VP schedule; a :class:`FlowSchedule` with ``teacher="flow"``), the ``train``
+    split, ``uncond = tensor([num_classes])`` (None for 2D).
 
     from_scratch: set ``make_student`` to a freshly initialised network of the teacher's
     architecture (training from scratch); by default ``make_student`` is None and the engine
@@ -245,7 +299,7 @@ def builtin_setup(name: str, *, steps: int | None = None, cache_dir: str | os.Pa
     spec = get_spec(name)
     make_student = (lambda: build_network(teacher.config.network)) if from_scratch else None
     return DistillationSetup(
-        teacher_model=teacher.module, prediction_type="epsilon", schedule=teacher.schedule,
+        teacher_model=teacher.module, prediction_type=teacher.config.prediction_type, schedule=teacher.schedule,
         dataset=load_dataset(name, "train", seed=teacher.config.seed), uncond=spec.uncond,
         adapter=adapter_for_spec(teacher.config.network), make_student=make_student,
         info={"data": name, "teacher_path": str(teacher.path), "teacher_config": teacher.config.to_dict(),
