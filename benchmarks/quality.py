@@ -448,6 +448,11 @@ def diagnostics_plot(diag: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def run_teacher(argv: list[str]) -> str:
+    """The ``--teacher`` a saved run was made with (runs from before the option: ddpm)."""
+    return argv[argv.index("--teacher") + 1] if "--teacher" in argv[:-1] else "ddpm"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="one seed, digits, 4 methods, 600 steps, 500 samples")
@@ -494,6 +499,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.merge:
         runs = [json.loads(path.read_text()) for path in args.merge]
+        # only quality runs (they record their argv) of this --teacher: a glob of docs/benchmark-runs/ holds both
+        runs = [run for run in runs if "argv" in run and run_teacher(run["argv"]) == args.teacher]
         rows = [r for run in runs for r in run["rows"]]
         diag = [r for run in runs for r in run.get("diagnostics", [])]
         # runs of extra methods repeat the training-free anchors of the same seeds: keep one of each
