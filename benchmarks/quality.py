@@ -318,7 +318,7 @@ def markdown(agg: list[dict], args, seconds: float) -> str:
              f"Machine: {platform.machine()} CPU, {torch.get_num_threads()} threads; torch {torch.__version__}; "
              f"diffusers {diffusers.__version__}; "
              f"Python {platform.python_version()}; date {time.strftime('%Y-%m-%d')}; " +
-             (f"rows merged from {len(args.merge)} earlier runs  " if args.merge else
+             (f"rows merged from {args.merged_runs} earlier runs of this teacher  " if args.merge else
               f"wall time {seconds / 60:.1f} min  "),
              f"Teacher: {'flow matching (Euler sampler)' if args.teacher == 'flow' else 'DDPM (DDIM sampler)'}.  ",
              f"Seeds: {args.seeds} (recipe seed = evaluation-noise seed); evaluation samples per sampler: "
@@ -501,6 +501,7 @@ def main(argv: list[str] | None = None) -> int:
         runs = [json.loads(path.read_text()) for path in args.merge]
         # only quality runs (they record their argv) of this --teacher: a glob of docs/benchmark-runs/ holds both
         runs = [run for run in runs if "argv" in run and run_teacher(run["argv"]) == args.teacher]
+        args.merged_runs = len(runs)
         rows = [r for run in runs for r in run["rows"]]
         diag = [r for run in runs for r in run.get("diagnostics", [])]
         # runs of extra methods repeat the training-free anchors of the same seeds: keep one of each
