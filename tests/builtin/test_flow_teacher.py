@@ -17,6 +17,7 @@ from proreflow.builtin.teacher import (
     teacher_loss,
     train_teacher,
 )
+from proreflow.training.checkpoint import student_module
 
 sys.path.insert(0, str(Path(__file__).parents[1]))  # tests/gaussian.py
 
@@ -107,7 +108,7 @@ def test_flow_teacher_cache_round_trip_is_bit_identical_and_apart_from_the_ddpm_
 def test_flow_setup_student_stepped_once_per_window_is_euler_over_the_window_edges(tmp_path):
     setup = builtin_setup("digits", teacher="flow", steps=2, network=TINY_DIGITS, cache_dir=tmp_path, progress=False)
     assert setup.prediction_type == "flow_velocity" and setup.schedule == FlowSchedule(1.0)
-    student = setup.new_student().double()  # a copy of the teacher's weights, as the engine starts it
+    student = student_module(setup, False).double()  # a copy of the teacher's weights, as the engine starts it
     network = setup.adapter(student)
     g = torch.Generator().manual_seed(0)
     noise = torch.randn(6, 1, 8, 8, generator=g, dtype=torch.float64)

@@ -14,6 +14,7 @@ from proreflow.builtin.teacher import (
     train_teacher,
 )
 from proreflow.cli import main
+from proreflow.training.checkpoint import student_module
 from proreflow.training.setup import DistillationSetup
 
 TINY_2D = {"class": "MLPDenoiser", "kwargs": {"shape": [2], "num_classes": 0, "width": 16, "depth": 1}}
@@ -90,11 +91,11 @@ def test_builtin_setup_for_the_engine(tmp_path):
     assert torch.equal(setup.uncond, torch.tensor([10])) and setup.make_student is None
     assert len(setup.dataset) == 1438 and setup.info["data"] == "digits"
     x0, label = setup.dataset[0]
-    denoiser = setup.denoiser(setup.new_student())
+    denoiser = setup.denoiser(student_module(setup, False))
     out = denoiser.predict(x0[None].repeat(4, 1, 1, 1), torch.tensor(0.3), label.repeat(4), setup.uncond, 2.0)
     assert out.shape == (4, 1, 8, 8)
     scratch = builtin_setup("digits", steps=2, network=TINY_DIGITS, cache_dir=tmp_path, from_scratch=True)
-    assert not same_weights(scratch.new_student(), setup.teacher_model)
+    assert not same_weights(student_module(scratch, True), setup.teacher_model)
     moons = builtin_setup("moons", steps=2, network=TINY_2D, cache_dir=tmp_path, progress=False)
     assert moons.uncond is None and moons.dataset[0][1] is None
 

@@ -7,7 +7,6 @@ inside the model or the data beyond this.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -111,7 +110,3 @@ class DistillationSetup:
                              f"teacher outputs the teacher's {self.prediction_type!r}); or set student_prediction: "
                              "teacher")
         return wanted
-
-    def new_student(self) -> nn.Module:
-        """Stage 1's student: a copy of the teacher's weights, or ``make_student()``."""
-        return self.make_student() if self.make_student is not None else copy.deepcopy(self.teacher_model)
