@@ -253,6 +253,7 @@ def build_latent_cache(items: Dataset, encode: Encoder, cache_dir: str | Path, s
     encode_part(items, encode, cache_dir, rank, processes, batch_size, shard_size, dtype, num_workers, main)
     barrier()
     parts = [json.loads((cache_dir / f"part-{r:05d}.json").read_text()) for r in range(processes)]
+    barrier()  # every process has read the parts before the main process renames and removes them
     skipped = {name: why for part in parts for name, why in part["skipped"].items()}
     written = [shard for part in parts for shard in part["shards"]]
     if not written:
