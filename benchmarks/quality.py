@@ -39,6 +39,7 @@ from proreflow.builtin.defaults import GUIDANCE, data_kind, default_eval_samples
 from proreflow.builtin.suite import evaluate_callable, evaluate_sampler, make_eval_set
 from proreflow.builtin.teacher import SAMPLER_NAMES, TEACHER_KINDS, builtin_setup
 from proreflow.files import atomic_write
+from proreflow.schedules import VP_TIME_CONVENTION
 from proreflow.targets import StageTeacher, make_reflow_batch
 from proreflow.training import train
 from proreflow.training.recipes import load_recipe
@@ -235,7 +236,7 @@ def cached_eval_set(setup, data: str, teacher, samples: int, guidance: float, se
     The teacher's DDIM-32 reference and the anchor rows cost about a third of an MNIST run's network
     evaluations and are the same for every method; they are kept in ``cache`` (``--work``) as a tensor file.
     """
-    key = f"{Path(setup.info['teacher_path']).name}-n{samples}-g{guidance:g}-s{seed}"
+    key = f"{Path(setup.info['teacher_path']).name}-n{samples}-g{guidance:g}-s{seed}-{VP_TIME_CONVENTION}"
     path = cache / "evalsets" / f"{key}.pt"
     evalset = make_eval_set(data, teacher, 1, guidance, seed, progress=False)  # classifier and real data
     if path.is_file():

@@ -9,7 +9,7 @@ def exact_eps(schedule: VPSchedule, mu: torch.Tensor, s: float):
     """``E[eps | x_t] = sqrt(1-a) (x - sqrt(a) mu) / (a s^2 + 1 - a)`` as a network(x, timestep, cond)."""
 
     def network(x, timestep, cond):
-        t = timestep / (schedule.num_train_timesteps - 1)
+        t = schedule.time(timestep)
         a = schedule.abar(t.to(torch.float64)).reshape(-1, *([1] * (x.ndim - 1))).to(x.dtype)
         return (1 - a).sqrt() * (x - a.sqrt() * mu) / (a * s**2 + 1 - a)
 

@@ -25,7 +25,7 @@ def test_student_equal_to_teacher_stepped_once_per_window_is_one_ddim_step_per_w
     eps_net = exact_eps(SCHEDULE, 0.3, 0.5)
 
     def network(x, timestep, cond):  # the same teacher, reporting in another output type
-        t = timestep / 999
+        t = SCHEDULE.time(timestep)
         return convert_output(eps_net(x, timestep, cond), x, SCHEDULE.abar(t), "epsilon", prediction_type)
 
     student = Denoiser(network, prediction_type, SCHEDULE)
@@ -34,7 +34,7 @@ def test_student_equal_to_teacher_stepped_once_per_window_is_one_ddim_step_per_w
     edges = TimeWindows(k).edges()
     for t_start, t_end in zip(edges[:-1], edges[1:]):  # the teacher's DDIM, window start -> window end
         t = t_start.expand(7)
-        x0, eps = to_x0_eps(eps_net(x, t * 999, None), x, SCHEDULE.abar(t), "epsilon")
+        x0, eps = to_x0_eps(eps_net(x, SCHEDULE.timestep(t), None), x, SCHEDULE.abar(t), "epsilon")
         x = ddim_step(x0, eps, SCHEDULE.abar(t_end.expand(7)))
     torch.testing.assert_close(sample(student, noise, TimeWindows(k), k), x, rtol=1e-10, atol=1e-10)
 

@@ -24,15 +24,35 @@ def test_from_scheduler_config_matches_sd15():
 
 
 def test_time_to_timestep_and_abar_at_integer_steps():
+    """``tau = t * T - 1`` (t = (tau + 1) / T), ``abar`` the table there; t in [0, 1 / T] is timestep 0."""
     s = VPSchedule.from_betas()
     tau = torch.arange(1000, dtype=torch.float64)
-    t = tau / 999
-    torch.testing.assert_close(s.timestep(t), tau)
+    t = (tau + 1) / 1000
+    torch.testing.assert_close(s.timestep(t), tau, rtol=0, atol=1e-12)
+    torch.testing.assert_close(s.time(tau), t, rtol=0, atol=0)
     torch.testing.assert_close(s.abar(t), s.alphas_cumprod, rtol=1e-12, atol=1e-12)
+    flat = torch.tensor([0.0, 0.0004, 0.001], dtype=torch.float64)
+    torch.testing.assert_close(s.timestep(flat), torch.zeros(3, dtype=torch.float64), rtol=0, atol=1e-15)
+    torch.testing.assert_close(s.abar(flat), s.alphas_cumprod[:1].expand(3), rtol=0, atol=1e-15)
     # halfway between two steps: the mean of the two
-    mid = s.abar(torch.tensor([(10.5) / 999], dtype=torch.float64))
+    mid = s.abar(torch.tensor([11.5 / 1000], dtype=torch.float64))
     torch.testing.assert_close(mid, (s.alphas_cumprod[10:11] + s.alphas_cumprod[11:12]) / 2)
     assert s.abar(torch.tensor([1.0])).dtype == torch.float32  # float32 at least, never half
+
+
+@pytest.mark.parametrize("windows", [1, 2, 4, 5, 8, 10])
+def test_window_edges_are_the_timesteps_of_diffusers_trailing_ddim(windows):
+    """At ``W`` dividing T the edges ``k / W`` are exactly the timesteps DDIMScheduler(trailing) visits, in
+    float32 as samplers compute them, and the last step's target ``t = 0`` is ``alphas_cumprod[0]``."""
+    from diffusers import DDIMScheduler
+
+    s = VPSchedule.from_betas()
+    ddim = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                         timestep_spacing="trailing", set_alpha_to_one=False)
+    ddim.set_timesteps(windows)
+    edges = torch.tensor([1 - k / windows for k in range(windows)], dtype=torch.float32)
+    assert s.timestep(edges).tolist() == ddim.timesteps.float().tolist()
+    assert s.abar(torch.tensor(0.0)).item() == pytest.approx(ddim.final_alpha_cumprod.item(), rel=1e-7)
 
 
 @pytest.mark.parametrize("source", ["epsilon", "sample", "v_prediction"])

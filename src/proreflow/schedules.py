@@ -1,10 +1,14 @@
 """Variance-preserving (VP) noise schedules and output conversions.
 
 ``x_t = sqrt(abar(t)) * x0 + sqrt(1 - abar(t)) * eps``. A VP teacher trained on
-``num_train_timesteps`` discrete steps sees the continuous time ``t`` in [0, 1] as the
-timestep ``tau = t * (num_train_timesteps - 1)`` (t = 1 noise, t = 0 data); ``abar`` at a
-fractional ``tau`` interpolates ``alphas_cumprod`` linearly. All schedule math runs in at
-least float32, whatever dtype the networks use.
+``T = num_train_timesteps`` discrete steps sees the continuous time ``t`` in [0, 1] (t = 1 noise,
+t = 0 data) as the timestep ``tau = max(t * T - 1, 0)``: diffusers' "trailing" grid, so the window
+edges ``k / W`` of any ``W`` dividing ``T`` are the integer timesteps diffusers' trailing DDIM
+visits (999, 749, 499, 249 at W = 4), and t = 0 is ``alphas_cumprod[0]``, where that DDIM's last
+step lands with ``set_alpha_to_one=False``. ``abar`` at a fractional ``tau`` interpolates
+``alphas_cumprod`` linearly; below ``t = 1 / T`` it stays ``alphas_cumprod[0]``. The convention was
+chosen by measurement (``docs/timestep-convention.md``). All schedule math runs in at least float32,
+whatever dtype the networks use.
 """
 
 from __future__ import annotations
@@ -14,6 +18,10 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
+
+VP_TIME_CONVENTION = "trailing"
+"""The name of the timestep convention (module doc), part of the keys of cached teacher work, so that
+caches made under the former ``tau = t * (T - 1)`` are not read as this convention's."""
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "velocity", "flow_velocity")
 DIFFUSION_PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -82,15 +90,19 @@ class VPSchedule:
         return self.alphas_cumprod.numel()
 
     def timestep(self, t: Tensor) -> Tensor:
-        """``tau = t * (T - 1)``: the discrete (possibly fractional) timestep the network sees."""
-        return torch.as_tensor(t) * (self.num_train_timesteps - 1)
+        """``tau = max(t * T - 1, 0)``: the (possibly fractional) timestep the network sees (module doc)."""
+        return (torch.as_tensor(t) * self.num_train_timesteps - 1).clamp(min=0)
+
+    def time(self, timestep: Tensor) -> Tensor:
+        """``t = (tau + 1) / T``: the time of a timestep, the inverse of :meth:`timestep` for tau >= 0."""
+        return (torch.as_tensor(timestep) + 1) / self.num_train_timesteps
 
     def abar(self, t: Tensor) -> Tensor:
-        """``alphas_cumprod`` at continuous t, linear between integer timesteps."""
+        """``alphas_cumprod`` at continuous t: at ``tau = timestep(t)``, linear between integer timesteps."""
         t = torch.as_tensor(t)
         dtype = compute_dtype(t)
         table = self.alphas_cumprod.to(device=t.device, dtype=torch.float64)
-        tau = (t.to(torch.float64) * (self.num_train_timesteps - 1)).clamp(0, self.num_train_timesteps - 1)
+        tau = self.timestep(t.to(torch.float64)).clamp(max=self.num_train_timesteps - 1)
         lo = tau.floor().long().clamp(max=self.num_train_timesteps - 2)
         frac = tau - lo
         return (table[lo] * (1 - frac) + table[lo + 1] * frac).to(dtype)

@@ -102,10 +102,11 @@ def dpmpp_2m_data(x0: Tensor, x0_prev: Tensor | None, h: Tensor, h_prev: Tensor 
 
         D = (1 + 1 / (2 r)) x0_i - 1 / (2 r) x0_{i-1},
 
-    ``h = lambda_{i+1} - lambda_i``; the first step (no history) uses ``D = x0_i`` (DDIM)."""
+    ``h = lambda_{i+1} - lambda_i``; the first step (no history), and a step after one of length 0
+    (both ends below t = 1 / T, where ``abar`` is flat: :mod:`proreflow.schedules`), use ``D = x0_i`` (DDIM)."""
     if x0_prev is None:
         return x0
-    c = bcast(h / (2 * h_prev), x0).to(x0.dtype)
+    c = bcast(torch.where(h_prev != 0, h / (2 * h_prev), torch.zeros_like(h)), x0).to(x0.dtype)
     return (1 + c) * x0 - c * x0_prev
 
 

@@ -1,8 +1,9 @@
 """Denoisers: a network with a declared output type, classifier-free guidance, and a velocity.
 
 A network is any callable ``network(x, timestep, cond) -> output``. ``Denoiser`` gives it the
-time convention (t in [0, 1], t = 1 noise; a VP network sees ``tau = t * (T - 1)``, a flow-matching
-network ``sigma(t) * T``, :mod:`proreflow.flow`), guidance
+time convention (t in [0, 1], t = 1 noise; a VP network sees ``tau = max(t * T - 1, 0)``,
+:meth:`~proreflow.schedules.VPSchedule.timestep`, a flow-matching network ``sigma(t) * T``,
+:mod:`proreflow.flow`), guidance
 and the conversion of its output to a velocity (:mod:`proreflow.parametrize`). Teachers and
 students are both Denoisers; a student keeps its teacher's prediction type.
 """
@@ -32,8 +33,8 @@ class Denoiser:
     prediction_type: "epsilon", "v_prediction", "sample" (VP diffusion, need ``schedule``) or
         "velocity" (dx/dt in the t convention above) or "flow_velocity" (a flow-matching network's
         dx/dsigma, needs a ``FlowSchedule``).
-    time_scale: the network sees ``t * time_scale`` (default ``T - 1`` for VP, 1 for velocity);
-        a flow network sees ``sigma(t) * time_scale`` (default ``T``).
+    time_scale: a flow network sees ``sigma(t) * time_scale`` (default ``T``), a network without a
+        schedule ``t * time_scale`` (default 1); a VP network sees ``schedule.timestep(t)``, no scale.
     dtype: dtype of the network's input (e.g. bf16); schedule math stays in float32.
     """
 
@@ -51,10 +52,13 @@ class Denoiser:
         if (self.prediction_type == FLOW_PREDICTION_TYPE) != isinstance(self.schedule, FlowSchedule):
             raise ValueError(f"a FlowSchedule goes with prediction_type {FLOW_PREDICTION_TYPE!r} and only with it "
                              f"(got {self.prediction_type!r} with {type(self.schedule).__name__})")
+        if isinstance(self.schedule, VPSchedule) and self.time_scale is not None:
+            raise ValueError("a VP denoiser's network sees schedule.timestep(t); time_scale is for flow-matching "
+                             "and schedule-less networks")
         if self.time_scale is None and isinstance(self.schedule, FlowSchedule):
             self.time_scale = float(self.schedule.num_train_timesteps)
-        if self.time_scale is None:
-            self.time_scale = (self.schedule.num_train_timesteps - 1) if self.schedule is not None else 1.0
+        if self.time_scale is None and self.schedule is None:
+            self.time_scale = 1.0
 
     def predict(self, x: Tensor, t: Tensor, cond: Cond = None, uncond: Cond = None,
                 guidance: float = 1.0) -> Tensor:
@@ -78,7 +82,10 @@ class Denoiser:
     def _call(self, x: Tensor, t: Tensor, cond: Cond) -> Tensor:
         dtype = self.dtype or x.dtype
         t = t.to(compute_dtype(x))
-        timestep = (self.schedule.sigma(t) if isinstance(self.schedule, FlowSchedule) else t) * self.time_scale
+        if isinstance(self.schedule, VPSchedule):
+            timestep = self.schedule.timestep(t)
+        else:
+            timestep = (self.schedule.sigma(t) if isinstance(self.schedule, FlowSchedule) else t) * self.time_scale
         out = self.network(x.to(dtype), timestep, cond)
         if out.shape != x.shape:
             raise ValueError(f"the network returned shape {tuple(out.shape)} for input {tuple(x.shape)}: "

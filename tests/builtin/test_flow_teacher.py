@@ -59,11 +59,11 @@ def test_flow_loss_is_its_formula_on_a_known_batch():
     expected = (network(x, 1000 * t, None) - (noise - x0)).pow(2).mean()
     loss = teacher_loss(network, FlowSchedule(), "flow_velocity", x0, noise, t)
     torch.testing.assert_close(loss, expected, rtol=1e-14, atol=0)
-    # and the DDPM loss is unchanged: ``mean (net(sqrt(a) x0 + sqrt(1 - a) eps, 999 t) - eps)^2``
+    # and the DDPM loss: ``mean (net(sqrt(a) x0 + sqrt(1 - a) eps, max(1000 t - 1, 0)) - eps)^2``
     vp = VPSchedule.from_betas("scaled_linear")
     a = vp.abar(t).reshape(-1, 1)
     x_vp = a.sqrt() * x0 + (1 - a).sqrt() * noise
-    expected_vp = (network(x_vp, 999 * t, None) - noise).pow(2).mean()
+    expected_vp = (network(x_vp, (1000 * t - 1).clamp(min=0), None) - noise).pow(2).mean()
     torch.testing.assert_close(teacher_loss(network, vp, "epsilon", x0, noise, t), expected_vp, rtol=1e-12, atol=0)
 
 

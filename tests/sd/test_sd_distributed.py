@@ -20,8 +20,8 @@ from proreflow.training import train
 
 WORKER = Path(__file__).with_name("dist_sd_worker.py")
 RECIPE = {"name": "tiny-dist", "checkpoint_every": 2, "log_every": 1, "seed": 3,
-          "defaults": {"batch_size": 4, "lr": 1e-3, "warmup_steps": 0, "guidance": 2.0, "ema_decay": 0.5,
-                       "solver_steps": 1, "cond_dropout": 0.25},
+          "defaults": {"batch_size": 4, "lr": 1e-3, "adam_epsilon": 1e-3, "warmup_steps": 0, "guidance": 2.0,
+                       "ema_decay": 0.5, "solver_steps": 1, "cond_dropout": 0.25},
           "stages": [{"windows": 2, "steps": 2}]}
 
 
@@ -33,19 +33,24 @@ def test_two_processes_match_one(sd15_dir, image_dir, tmp_path):
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
-    setup = build_sd_setup(teacher=str(sd15_dir), data=str(image_dir), cache_dir=str(tmp_path / "cache-one"),
+    # one process trains on the cache the two built (the rows of a cache one process builds differ by the
+    # encoders' rounding for another batch composition: compared below), so the runs differ by the
+    # all-reduce's rounding alone
+    setup = build_sd_setup(teacher=str(sd15_dir), data=str(image_dir), cache_dir=str(tmp_path / "cache-two"),
                            device="cpu")
     train(RECIPE, setup, tmp_path / "one", progress=False)
+    build_sd_setup(teacher=str(sd15_dir), data=str(image_dir), cache_dir=str(tmp_path / "cache-one"), device="cpu")
     a, b = load_file(str(tmp_path / "one/student.safetensors")), load_file(str(tmp_path / "two/student.safetensors"))
     start = setup.teacher_model.state_dict()
     assert a.keys() == b.keys()
-    # float32 UNet: the all-reduced mean of two half batches rounds differently from one batch of four, and
-    # Adam's first steps (m / sqrt(v), about sign(g)) blow that rounding up in the few elements whose gradient
-    # is nearly 0 (measured: 11 of 222k elements off by 3e-6 .. 5e-5, all others within 1e-6)
+    # float32 UNet: the all-reduced mean of two half batches rounds differently from one batch of four.
+    # Adam's first step m / (sqrt(v) + eps) is about sign(g) wherever |g| >> eps, which at the default
+    # eps 1e-8 blows that rounding up to a whole lr in elements whose gradient is nearly 0 (measured: 98
+    # elements off, up to 2.8e-4); adam_epsilon 1e-3 keeps the step linear in small gradients, so the gap
+    # is the rounding (measured: 6e-8 against an update of 1.7e-3)
     update = max((a[k] - start[k].float()).abs().max().item() for k in a)
     gap = max((a[k] - b[k]).abs().max().item() for k in a)
-    off = sum(int((a[k] - b[k]).abs().gt(1e-6).sum()) for k in a)
-    assert update > 1e-4 and gap < 0.1 * update and off < 1e-4 * sum(v.numel() for v in a.values())
+    assert update > 1e-4 and gap < 1e-3 * update
     one, two = (json.loads((tmp_path / run / "summary.json").read_text()) for run in ("one", "two"))
     assert one[0]["final_loss"] == pytest.approx(two[0]["final_loss"], rel=1e-5)
     builders = sorted((tmp_path / "two.cache-builders").read_text().split())

@@ -49,7 +49,7 @@ def test_timesteps_are_the_window_grid(sd15_dir):
     scheduler = ProReflowScheduler.from_config(load_teacher(sd15_dir).scheduler_config, num_windows=4)
     scheduler.set_timesteps(6)
     grid = TimeWindows(4).time_grid(6)
-    assert scheduler.timesteps.tolist() == pytest.approx([t * 999 for t, _, _ in grid], abs=1e-4)
+    assert scheduler.timesteps.tolist() == pytest.approx([max(t * 1000 - 1, 0) for t, _, _ in grid], abs=1e-4)
     assert scheduler.timesteps[0].item() == 999.0 and scheduler.init_noise_sigma == 1.0
     with pytest.raises(ValueError, match="cannot cover 4 windows"):
         scheduler.set_timesteps(3)
@@ -175,14 +175,14 @@ def test_step_output_shapes_and_tuple():
 def hand_written_loop(windows: int, steps: int, model, x):
     """The piecewise-straight Euler loop written out in float64 from the equations (no proreflow code):
     SD's scaled-linear table; grid: ``steps`` spread evenly over ``windows`` equal windows of t in
-    [1, 0]; at t the network sees the timestep ``t * (T - 1)`` (a float32 value, as pipelines pass
-    it), abar linear in it; eps -> x0 -> DDIM landing at the window end ``s``; Euler step
+    [1, 0]; at t the network sees the timestep ``max(t * T - 1, 0)`` (a float32 value, as pipelines
+    pass it), abar linear in it; eps -> x0 -> DDIM landing at the window end ``s``; Euler step
     ``x + (t_next - t) (x_s - x) / (s - t)``."""
     T = 1000
     table = torch.cumprod(1 - torch.linspace(0.00085**0.5, 0.012**0.5, T, dtype=torch.float64) ** 2, 0)
 
     def abar(t):
-        tau = t * (T - 1)
+        tau = max(t * T - 1, 0)
         lo = min(int(tau), T - 2)
         return table[lo] + (tau - lo) * (table[lo + 1] - table[lo])
 
@@ -192,7 +192,7 @@ def hand_written_loop(windows: int, steps: int, model, x):
         for j in range(n):
             t, t_next = start + (end - start) * j / n, start + (end - start) * (j + 1) / n
             a_t, a_s = abar(t), abar(end)
-            eps = model(x, torch.tensor(t * (T - 1), dtype=torch.float32).double())
+            eps = model(x, torch.tensor(max(t * T - 1, 0), dtype=torch.float32).double())
             x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
             x_s = a_s.sqrt() * x0 + (1 - a_s).sqrt() * eps
             x = x + (t_next - t) * (x_s - x) / (end - t)
@@ -223,7 +223,7 @@ def test_timesteps_are_on_the_grid_and_reach_every_window_edge():
         ts = scheduler.timesteps
         assert len(ts) == steps and ts[0].item() == 999.0 and bool((ts[1:] < ts[:-1]).all())
         assert ts.min().item() > 0  # the last step starts above t = 0
-        edges = {round(999 * e, 4) for e in (1.0, 0.75, 0.5, 0.25)}
+        edges = {round(1000 * e - 1, 4) for e in (1.0, 0.75, 0.5, 0.25)}
         assert edges <= {round(v, 4) for v in ts.tolist()}  # every window starts on the grid
 
 

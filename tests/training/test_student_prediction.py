@@ -27,7 +27,7 @@ class VelocityOf(nn.Module):
         self.eps_net, self.windows = eps_net, TimeWindows(windows)
 
     def forward(self, x, timestep, cond):
-        t = timestep.to(torch.float64) / (SCHEDULE.num_train_timesteps - 1)
+        t = SCHEDULE.time(timestep.to(torch.float64))
         end = self.windows.bounds(t)[1]
         return output_to_velocity(self.eps_net(x, timestep, cond), x, t, end, "epsilon", SCHEDULE)
 

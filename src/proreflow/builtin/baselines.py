@@ -1,7 +1,8 @@
 """Training-free baselines on the same teacher: diffusers' DPM-Solver++ (2M).
 
 The teacher is called through the same :class:`~proreflow.teachers.Denoiser` (same guidance,
-same time convention: diffusers' integer timestep ``tau`` is ``t = tau / (T - 1)``).
+same time convention: diffusers' integer timestep ``tau`` is ``t = (tau + 1) / T``,
+:meth:`~proreflow.schedules.VPSchedule.time`).
 """
 
 from __future__ import annotations
@@ -30,9 +31,8 @@ def dpm_solver_sample(teacher: Denoiser, noise: Tensor, steps: int, cond: Cond =
                                             solver_order=order, prediction_type=teacher.prediction_type)
     scheduler.set_timesteps(steps)
     x = noise.float() * scheduler.init_noise_sigma
-    last = teacher.schedule.num_train_timesteps - 1
     for tau in scheduler.timesteps:
-        t = torch.full((x.shape[0],), float(tau) / last, device=x.device)
+        t = teacher.schedule.time(torch.full((x.shape[0],), float(tau), device=x.device))
         out = teacher.predict(x, t, cond, uncond, guidance).float()
         x = scheduler.step(out, tau, x).prev_sample
     return x

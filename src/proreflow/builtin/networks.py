@@ -1,8 +1,8 @@
 """Small networks for the built-in datasets, described by JSON-able specs.
 
 Denoisers follow the network convention of :mod:`proreflow.teachers`: ``net(x, timestep, cond)``
-with ``timestep = t * (T - 1)`` (t = 1 noise, t = 0 data) and ``cond`` a batch of class labels
-(``num_classes`` is the null class of classifier-free guidance), or None.
+with ``timestep = max(t * T - 1, 0)`` (t = 1 noise, t = 0 data; :mod:`proreflow.schedules`) and
+``cond`` a batch of class labels (``num_classes`` is the null class of classifier-free guidance), or None.
 
 - :class:`MLPDenoiser`: residual MLP on flattened inputs (2D points, 8 x 8 digits).
 - :func:`small_unet`: the spec of a diffusers ``UNet2DModel`` with class embeddings (MNIST).

@@ -4,8 +4,9 @@
 (:func:`teacher_loss`).
 
 DDPM (``teacher: ddpm``, the default): training minimises ``E || net(x_t, tau, c) - eps ||^2`` with ``t ~ U(0, 1]``,
-``x_t = sqrt(abar(t)) x0 + sqrt(1 - abar(t)) eps`` and ``tau = t * (T - 1)``: the same
-continuous-time convention the samplers use (:mod:`proreflow.schedules`), on Stable
+``x_t = sqrt(abar(t)) x0 + sqrt(1 - abar(t)) eps`` and ``tau = max(t * T - 1, 0)``: the same
+continuous-time convention the samplers use (:mod:`proreflow.schedules`; teachers cached under the
+former ``tau = t * (T - 1)`` stay valid: the pairs ``(tau, abar[tau])`` they learned are the same), on Stable
 Diffusion's noise schedule (``scaled_linear``, betas 0.00085..0.012, T = 1000). Class labels
 are replaced by the null class with probability ``cond_dropout`` (10 %), so classifier-free
 guidance works. Image teachers may train with offset noise (Guttenberg 2023),

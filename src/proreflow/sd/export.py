@@ -5,10 +5,11 @@ encoders, its class: StableDiffusion / StableDiffusionXL) with the student's UNe
 own ``DDIMScheduler`` set to the student's sampler (:func:`~proreflow.sd.scheduler.trailing_ddim`),
 saved with ``save_pretrained``. It loads with ``StableDiffusionPipeline.from_pretrained(DIR)``
 (or the XL one) where proreflow is not installed; sample with ``num_inference_steps`` equal to
-the student's windows. That DDIM takes the student's steps on diffusers' integer timestep grid
-(``t * T - 1``) where :func:`proreflow.sample` uses ``t * (T - 1)`` with interpolated ``abar``;
-``tests/sd/test_sd_export.py`` measures the difference. The exact sampler, and more steps than
-windows, is an opt-in line: :data:`~proreflow.sd.scheduler.PROREFLOW_LINE`.
+the student's windows. That DDIM is :func:`proreflow.sample`'s sampler: the same timesteps
+(``t * T - 1``, :mod:`proreflow.schedules`) and schedule, so the images agree up to float rounding
+when the windows divide ``T`` (``tests/sd/test_sd_export.py`` checks it in a Python without
+proreflow). Other window counts, and more steps than windows, take the opt-in line
+:data:`~proreflow.sd.scheduler.PROREFLOW_LINE`.
 
 LoRA export (:func:`export_lora`): ``pytorch_lora_weights.safetensors`` (diffusers / peft keys)
 for ``pipe.load_lora_weights(DIR)`` on the base pipeline or a fine-tune of it, used with
@@ -94,8 +95,9 @@ def model_card(info: dict, metrics: list[dict] | None = None) -> str:
         "",
         f"The DDIM line is the student's sampler at `num_inference_steps={windows}` (one step per window); "
         + ("without it the base pipeline's own scheduler samples something else. " if lora else "")
-        + "It runs on diffusers' integer timesteps (`t * 1000 - 1`); proreflow's own sampler "
-          "(`t * 999`, interpolated schedule) is an opt-in that also takes more steps than windows:", "",
+        + "It is proreflow's own sampler when the windows divide the schedule's 1000 steps (the same "
+          "timesteps `t * 1000 - 1`); for other window counts, or more steps than windows, use proreflow's "
+          "scheduler:", "",
         "```python", "from proreflow.sd import ProReflowScheduler", PROREFLOW_LINE.format(windows=windows),
         "```",
         "",

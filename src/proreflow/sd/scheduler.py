@@ -2,8 +2,8 @@
 
 ``set_timesteps(n)`` lays the sampler grid ``TimeWindows(num_windows).time_grid(n)``: one
 ``(t, t_next, t_window_end)`` per step, t = 1 noise -> t = 0 data, ``n >= num_windows`` steps
-spread evenly over the windows. The pipeline feeds the UNet ``timesteps = t * (T - 1)`` (the
-VP timestep convention of :mod:`proreflow.schedules`, the same value a
+spread evenly over the windows. The pipeline feeds the UNet ``timesteps = max(t * T - 1, 0)``
+(the VP timestep convention of :mod:`proreflow.schedules`, the same value a
 :class:`proreflow.Denoiser` passes). ``step`` turns the UNet output into the velocity of the
 straight segment towards the window's end with :func:`proreflow.parametrize.output_to_velocity`
 and takes the Euler step ``x <- x + (t_next - t) * v``: the math of :func:`proreflow.sampling.sample`.
@@ -16,9 +16,10 @@ schedule. ``betas``, ``alphas`` and ``alphas_cumprod`` are float32 tensors, as i
 Stock alternative (:func:`trailing_ddim`, :data:`TRAILING_DDIM_LINE`): diffusers' own
 ``DDIMScheduler`` with trailing spacing, ``set_alpha_to_one=False`` and no clipping, at
 ``num_inference_steps == num_windows``, takes the student's steps from window edge to window
-edge on diffusers' integer grid (timesteps ``t * T - 1`` with table ``abar``) instead of ours
-(``t * (T - 1)``, interpolated ``abar``): the same sampler up to that convention. It is what
-exports carry, so that they load without proreflow.
+edge: the same timesteps (``k * T / W - 1``, integers when ``W`` divides ``T``) and the same
+``abar``, so the same sampler up to float rounding. It is what exports carry, so that they load
+without proreflow. For a ``W`` that does not divide ``T`` (3 windows: edge timesteps 665.67 and
+332.33 here, 666 and 332 there) or more steps than windows, it is not exact: use this scheduler.
 """
 
 from __future__ import annotations
@@ -140,8 +141,8 @@ class ProReflowScheduler(SchedulerMixin, ConfigMixin):
         return ProReflowSchedulerOutput(prev_sample=prev) if return_dict else (prev,)
 
     def add_noise(self, original_samples: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
-        """Forward noising ``sqrt(abar) x0 + sqrt(1 - abar) eps`` at ``t = timesteps / (T - 1)`` (img2img)."""
-        t = torch.as_tensor(timesteps, device=original_samples.device).float() / (self.schedule.num_train_timesteps - 1)
+        """Forward noising ``sqrt(abar) x0 + sqrt(1 - abar) eps`` at ``t = (timesteps + 1) / T`` (img2img)."""
+        t = self.schedule.time(torch.as_tensor(timesteps, device=original_samples.device).float())
         t = t.reshape(-1).expand(original_samples.shape[0])
         return self.schedule.add_noise(original_samples, noise, t).to(original_samples.dtype)
 

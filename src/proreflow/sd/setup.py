@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from ..conditioning import map_cond
+from ..schedules import VP_TIME_CONVENTION
 from ..training.runner import as_dtype, process_state
 from ..training.setup import DistillationSetup, ValidationSet
 from .captions import ImageCaptionDataset, PromptDataset, open_source, read_prompts
@@ -112,7 +113,8 @@ def build_sd_setup(teacher: str, data: str | list[str] | None = None, data_kind:
         items = PromptDataset(prompt_list, resolution)
         encode = partial(generate_items, sd, seed=seed, resolution=resolution, steps=prompt_steps,
                          guidance=prompt_guidance)
-        settings = {"prompts": str(prompts), "prompt_steps": prompt_steps, "prompt_guidance": prompt_guidance}
+        settings = {"prompts": str(prompts), "prompt_steps": prompt_steps, "prompt_guidance": prompt_guidance,
+                    "timesteps": VP_TIME_CONVENTION}  # the teacher's DDIM made the images
         files = [prompts]
     else:
         items = ImageCaptionDataset(source, resolution, center_crop, random_flip)

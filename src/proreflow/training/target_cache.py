@@ -43,7 +43,7 @@ from torch import Tensor
 
 from ..conditioning import Cond, map_cond, null_like
 from ..files import atomic_write, write_json
-from ..schedules import compute_dtype
+from ..schedules import VP_TIME_CONVENTION, compute_dtype
 from ..targets import ReflowBatch, teacher_trajectory
 from ..windows import TimeWindows
 from .batches import collate_items, trajectory_noise
@@ -55,7 +55,8 @@ log = logging.getLogger("proreflow.training")
 
 SHARD_SIZE = 256
 """Trajectories per shard file."""
-TRAJECTORY_FORMAT = 1
+TRAJECTORY_FORMAT = 2
+"""2: VP times follow :data:`~proreflow.schedules.VP_TIME_CONVENTION` (1: ``tau = t * (T - 1)``)."""
 BATCH_FIELDS = tuple(f.name for f in dataclasses.fields(ReflowBatch))
 
 
@@ -114,7 +115,7 @@ class TargetCache:
     recipe seed, the stage index, the batch layout and the stream position (:mod:`.batches`), so runs that
     differ in anything else (loss, learning rate, EMA, step count) share them: the teacher's solve, most of
     an original-teacher stage's cost, is paid once. Files: ``root/<key>/<step>-<micro>-<rank>.pt``, where
-    ``key`` hashes all of the above and the teacher's weights.
+    ``key`` hashes all of the above, the teacher's weights and the time convention.
     """
 
     def __init__(self, root: str | Path, ctx: StageContext):
@@ -122,9 +123,10 @@ class TargetCache:
         parts = (stage.windows, stage.solver, stage.solver_steps, stage.teacher_guidance(), stage.guidance_mode,
                  stage.cond_dropout, ctx.recipe.seed, ctx.index, stage.batch_size, stage.grad_accum, acc.num_processes,
                  ctx.recipe.mixed_precision, len(ctx.setup.dataset))
-        digest = hashlib.blake2b(digest_size=10)  # the teacher's bytes, then the parts: the keys of earlier
-        hash_teacher(digest, ctx)                  # versions, so their caches stay valid
+        digest = hashlib.blake2b(digest_size=10)  # the teacher's bytes, the parts, the time convention
+        hash_teacher(digest, ctx)
         digest.update(repr(parts).encode())
+        digest.update(VP_TIME_CONVENTION.encode())
         self.folder, self.rank = Path(root) / digest.hexdigest(), acc.process_index
 
     def batch(self, step: int, micro: int, make: Callable[[], ReflowBatch], counter: CountingNetwork,
