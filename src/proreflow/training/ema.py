@@ -29,6 +29,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .sharding import shard_like
+
 
 class EMA:
     """EMA copies of ``module``'s trainable parameters, keyed by parameter name."""
@@ -67,13 +69,14 @@ class EMA:
                 for key, value in module.state_dict().items()}
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        """Set the EMA values from :meth:`tensors` or :meth:`state_dict` (other keys are ignored)."""
+        """Set the EMA values from :meth:`tensors` or :meth:`state_dict` (other keys are ignored); full
+        tensors are cut into the shards of a student that FSDP2 shards (:mod:`.sharding`)."""
         missing = [name for name in self.shadow if name not in state]
         if missing:
             raise KeyError(f"EMA state lacks parameters {missing[:5]}: it was saved from another model")
         with torch.no_grad():
             for name, value in self.shadow.items():
-                value.copy_(state[name])
+                value.copy_(shard_like(state[name], value))
 
     @torch.no_grad()
     def copy_to(self, module: nn.Module) -> None:

@@ -40,6 +40,7 @@ from .ema import EMA
 from .optim import set_stage_hyperparameters
 from .recipes import Recipe, Stage
 from .setup import DistillationSetup
+from .sharding import is_sharded, local
 from .target_cache import BATCH_FIELDS, TargetCache, TrajectoryCache
 
 MAX_GRAD_NORM = float(torch.finfo(torch.float32).max) ** 0.5
@@ -291,9 +292,14 @@ def teacher_start_batch(ctx: StageContext, positions: range, x0: Tensor, cond: C
 
 def nonfinite_parameters(module: nn.Module) -> int:
     """How many trainable parameter tensors of ``module`` hold a NaN or infinite value: those whose
-    max-abs norm is not finite (one multi-tensor call and one host sync; a max cannot overflow)."""
+    max-abs norm is not finite (one multi-tensor call and one host sync; a max cannot overflow). Of a
+    module that FSDP2 shards, each process checks its shards and the flags are summed over processes,
+    so every process counts the same tensors of the full weights."""
     params = [p.detach() for p in module.parameters() if p.requires_grad]
     if not params:
         return 0
-    norms = torch.stack([n.float() for n in torch._foreach_norm(params, float("inf"))])
-    return int((~torch.isfinite(norms)).sum())
+    norms = torch.stack([n.float() for n in torch._foreach_norm([local(p) for p in params], float("inf"))])
+    bad = (~torch.isfinite(norms)).float()
+    if is_sharded(module):
+        torch.distributed.all_reduce(bad)
+    return int(bad.gt(0).sum())
