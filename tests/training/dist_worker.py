@@ -1,7 +1,8 @@
 """A tiny training run for test_distributed.py, launched with ``torchrun``: OUT RECIPE_JSON TEACHER [OPTION=VALUE ...]
 with options ``shard_size=N`` (trajectories per target-cache shard, for runs with teacher start points),
 ``shards=PATH`` (train on a ShardStream of them instead of SkippingMixture; test_streams.py), ``resume=NAME``
-(go on from that checkpoint of OUT) and ``fsdp_on_cpu=1`` (test_fsdp.py: see :func:`fsdp_on_cpu`)."""
+(go on from that checkpoint of OUT) and ``fsdp_on_cpu=1`` (test_fsdp.py: see :func:`fsdp_on_cpu`; each process
+also saves the network ``train`` returns as ``OUT.result-<rank>.st``)."""
 
 from __future__ import annotations
 
@@ -74,4 +75,9 @@ if __name__ == "__main__":
     setup = make_setup(pretrained=False)
     setup.teacher_model.load_state_dict(load_file(teacher))
     setup.dataset = ShardStream(options["shards"]) if "shards" in options else SkippingMixture()
-    train(recipe, setup, out, progress=False, resume=options.get("resume", False))
+    result = train(recipe, setup, out, progress=False, resume=options.get("resume", False))
+    if options.get("fsdp_on_cpu"):  # the returned network, as each process has it
+        from safetensors.torch import save_file
+
+        rank = torch.distributed.get_rank()
+        save_file({k: v.cpu().contiguous() for k, v in result.module.state_dict().items()}, f"{out}.result-{rank}.st")

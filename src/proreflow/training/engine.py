@@ -52,7 +52,7 @@ from .runner import (
     unsharded_student,
 )
 from .setup import DistillationSetup
-from .sharding import full_optimizer_state, full_tensors, is_sharded, sharded_optimizer_state
+from .sharding import full_optimizer_state, full_tensors, is_sharded, reshard, sharded_optimizer_state
 from .stage import NonFiniteLossError, check_setup_fits
 from .streams import check_dataset
 from .validation import Validation, ema_weights, grid_image, validation_samples, write_validation
@@ -401,11 +401,14 @@ class _Run:
     def _validate(self, index: int, global_step: int, ema: EMA | None) -> None:
         """Validation samples and grid of the student (its EMA weights, or its weights when ``ema`` is None)."""
         acc, stage = self.acc, self.recipe.stages[index]
-        if acc.is_main_process or is_sharded(self.module):  # a sharded student's forward needs every process
+        sharded = is_sharded(self.module)
+        if acc.is_main_process or sharded:  # a sharded student's forward needs every process
             guidance = stage.guidance if stage.guidance_mode == "cfg_sync" else 1.0
             with ema_weights(self.module, ema) if ema is not None else contextlib.nullcontext():
                 samples = validation_samples(self.setup, self.module, self.validation, stage.windows, guidance,
                                              self.trainee.uncond, acc.device, acc.autocast, self.student_type)
+            if sharded:
+                reshard(self.module)
         if acc.is_main_process:
             grid = grid_image(samples, self.validation.labels, self.setup.decode)
             folder = self.out / "validation" / stage_dir(self.out, index, stage.windows).name

@@ -75,6 +75,16 @@ def sharded_optimizer_state(state: dict[str, Any], optimizer: torch.optim.Optimi
                                for index, values in state["state"].items()}}
 
 
+def reshard(module: nn.Module) -> None:
+    """Put the parameters of FSDP2 units in ``module`` back into shards: forward passes without a backward
+    (sampling) leave the root unit's gathered, and the module would list full tensors as its parameters."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for unit in module.modules():
+        if isinstance(unit, FSDPModule):
+            unit.reshard()
+
+
 def local(tensor: Tensor) -> Tensor:
     """This process's part of ``tensor``: a DTensor's local shard, any other tensor itself."""
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
