@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -102,3 +103,33 @@ def test_fsdp2_checkpoints_resume_under_fsdp_and_without_it(tmp_path):
     _one_process(tmp_path / "unsharded", resume="9")
     _one_process(tmp_path / "one")
     _assert_same(tmp_path / "one", tmp_path / "unsharded", atol=1e-9)
+
+
+def test_fsdp_asked_for_on_cpu_trains_as_without_it_and_says_so(tmp_path, monkeypatch):
+    """``accelerate launch --use_fsdp`` on a machine without GPUs: accelerate trains unsharded; the run says so."""
+    recipe = tiny_recipe(stages=[{"windows": 4, "steps": 3}])
+    plain = train(recipe, make_setup(), tmp_path / "plain", progress=False)
+    monkeypatch.delenv("FSDP_CPU_RAM_EFFICIENT_LOADING", raising=False)  # the plugin writes it: undone after
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    asked = train(recipe, make_setup(), tmp_path / "asked", progress=False)
+    for key, value in plain.module.state_dict().items():
+        torch.testing.assert_close(asked.module.state_dict()[key], value, rtol=0, atol=0)
+    log = (tmp_path / "asked/train.log").read_text()
+    assert "ACCELERATE_USE_FSDP is set, but accelerate shards only over several GPUs" in log
+    assert "ACCELERATE_USE_FSDP" not in (tmp_path / "plain/train.log").read_text()
+
+
+def test_fsdp_settings_the_engine_cannot_train_with_name_the_fix():
+    from accelerate.utils import DistributedType
+
+    from proreflow.training.runner import check_sharding
+
+    fsdp1 = SimpleNamespace(distributed_type=DistributedType.FSDP, is_fsdp2=False)
+    with pytest.raises(ValueError, match=r"FSDP version 1 is not supported: set fsdp_version: 2"):
+        check_sharding(fsdp1, shared=False)
+    fsdp2 = SimpleNamespace(distributed_type=DistributedType.FSDP, is_fsdp2=True)
+    with pytest.raises(ValueError, match="train it without FSDP"):
+        check_sharding(fsdp2, shared=True)  # a LoRA student on the teacher's own network
+    check_sharding(fsdp2, shared=False)
+    check_sharding(SimpleNamespace(distributed_type=DistributedType.MULTI_GPU, is_fsdp2=False), shared=True)

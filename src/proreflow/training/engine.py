@@ -46,6 +46,7 @@ from .runner import (
     StageRunner,
     Trainee,
     check_environment,
+    fsdp_left_unused,
     limit_dataset,
     make_accelerator,
     set_tf32,
@@ -256,6 +257,10 @@ class _Run:
         check_dataset(self.setup.dataset)
         check_setup_fits(recipe, self.setup, acc.num_processes)
         self.reporter.open(recipe.name, recipe.to_dict(), recipe.report_to)
+        if fsdp_left_unused(acc):
+            self.reporter.say(f"ACCELERATE_USE_FSDP is set, but accelerate shards only over several GPUs: this run "
+                              f"({acc.num_processes} process(es) on {acc.device.type}) keeps a full student on each "
+                              "process (docs/multi-gpu.md)", warning=True)
         self.validation = (Validation.for_run(recipe, limit_dataset(self.setup, recipe.max_train_samples))
                            if recipe.validation_every else None)
         if found is not None and isinstance(resume, str) and resume != "latest":

@@ -158,6 +158,18 @@ def check_sharding(accelerator, shared: bool) -> None:
                          "own network (one network in memory), which needs no sharding: train it without FSDP")
 
 
+def fsdp_left_unused(accelerator) -> bool:
+    """Whether accelerate's FSDP plugin was asked for (``ACCELERATE_USE_FSDP``, as ``accelerate launch
+    --use_fsdp`` sets it) but the run does not shard: accelerate turns FSDP on only for several processes on
+    GPUs (or other accelerators), and otherwise trains a full copy on each process without a word."""
+    import os
+
+    from accelerate.utils import DistributedType
+
+    asked = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes")
+    return asked and accelerator.distributed_type != DistributedType.FSDP
+
+
 def unsharded_student(setup: DistillationSetup, recipe: Recipe, weights: dict[str, Tensor]) -> nn.Module:
     """A new student network (:func:`~proreflow.training.checkpoint.student_module`) holding the full
     ``weights`` in their dtypes: never sharded, whatever FSDP does to the trained one."""
