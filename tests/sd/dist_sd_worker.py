@@ -1,11 +1,13 @@
 """A tiny Stable Diffusion training run for test_sd_distributed.py, launched with ``torchrun``:
-OUT RECIPE_JSON TEACHER_DIR IMAGE_DIR CACHE_DIR. Each process that encodes part of the latent cache
-appends its rank to OUT.cache-builders."""
+OUT RECIPE_JSON TEACHER_DIR IMAGE_DIR CACHE_DIR [fsdp_on_cpu]. Each process that encodes part of the latent
+cache appends its rank to OUT.cache-builders; ``fsdp_on_cpu`` lets accelerate's FSDP plugin shard the UNet on
+CPU (``tests/fsdp_on_cpu.py``)."""
 
 from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import torch
 
@@ -16,6 +18,11 @@ from proreflow.training import train
 if __name__ == "__main__":
     torch.set_num_threads(1)
     out, recipe, teacher, images, cache = sys.argv[1:6]
+    if "fsdp_on_cpu" in sys.argv[6:]:
+        sys.path.insert(0, str(Path(__file__).parents[1]))
+        from fsdp_on_cpu import lift_cpu_gate
+
+        lift_cpu_gate(out)
     encode_part = latent_cache.encode_part
 
     def recording_encode_part(*args, **kwargs):
