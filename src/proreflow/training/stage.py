@@ -203,6 +203,7 @@ def train_step(ctx: StageContext, batches: Iterator[tuple[Tensor, Cond, list[str
     # skipped data items
     sums = torch.zeros(7, dtype=torch.float64)
     skipped: list[str] = []
+    sharded = is_sharded(ctx.module)
     for micro in range(stage.grad_accum):
         x0, cond, names = next(batches)
         skipped += names
@@ -218,8 +219,10 @@ def train_step(ctx: StageContext, batches: Iterator[tuple[Tensor, Cond, list[str
         uncond = null_like(cond, ctx.uncond, ctx.setup.keep_on_dropout)  # each sample's null condition
         if stage.cond_dropout > 0:
             cond = select_cond(keep, cond, uncond)
-        last = micro == stage.grad_accum - 1
-        with contextlib.nullcontext() if last else acc.no_sync(ctx.student):
+        # gradients sync at the last micro-batch; FSDP2 reduce-scatters every one: unsynced, it would hold the
+        # full gradients between micro-batches, which sharding is there to avoid
+        sync = micro == stage.grad_accum - 1 or sharded
+        with contextlib.nullcontext() if sync else acc.no_sync(ctx.student):
             def make(x0=x0, noise=noise, cond=cond, uncond=uncond, t=t):
                 return make_reflow_batch(x0, noise, windows, ctx.teacher, ctx.setup.schedule, cond, uncond, t=t)
 
