@@ -35,19 +35,7 @@ def test_two_processes_match_one(sd15_dir, image_dir, tmp_path):
 
     setup = build_sd_setup(teacher=str(sd15_dir), data=str(image_dir), cache_dir=str(tmp_path / "cache-one"),
                            device="cpu")
-    train(RECIPE, setup, tmp_path / "one", progress=False)
-    a, b = load_file(str(tmp_path / "one/student.safetensors")), load_file(str(tmp_path / "two/student.safetensors"))
-    start = setup.teacher_model.state_dict()
-    assert a.keys() == b.keys()
-    # float32 UNet: the all-reduced mean of two half batches rounds differently from one batch of four, and
-    # Adam's first steps (m / sqrt(v), about sign(g)) blow that rounding up in the few elements whose gradient
-    # is nearly 0 (measured: 11 of 222k elements off by 3e-6 .. 5e-5, all others within 1e-6)
-    update = max((a[k] - start[k].float()).abs().max().item() for k in a)
-    gap = max((a[k] - b[k]).abs().max().item() for k in a)
-    off = sum(int((a[k] - b[k]).abs().gt(1e-6).sum()) for k in a)
-    assert update > 1e-4 and gap < 0.1 * update and off < 1e-4 * sum(v.numel() for v in a.values())
-    one, two = (json.loads((tmp_path / run / "summary.json").read_text()) for run in ("one", "two"))
-    assert one[0]["final_loss"] == pytest.approx(two[0]["final_loss"], rel=1e-5)
+    one, two = _one_process_and_compare(setup, tmp_path)
     builders = sorted((tmp_path / "two.cache-builders").read_text().split())
     assert builders == ["0", "1"]  # each process encoded its part
     cache_one, cache_two = LatentCacheDataset(tmp_path / "cache-one"), LatentCacheDataset(tmp_path / "cache-two")
@@ -92,15 +80,24 @@ def test_fsdp2_shards_the_unet_by_its_blocks_and_matches_one_process(sd15_dir, i
         assert record["numel"] == numel and 0 < record["local_numel"] < numel
     assert sum(r["local_numel"] for r in records) == numel
 
+    _one_process_and_compare(setup, tmp_path)
+
+
+def _one_process_and_compare(setup, tmp_path: Path) -> tuple[list, list]:
+    """Train RECIPE on one process into ``tmp_path / "one"``; assert that ``tmp_path / "two"`` (2 processes)
+    trained the same weights and loss; the summaries of both runs.
+
+    float32 UNet: the reduced mean of two half batches rounds differently from one batch of four, and Adam's
+    first steps (m / sqrt(v), about sign(g)) blow that rounding up in the few elements whose gradient is nearly
+    0 (measured: 11 of 222k elements off by 3e-6 .. 5e-5, all others within 1e-6)."""
     train(RECIPE, setup, tmp_path / "one", progress=False)
     a, b = load_file(str(tmp_path / "one/student.safetensors")), load_file(str(tmp_path / "two/student.safetensors"))
     start = setup.teacher_model.state_dict()
     assert a.keys() == b.keys()
-    # as in test_two_processes_match_one: float32 rounding of the gradient reduction, blown up by Adam's first
-    # steps in the few elements whose gradient is nearly 0
     update = max((a[k] - start[k].float()).abs().max().item() for k in a)
     gap = max((a[k] - b[k]).abs().max().item() for k in a)
     off = sum(int((a[k] - b[k]).abs().gt(1e-6).sum()) for k in a)
     assert update > 1e-4 and gap < 0.1 * update and off < 1e-4 * sum(v.numel() for v in a.values())
     one, two = (json.loads((tmp_path / run / "summary.json").read_text()) for run in ("one", "two"))
     assert one[0]["final_loss"] == pytest.approx(two[0]["final_loss"], rel=1e-5)
+    return one, two

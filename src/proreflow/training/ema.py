@@ -16,7 +16,8 @@ Only the parameters trainable when the EMA is made (``requires_grad=True``) are 
 held: a LoRA student's EMA is the size of its LoRA layers, not of the frozen base UNet. Frozen
 parameters never change, so their average is the student's own value: :meth:`EMA.state_dict`
 takes them (and buffers, e.g. normalisation statistics) from the module, giving the full EMA
-student; :meth:`EMA.tensors` is the averages alone (what a mid-stage checkpoint stores).
+student; :meth:`EMA.tensors` is the averages alone (what a mid-stage checkpoint stores). Of a
+student that FSDP2 shards, each average is a shard like its parameter (:mod:`.sharding` gathers them).
 
 Kept beside diffusers' ``EMAModel`` (same warm-up) because this one is keyed by parameter name
 (checkpoints, LoRA students, tied weights) and takes the step number from the caller instead of

@@ -3,8 +3,10 @@
 Stage 1's student starts from the teacher's weights (or ``setup.make_student()`` with
 ``from_scratch``); each later stage starts from the previous stage's EMA weights, with a fresh
 optimiser and EMA. Devices, processes and mixed precision come from ``accelerate``: the same
-call runs on CPU, one GPU or many (``accelerate launch`` / ``torchrun``), where the global
-batch of a step, its randomness and hence the result do not depend on the process count.
+call runs on CPU, one GPU or many (``accelerate launch`` / ``torchrun``), with a full student per
+GPU (DDP) or sharded by accelerate's FSDP2 plugin (files are full tensors either way:
+:mod:`.sharding`, docs/multi-gpu.md), where the global batch of a step, its randomness and hence
+the result do not depend on the process count.
 The optimiser steps of each stage are those of :class:`~proreflow.training.runner.StageRunner`;
 this module adds what a run keeps on disk.
 """

@@ -183,7 +183,8 @@ class Trainee:
     """What the stages of a run share: the student and its optimiser, the original teacher.
 
     module: the unwrapped student (float32 master weights), whose parameters the optimiser and
-        the EMA follow. student: the same network as prepared by accelerate (DDP / autocast).
+        the EMA follow (DTensor shards under FSDP2). student: the same network as prepared by
+        accelerate (DDP / FSDP2 / autocast).
     original: the original teacher network, frozen, on the device, in ``weight_dtype``.
     uncond: ``setup.uncond`` on the device.
     """
