@@ -1,7 +1,7 @@
 """A tiny Stable Diffusion training run for test_sd_distributed.py, launched with ``torchrun``:
-OUT RECIPE_JSON TEACHER_DIR IMAGE_DIR CACHE_DIR [fsdp_on_cpu]. Each process that encodes part of the latent
-cache appends its rank to OUT.cache-builders; ``fsdp_on_cpu`` lets accelerate's FSDP plugin shard the UNet on
-CPU (``tests/fsdp_on_cpu.py``)."""
+OUT RECIPE_JSON TEACHER_DIR IMAGE_DIR CACHE_DIR [fsdp_on_cpu] [sd3]. Each process that encodes part of the
+latent cache appends its rank to OUT.cache-builders; ``fsdp_on_cpu`` lets accelerate's FSDP plugin shard the
+student on CPU (``tests/fsdp_on_cpu.py``); ``sd3`` trains the SD3 setup of an SD3 pipeline instead."""
 
 from __future__ import annotations
 
@@ -31,5 +31,10 @@ if __name__ == "__main__":
         return encode_part(*args, **kwargs)
 
     latent_cache.encode_part = recording_encode_part  # the one cache encoder, called by build_latent_cache
-    setup = sd_setup.build_sd_setup(teacher=teacher, data=images, cache_dir=cache)
+    if "sd3" in sys.argv[6:]:
+        from proreflow.sd3.setup import build_sd3_setup
+
+        setup = build_sd3_setup(teacher=teacher, data=images, cache_dir=cache)
+    else:
+        setup = sd_setup.build_sd_setup(teacher=teacher, data=images, cache_dir=cache)
     train(json.loads(recipe), setup, out, progress=False)
