@@ -12,8 +12,9 @@ so the files of an FSDP run are those of a single-process run (full tensors, the
 passes through unchanged, so under DDP or on one process these are identities.
 
 Kept as our own instead of ``torch.distributed.checkpoint.state_dict`` because that API covers a
-module and its optimiser only: the EMA is a plain dict of DTensors, and its optimiser state is keyed
-by parameter name, not by the order the checkpoints of non-FSDP runs use.
+module and its optimiser only (the EMA is a plain dict of DTensors), and its optimiser state is keyed
+by parameter name, where the checkpoints of non-FSDP runs hold ``Optimizer.state_dict()``, keyed by
+parameter order.
 """
 
 from __future__ import annotations
