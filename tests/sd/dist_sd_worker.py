@@ -1,11 +1,13 @@
 """A tiny Stable Diffusion training run for test_sd_distributed.py, launched with ``torchrun``:
-OUT RECIPE_JSON TEACHER_DIR IMAGE_DIR CACHE_DIR. Each process that encodes part of the latent cache
-appends its rank to OUT.cache-builders."""
+OUT RECIPE_JSON TEACHER_DIR IMAGE_DIR CACHE_DIR [fsdp_on_cpu] [sd3]. Each process that encodes part of the
+latent cache appends its rank to OUT.cache-builders; ``fsdp_on_cpu`` lets accelerate's FSDP plugin shard the
+student on CPU (``tests/fsdp_on_cpu.py``); ``sd3`` trains the SD3 setup of an SD3 pipeline instead."""
 
 from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import torch
 
@@ -16,6 +18,11 @@ from proreflow.training import train
 if __name__ == "__main__":
     torch.set_num_threads(1)
     out, recipe, teacher, images, cache = sys.argv[1:6]
+    if "fsdp_on_cpu" in sys.argv[6:]:
+        sys.path.insert(0, str(Path(__file__).parents[1]))
+        from fsdp_on_cpu import lift_cpu_gate
+
+        lift_cpu_gate(out)
     encode_part = latent_cache.encode_part
 
     def recording_encode_part(*args, **kwargs):
@@ -24,5 +31,10 @@ if __name__ == "__main__":
         return encode_part(*args, **kwargs)
 
     latent_cache.encode_part = recording_encode_part  # the one cache encoder, called by build_latent_cache
-    setup = sd_setup.build_sd_setup(teacher=teacher, data=images, cache_dir=cache)
+    if "sd3" in sys.argv[6:]:
+        from proreflow.sd3.setup import build_sd3_setup
+
+        setup = build_sd3_setup(teacher=teacher, data=images, cache_dir=cache)
+    else:
+        setup = sd_setup.build_sd_setup(teacher=teacher, data=images, cache_dir=cache)
     train(json.loads(recipe), setup, out, progress=False)

@@ -43,3 +43,21 @@ def test_sd15_config_trains_through_the_cli(sd15_dir, image_dir, tmp_path):
     assert main(["export", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "export")]) == 0
     info = json.loads((tmp_path / "export" / "proreflow.json").read_text())
     assert info["num_windows"] == 2 and info["guidance"] == 4.0  # cfg_sync: sampled with the config's guidance
+
+
+@pytest.mark.parametrize("pipe", ["sd15_dir", "sdxl_dir"])
+def test_the_accelerate_fsdp_config_names_blocks_of_the_unet(pipe, request):
+    """configs/accelerate/fsdp-unet.yaml: an FSDP2 config of accelerate whose wrap classes accelerate finds in
+    the UNet (its ``get_module_class_from_name``, as its auto-wrap policy looks them up)."""
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.utils.dataclasses import get_module_class_from_name
+    from diffusers import UNet2DConditionModel
+
+    config = load_config_from_file(str(CONFIGS / "accelerate" / "fsdp-unet.yaml"))
+    assert config.distributed_type == "FSDP" and config.fsdp_config["fsdp_version"] == 2
+    assert config.fsdp_config["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+    unet = UNet2DConditionModel.from_pretrained(request.getfixturevalue(pipe), subfolder="unet")
+    names = config.fsdp_config["fsdp_transformer_layer_cls_to_wrap"].split(",")
+    assert names == ["BasicTransformerBlock", "ResnetBlock2D"]
+    for name in names:
+        assert get_module_class_from_name(unet, name) is not None

@@ -35,3 +35,18 @@ def test_config_trains_through_the_cli(sd3_dir, image_dir, tmp_path):
     assert main(["train", "--config", str(CONFIG), "--out", str(tmp_path / "run"), "--no-progress", *overrides]) == 0
     info = json.loads((tmp_path / "run" / "student.json").read_text())
     assert info["prediction_type"] == "flow_velocity" and "unshifted" in json.dumps(info)
+
+
+def test_the_accelerate_fsdp_config_names_the_blocks_of_the_transformer():
+    """configs/accelerate/fsdp-sd3.yaml: an FSDP2 config of accelerate whose wrap class accelerate finds in the
+    SD3 transformer (its ``get_module_class_from_name``, as its auto-wrap policy looks it up)."""
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.utils.dataclasses import get_module_class_from_name
+
+    from .tiny import transformer
+
+    config = load_config_from_file(str(CONFIG.parent / "accelerate" / "fsdp-sd3.yaml"))
+    assert config.distributed_type == "FSDP" and config.fsdp_config["fsdp_version"] == 2
+    assert config.fsdp_config["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+    assert config.fsdp_config["fsdp_transformer_layer_cls_to_wrap"] == "JointTransformerBlock"
+    assert get_module_class_from_name(transformer(), "JointTransformerBlock") is not None

@@ -1,6 +1,8 @@
 """A tiny training run for test_distributed.py, launched with ``torchrun``: OUT RECIPE_JSON TEACHER [OPTION=VALUE ...]
-with options ``shard_size=N`` (trajectories per target-cache shard, for runs with teacher start points) and
-``shards=PATH`` (train on a ShardStream of them instead of SkippingMixture; test_streams.py)."""
+with options ``shard_size=N`` (trajectories per target-cache shard, for runs with teacher start points),
+``shards=PATH`` (train on a ShardStream of them instead of SkippingMixture; test_streams.py), ``resume=NAME``
+(go on from that checkpoint of OUT) and ``fsdp_on_cpu=1`` (test_fsdp.py: ``tests/fsdp_on_cpu.py``; each process
+also saves the network ``train`` returns as ``OUT.result-<rank>.st``)."""
 
 from __future__ import annotations
 
@@ -11,9 +13,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[1]))
 
 from engine_toys import SkippingMixture, make_setup  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
+from fsdp_on_cpu import lift_cpu_gate  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
 
 from proreflow.training import target_cache, train  # noqa: E402
 from proreflow.training.streams import ShardStream  # noqa: E402
@@ -24,7 +28,12 @@ if __name__ == "__main__":
     options = dict(arg.split("=", 1) for arg in sys.argv[4:])
     if "shard_size" in options:
         target_cache.SHARD_SIZE = int(options["shard_size"])
+    if options.get("fsdp_on_cpu"):
+        lift_cpu_gate(out)
     setup = make_setup(pretrained=False)
     setup.teacher_model.load_state_dict(load_file(teacher))
     setup.dataset = ShardStream(options["shards"]) if "shards" in options else SkippingMixture()
-    train(recipe, setup, out, progress=False)
+    result = train(recipe, setup, out, progress=False, resume=options.get("resume", False))
+    if options.get("fsdp_on_cpu"):  # the returned network, as each process has it
+        rank = torch.distributed.get_rank()
+        save_file({k: v.cpu().contiguous() for k, v in result.module.state_dict().items()}, f"{out}.result-{rank}.st")

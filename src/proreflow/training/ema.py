@@ -16,7 +16,8 @@ Only the parameters trainable when the EMA is made (``requires_grad=True``) are 
 held: a LoRA student's EMA is the size of its LoRA layers, not of the frozen base UNet. Frozen
 parameters never change, so their average is the student's own value: :meth:`EMA.state_dict`
 takes them (and buffers, e.g. normalisation statistics) from the module, giving the full EMA
-student; :meth:`EMA.tensors` is the averages alone (what a mid-stage checkpoint stores).
+student; :meth:`EMA.tensors` is the averages alone (what a mid-stage checkpoint stores). Of a
+student that FSDP2 shards, each average is a shard like its parameter (:mod:`.sharding` gathers them).
 
 Kept beside diffusers' ``EMAModel`` (same warm-up) because this one is keyed by parameter name
 (checkpoints, LoRA students, tied weights) and takes the step number from the caller instead of
@@ -28,6 +29,8 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+
+from .sharding import shard_like
 
 
 class EMA:
@@ -67,13 +70,14 @@ class EMA:
                 for key, value in module.state_dict().items()}
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        """Set the EMA values from :meth:`tensors` or :meth:`state_dict` (other keys are ignored)."""
+        """Set the EMA values from :meth:`tensors` or :meth:`state_dict` (other keys are ignored); full
+        tensors are cut into the shards of a student that FSDP2 shards (:mod:`.sharding`)."""
         missing = [name for name in self.shadow if name not in state]
         if missing:
             raise KeyError(f"EMA state lacks parameters {missing[:5]}: it was saved from another model")
         with torch.no_grad():
             for name, value in self.shadow.items():
-                value.copy_(state[name])
+                value.copy_(shard_like(state[name], value))
 
     @torch.no_grad()
     def copy_to(self, module: nn.Module) -> None:

@@ -3,8 +3,10 @@
 Stage 1's student starts from the teacher's weights (or ``setup.make_student()`` with
 ``from_scratch``); each later stage starts from the previous stage's EMA weights, with a fresh
 optimiser and EMA. Devices, processes and mixed precision come from ``accelerate``: the same
-call runs on CPU, one GPU or many (``accelerate launch`` / ``torchrun``), where the global
-batch of a step, its randomness and hence the result do not depend on the process count.
+call runs on CPU, one GPU or many (``accelerate launch`` / ``torchrun``), with a full student per
+GPU (DDP) or sharded by accelerate's FSDP2 plugin (files are full tensors either way:
+:mod:`.sharding`, docs/multi-gpu.md), where the global batch of a step, its randomness and hence
+the result do not depend on the process count.
 The optimiser steps of each stage are those of :class:`~proreflow.training.runner.StageRunner`;
 this module adds what a run keeps on disk.
 """
@@ -42,8 +44,18 @@ from .checkpoint import (
 from .ema import EMA
 from .recipes import Recipe, load_recipe
 from .report import Reporter, StageCounters, StageSummary, final_loss
-from .runner import StageRunner, Trainee, check_environment, limit_dataset, make_accelerator, set_tf32
+from .runner import (
+    StageRunner,
+    Trainee,
+    check_environment,
+    fsdp_left_unused,
+    limit_dataset,
+    make_accelerator,
+    set_tf32,
+    unsharded_student,
+)
 from .setup import DistillationSetup
+from .sharding import full_optimizer_state, full_tensors, is_sharded, reshard, sharded_optimizer_state
 from .stage import NonFiniteLossError, check_setup_fits
 from .streams import check_dataset
 from .validation import Validation, ema_weights, grid_image, validation_samples, write_validation
@@ -247,6 +259,10 @@ class _Run:
         check_dataset(self.setup.dataset)
         check_setup_fits(recipe, self.setup, acc.num_processes)
         self.reporter.open(recipe.name, recipe.to_dict(), recipe.report_to)
+        if fsdp_left_unused(acc):
+            self.reporter.say(f"ACCELERATE_USE_FSDP is set, but accelerate shards only over several GPUs: this run "
+                              f"({acc.num_processes} process(es) on {acc.device.type}) keeps a full student on each "
+                              "process (docs/multi-gpu.md)", warning=True)
         self.validation = (Validation.for_run(recipe, limit_dataset(self.setup, recipe.max_train_samples))
                            if recipe.validation_every else None)
         if found is not None and isinstance(resume, str) and resume != "latest":
@@ -285,6 +301,8 @@ class _Run:
             self._run_stage(index, state, resumed, saved if resumed else None)
         acc.wait_for_everyone()
         module = acc.unwrap_model(self.trainee.student, keep_fp32_wrapper=False).eval()
+        if is_sharded(module):  # the result is a plain network with the full weights, on every process
+            module = unsharded_student(self.setup, recipe, full_tensors(module.state_dict())).to(acc.device).eval()
         return TrainResult(self.setup.denoiser(module, prediction_type=self.student_type), module,
                            TimeWindows(recipe.final_windows),
                            recipe.sample_guidance, state.completed, state.history, self.out)
@@ -304,7 +322,8 @@ class _Run:
                              start_step=state.step, counters=state.counters)
         if checkpoint is not None:
             runner.ema.load_state_dict(load_weights(checkpoint / "ema.safetensors"))
-            self.trainee.optimizer.load_state_dict(saved["optimizer"])
+            optimizer = self.trainee.optimizer
+            optimizer.load_state_dict(sharded_optimizer_state(saved["optimizer"], optimizer))
         first_global = state.global_step - state.step + 1
         self.reporter.start_stage(index, len(recipe.stages), stage, state.step)
         with runner:
@@ -322,9 +341,14 @@ class _Run:
                 if recipe.validation_every and state.step % recipe.validation_every == 0 and state.step < stage.steps:
                     self._validate(index, state.global_step, runner.ema)  # before the checkpoint that follows it
                 if recipe.checkpoint_every and state.step % recipe.checkpoint_every == 0 and state.step < stage.steps:
-                    # the EMA file holds the averaged (trainable) tensors only: the frozen ones are the student's
-                    self._checkpoint(state, {"student": self.module.state_dict(), "ema": runner.ema.tensors()})
+                    self._checkpoint(state, self._mid_stage_weights(runner.ema))
         self._finish_stage(index, state, runner.ema, first_global)
+
+    def _mid_stage_weights(self, ema: EMA) -> dict[str, dict[str, torch.Tensor]]:
+        """A mid-stage checkpoint's weights: the student's and their EMA (trainable tensors only: the frozen
+        ones are the student's), full tensors on the main process (every process calls it)."""
+        main = self.acc.is_main_process
+        return {"student": full_tensors(self.module.state_dict(), main), "ema": full_tensors(ema.tensors(), main)}
 
     def _stop_requested(self) -> bool:
         """Whether Ctrl-C was pressed on any process (all of them stop at the same step)."""
@@ -336,7 +360,7 @@ class _Run:
     def _interrupt(self, index: int, state: RunState, runner: StageRunner) -> None:
         """Write a checkpoint of the steps done (if the stage made any) and raise TrainingInterrupted."""
         if state.step > 0:
-            self._checkpoint(state, {"student": self.module.state_dict(), "ema": runner.ema.tensors()})
+            self._checkpoint(state, self._mid_stage_weights(runner.ema))
         newest = latest_checkpoint(self.out)
         where = f"stage {index + 1}, step {state.step}"
         raise TrainingInterrupted(f"interrupted at {where}; " + (f"newest checkpoint: {newest}" if newest else
@@ -367,8 +391,9 @@ class _Run:
                                final_loss=final_loss(state.history, first_global),
                                skipped_items=state.counters.skipped_items,
                                skipped_item_names=list(state.counters.skipped_item_names))
+        weights = full_tensors(ema.state_dict(self.module), acc.is_main_process)  # every process: FSDP2 gathers
         if acc.is_main_process:
-            write_stage_result(self.out, index, ema.state_dict(self.module), self._student_info(index, state))
+            write_stage_result(self.out, index, weights, self._student_info(index, state))
         acc.wait_for_everyone()
         ema.copy_to(self.module)  # the next stage starts from this stage's EMA weights
         if recipe.validation_every:
@@ -383,11 +408,15 @@ class _Run:
     def _validate(self, index: int, global_step: int, ema: EMA | None) -> None:
         """Validation samples and grid of the student (its EMA weights, or its weights when ``ema`` is None)."""
         acc, stage = self.acc, self.recipe.stages[index]
-        if acc.is_main_process:
+        sharded = is_sharded(self.module)
+        if acc.is_main_process or sharded:  # a sharded student's forward needs every process
             guidance = stage.guidance if stage.guidance_mode == "cfg_sync" else 1.0
             with ema_weights(self.module, ema) if ema is not None else contextlib.nullcontext():
                 samples = validation_samples(self.setup, self.module, self.validation, stage.windows, guidance,
                                              self.trainee.uncond, acc.device, acc.autocast, self.student_type)
+            if sharded:
+                reshard(self.module)
+        if acc.is_main_process:
             grid = grid_image(samples, self.validation.labels, self.setup.decode)
             folder = self.out / "validation" / stage_dir(self.out, index, stage.windows).name
             path = write_validation(folder, global_step, samples, grid)
@@ -407,7 +436,9 @@ class _Run:
 
     def _checkpoint(self, state: RunState, weights: dict[str, dict[str, torch.Tensor]]) -> Path:
         scaler = self.acc.scaler.state_dict() if self.acc.scaler is not None else None
-        saved = {"optimizer": self.trainee.optimizer.state_dict() if weights else None, "scaler": scaler,
+        optimizer = (full_optimizer_state(self.trainee.optimizer.state_dict(), self.acc.is_main_process)
+                     if weights else None)
+        saved = {"optimizer": optimizer, "scaler": scaler,
                  "history": torch.tensor(state.history, dtype=torch.float64).reshape(-1, 2)}
         return write_checkpoint(self.acc, self.out, state.global_step, state.meta(self.recipe, self.acc.num_processes),
                                 saved, weights, self.recipe.keep_checkpoints)

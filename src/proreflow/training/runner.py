@@ -22,7 +22,6 @@ mixed-precision dtype, in place.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import time
 from collections.abc import Iterable
@@ -42,6 +41,7 @@ from .optim import check_optimizer, make_optimizer
 from .recipes import Recipe, Stage, load_recipe
 from .report import StageCounters
 from .setup import DistillationSetup
+from .sharding import full_tensors
 from .stage import NonFiniteLossError, StageContext, StepResult, as_teacher, build_stage_teacher, train_step
 from .streams import Stream, check_dataset
 
@@ -142,12 +142,49 @@ def enable_gradient_checkpointing(module: nn.Module) -> None:
     enable()
 
 
+def check_sharding(accelerator, shared: bool) -> None:
+    """A ValueError naming the fix for FSDP settings the engine cannot train with: FSDP version 1 (the engine
+    reads FSDP2's DTensor shards, :mod:`.sharding`), or a LoRA student that is the teacher's own network
+    (``setup.teacher_view``: the teacher would run through the sharded student)."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type != DistributedType.FSDP:
+        return
+    if not accelerator.is_fsdp2:
+        raise ValueError("FSDP version 1 is not supported: set fsdp_version: 2 in the accelerate config "
+                         "(FSDP_VERSION=2 under torchrun)")
+    if shared:
+        raise ValueError("FSDP shards a fully fine-tuned student; this setup trains LoRA layers on the teacher's "
+                         "own network (one network in memory), which needs no sharding: train it without FSDP")
+
+
+def fsdp_left_unused(accelerator) -> bool:
+    """Whether accelerate's FSDP plugin was asked for (``ACCELERATE_USE_FSDP``, as ``accelerate launch
+    --use_fsdp`` sets it) but the run does not shard: accelerate turns FSDP on only for several processes on
+    GPUs (or other accelerators), and otherwise trains a full copy on each process without a word."""
+    import os
+
+    from accelerate.utils import DistributedType
+
+    asked = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes")
+    return asked and accelerator.distributed_type != DistributedType.FSDP
+
+
+def unsharded_student(setup: DistillationSetup, recipe: Recipe, weights: dict[str, Tensor]) -> nn.Module:
+    """A new student network (:func:`~proreflow.training.checkpoint.student_module`) holding the full
+    ``weights`` in their dtypes: never sharded, whatever FSDP does to the trained one."""
+    module = student_module(setup, recipe.from_scratch, recipe.seed)
+    module.load_state_dict(weights, assign=True)
+    return module
+
+
 @dataclass
 class Trainee:
     """What the stages of a run share: the student and its optimiser, the original teacher.
 
     module: the unwrapped student (float32 master weights), whose parameters the optimiser and
-        the EMA follow. student: the same network as prepared by accelerate (DDP / autocast).
+        the EMA follow (DTensor shards under FSDP2). student: the same network as prepared by
+        accelerate (DDP / FSDP2 / autocast).
     original: the original teacher network, frozen, on the device, in ``weight_dtype``.
     uncond: ``setup.uncond`` on the device.
     """
@@ -167,6 +204,7 @@ class Trainee:
         in order, prepared with its optimiser; the original teacher cast and moved in place, or
         with ``setup.teacher_view`` the student is ``setup.teacher_model`` and the teacher its view."""
         shared = setup.teacher_view is not None and not recipe.from_scratch
+        check_sharding(accelerator, shared)
         module = setup.teacher_model if shared else student_module(setup, recipe.from_scratch, recipe.seed)
         if any(p.dtype in (torch.float16, torch.bfloat16) for p in module.parameters()):
             module = module.float()  # optimiser master weights in float32
@@ -175,9 +213,9 @@ class Trainee:
         if recipe.gradient_checkpointing:
             enable_gradient_checkpointing(module)
         module.train()
-        student = accelerator.prepare(module)
+        # together: FSDP2 (fully_shard) swaps the parameters for sharded ones and repoints the optimiser
+        student, optimizer = accelerator.prepare(module, make_optimizer(module, recipe.optimizer))
         module = accelerator.unwrap_model(student)
-        optimizer = accelerator.prepare(make_optimizer(module, recipe.optimizer))
         weight_dtype = DTYPES.get(recipe.mixed_precision)
         original = (setup.teacher_view(module) if shared
                     else as_teacher(setup.teacher_model, accelerator.device, weight_dtype))
@@ -223,10 +261,9 @@ class StageRunner:
         self.ema = EMA(trainee.module, stage.ema_decay)
         trainee.optimizer.state.clear()
         teacher_module = None
-        if stage.teacher == "previous":
-            teacher_module = copy.deepcopy(trainee.module).requires_grad_(False)
-            if previous is not None:
-                teacher_module.load_state_dict(previous)
+        if stage.teacher == "previous":  # a plain copy on every process, whether or not FSDP shards the student
+            weights = previous if previous is not None else full_tensors(trainee.module.state_dict())
+            teacher_module = unsharded_student(setup, recipe, weights).requires_grad_(False)
             teacher_module = as_teacher(teacher_module, acc.device, trainee.weight_dtype)
         teacher, counter = build_stage_teacher(setup, recipe, index, trainee.original, teacher_module,
                                                trainee.weight_dtype, acc.autocast)

@@ -40,6 +40,7 @@ from .ema import EMA
 from .optim import set_stage_hyperparameters
 from .recipes import Recipe, Stage
 from .setup import DistillationSetup
+from .sharding import is_sharded, local
 from .target_cache import BATCH_FIELDS, TargetCache, TrajectoryCache
 
 MAX_GRAD_NORM = float(torch.finfo(torch.float32).max) ** 0.5
@@ -202,6 +203,7 @@ def train_step(ctx: StageContext, batches: Iterator[tuple[Tensor, Cond, list[str
     # skipped data items
     sums = torch.zeros(7, dtype=torch.float64)
     skipped: list[str] = []
+    sharded = is_sharded(ctx.module)
     for micro in range(stage.grad_accum):
         x0, cond, names = next(batches)
         skipped += names
@@ -217,8 +219,10 @@ def train_step(ctx: StageContext, batches: Iterator[tuple[Tensor, Cond, list[str
         uncond = null_like(cond, ctx.uncond, ctx.setup.keep_on_dropout)  # each sample's null condition
         if stage.cond_dropout > 0:
             cond = select_cond(keep, cond, uncond)
-        last = micro == stage.grad_accum - 1
-        with contextlib.nullcontext() if last else acc.no_sync(ctx.student):
+        # gradients sync at the last micro-batch; FSDP2 reduce-scatters every one: unsynced, it would hold the
+        # full gradients between micro-batches, which sharding is there to avoid
+        sync = micro == stage.grad_accum - 1 or sharded
+        with contextlib.nullcontext() if sync else acc.no_sync(ctx.student):
             def make(x0=x0, noise=noise, cond=cond, uncond=uncond, t=t):
                 return make_reflow_batch(x0, noise, windows, ctx.teacher, ctx.setup.schedule, cond, uncond, t=t)
 
@@ -291,9 +295,14 @@ def teacher_start_batch(ctx: StageContext, positions: range, x0: Tensor, cond: C
 
 def nonfinite_parameters(module: nn.Module) -> int:
     """How many trainable parameter tensors of ``module`` hold a NaN or infinite value: those whose
-    max-abs norm is not finite (one multi-tensor call and one host sync; a max cannot overflow)."""
+    max-abs norm is not finite (one multi-tensor call and one host sync; a max cannot overflow). Of a
+    module that FSDP2 shards, each process checks its shards and the flags are summed over processes,
+    so every process counts the same tensors of the full weights."""
     params = [p.detach() for p in module.parameters() if p.requires_grad]
     if not params:
         return 0
-    norms = torch.stack([n.float() for n in torch._foreach_norm(params, float("inf"))])
-    return int((~torch.isfinite(norms)).sum())
+    norms = torch.stack([n.float() for n in torch._foreach_norm([local(p) for p in params], float("inf"))])
+    bad = (~torch.isfinite(norms)).float()
+    if is_sharded(module):
+        torch.distributed.all_reduce(bad)
+    return int(bad.gt(0).sum())
