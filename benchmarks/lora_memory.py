@@ -1,27 +1,331 @@
-"""Parameters held in LoRA distillation at full SD1.5 / SDXL size: one UNet (teacher = adapters
-disabled) against two copies; counted on the meta device (no weights, no memory). Prints the
-table rows of docs/throughput.md.
+"""LoRA distillation memory: one UNet in memory against two copies, at SD1.5 and SDXL size.
 
-    python3 benchmarks/lora_memory.py
+(a) one network, what proreflow does (``lora_rank > 0``): the student is the teacher's UNet with
+LoRA layers (:func:`proreflow.sd.lora.add_lora`) and the teacher is that UNet with its adapters
+disabled (:class:`proreflow.sd.lora.AdaptersDisabled` as ``DistillationSetup.teacher_view``).
+(b) two copies, the old way: the same setup with ``teacher_view=None``, so the engine deep-copies
+the adapted UNet into the student and keeps the original as a frozen teacher (cast to the run's
+mixed-precision dtype).
+
+Parameter bytes are exact counts of UNets built on the meta device (``accelerate.init_empty_weights``:
+nothing allocated), from the published UNet configs written out below. Peak memory is measured:
+each case runs in a fresh subprocess (one thread) that builds the random-weight UNet and the
+engine's ``StageRunner`` and takes one optimiser step (teacher solve with adapters off, student
+forward / backward, AdamW step on the LoRA parameters, EMA update); its peak is the process's
+max RSS (``getrusage``) minus its RSS after imports. A case runs only if its predicted static
+bytes stay under ``--max-gib`` (and the child's address space is capped with ``RLIMIT_AS``).
+
+    python3 benchmarks/lora_memory.py                  # all cases; writes docs/lora-memory.md
+    python3 benchmarks/lora_memory.py --case sd15 one bf16   # one measured case (prints JSON)
 """
-from accelerate import init_empty_weights
-from diffusers import UNet2DConditionModel
+from __future__ import annotations
 
-from proreflow.sd.lora import add_lora
+import argparse
+import datetime
+import json
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
 
-SD15 = dict(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
-SDXL = dict(sample_size=128, block_out_channels=(320, 640, 1280),
+RANK = 64
+LATENT = {"sd15": 32, "sdxl": 32}  # latent side of the measured step (256 px): CPU, 24 GiB shared
+GiB = 2**30
+
+# stable-diffusion-v1-5/stable-diffusion-v1-5 unet/config.json
+SD15 = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+            block_out_channels=(320, 640, 1280, 1280),
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32)
+# stabilityai/stable-diffusion-xl-base-1.0 unet/config.json
+SDXL = dict(sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
+            block_out_channels=(320, 640, 1280),
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
             transformer_layers_per_block=(1, 2, 10), cross_attention_dim=2048, attention_head_dim=(5, 10, 20),
             use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
-            projection_class_embeddings_input_dim=2816)
-for name, cfg in [("SD1.5", SD15), ("SDXL", SDXL)]:
+            projection_class_embeddings_input_dim=2816, norm_num_groups=32)
+CONFIGS = {"sd15": ("SD1.5", SD15), "sdxl": ("SDXL", SDXL)}
+BYTES = {"no": 4, "bf16": 2}
+GOAL = 0.6  # issue 16: LoRA peak memory <= 0.6 x the two-copy peak
+
+
+def counts(key: str) -> tuple[int, int]:
+    """Exact (base, LoRA) parameter counts of config ``key`` with rank-``RANK`` LoRA (meta device)."""
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+
+    from proreflow.sd.lora import add_lora
+
     with init_empty_weights():
-        unet = UNet2DConditionModel(**cfg)
+        unet = UNet2DConditionModel(**CONFIGS[key][1])
         base = sum(p.numel() for p in unet.parameters())
-        add_lora(unet, 64)
+        add_lora(unet, RANK)
         lora = sum(p.numel() for n, p in unet.named_parameters() if "lora_" in n)
-    one, two = base + lora, 2 * base + lora
-    print(f"| {name} | {base / 1e6:.1f} M | {lora / 1e6:.2f} M | {one / 1e6:.1f} M ({one * 4 / 2**30:.2f} GiB fp32) "
-          f"| {two / 1e6:.1f} M ({two * 4 / 2**30:.2f} GiB fp32) | {one / two:.2f} |")
+    return base, lora
+
+
+def static_bytes(base: int, lora: int, mode: str, precision: str, frozen_bytes: int = 4) -> dict[str, int]:
+    """Bytes the engine holds besides activations. Student: float32 master weights, except the frozen base
+    at ``frozen_bytes`` (4: proreflow today); LoRA grads, AdamW's two moments and the EMA: float32 copies of
+    the LoRA parameters; two copies add the teacher, the whole adapted UNet at the mixed-precision width."""
+    held = {"student weights": frozen_bytes * base + 4 * lora, "LoRA grads": 4 * lora, "AdamW + EMA": 12 * lora}
+    if mode == "two":
+        held["teacher copy"] = BYTES[precision] * (base + lora)
+    return held
+
+
+# ------------------------------------------------------------------ one measured case (subprocess)
+
+def _status(field: str) -> int:
+    """A ``/proc/self/status`` figure in bytes (VmRSS, VmHWM: peak RSS since the last reset, VmSize)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def _max_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+def held_bytes(runner) -> int:
+    """Bytes of the unique storages of a ``StageRunner``'s student and teacher parameters, AdamW state and EMA."""
+    import torch
+
+    trainee = runner.trainee
+    teacher = getattr(trainee.original, "unet", trainee.original)  # AdaptersDisabled holds the student itself
+    state = [t for s in trainee.optimizer.state.values() for t in s.values() if torch.is_tensor(t) and t.ndim]
+    seen = {}
+    for t in [*trainee.module.parameters(), *teacher.parameters(), *state, *runner.ema.shadow.values()]:
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(seen.values())
+
+
+def measure(key: str, mode: str, precision: str, max_gib: float) -> dict:
+    """One optimiser step of a LoRA distillation (module doc); returns bytes held and peak RSS."""
+    import peft  # noqa: F401 (imported before the baseline, as add_lora imports it)
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from proreflow.schedules import VPSchedule
+    from proreflow.sd.lora import AdaptersDisabled, add_lora
+    from proreflow.sd.pipeline import unet_network
+    from proreflow.training import StageRunner
+    from proreflow.training.setup import DistillationSetup
+
+    torch.set_num_threads(1)
+    baseline = _max_rss()
+    cap = _status("VmSize") + int(max_gib * GiB)
+    resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+    name, config = CONFIGS[key]
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**config)  # float32, as load_teacher gives it
+    add_lora(unet, RANK)  # as build_sd_setup(lora_rank=RANK) does
+    side, text = LATENT[key], (77, config["cross_attention_dim"])
+
+    def cond(*batch):  # text states (SD1.5) or SDXL's dict with the pooled text and size / crop ids
+        states = torch.randn(*batch, *text)
+        if key != "sdxl":
+            return states
+        return {"encoder_hidden_states": states,
+                "added_cond_kwargs": {"text_embeds": torch.randn(*batch, 1280), "time_ids": torch.randn(*batch, 6)}}
+    items = [(torch.randn(4, side, side), cond()) for _ in range(2)]
+    setup = DistillationSetup(teacher_model=unet, prediction_type="epsilon", schedule=VPSchedule.from_betas(),
+                              dataset=items, uncond=cond(1), adapter=unet_network,
+                              keep_on_dropout=("added_cond_kwargs.time_ids",) if key == "sdxl" else (),
+                              teacher_view=AdaptersDisabled if mode == "one" else None)
+    recipe = {"name": "lora-memory", "checkpoint_every": 0, "log_every": 1, "seed": 0, "mixed_precision": precision,
+              "stages": [{"windows": 4, "steps": 1, "batch_size": 1, "lr": 1e-4, "solver_steps": 1,
+                          "guidance": 1.0}]}
+    start = time.perf_counter()
+    runner = StageRunner(recipe, setup)
+    setup_peak = _max_rss() - baseline
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM: the step's own peak from here
+    result = runner.step()
+    return {"config": name, "mode": mode, "precision": precision, "latent": side, "held": held_bytes(runner),
+            "step_peak": _status("VmHWM") - baseline, "peak": max(setup_peak, _max_rss() - baseline),
+            "loss": float(result.loss), "teacher_evals": result.teacher_evals,
+            "seconds": time.perf_counter() - start}
+
+
+# ------------------------------------------------------------------ the table
+
+def machine() -> str:
+    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
+    cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")),
+               platform.processor())
+    cores = sum(line.startswith("processor") for line in cpuinfo)
+    kib = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
+               if line.startswith("MemTotal:"))
+    import diffusers
+    import peft
+    import torch
+    return (f"{cpu}, {cores} cores, {kib / 2**20:.1f} GiB RAM; python {platform.python_version()}, "
+            f"torch {torch.__version__}, diffusers {diffusers.__version__}, peft {peft.__version__}")
+
+
+def gib(n: float) -> str:
+    return f"{n / GiB:.2f} GiB"
+
+
+def run_case(key: str, mode: str, precision: str, max_gib: float) -> dict:
+    cmd = [sys.executable, __file__, "--case", key, mode, precision, "--max-gib", str(max_gib)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    if done.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--case", nargs=3, metavar=("CONFIG", "MODE", "PRECISION"),
+                        help="measure one case: sd15|sdxl one|two no|bf16 (prints JSON)")
+    parser.add_argument("--max-gib", type=float, default=12.0, help="no case predicted above this runs (GiB)")
+    parser.add_argument("--out-md", default=str(Path(__file__).resolve().parents[1] / "docs" / "lora-memory.md"))
+    args = parser.parse_args(argv)
+    if args.case:
+        print(json.dumps(measure(*args.case, args.max_gib)))
+        return 0
+
+    started = datetime.datetime.now(datetime.timezone.utc)
+    lines, measured, skipped = [], [], []
+    n = {key: counts(key) for key in CONFIGS}
+    lines += ["| config | base UNet params | LoRA params (rank 64) | mixed precision | (a) one network | "
+              "(b) two copies | ratio a / b | one network, frozen base in bf16 (not proreflow today) | ratio / b |",
+              "|---|---:|---:|---|---:|---:|---:|---:|---:|"]
+    for key, (name, _) in CONFIGS.items():
+        base, lora = n[key]
+        for precision in ("no", "bf16"):
+            one = sum(static_bytes(base, lora, "one", precision).values())
+            two = sum(static_bytes(base, lora, "two", precision).values())
+            low = sum(static_bytes(base, lora, "one", precision, frozen_bytes=BYTES[precision]).values())
+            lines.append(f"| {name} | {base:,} | {lora:,} | {precision} | {gib(one)} | {gib(two)} | {one / two:.2f} "
+                         f"| {gib(low) if precision == 'bf16' else '(same as a)'} | {low / two:.2f} |")
+            if two > args.max_gib * GiB * 0.85:  # a margin for activations and the allocator
+                skipped.append(f"{name} {precision}: two copies hold {gib(two)} before activations")
+                continue
+            for mode in ("one", "two"):
+                print(f"measuring {name} {mode} {precision} ...", file=sys.stderr, flush=True)
+                measured.append(run_case(key, mode, precision, args.max_gib))
+                print(json.dumps(measured[-1]), file=sys.stderr, flush=True)
+                expected = sum(static_bytes(base, lora, mode, precision).values()) - 4 * lora  # no grads
+                if measured[-1]["held"] != expected:
+                    raise RuntimeError(f"{name} {mode} {precision}: the engine holds {measured[-1]['held']} bytes, "
+                                       f"the count says {expected}")
+    rows = ["| config | latents | mixed precision | case | bytes held after the step (exact) | process peak | "
+            "ratio a / b | peak of the step | ratio a / b | loss | seconds |",
+            "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    ratios = {}
+    for m in measured:
+        two = next(o for o in measured
+                   if (o["config"], o["precision"], o["mode"]) == (m["config"], m["precision"], "two"))
+        process, step = m["peak"] / two["peak"], m["step_peak"] / two["step_peak"]
+        if m["mode"] == "one":
+            ratios[(m["config"], m["precision"])] = process, step
+        label = "(a) one network" if m["mode"] == "one" else "(b) two copies"
+        rows.append(f"| {m['config']} | 1 x 4 x {m['latent']} x {m['latent']} | {m['precision']} | {label} | "
+                    f"{gib(m['held'])} | {gib(m['peak'])} | {process:.2f} | {gib(m['step_peak'])} | {step:.2f} "
+                    f"| {m['loss']:.4f} | {m['seconds']:.0f} |")
+    write_page(Path(args.out_md), started, n, lines, rows, ratios, skipped, measured)
+    print(f"wrote {args.out_md}", file=sys.stderr)
+    return 0
+
+
+def verdict(ratio: float) -> str:
+    return f"{ratio:.2f}, {'within' if ratio <= GOAL else 'above'} the goal of {GOAL}"
+
+
+def write_page(path, started, n, params_table, peak_table, ratios, skipped, measured) -> None:
+    base, lora = n["sdxl"]
+    sdxl_now = sum(static_bytes(base, lora, "one", "bf16").values())
+    sdxl_low = sum(static_bytes(base, lora, "one", "bf16", frozen_bytes=2).values())
+    steps = {(m["config"], m["mode"], m["precision"]): m["step_peak"] for m in measured}
+    sd15 = n["sd15"]
+    findings = [f"- {c}, mixed precision {p}: peak of the step one network / two copies = {verdict(step)} "
+                f"(process peak: {process:.2f})." for (c, p), (process, step) in ratios.items()]
+    if ("SD1.5", "one", "no") in steps:
+        findings.append(f"- SD1.5 at 1 x 4 x 32 x 32, one network: the step's peak exceeds the static bytes "
+                        f"(first table, with gradients) by "
+                        f"{gib(steps['SD1.5', 'one', 'no'] - sum(static_bytes(*sd15, 'one', 'no').values()))} "
+                        f"without mixed precision and by "
+                        f"{gib(steps['SD1.5', 'one', 'bf16'] - sum(static_bytes(*sd15, 'one', 'bf16').values()))} "
+                        f"with bf16 (activations, the allocator, and under bf16 the weight casts below; "
+                        f"the bf16 casts of all base weights would be {gib(2 * sd15[0])}).")
+    text = PAGE.format(date=started.strftime("%Y-%m-%d %H:%M UTC"), machine=machine(), rank=RANK,
+                       params="\n".join(params_table), peaks="\n".join(peak_table),
+                       skipped="; ".join(skipped) or "none", findings="\n".join(findings),
+                       sdxl_now=gib(sdxl_now), sdxl_low=gib(sdxl_low), sdxl_cast=gib(2 * base),
+                       sdxl_sum=gib(sdxl_now + 2 * base), card=gib(24e9))
+    path.write_text(text)
+
+
+PAGE = """# LoRA distillation memory: one UNet against two copies
+
+Generated by `python3 benchmarks/lora_memory.py` on {date}; {machine}. No GPU was used.
+
+With `lora_rank > 0` the Stable Diffusion setup trains LoRA layers (rank {rank}, attention projections
+`to_q, to_k, to_v, to_out.0`) and its teacher is the same UNet with its adapters disabled
+(`proreflow.sd.lora.AdaptersDisabled`), not a second copy: **(a) one network**. **(b) two copies** is
+the engine with `teacher_view=None` (the way before): the student is a deep copy of the adapted UNet
+and the original stays as a frozen teacher, cast to the run's mixed-precision dtype. In both the
+student keeps float32 master weights, and LoRA gradients, AdamW's two moments and the EMA are
+float32 copies of the LoRA parameters. Tests: `tests/sd/test_sd_lora_teacher.py` (the view's
+output equals the base UNet's exactly; training with one network equals training with two copies)
+and `tests/sd/test_sd_lora_memory.py` (the engine holds exactly the bytes counted below, on a
+tiny UNet, without and with bf16).
+
+## Parameter and optimiser bytes (exact, full size)
+
+Counted on the meta device from the published UNet configs written in the script (nothing
+allocated). Activations are not included.
+
+{params}
+
+## Measured peak memory of one training step (CPU)
+
+Each case is a fresh process with one thread: build the random-weight UNet, the engine's
+`StageRunner` (recipe: 4 windows, 1 teacher DDIM step per window, no guidance, batch 1), one
+optimiser step (teacher solve with adapters off, student forward / backward, AdamW on the LoRA
+parameters, EMA). Process peak = the process's max RSS (`getrusage`) minus its RSS after
+imports: it includes building the setup (for (b) the deep copy; with bf16 also the moment before
+the teacher copy is cast, when two float32 UNets exist). Peak of the step = the highest RSS during
+the step alone (`VmHWM`, reset through `/proc/self/clear_refs` just before the step) minus the
+same baseline: what training holds once set up. "Bytes held" is counted from the engine's own
+objects after the step (unique storages of student and teacher parameters, optimiser state, EMA;
+the LoRA gradients are freed by then) and equals the first table's count minus the gradients
+exactly (the script checks it).
+
+{peaks}
+
+Not run (predicted above the script's memory cap, `--max-gib`): {skipped}; for those the first
+table is the figure.
+
+## Reading the numbers
+
+{findings}
+
+- Why bf16 saves less: with `mixed_precision: bf16` the two-copy teacher is already a bf16 copy,
+  while proreflow keeps the student's frozen base weights in float32 (its master weights), and
+  under autocast every matmul / convolution of the student's forward after the first LoRA layer
+  saves a bf16 cast of its frozen weight for the backward pass (autocast caches casts only of
+  trainable leaves), in both modes. Keeping the frozen base weights in bf16 and only the LoRA
+  parameters in float32 (what diffusers' LoRA training scripts do) would remove both costs; the
+  first table's last two columns give its bytes. **proreflow does not do this today.**
+- **Does an SDXL LoRA distillation fit a 24 GB card? Not measured on a GPU.** What is known, with
+  `mixed_precision: bf16` and one network: {sdxl_now} of weights, LoRA gradients, AdamW state and
+  EMA (first table, exact), plus up to {sdxl_cast} of bf16 weight casts saved for the backward pass
+  during the student's forward (2 bytes x the base parameters: an upper bound, layers before the
+  first LoRA layer save none), together {sdxl_sum} of the card's {card} (24 GB), before the
+  activations of a 1024 px (128 x 128 latent) step, the CUDA context and the allocator's slack,
+  none of which is measured or estimated here. Whether the rest fits (with
+  `gradient_checkpointing: true`, batch 1) has to be measured on the card. With the frozen base in
+  bf16 the static part would be {sdxl_low} and there would be no weight casts.
+"""
+
+
+if __name__ == "__main__":
+    sys.exit(main())
