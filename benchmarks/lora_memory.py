@@ -32,6 +32,7 @@ from pathlib import Path
 
 RANK = 64
 LATENT = {"sd15": 32, "sdxl": 32}  # latent side of the measured step (256 px): CPU, 24 GiB shared
+ESTIMATED = [("sd15", 32), ("sd15", 64), ("sdxl", 128)]  # saved activations counted: measured size, 512, 1024 px
 GiB = 2**30
 
 # stable-diffusion-v1-5/stable-diffusion-v1-5 unet/config.json
@@ -66,6 +67,76 @@ def counts(key: str) -> tuple[int, int]:
         add_lora(unet, RANK)
         lora = sum(p.numel() for n, p in unet.named_parameters() if "lora_" in n)
     return base, lora
+
+
+class _FlashSaves:
+    """Attention that saves for backward what flash attention saves (q, k, v, output, logsumexp), in place
+    of the attention matrix the meta device's math path would save; forward only (nothing is trained)."""
+
+    def __init__(self):
+        import torch
+
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+
+        class Attention(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, q, k, v):
+                with torch.no_grad():
+                    out = sdpa(q, k, v)
+                ctx.save_for_backward(q, k, v, out, q.new_empty(q.shape[:-1], dtype=torch.float32))
+                return out
+
+            @staticmethod
+            def backward(ctx, grad):
+                raise NotImplementedError("counting only")
+
+        self.sdpa, self.attention = sdpa, Attention
+
+    def __call__(self, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, **kwargs):
+        if attn_mask is not None or dropout_p or is_causal or kwargs:
+            raise ValueError("only plain attention is counted")
+        return self.attention.apply(q, k, v)
+
+
+def saved_activation_bytes(key: str, side: int, dtype_name: str) -> int:
+    """Bytes autograd saves for backward in the LoRA student's forward (batch 1, ``side`` x ``side``
+    latents), counted on the meta device: every saved tensor's base once, parameters excluded, attention
+    as flash attention saves it (:class:`_FlashSaves`). The whole UNet and its inputs in ``dtype_name``
+    (autocast would keep a few, e.g. normalisation statistics, in float32)."""
+    import torch
+    import torch.nn.functional as F
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+
+    from proreflow.sd.lora import add_lora
+
+    dtype = getattr(torch, dtype_name)
+    config = CONFIGS[key][1]
+    with init_empty_weights():
+        unet = UNet2DConditionModel(**config)
+        add_lora(unet, RANK)
+    for p in unet.parameters():
+        p.data = p.data.to(dtype)  # (ModelMixin.to warns about dtypes here)
+    params = {id(p) for p in unet.parameters()}
+    saved = {}
+
+    def pack(t):
+        base = t if t._base is None else t._base
+        if id(base) not in params and id(t) not in params:
+            saved[id(base)] = base.numel() * base.element_size()
+        return t
+
+    def meta(*shape):
+        return torch.zeros(*shape, device="meta", dtype=dtype)
+    kwargs = {"added_cond_kwargs": {"text_embeds": meta(1, 1280), "time_ids": meta(1, 6)}} if key == "sdxl" else {}
+    sdpa, F.scaled_dot_product_attention = F.scaled_dot_product_attention, _FlashSaves()
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            unet(meta(1, 4, side, side), torch.tensor([500.0], device="meta"),
+                 meta(1, 77, config["cross_attention_dim"]), **kwargs)
+    finally:
+        F.scaled_dot_product_attention = sdpa
+    return sum(saved.values())
 
 
 def static_bytes(base: int, lora: int, mode: str, precision: str, frozen_bytes: int = 4) -> dict[str, int]:
@@ -230,7 +301,9 @@ def main(argv=None) -> int:
         rows.append(f"| {m['config']} | 1 x 4 x {m['latent']} x {m['latent']} | {m['precision']} | {label} | "
                     f"{gib(m['held'])} | {gib(m['peak'])} | {process:.2f} | {gib(m['step_peak'])} | {step:.2f} "
                     f"| {m['loss']:.4f} | {m['seconds']:.0f} |")
-    write_page(Path(args.out_md), started, n, lines, rows, ratios, skipped, measured)
+    saved = {(key, side, dtype): saved_activation_bytes(key, side, dtype)
+             for key, side in ESTIMATED for dtype in ("float32", "bfloat16")}
+    write_page(Path(args.out_md), started, n, lines, rows, ratios, skipped, measured, saved)
     print(f"wrote {args.out_md}", file=sys.stderr)
     return 0
 
@@ -239,27 +312,35 @@ def verdict(ratio: float) -> str:
     return f"{ratio:.2f}, {'within' if ratio <= GOAL else 'above'} the goal of {GOAL}"
 
 
-def write_page(path, started, n, params_table, peak_table, ratios, skipped, measured) -> None:
-    base, lora = n["sdxl"]
-    sdxl_now = sum(static_bytes(base, lora, "one", "bf16").values())
-    sdxl_low = sum(static_bytes(base, lora, "one", "bf16", frozen_bytes=2).values())
+def write_page(path, started, n, params_table, peak_table, ratios, skipped, measured, saved) -> None:
     steps = {(m["config"], m["mode"], m["precision"]): m["step_peak"] for m in measured}
-    sd15 = n["sd15"]
+    if ("SD1.5", "one", "no") not in steps or ("SD1.5", "one", "bf16") not in steps:
+        raise SystemExit("the page needs the measured SD1.5 cases: raise --max-gib")
+    sd15, (base, lora) = n["sd15"], n["sdxl"]
+    excess = {p: steps["SD1.5", "one", p] - sum(static_bytes(*sd15, "one", p).values()) for p in BYTES}
+    factor = excess["no"] / saved["sd15", 32, "float32"]
     findings = [f"- {c}, mixed precision {p}: peak of the step one network / two copies = {verdict(step)} "
                 f"(process peak: {process:.2f})." for (c, p), (process, step) in ratios.items()]
-    if ("SD1.5", "one", "no") in steps:
-        findings.append(f"- SD1.5 at 1 x 4 x 32 x 32, one network: the step's peak exceeds the static bytes "
-                        f"(first table, with gradients) by "
-                        f"{gib(steps['SD1.5', 'one', 'no'] - sum(static_bytes(*sd15, 'one', 'no').values()))} "
-                        f"without mixed precision and by "
-                        f"{gib(steps['SD1.5', 'one', 'bf16'] - sum(static_bytes(*sd15, 'one', 'bf16').values()))} "
-                        f"with bf16 (activations, the allocator, and under bf16 the weight casts below; "
-                        f"the bf16 casts of all base weights would be {gib(2 * sd15[0])}).")
-    text = PAGE.format(date=started.strftime("%Y-%m-%d %H:%M UTC"), machine=machine(), rank=RANK,
-                       params="\n".join(params_table), peaks="\n".join(peak_table),
-                       skipped="; ".join(skipped) or "none", findings="\n".join(findings),
-                       sdxl_now=gib(sdxl_now), sdxl_low=gib(sdxl_low), sdxl_cast=gib(2 * base),
-                       sdxl_sum=gib(sdxl_now + 2 * base), card=gib(24e9))
+    findings += [f"- SD1.5 one network at 1 x 4 x 32 x 32: the step's peak exceeds the static bytes (first table, "
+                 f"with gradients) by {gib(excess['no'])} without mixed precision and by {gib(excess['bf16'])} "
+                 f"with bf16 (the bf16 casts of all base weights would be {gib(2 * sd15[0])}). The first is "
+                 f"{factor:.2f} x the saved activations counted on the meta device for this case, "
+                 f"{gib(saved['sd15', 32, 'float32'])} (last section; the rest: the backward pass's temporaries, "
+                 f"the teacher's forward, the allocator)."]
+    saved_table = ["| config | latents (batch 1) | saved for backward, float32 | bf16 |", "|---|---|---:|---:|"]
+    saved_table += [f"| {CONFIGS[key][0]} | 4 x {side} x {side} | {gib(saved[key, side, 'float32'])} | "
+                    f"{gib(saved[key, side, 'bfloat16'])} |" for key, side in ESTIMATED]
+    now = sum(static_bytes(base, lora, "one", "bf16").values())
+    act_low, act_high = saved["sdxl", 128, "bfloat16"], saved["sdxl", 128, "float32"]
+    scaled = now + 2 * base + factor * act_low
+    text = PAGE.format(
+        date=started.strftime("%Y-%m-%d %H:%M UTC"), machine=machine(), rank=RANK, params="\n".join(params_table),
+        peaks="\n".join(peak_table), skipped="; ".join(skipped) or "none", findings="\n".join(findings),
+        saved="\n".join(saved_table), sdxl_now=gib(now), sdxl_cast=gib(2 * base), card=gib(24e9),
+        sdxl_low=gib(sum(static_bytes(base, lora, "one", "bf16", frozen_bytes=2).values())),
+        act_low=gib(act_low), act_high=gib(act_high), low=gib(now + 2 * base + act_low),
+        high=gib(now + 2 * base + act_high), factor=f"{factor:.2f}", scaled=gib(scaled),
+        fits="does not fit" if scaled > 24e9 else "may fit")
     path.write_text(text)
 
 
@@ -315,15 +396,37 @@ table is the figure.
   trainable leaves), in both modes. Keeping the frozen base weights in bf16 and only the LoRA
   parameters in float32 (what diffusers' LoRA training scripts do) would remove both costs; the
   first table's last two columns give its bytes. **proreflow does not do this today.**
-- **Does an SDXL LoRA distillation fit a 24 GB card? Not measured on a GPU.** What is known, with
-  `mixed_precision: bf16` and one network: {sdxl_now} of weights, LoRA gradients, AdamW state and
-  EMA (first table, exact), plus up to {sdxl_cast} of bf16 weight casts saved for the backward pass
-  during the student's forward (2 bytes x the base parameters: an upper bound, layers before the
-  first LoRA layer save none), together {sdxl_sum} of the card's {card} (24 GB), before the
-  activations of a 1024 px (128 x 128 latent) step, the CUDA context and the allocator's slack,
-  none of which is measured or estimated here. Whether the rest fits (with
-  `gradient_checkpointing: true`, batch 1) has to be measured on the card. With the frozen base in
-  bf16 the static part would be {sdxl_low} and there would be no weight casts.
+- **Does an SDXL LoRA distillation fit a 24 GB card? Not measured on a GPU; estimated below.**
+
+## SDXL on a 24 GB card: an estimate, not a measurement
+
+Activations saved for backward by the LoRA student's forward, counted on the meta device (no
+memory): every tensor autograd saves, once per base tensor, parameters excluded, attention
+counted as flash attention saves it (q, k, v, output, logsumexp; a stand-in for
+`scaled_dot_product_attention`, since the meta device would take the math path and save the
+attention matrix). "bf16" is the whole UNet in bf16, the closer figure for `mixed_precision: bf16`
+(under autocast some saved tensors stay float32 and some are saved at both widths, so it is no
+bound); "float32" is what a run without mixed precision saves.
+
+{saved}
+
+With `mixed_precision: bf16`, one network, batch 1 at 1024 px (128 x 128 latents), no gradient
+checkpointing:
+
+- weights, LoRA gradients, AdamW state, EMA: {sdxl_now} (exact, first table);
+- bf16 casts of the frozen weights saved for backward: up to {sdxl_cast} (2 bytes x the base
+  parameters; layers before the first LoRA layer save none);
+- saved activations: {act_low} (bf16 count) to {act_high} (float32 count).
+
+Together {low} (bf16 count) to {high} (float32 count), against the card's {card} (24 GB),
+before the backward pass's temporaries, the CUDA context and the allocator's slack; scaling the
+bf16 count by the {factor} x measured on SD1.5 above gives {scaled}. So an SDXL LoRA distillation
+as proreflow runs it today most likely {fits} a 24 GB card without `gradient_checkpointing:
+true`. With gradient checkpointing (recipe key) the forward keeps only each block's inputs, and the
+backward pass recomputes one block at a time (its activations and weight casts), so the static
+{sdxl_now} plus much smaller activations remain; that case is not counted here. With the frozen
+base in bf16 (not proreflow today) the static part would be {sdxl_low}, with no casts. All of
+this has to be confirmed by a measurement on the card (`torch.cuda.max_memory_allocated`).
 """
 
 
