@@ -11,9 +11,11 @@ Parameter bytes are exact counts of UNets built on the meta device (``accelerate
 nothing allocated), from the published UNet configs written out below. Peak memory is measured:
 each case runs in a fresh subprocess (one thread) that builds the random-weight UNet and the
 engine's ``StageRunner`` and takes one optimiser step (teacher solve with adapters off, student
-forward / backward, AdamW step on the LoRA parameters, EMA update); its peak is the process's
-max RSS (``getrusage``) minus its RSS after imports. A case runs only if its predicted static
-bytes stay under ``--max-gib`` (and the child's address space is capped with ``RLIMIT_AS``).
+forward / backward, AdamW step on the LoRA parameters, EMA update); its peaks are the process's
+max RSS (``getrusage``) and the step's own (``VmHWM`` reset just before it), minus the RSS after
+imports. A case runs only if its predicted static bytes stay under ``--max-gib`` (and the child's
+address space is capped with ``RLIMIT_AS``). Where no step can run (SDXL here), the activations
+autograd saves are counted on the meta device (:func:`saved_activation_bytes`).
 
     python3 benchmarks/lora_memory.py                  # all cases; writes docs/lora-memory.md
     python3 benchmarks/lora_memory.py --case sd15 one bf16   # one measured case (prints JSON)
@@ -259,6 +261,9 @@ def main(argv=None) -> int:
     parser.add_argument("--out-md", default=str(Path(__file__).resolve().parents[1] / "docs" / "lora-memory.md"))
     args = parser.parse_args(argv)
     if args.case:
+        key, mode, precision = args.case
+        if key not in CONFIGS or mode not in ("one", "two") or precision not in BYTES:
+            parser.error(f"--case {' '.join(args.case)}: expected sd15|sdxl one|two no|bf16")
         print(json.dumps(measure(*args.case, args.max_gib)))
         return 0
 
