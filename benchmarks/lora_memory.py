@@ -53,6 +53,8 @@ SDXL = dict(sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
             projection_class_embeddings_input_dim=2816, norm_num_groups=32)
 CONFIGS = {"sd15": ("SD1.5", SD15), "sdxl": ("SDXL", SDXL)}
 BYTES = {"no": 4, "bf16": 2}
+MODES = {"one": "(a) one network", "two": "(b) two copies",
+         "bf16-base": "(c) one network, frozen base cast to bf16 by this script (not proreflow today)"}
 GOAL = 0.6  # issue 16: LoRA peak memory <= 0.6 x the two-copy peak
 
 
@@ -141,11 +143,12 @@ def saved_activation_bytes(key: str, side: int, dtype_name: str) -> int:
     return sum(saved.values())
 
 
-def static_bytes(base: int, lora: int, mode: str, precision: str, frozen_bytes: int = 4) -> dict[str, int]:
-    """Bytes the engine holds besides activations. Student: float32 master weights, except the frozen base
-    at ``frozen_bytes`` (4: proreflow today); LoRA grads, AdamW's two moments and the EMA: float32 copies of
+def static_bytes(base: int, lora: int, mode: str, precision: str) -> dict[str, int]:
+    """Bytes the engine holds besides activations (``mode``: :data:`MODES`). Student: float32 master weights
+    (``bf16-base``: the frozen base in bf16); LoRA grads, AdamW's two moments and the EMA: float32 copies of
     the LoRA parameters; two copies add the teacher, the whole adapted UNet at the mixed-precision width."""
-    held = {"student weights": frozen_bytes * base + 4 * lora, "LoRA grads": 4 * lora, "AdamW + EMA": 12 * lora}
+    frozen = 2 if mode == "bf16-base" else 4
+    held = {"student weights": frozen * base + 4 * lora, "LoRA grads": 4 * lora, "AdamW + EMA": 12 * lora}
     if mode == "two":
         held["teacher copy"] = BYTES[precision] * (base + lora)
     return held
@@ -210,12 +213,16 @@ def measure(key: str, mode: str, precision: str, max_gib: float) -> dict:
     setup = DistillationSetup(teacher_model=unet, prediction_type="epsilon", schedule=VPSchedule.from_betas(),
                               dataset=items, uncond=cond(1), adapter=unet_network,
                               keep_on_dropout=("added_cond_kwargs.time_ids",) if key == "sdxl" else (),
-                              teacher_view=AdaptersDisabled if mode == "one" else None)
+                              teacher_view=None if mode == "two" else AdaptersDisabled)
     recipe = {"name": "lora-memory", "checkpoint_every": 0, "log_every": 1, "seed": 0, "mixed_precision": precision,
               "stages": [{"windows": 4, "steps": 1, "batch_size": 1, "lr": 1e-4, "solver_steps": 1,
                           "guidance": 1.0}]}
     start = time.perf_counter()
     runner = StageRunner(recipe, setup)
+    if mode == "bf16-base":  # what diffusers' LoRA scripts do; the engine made float32 master weights
+        for p in runner.trainee.module.parameters():
+            if not p.requires_grad:
+                p.data = p.data.to(torch.bfloat16)
     setup_peak = _max_rss() - baseline
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM: the step's own peak from here
     result = runner.step()
@@ -256,14 +263,15 @@ def run_case(key: str, mode: str, precision: str, max_gib: float) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--case", nargs=3, metavar=("CONFIG", "MODE", "PRECISION"),
-                        help="measure one case: sd15|sdxl one|two no|bf16 (prints JSON)")
+                        help="measure one case: sd15|sdxl one|two|bf16-base no|bf16 (prints JSON)")
     parser.add_argument("--max-gib", type=float, default=12.0, help="no case predicted above this runs (GiB)")
     parser.add_argument("--out-md", default=str(Path(__file__).resolve().parents[1] / "docs" / "lora-memory.md"))
     args = parser.parse_args(argv)
     if args.case:
         key, mode, precision = args.case
-        if key not in CONFIGS or mode not in ("one", "two") or precision not in BYTES:
-            parser.error(f"--case {' '.join(args.case)}: expected sd15|sdxl one|two no|bf16")
+        if key not in CONFIGS or mode not in MODES or precision not in BYTES or (mode, precision) == ("bf16-base",
+                                                                                                      "no"):
+            parser.error(f"--case {' '.join(args.case)}: expected sd15|sdxl one|two no|bf16, or bf16-base bf16")
         print(json.dumps(measure(*args.case, args.max_gib)))
         return 0
 
@@ -278,13 +286,13 @@ def main(argv=None) -> int:
         for precision in ("no", "bf16"):
             one = sum(static_bytes(base, lora, "one", precision).values())
             two = sum(static_bytes(base, lora, "two", precision).values())
-            low = sum(static_bytes(base, lora, "one", precision, frozen_bytes=BYTES[precision]).values())
+            low = sum(static_bytes(base, lora, "bf16-base" if precision == "bf16" else "one", precision).values())
             lines.append(f"| {name} | {base:,} | {lora:,} | {precision} | {gib(one)} | {gib(two)} | {one / two:.2f} "
                          f"| {gib(low) if precision == 'bf16' else '(same as a)'} | {low / two:.2f} |")
             if two > args.max_gib * GiB * 0.85:  # a margin for activations and the allocator
                 skipped.append(f"{name} {precision}: two copies hold {gib(two)} before activations")
                 continue
-            for mode in ("one", "two"):
+            for mode in ("one", "two", "bf16-base")[:3 if precision == "bf16" else 2]:
                 print(f"measuring {name} {mode} {precision} ...", file=sys.stderr, flush=True)
                 measured.append(run_case(key, mode, precision, args.max_gib))
                 print(json.dumps(measured[-1]), file=sys.stderr, flush=True)
@@ -293,17 +301,17 @@ def main(argv=None) -> int:
                     raise RuntimeError(f"{name} {mode} {precision}: the engine holds {measured[-1]['held']} bytes, "
                                        f"the count says {expected}")
     rows = ["| config | latents | mixed precision | case | bytes held after the step (exact) | process peak | "
-            "ratio a / b | peak of the step | ratio a / b | loss | seconds |",
+            "ratio / b | peak of the step | ratio / b | loss | seconds |",
             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     ratios = {}
     for m in measured:
         two = next(o for o in measured
                    if (o["config"], o["precision"], o["mode"]) == (m["config"], m["precision"], "two"))
         process, step = m["peak"] / two["peak"], m["step_peak"] / two["step_peak"]
-        if m["mode"] == "one":
-            ratios[(m["config"], m["precision"])] = process, step
-        label = "(a) one network" if m["mode"] == "one" else "(b) two copies"
-        rows.append(f"| {m['config']} | 1 x 4 x {m['latent']} x {m['latent']} | {m['precision']} | {label} | "
+        if m["mode"] != "two":
+            ratios[(m["config"], m["precision"], m["mode"])] = process, step
+        rows.append(f"| {m['config']} | 1 x 4 x {m['latent']} x {m['latent']} | {m['precision']} | {MODES[m['mode']]} "
+                    f"| "
                     f"{gib(m['held'])} | {gib(m['peak'])} | {process:.2f} | {gib(m['step_peak'])} | {step:.2f} "
                     f"| {m['loss']:.4f} | {m['seconds']:.0f} |")
     saved = {(key, side, dtype): saved_activation_bytes(key, side, dtype)
@@ -324,8 +332,8 @@ def write_page(path, started, n, params_table, peak_table, ratios, skipped, meas
     sd15, (base, lora) = n["sd15"], n["sdxl"]
     excess = {p: steps["SD1.5", "one", p] - sum(static_bytes(*sd15, "one", p).values()) for p in BYTES}
     factor = excess["no"] / saved["sd15", 32, "float32"]
-    findings = [f"- {c}, mixed precision {p}: peak of the step one network / two copies = {verdict(step)} "
-                f"(process peak: {process:.2f})." for (c, p), (process, step) in ratios.items()]
+    findings = [f"- {c}, mixed precision {p}: peak of the step {MODES[mode]} / two copies = {verdict(step)} "
+                f"(process peak: {process:.2f})." for (c, p, mode), (process, step) in ratios.items()]
     findings += [f"- SD1.5 one network at 1 x 4 x 32 x 32: the step's peak exceeds the static bytes (first table, "
                  f"with gradients) by {gib(excess['no'])} without mixed precision and by {gib(excess['bf16'])} "
                  f"with bf16 (the bf16 casts of all base weights would be {gib(2 * sd15[0])}). The first is "
@@ -342,7 +350,7 @@ def write_page(path, started, n, params_table, peak_table, ratios, skipped, meas
         date=started.strftime("%Y-%m-%d %H:%M UTC"), machine=machine(), rank=RANK, params="\n".join(params_table),
         peaks="\n".join(peak_table), skipped="; ".join(skipped) or "none", findings="\n".join(findings),
         saved="\n".join(saved_table), sdxl_now=gib(now), sdxl_cast=gib(2 * base), card=gib(24e9),
-        sdxl_low=gib(sum(static_bytes(base, lora, "one", "bf16", frozen_bytes=2).values())),
+        sdxl_low=gib(sum(static_bytes(base, lora, "bf16-base", "bf16").values())),
         act_low=gib(act_low), act_high=gib(act_high), low=gib(now + 2 * base + act_low),
         high=gib(now + 2 * base + act_high), factor=f"{factor:.2f}", scaled=gib(scaled),
         fits="does not fit" if scaled > 24e9 else "may fit")
@@ -358,8 +366,8 @@ With `lora_rank > 0` the Stable Diffusion setup trains LoRA layers (rank {rank},
 (`proreflow.sd.lora.AdaptersDisabled`), not a second copy: **(a) one network**. **(b) two copies** is
 the engine with `teacher_view=None` (the way before): the student is a deep copy of the adapted UNet
 and the original stays as a frozen teacher, cast to the run's mixed-precision dtype. In both the
-student keeps float32 master weights, and LoRA gradients, AdamW's two moments and the EMA are
-float32 copies of the LoRA parameters. Tests: `tests/sd/test_sd_lora_teacher.py` (the view's
+student keeps float32 master weights (the engine makes them), and LoRA gradients, AdamW's two
+moments and the EMA are float32 copies of the LoRA parameters. Tests: `tests/sd/test_sd_lora_teacher.py` (the view's
 output equals the base UNet's exactly; training with one network equals training with two copies)
 and `tests/sd/test_sd_lora_memory.py` (the engine holds exactly the bytes counted below, on a
 tiny UNet, without and with bf16).
@@ -399,8 +407,10 @@ table is the figure.
   under autocast every matmul / convolution of the student's forward after the first LoRA layer
   saves a bf16 cast of its frozen weight for the backward pass (autocast caches casts only of
   trainable leaves), in both modes. Keeping the frozen base weights in bf16 and only the LoRA
-  parameters in float32 (what diffusers' LoRA training scripts do) would remove both costs; the
-  first table's last two columns give its bytes. **proreflow does not do this today.**
+  parameters in float32 (what diffusers' LoRA training scripts do) would remove both costs: the
+  first table's last two columns give its bytes, and case (c) above measures it (the script casts
+  the frozen weights after the engine is built; the loss equals (a)'s, since autocast computes in
+  bf16 either way). **proreflow does not do this today.**
 - **Does an SDXL LoRA distillation fit a 24 GB card? Not measured on a GPU; estimated below.**
 
 ## SDXL on a 24 GB card: an estimate, not a measurement
