@@ -409,8 +409,9 @@ table is the figure.
   trainable leaves), in both modes. Keeping the frozen base weights in bf16 and only the LoRA
   parameters in float32 (what diffusers' LoRA training scripts do) would remove both costs: the
   first table's last two columns give its bytes, and case (c) above measures it (the script casts
-  the frozen weights after the engine is built; the loss equals (a)'s, since autocast computes in
-  bf16 either way). **proreflow does not do this today.**
+  the frozen weights after the engine is built, so (c)'s process peak still holds the float32 UNet
+  of the setup; the loss equals (a)'s, since autocast computes in bf16 either way). **proreflow does
+  not do this today.**
 - **Does an SDXL LoRA distillation fit a 24 GB card? Not measured on a GPU; estimated below.**
 
 ## SDXL on a 24 GB card: an estimate, not a measurement
