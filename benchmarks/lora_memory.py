@@ -2,10 +2,12 @@
 
 (a) one network, what proreflow does (``lora_rank > 0``): the student is the teacher's UNet with
 LoRA layers (:func:`proreflow.sd.lora.add_lora`) and the teacher is that UNet with its adapters
-disabled (:class:`proreflow.sd.lora.AdaptersDisabled` as ``DistillationSetup.teacher_view``).
+disabled (:class:`proreflow.sd.lora.AdaptersDisabled` as ``DistillationSetup.teacher_view``); under
+mixed precision its frozen base is in the mixed-precision dtype (the teacher's weights), only the
+LoRA parameters are float32 (:func:`proreflow.training.runner.cast_frozen`).
 (b) two copies, the old way: the same setup with ``teacher_view=None``, so the engine deep-copies
-the adapted UNet into the student and keeps the original as a frozen teacher (cast to the run's
-mixed-precision dtype).
+the adapted UNet into the student (float32 master weights, the frozen base too) and keeps the
+original as a frozen teacher (cast to the run's mixed-precision dtype).
 
 Parameter bytes are exact counts of UNets built on the meta device (``accelerate.init_empty_weights``:
 nothing allocated), from the published UNet configs written out below. Peak memory is measured:
@@ -53,8 +55,7 @@ SDXL = dict(sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
             projection_class_embeddings_input_dim=2816, norm_num_groups=32)
 CONFIGS = {"sd15": ("SD1.5", SD15), "sdxl": ("SDXL", SDXL)}
 BYTES = {"no": 4, "bf16": 2}
-MODES = {"one": "(a) one network", "two": "(b) two copies",
-         "bf16-base": "(c) one network, frozen base cast to bf16 by this script (not proreflow today)"}
+MODES = {"one": "(a) one network", "two": "(b) two copies"}
 GOAL = 0.6  # issue 16: LoRA peak memory <= 0.6 x the two-copy peak
 
 
@@ -144,10 +145,11 @@ def saved_activation_bytes(key: str, side: int, dtype_name: str) -> int:
 
 
 def static_bytes(base: int, lora: int, mode: str, precision: str) -> dict[str, int]:
-    """Bytes the engine holds besides activations (``mode``: :data:`MODES`). Student: float32 master weights
-    (``bf16-base``: the frozen base in bf16); LoRA grads, AdamW's two moments and the EMA: float32 copies of
-    the LoRA parameters; two copies add the teacher, the whole adapted UNet at the mixed-precision width."""
-    frozen = 2 if mode == "bf16-base" else 4
+    """Bytes the engine holds besides activations (``mode``: :data:`MODES`). Student: float32 LoRA weights and
+    its frozen base in float32 (two copies) or at the mixed-precision width (one network: the teacher's
+    weights); LoRA grads, AdamW's two moments and the EMA: float32 copies of the LoRA parameters; two copies
+    add the teacher, the whole adapted UNet at the mixed-precision width."""
+    frozen = BYTES[precision] if mode == "one" else 4
     held = {"student weights": frozen * base + 4 * lora, "LoRA grads": 4 * lora, "AdamW + EMA": 12 * lora}
     if mode == "two":
         held["teacher copy"] = BYTES[precision] * (base + lora)
@@ -219,10 +221,6 @@ def measure(key: str, mode: str, precision: str, max_gib: float) -> dict:
                           "guidance": 1.0}]}
     start = time.perf_counter()
     runner = StageRunner(recipe, setup)
-    if mode == "bf16-base":  # what diffusers' LoRA scripts do; the engine made float32 master weights
-        for p in runner.trainee.module.parameters():
-            if not p.requires_grad:
-                p.data = p.data.to(torch.bfloat16)
     setup_peak = _max_rss() - baseline
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM: the step's own peak from here
     result = runner.step()
@@ -263,15 +261,14 @@ def run_case(key: str, mode: str, precision: str, max_gib: float) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--case", nargs=3, metavar=("CONFIG", "MODE", "PRECISION"),
-                        help="measure one case: sd15|sdxl one|two|bf16-base no|bf16 (prints JSON)")
+                        help="measure one case: sd15|sdxl one|two no|bf16 (prints JSON)")
     parser.add_argument("--max-gib", type=float, default=12.0, help="no case predicted above this runs (GiB)")
     parser.add_argument("--out-md", default=str(Path(__file__).resolve().parents[1] / "docs" / "lora-memory.md"))
     args = parser.parse_args(argv)
     if args.case:
         key, mode, precision = args.case
-        if key not in CONFIGS or mode not in MODES or precision not in BYTES or (mode, precision) == ("bf16-base",
-                                                                                                      "no"):
-            parser.error(f"--case {' '.join(args.case)}: expected sd15|sdxl one|two no|bf16, or bf16-base bf16")
+        if key not in CONFIGS or mode not in MODES or precision not in BYTES:
+            parser.error(f"--case {' '.join(args.case)}: expected sd15|sdxl one|two no|bf16")
         print(json.dumps(measure(*args.case, args.max_gib)))
         return 0
 
@@ -279,20 +276,17 @@ def main(argv=None) -> int:
     lines, measured, skipped = [], [], []
     n = {key: counts(key) for key in CONFIGS}
     lines += ["| config | base UNet params | LoRA params (rank 64) | mixed precision | (a) one network | "
-              "(b) two copies | ratio a / b | one network, frozen base in bf16 (not proreflow today) | ratio / b |",
-              "|---|---:|---:|---|---:|---:|---:|---:|---:|"]
+              "(b) two copies | ratio a / b |", "|---|---:|---:|---|---:|---:|---:|"]
     for key, (name, _) in CONFIGS.items():
         base, lora = n[key]
         for precision in ("no", "bf16"):
             one = sum(static_bytes(base, lora, "one", precision).values())
             two = sum(static_bytes(base, lora, "two", precision).values())
-            low = sum(static_bytes(base, lora, "bf16-base" if precision == "bf16" else "one", precision).values())
-            lines.append(f"| {name} | {base:,} | {lora:,} | {precision} | {gib(one)} | {gib(two)} | {one / two:.2f} "
-                         f"| {gib(low) if precision == 'bf16' else '(same as a)'} | {low / two:.2f} |")
+            lines.append(f"| {name} | {base:,} | {lora:,} | {precision} | {gib(one)} | {gib(two)} | {one / two:.2f} |")
             if two > args.max_gib * GiB * 0.85:  # a margin for activations and the allocator
                 skipped.append(f"{name} {precision}: two copies hold {gib(two)} before activations")
                 continue
-            for mode in ("one", "two", "bf16-base")[:3 if precision == "bf16" else 2]:
+            for mode in MODES:
                 print(f"measuring {name} {mode} {precision} ...", file=sys.stderr, flush=True)
                 measured.append(run_case(key, mode, precision, args.max_gib))
                 print(json.dumps(measured[-1]), file=sys.stderr, flush=True)
@@ -331,29 +325,34 @@ def write_page(path, started, n, params_table, peak_table, ratios, skipped, meas
         raise SystemExit("the page needs the measured SD1.5 cases: raise --max-gib")
     sd15, (base, lora) = n["sd15"], n["sdxl"]
     excess = {p: steps["SD1.5", "one", p] - sum(static_bytes(*sd15, "one", p).values()) for p in BYTES}
-    factor = excess["no"] / saved["sd15", 32, "float32"]
+    factor = {p: excess[p] / saved["sd15", 32, dtype] for p, dtype in (("no", "float32"), ("bf16", "bfloat16"))}
     findings = [f"- {c}, mixed precision {p}: peak of the step {MODES[mode]} / two copies = {verdict(step)} "
                 f"(process peak: {process:.2f})." for (c, p, mode), (process, step) in ratios.items()]
     findings += [f"- SD1.5 one network at 1 x 4 x 32 x 32: the step's peak exceeds the static bytes (first table, "
                  f"with gradients) by {gib(excess['no'])} without mixed precision and by {gib(excess['bf16'])} "
-                 f"with bf16 (the bf16 casts of all base weights would be {gib(2 * sd15[0])}). The first is "
-                 f"{factor:.2f} x the saved activations counted on the meta device for this case, "
-                 f"{gib(saved['sd15', 32, 'float32'])} (last section; the rest: the backward pass's temporaries, "
-                 f"the teacher's forward, the allocator)."]
+                 f"with bf16: {factor['no']:.2f} x and {factor['bf16']:.2f} x the saved activations counted on the "
+                 f"meta device for this case, {gib(saved['sd15', 32, 'float32'])} (float32) and "
+                 f"{gib(saved['sd15', 32, 'bfloat16'])} (bf16; last section; the rest: the backward pass's "
+                 "temporaries, the teacher's forward, the allocator)."]
+    (process_no, step_no), (process_bf16, step_bf16) = (ratios["SD1.5", p, "one"] for p in ("no", "bf16"))
+    goal = (f"**Issue 16's goal, LoRA peak memory at most {GOAL} x today's two copies (SD1.5): measured "
+            f"{step_no:.2f} without mixed precision and {step_bf16:.2f} with bf16** (peak of the step; "
+            f"{'met' if max(step_no, step_bf16) <= GOAL else 'not met'}). The process peak gives {process_no:.2f} "
+            f"and {process_bf16:.2f}: with bf16 it still holds the float32 UNet the setup loads, before the "
+            "engine casts its base.")
     saved_table = ["| config | latents (batch 1) | saved for backward, float32 | bf16 |", "|---|---|---:|---:|"]
     saved_table += [f"| {CONFIGS[key][0]} | 4 x {side} x {side} | {gib(saved[key, side, 'float32'])} | "
                     f"{gib(saved[key, side, 'bfloat16'])} |" for key, side in ESTIMATED]
     now = sum(static_bytes(base, lora, "one", "bf16").values())
     act_low, act_high = saved["sdxl", 128, "bfloat16"], saved["sdxl", 128, "float32"]
-    scaled = now + 2 * base + factor * act_low
+    scaled = now + factor["bf16"] * act_low
     text = PAGE.format(
         date=started.strftime("%Y-%m-%d %H:%M UTC"), machine=machine(), rank=RANK, params="\n".join(params_table),
         peaks="\n".join(peak_table), skipped="; ".join(skipped) or "none", findings="\n".join(findings),
-        saved="\n".join(saved_table), sdxl_now=gib(now), sdxl_cast=gib(2 * base), card=gib(24e9),
-        sdxl_low=gib(sum(static_bytes(base, lora, "bf16-base", "bf16").values())),
-        act_low=gib(act_low), act_high=gib(act_high), low=gib(now + 2 * base + act_low),
-        high=gib(now + 2 * base + act_high), factor=f"{factor:.2f}", scaled=gib(scaled),
-        fits="does not fit" if scaled > 24e9 else "may fit")
+        goal=goal, saved="\n".join(saved_table), sdxl_now=gib(now), card=gib(24e9),
+        sdxl_before=gib(sum(static_bytes(base, lora, "two", "bf16").values()) - 2 * (base + lora)),
+        act_low=gib(act_low), act_high=gib(act_high), low=gib(now + act_low), high=gib(now + act_high),
+        factor=f"{factor['bf16']:.2f}", scaled=gib(scaled), fits="does not fit" if scaled > 24e9 else "may fit")
     path.write_text(text)
 
 
@@ -363,14 +362,20 @@ Generated by `python3 benchmarks/lora_memory.py` on {date}; {machine}. No GPU wa
 
 With `lora_rank > 0` the Stable Diffusion setup trains LoRA layers (rank {rank}, attention projections
 `to_q, to_k, to_v, to_out.0`) and its teacher is the same UNet with its adapters disabled
-(`proreflow.sd.lora.AdaptersDisabled`), not a second copy: **(a) one network**. **(b) two copies** is
-the engine with `teacher_view=None` (the way before): the student is a deep copy of the adapted UNet
-and the original stays as a frozen teacher, cast to the run's mixed-precision dtype. In both the
-student keeps float32 master weights (the engine makes them), and LoRA gradients, AdamW's two
-moments and the EMA are float32 copies of the LoRA parameters. Tests: `tests/sd/test_sd_lora_teacher.py` (the view's
-output equals the base UNet's exactly; training with one network equals training with two copies)
-and `tests/sd/test_sd_lora_memory.py` (the engine holds exactly the bytes counted below, on a
-tiny UNet, without and with bf16).
+(`proreflow.sd.lora.AdaptersDisabled`), not a second copy: **(a) one network**. Its frozen base is
+the teacher's weights, so under `mixed_precision: bf16` (or fp16) the engine keeps it in bf16, as
+any teacher, and only the LoRA parameters in float32 (`proreflow.training.runner.cast_frozen`, as
+diffusers' LoRA training scripts do with `weight_dtype`): **the teacher's solve runs with bf16
+weights under bf16 autocast**, and the student's forward computes with the same bf16 base. **(b) two
+copies** is the engine with `teacher_view=None` (the way before): the student is a deep copy of the
+adapted UNet with float32 master weights (its frozen base too) and the original stays as a frozen
+teacher, cast to the run's mixed-precision dtype. In both, LoRA gradients, AdamW's two moments and
+the EMA are float32 copies of the LoRA parameters. Tests: `tests/sd/test_sd_lora_teacher.py` (the
+view's output equals the base UNet's exactly; training with one network equals training with two
+copies, without mixed precision and, under bf16, with the two-copy base rounded to bf16; resume is
+exact; the files hold the float32 LoRA weights and exports take the float32 base from the teacher)
+and `tests/sd/test_sd_lora_memory.py` (the engine holds exactly the bytes counted below, on a tiny
+UNet, without and with bf16).
 
 ## Parameter and optimiser bytes (exact, full size)
 
@@ -385,10 +390,11 @@ Each case is a fresh process with one thread: build the random-weight UNet, the 
 `StageRunner` (recipe: 4 windows, 1 teacher DDIM step per window, no guidance, batch 1), one
 optimiser step (teacher solve with adapters off, student forward / backward, AdamW on the LoRA
 parameters, EMA). Process peak = the process's max RSS (`getrusage`) minus its RSS after
-imports: it includes building the setup (for (b) the deep copy; with bf16 also the moment before
-the teacher copy is cast, when two float32 UNets exist). Peak of the step = the highest RSS during
-the step alone (`VmHWM`, reset through `/proc/self/clear_refs` just before the step) minus the
-same baseline: what training holds once set up. "Bytes held" is counted from the engine's own
+imports: it includes building the setup: the float32 UNet as the teacher is loaded (for (a) with
+bf16 before its base is cast, one tensor at a time), for (b) the deep copy and with bf16 the moment
+before the teacher copy is cast, when two float32 UNets exist. Peak of the step = the highest RSS
+during the step alone (`VmHWM`, reset through `/proc/self/clear_refs` just before the step) minus
+the same baseline: what training holds once set up. "Bytes held" is counted from the engine's own
 objects after the step (unique storages of student and teacher parameters, optimiser state, EMA;
 the LoRA gradients are freed by then) and equals the first table's count minus the gradients
 exactly (the script checks it).
@@ -402,16 +408,12 @@ table is the figure.
 
 {findings}
 
-- Why bf16 saves less: with `mixed_precision: bf16` the two-copy teacher is already a bf16 copy,
-  while proreflow keeps the student's frozen base weights in float32 (its master weights), and
-  under autocast every matmul / convolution of the student's forward after the first LoRA layer
-  saves a bf16 cast of its frozen weight for the backward pass (autocast caches casts only of
-  trainable leaves), in both modes. Keeping the frozen base weights in bf16 and only the LoRA
-  parameters in float32 (what diffusers' LoRA training scripts do) would remove both costs: the
-  first table's last two columns give its bytes, and case (c) above measures it (the script casts
-  the frozen weights after the engine is built, so (c)'s process peak still holds the float32 UNet
-  of the setup; the loss equals (a)'s, since autocast computes in bf16 either way). **proreflow does
-  not do this today.**
+- {goal}
+- Without mixed precision nothing is cast: both ways train float32 weights, and the loss of (a)
+  equals (b)'s. With bf16 the student's matmuls and convolutions compute in bf16 under autocast
+  either way, so (a)'s frozen bf16 base changes what the network computes only where autocast keeps
+  float32 (normalisation weights, rounded to bf16); a float32 base also made autocast save a bf16
+  cast of each frozen weight for the backward pass, which a bf16 base does not need.
 - **Does an SDXL LoRA distillation fit a 24 GB card? Not measured on a GPU; estimated below.**
 
 ## SDXL on a 24 GB card: an estimate, not a measurement
@@ -421,28 +423,28 @@ memory): every tensor autograd saves, once per base tensor, parameters excluded,
 counted as flash attention saves it (q, k, v, output, logsumexp; a stand-in for
 `scaled_dot_product_attention`, since the meta device would take the math path and save the
 attention matrix). "bf16" is the whole UNet in bf16, the closer figure for `mixed_precision: bf16`
-(under autocast some saved tensors stay float32 and some are saved at both widths, so it is no
-bound); "float32" is what a run without mixed precision saves.
+(under autocast some saved tensors stay float32, so it is no bound); "float32" is what a run
+without mixed precision saves.
 
 {saved}
 
 With `mixed_precision: bf16`, one network, batch 1 at 1024 px (128 x 128 latents), no gradient
 checkpointing:
 
-- weights, LoRA gradients, AdamW state, EMA: {sdxl_now} (exact, first table);
-- bf16 casts of the frozen weights saved for backward: up to {sdxl_cast} (2 bytes x the base
-  parameters; layers before the first LoRA layer save none);
+- weights (bf16 base, float32 LoRA), LoRA gradients, AdamW state, EMA: {sdxl_now} (exact, first
+  table; with the float32 base of before it was {sdxl_before}, plus up to 2 bytes x the base
+  parameters of bf16 weight casts saved for backward);
 - saved activations: {act_low} (bf16 count) to {act_high} (float32 count).
 
-Together {low} (bf16 count) to {high} (float32 count), against the card's {card} (24 GB),
-before the backward pass's temporaries, the CUDA context and the allocator's slack; scaling the
-bf16 count by the {factor} x measured on SD1.5 above gives {scaled}. So an SDXL LoRA distillation
-as proreflow runs it today most likely {fits} a 24 GB card without `gradient_checkpointing:
-true`. With gradient checkpointing (recipe key) the forward keeps only each block's inputs, and the
-backward pass recomputes one block at a time (its activations and weight casts), so the static
-{sdxl_now} plus much smaller activations remain; that case is not counted here. With the frozen
-base in bf16 (not proreflow today) the static part would be {sdxl_low}, with no casts. All of
-this has to be confirmed by a measurement on the card (`torch.cuda.max_memory_allocated`).
+Together {low} (bf16 count) to {high} (float32 count), against the card's {card} (24 GB), before
+the backward pass's temporaries, the CUDA context and the allocator's slack; scaling the bf16 count
+by the {factor} x measured on SD1.5 with bf16 above (step peak over static bytes, per byte of the
+bf16 count) gives {scaled}. So an SDXL LoRA distillation as proreflow runs it now {fits} a 24 GB
+card without `gradient_checkpointing: true` (an estimate from a 256 px CPU step, whose fixed costs
+weigh more than at 1024 px). With gradient checkpointing (recipe key) the forward keeps only each
+block's inputs and the backward pass recomputes one block at a time, so the static {sdxl_now} plus
+much smaller activations remain; that case is not counted here. All of this has to be confirmed by
+a measurement on the card (`torch.cuda.max_memory_allocated`).
 """
 
 

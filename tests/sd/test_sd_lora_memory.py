@@ -39,4 +39,5 @@ def test_the_engine_holds_exactly_the_bytes_of_the_memory_table(sd15_dir, image_
             held[mode] = bench.held_bytes(runner)
         counted = bench.static_bytes(base, lora, mode, precision)
         assert held[mode] == sum(counted.values()) - counted["LoRA grads"]  # freed after the step
-    assert held["two"] - held["one"] == bench.BYTES[precision] * (base + lora)  # the teacher copy, nothing else
+    width = bench.BYTES[precision]  # one network: the frozen base at the mixed-precision width (the teacher's)
+    assert held["two"] - held["one"] == width * (base + lora) + (4 - width) * base  # the teacher copy, float32 base

@@ -56,7 +56,9 @@ class TrainResult:
     """A finished run.
 
     student: the final EMA student (sample it with ``windows`` and ``guidance``).
-    module: the student's network (EMA weights, eval mode), e.g. for export.
+    module: the student's network (EMA weights, eval mode), e.g. for export. With
+        ``setup.teacher_view`` under mixed precision its frozen parameters are in the mixed-precision
+        dtype (sample it under autocast; export loads the run's files onto the float32 teacher).
     history: ``(global_step, loss)`` of every optimiser step that was not skipped.
     """
 
@@ -106,7 +108,8 @@ def train(recipe: Recipe | str | Path | dict, setup: DistillationSetup, out_dir:
         (:class:`~proreflow.training.report.Reporter`); every run also logs to ``OUT/train.log``.
 
     The teacher network is put in eval mode and moved to the device (cast to the
-    mixed-precision dtype) in place; it never gets gradients. Raises
+    mixed-precision dtype) in place; it never gets gradients (with ``setup.teacher_view`` its
+    frozen parameters are cast, the student's trainable ones stay float32). Raises
     :class:`NonFiniteLossError` after ``max_nonfinite`` skipped steps in a stage, leaving the
     last good checkpoint as it was. Ctrl-C stops between two optimiser steps, writes a
     checkpoint and raises :class:`TrainingInterrupted`.
@@ -322,9 +325,13 @@ class _Run:
                 if recipe.validation_every and state.step % recipe.validation_every == 0 and state.step < stage.steps:
                     self._validate(index, state.global_step, runner.ema)  # before the checkpoint that follows it
                 if recipe.checkpoint_every and state.step % recipe.checkpoint_every == 0 and state.step < stage.steps:
-                    # the EMA file holds the averaged (trainable) tensors only: the frozen ones are the student's
-                    self._checkpoint(state, {"student": self.module.state_dict(), "ema": runner.ema.tensors()})
+                    self._checkpoint(state, self._weights(runner))
         self._finish_stage(index, state, runner.ema, first_global)
+
+    def _weights(self, runner: StageRunner) -> dict[str, dict[str, torch.Tensor]]:
+        """A mid-stage checkpoint's weights: the student's (:meth:`Trainee.saved`) and the EMA's averaged
+        (trainable) tensors only: the frozen ones are the student's."""
+        return {"student": self.trainee.saved(self.module.state_dict()), "ema": runner.ema.tensors()}
 
     def _stop_requested(self) -> bool:
         """Whether Ctrl-C was pressed on any process (all of them stop at the same step)."""
@@ -336,7 +343,7 @@ class _Run:
     def _interrupt(self, index: int, state: RunState, runner: StageRunner) -> None:
         """Write a checkpoint of the steps done (if the stage made any) and raise TrainingInterrupted."""
         if state.step > 0:
-            self._checkpoint(state, {"student": self.module.state_dict(), "ema": runner.ema.tensors()})
+            self._checkpoint(state, self._weights(runner))
         newest = latest_checkpoint(self.out)
         where = f"stage {index + 1}, step {state.step}"
         raise TrainingInterrupted(f"interrupted at {where}; " + (f"newest checkpoint: {newest}" if newest else
@@ -368,7 +375,8 @@ class _Run:
                                skipped_items=state.counters.skipped_items,
                                skipped_item_names=list(state.counters.skipped_item_names))
         if acc.is_main_process:
-            write_stage_result(self.out, index, ema.state_dict(self.module), self._student_info(index, state))
+            write_stage_result(self.out, index, self.trainee.saved(ema.state_dict(self.module)),
+                               self._student_info(index, state))
         acc.wait_for_everyone()
         ema.copy_to(self.module)  # the next stage starts from this stage's EMA weights
         if recipe.validation_every:
