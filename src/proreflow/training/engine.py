@@ -58,7 +58,8 @@ class TrainResult:
     student: the final EMA student (sample it with ``windows`` and ``guidance``).
     module: the student's network (EMA weights, eval mode), e.g. for export. With
         ``setup.teacher_view`` under mixed precision its frozen parameters are in the mixed-precision
-        dtype (sample it under autocast; export loads the run's files onto the float32 teacher).
+        dtype, and ``student`` feeds it inputs in that dtype (export loads the run's files onto the
+        float32 teacher instead).
     history: ``(global_step, loss)`` of every optimiser step that was not skipped.
     """
 
@@ -288,7 +289,8 @@ class _Run:
             self._run_stage(index, state, resumed, saved if resumed else None)
         acc.wait_for_everyone()
         module = acc.unwrap_model(self.trainee.student, keep_fp32_wrapper=False).eval()
-        return TrainResult(self.setup.denoiser(module, prediction_type=self.student_type), module,
+        dtype = self.trainee.weight_dtype if self.trainee.shared else None  # its base is in it (Trainee.shared)
+        return TrainResult(self.setup.denoiser(module, dtype=dtype, prediction_type=self.student_type), module,
                            TimeWindows(recipe.final_windows),
                            recipe.sample_guidance, state.completed, state.history, self.out)
 
