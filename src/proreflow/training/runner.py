@@ -212,7 +212,9 @@ def cast_frozen(module: nn.Module, dtype: torch.dtype) -> None:
     updated, so it needs no float32 copy, and autocast computes with a bf16 / fp16 cast of it
     anyway (and saves that cast for the backward pass when the weight is float32; not when it
     already is the reduced dtype). What the frozen base then computes differs from a float32 one
-    only by the rounding of its weights where autocast keeps float32 (e.g. normalisation weights).
+    by the rounding of the weights that autocast does not cast itself (e.g. normalisation weights)
+    and by the kernels (reduced-precision against mixed-dtype ones in the backward pass):
+    ``tests/sd/test_sd_lora_mixed_precision.py`` measures both.
     """
     for p in module.parameters():
         if not p.requires_grad:
