@@ -372,10 +372,11 @@ adapted UNet with float32 master weights (its frozen base too) and the original 
 teacher, cast to the run's mixed-precision dtype. In both, LoRA gradients, AdamW's two moments and
 the EMA are float32 copies of the LoRA parameters. Tests: `tests/sd/test_sd_lora_teacher.py` (the
 view's output equals the base UNet's exactly; training with one network equals training with two
-copies, without mixed precision and, under bf16, with the two-copy base rounded to bf16; resume is
-exact; the files hold the float32 LoRA weights and exports take the float32 base from the teacher)
-and `tests/sd/test_sd_lora_memory.py` (the engine holds exactly the bytes counted below, on a tiny
-UNet, without and with bf16).
+copies), `tests/sd/test_sd_lora_mixed_precision.py` (under bf16: the bf16 base against the float32
+base of before; resume is exact; the run's files hold the float32 LoRA weights alone, the LoRA
+export writes them and the merged export folds them into the teacher's float32 base; the target
+cache's teacher digest hashes the bf16 base) and `tests/sd/test_sd_lora_memory.py` (the engine
+holds exactly the bytes counted below, on a tiny UNet, without and with bf16).
 
 ## Parameter and optimiser bytes (exact, full size)
 
