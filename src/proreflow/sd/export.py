@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..training.checkpoint import check_finite, load_weights, read_student_info
+from ..training.checkpoint import check_finite, load_student_weights, load_weights, read_student_info
 from .lora import add_lora, extract_lora, has_lora, merge_lora, save_kohya_lora, save_lora
 from .scheduler import PROREFLOW_LINE, TRAILING_DDIM_LINE, ProReflowScheduler, explicit_config, trailing_ddim
 
@@ -139,7 +139,10 @@ def load_run_student(run_dir: str | Path, teacher_unet: nn.Module) -> tuple[nn.M
     """The final (EMA) student UNet of a ``stable-diffusion`` training run, and its ``student.json``.
 
     Rebuilt as the run built it: a copy of the teacher's UNet (with LoRA layers when the run
-    trained LoRA), then the saved weights in the teacher's dtype. Not
+    trained LoRA), then the saved weights in the teacher's dtype. A LoRA run's files hold the
+    LoRA weights (float32) and not the frozen base, which is the teacher's: the copy keeps
+    ``teacher_unet``'s own base weights (float32 as loaded, not the bf16 copy a bf16 run trained
+    against), so a merged export folds the LoRA into them. Not
     :func:`proreflow.training.load_student`, which needs the run's whole ``DistillationSetup``
     (its training data included) and returns a Denoiser; export has only the teacher's pipeline.
     """
@@ -153,10 +156,10 @@ def load_run_student(run_dir: str | Path, teacher_unet: nn.Module) -> tuple[nn.M
     if setup_info.get("model") != "stable-diffusion":
         raise ValueError(f"{run_dir} is a {setup_info.get('model', 'non Stable Diffusion')!r} run; export "
                          "takes runs of the stable-diffusion setup")
-    unet = copy.deepcopy(teacher_unet)
+    unet = copy.deepcopy(teacher_unet).requires_grad_(True)  # every weight was trained, or (LoRA) ...
     if setup_info.get("lora_rank"):
-        add_lora(unet, setup_info["lora_rank"], setup_info.get("lora_alpha"))
-    unet.load_state_dict(load_weights(weights))
+        add_lora(unet, setup_info["lora_rank"], setup_info.get("lora_alpha"))  # ... the LoRA layers only
+    load_student_weights(unet, load_weights(weights))
     return unet.eval().requires_grad_(False), info
 
 

@@ -5,8 +5,10 @@ of :func:`build_sd_setup`) gives a :class:`~proreflow.training.setup.Distillatio
 
 - ``teacher_model``: the teacher's UNet (float32 master weights; the engine casts the frozen
   teacher to the run's mixed-precision dtype and copies it into the student). With
-  ``lora_rank > 0`` it carries zero-initialised LoRA layers (so it still is the teacher) and
-  only those train in the student copy;
+  ``lora_rank > 0`` it carries zero-initialised LoRA layers (so it still is the teacher) and is
+  the student itself, trained in place, with ``teacher_view`` (adapters disabled) as the teacher:
+  only the LoRA layers train (float32), and under mixed precision the engine casts its frozen
+  base, the teacher's weights, to that dtype;
 - ``dataset``: ``(latents, cond)`` items, from images with captions (VAE posterior sample) or
   from prompts alone (the teacher's own samples), encoded when read or once into a cache;
 - ``uncond``: the null condition (the pipeline's negative for an empty prompt);

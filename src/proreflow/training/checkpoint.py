@@ -11,8 +11,9 @@ Layout of an output folder ``OUT``::
         student.safetensors              raw student weights   } mid-stage only; a checkpoint at a
         ema.safetensors                  EMA of the trainable  } stage end points to stage-<i>-*
                                          parameters only (the frozen ones are the student's)
-    OUT/stage-<i>-<windows>w/            result of stage i (1-based): the EMA student (full weights)
-        ema.safetensors, student.json
+    OUT/stage-<i>-<windows>w/            result of stage i (1-based): the EMA student (full weights;
+        ema.safetensors, student.json    without the frozen ones for a student that shares the
+                                         teacher's network, e.g. LoRA: those are the teacher's)
     OUT/student.safetensors, student.json   the newest stage result: what sampling loads
     OUT/summary.json                     per-stage summaries (time, teacher evaluations, loss)
 
@@ -75,6 +76,25 @@ def save_weights(state_dict: dict[str, Tensor], path: Path) -> None:
 
 def load_weights(path: Path) -> dict[str, Tensor]:
     return load_file(str(path))
+
+
+def load_student_weights(module: nn.Module, state: dict[str, Tensor], assign: bool = False) -> None:
+    """Load a student's saved weights into ``module`` (a student built as the run built it).
+
+    ``state`` must hold every tensor of ``module`` except, possibly, frozen parameters
+    (``requires_grad=False``): a student that shares the teacher's network leaves those out of its
+    files (they are the teacher's, :meth:`~.runner.Trainee.saved`), so ``module`` keeps its own
+    (the teacher's, in ``module``'s dtype). A key ``module`` lacks, or a trainable one ``state``
+    lacks, is a ValueError. ``assign``: take the saved tensors (and dtypes) instead of copying.
+    """
+    missing, unexpected = module.load_state_dict(state, strict=False, assign=assign)
+    frozen = {name for name, p in module.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    lacking = [key for key in missing if key not in frozen]
+    if lacking or unexpected:
+        raise ValueError("the saved student does not fit this network: "
+                         + "; ".join(f"{what}: {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}"
+                                     for what, keys in (("missing", lacking), ("unexpected", unexpected)) if keys)
+                         + " (load it with the setup it was trained with)")
 
 
 # ---------------------------------------------------------------- RNG states
@@ -407,7 +427,7 @@ def load_student(out_dir: str | Path, setup: DistillationSetup, stage: int | Non
                          f"teacher ({setup.prediction_type!r}) cannot serve: load it with the setup it was trained "
                          "with") from None
     module = student_module(setup, info.get("from_scratch", False))
-    module.load_state_dict(load_weights(folder / f"{stem}.safetensors"), assign=True)  # saved dtypes
+    load_student_weights(module, load_weights(folder / f"{stem}.safetensors"), assign=True)  # saved dtypes
     module.eval().requires_grad_(False)
     if device is not None:
         module.to(device)

@@ -68,7 +68,10 @@ class TrainResult:
     """A finished run.
 
     student: the final EMA student (sample it with ``windows`` and ``guidance``).
-    module: the student's network (EMA weights, eval mode), e.g. for export.
+    module: the student's network (EMA weights, eval mode), e.g. for export. With
+        ``setup.teacher_view`` under mixed precision its frozen parameters are in the mixed-precision
+        dtype, and ``student`` feeds it inputs in that dtype (export loads the run's files onto the
+        float32 teacher instead).
     history: ``(global_step, loss)`` of every optimiser step that was not skipped.
     """
 
@@ -118,7 +121,8 @@ def train(recipe: Recipe | str | Path | dict, setup: DistillationSetup, out_dir:
         (:class:`~proreflow.training.report.Reporter`); every run also logs to ``OUT/train.log``.
 
     The teacher network is put in eval mode and moved to the device (cast to the
-    mixed-precision dtype) in place; it never gets gradients. Raises
+    mixed-precision dtype) in place; it never gets gradients (with ``setup.teacher_view`` its
+    frozen parameters are cast, the student's trainable ones stay float32). Raises
     :class:`NonFiniteLossError` after ``max_nonfinite`` skipped steps in a stage, leaving the
     last good checkpoint as it was. Ctrl-C stops between two optimiser steps, writes a
     checkpoint and raises :class:`TrainingInterrupted`.
@@ -303,7 +307,8 @@ class _Run:
         module = acc.unwrap_model(self.trainee.student, keep_fp32_wrapper=False).eval()
         if is_sharded(module):  # the result is a plain network with the full weights, on every process
             module = unsharded_student(self.setup, recipe, full_tensors(module.state_dict())).to(acc.device).eval()
-        return TrainResult(self.setup.denoiser(module, prediction_type=self.student_type), module,
+        dtype = self.trainee.weight_dtype if self.trainee.shared else None  # its base is in it (Trainee.shared)
+        return TrainResult(self.setup.denoiser(module, dtype=dtype, prediction_type=self.student_type), module,
                            TimeWindows(recipe.final_windows),
                            recipe.sample_guidance, state.completed, state.history, self.out)
 
@@ -345,10 +350,12 @@ class _Run:
         self._finish_stage(index, state, runner.ema, first_global)
 
     def _mid_stage_weights(self, ema: EMA) -> dict[str, dict[str, torch.Tensor]]:
-        """A mid-stage checkpoint's weights: the student's and their EMA (trainable tensors only: the frozen
-        ones are the student's), full tensors on the main process (every process calls it)."""
+        """A mid-stage checkpoint's weights: the student's (:meth:`Trainee.saved`) and the EMA's averaged
+        (trainable) tensors only: the frozen ones are the student's; full tensors on the main process (every
+        process calls it: FSDP2 gathers)."""
         main = self.acc.is_main_process
-        return {"student": full_tensors(self.module.state_dict(), main), "ema": full_tensors(ema.tensors(), main)}
+        return {"student": full_tensors(self.trainee.saved(self.module.state_dict()), main),
+                "ema": full_tensors(ema.tensors(), main)}
 
     def _stop_requested(self) -> bool:
         """Whether Ctrl-C was pressed on any process (all of them stop at the same step)."""
@@ -391,7 +398,7 @@ class _Run:
                                final_loss=final_loss(state.history, first_global),
                                skipped_items=state.counters.skipped_items,
                                skipped_item_names=list(state.counters.skipped_item_names))
-        weights = full_tensors(ema.state_dict(self.module), acc.is_main_process)  # every process: FSDP2 gathers
+        weights = full_tensors(self.trainee.saved(ema.state_dict(self.module)), acc.is_main_process)  # FSDP2 gathers
         if acc.is_main_process:
             write_stage_result(self.out, index, weights, self._student_info(index, state))
         acc.wait_for_everyone()

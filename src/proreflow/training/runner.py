@@ -35,7 +35,7 @@ from torch.utils.data import Subset
 
 from ..conditioning import Cond, map_cond
 from .batches import BatchPlan, micro_batches
-from .checkpoint import student_module
+from .checkpoint import load_student_weights, student_module
 from .ema import EMA
 from .optim import check_optimizer, make_optimizer
 from .recipes import Recipe, Stage, load_recipe
@@ -187,6 +187,9 @@ class Trainee:
         accelerate (DDP / FSDP2 / autocast).
     original: the original teacher network, frozen, on the device, in ``weight_dtype``.
     uncond: ``setup.uncond`` on the device.
+    shared: one network in memory (``setup.teacher_view``): the student's frozen parameters are the
+        teacher's weights, so they live in ``weight_dtype`` as any teacher's do (:func:`cast_frozen`),
+        and the run's files leave them out (:meth:`saved`); only the trainable ones are float32.
     """
 
     accelerator: Any
@@ -196,31 +199,64 @@ class Trainee:
     original: nn.Module
     uncond: Cond
     weight_dtype: torch.dtype | None
+    shared: bool = False
 
     @classmethod
     def prepare(cls, setup: DistillationSetup, recipe: Recipe, accelerator,
                 weights: Iterable[dict[str, Tensor]] = ()) -> Trainee:
         """A fresh student (teacher copy or ``make_student()``, in float32), with ``weights`` loaded
-        in order, prepared with its optimiser; the original teacher cast and moved in place, or
-        with ``setup.teacher_view`` the student is ``setup.teacher_model`` and the teacher its view."""
+        in order (:func:`~.checkpoint.load_student_weights`), prepared with its optimiser; the original
+        teacher cast and moved in place, or with ``setup.teacher_view`` the student is
+        ``setup.teacher_model``, its frozen parameters (the teacher's) cast to the mixed-precision
+        dtype, and the teacher its view."""
         shared = setup.teacher_view is not None and not recipe.from_scratch
         check_sharding(accelerator, shared)
+        weight_dtype = DTYPES.get(recipe.mixed_precision)
         module = setup.teacher_model if shared else student_module(setup, recipe.from_scratch, recipe.seed)
         if any(p.dtype in (torch.float16, torch.bfloat16) for p in module.parameters()):
             module = module.float()  # optimiser master weights in float32
+        if shared and weight_dtype is not None:
+            cast_frozen(module, weight_dtype)
         for state in weights:
-            module.load_state_dict(state)
+            load_student_weights(module, state)
         if recipe.gradient_checkpointing:
             enable_gradient_checkpointing(module)
         module.train()
         # together: FSDP2 (fully_shard) swaps the parameters for sharded ones and repoints the optimiser
         student, optimizer = accelerator.prepare(module, make_optimizer(module, recipe.optimizer))
         module = accelerator.unwrap_model(student)
-        weight_dtype = DTYPES.get(recipe.mixed_precision)
         original = (setup.teacher_view(module) if shared
                     else as_teacher(setup.teacher_model, accelerator.device, weight_dtype))
         uncond = map_cond(lambda c: c.to(accelerator.device), setup.uncond)
-        return cls(accelerator, module, student, optimizer, original, uncond, weight_dtype)
+        return cls(accelerator, module, student, optimizer, original, uncond, weight_dtype, shared)
+
+    def saved(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
+        """What the run's files hold of ``state``, a state dict of the student (its weights or its EMA
+        student): all of it; with one network (:attr:`shared`) all but the frozen parameters, which are
+        the teacher's, unchanged (and here in ``weight_dtype``): whoever loads the student takes them
+        from the teacher, in its own dtype (:func:`~.checkpoint.load_student_weights`)."""
+        if not self.shared:
+            return state
+        frozen = {name for name, p in self.module.named_parameters(remove_duplicate=False) if not p.requires_grad}
+        return {key: value for key, value in state.items() if key not in frozen}
+
+
+def cast_frozen(module: nn.Module, dtype: torch.dtype) -> None:
+    """Cast ``module``'s frozen parameters (``requires_grad=False``) to ``dtype`` in place; the trainable
+    ones stay as they are (float32 master weights).
+
+    For a LoRA student that is its own teacher (``setup.teacher_view``) under mixed precision, as
+    diffusers' LoRA training scripts keep the base in ``weight_dtype``: the frozen base is never
+    updated, so it needs no float32 copy, and autocast computes with a bf16 / fp16 cast of it
+    anyway (and saves that cast for the backward pass when the weight is float32; not when it
+    already is the reduced dtype). What the frozen base then computes differs from a float32 one
+    by the rounding of the weights that autocast does not cast itself (e.g. normalisation weights)
+    and by the kernels (reduced-precision against mixed-dtype ones in the backward pass):
+    ``tests/sd/test_sd_lora_mixed_precision.py`` measures both.
+    """
+    for p in module.parameters():
+        if not p.requires_grad:
+            p.data = p.data.to(dtype)
 
 
 class StageRunner:
@@ -262,9 +298,10 @@ class StageRunner:
         trainee.optimizer.state.clear()
         teacher_module = None
         if stage.teacher == "previous":  # a plain copy on every process, whether or not FSDP shards the student
-            weights = previous if previous is not None else full_tensors(trainee.module.state_dict())
-            teacher_module = unsharded_student(setup, recipe, weights).requires_grad_(False)
-            teacher_module = as_teacher(teacher_module, acc.device, trainee.weight_dtype)
+            teacher_module = unsharded_student(setup, recipe, full_tensors(trainee.module.state_dict()))
+            if previous is not None:
+                load_student_weights(teacher_module, previous)
+            teacher_module = as_teacher(teacher_module.requires_grad_(False), acc.device, trainee.weight_dtype)
         teacher, counter = build_stage_teacher(setup, recipe, index, trainee.original, teacher_module,
                                                trainee.weight_dtype, acc.autocast)
         plan = BatchPlan(len(setup.dataset), recipe.seed, index, stage.batch_size, stage.grad_accum,
