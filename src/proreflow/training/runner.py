@@ -171,10 +171,12 @@ def fsdp_left_unused(accelerator) -> bool:
 
 
 def unsharded_student(setup: DistillationSetup, recipe: Recipe, weights: dict[str, Tensor]) -> nn.Module:
-    """A new student network (:func:`~proreflow.training.checkpoint.student_module`) holding the full
-    ``weights`` in their dtypes: never sharded, whatever FSDP does to the trained one."""
+    """A new student network (:func:`~proreflow.training.checkpoint.student_module`) holding copies of the
+    full ``weights`` in their dtypes (copies: the trained student's own tensors would be aliased), never
+    sharded, whatever FSDP does to the trained one; frozen tensors ``weights`` leaves out keep the network's
+    own (:func:`~.checkpoint.load_student_weights`)."""
     module = student_module(setup, recipe.from_scratch, recipe.seed)
-    module.load_state_dict(weights, assign=True)
+    load_student_weights(module, {key: value.detach().clone() for key, value in weights.items()}, assign=True)
     return module
 
 
@@ -298,10 +300,9 @@ class StageRunner:
         trainee.optimizer.state.clear()
         teacher_module = None
         if stage.teacher == "previous":  # a plain copy on every process, whether or not FSDP shards the student
-            teacher_module = unsharded_student(setup, recipe, full_tensors(trainee.module.state_dict()))
-            if previous is not None:
-                load_student_weights(teacher_module, previous)
-            teacher_module = as_teacher(teacher_module.requires_grad_(False), acc.device, trainee.weight_dtype)
+            weights = previous if previous is not None else full_tensors(trainee.module.state_dict())
+            teacher_module = unsharded_student(setup, recipe, weights).requires_grad_(False)
+            teacher_module = as_teacher(teacher_module, acc.device, trainee.weight_dtype)
         teacher, counter = build_stage_teacher(setup, recipe, index, trainee.original, teacher_module,
                                                trainee.weight_dtype, acc.autocast)
         plan = BatchPlan(len(setup.dataset), recipe.seed, index, stage.batch_size, stage.grad_accum,
