@@ -84,14 +84,17 @@ def _cast(state: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str
     return state if dtype is None else {k: v.to(dtype) for k, v in state.items()}
 
 
-def save_lora(unet: nn.Module, out_dir: str | Path, sdxl: bool, dtype: torch.dtype | None = None) -> Path:
-    """Write ``unet``'s LoRA weights (and their config: rank, alpha) as ``pytorch_lora_weights.safetensors``."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+def save_lora(model: nn.Module, out_dir: str | Path, pipeline: str, component: str = "unet",
+              dtype: torch.dtype | None = None) -> Path:
+    """Write ``model``'s LoRA weights (and their config: rank, alpha) as ``pytorch_lora_weights.safetensors``
+    with the ``save_lora_weights`` of the diffusers pipeline class named ``pipeline``, as its ``component``
+    (``"unet"`` of Stable Diffusion / SDXL, ``"transformer"`` of SD3): what its ``load_lora_weights`` reads."""
+    import diffusers
 
-    pipeline = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
     out_dir = Path(out_dir)
-    pipeline.save_lora_weights(out_dir, unet_lora_layers=_cast(lora_state_dict(unet), dtype), safe_serialization=True,
-                               unet_lora_adapter_metadata=unet.peft_config["default"].to_dict())
+    layers = {f"{component}_lora_layers": _cast(lora_state_dict(model), dtype),
+              f"{component}_lora_adapter_metadata": model.peft_config["default"].to_dict()}
+    getattr(diffusers, pipeline).save_lora_weights(out_dir, safe_serialization=True, **layers)
     return out_dir / "pytorch_lora_weights.safetensors"
 
 
