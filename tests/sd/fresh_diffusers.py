@@ -3,8 +3,10 @@
 SPEC: pipeline (class name), model (folder), lora (folder or null), weight_name (or null),
 scheduler_line (exec'd with ``pipe`` and ``DDIMScheduler`` in scope, or null), prompts, steps,
 sigmas (a list: custom ``sigmas`` instead of ``num_inference_steps``, as SD3 exports sample; optional),
-without (components to load as None, e.g. SD3's T5 ``text_encoder_3``, ``tokenizer_3``; optional), guidance, latents (safetensors file with ``latents``), out (safetensors file to write: ``latents``,
-``images`` in [0, 1] as N x H x W x C, metadata ``scheduler``). Run by test_sd_export.py.
+without (components to load as None, e.g. SD3's T5 ``text_encoder_3``, ``tokenizer_3``; optional),
+guidance, latents (safetensors file with ``latents``), out (safetensors file to write: ``latents``,
+``images`` in [0, 1] as N x H x W x C, metadata ``scheduler``). Run by test_sd_export.py and
+tests/sd3/test_sd3_export.py.
 """
 
 from __future__ import annotations

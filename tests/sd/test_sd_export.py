@@ -46,8 +46,8 @@ def fresh_sample(tmp_path: Path, pipeline: str, model: Path, noise: torch.Tensor
     its SD3 keys)."""
     save_file({"latents": noise.contiguous()}, str(tmp_path / "noise.safetensors"))
     spec = {"pipeline": pipeline, "model": str(model), "lora": str(lora) if lora else None, "weight_name": weight_name,
-            "scheduler_line": scheduler_line, "prompts": PROMPTS, "steps": steps, "sigmas": sigmas, "without": list(without),
-            "guidance": GUIDANCE,
+            "scheduler_line": scheduler_line, "prompts": PROMPTS, "steps": steps, "sigmas": sigmas,
+            "without": list(without), "guidance": GUIDANCE,
             "latents": str(tmp_path / "noise.safetensors"), "out": str(tmp_path / "fresh.safetensors")}
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     done = subprocess.run([sys.executable, str(WORKER), json.dumps(spec)], env=env, cwd=tmp_path,

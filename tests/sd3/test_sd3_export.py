@@ -19,8 +19,7 @@ from sd.test_sd_export import GUIDANCE, PROMPTS, fresh_sample, max_diff
 from proreflow import Denoiser, TimeWindows, sample
 from proreflow.sd.export import model_card
 from proreflow.sd.lora import add_lora
-from proreflow.sd3.export import (TAG, export_sd3_lora, export_sd3_pipeline, read_export_info, usage,
-                                  window_sigmas)
+from proreflow.sd3.export import TAG, export_sd3_lora, export_sd3_pipeline, read_export_info, usage, window_sigmas
 from proreflow.sd3.pipeline import load_sd3_teacher, transformer_network
 
 LATENT_TOL, IMAGE_TOL = 1e-5, 1e-6
@@ -60,7 +59,7 @@ def noise_for(teacher) -> torch.Tensor:
     return torch.randn(len(PROMPTS), *teacher.latent_shape(16), generator=torch.Generator().manual_seed(0))
 
 
-@pytest.mark.parametrize("window_space, windows", [("sigma", 2), ("unshifted", 3)])
+@pytest.mark.parametrize("window_space, windows", [("sigma", 2), pytest.param("unshifted", 3, marks=pytest.mark.slow)])
 def test_exported_pipeline_samples_like_proreflow_without_proreflow(sd3_dir, tmp_path, window_space, windows):
     teacher = load_sd3_teacher(sd3_dir, window_space=window_space)
     student = perturbed(teacher.transformer)
