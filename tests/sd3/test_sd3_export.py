@@ -22,7 +22,7 @@ from proreflow.sd.lora import add_lora
 from proreflow.sd3.export import TAG, export_sd3_lora, export_sd3_pipeline, read_export_info, usage, window_sigmas
 from proreflow.sd3.pipeline import load_sd3_teacher, transformer_network
 
-LATENT_TOL, IMAGE_TOL = 1e-5, 1e-6
+LATENT_TOL, IMAGE_TOL = 5e-6, 3e-6  # measured up to 4.8e-7 and 7.8e-7 (docs/flow-matching.md)
 NO_T5 = ("text_encoder_3", "tokenizer_3")  # the tiny pipeline has none: load it as diffusers documents
 
 
@@ -168,3 +168,14 @@ def test_lora_extracted_from_a_full_student_is_its_low_rank_change(sd3_dir, tmp_
                                    rtol=1e-5, atol=1e-5)
         assert max_diff(want, teacher.transformer(hidden_states=x, timestep=t, **cond).sample) > 1e-3
     assert json.loads((tmp_path / "lora/proreflow.json").read_text())["lora_kept_fraction"] == kept
+
+
+def test_docs_show_the_tested_lines():
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "docs/flow-matching.md").read_text()
+    assert 'pipe("a photo of a cat", sigmas=info["sigmas"], guidance_scale=info["guidance"])' in text
+    assert 'pipe.load_lora_weights("exports/sd3-lora")' in text and "Not done yet: the `proreflow export`" not in text
+    for command in ("proreflow export --run runs/sd3", "proreflow sample --model exports/sd3",
+                    "proreflow eval --teacher"):
+        assert command in text
