@@ -106,6 +106,7 @@ def lora_export(sd3_dir, tmp_path_factory):
     return teacher, student, out, path, kept
 
 
+@pytest.mark.slow  # a fresh interpreter with peft: ~20 s on 2 shared cores; in-process: test_lora_extracted_...
 def test_lora_loads_on_the_base_without_proreflow_and_samples_like_proreflow(lora_export, sd3_dir, tmp_path):
     teacher, student, out, path, kept = lora_export
     assert path == out / "pytorch_lora_weights.safetensors" and kept == 1.0
@@ -179,3 +180,19 @@ def test_docs_show_the_tested_lines():
     for command in ("proreflow export --run runs/sd3", "proreflow sample --model exports/sd3",
                     "proreflow eval --teacher"):
         assert command in text
+
+
+def test_a_lora_student_exports_as_merged_weights(lora_export, tmp_path):
+    """The full export of a LoRA student is a plain transformer computing the student (W + (alpha / r) B A)."""
+    from diffusers import SD3Transformer2DModel
+
+    teacher, student, _, _, _ = lora_export
+    export_sd3_pipeline(student, teacher, tmp_path / "merged", num_windows=2)
+    merged = SD3Transformer2DModel.from_pretrained(tmp_path / "merged/transformer")
+    assert not any("lora" in key for key in merged.state_dict()) and student.peft_config  # the student kept its LoRA
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([700.0, 200.0])
+    cond = teacher.encode_prompts(PROMPTS)
+    with torch.no_grad():
+        want = student(hidden_states=x, timestep=t, **cond).sample
+        torch.testing.assert_close(merged(hidden_states=x, timestep=t, **cond).sample, want, rtol=1e-5, atol=1e-5)
+        assert max_diff(want, teacher.transformer(hidden_states=x, timestep=t, **cond).sample) > 1e-3

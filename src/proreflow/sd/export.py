@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from ..training.checkpoint import check_finite, load_weights, read_student_info
-from .lora import add_lora, extract_lora, has_lora, merge_lora, save_kohya_lora, save_lora
+from .lora import add_lora, as_lora, has_lora, merge_lora, save_kohya_lora, save_lora
 from .scheduler import PROREFLOW_LINE, TRAILING_DDIM_LINE, ProReflowScheduler, explicit_config, trailing_ddim
 
 EXPORT_INFO = "proreflow.json"
@@ -212,12 +212,7 @@ def export_lora(student_unet: nn.Module, teacher, out_dir: str | Path, num_windo
     weights file and the kept fraction of the weight change.
     """
     out_dir = Path(out_dir)
-    kept = 1.0
-    if has_lora(student_unet):
-        adapted = student_unet
-    else:
-        adapted, kept = extract_lora(student_unet, teacher.unet, rank)
-    check_finite(adapted.state_dict(), "refusing to export the student's LoRA weights")
+    adapted, kept = as_lora(student_unet, teacher.unet, rank)
     path = save_lora(adapted, out_dir, type(teacher.pipe).__name__, "unet", dtype)
     save_kohya_lora(adapted, out_dir / KOHYA_LORA, dtype)
     info = {"num_windows": num_windows, "guidance": guidance, "prediction_type": teacher.prediction_type,

@@ -171,3 +171,13 @@ def extract_lora(student: nn.Module, base: nn.Module, rank: int) -> tuple[nn.Mod
         total += float(s.pow(2).sum())
         lost += float(s[r:].pow(2).sum())
     return adapted, 1.0 - lost / total
+
+
+def as_lora(student: nn.Module, base: nn.Module, rank: int) -> tuple[nn.Module, float]:
+    """The LoRA form of a student, and the kept fraction of its weight change: a LoRA student as trained
+    (fraction 1), else :func:`extract_lora` of its change from ``base`` at ``rank``; its weights must be finite."""
+    from ..training.checkpoint import check_finite
+
+    adapted, kept = (student, 1.0) if has_lora(student) else extract_lora(student, base, rank)
+    check_finite(adapted.state_dict(), "refusing to export the student's LoRA weights")
+    return adapted, kept

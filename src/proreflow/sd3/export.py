@@ -31,7 +31,7 @@ from torch import nn
 
 from ..flow import FlowSchedule
 from ..sd.export import _write_info, read_export_info
-from ..sd.lora import extract_lora, has_lora, merge_lora, save_lora
+from ..sd.lora import as_lora, has_lora, merge_lora, save_lora
 from ..training.checkpoint import check_finite
 from ..windows import TimeWindows
 from .pipeline import PIPELINE, T5_COMPONENTS, UNUSED_COMPONENTS, SD3Teacher
@@ -119,12 +119,7 @@ def export_sd3_lora(student: nn.Module, teacher: SD3Teacher, out_dir: str | Path
     """Save the student as LoRA weights of the teacher's transformer (module doc); the weights file and
     the kept fraction of the weight change (1 for a LoRA student, saved as trained)."""
     out_dir = Path(out_dir)
-    kept = 1.0
-    if has_lora(student):
-        adapted = student
-    else:
-        adapted, kept = extract_lora(student, teacher.transformer, rank)
-    check_finite(adapted.state_dict(), "refusing to export the student's LoRA weights")
+    adapted, kept = as_lora(student, teacher.transformer, rank)
     path = save_lora(adapted, out_dir, PIPELINE, "transformer", dtype)
     info = {**_info(teacher, num_windows, guidance, resolution), "base": teacher.source, "lora_kept_fraction": kept,
             "dtype": str(dtype or torch.float32).removeprefix("torch."), **(extra or {})}
