@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from proreflow import Denoiser, TimeWindows, sample
 from proreflow.cli import main
@@ -144,7 +144,8 @@ def test_a_folder_of_another_family_is_one_line_and_exit_2(command, sd3_dir, fea
     (sd15 / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
     run = tmp_path / "run"
     run.mkdir()
-    (run / "student.json").write_text(json.dumps({"windows": 2, "info": {"model": "digits"}}))
+    (run / "student.json").write_text(json.dumps({"windows": 2, "info": {"model": "digits", "teacher": str(sd3_dir)}}))
+    save_file({"w": torch.zeros(1)}, str(run / "student.safetensors"))  # a complete file: checked first
     (tmp_path / "prompts.txt").write_text("a cat\na dog\n")
     eval_args = ["eval", "--prompts", str(tmp_path / "prompts.txt"), "--inception", str(feature_file),
                  "--fid-cache", str(tmp_path / "cache"), "--out", str(tmp_path / "out")]

@@ -58,10 +58,6 @@ def run(args: argparse.Namespace) -> int:
         info = read_student_info(run_dir)
     except ValueError as err:
         raise UsageError(f"--run: {err}") from None
-    family = info.get("info", {}).get("model")
-    if family not in FAMILIES:
-        raise UsageError(f"--run: {run_dir} is a {family or 'built-in data'!r} run; export takes runs of the "
-                         f"{' or '.join(FAMILIES)} setups")
     check_weights_file(run_dir / "student.safetensors", UsageError)
     source = args.teacher or info.get("info", {}).get("teacher")
     if not source:
@@ -74,6 +70,10 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"--eval: {err}") from None
     writable_dir(args.out)
     read_model_index(source, args.local_files_only)  # a wrong teacher fails before anything loads
+    family = info.get("info", {}).get("model")
+    if family not in FAMILIES:
+        raise UsageError(f"--run: {run_dir} is a {family or 'built-in data'!r} run; export takes runs of the "
+                         f"{' or '.join(FAMILIES)} setups")
     extra = {"run": str(run_dir), "recipe": info.get("recipe"), "stage": info.get("stage"),
              "guidance_mode": info.get("guidance_mode"), "global_step": info.get("global_step")}
     if (run_dir / "recipe.yaml").is_file():  # the guidance of the teacher the final student reproduces
