@@ -76,6 +76,17 @@ def test_export_and_sample_an_sd3_run(sd3_run, sd3_dir, tmp_path, capsys):
     for k in range(2):  # float rounding may move a pixel by one level
         assert (png(tmp_path / f"png/000-{k}.png").int() - want[k].int()).abs().max() <= 1
 
+    # windows uniform in the unshifted s: more steps than windows are not the stock sampler, refused in one line
+    export_info = tmp_path / "export/proreflow.json"
+    export_info.write_text(json.dumps({**info, "window_space": "unshifted"}))
+    capsys.readouterr()
+    assert main(["sample", "--model", str(tmp_path / "export"), "--prompt", "a cat", "--steps", "3",
+                 "--out", str(tmp_path / "refused")]) == 2
+    err = capsys.readouterr().err  # after diffusers' loading progress bars: the error, one line
+    assert err.endswith("only at one step per window; use 2 steps\n") and "Traceback" not in err
+    assert err.splitlines()[-1].startswith("proreflow sample: error: 3 steps: a student with windows uniform")
+    assert not list((tmp_path / "refused").glob("*.png"))
+
     assert main(["export", "--run", str(run), "--out", str(tmp_path / "lora"), "--lora", "--lora-rank", "4"]) == 0
     assert (tmp_path / "lora/pytorch_lora_weights.safetensors").is_file()
     assert read_export_info(tmp_path / "lora")["base"] == str(sd3_dir)
