@@ -2,8 +2,11 @@
 
 SPEC: pipeline (class name), model (folder), lora (folder or null), weight_name (or null),
 scheduler_line (exec'd with ``pipe`` and ``DDIMScheduler`` in scope, or null), prompts, steps,
+sigmas (a list: custom ``sigmas`` instead of ``num_inference_steps``, as SD3 exports sample; optional),
+without (components to load as None, e.g. SD3's T5 ``text_encoder_3``, ``tokenizer_3``; optional),
 guidance, latents (safetensors file with ``latents``), out (safetensors file to write: ``latents``,
-``images`` in [0, 1] as N x H x W x C, metadata ``scheduler``). Run by test_sd_export.py.
+``images`` in [0, 1] as N x H x W x C, metadata ``scheduler``). Run by test_sd_export.py and
+tests/sd3/test_sd3_export.py.
 """
 
 from __future__ import annotations
@@ -31,14 +34,16 @@ if __name__ == "__main__":
     from safetensors.torch import load_file, save_file
 
     torch.set_num_threads(1)
-    pipe = getattr(diffusers, spec["pipeline"]).from_pretrained(spec["model"])
+    without = {name: None for name in spec.get("without") or ()}
+    pipe = getattr(diffusers, spec["pipeline"]).from_pretrained(spec["model"], **without)
     pipe.set_progress_bar_config(disable=True)
     if spec["lora"]:
         pipe.load_lora_weights(spec["lora"], weight_name=spec["weight_name"])
     if spec["scheduler_line"]:
         exec(spec["scheduler_line"], {"pipe": pipe, "DDIMScheduler": DDIMScheduler})
     noise = load_file(spec["latents"])["latents"]
-    kwargs = dict(num_inference_steps=spec["steps"], guidance_scale=spec["guidance"])
+    steps = {"sigmas": spec["sigmas"]} if spec.get("sigmas") else {"num_inference_steps": spec["steps"]}
+    kwargs = dict(guidance_scale=spec["guidance"], **steps)
     latents = pipe(spec["prompts"], latents=noise, output_type="latent", **kwargs).images
     images = pipe(spec["prompts"], latents=noise, output_type="np", **kwargs).images
     assert "proreflow" not in sys.modules and not any(m.startswith("proreflow.") for m in sys.modules)

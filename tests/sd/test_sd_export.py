@@ -40,11 +40,14 @@ LATENT_TOL, IMAGE_TOL = 1e-4, 2e-6  # measured 3.1e-5, 3.6e-7: see the module do
 
 
 def fresh_sample(tmp_path: Path, pipeline: str, model: Path, noise: torch.Tensor, steps: int, lora: Path | None = None,
-                 weight_name: str | None = None, scheduler_line: str | None = None):
-    """(latents, images N x H x W x C, scheduler class name) from fresh_diffusers.py."""
+                 weight_name: str | None = None, scheduler_line: str | None = None, sigmas: list | None = None,
+                 without: tuple[str, ...] = ()):
+    """(latents, images N x H x W x C, scheduler class name) from fresh_diffusers.py (``sigmas``, ``without``:
+    its SD3 keys)."""
     save_file({"latents": noise.contiguous()}, str(tmp_path / "noise.safetensors"))
     spec = {"pipeline": pipeline, "model": str(model), "lora": str(lora) if lora else None, "weight_name": weight_name,
-            "scheduler_line": scheduler_line, "prompts": PROMPTS, "steps": steps, "guidance": GUIDANCE,
+            "scheduler_line": scheduler_line, "prompts": PROMPTS, "steps": steps, "sigmas": sigmas,
+            "without": list(without), "guidance": GUIDANCE,
             "latents": str(tmp_path / "noise.safetensors"), "out": str(tmp_path / "fresh.safetensors")}
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     done = subprocess.run([sys.executable, str(WORKER), json.dumps(spec)], env=env, cwd=tmp_path,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from sd.conftest import image_dir  # noqa: F401 (the image-caption folder)
+from sd.t2i_fixtures import feature_file  # noqa: F401 (the FID network's stand-in)
 
 from .tiny import save_tiny_sd3
 

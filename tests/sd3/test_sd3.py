@@ -1,18 +1,17 @@
-"""SD3-class teachers: loading without T5, conditions, the setup, training and a stock-diffusers export."""
+"""SD3-class teachers: loading without T5, conditions, the setup, training; the stock pipeline at the window
+sigmas (exports: test_sd3_export.py)."""
 
 from __future__ import annotations
 
 import copy
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from proreflow import Denoiser, FlowSchedule, TimeWindows, sample
 from proreflow.commands.named_setups import get_setup_builder
-from proreflow.sd3.export import export_sd3_pipeline, read_export_info, window_sigmas
+from proreflow.sd3.export import window_sigmas
 from proreflow.sd3.pipeline import load_sd3_teacher, transformer_network
 from proreflow.sd3.setup import build_sd3_setup
 from proreflow.training import train
@@ -99,38 +98,6 @@ def test_setup_is_registered_and_trains_two_stages(sd3_dir, image_dir, tmp_path)
     teacher_weights = setup.teacher_model.state_dict()
     assert any(not torch.equal(v, teacher_weights[k]) for k, v in result.module.state_dict().items())
     assert "unshifted" in (tmp_path / "run" / "student.json").read_text()
-
-
-_STOCK = """
-import json, sys, torch
-from diffusers import StableDiffusion3Pipeline
-folder, inputs, out = sys.argv[1:]
-assert not any(m.startswith("proreflow") for m in sys.modules)
-info = json.load(open(folder + "/proreflow.json"))
-d = torch.load(inputs)
-pipe = StableDiffusion3Pipeline.from_pretrained(folder, text_encoder_3=None, tokenizer_3=None)  # no T5, as documented
-assert type(pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
-latents = pipe(prompt_embeds=d["states"], pooled_prompt_embeds=d["pooled"], sigmas=info["sigmas"],
-               guidance_scale=info["guidance"], latents=d["noise"], output_type="latent").images
-assert not any(m.startswith("proreflow") for m in sys.modules)
-torch.save(latents, out)
-"""
-
-
-def test_export_loads_in_stock_diffusers_and_reproduces_the_student(sd3_dir, tmp_path):
-    sd3 = load_sd3_teacher(sd3_dir, device="cpu")
-    student_model = _perturbed(sd3.transformer, seed=1)
-    folder = export_sd3_pipeline(student_model, sd3, tmp_path / "export", num_windows=2)
-    assert read_export_info(folder)["sigmas"] == window_sigmas(sd3.schedule(), TimeWindows(2))
-    cond = sd3.encode_prompts(["a cat"])
-    noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(2))
-    torch.save({"states": cond["encoder_hidden_states"], "pooled": cond["pooled_projections"], "noise": noise},
-               tmp_path / "inputs.pt")
-    subprocess.run([sys.executable, "-c", _STOCK, str(folder), str(tmp_path / "inputs.pt"), str(tmp_path / "out.pt")],
-                   check=True, cwd=tmp_path)
-    want = sample(Denoiser(transformer_network(student_model), "flow_velocity", sd3.schedule()), noise,
-                  TimeWindows(2), 2, cond)
-    torch.testing.assert_close(torch.load(tmp_path / "out.pt"), want, rtol=1e-5, atol=1e-5)
 
 
 def test_latent_cache_equals_encoding_on_the_fly(sd3_dir, image_dir, tmp_path):

@@ -1,4 +1,9 @@
-"""``proreflow eval``: a student at 1 / 2 / 4 / 8 steps against its teacher (DDIM at N steps).
+"""``proreflow eval``: a student at 1 / 2 / 4 / 8 steps against its teacher (DDIM at N steps; SD3: Euler-N).
+
+The family comes from the teacher's ``model_index.json``: Stable Diffusion / SDXL teachers sample
+with DDIM-N (:func:`proreflow.sd.t2i.ddim_sampler`), SD3 teachers with their own
+``FlowMatchEulerDiscreteScheduler`` at N steps and the students at their window sigmas
+(:mod:`proreflow.sd3.t2i`); the metrics are the same (:func:`proreflow.sd.t2i.evaluate`).
 
 Writes ``results.json``, ``results.md``, ``prompts.json`` and ``grids/`` (teacher vs student per
 prompt) into ``--out``. FID uses the TF-Inception network (``--inception``, default: the one in
@@ -46,7 +51,7 @@ def _steps(text: str) -> list[int]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--teacher", required=True, help="teacher: diffusers pipeline folder or hub id (SD1.5 / SDXL)")
+    p.add_argument("--teacher", required=True, help="teacher: diffusers pipeline folder or hub id (SD1.5 / SDXL / SD3)")
     p.add_argument("--student", required=True, type=Path, help="student pipeline folder (from `proreflow export`)")
     p.add_argument("--student-lora", type=Path, help="a LoRA export: then --student is its base pipeline folder")
     src = p.add_mutually_exclusive_group(required=True)
@@ -61,8 +66,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="number of prompts (with a named protocol: its first N, a quick subset)")
     p.add_argument("--steps", type=_steps, default=[1, 2, 4, 8], help="student step counts (default 1,2,4,8)")
     p.add_argument("--teacher-steps", type=bounded_int(1, 1000), default=32,
-                   help="teacher DDIM steps (default 32; DDIM with trailing timesteps, no clipping, the schedule's "
-                        "last step as proreflow samples: not the pipeline's own DDIM settings)")
+                   help="teacher steps (default 32; SD / SDXL: DDIM with trailing timesteps, no clipping, the "
+                        "schedule's last step as proreflow samples, not the pipeline's own DDIM settings; SD3: "
+                        "the pipeline's own Euler scheduler)")
     p.add_argument("--guidance", type=finite_float(0, 100),
                    help="classifier-free guidance of teacher and student (default: the export's: the student samples "
                         "at its recorded guidance, the teacher at the guidance the student was distilled to "
@@ -100,11 +106,10 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from ..sd.clip_score import NO_CLIP_MESSAGE, ClipScorer
-    from ..sd.export import load_student_pipeline
     from ..sd.fid import FID, reference_statistics
-    from ..sd.pipeline import SDTeacher, load_teacher, read_model_index
-    from ..sd.scheduler import TRAILING_DDIM
-    from ..sd.t2i import ddim_sampler, evaluate, pipeline_sampler, write_report
+    from ..sd.pipeline import SUPPORTED_PIPELINES, read_model_index
+    from ..sd.t2i import evaluate, write_report
+    from ..sd3.pipeline import PIPELINE as SD3_PIPELINE
     from ..training.runner import as_dtype
 
     if args.coco_annotations is not None and args.coco_images is None:
@@ -124,42 +129,37 @@ def _run(args: argparse.Namespace) -> int:
         prompt_set = load_prompt_file(args.prompts, args.num)
     else:
         prompt_set = load_coco(args.coco_annotations, args.coco_images, args.protocol, args.num, args.seed)
-    read_model_index(args.teacher)  # fail on a wrong teacher or student before loading anything heavy
+    # fail on a wrong teacher or student before loading anything heavy
+    family = read_model_index(args.teacher).get("_class_name")
+    if family not in (*SUPPORTED_PIPELINES, SD3_PIPELINE):
+        raise ValueError(f"--teacher: {args.teacher} is a {family}; eval takes Stable Diffusion, SDXL or SD3 "
+                         "pipelines")
     if not (args.student / "model_index.json").is_file():
         raise FileNotFoundError(f"student folder {args.student} has no model_index.json: pass a folder written by "
                                 "`proreflow export` (or, with --student-lora, the base pipeline folder)")
+    student_family = read_model_index(args.student).get("_class_name")
+    if (student_family == SD3_PIPELINE) != (family == SD3_PIPELINE):
+        raise ValueError(f"--student: {args.student} is a {student_family}, the teacher {args.teacher} a {family}: "
+                         "give the student distilled from that teacher")
     dtype = as_dtype(args.dtype) if args.dtype else (torch.float16 if args.device.startswith("cuda") else torch.float32)
     fid = FID(args.inception, device=args.device)
     clip = ClipScorer.load(args.clip_model, args.device) if args.clip_model else None
     if clip is None:
         print(NO_CLIP_MESSAGE, file=sys.stderr)
-    teacher = load_teacher(args.teacher, unet_dtype=dtype, encoder_dtype=dtype, device=args.device)
-    student_pipe, info = load_student_pipeline(args.student, lora=args.student_lora, dtype=dtype, device=args.device)
-    student_pipe.vae.to(torch.float32)  # as the teacher's: decode in float32
-    resolution = args.resolution or teacher.resolution
-    shape = teacher.latent_shape(resolution)
-    if SDTeacher(student_pipe, str(args.student)).latent_shape(resolution) != shape:
-        raise ValueError(f"the student's latents differ from the teacher's {shape}: it must be distilled from "
-                         f"{args.teacher}")
-    teacher_guidance, student_guidance = guidances(args, info)
-    methods = [pipeline_sampler(student_pipe, n, student_guidance, f"student {n}-step", resolution) for n in args.steps]
+    methods = _sd3_methods if family == SD3_PIPELINE else _sd_methods
+    teacher_method, students, shape, resolution, settings = methods(args, dtype)
     reference = None
     if prompt_set.image_paths is not None:
         reference = reference_statistics(fid, prompt_set.image_paths, resolution, args.fid_cache,
                                          batch_size=args.batch_size, workers=args.workers,
                                          description=prompt_set.source)
-    evaluation = evaluate(ddim_sampler(teacher.pipe, args.teacher_steps, teacher_guidance, resolution=resolution),
-                          methods, prompt_set.prompts, shape, seed=args.seed, batch_size=args.batch_size, fid=fid,
-                          reference=reference, clip=clip, sample_count=args.grid_prompts)
-    scheduler = student_pipe.scheduler
+    evaluation = evaluate(teacher_method, students, prompt_set.prompts, shape, seed=args.seed,
+                          batch_size=args.batch_size, fid=fid, reference=reference, clip=clip,
+                          sample_count=args.grid_prompts)
     settings = {
         "teacher": str(args.teacher), "student": str(args.student),
         "student_lora": None if args.student_lora is None else str(args.student_lora),
-        "prompts": prompt_set.source, "count": len(prompt_set), "resolution": resolution,
-        "teacher_guidance": teacher_guidance, "student_guidance": student_guidance,
-        "teacher_scheduler": f"DDIMScheduler({', '.join(f'{k}={v!r}' for k, v in TRAILING_DDIM.items())}), "
-                             f"{args.teacher_steps} steps",
-        "student_scheduler": f"{type(scheduler).__name__}, {scheduler.config.get('num_windows')} windows",
+        "prompts": prompt_set.source, "count": len(prompt_set), "resolution": resolution, **settings,
         "seed": args.seed, "fid_network": str(getattr(fid.extractor, "path", "custom")),
         "fid_network_sha256": fid.fingerprint, "clip_model": clip.name if clip is not None else None,
         "device": args.device, "dtype": str(dtype),
@@ -170,3 +170,65 @@ def _run(args: argparse.Namespace) -> int:
     print(paths["markdown"].read_text())
     print(f"wrote {paths['json']}, {paths['markdown']} and {paths['grids']}/")
     return 0
+
+
+def _check_latents(student_shape, shape, teacher) -> None:
+    if student_shape != shape:
+        raise ValueError(f"the student's latents differ from the teacher's {shape}: it must be distilled from "
+                         f"{teacher}")
+
+
+def _sd_methods(args: argparse.Namespace, dtype):
+    """Stable Diffusion / SDXL: (teacher DDIM-N, the students at --steps, latent shape, resolution, settings)."""
+    from ..sd.export import load_student_pipeline
+    from ..sd.pipeline import SDTeacher, load_teacher
+    from ..sd.scheduler import TRAILING_DDIM
+    from ..sd.t2i import ddim_sampler, pipeline_sampler
+
+    teacher = load_teacher(args.teacher, unet_dtype=dtype, encoder_dtype=dtype, device=args.device)
+    student_pipe, info = load_student_pipeline(args.student, lora=args.student_lora, dtype=dtype, device=args.device)
+    student_pipe.vae.to(torch.float32)  # as the teacher's: decode in float32
+    resolution = args.resolution or teacher.resolution
+    shape = teacher.latent_shape(resolution)
+    _check_latents(SDTeacher(student_pipe, str(args.student)).latent_shape(resolution), shape, args.teacher)
+    teacher_guidance, student_guidance = guidances(args, info)
+    students = [pipeline_sampler(student_pipe, n, student_guidance, f"student {n}-step", resolution)
+                for n in args.steps]
+    scheduler = student_pipe.scheduler
+    settings = {
+        "teacher_guidance": teacher_guidance, "student_guidance": student_guidance,
+        "teacher_scheduler": f"DDIMScheduler({', '.join(f'{k}={v!r}' for k, v in TRAILING_DDIM.items())}), "
+                             f"{args.teacher_steps} steps",
+        "student_scheduler": f"{type(scheduler).__name__}, {scheduler.config.get('num_windows')} windows",
+    }
+    teacher_method = ddim_sampler(teacher.pipe, args.teacher_steps, teacher_guidance, resolution=resolution)
+    return teacher_method, students, shape, resolution, settings
+
+
+def _sd3_methods(args: argparse.Namespace, dtype):
+    """SD3: (teacher Euler-N with its own scheduler, the students at --steps at their window sigmas, latent
+    shape, resolution, settings); the teacher without T5 when the student was distilled without it."""
+    from ..sd3.export import load_sd3_student_pipeline
+    from ..sd3.pipeline import SD3Teacher, load_sd3_teacher
+    from ..sd3.t2i import euler_sampler, student_sampler
+
+    student_pipe, info = load_sd3_student_pipeline(args.student, lora=args.student_lora, dtype=dtype,
+                                                   device=args.device)
+    student_pipe.vae.to(torch.float32)  # as the teacher's: decode in float32
+    teacher = load_sd3_teacher(args.teacher, transformer_dtype=dtype, encoder_dtype=dtype,
+                               use_t5=info.get("use_t5", True), device=args.device)
+    resolution = args.resolution or teacher.resolution
+    shape = teacher.latent_shape(resolution)
+    _check_latents(SD3Teacher(student_pipe, str(args.student)).latent_shape(resolution), shape, args.teacher)
+    teacher_guidance, student_guidance = guidances(args, info)
+    students = [student_sampler(student_pipe, info, n, student_guidance, resolution) for n in args.steps]
+    scheduler = type(teacher.pipe.scheduler).__name__
+    settings = {
+        "teacher_guidance": teacher_guidance, "student_guidance": student_guidance,
+        "teacher_scheduler": f"{scheduler}(shift={teacher.pipe.scheduler.config.get('shift')}), "
+                             f"{args.teacher_steps} steps",
+        "student_scheduler": f"{type(student_pipe.scheduler).__name__} at the window sigmas, "
+                             f"{info['num_windows']} windows ({info['window_space']} space)",
+    }
+    teacher_method = euler_sampler(teacher.pipe, args.teacher_steps, teacher_guidance, resolution)
+    return teacher_method, students, shape, resolution, settings

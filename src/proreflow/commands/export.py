@@ -1,12 +1,15 @@
-"""``proreflow export``: a trained Stable Diffusion student as a diffusers pipeline folder or LoRA weights.
+"""``proreflow export``: a trained Stable Diffusion / SD3 student as a diffusers pipeline folder or LoRA weights.
 
     proreflow export --run runs/sd15 --out exports/sd15-4w            # full pipeline folder
     proreflow export --run runs/sd15 --out exports/sd15-lora --lora   # LoRA for the base model
     proreflow export --run runs/sd15 --out exports/sd15-4w --dtype float16 --eval evals/sd15 \
         --push-to-hub me/sd15-proreflow-4step
+    proreflow export --run runs/sd3 --out exports/sd3-4w              # an SD3 run: the same options
 
-The folders load with diffusers alone (a stock DDIMScheduler is the student's sampler, see
-:mod:`proreflow.sd.export`) and carry a model card (README.md).
+The family comes from the run's ``student.json`` (its setup). The folders load with diffusers alone
+(Stable Diffusion: a stock DDIMScheduler is the student's sampler, see :mod:`proreflow.sd.export`;
+SD3: the stock FlowMatchEulerDiscreteScheduler at the ``sigmas`` of ``proreflow.json``, see
+:mod:`proreflow.sd3.export`) and carry a model card (README.md).
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ from . import UsageError, bounded_int, existing_dir, writable_dir
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--run", required=True, help="output folder of a `proreflow train` run (stable-diffusion setup)")
+    p.add_argument("--run", required=True, help="output folder of a `proreflow train` run (stable-diffusion or "
+                   "stable-diffusion-3 setup)")
     p.add_argument("--out", required=True, help="folder to write")
     p.add_argument("--teacher", help="teacher pipeline folder or hub id (default: the one the run was trained from)")
     p.add_argument("--lora", action="store_true",
@@ -35,10 +39,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="never download (default: on when HF_HUB_OFFLINE=1)")
 
 
+FAMILIES = ("stable-diffusion", "stable-diffusion-3")
+
+
 def run(args: argparse.Namespace) -> int:
-    from ..sd.export import export_lora, export_pipeline, load_run_student, push_to_hub, read_metrics
-    from ..sd.pipeline import load_teacher, read_model_index
-    from ..sd.scheduler import TRAILING_DDIM_LINE
+    from ..sd.export import push_to_hub, read_metrics
+    from ..sd.pipeline import read_model_index
     from ..training.checkpoint import check_weights_file, read_student_info
     from ..training.recipes import load_recipe
     from ..training.runner import as_dtype
@@ -64,8 +70,10 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"--eval: {err}") from None
     writable_dir(args.out)
     read_model_index(source, args.local_files_only)  # a wrong teacher fails before anything loads
-    teacher = load_teacher(source, local_files_only=args.local_files_only)
-    student, info = load_run_student(run_dir, teacher.unet)
+    family = info.get("info", {}).get("model")
+    if family not in FAMILIES:
+        raise UsageError(f"--run: {run_dir} is a {family or 'built-in data'!r} run; export takes runs of the "
+                         f"{' or '.join(FAMILIES)} setups")
     extra = {"run": str(run_dir), "recipe": info.get("recipe"), "stage": info.get("stage"),
              "guidance_mode": info.get("guidance_mode"), "global_step": info.get("global_step")}
     if (run_dir / "recipe.yaml").is_file():  # the guidance of the teacher the final student reproduces
@@ -73,16 +81,54 @@ def run(args: argparse.Namespace) -> int:
     if args.push_to_hub:
         extra["repo_id"] = args.push_to_hub  # the model card's loading lines name the repo
     dtype = as_dtype(args.dtype) if args.dtype else None
-    windows, guidance = info["windows"], info.get("guidance", 1.0)
-    if args.lora:
-        path, kept = export_lora(student, teacher, args.out, windows, guidance, args.lora_rank, extra, dtype, metrics)
-        print(f"wrote {path} and its kohya / ComfyUI copy (LoRA for {source}; keeps {kept:.1%} of the weight "
-              f"change). Sample with `pipe.load_lora_weights(DIR)`, then\n  {TRAILING_DDIM_LINE}\n"
-              f"and num_inference_steps={windows}")
-    else:
-        export_pipeline(student, teacher, args.out, windows, guidance, extra, dtype, metrics)
-        print(f"wrote the pipeline folder {args.out} ({windows} windows; sample with num_inference_steps={windows}, "
-              f"or `proreflow sample --model {args.out} --prompt ...`)")
+    export = _export_sd3 if family == "stable-diffusion-3" else _export_sd
+    print(export(args, run_dir, source, info["info"], extra, dtype, metrics))
     if args.push_to_hub:
         print(f"uploaded to {push_to_hub(args.out, args.push_to_hub, private=args.private)}")
     return 0
+
+
+def _export_sd(args: argparse.Namespace, run_dir, source: str, setup_info: dict, extra: dict, dtype,
+               metrics) -> str:
+    """A stable-diffusion run as a pipeline with the stock DDIM, or LoRA; the line to print."""
+    from ..sd.export import export_lora, export_pipeline, load_run_student
+    from ..sd.pipeline import load_teacher
+    from ..sd.scheduler import TRAILING_DDIM_LINE
+
+    teacher = load_teacher(source, local_files_only=args.local_files_only)
+    student, info = load_run_student(run_dir, teacher.unet)
+    windows, guidance = info["windows"], info.get("guidance", 1.0)
+    if args.lora:
+        path, kept = export_lora(student, teacher, args.out, windows, guidance, args.lora_rank, extra, dtype, metrics)
+        return (f"wrote {path} and its kohya / ComfyUI copy (LoRA for {source}; keeps {kept:.1%} of the weight "
+                f"change). Sample with `pipe.load_lora_weights(DIR)`, then\n  {TRAILING_DDIM_LINE}\n"
+                f"and num_inference_steps={windows}")
+    export_pipeline(student, teacher, args.out, windows, guidance, extra, dtype, metrics)
+    return (f"wrote the pipeline folder {args.out} ({windows} windows; sample with num_inference_steps={windows}, "
+            f"or `proreflow sample --model {args.out} --prompt ...`)")
+
+
+def _export_sd3(args: argparse.Namespace, run_dir, source: str, setup_info: dict, extra: dict, dtype,
+                metrics) -> str:
+    """A stable-diffusion-3 run as a pipeline with its window sigmas, or LoRA; the line to print."""
+    from ..sd.export import load_run_student, read_export_info
+    from ..sd3.export import export_sd3_lora, export_sd3_pipeline
+    from ..sd3.pipeline import load_sd3_teacher
+
+    teacher = load_sd3_teacher(source, use_t5=setup_info.get("use_t5", True),
+                               window_space=setup_info.get("window_space", "sigma"),
+                               local_files_only=args.local_files_only)
+    student, info = load_run_student(run_dir, teacher.transformer, "stable-diffusion-3")
+    windows, guidance, resolution = info["windows"], info.get("guidance", 1.0), setup_info.get("resolution")
+    if args.lora:
+        path, kept = export_sd3_lora(student, teacher, args.out, windows, guidance, args.lora_rank, resolution,
+                                     extra, dtype, metrics)
+        what = f"{path} (LoRA for {source}; keeps {kept:.1%} of the weight change). Sample with " \
+               "`pipe.load_lora_weights(DIR)`, then"
+    else:
+        export_sd3_pipeline(student, teacher, args.out, windows, guidance, resolution, extra, dtype, metrics)
+        what = f"the pipeline folder {args.out} ({windows} windows). Sample with"
+    sigmas = read_export_info(args.out)["sigmas"]
+    return (f"wrote {what} pipe(prompt, sigmas={sigmas}, guidance_scale={guidance:g}) (proreflow.json), or "
+            f"`proreflow sample --model {args.out if not args.lora else source} "
+            f"{'--lora ' + str(args.out) + ' ' if args.lora else ''}--prompt ...`")

@@ -2,6 +2,11 @@
 
     proreflow sample --model exports/sd15-4w --prompt "a cat" --steps 4 --out samples/
     proreflow sample --model BASE --lora exports/sd15-lora --prompt "a cat" --steps 4
+    proreflow sample --model exports/sd3-4w --prompt "a cat" --out samples/
+
+The family comes from the pipeline's ``model_index.json``: Stable Diffusion / SDXL sample with
+:class:`~proreflow.sd.ProReflowScheduler`, SD3 with its stock Euler scheduler at the student's
+sigmas (:func:`proreflow.sd3.export.student_sigmas`).
 
 Image ``k`` of prompt ``i`` uses seed ``seed + i * num_images + k``: a set of images can be
 made again one by one. Files: ``OUT/<i>-<k>.png`` and ``OUT/prompts.txt``.
@@ -55,7 +60,9 @@ def run(args: argparse.Namespace) -> int:
 
     from ..sd.captions import read_prompts
     from ..sd.export import load_student_pipeline
-    from ..sd.pipeline import read_model_index
+    from ..sd.pipeline import SUPPORTED_PIPELINES, read_model_index
+    from ..sd3.export import load_sd3_student_pipeline, student_sigmas
+    from ..sd3.pipeline import PIPELINE as SD3_PIPELINE
     from ..training.runner import as_dtype
 
     prompts = list(args.prompt) + (read_prompts(existing_file(args.prompts, "--prompts")) if args.prompts else [])
@@ -68,12 +75,18 @@ def run(args: argparse.Namespace) -> int:
     dtype = as_dtype(args.dtype) if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
     lora_info = _check_lora(args.lora) if args.lora else {}
     try:  # a wrong --model fails before anything loads
-        read_model_index(args.model, args.local_files_only)
+        index = read_model_index(args.model, args.local_files_only)
     except OSError as err:
         raise UsageError(f"--model: {one_line(err).replace('--teacher takes', '--model takes')}") from None
+    family = index.get("_class_name")
+    if family not in (*SUPPORTED_PIPELINES, SD3_PIPELINE):
+        raise UsageError(f"--model: {args.model} is a {family}; sample takes Stable Diffusion, SDXL or SD3 "
+                         "pipelines (exported by `proreflow export`, or the base of --lora)")
+    sd3 = family == SD3_PIPELINE
     out = writable_dir(args.out)
+    load = load_sd3_student_pipeline if sd3 else load_student_pipeline
     try:
-        pipe, info = load_student_pipeline(args.model, args.lora, args.windows, dtype, device, args.local_files_only)
+        pipe, info = load(args.model, args.lora, args.windows, dtype, device, args.local_files_only)
     except (ValueError, RuntimeError, KeyError) as err:
         if not args.lora:
             raise
@@ -81,16 +94,23 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--lora {args.lora} does not fit --model {args.model}: the LoRA was exported for the base "
                          f"{base!r} (its proreflow.json); give that pipeline as --model" if base else
                          f"--lora {args.lora} does not fit --model {args.model} ({one_line(err)[:200]})") from None
-    windows = pipe.scheduler.config.num_windows
+    windows = info["num_windows"] if sd3 else pipe.scheduler.config.num_windows
     steps = args.steps or windows
     if steps < windows:
         raise UsageError(f"--steps {steps}: the student has {windows} windows; sample with at least {windows} steps")
+    if not sd3:
+        schedule = {"num_inference_steps": steps}
+    elif args.height != args.width and pipe.scheduler.config.get("use_dynamic_shifting"):
+        raise UsageError("--height and --width differ, but the SD3 scheduler shifts by the image size: give a "
+                         "square size (--height = --width)")
+    else:  # the stock Euler scheduler at the student's sigmas (proreflow.sd3.export)
+        schedule = {"sigmas": student_sigmas(pipe, info, steps, args.height or args.width)}
     guidance = args.guidance if args.guidance is not None else info.get("guidance", 1.0)
     out.mkdir(parents=True, exist_ok=True)
     n = args.num_images
     for i, prompt in enumerate(prompts):
         generators = [torch.Generator().manual_seed(args.seed + i * n + k) for k in range(n)]
-        images = pipe(prompt, num_inference_steps=steps, guidance_scale=guidance, num_images_per_prompt=n,
+        images = pipe(prompt, guidance_scale=guidance, num_images_per_prompt=n, **schedule,
                       generator=generators, height=args.height, width=args.width).images
         for k, image in enumerate(images):
             image.save(out / f"{i:03d}-{k}.png")

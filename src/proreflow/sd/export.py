@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from ..training.checkpoint import check_finite, load_student_weights, load_weights, read_student_info
-from .lora import add_lora, extract_lora, has_lora, merge_lora, save_kohya_lora, save_lora
+from .lora import add_lora, as_lora, has_lora, merge_lora, save_kohya_lora, save_lora
 from .scheduler import PROREFLOW_LINE, TRAILING_DDIM_LINE, ProReflowScheduler, explicit_config, trailing_ddim
 
 EXPORT_INFO = "proreflow.json"
@@ -49,9 +49,10 @@ def read_export_info(folder: str | Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def _write_info(out_dir: Path, info: dict, metrics: list[dict] | None) -> None:
+def _write_info(out_dir: Path, info: dict, metrics: list[dict] | None, usage: list[str] | None = None,
+                tag: str | None = None) -> None:
     (out_dir / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n")
-    (out_dir / MODEL_CARD).write_text(model_card(info, metrics))
+    (out_dir / MODEL_CARD).write_text(model_card(info, metrics, usage, tag))
 
 
 def read_metrics(eval_dir: str | Path) -> list[dict]:
@@ -62,25 +63,24 @@ def read_metrics(eval_dir: str | Path) -> list[dict]:
     return json.loads(path.read_text())["results"]
 
 
-def model_card(info: dict, metrics: list[dict] | None = None) -> str:
+def model_card(info: dict, metrics: list[dict] | None = None, usage: list[str] | None = None,
+               tag: str | None = None) -> str:
     """The export's ``README.md``: hub metadata, the lines that load and sample it, how it was trained,
-    and the ``proreflow eval`` results when given (rows of its ``results.json``)."""
+    and the ``proreflow eval`` results when given (rows of its ``results.json``).
+
+    usage: the lines of its "Use it with diffusers alone" section (default: Stable Diffusion's, the stock
+    DDIM); tag: the model family's hub tag (default: ``stable-diffusion`` or ``stable-diffusion-xl``).
+    """
     from huggingface_hub import ModelCardData
 
     from .pipeline import _looks_like_hub_id
 
     lora, windows, guidance = "base" in info, info["num_windows"], info["guidance"]
     teacher = info["base"] if lora else info["teacher"]
-    xl = info.get("pipeline") == "StableDiffusionXLPipeline"
-    pipeline = "StableDiffusionXLPipeline" if xl else "StableDiffusionPipeline"
-    tags = ["proreflow", "distillation", "text-to-image", "stable-diffusion-xl" if xl else "stable-diffusion"]
-    data = ModelCardData(library_name="diffusers", pipeline_tag="text-to-image", tags=tags + (["lora"] if lora else []),
+    tag = tag or ("stable-diffusion-xl" if info.get("pipeline") == "StableDiffusionXLPipeline" else "stable-diffusion")
+    data = ModelCardData(library_name="diffusers", pipeline_tag="text-to-image",
+                         tags=["proreflow", "distillation", "text-to-image", tag] + (["lora"] if lora else []),
                          base_model=teacher if _looks_like_hub_id(teacher) else None)
-    here = info.get("repo_id", "THIS_FOLDER")
-    load = (f'pipe = {pipeline}.from_pretrained("{teacher}", torch_dtype=torch.float16).to("cuda")\n'
-            f'pipe.load_lora_weights("{here}")\n' + TRAILING_DDIM_LINE if lora else
-            f'pipe = {pipeline}.from_pretrained("{here}", torch_dtype=torch.float16).to("cuda")\n'
-            f"# the scheduler is already DDIMScheduler(timestep_spacing='trailing', set_alpha_to_one=False, ...)")
     what = "LoRA weights" if lora else "A diffusers pipeline"
     lines = [
         "---", data.to_yaml(), "---", "",
@@ -88,24 +88,8 @@ def model_card(info: dict, metrics: list[dict] | None = None) -> str:
         f"{what} distilled with proreflow (ProReflow: progressive reflow, aligned v-prediction): "
         f"a {windows}-step sampler. Sample with **{windows} steps** at guidance **{guidance:g}**"
         + (" (the teacher's guidance is baked in)." if guidance == 1.0 else "."), "",
-        "## Use it with diffusers alone", "",
-        "```python", "import torch", f"from diffusers import DDIMScheduler, {pipeline}", "", load,
-        f'image = pipe("a photo of a cat", num_inference_steps={windows}, guidance_scale={guidance:g}).images[0]',
-        "```",
-        "",
-        f"The DDIM line is the student's sampler at `num_inference_steps={windows}` (one step per window); "
-        + ("without it the base pipeline's own scheduler samples something else. " if lora else "")
-        + "It is proreflow's own sampler when the windows divide the schedule's 1000 steps (the same "
-          "timesteps `t * 1000 - 1`); for other window counts, or more steps than windows, use proreflow's "
-          "scheduler:", "",
-        "```python", "from proreflow.sd import ProReflowScheduler", PROREFLOW_LINE.format(windows=windows),
-        "```",
-        "",
+        "## Use it with diffusers alone", "", *(usage if usage is not None else _sd_usage(info)),
     ]
-    if lora:
-        lines += [f"`{KOHYA_LORA}` holds the same weights with kohya keys (`lora_unet_...`, `.alpha`), the "
-                  "format AUTOMATIC1111 and ComfyUI load; sample it with DDIM at "
-                  f"{windows} steps on trailing timesteps.", ""]
     rows = [("teacher", f"`{teacher}`"), ("recipe", info.get("recipe")), ("stage", info.get("stage")),
             ("windows (steps)", windows), ("guidance to sample with", f"{guidance:g}"),
             ("teacher guidance it reproduces", info.get("teacher_guidance")),
@@ -124,6 +108,38 @@ def model_card(info: dict, metrics: list[dict] | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _sd_usage(info: dict) -> list[str]:
+    """The model card's usage section of a Stable Diffusion / SDXL export: the stock DDIM line."""
+    lora, windows, guidance = "base" in info, info["num_windows"], info["guidance"]
+    teacher = info["base"] if lora else info["teacher"]
+    pipeline = "StableDiffusionXLPipeline" if info.get("pipeline") == "StableDiffusionXLPipeline" \
+        else "StableDiffusionPipeline"
+    here = info.get("repo_id", "THIS_FOLDER")
+    load = (f'pipe = {pipeline}.from_pretrained("{teacher}", torch_dtype=torch.float16).to("cuda")\n'
+            f'pipe.load_lora_weights("{here}")\n' + TRAILING_DDIM_LINE if lora else
+            f'pipe = {pipeline}.from_pretrained("{here}", torch_dtype=torch.float16).to("cuda")\n'
+            f"# the scheduler is already DDIMScheduler(timestep_spacing='trailing', set_alpha_to_one=False, ...)")
+    lines = [
+        "```python", "import torch", f"from diffusers import DDIMScheduler, {pipeline}", "", load,
+        f'image = pipe("a photo of a cat", num_inference_steps={windows}, guidance_scale={guidance:g}).images[0]',
+        "```",
+        "",
+        f"The DDIM line is the student's sampler at `num_inference_steps={windows}` (one step per window); "
+        + ("without it the base pipeline's own scheduler samples something else. " if lora else "")
+        + "It is proreflow's own sampler when the windows divide the schedule's 1000 steps (the same "
+          "timesteps `t * 1000 - 1`); for other window counts, or more steps than windows, use proreflow's "
+          "scheduler:", "",
+        "```python", "from proreflow.sd import ProReflowScheduler", PROREFLOW_LINE.format(windows=windows),
+        "```",
+        "",
+    ]
+    if lora:
+        lines += [f"`{KOHYA_LORA}` holds the same weights with kohya keys (`lora_unet_...`, `.alpha`), the "
+                  "format AUTOMATIC1111 and ComfyUI load; sample it with DDIM at "
+                  f"{windows} steps on trailing timesteps.", ""]
+    return lines
+
+
 def push_to_hub(folder: str | Path, repo_id: str, private: bool = False, token: str | None = None) -> str:
     """Upload an export folder to the Hugging Face hub (``create_repo`` + ``upload_folder``); the repo's URL."""
     from huggingface_hub import HfApi
@@ -135,14 +151,16 @@ def push_to_hub(folder: str | Path, repo_id: str, private: bool = False, token: 
     return str(url)
 
 
-def load_run_student(run_dir: str | Path, teacher_unet: nn.Module) -> tuple[nn.Module, dict[str, Any]]:
-    """The final (EMA) student UNet of a ``stable-diffusion`` training run, and its ``student.json``.
+def load_run_student(run_dir: str | Path, base: nn.Module,
+                     model: str = "stable-diffusion") -> tuple[nn.Module, dict[str, Any]]:
+    """The final (EMA) student network of a training run of the setup ``model`` (``stable-diffusion``:
+    a UNet; ``stable-diffusion-3``: a transformer), and its ``student.json``.
 
-    Rebuilt as the run built it: a copy of the teacher's UNet (with LoRA layers when the run
-    trained LoRA), then the saved weights in the teacher's dtype. A LoRA run's files hold the
+    Rebuilt as the run built it: a copy of the teacher's network ``base`` (with LoRA layers when the
+    run trained LoRA), then the saved weights in the teacher's dtype. A LoRA run's files hold the
     LoRA weights (float32) and not the frozen base, which is the teacher's: the copy keeps
-    ``teacher_unet``'s own base weights (float32 as loaded, not the bf16 copy a bf16 run trained
-    against), so a merged export folds the LoRA into them. Not
+    ``base``'s own weights (float32 as loaded, not the bf16 copy a bf16 run trained against), so a
+    merged export folds the LoRA into them. Not
     :func:`proreflow.training.load_student`, which needs the run's whole ``DistillationSetup``
     (its training data included) and returns a Denoiser; export has only the teacher's pipeline.
     """
@@ -153,14 +171,13 @@ def load_run_student(run_dir: str | Path, teacher_unet: nn.Module) -> tuple[nn.M
                                 "give the output folder of a finished `proreflow train` stage")
     info = read_student_info(run_dir)
     setup_info = info.get("info", {})
-    if setup_info.get("model") != "stable-diffusion":
-        raise ValueError(f"{run_dir} is a {setup_info.get('model', 'non Stable Diffusion')!r} run; export "
-                         "takes runs of the stable-diffusion setup")
-    unet = copy.deepcopy(teacher_unet).requires_grad_(True)  # every weight was trained, or (LoRA) ...
+    if setup_info.get("model") != model:
+        raise ValueError(f"{run_dir} is a {setup_info.get('model', 'built-in data')!r} run, not a {model!r} one")
+    network = copy.deepcopy(base).requires_grad_(True)  # every weight was trained, or (LoRA) ...
     if setup_info.get("lora_rank"):
-        add_lora(unet, setup_info["lora_rank"], setup_info.get("lora_alpha"))  # ... the LoRA layers only
-    load_student_weights(unet, load_weights(weights))
-    return unet.eval().requires_grad_(False), info
+        add_lora(network, setup_info["lora_rank"], setup_info.get("lora_alpha"))  # ... the LoRA layers only
+    load_student_weights(network, load_weights(weights))
+    return network.eval().requires_grad_(False), info
 
 
 def export_pipeline(student_unet: nn.Module, teacher, out_dir: str | Path, num_windows: int,
@@ -198,13 +215,8 @@ def export_lora(student_unet: nn.Module, teacher, out_dir: str | Path, num_windo
     weights file and the kept fraction of the weight change.
     """
     out_dir = Path(out_dir)
-    kept = 1.0
-    if has_lora(student_unet):
-        adapted = student_unet
-    else:
-        adapted, kept = extract_lora(student_unet, teacher.unet, rank)
-    check_finite(adapted.state_dict(), "refusing to export the student's LoRA weights")
-    path = save_lora(adapted, out_dir, teacher.is_sdxl, dtype)
+    adapted, kept = as_lora(student_unet, teacher.unet, rank)
+    path = save_lora(adapted, out_dir, type(teacher.pipe).__name__, "unet", dtype)
     save_kohya_lora(adapted, out_dir / KOHYA_LORA, dtype)
     info = {"num_windows": num_windows, "guidance": guidance, "prediction_type": teacher.prediction_type,
             "base": teacher.source, "pipeline": type(teacher.pipe).__name__, "scheduler": TRAILING_DDIM_LINE,

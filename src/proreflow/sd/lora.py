@@ -84,14 +84,17 @@ def _cast(state: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str
     return state if dtype is None else {k: v.to(dtype) for k, v in state.items()}
 
 
-def save_lora(unet: nn.Module, out_dir: str | Path, sdxl: bool, dtype: torch.dtype | None = None) -> Path:
-    """Write ``unet``'s LoRA weights (and their config: rank, alpha) as ``pytorch_lora_weights.safetensors``."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+def save_lora(model: nn.Module, out_dir: str | Path, pipeline: str, component: str = "unet",
+              dtype: torch.dtype | None = None) -> Path:
+    """Write ``model``'s LoRA weights (and their config: rank, alpha) as ``pytorch_lora_weights.safetensors``
+    with the ``save_lora_weights`` of the diffusers pipeline class named ``pipeline``, as its ``component``
+    (``"unet"`` of Stable Diffusion / SDXL, ``"transformer"`` of SD3): what its ``load_lora_weights`` reads."""
+    import diffusers
 
-    pipeline = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
     out_dir = Path(out_dir)
-    pipeline.save_lora_weights(out_dir, unet_lora_layers=_cast(lora_state_dict(unet), dtype), safe_serialization=True,
-                               unet_lora_adapter_metadata=unet.peft_config["default"].to_dict())
+    layers = {f"{component}_lora_layers": _cast(lora_state_dict(model), dtype),
+              f"{component}_lora_adapter_metadata": model.peft_config["default"].to_dict()}
+    getattr(diffusers, pipeline).save_lora_weights(out_dir, safe_serialization=True, **layers)
     return out_dir / "pytorch_lora_weights.safetensors"
 
 
@@ -168,3 +171,13 @@ def extract_lora(student: nn.Module, base: nn.Module, rank: int) -> tuple[nn.Mod
         total += float(s.pow(2).sum())
         lost += float(s[r:].pow(2).sum())
     return adapted, 1.0 - lost / total
+
+
+def as_lora(student: nn.Module, base: nn.Module, rank: int) -> tuple[nn.Module, float]:
+    """The LoRA form of a student, and the kept fraction of its weight change: a LoRA student as trained
+    (fraction 1), else :func:`extract_lora` of its change from ``base`` at ``rank``; its weights must be finite."""
+    from ..training.checkpoint import check_finite
+
+    adapted, kept = (student, 1.0) if has_lora(student) else extract_lora(student, base, rank)
+    check_finite(adapted.state_dict(), "refusing to export the student's LoRA weights")
+    return adapted, kept
