@@ -3,7 +3,8 @@
 SPEC: pipeline (class name), model (folder), lora (folder or null), weight_name (or null),
 scheduler_line (exec'd with ``pipe`` and ``DDIMScheduler`` in scope, or null), prompts, steps,
 guidance, latents (safetensors file with ``latents``), out (safetensors file to write: ``latents``,
-``images`` in [0, 1] as N x H x W x C, metadata ``scheduler``). Run by test_sd_export.py.
+``images`` in [0, 1] as N x H x W x C, metadata ``scheduler``), call_kwargs (optional: more keyword
+arguments of the pipeline call, e.g. PixArt's height / width). Run by test_sd_export.py, tests/pixart.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ if __name__ == "__main__":
     if spec["scheduler_line"]:
         exec(spec["scheduler_line"], {"pipe": pipe, "DDIMScheduler": DDIMScheduler})
     noise = load_file(spec["latents"])["latents"]
-    kwargs = dict(num_inference_steps=spec["steps"], guidance_scale=spec["guidance"])
+    kwargs = dict(num_inference_steps=spec["steps"], guidance_scale=spec["guidance"], **spec.get("call_kwargs", {}))
     latents = pipe(spec["prompts"], latents=noise, output_type="latent", **kwargs).images
     images = pipe(spec["prompts"], latents=noise, output_type="np", **kwargs).images
     assert "proreflow" not in sys.modules and not any(m.startswith("proreflow.") for m in sys.modules)

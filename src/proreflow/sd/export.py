@@ -41,6 +41,9 @@ from .scheduler import PROREFLOW_LINE, TRAILING_DDIM_LINE, ProReflowScheduler, e
 EXPORT_INFO = "proreflow.json"
 MODEL_CARD = "README.md"
 KOHYA_LORA = "lora_kohya.safetensors"
+FAMILY_TAGS = {"StableDiffusionXLPipeline": "stable-diffusion-xl", "PixArtAlphaPipeline": "pixart-alpha",
+               "PixArtSigmaPipeline": "pixart-sigma"}
+"""The model card's family tag of an exported pipeline class (default ``stable-diffusion``)."""
 
 
 def read_export_info(folder: str | Path) -> dict[str, Any]:
@@ -71,9 +74,8 @@ def model_card(info: dict, metrics: list[dict] | None = None) -> str:
 
     lora, windows, guidance = "base" in info, info["num_windows"], info["guidance"]
     teacher = info["base"] if lora else info["teacher"]
-    xl = info.get("pipeline") == "StableDiffusionXLPipeline"
-    pipeline = "StableDiffusionXLPipeline" if xl else "StableDiffusionPipeline"
-    tags = ["proreflow", "distillation", "text-to-image", "stable-diffusion-xl" if xl else "stable-diffusion"]
+    pipeline = info.get("pipeline", "StableDiffusionPipeline")
+    tags = ["proreflow", "distillation", "text-to-image", FAMILY_TAGS.get(pipeline, "stable-diffusion")]
     data = ModelCardData(library_name="diffusers", pipeline_tag="text-to-image", tags=tags + (["lora"] if lora else []),
                          base_model=teacher if _looks_like_hub_id(teacher) else None)
     here = info.get("repo_id", "THIS_FOLDER")
@@ -135,8 +137,10 @@ def push_to_hub(folder: str | Path, repo_id: str, private: bool = False, token: 
     return str(url)
 
 
-def load_run_student(run_dir: str | Path, teacher_unet: nn.Module) -> tuple[nn.Module, dict[str, Any]]:
-    """The final (EMA) student UNet of a ``stable-diffusion`` training run, and its ``student.json``.
+def load_run_student(run_dir: str | Path, teacher_unet: nn.Module,
+                     model: str = "stable-diffusion") -> tuple[nn.Module, dict[str, Any]]:
+    """The final (EMA) student UNet (or transformer) of a training run of setup ``model`` (``stable-diffusion``,
+    ``pixart``), and its ``student.json``.
 
     Rebuilt as the run built it: a copy of the teacher's UNet (with LoRA layers when the run
     trained LoRA), then the saved weights in the teacher's dtype. Not
@@ -150,9 +154,9 @@ def load_run_student(run_dir: str | Path, teacher_unet: nn.Module) -> tuple[nn.M
                                 "give the output folder of a finished `proreflow train` stage")
     info = read_student_info(run_dir)
     setup_info = info.get("info", {})
-    if setup_info.get("model") != "stable-diffusion":
-        raise ValueError(f"{run_dir} is a {setup_info.get('model', 'non Stable Diffusion')!r} run; export "
-                         "takes runs of the stable-diffusion setup")
+    if setup_info.get("model") != model:
+        raise ValueError(f"{run_dir} is a {setup_info.get('model', 'non ' + model)!r} run; this export "
+                         f"takes runs of the {model} setup")
     unet = copy.deepcopy(teacher_unet)
     if setup_info.get("lora_rank"):
         add_lora(unet, setup_info["lora_rank"], setup_info.get("lora_alpha"))
@@ -162,18 +166,19 @@ def load_run_student(run_dir: str | Path, teacher_unet: nn.Module) -> tuple[nn.M
 
 def export_pipeline(student_unet: nn.Module, teacher, out_dir: str | Path, num_windows: int,
                     guidance: float = 1.0, extra: dict | None = None, dtype: torch.dtype | None = None,
-                    metrics: list[dict] | None = None) -> Path:
+                    metrics: list[dict] | None = None, component: str = "unet") -> Path:
     """Save the teacher's pipeline with ``student_unet`` and the stock DDIM of the student (module doc).
 
-    teacher: an :class:`~proreflow.sd.pipeline.SDTeacher` (its pipeline's other
-    components are saved). A LoRA student is merged into plain UNet weights first. dtype: of
-    the saved weights (default: as they are). metrics: ``proreflow eval`` rows for the model card.
+    teacher: a :class:`~proreflow.sd.pipeline.VPPipelineTeacher` (an ``SDTeacher``, a ``PixArtTeacher``:
+    its pipeline's other components are saved). component: the pipeline's denoiser that the student
+    replaces (``unet``; PixArt's ``transformer``). A LoRA student is merged into plain weights first.
+    dtype: of the saved weights (default: as they are). metrics: ``proreflow eval`` rows for the model card.
     """
     out_dir = Path(out_dir)
     unet = merge_lora(copy.deepcopy(student_unet)) if has_lora(student_unet) else student_unet
-    check_finite(unet.state_dict(), "refusing to export the student UNet")
+    check_finite(unet.state_dict(), f"refusing to export the student {component}")
     pipe = copy.copy(teacher.pipe)  # shares the components, leaves the teacher's pipeline as it was
-    pipe.register_modules(unet=unet, scheduler=trailing_ddim(pipe.scheduler.config))
+    pipe.register_modules(**{component: unet}, scheduler=trailing_ddim(pipe.scheduler.config))
     if dtype is not None:
         pipe.register_modules(**{name: copy.deepcopy(module).to(dtype) for name, module in pipe.components.items()
                                  if isinstance(module, nn.Module)})

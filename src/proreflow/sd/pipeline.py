@@ -76,23 +76,19 @@ def read_model_index(source: str | Path, local_files_only: bool | None = None) -
 
 
 @dataclass
-class SDTeacher:
-    """A loaded Stable Diffusion pipeline and what distillation needs from it (module doc)."""
+class VPPipelineTeacher:
+    """A loaded diffusers pipeline with a VAE and a VP scheduler: its schedule, output type and latents.
 
-    pipe: object  # StableDiffusionPipeline | StableDiffusionXLPipeline
+    The part of a teacher that does not depend on its denoiser or text encoders: Stable Diffusion
+    (:class:`SDTeacher`) and PixArt (:class:`proreflow.pixart.pipeline.PixArtTeacher`) extend it.
+    """
+
+    pipe: object
     source: str
-
-    @property
-    def unet(self):
-        return self.pipe.unet
 
     @property
     def vae(self):
         return self.pipe.vae
-
-    @property
-    def is_sdxl(self) -> bool:
-        return type(self.pipe).__name__ == "StableDiffusionXLPipeline"
 
     @property
     def scheduler_config(self) -> dict:
@@ -110,6 +106,41 @@ class SDTeacher:
     def device(self) -> torch.device:
         return self.vae.device
 
+    def to(self, device):
+        self.pipe.to(device)
+        return self
+
+    @torch.no_grad()
+    def encode_images(self, pixels: Tensor, generator: torch.Generator | list | None = None) -> Tensor:
+        """Latents of images in [-1, 1]: a sample of the VAE posterior, shifted and scaled."""
+        vae = self.vae
+        dist = vae.encode(pixels.to(self.device, vae.dtype)).latent_dist
+        z = dist.sample(generator=generator)
+        shift = vae.config.get("shift_factor") or 0.0
+        return ((z - shift) * vae.config.scaling_factor).float()
+
+    @torch.no_grad()
+    def decode_latents(self, latents: Tensor) -> Tensor:
+        """Images in [-1, 1] from latents (the inverse scaling of :meth:`encode_images`)."""
+        vae = self.vae
+        shift = vae.config.get("shift_factor") or 0.0
+        z = latents.to(self.device, vae.dtype) / vae.config.scaling_factor + shift
+        return vae.decode(z, return_dict=False)[0].float().clamp(-1, 1)
+
+
+@dataclass
+class SDTeacher(VPPipelineTeacher):
+    """A loaded Stable Diffusion pipeline (``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``) and
+    what distillation needs from it (module doc)."""
+
+    @property
+    def unet(self):
+        return self.pipe.unet
+
+    @property
+    def is_sdxl(self) -> bool:
+        return type(self.pipe).__name__ == "StableDiffusionXLPipeline"
+
     @property
     def resolution(self) -> int:
         """The pipeline's default image size: ``unet.sample_size * vae_scale_factor``."""
@@ -120,10 +151,6 @@ class SDTeacher:
         if resolution % factor:
             raise ValueError(f"resolution {resolution} is not a multiple of the VAE's factor {factor}")
         return (int(self.unet.config.in_channels), resolution // factor, resolution // factor)
-
-    def to(self, device) -> SDTeacher:
-        self.pipe.to(device)
-        return self
 
     # ------------------------------------------------------------ text
 
@@ -154,25 +181,6 @@ class SDTeacher:
         """SDXL micro-conditioning of an uncropped square image: ``(r, r, 0, 0, r, r)``, shape (1, 6)."""
         r = resolution or self.resolution
         return sdxl_time_ids((r, r), (0, 0), (r, r))[None]
-
-    # ------------------------------------------------------------ images
-
-    @torch.no_grad()
-    def encode_images(self, pixels: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """Latents of images in [-1, 1]: a sample of the VAE posterior, shifted and scaled."""
-        vae = self.vae
-        dist = vae.encode(pixels.to(self.device, vae.dtype)).latent_dist
-        z = dist.sample(generator=generator)
-        shift = vae.config.get("shift_factor") or 0.0
-        return ((z - shift) * vae.config.scaling_factor).float()
-
-    @torch.no_grad()
-    def decode_latents(self, latents: Tensor) -> Tensor:
-        """Images in [-1, 1] from latents (the inverse scaling of :meth:`encode_images`)."""
-        vae = self.vae
-        shift = vae.config.get("shift_factor") or 0.0
-        z = latents.to(self.device, vae.dtype) / vae.config.scaling_factor + shift
-        return vae.decode(z, return_dict=False)[0].float().clamp(-1, 1)
 
 
 def sdxl_time_ids(original_size: tuple[int, int], crop_top_left: tuple[int, int],
