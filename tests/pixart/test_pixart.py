@@ -70,6 +70,25 @@ def test_network_takes_the_first_half_of_a_learned_variance_output(alpha_dir):
     assert full.shape[1] == 8 and torch.equal(out, full[:, :4])
 
 
+def test_released_folders_legacy_transformer_class_loads_as_pixart(alpha_dir, tmp_path):
+    """PixArt-alpha's released folders name their transformer ``Transformer2DModel`` (diffusers 0.22); diffusers
+    maps it to ``PixArtTransformer2DModel`` by its norm type, and the teacher is the same network."""
+    import shutil
+
+    legacy = shutil.copytree(alpha_dir, tmp_path / "legacy")
+    for path, key in ((legacy / "model_index.json", "transformer"), (legacy / "transformer" / "config.json", None)):
+        config = json.loads(path.read_text())
+        if key:
+            config[key] = ["diffusers", "Transformer2DModel"]
+        else:
+            config["_class_name"] = "Transformer2DModel"
+        path.write_text(json.dumps(config))
+    pixart = load_pixart_teacher(legacy, device="cpu")
+    assert type(pixart.transformer).__name__ == "PixArtTransformer2DModel"
+    reference = load_pixart_teacher(alpha_dir, device="cpu").transformer.state_dict()
+    assert all(torch.equal(v, reference[k]) for k, v in pixart.transformer.state_dict().items())
+
+
 def test_wrong_pipeline_names_the_setups(tmp_path):
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
     with pytest.raises(ValueError, match="not a PixArtAlphaPipeline or PixArtSigmaPipeline.*stable-diffusion"):

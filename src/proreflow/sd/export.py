@@ -110,6 +110,7 @@ def model_card(info: dict, metrics: list[dict] | None = None) -> str:
                   f"{windows} steps on trailing timesteps.", ""]
     rows = [("teacher", f"`{teacher}`"), ("recipe", info.get("recipe")), ("stage", info.get("stage")),
             ("windows (steps)", windows), ("guidance to sample with", f"{guidance:g}"),
+            ("resolution to sample at (height = width)", info.get("resolution")),
             ("teacher guidance it reproduces", info.get("teacher_guidance")),
             ("prediction type", info.get("prediction_type")), ("weights dtype", info.get("dtype", "float32"))]
     if lora:
