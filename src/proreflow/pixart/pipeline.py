@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from ..conditioning import Cond, map_cond
-from ..sd.pipeline import VPPipelineTeacher, default_local_files_only, read_model_index
+from ..sd.pipeline import VPPipelineTeacher, load_pipeline
 from ..teachers import Network
 from ..training.runner import as_dtype
 
@@ -108,24 +108,13 @@ def load_pixart_teacher(source: str | Path, transformer_dtype: str | torch.dtype
     precision). encoder_dtype: T5's (the VAE stays float32). variant: e.g. "fp16" weight files.
     local_files_only: never touch the network (default: ``HF_HUB_OFFLINE``).
     """
-    from diffusers import DiffusionPipeline
-
-    local_files_only = default_local_files_only() if local_files_only is None else local_files_only
-    index = read_model_index(source, local_files_only)
-    kind = index.get("_class_name")
-    if kind not in SUPPORTED_PIPELINES:
-        raise ValueError(f"teacher {source}: a {kind} is not a {' or '.join(SUPPORTED_PIPELINES)}; the pixart "
-                         "setup takes PixArt-alpha / PixArt-Sigma pipelines (stable-diffusion for SD1.5 / SDXL)")
     dtypes = {"default": as_dtype(encoder_dtype), "transformer": as_dtype(transformer_dtype), "vae": torch.float32}
-    try:
-        pipe = DiffusionPipeline.from_pretrained(str(source), torch_dtype=dtypes, variant=variant,
-                                                 local_files_only=local_files_only)
-    except (OSError, ValueError) as err:
-        raise type(err)(f"loading the teacher pipeline {source} failed: {err}") from err
-    pipe.set_progress_bar_config(disable=True)
+    pipe = load_pipeline(source, SUPPORTED_PIPELINES, dtypes, "PixArt-alpha, PixArt-Sigma; the stable-diffusion "
+                         "setup takes SD1.5 / SDXL", variant, local_files_only)
     teacher = PixArtTeacher(pipe, str(source))
     if device is not None:
         teacher.to(device)
-    log.info("teacher %s: %s, %s prediction, %d px, size conditions %s", source, kind, teacher.prediction_type,
-             teacher.resolution, "on" if teacher.transformer.use_additional_conditions else "off")
+    sized = "on" if teacher.transformer.use_additional_conditions else "off"
+    log.info("teacher %s: %s, %s prediction, %d px, size conditions %s", source, type(pipe).__name__,
+             teacher.prediction_type, teacher.resolution, sized)
     return teacher

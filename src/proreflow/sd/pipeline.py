@@ -198,27 +198,37 @@ def load_teacher(source: str | Path, unet_dtype: str | torch.dtype = torch.float
     encoder_dtype: the text encoders' (the VAE stays float32). variant: e.g. "fp16" weight files.
     local_files_only: never touch the network (default: ``HF_HUB_OFFLINE``).
     """
+    dtypes = {"default": as_dtype(encoder_dtype), "unet": as_dtype(unet_dtype), "vae": torch.float32}
+    pipe = load_pipeline(source, SUPPORTED_PIPELINES, dtypes, "SD1.5, SD2.x, SDXL base and their fine-tunes in "
+                         "diffusers format", variant, local_files_only)
+    teacher = SDTeacher(pipe, str(source))
+    if device is not None:
+        teacher.to(device)
+    log.info("teacher %s: %s, %s prediction, %d px", source, type(pipe).__name__, teacher.prediction_type,
+             teacher.resolution)
+    return teacher
+
+
+def load_pipeline(source: str | Path, supported: tuple[str, ...], dtypes: dict, what: str,
+                  variant: str | None = None, local_files_only: bool | None = None):
+    """The diffusers pipeline at ``source`` (folder or hub id), refused unless its class is one of
+    ``supported`` (``what``: the models they are, for the message); ``dtypes``: per component
+    (``torch_dtype``); the components of :data:`UNUSED_COMPONENTS` are not loaded. Its progress bars are off."""
     from diffusers import DiffusionPipeline
 
     local_files_only = default_local_files_only() if local_files_only is None else local_files_only
     index = read_model_index(source, local_files_only)
     kind = index.get("_class_name")
-    if kind not in SUPPORTED_PIPELINES:
-        raise ValueError(f"teacher {source}: a {kind} is not supported; use a {' or '.join(SUPPORTED_PIPELINES)} "
-                         "(SD1.5, SD2.x, SDXL base and their fine-tunes in diffusers format)")
+    if kind not in supported:
+        raise ValueError(f"teacher {source}: a {kind} is not supported; use a {' or '.join(supported)} ({what})")
     unused = {name: None for name in UNUSED_COMPONENTS if name in index}
-    dtypes = {"default": as_dtype(encoder_dtype), "unet": as_dtype(unet_dtype), "vae": torch.float32}
     try:
         pipe = DiffusionPipeline.from_pretrained(str(source), torch_dtype=dtypes, variant=variant,
                                                  local_files_only=local_files_only, **unused)
     except (OSError, ValueError) as err:
         raise type(err)(f"loading the teacher pipeline {source} failed: {err}") from err
     pipe.set_progress_bar_config(disable=True)
-    teacher = SDTeacher(pipe, str(source))
-    if device is not None:
-        teacher.to(device)
-    log.info("teacher %s: %s, %s prediction, %d px", source, kind, teacher.prediction_type, teacher.resolution)
-    return teacher
+    return pipe
 
 
 def unet_network(unet) -> Network:
