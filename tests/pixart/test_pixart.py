@@ -201,3 +201,35 @@ def test_latent_cache_equals_encoding_on_the_fly(alpha_dir, image_dir, tmp_path)
         assert c_cache["added_cond_kwargs"].keys() == {"resolution", "aspect_ratio"}
         for key in ("resolution", "aspect_ratio"):  # float32: exact
             assert torch.equal(c_cache["added_cond_kwargs"][key], c_live["added_cond_kwargs"][key])
+
+
+def test_validation_grids_sample_the_prompts_at_the_training_size(alpha_dir, image_dir, tmp_path):
+    """validation_prompts: the saved validation samples are the student sampled for the prompts encoded with the
+    size conditions of the training resolution (16 px here, not the pipeline's default 256)."""
+    from proreflow.training import load_student
+    from proreflow.training.validation import validation_noise
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red cat\ntwo dogs\n")
+    setup = build_pixart_setup(teacher=str(alpha_dir), data=str(image_dir), resolution=16, device="cpu",
+                               validation_prompts=str(prompts))
+    assert torch.equal(setup.validation.cond["added_cond_kwargs"]["resolution"], torch.full((2, 2), 16.0))
+    recipe = {**RECIPE, "checkpoint_every": 0, "validation_every": 1,
+              "stages": [{"windows": 2, "steps": 1, "solver_steps": 1, "batch_size": 2}]}
+    train(recipe, setup, tmp_path / "run", progress=False)
+    student, _ = load_student(tmp_path / "run", setup)
+    pixart = load_pixart_teacher(alpha_dir, device="cpu")
+    want = sample(student, validation_noise(0, (2, 4, 8, 8)), TimeWindows(2), 2,
+                  pixart.encode_prompts(["a red cat", "two dogs"], 16))  # guidance 1: baked
+    saved = load_file(str(tmp_path / "run/validation/stage-1-2w/step-00000001.safetensors"))["samples"]
+    torch.testing.assert_close(saved, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
+def test_bf16_with_gradient_checkpointing(sigma_dir, image_dir, tmp_path):
+    setup = build_pixart_setup(teacher=str(sigma_dir), data=str(image_dir), resolution=16, device="cpu")
+    recipe = {**RECIPE, "checkpoint_every": 0, "mixed_precision": "bf16", "gradient_checkpointing": True,
+              "stages": [{"windows": 2, "steps": 1, "solver_steps": 1, "batch_size": 2}]}
+    result = train(recipe, setup, tmp_path / "run", progress=False)
+    assert result.module.is_gradient_checkpointing  # the recipe key reached the student transformer
+    assert setup.teacher_model.dtype == torch.bfloat16  # the frozen teacher runs in the training dtype
+    assert torch.isfinite(torch.tensor(result.history)).all()
