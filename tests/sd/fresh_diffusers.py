@@ -5,8 +5,9 @@ scheduler_line (exec'd with ``pipe`` and ``DDIMScheduler`` in scope, or null), p
 sigmas (a list: custom ``sigmas`` instead of ``num_inference_steps``, as SD3 exports sample; optional),
 without (components to load as None, e.g. SD3's T5 ``text_encoder_3``, ``tokenizer_3``; optional),
 guidance, latents (safetensors file with ``latents``), out (safetensors file to write: ``latents``,
-``images`` in [0, 1] as N x H x W x C, metadata ``scheduler``). Run by test_sd_export.py and
-tests/sd3/test_sd3_export.py.
+``images`` in [0, 1] as N x H x W x C, metadata ``scheduler``), call_kwargs (optional: more keyword
+arguments of the pipeline call, e.g. PixArt's height / width). Run by test_sd_export.py,
+tests/sd3/test_sd3_export.py and tests/pixart.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ if __name__ == "__main__":
         exec(spec["scheduler_line"], {"pipe": pipe, "DDIMScheduler": DDIMScheduler})
     noise = load_file(spec["latents"])["latents"]
     steps = {"sigmas": spec["sigmas"]} if spec.get("sigmas") else {"num_inference_steps": spec["steps"]}
-    kwargs = dict(guidance_scale=spec["guidance"], **steps)
+    kwargs = dict(guidance_scale=spec["guidance"], **steps, **spec.get("call_kwargs", {}))
     latents = pipe(spec["prompts"], latents=noise, output_type="latent", **kwargs).images
     images = pipe(spec["prompts"], latents=noise, output_type="np", **kwargs).images
     assert "proreflow" not in sys.modules and not any(m.startswith("proreflow.") for m in sys.modules)

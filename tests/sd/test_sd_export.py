@@ -41,14 +41,16 @@ LATENT_TOL, IMAGE_TOL = 1e-4, 2e-6  # measured 3.1e-5, 3.6e-7: see the module do
 
 def fresh_sample(tmp_path: Path, pipeline: str, model: Path, noise: torch.Tensor, steps: int, lora: Path | None = None,
                  weight_name: str | None = None, scheduler_line: str | None = None, sigmas: list | None = None,
-                 without: tuple[str, ...] = ()):
+                 without: tuple[str, ...] = (), prompts: list[str] = PROMPTS, guidance: float = GUIDANCE,
+                 call_kwargs: dict | None = None):
     """(latents, images N x H x W x C, scheduler class name) from fresh_diffusers.py (``sigmas``, ``without``:
-    its SD3 keys)."""
+    its SD3 keys; ``call_kwargs``: more keyword arguments of the pipeline call, e.g. PixArt's height / width)."""
     save_file({"latents": noise.contiguous()}, str(tmp_path / "noise.safetensors"))
     spec = {"pipeline": pipeline, "model": str(model), "lora": str(lora) if lora else None, "weight_name": weight_name,
-            "scheduler_line": scheduler_line, "prompts": PROMPTS, "steps": steps, "sigmas": sigmas,
-            "without": list(without), "guidance": GUIDANCE,
-            "latents": str(tmp_path / "noise.safetensors"), "out": str(tmp_path / "fresh.safetensors")}
+            "scheduler_line": scheduler_line, "prompts": prompts, "steps": steps, "sigmas": sigmas,
+            "without": list(without), "guidance": guidance,
+            "latents": str(tmp_path / "noise.safetensors"), "out": str(tmp_path / "fresh.safetensors"),
+            "call_kwargs": call_kwargs or {}}
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     done = subprocess.run([sys.executable, str(WORKER), json.dumps(spec)], env=env, cwd=tmp_path,
                           capture_output=True, text=True, timeout=300)

@@ -21,6 +21,7 @@ from ..training.setup import DistillationSetup
 SETUPS: dict[str, str] = {
     "stable-diffusion": "proreflow.sd.setup:build_sd_setup",
     "stable-diffusion-3": "proreflow.sd3.setup:build_sd3_setup",
+    "pixart": "proreflow.pixart.setup:build_pixart_setup",
 }
 """Setup name -> ``package.module:function`` of its builder."""
 

@@ -41,6 +41,9 @@ from .scheduler import PROREFLOW_LINE, TRAILING_DDIM_LINE, ProReflowScheduler, e
 EXPORT_INFO = "proreflow.json"
 MODEL_CARD = "README.md"
 KOHYA_LORA = "lora_kohya.safetensors"
+FAMILY_TAGS = {"StableDiffusionXLPipeline": "stable-diffusion-xl", "PixArtAlphaPipeline": "pixart-alpha",
+               "PixArtSigmaPipeline": "pixart-sigma"}
+"""The model card's family tag of an exported pipeline class (default ``stable-diffusion``)."""
 
 
 def read_export_info(folder: str | Path) -> dict[str, Any]:
@@ -77,7 +80,8 @@ def model_card(info: dict, metrics: list[dict] | None = None, usage: list[str] |
 
     lora, windows, guidance = "base" in info, info["num_windows"], info["guidance"]
     teacher = info["base"] if lora else info["teacher"]
-    tag = tag or ("stable-diffusion-xl" if info.get("pipeline") == "StableDiffusionXLPipeline" else "stable-diffusion")
+    pipeline = info.get("pipeline", "StableDiffusionPipeline")
+    tag = tag or FAMILY_TAGS.get(pipeline, "stable-diffusion")
     data = ModelCardData(library_name="diffusers", pipeline_tag="text-to-image",
                          tags=["proreflow", "distillation", "text-to-image", tag] + (["lora"] if lora else []),
                          base_model=teacher if _looks_like_hub_id(teacher) else None)
@@ -92,6 +96,7 @@ def model_card(info: dict, metrics: list[dict] | None = None, usage: list[str] |
     ]
     rows = [("teacher", f"`{teacher}`"), ("recipe", info.get("recipe")), ("stage", info.get("stage")),
             ("windows (steps)", windows), ("guidance to sample with", f"{guidance:g}"),
+            ("resolution to sample at (height = width)", info.get("resolution")),
             ("teacher guidance it reproduces", info.get("teacher_guidance")),
             ("prediction type", info.get("prediction_type")), ("weights dtype", info.get("dtype", "float32"))]
     if lora:
@@ -112,8 +117,7 @@ def _sd_usage(info: dict) -> list[str]:
     """The model card's usage section of a Stable Diffusion / SDXL export: the stock DDIM line."""
     lora, windows, guidance = "base" in info, info["num_windows"], info["guidance"]
     teacher = info["base"] if lora else info["teacher"]
-    pipeline = "StableDiffusionXLPipeline" if info.get("pipeline") == "StableDiffusionXLPipeline" \
-        else "StableDiffusionPipeline"
+    pipeline = info.get("pipeline", "StableDiffusionPipeline")
     here = info.get("repo_id", "THIS_FOLDER")
     load = (f'pipe = {pipeline}.from_pretrained("{teacher}", torch_dtype=torch.float16).to("cuda")\n'
             f'pipe.load_lora_weights("{here}")\n' + TRAILING_DDIM_LINE if lora else
@@ -153,8 +157,8 @@ def push_to_hub(folder: str | Path, repo_id: str, private: bool = False, token: 
 
 def load_run_student(run_dir: str | Path, base: nn.Module,
                      model: str = "stable-diffusion") -> tuple[nn.Module, dict[str, Any]]:
-    """The final (EMA) student network of a training run of the setup ``model`` (``stable-diffusion``:
-    a UNet; ``stable-diffusion-3``: a transformer), and its ``student.json``.
+    """The final (EMA) student network of a training run of the setup ``model`` (``stable-diffusion``,
+    ``pixart``: a UNet or a transformer; ``stable-diffusion-3``: a transformer), and its ``student.json``.
 
     Rebuilt as the run built it: a copy of the teacher's network ``base`` (with LoRA layers when the
     run trained LoRA), then the saved weights in the teacher's dtype. A LoRA run's files hold the
@@ -182,18 +186,19 @@ def load_run_student(run_dir: str | Path, base: nn.Module,
 
 def export_pipeline(student_unet: nn.Module, teacher, out_dir: str | Path, num_windows: int,
                     guidance: float = 1.0, extra: dict | None = None, dtype: torch.dtype | None = None,
-                    metrics: list[dict] | None = None) -> Path:
+                    metrics: list[dict] | None = None, component: str = "unet") -> Path:
     """Save the teacher's pipeline with ``student_unet`` and the stock DDIM of the student (module doc).
 
-    teacher: an :class:`~proreflow.sd.pipeline.SDTeacher` (its pipeline's other
-    components are saved). A LoRA student is merged into plain UNet weights first. dtype: of
-    the saved weights (default: as they are). metrics: ``proreflow eval`` rows for the model card.
+    teacher: a :class:`~proreflow.sd.pipeline.VPPipelineTeacher` (an ``SDTeacher``, a ``PixArtTeacher``:
+    its pipeline's other components are saved). component: the pipeline's denoiser that the student
+    replaces (``unet``; PixArt's ``transformer``). A LoRA student is merged into plain weights first.
+    dtype: of the saved weights (default: as they are). metrics: ``proreflow eval`` rows for the model card.
     """
     out_dir = Path(out_dir)
     unet = merge_lora(copy.deepcopy(student_unet)) if has_lora(student_unet) else student_unet
-    check_finite(unet.state_dict(), "refusing to export the student UNet")
+    check_finite(unet.state_dict(), f"refusing to export the student {component}")
     pipe = copy.copy(teacher.pipe)  # shares the components, leaves the teacher's pipeline as it was
-    pipe.register_modules(unet=unet, scheduler=trailing_ddim(pipe.scheduler.config))
+    pipe.register_modules(**{component: unet}, scheduler=trailing_ddim(pipe.scheduler.config))
     if dtype is not None:
         pipe.register_modules(**{name: copy.deepcopy(module).to(dtype) for name, module in pipe.components.items()
                                  if isinstance(module, nn.Module)})

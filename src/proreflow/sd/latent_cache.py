@@ -12,7 +12,8 @@ by ``(seed, i)``, so the on-the-fly and the cached datasets give the same latent
 
 Cache layout (``build_latent_cache``, by all processes: each encodes a contiguous part of the items)::
 
-    DIR/shard-00000.safetensors   latents, encoder_hidden_states[, text_embeds, time_ids], in item order
+    DIR/shard-00000.safetensors   latents and the condition leaves (encoder_hidden_states[, text_embeds, time_ids,
+                                  encoder_attention_mask, resolution, ...]), in item order
     DIR/manifest.json             what was encoded (teacher, data, resolution, ...), shard sizes,
                                   and the images skipped as unreadable; written last
 
@@ -136,18 +137,27 @@ class EncodedDataset(Dataset):
         return (latents, cond, list(skipped)) if skipped else (latents, cond)
 
 
+ADDED_COND_KEYS = ("text_embeds", "time_ids", "resolution", "aspect_ratio")
+"""Leaves of ``added_cond_kwargs``: SDXL's pooled text and micro-conditioning, PixArt-alpha's size conditions."""
+
+EXACT_KEYS = ("time_ids", "resolution", "aspect_ratio")
+"""Micro-conditioning leaves (image sizes, crops, aspect ratios): stored in float32, not the cache's dtype."""
+
+
 def _flatten(cond: dict) -> dict[str, Tensor]:
-    """Condition dict -> flat tensor names of a shard: SDXL's ``added_cond_kwargs`` leaves by their own
-    names, every other entry (``encoder_hidden_states``, SD3's ``pooled_projections``) as it is."""
+    """Condition dict -> flat tensor names of a shard: the ``added_cond_kwargs`` leaves (SDXL, PixArt-alpha)
+    by their own names, every other entry (``encoder_hidden_states``, SD3's ``pooled_projections``,
+    PixArt's ``encoder_attention_mask``) as it is."""
     flat = {key: value for key, value in cond.items() if key != "added_cond_kwargs"}
     flat.update(cond.get("added_cond_kwargs", {}))
     return flat
 
 
 def _nest(flat: dict[str, Tensor]) -> dict:
-    cond = {key: value for key, value in flat.items() if key not in ("text_embeds", "time_ids")}
-    if "text_embeds" in flat:
-        cond["added_cond_kwargs"] = {"text_embeds": flat["text_embeds"], "time_ids": flat["time_ids"]}
+    cond = {key: value for key, value in flat.items() if key not in ADDED_COND_KEYS}
+    added = {key: flat[key] for key in ADDED_COND_KEYS if key in flat}
+    if added:
+        cond["added_cond_kwargs"] = added
     return cond
 
 
@@ -216,7 +226,7 @@ def encode_part(items: Dataset, encode: Encoder, cache_dir: Path, rank: int = 0,
             continue
         latents, cond = encode(good)
         flat = {"latents": latents, **_flatten(cond)}
-        pending.append({k: v.to("cpu", torch.float32 if k == "time_ids" else dtype) for k, v in flat.items()})
+        pending.append({k: v.to("cpu", torch.float32 if k in EXACT_KEYS else dtype) for k, v in flat.items()})
         if sum(p["latents"].shape[0] for p in pending) >= shard_size:
             flush()
     flush()

@@ -29,14 +29,20 @@ ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
 
 def add_lora(unet: nn.Module, rank: int, alpha: float | None = None,
              targets: tuple[str, ...] = ATTENTION_PROJECTIONS) -> nn.Module:
-    """Add zero-initialised LoRA layers of rank ``rank`` to ``unet`` in place; only they train."""
-    from peft import LoraConfig
+    """Add zero-initialised LoRA layers of rank ``rank`` to ``unet`` (a UNet, a transformer) in place; only
+    they train. Through diffusers' ``add_adapter`` where the model has diffusers' PEFT mixin, else (e.g.
+    ``PixArtTransformer2DModel``) through peft's ``inject_adapter_in_model``, which adds the same layers and
+    sets ``unet.peft_config``."""
+    from peft import LoraConfig, inject_adapter_in_model
 
     if rank < 1:
         raise ValueError(f"LoRA rank must be at least 1, got {rank}")
     unet.requires_grad_(False)
-    unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights=True,
-                                target_modules=list(targets)))
+    config = LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights=True, target_modules=list(targets))
+    if hasattr(unet, "add_adapter"):
+        unet.add_adapter(config)
+    else:
+        inject_adapter_in_model(config, unet)
     for name, p in unet.named_parameters():
         if "lora_" in name:
             p.requires_grad_(True)
@@ -45,8 +51,9 @@ def add_lora(unet: nn.Module, rank: int, alpha: float | None = None,
 
 class AdaptersDisabled(nn.Module):
     """The base model of a LoRA-adapted ``unet`` without a second copy: each call runs ``unet``
-    with its adapters disabled (diffusers' ``disable_adapters()`` / ``enable_adapters()``, i.e.
-    ``W x`` instead of ``W x + (alpha / r) B A x``) and in eval mode, then restores both.
+    with its adapters disabled (diffusers' ``set_adapter_layers``, what its ``disable_adapters()`` /
+    ``enable_adapters()`` do, for any peft-adapted model; i.e. ``W x`` instead of
+    ``W x + (alpha / r) B A x``) and in eval mode, then restores both.
     The LoRA student's original teacher (``DistillationSetup.teacher_view``)."""
 
     def __init__(self, unet: nn.Module):
@@ -55,21 +62,27 @@ class AdaptersDisabled(nn.Module):
 
     @contextlib.contextmanager
     def _base(self):
+        from diffusers.utils.peft_utils import set_adapter_layers
+
         training = self.unet.training
-        self.unet.eval().disable_adapters()
+        set_adapter_layers(self.unet.eval(), enabled=False)
         try:
             yield
         finally:
-            self.unet.enable_adapters()
+            set_adapter_layers(self.unet, enabled=True)
             self.unet.train(training)
 
     @property
     def dtype(self) -> torch.dtype:
         return self.unet.dtype
 
-    def forward(self, sample, timestep, encoder_hidden_states=None, **kwargs):
+    @property
+    def config(self):
+        return self.unet.config
+
+    def forward(self, *args, **kwargs):
         with self._base():
-            return self.unet(sample, timestep, encoder_hidden_states, **kwargs)
+            return self.unet(*args, **kwargs)
 
 
 def lora_state_dict(unet: nn.Module) -> dict[str, torch.Tensor]:
@@ -129,9 +142,19 @@ def has_lora(unet: nn.Module) -> bool:
 
 
 def merge_lora(unet: nn.Module) -> nn.Module:
-    """Fold the LoRA layers into the base weights and remove them (in place): a plain UNet."""
-    unet.fuse_lora()
-    unet.unload_lora()
+    """Fold the LoRA layers into the base weights and remove them (in place): a plain model. What diffusers'
+    ``fuse_lora()`` + ``unload_lora()`` do, for any peft-adapted model (PixArt's transformer has no
+    diffusers PEFT mixin): each peft layer's ``merge()``, then ``recurse_remove_peft_layers``."""
+    from diffusers.utils import recurse_remove_peft_layers
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for module in unet.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.merge()
+    recurse_remove_peft_layers(unet)
+    del unet.peft_config
+    if getattr(unet, "_hf_peft_config_loaded", None):
+        unet._hf_peft_config_loaded = None
     return unet
 
 

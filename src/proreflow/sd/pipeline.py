@@ -76,23 +76,19 @@ def read_model_index(source: str | Path, local_files_only: bool | None = None) -
 
 
 @dataclass
-class SDTeacher:
-    """A loaded Stable Diffusion pipeline and what distillation needs from it (module doc)."""
+class VPPipelineTeacher:
+    """A loaded diffusers pipeline with a VAE and a VP scheduler: its schedule, output type and latents.
 
-    pipe: object  # StableDiffusionPipeline | StableDiffusionXLPipeline
+    The part of a teacher that does not depend on its denoiser or text encoders: Stable Diffusion
+    (:class:`SDTeacher`) and PixArt (:class:`proreflow.pixart.pipeline.PixArtTeacher`) extend it.
+    """
+
+    pipe: object
     source: str
-
-    @property
-    def unet(self):
-        return self.pipe.unet
 
     @property
     def vae(self):
         return self.pipe.vae
-
-    @property
-    def is_sdxl(self) -> bool:
-        return type(self.pipe).__name__ == "StableDiffusionXLPipeline"
 
     @property
     def scheduler_config(self) -> dict:
@@ -110,6 +106,41 @@ class SDTeacher:
     def device(self) -> torch.device:
         return self.vae.device
 
+    def to(self, device):
+        self.pipe.to(device)
+        return self
+
+    @torch.no_grad()
+    def encode_images(self, pixels: Tensor, generator: torch.Generator | list | None = None) -> Tensor:
+        """Latents of images in [-1, 1]: a sample of the VAE posterior, shifted and scaled."""
+        vae = self.vae
+        dist = vae.encode(pixels.to(self.device, vae.dtype)).latent_dist
+        z = dist.sample(generator=generator)
+        shift = vae.config.get("shift_factor") or 0.0
+        return ((z - shift) * vae.config.scaling_factor).float()
+
+    @torch.no_grad()
+    def decode_latents(self, latents: Tensor) -> Tensor:
+        """Images in [-1, 1] from latents (the inverse scaling of :meth:`encode_images`)."""
+        vae = self.vae
+        shift = vae.config.get("shift_factor") or 0.0
+        z = latents.to(self.device, vae.dtype) / vae.config.scaling_factor + shift
+        return vae.decode(z, return_dict=False)[0].float().clamp(-1, 1)
+
+
+@dataclass
+class SDTeacher(VPPipelineTeacher):
+    """A loaded Stable Diffusion pipeline (``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``) and
+    what distillation needs from it (module doc)."""
+
+    @property
+    def unet(self):
+        return self.pipe.unet
+
+    @property
+    def is_sdxl(self) -> bool:
+        return type(self.pipe).__name__ == "StableDiffusionXLPipeline"
+
     @property
     def resolution(self) -> int:
         """The pipeline's default image size: ``unet.sample_size * vae_scale_factor``."""
@@ -120,10 +151,6 @@ class SDTeacher:
         if resolution % factor:
             raise ValueError(f"resolution {resolution} is not a multiple of the VAE's factor {factor}")
         return (int(self.unet.config.in_channels), resolution // factor, resolution // factor)
-
-    def to(self, device) -> SDTeacher:
-        self.pipe.to(device)
-        return self
 
     # ------------------------------------------------------------ text
 
@@ -155,25 +182,6 @@ class SDTeacher:
         r = resolution or self.resolution
         return sdxl_time_ids((r, r), (0, 0), (r, r))[None]
 
-    # ------------------------------------------------------------ images
-
-    @torch.no_grad()
-    def encode_images(self, pixels: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """Latents of images in [-1, 1]: a sample of the VAE posterior, shifted and scaled."""
-        vae = self.vae
-        dist = vae.encode(pixels.to(self.device, vae.dtype)).latent_dist
-        z = dist.sample(generator=generator)
-        shift = vae.config.get("shift_factor") or 0.0
-        return ((z - shift) * vae.config.scaling_factor).float()
-
-    @torch.no_grad()
-    def decode_latents(self, latents: Tensor) -> Tensor:
-        """Images in [-1, 1] from latents (the inverse scaling of :meth:`encode_images`)."""
-        vae = self.vae
-        shift = vae.config.get("shift_factor") or 0.0
-        z = latents.to(self.device, vae.dtype) / vae.config.scaling_factor + shift
-        return vae.decode(z, return_dict=False)[0].float().clamp(-1, 1)
-
 
 def sdxl_time_ids(original_size: tuple[int, int], crop_top_left: tuple[int, int],
                   target_size: tuple[int, int]) -> Tensor:
@@ -190,27 +198,37 @@ def load_teacher(source: str | Path, unet_dtype: str | torch.dtype = torch.float
     encoder_dtype: the text encoders' (the VAE stays float32). variant: e.g. "fp16" weight files.
     local_files_only: never touch the network (default: ``HF_HUB_OFFLINE``).
     """
+    dtypes = {"default": as_dtype(encoder_dtype), "unet": as_dtype(unet_dtype), "vae": torch.float32}
+    pipe = load_pipeline(source, SUPPORTED_PIPELINES, dtypes, "SD1.5, SD2.x, SDXL base and their fine-tunes in "
+                         "diffusers format", variant, local_files_only)
+    teacher = SDTeacher(pipe, str(source))
+    if device is not None:
+        teacher.to(device)
+    log.info("teacher %s: %s, %s prediction, %d px", source, type(pipe).__name__, teacher.prediction_type,
+             teacher.resolution)
+    return teacher
+
+
+def load_pipeline(source: str | Path, supported: tuple[str, ...], dtypes: dict, what: str,
+                  variant: str | None = None, local_files_only: bool | None = None):
+    """The diffusers pipeline at ``source`` (folder or hub id), refused unless its class is one of
+    ``supported`` (``what``: the models they are, for the message); ``dtypes``: per component
+    (``torch_dtype``); the components of :data:`UNUSED_COMPONENTS` are not loaded. Its progress bars are off."""
     from diffusers import DiffusionPipeline
 
     local_files_only = default_local_files_only() if local_files_only is None else local_files_only
     index = read_model_index(source, local_files_only)
     kind = index.get("_class_name")
-    if kind not in SUPPORTED_PIPELINES:
-        raise ValueError(f"teacher {source}: a {kind} is not supported; use a {' or '.join(SUPPORTED_PIPELINES)} "
-                         "(SD1.5, SD2.x, SDXL base and their fine-tunes in diffusers format)")
+    if kind not in supported:
+        raise ValueError(f"teacher {source}: a {kind} is not supported; use a {' or '.join(supported)} ({what})")
     unused = {name: None for name in UNUSED_COMPONENTS if name in index}
-    dtypes = {"default": as_dtype(encoder_dtype), "unet": as_dtype(unet_dtype), "vae": torch.float32}
     try:
         pipe = DiffusionPipeline.from_pretrained(str(source), torch_dtype=dtypes, variant=variant,
                                                  local_files_only=local_files_only, **unused)
     except (OSError, ValueError) as err:
         raise type(err)(f"loading the teacher pipeline {source} failed: {err}") from err
     pipe.set_progress_bar_config(disable=True)
-    teacher = SDTeacher(pipe, str(source))
-    if device is not None:
-        teacher.to(device)
-    log.info("teacher %s: %s, %s prediction, %d px", source, kind, teacher.prediction_type, teacher.resolution)
-    return teacher
+    return pipe
 
 
 def unet_network(unet) -> Network:

@@ -51,7 +51,8 @@ LIMITS = {"resolution": (8, 4096), "prompt_steps": (1, 1000), "prompt_guidance":
 """Bounds of the setup's numbers (beyond them memory runs out or a run never ends)."""
 
 
-def _check_numbers(**values) -> None:
+def check_numbers(**values) -> None:
+    """Refuse (ValueError naming the key) a value of ``values`` that is not a finite number within :data:`LIMITS`."""
     for key, value in values.items():
         if value is None:
             continue
@@ -98,7 +99,7 @@ def build_sd_setup(teacher: str, data: str | list[str] | None = None, data_kind:
     if (data is None) == (prompts is None):
         raise ValueError("stable-diffusion setup: give exactly one of data (images with captions) and "
                          "prompts (a prompt file, prompt-only training)")
-    _check_numbers(resolution=resolution, prompt_steps=prompt_steps, prompt_guidance=prompt_guidance,
+    check_numbers(resolution=resolution, prompt_steps=prompt_steps, prompt_guidance=prompt_guidance,
                    lora_rank=lora_rank, lora_alpha=lora_alpha, cache_batch_size=cache_batch_size,
                    num_workers=num_workers, seed=seed)
     # everything that can be checked without the teacher is checked before it loads
