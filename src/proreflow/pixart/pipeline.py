@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from ..conditioning import Cond, map_cond
-from ..sd.pipeline import VPPipelineTeacher, load_pipeline
+from ..sd.pipeline import VPPipelineTeacher, load_pipeline, patched_latent_shape
 from ..teachers import Network
 from ..training.runner import as_dtype
 
@@ -58,11 +58,7 @@ class PixArtTeacher(VPPipelineTeacher):
         return inspect.signature(type(self.pipe).__call__).parameters["max_sequence_length"].default
 
     def latent_shape(self, resolution: int) -> tuple[int, int, int]:
-        factor = self.pipe.vae_scale_factor * int(self.transformer.config.patch_size)
-        if resolution % factor:
-            raise ValueError(f"resolution {resolution} is not a multiple of the VAE factor x patch size {factor}")
-        side = resolution // self.pipe.vae_scale_factor
-        return (int(self.transformer.config.in_channels), side, side)
+        return patched_latent_shape(self.pipe.vae_scale_factor, self.transformer.config, resolution)
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str], resolution: int | None = None) -> dict:

@@ -209,6 +209,16 @@ def load_teacher(source: str | Path, unet_dtype: str | torch.dtype = torch.float
     return teacher
 
 
+def patched_latent_shape(vae_scale_factor: int, config, resolution: int) -> tuple[int, int, int]:
+    """``(channels, side, side)`` of a transformer's square latents at ``resolution`` pixels; a ValueError
+    unless ``resolution`` is a multiple of the VAE factor times the transformer's ``patch_size``."""
+    factor = vae_scale_factor * int(config.patch_size)
+    if resolution % factor:
+        raise ValueError(f"resolution {resolution} is not a multiple of the VAE factor x patch size {factor}")
+    side = resolution // vae_scale_factor
+    return (int(config.in_channels), side, side)
+
+
 def load_pipeline(source: str | Path, supported: tuple[str, ...], dtypes: dict, what: str,
                   variant: str | None = None, local_files_only: bool | None = None):
     """The diffusers pipeline at ``source`` (folder or hub id), refused unless its class is one of

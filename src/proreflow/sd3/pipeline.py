@@ -22,7 +22,7 @@ from torch import Tensor
 
 from ..conditioning import Cond, map_cond
 from ..flow import FlowSchedule
-from ..sd.pipeline import default_local_files_only, read_model_index
+from ..sd.pipeline import default_local_files_only, patched_latent_shape, read_model_index
 from ..teachers import Network
 from ..training.runner import as_dtype
 
@@ -59,11 +59,7 @@ class SD3Teacher:
         return int(self.transformer.config.sample_size) * self.pipe.vae_scale_factor
 
     def latent_shape(self, resolution: int) -> tuple[int, int, int]:
-        factor = self.pipe.vae_scale_factor * int(self.transformer.config.patch_size)
-        if resolution % factor:
-            raise ValueError(f"resolution {resolution} is not a multiple of the VAE factor x patch size {factor}")
-        side = resolution // self.pipe.vae_scale_factor
-        return (int(self.transformer.config.in_channels), side, side)
+        return patched_latent_shape(self.pipe.vae_scale_factor, self.transformer.config, resolution)
 
     def mu(self, resolution: int) -> float | None:
         """Dynamic shifting's ``mu`` at ``resolution``: the pipeline's ``calculate_shift`` of the
