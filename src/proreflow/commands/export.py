@@ -1,15 +1,17 @@
-"""``proreflow export``: a trained Stable Diffusion / SD3 student as a diffusers pipeline folder or LoRA weights.
+"""``proreflow export``: a trained Stable Diffusion, SD3 or PixArt student as a diffusers pipeline folder or LoRA.
 
     proreflow export --run runs/sd15 --out exports/sd15-4w            # full pipeline folder
     proreflow export --run runs/sd15 --out exports/sd15-lora --lora   # LoRA for the base model
     proreflow export --run runs/sd15 --out exports/sd15-4w --dtype float16 --eval evals/sd15 \
         --push-to-hub me/sd15-proreflow-4step
     proreflow export --run runs/sd3 --out exports/sd3-4w              # an SD3 run: the same options
+    proreflow export --run runs/pixart --out exports/pixart-4w        # a PixArt run: pipeline folders only
 
 The family comes from the run's ``student.json`` (its setup). The folders load with diffusers alone
 (Stable Diffusion: a stock DDIMScheduler is the student's sampler, see :mod:`proreflow.sd.export`;
 SD3: the stock FlowMatchEulerDiscreteScheduler at the ``sigmas`` of ``proreflow.json``, see
-:mod:`proreflow.sd3.export`) and carry a model card (README.md).
+:mod:`proreflow.sd3.export`; PixArt: the stock DDIMScheduler, :mod:`proreflow.pixart.export`) and
+carry a model card (README.md).
 """
 
 from __future__ import annotations
@@ -20,8 +22,8 @@ from . import UsageError, bounded_int, existing_dir, writable_dir
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--run", required=True, help="output folder of a `proreflow train` run (stable-diffusion or "
-                   "stable-diffusion-3 setup)")
+    p.add_argument("--run", required=True, help="output folder of a `proreflow train` run (stable-diffusion, "
+                   "stable-diffusion-3 or pixart setup)")
     p.add_argument("--out", required=True, help="folder to write")
     p.add_argument("--teacher", help="teacher pipeline folder or hub id (default: the one the run was trained from)")
     p.add_argument("--lora", action="store_true",
@@ -39,7 +41,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="never download (default: on when HF_HUB_OFFLINE=1)")
 
 
-FAMILIES = ("stable-diffusion", "stable-diffusion-3")
+FAMILIES = ("stable-diffusion", "stable-diffusion-3", "pixart")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -80,8 +82,11 @@ def run(args: argparse.Namespace) -> int:
         extra["teacher_guidance"] = load_recipe(run_dir / "recipe.yaml").stages[-1].guidance
     if args.push_to_hub:
         extra["repo_id"] = args.push_to_hub  # the model card's loading lines name the repo
+    if family == "pixart" and args.lora:
+        raise UsageError("--lora: diffusers' PixArt pipelines cannot load LoRA weights (no load_lora_weights); "
+                         "export the PixArt student as a pipeline folder (without --lora)")
     dtype = as_dtype(args.dtype) if args.dtype else None
-    export = _export_sd3 if family == "stable-diffusion-3" else _export_sd
+    export = {"stable-diffusion": _export_sd, "stable-diffusion-3": _export_sd3, "pixart": _export_pixart}[family]
     print(export(args, run_dir, source, info["info"], extra, dtype, metrics))
     if args.push_to_hub:
         print(f"uploaded to {push_to_hub(args.out, args.push_to_hub, private=args.private)}")
@@ -132,3 +137,17 @@ def _export_sd3(args: argparse.Namespace, run_dir, source: str, setup_info: dict
     return (f"wrote {what} pipe(prompt, sigmas={sigmas}, guidance_scale={guidance:g}) (proreflow.json), or "
             f"`proreflow sample --model {args.out if not args.lora else source} "
             f"{'--lora ' + str(args.out) + ' ' if args.lora else ''}--prompt ...`")
+
+
+def _export_pixart(args: argparse.Namespace, run_dir, source: str, setup_info: dict, extra: dict, dtype,
+                   metrics) -> str:
+    """A pixart run as a PixArt pipeline with the stock DDIM (LoRA merged); the line to print."""
+    from ..pixart.export import export_pixart_pipeline, load_run_student
+    from ..pixart.pipeline import load_pixart_teacher
+
+    teacher = load_pixart_teacher(source, local_files_only=args.local_files_only)
+    student, info = load_run_student(run_dir, teacher.transformer, "pixart")
+    windows, guidance, resolution = info["windows"], info.get("guidance", 1.0), setup_info.get("resolution")
+    export_pixart_pipeline(student, teacher, args.out, windows, guidance, resolution, extra, dtype, metrics)
+    return (f"wrote the pipeline folder {args.out} ({windows} windows; sample with num_inference_steps={windows}, "
+            f"height = width = {resolution or teacher.resolution})")
