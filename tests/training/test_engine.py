@@ -393,3 +393,19 @@ def test_target_cache_refuses_other_data_of_the_same_size(tmp_path):
     with pytest.raises(ValueError, match="holds targets of other data of the same size"):
         train(recipe, other, tmp_path / "b", progress=False)
     train(recipe, make_setup(), tmp_path / "c", progress=False)  # the same data still reads its targets
+
+
+def test_target_cache_keys_on_the_schedule(tmp_path):
+    """The same teacher weights on another schedule make other targets: a run on it fills its own folder and
+    trains as it does without a cache, never on the first schedule's targets."""
+    import dataclasses
+
+    from proreflow.schedules import VPSchedule
+
+    recipe = tiny_recipe(target_cache=str(tmp_path / "cache"), stages=[{"windows": 2, "steps": 2}])
+    train(recipe, make_setup(), tmp_path / "a", progress=False)
+    linear = dataclasses.replace(make_setup(), schedule=VPSchedule.from_betas("linear", beta_start=1e-4, beta_end=0.02))
+    cached = train(recipe, linear, tmp_path / "b", progress=False)
+    assert len([p for p in (tmp_path / "cache").iterdir() if p.is_dir()]) == 2
+    plain = train({**recipe, "target_cache": ""}, linear, tmp_path / "c", progress=False)
+    assert cached.history == plain.history

@@ -115,7 +115,8 @@ class TargetCache:
     recipe seed, the stage index, the batch layout and the stream position (:mod:`.batches`), so runs that
     differ in anything else (loss, learning rate, EMA, step count) share them: the teacher's solve, most of
     an original-teacher stage's cost, is paid once. Files: ``root/<key>/<step>-<micro>-<rank>.pt``, where
-    ``key`` hashes all of the above, the teacher's weights and the time convention.
+    ``key`` hashes all of the above, the teacher's weights, the time convention and the schedule (a flow
+    teacher's ``shift`` / ``window_space`` move every target).
     """
 
     def __init__(self, root: str | Path, ctx: StageContext):
@@ -123,10 +124,11 @@ class TargetCache:
         parts = (stage.windows, stage.solver, stage.solver_steps, stage.teacher_guidance(), stage.guidance_mode,
                  stage.cond_dropout, ctx.recipe.seed, ctx.index, stage.batch_size, stage.grad_accum, acc.num_processes,
                  ctx.recipe.mixed_precision, len(ctx.setup.dataset))
-        digest = hashlib.blake2b(digest_size=10)  # the teacher's bytes, the parts, the time convention
+        digest = hashlib.blake2b(digest_size=10)  # the teacher's bytes, the parts, the time convention, the schedule
         hash_teacher(digest, ctx)
         digest.update(repr(parts).encode())
         digest.update(VP_TIME_CONVENTION.encode())
+        digest.update(schedule_digest(ctx.setup.schedule).encode())
         self.folder, self.rank = Path(root) / digest.hexdigest(), acc.process_index
 
     def batch(self, step: int, micro: int, make: Callable[[], ReflowBatch], counter: CountingNetwork,
@@ -152,19 +154,24 @@ class TargetCache:
         return batch, evals
 
 
+def schedule_digest(schedule) -> str:
+    """BLAKE2b of a schedule: its repr (a flow schedule's fields) and its tensors (a VP table)."""
+    digest = hashlib.blake2b(repr(schedule).encode(), digest_size=8)
+    for value in dataclasses.asdict(schedule).values() if dataclasses.is_dataclass(schedule) else ():
+        if isinstance(value, Tensor):
+            digest.update(tensor_bytes(value))
+    return digest.hexdigest()
+
+
 def trajectory_settings(ctx: StageContext) -> dict[str, Any]:
     """What stage ``ctx.index``'s trajectories depend on (module doc): the key of its folder."""
     stage, recipe, setup = ctx.stage, ctx.recipe, ctx.setup
     edges = recipe.trajectory_windows(ctx.index)
     denoiser = ctx.teacher.denoiser
-    schedule = hashlib.blake2b(repr(setup.schedule).encode(), digest_size=8)
-    for value in dataclasses.asdict(setup.schedule).values() if dataclasses.is_dataclass(setup.schedule) else ():
-        if isinstance(value, Tensor):
-            schedule.update(tensor_bytes(value))
     item_shape = list(torch.as_tensor(setup.dataset[0][0]).shape)
     uncond = cond_digests(ctx.uncond, 1)[0].numpy().tobytes().hex() if ctx.uncond is not None else None
     return {"format": TRAJECTORY_FORMAT, "teacher": teacher_digest(ctx), "prediction_type": denoiser.prediction_type,
-            "schedule": schedule.hexdigest(), "time_scale": denoiser.time_scale, "windows": edges,
+            "schedule": schedule_digest(setup.schedule), "time_scale": denoiser.time_scale, "windows": edges,
             "solver": stage.solver, "steps_per_window": stage.solver_steps * stage.windows // edges,
             "guidance": ctx.teacher.guidance, "uncond": uncond, "keep_on_dropout": list(setup.keep_on_dropout),
             "seed": recipe.seed, "items": len(setup.dataset), "item_shape": item_shape,
