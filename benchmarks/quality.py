@@ -237,6 +237,8 @@ def cached_eval_set(setup, data: str, teacher, samples: int, guidance: float, se
     evaluations and are the same for every method; they are kept in ``cache`` (``--work``) as a tensor file.
     """
     key = f"{Path(setup.info['teacher_path']).name}-n{samples}-g{guidance:g}-s{seed}-{VP_TIME_CONVENTION}"
+    if setup.info.get("window_space", "sigma") != "sigma":  # a flow teacher sampled on another grid
+        key += f"-{setup.info['window_space']}{setup.info['shift']:g}"
     path = cache / "evalsets" / f"{key}.pt"
     evalset = make_eval_set(data, teacher, 1, guidance, seed, progress=False)  # classifier and real data
     if path.is_file():
@@ -257,10 +259,12 @@ def run_dataset(data: str, args, log, save=lambda rows, diag: None) -> tuple[lis
     """Metric rows and window-diagnostic rows of every seed and method on ``data``; ``save(rows, diag)``
     after each trained method (a killed run keeps what it measured)."""
     guidance = args.guidance or GUIDANCE[data_kind(data)]
-    setup = builtin_setup(data, teacher=args.teacher, progress=not args.no_progress,
-                          from_scratch=True)  # make_student, for the from-scratch methods
+    setup = builtin_setup(data, teacher=args.teacher, progress=not args.no_progress, shift=args.shift,
+                          window_space=args.window_space, from_scratch=True)  # make_student: from-scratch methods
     teacher = setup.denoiser(setup.teacher_model)
     runs = data if args.teacher == "ddpm" else f"{data}-{args.teacher}"  # training runs of each teacher apart
+    if args.window_space != "sigma":
+        runs += f"-{args.window_space}{args.shift:g}"
     rows, diag = [], []
     for seed in args.seeds:
         samples = args.samples or (500 if args.quick and data_kind(data) != "2d" else default_eval_samples(data))
@@ -470,6 +474,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--teacher", choices=TEACHER_KINDS, default="ddpm",
                    help="the built-in teacher: ddpm (epsilon prediction, default) or flow (flow matching, sampled "
                    "by Euler; no DPM-Solver++ rows)")
+    p.add_argument("--window-space", choices=("sigma", "unshifted"), default="sigma",
+                   help="flow teacher: windows (and every sampler's steps) uniform in sigma, or in diffusers' "
+                        "unshifted s with --shift (issue 15's window_space; runs and anchors kept apart)")
+    p.add_argument("--shift", type=float, default=1.0, help="flow teacher: the shift of --window-space unshifted "
+                   "(SD3: 3)")
     p.add_argument("--guidance", type=float, default=None,
                    help="guidance scale of teacher and students (default: 2 on digits / MNIST, 1 on 2D data)")
     p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",

@@ -105,22 +105,34 @@ def test_flow_teacher_cache_round_trip_is_bit_identical_and_apart_from_the_ddpm_
                                                                                  TimeWindows(4), 4))
 
 
-def test_flow_setup_student_stepped_once_per_window_is_euler_over_the_window_edges(tmp_path):
-    setup = builtin_setup("digits", teacher="flow", steps=2, network=TINY_DIGITS, cache_dir=tmp_path, progress=False)
-    assert setup.prediction_type == "flow_velocity" and setup.schedule == FlowSchedule(1.0)
+@pytest.mark.parametrize("shift, window_space", [(1.0, "sigma"), (3.0, "unshifted")])
+def test_flow_setup_student_stepped_once_per_window_is_euler_over_the_window_edges(tmp_path, shift, window_space):
+    """Windows uniform in sigma, or (window_space unshifted) in diffusers' unshifted s with sigma =
+    3 s / (1 + 2 s), as SD3 spaces its steps: either way one step per window is the flow-matching Euler step
+    between the windows' sigmas, guided."""
+    setup = builtin_setup("digits", teacher="flow", steps=2, network=TINY_DIGITS, cache_dir=tmp_path, progress=False,
+                          shift=shift, window_space=window_space)
+    assert setup.prediction_type == "flow_velocity" and setup.schedule == FlowSchedule(shift, window_space)
     student = student_module(setup, False).double()  # a copy of the teacher's weights, as the engine starts it
     network = setup.adapter(student)
     g = torch.Generator().manual_seed(0)
     noise = torch.randn(6, 1, 8, 8, generator=g, dtype=torch.float64)
     labels, guidance = torch.arange(6) % 10, 2.0
     x = noise
-    sigmas = TimeWindows(4).edges(torch.float64)  # shift 1: sigma = t
+    edges = TimeWindows(4).edges(torch.float64)
+    sigmas = shift * edges / (1 + (shift - 1) * edges)  # shift 1: sigma = t
     for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):  # flow-matching Euler with classifier-free guidance
         timestep = (1000 * sigma).expand(6)
         u_c, u_u = network(x, timestep, labels), network(x, timestep, setup.uncond.expand(6))
         x = x + (sigma_next - sigma) * (u_u + guidance * (u_c - u_u))
     out = sample(setup.denoiser(student), noise, TimeWindows(4), 4, labels, setup.uncond, guidance)
     torch.testing.assert_close(out, x, rtol=1e-12, atol=1e-12)
+
+
+def test_shift_and_window_space_need_a_flow_teacher(tmp_path):
+    with pytest.raises(ValueError, match="set teacher: flow"):
+        builtin_setup("moons", steps=1, network=TINY_2D, cache_dir=tmp_path, progress=False, window_space="unshifted",
+                      shift=3.0)
 
 
 def test_dpm_solver_refuses_a_flow_teacher(tmp_path):

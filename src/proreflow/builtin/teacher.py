@@ -286,10 +286,16 @@ def train_teacher(data: str, *, steps: int | None = None, cache_dir: str | os.Pa
 
 def builtin_setup(name: str, *, steps: int | None = None, cache_dir: str | os.PathLike | None = None,
                   force: bool = False, device: str | torch.device = "cpu", progress: bool = True,
-                  from_scratch: bool = False, **overrides: Any) -> DistillationSetup:
+                  from_scratch: bool = False, shift: float = 1.0, window_space: str = "sigma",
+                  **overrides: Any) -> DistillationSetup:
     """The :class:`DistillationSetup` of built-in dataset ``name``: its (cached or trained) teacher with
     its schedule (SD's VP schedule; a :class:`FlowSchedule` with ``teacher="flow"``), the ``train``
     split, ``uncond = tensor([num_classes])`` (None for 2D).
+
+    shift, window_space: a flow teacher's sampling schedule (:class:`FlowSchedule`): with
+    ``window_space="unshifted"`` windows and steps are uniform in diffusers' unshifted ``s`` and
+    ``sigma = shift s / (1 + (shift - 1) s)``, as SD3's sampler spaces them (``shift`` 3); the cached
+    teacher is the same network (it learned the velocity at every sigma).
 
     from_scratch: set ``make_student`` to a freshly initialised network of the teacher's
     architecture (training from scratch); by default ``make_student`` is None and the engine
@@ -297,13 +303,21 @@ def builtin_setup(name: str, *, steps: int | None = None, cache_dir: str | os.Pa
     """
     teacher = load_or_train_teacher(name, steps=steps, cache_dir=cache_dir, force=force, device=device,
                                     progress=progress, **overrides)
+    schedule = teacher.schedule
+    if (shift, window_space) != (1.0, "sigma"):
+        if not isinstance(schedule, FlowSchedule):
+            raise ValueError("shift and window_space are a flow teacher's sampling schedule: set teacher: flow, "
+                             "or leave them out")
+        schedule = dataclasses.replace(schedule, shift=float(shift), window_space=window_space)
     spec = get_spec(name)
     make_student = (lambda: build_network(teacher.config.network)) if from_scratch else None
     return DistillationSetup(
-        teacher_model=teacher.module, prediction_type=teacher.config.prediction_type, schedule=teacher.schedule,
+        teacher_model=teacher.module, prediction_type=teacher.config.prediction_type, schedule=schedule,
         dataset=load_dataset(name, "train", seed=teacher.config.seed), uncond=spec.uncond,
         adapter=adapter_for_spec(teacher.config.network), make_student=make_student,
         info={"data": name, "teacher_path": str(teacher.path), "teacher_config": teacher.config.to_dict(),
+              **({"shift": schedule.shift, "window_space": schedule.window_space}
+                 if isinstance(schedule, FlowSchedule) else {}),
               "teacher_stats": teacher.stats, "shape": list(spec.shape), "num_classes": spec.num_classes},
     )
 
