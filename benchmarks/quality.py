@@ -265,6 +265,8 @@ def run_dataset(data: str, args, log, save=lambda rows, diag: None) -> tuple[lis
     runs = data if args.teacher == "ddpm" else f"{data}-{args.teacher}"  # training runs of each teacher apart
     if args.window_space != "sigma":
         runs += f"-{args.window_space}{args.shift:g}"
+    if guidance != GUIDANCE[data_kind(data)]:  # runs of another guidance apart (resume would refuse them)
+        runs += f"-g{guidance:g}"
     rows, diag = [], []
     for seed in args.seeds:
         samples = args.samples or (500 if args.quick and data_kind(data) != "2d" else default_eval_samples(data))
