@@ -78,6 +78,11 @@ def load_weights(path: Path) -> dict[str, Tensor]:
     return load_file(str(path))
 
 
+def frozen_names(module: nn.Module) -> set[str]:
+    """The state-dict names of ``module``'s frozen parameters (``requires_grad=False``), tied ones included."""
+    return {name for name, p in module.named_parameters(remove_duplicate=False) if not p.requires_grad}
+
+
 def load_student_weights(module: nn.Module, state: dict[str, Tensor], assign: bool = False) -> None:
     """Load a student's saved weights into ``module`` (a student built as the run built it).
 
@@ -88,7 +93,7 @@ def load_student_weights(module: nn.Module, state: dict[str, Tensor], assign: bo
     lacks, is a ValueError. ``assign``: take the saved tensors (and dtypes) instead of copying.
     """
     missing, unexpected = module.load_state_dict(state, strict=False, assign=assign)
-    frozen = {name for name, p in module.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    frozen = frozen_names(module)
     lacking = [key for key in missing if key not in frozen]
     if lacking or unexpected:
         raise ValueError("the saved student does not fit this network: "

@@ -35,7 +35,7 @@ from torch.utils.data import Subset
 
 from ..conditioning import Cond, map_cond
 from .batches import BatchPlan, micro_batches
-from .checkpoint import load_student_weights, student_module
+from .checkpoint import frozen_names, load_student_weights, student_module
 from .ema import EMA
 from .optim import check_optimizer, make_optimizer
 from .recipes import Recipe, Stage, load_recipe
@@ -239,7 +239,7 @@ class Trainee:
         from the teacher, in its own dtype (:func:`~.checkpoint.load_student_weights`)."""
         if not self.shared:
             return state
-        frozen = {name for name, p in self.module.named_parameters(remove_duplicate=False) if not p.requires_grad}
+        frozen = frozen_names(self.module)
         return {key: value for key, value in state.items() if key not in frozen}
 
 
