@@ -69,7 +69,15 @@ def make_optimizer(module: nn.Module, name: str = "adamw") -> torch.optim.Optimi
         return bitsandbytes.optim.AdamW8bit(params)
     if name != "adamw":
         raise ValueError(f"optimizer: {name!r} is not one of adamw, adamw_8bit")
-    return torch.optim.AdamW(params)
+    return torch.optim.AdamW(params, fused=_fusable(params))
+
+
+def _fusable(params: list[torch.Tensor]) -> bool:
+    """Whether torch's fused AdamW kernel (one kernel over all parameters) can take ``params``: floating
+    point tensors on CPU or CUDA. torch's default there is a per-parameter loop on CPU (foreach on CUDA):
+    on the built-in CPU UNet the step took 22 ms looped against 3.4 ms fused, a fifth of a batch-2
+    optimiser step (docs/throughput.md). Other devices keep torch's default."""
+    return all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
 
 
 def set_stage_hyperparameters(optimizer: torch.optim.Optimizer, stage: Stage, step: int) -> float:
