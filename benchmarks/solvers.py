@@ -51,7 +51,7 @@ def gaussian_teacher(batch: int):
     mu, s = 0.7, 0.3
 
     def network(x, timestep, cond):
-        a = schedule.abar(timestep.to(torch.float64) / 999).reshape(-1, 1)
+        a = schedule.abar(schedule.time(timestep.to(torch.float64))).reshape(-1, 1)  # the network's own t
         return (1 - a).sqrt() * (x - a.sqrt() * mu) / (a * s**2 + 1 - a)
 
     def exact(x, t_from, t_to):

@@ -84,3 +84,11 @@ def test_unknown_kinds_are_errors():
         VPSchedule.from_betas("cubic")
     with pytest.raises(ValueError, match="not a diffusion output"):
         to_x0_eps(torch.zeros(1, 2), torch.zeros(1, 2), torch.ones(1) * 0.5, "velocity")
+
+
+def test_time_of_abar_inverts_abar_in_float64():
+    schedule = VPSchedule.from_betas()
+    t = torch.linspace(1 / 1000, 1, 4001, dtype=torch.float64)
+    torch.testing.assert_close(schedule.time_of_abar(schedule.abar(t)), t, rtol=0, atol=1e-12)
+    # clamped outside the table: abar(0) = alphas_cumprod[0] is reached at t = 1 / T, abar below the last at 1
+    assert schedule.time_of_abar(torch.tensor([1.0, 0.0])).tolist() == [1 / 1000, 1.0]

@@ -107,6 +107,18 @@ class VPSchedule:
         frac = tau - lo
         return (table[lo] * (1 - frac) + table[lo + 1] * frac).to(dtype)
 
+    def time_of_abar(self, abar: Tensor) -> Tensor:
+        """The t in ``[1 / T, 1]`` with ``abar(t) = abar`` (float64): :meth:`abar` is linear between integer
+        timesteps and strictly decreasing there, so its inverse is linear between them too. Values outside
+        ``[alphas_cumprod[-1], alphas_cumprod[0]]`` are clamped to it."""
+        table = self.alphas_cumprod.to(dtype=torch.float64)
+        a = torch.as_tensor(abar, dtype=torch.float64).to(table.device).clamp(table[-1], table[0])
+        n = self.num_train_timesteps
+        above = n - torch.searchsorted(table.flip(0).contiguous(), a, right=True)  # entries > a
+        lo = (above - 1).clamp(0, n - 2)
+        tau = lo + (table[lo] - a) / (table[lo] - table[lo + 1])
+        return self.time(tau)
+
     def add_noise(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
         """``x_t = sqrt(abar(t)) x0 + sqrt(1 - abar(t)) eps`` with per-sample t."""
         a = bcast(self.abar(t).to(compute_dtype(x0)), x0)

@@ -11,10 +11,10 @@ a student (used by :func:`proreflow.sampling.sample` and by a student acting as 
 The grid is built once (:func:`solve_grid` here, ``TimeWindows.time_grid`` for sampling, both
 from :func:`~proreflow.windows.uniform_times`) and passed to the one loop, :func:`euler_steps`.
 
-A window solve of the original teacher may pick a higher-order method on the same grid
-(``solve(..., solver=...)``, :data:`SOLVERS`): ``"dpmpp_2m"`` (:func:`dpmpp_2m_steps`, one
-evaluation per step, diffusion teachers only) or ``"heun"`` (:func:`heun_steps`, two
-evaluations per step). Both are second order; DDIM / Euler is first order.
+A window solve of the original teacher may pick a higher-order method (``solve(..., solver=...)``,
+:data:`SOLVERS`): ``"dpmpp_2m"`` (:func:`dpmpp_2m_steps`, one evaluation per step, diffusion teachers
+only, on the window's grid uniform in log-SNR, :func:`log_snr_grid`) or ``"heun"`` (:func:`heun_steps`,
+two evaluations per step, on the same uniform grid). Both are second order; DDIM / Euler is first order.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from torch import Tensor
 
 from .conditioning import Cond
 from .parametrize import ddim_step
-from .schedules import bcast, compute_dtype, to_x0_eps
+from .schedules import VPSchedule, bcast, compute_dtype, to_x0_eps
 from .teachers import Denoiser
 from .windows import TimeWindows, uniform_times
 
@@ -57,6 +57,25 @@ def solve_grid(t_start, t_end, steps: int, like: Tensor, windows: TimeWindows | 
     return torch.stack([s[:-1], s[1:], targets], dim=1)
 
 
+def log_snr_grid(t_start, t_end, steps: int, like: Tensor, schedule: VPSchedule) -> Tensor:
+    """:func:`solve_grid`'s rows with the inner times uniform in ``lambda = log_snr(abar(t))`` between the
+    ends (DPM-Solver's spacing, Lu et al. 2022), so every step has the same ``h``; where an end has
+    ``abar = 0`` (zero terminal SNR, ``lambda = -inf``) the times stay uniform in t.
+
+    DPM-Solver++(2M) steps with this grid: with uniform t, ``lambda`` grows fastest near t = 0, the step
+    ratio ``r = h_prev / h`` of the last steps is small and the correction ``1 / (2 r)`` amplifies the
+    error. On the closed-form Gaussian teacher, [0.5, 0] in 4 steps: 3.4e-2 uniform in t, 2.0e-3 here."""
+    grid = solve_grid(t_start, t_end, steps, like)
+    s = torch.cat([grid[:, 0], grid[-1:, 1]])  # (steps + 1, B), the ends exact
+    lam = [log_snr(schedule.abar(s[i].to(torch.float64))) for i in (0, -1)]
+    share = torch.arange(1, steps, dtype=torch.float64, device=s.device).reshape(-1, 1) / steps
+    inner = schedule.time_of_abar(torch.sigmoid(2 * (lam[0] + (lam[1] - lam[0]) * share)))  # abar = sigmoid(2 lambda)
+    inner = torch.minimum(torch.maximum(inner, s[-1].to(inner.dtype)), s[0].to(inner.dtype))  # inside the solve
+    finite = torch.isfinite(lam[0]) & torch.isfinite(lam[1])
+    s[1:-1] = torch.where(finite, inner.to(s.dtype), s[1:-1])
+    return torch.stack([s[:-1], s[1:], s[1:]], dim=1)
+
+
 def euler_steps(denoiser: Denoiser, x: Tensor, grid, cond: Cond = None, uncond: Cond = None,
                 guidance: float = 1.0) -> Iterator[Tensor]:
     """Yield ``x`` after each step ``x <- x + (t_next - t) * denoiser.velocity(x, t, target)`` along
@@ -76,6 +95,16 @@ SOLVERS = ("ddim", "dpmpp_2m", "heun")
 network evaluations (conditional and unconditional halves of one batch)."""
 
 EVALS_PER_STEP = {"ddim": 1, "dpmpp_2m": 1, "heun": 2}
+
+SOLVER_GRID = {"ddim": "uniform-t", "dpmpp_2m": "log-snr", "heun": "uniform-t"}
+"""The grid each solver steps on inside a window; stored results of a solver name its grid when it is not
+uniform in t (:func:`solver_key`), so results of an earlier grid are not read as this one's."""
+
+
+def solver_key(solver: str) -> str:
+    """``solver``, or ``solver@grid`` when it does not step uniformly in t (cache keys)."""
+    grid = SOLVER_GRID[solver]
+    return solver if grid == "uniform-t" else f"{solver}@{grid}"
 
 
 def x0_eps(denoiser: Denoiser, x: Tensor, t: Tensor, cond: Cond = None, uncond: Cond = None,
@@ -177,6 +206,10 @@ def solve(denoiser: Denoiser, x: Tensor, t_start, t_end, steps: int, cond: Cond 
     if windows is not None and solver != "ddim":
         raise ValueError(f"solver {solver!r} is for the original teacher; a piecewise-straight "
                          "student crosses its windows with Euler steps (solver 'ddim')")
-    grid = solve_grid(t_start, t_end, steps, x, windows)
+    if solver == "dpmpp_2m":
+        _check_diffusion(denoiser)
+        grid = log_snr_grid(t_start, t_end, steps, x, denoiser.schedule)
+    else:
+        grid = solve_grid(t_start, t_end, steps, x, windows)
     step = {"ddim": euler_steps, "dpmpp_2m": dpmpp_2m_steps, "heun": heun_steps}[solver]
     return deque(step(denoiser, x, grid, cond, uncond, guidance), maxlen=1)[0]

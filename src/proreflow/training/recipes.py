@@ -75,8 +75,9 @@ class Stage:
         f"{REFERENCE_STEPS} // windows); Euler steps for a previous-stage teacher (default "
         "previous windows / windows: one step per old window)", default=None)
     solver: str = _doc("original teacher's window solver: 'ddim' (Euler for a velocity teacher; 1 "
-                       "evaluation per step), 'dpmpp_2m' (DPM-Solver++(2M), 1 per step, diffusion "
-                       "teachers) or 'heun' (2 per step); a previous-stage teacher takes Euler steps",
+                       "evaluation per step), 'dpmpp_2m' (DPM-Solver++(2M), 1 per step on a grid uniform in "
+                       "log-SNR, diffusion teachers) or 'heun' (2 per step); a previous-stage teacher takes "
+                       "Euler steps",
                        default="ddim")
     alpha: float = _doc("weight of the direction term 1 - cos(v_pred, v_target); 0 gives plain MSE",
                         default=1.0)

@@ -44,6 +44,7 @@ from torch import Tensor
 from ..conditioning import Cond, map_cond, null_like
 from ..files import atomic_write, write_json
 from ..schedules import VP_TIME_CONVENTION, compute_dtype
+from ..solvers import solver_key
 from ..targets import ReflowBatch, teacher_trajectory
 from ..windows import TimeWindows
 from .batches import collate_items, trajectory_noise
@@ -121,9 +122,9 @@ class TargetCache:
 
     def __init__(self, root: str | Path, ctx: StageContext):
         stage, acc = ctx.stage, ctx.accelerator
-        parts = (stage.windows, stage.solver, stage.solver_steps, stage.teacher_guidance(), stage.guidance_mode,
-                 stage.cond_dropout, ctx.recipe.seed, ctx.index, stage.batch_size, stage.grad_accum, acc.num_processes,
-                 ctx.recipe.mixed_precision, len(ctx.setup.dataset))
+        parts = (stage.windows, solver_key(stage.solver), stage.solver_steps, stage.teacher_guidance(),
+                 stage.guidance_mode, stage.cond_dropout, ctx.recipe.seed, ctx.index, stage.batch_size,
+                 stage.grad_accum, acc.num_processes, ctx.recipe.mixed_precision, len(ctx.setup.dataset))
         digest = hashlib.blake2b(digest_size=10)  # the teacher's bytes, the parts, the time convention, the schedule
         hash_teacher(digest, ctx)
         digest.update(repr(parts).encode())
