@@ -42,7 +42,7 @@ from proreflow.files import atomic_write
 from proreflow.schedules import VP_TIME_CONVENTION
 from proreflow.targets import StageTeacher, make_reflow_batch
 from proreflow.training import train
-from proreflow.training.recipes import load_recipe
+from proreflow.training.recipes import load_recipe, split_steps
 from proreflow.windows import TimeWindows
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -97,6 +97,9 @@ METHODS = {
         "proreflow-ii", ["stages.*.loss_space=velocity", "stages.*.start_share=0.5", "stages.*.lr=3e-4"]),
     "ProReflow-II, velocity MSE, half at window starts, EMA off": (
         "proreflow-ii", ["stages.*.loss_space=velocity", "stages.*.start_share=0.5", "stages.*.ema_decay=0.0"]),
+    # the budget's split over stages (issue 13): the last stage's student is the one sampled
+    "ProReflow-II, velocity MSE, half at window starts, last stage half the budget": (
+        "proreflow-ii", ["stages.*.loss_space=velocity", "stages.*.start_share=0.5"]),
     # the teacher's solve (issues 13, 16): evaluations per window against the default's 32 // windows DDIM steps
     "ProReflow-II, velocity MSE, half at window starts, DDIM at half the steps": (
         "proreflow-ii", ["stages.*.loss_space=velocity", "stages.*.start_share=0.5", "stages.0.solver_steps=2",
@@ -104,6 +107,9 @@ METHODS = {
     "ProReflow-II, velocity MSE, half at window starts, DPM-Solver++(2M) at half the steps": (
         "proreflow-ii", ["stages.*.loss_space=velocity", "stages.*.start_share=0.5", "stages.*.solver=dpmpp_2m",
                          "stages.0.solver_steps=2", "stages.1.solver_steps=4", "stages.2.solver_steps=8"]),
+    "ProReflow-II, velocity MSE, half at window starts, DPM-Solver++(2M) 3 / 3 / 4 steps": (
+        "proreflow-ii", ["stages.*.loss_space=velocity", "stages.*.start_share=0.5", "stages.*.solver=dpmpp_2m",
+                         "stages.0.solver_steps=3", "stages.1.solver_steps=3", "stages.2.solver_steps=4"]),
     "ProReflow-II, velocity MSE, half at window starts, DDIM at twice the steps": (
         "proreflow-ii", ["stages.*.loss_space=velocity", "stages.*.start_share=0.5", "stages.0.solver_steps=8",
                          "stages.1.solver_steps=16", "stages.2.solver_steps=32"]),
@@ -129,10 +135,11 @@ for _preset, _overrides in METHODS.values():
     # ProReflow presets before start_share: 0.5), so their names mean what the earlier tables say
     if _preset.startswith("proreflow") and not any("start_share" in o for o in _overrides):
         _overrides.insert(0, "stages.*.start_share=0.0")
-DEFAULT_METHOD = "ProReflow-II, velocity MSE, half at window starts"
+DEFAULT_METHOD = "ProReflow-II, velocity MSE, half at window starts, last stage half the budget"
 """The proreflow-ii preset as it is now (and ``proreflow demo``)."""
 QUICK_METHODS = ["2-Reflow", "PeRFlow", "ProReflow-II", DEFAULT_METHOD]
-CURVE_METHODS = ("PeRFlow", "ProReflow-II", DEFAULT_METHOD, "ProReflow-II, epsilon-space MSE, half at window starts")
+CURVE_METHODS = ("PeRFlow", "ProReflow-II", "ProReflow-II, velocity MSE, half at window starts", DEFAULT_METHOD,
+                 "ProReflow-II, epsilon-space MSE, half at window starts")
 TEACHER_STEPS = (32, 8, 4, 2, 1)
 DPM_STEPS = (4, 2)
 STUDENT_STEPS = (4, 2, 1)
@@ -141,12 +148,23 @@ BUDGET = {"2d": 800, "digits": 800, "mnist": 400}
 MAIN_METRIC = {"2d": "energy_distance", "image": "fd"}
 
 
+STAGE_WEIGHTS = {"ProReflow-II, velocity MSE, half at window starts, last stage half the budget": (1, 1, 2)}
+"""Methods whose optimiser steps are not split evenly over their stages: the weight of each stage
+(:func:`~proreflow.training.recipes.split_steps`); every other method splits evenly, as the runs of the
+earlier tables did."""
+
+
+def stage_steps(name: str, stages: int, total_steps: int) -> list[int]:
+    """Optimiser steps of each stage of method ``name``: ``total_steps`` split by its :data:`STAGE_WEIGHTS`."""
+    return split_steps(total_steps, STAGE_WEIGHTS.get(name, (1,) * stages))
+
+
 def method_recipe(name: str, total_steps: int, guidance: float, seed: int, lr: float | None,
                   settings: list[str] = ()):
     preset, overrides = METHODS[name]
     stages = len(load_recipe(preset).stages)
-    extra = [f"stages.*.steps={max(1, total_steps // stages)}", f"stages.*.guidance={guidance}", f"seed={seed}",
-             "checkpoint_every=0"]
+    extra = [*(f"stages.{i}.steps={n}" for i, n in enumerate(stage_steps(name, stages, total_steps))),
+             f"stages.*.guidance={guidance}", f"seed={seed}", "checkpoint_every=0"]
     if lr is not None:
         extra.append(f"stages.*.lr={lr}")
     return load_recipe(preset, [*overrides, *extra, *settings])

@@ -185,3 +185,26 @@ def test_the_window_solver_is_a_checked_stage_key_and_defaults_to_ddim():
         load_recipe("proreflow-ii", ["stages.0.solver=rk4"])
     with pytest.raises(RecipeError, match=r"stages.1.solver: a previous-stage teacher is piecewise straight"):
         load_recipe("proreflow-ii", ["stages.1.teacher=previous", "stages.1.solver=heun"])
+
+
+def test_split_steps_gives_each_stage_its_share_of_the_budget():
+    from proreflow.training.recipes import budget_overrides, split_steps
+
+    assert split_steps(800, [1, 1, 1]) == [266, 266, 266]  # even: total // stages, as the benchmark always split
+    assert split_steps(800, [750, 750, 1500]) == [200, 200, 400]
+    assert split_steps(3, [1, 1, 2]) == [1, 1, 1]  # every stage at least one step
+    assert budget_overrides(load_recipe("proreflow-ii"), 1200) == ["stages.0.steps=300", "stages.1.steps=300",
+                                                                   "stages.2.steps=600"]
+    with pytest.raises(RecipeError, match="cannot be split"):
+        split_steps(0, [1, 2])
+
+
+def test_the_quality_benchmarks_default_method_is_the_preset():
+    import sys
+
+    sys.path.insert(0, str(CONFIGS.parent / "benchmarks"))
+    from quality import DEFAULT_METHOD, method_recipe
+
+    benchmark = method_recipe(DEFAULT_METHOD, 3000, 2.0, 5, None)
+    preset = load_recipe("proreflow-ii", ["stages.*.guidance=2.0", "seed=5", "checkpoint_every=0"])
+    assert benchmark.to_dict() == preset.to_dict()

@@ -17,7 +17,7 @@ import torch
 
 from ..builtin import DATASETS, get_spec
 from ..builtin.defaults import GUIDANCE, data_kind, default_eval_samples
-from ..training.recipes import load_recipe
+from ..training.recipes import budget_overrides, load_recipe
 from ..windows import TimeWindows
 from . import bounded_int, writable_dir
 
@@ -27,8 +27,9 @@ RECIPE = "proreflow-ii"
 every stage, velocity MSE with the aligned direction term, half of each batch at its window's start)
 had the lowest 4-step FD / energy distance of the recipes studied on MNIST, digits and moons at equal
 optimiser steps."""
-DEMO_STEPS = {"2d": 400, "digits": 400, "mnist": 200}
-"""Optimiser steps per stage (the demo's budget; 3 stages of ProReflow-II)."""
+DEMO_STEPS = {"2d": 1200, "digits": 1200, "mnist": 600}
+"""Optimiser steps in all (the demo's budget), split over the recipe's stages in the proportions of its own
+stage steps (ProReflow-II: a quarter, a quarter and half, :func:`~proreflow.training.recipes.budget_overrides`)."""
 STUDENT_STEPS = (4, 2, 1)
 TEACHER_STEPS = (32, 4)
 
@@ -41,7 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(delete OUT/DATA/run to start over)")
     parser.add_argument("--recipe", default=RECIPE, help=f"preset or YAML recipe (default: {RECIPE})")
     parser.add_argument("--steps", type=bounded_int(1, 10**7), default=None,
-                        help="optimiser steps per stage (default: per dataset, " +
+                        help="optimiser steps in all, split over the recipe's stages in the proportions of its "
+                        "own stage steps (default: per dataset, " +
                         ", ".join(f"{k} {v}" for k, v in DEMO_STEPS.items()) + ")")
     parser.add_argument("--teacher-steps", type=bounded_int(1, 10**7), default=None,
                         help="teacher training steps when no cached teacher exists (default: per dataset)")
@@ -81,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
         result = train(recipe, setup, out / data / "run", resume=True, progress=not args.no_progress,
                        allow_recipe_change=args.allow_recipe_change)
         rows, samples = evaluate_demo(data, setup, result, args)
-        results[data] = {"recipe": recipe.name, "steps_per_stage": steps, "rows": rows,
+        results[data] = {"recipe": recipe.name, "steps": steps, "rows": rows,
                          "stages": [s.__dict__ for s in result.stages],
                          "minutes": (time.perf_counter() - start) / 60}
         sections.append(_figures_and_table(data, out / data, rows, samples, result, setup, args))
@@ -93,8 +95,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _recipe(data: str, args: argparse.Namespace):
     kind = data_kind(data)
-    return load_recipe(args.recipe, [f"stages.*.steps={args.steps or DEMO_STEPS[kind]}",
-                                     f"stages.*.guidance={GUIDANCE[kind]}", f"seed={args.seed}"])
+    budget = budget_overrides(load_recipe(args.recipe), args.steps or DEMO_STEPS[kind])
+    return load_recipe(args.recipe, [*budget, f"stages.*.guidance={GUIDANCE[kind]}", f"seed={args.seed}"])
 
 
 def evaluate_demo(data, setup, result, args):
