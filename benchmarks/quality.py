@@ -100,6 +100,8 @@ METHODS = {
     # the budget's split over stages (issue 13): the last stage's student is the one sampled
     "ProReflow-II, velocity MSE, half at window starts, last stage half the budget": (
         "proreflow-ii", ["stages.*.loss_space=velocity", "stages.*.start_share=0.5"]),
+    "ProReflow-II, velocity MSE, half at window starts, last stage half the budget, magnitude term 1": (
+        "proreflow-ii", ["stages.*.loss_space=velocity", "stages.*.start_share=0.5", "stages.*.beta=1.0"]),
     # the teacher's solve (issues 13, 16): evaluations per window against the default's 32 // windows DDIM steps
     "ProReflow-II, velocity MSE, half at window starts, DDIM at half the steps": (
         "proreflow-ii", ["stages.*.loss_space=velocity", "stages.*.start_share=0.5", "stages.0.solver_steps=2",
@@ -148,7 +150,9 @@ BUDGET = {"2d": 800, "digits": 800, "mnist": 400}
 MAIN_METRIC = {"2d": "energy_distance", "image": "fd"}
 
 
-STAGE_WEIGHTS = {"ProReflow-II, velocity MSE, half at window starts, last stage half the budget": (1, 1, 2)}
+STAGE_WEIGHTS = {"ProReflow-II, velocity MSE, half at window starts, last stage half the budget": (1, 1, 2),
+                 "ProReflow-II, velocity MSE, half at window starts, last stage half the budget, magnitude term 1": (
+                     1, 1, 2)}
 """Methods whose optimiser steps are not split evenly over their stages: the weight of each stage
 (:func:`~proreflow.training.recipes.split_steps`); every other method splits evenly, as the runs of the
 earlier tables did."""
