@@ -102,6 +102,9 @@ METHODS = {
         "proreflow-ii", ["stages.*.loss_space=velocity", "stages.*.start_share=0.5"]),
     "ProReflow-II, velocity MSE, half at window starts, last stage half the budget, magnitude term 1": (
         "proreflow-ii", ["stages.*.loss_space=velocity", "stages.*.start_share=0.5", "stages.*.beta=1.0"]),
+    "ProReflow-1step, half at window starts": ("proreflow-1step", ["stages.*.start_share=0.5"]),
+    "ProReflow-1step, half at window starts, last stage half the budget": (
+        "proreflow-1step", ["stages.*.start_share=0.5"]),
     # the teacher's solve (issues 13, 16): evaluations per window against the default's 32 // windows DDIM steps
     "ProReflow-II, velocity MSE, half at window starts, DDIM at half the steps": (
         "proreflow-ii", ["stages.*.loss_space=velocity", "stages.*.start_share=0.5", "stages.0.solver_steps=2",
@@ -152,7 +155,8 @@ MAIN_METRIC = {"2d": "energy_distance", "image": "fd"}
 
 STAGE_WEIGHTS = {"ProReflow-II, velocity MSE, half at window starts, last stage half the budget": (1, 1, 2),
                  "ProReflow-II, velocity MSE, half at window starts, last stage half the budget, magnitude term 1": (
-                     1, 1, 2)}
+                     1, 1, 2),
+                 "ProReflow-1step, half at window starts, last stage half the budget": (1, 1, 1, 3)}
 """Methods whose optimiser steps are not split evenly over their stages: the weight of each stage
 (:func:`~proreflow.training.recipes.split_steps`); every other method splits evenly, as the runs of the
 earlier tables did."""
