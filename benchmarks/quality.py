@@ -153,18 +153,16 @@ BUDGET = {"2d": 800, "digits": 800, "mnist": 400}
 MAIN_METRIC = {"2d": "energy_distance", "image": "fd"}
 
 
-STAGE_WEIGHTS = {"ProReflow-II, velocity MSE, half at window starts, last stage half the budget": (1, 1, 2),
-                 "ProReflow-II, velocity MSE, half at window starts, last stage half the budget, magnitude term 1": (
-                     1, 1, 2),
-                 "ProReflow-1step, half at window starts, last stage half the budget": (1, 1, 1, 3)}
-"""Methods whose optimiser steps are not split evenly over their stages: the weight of each stage
-(:func:`~proreflow.training.recipes.split_steps`); every other method splits evenly, as the runs of the
-earlier tables did."""
+LAST_STAGE_HALF = "last stage half the budget"
+"""Methods whose name says this give their last stage as many optimiser steps as all the others together (the
+ProReflow presets since round 4); every other method splits its steps evenly, as the runs of the earlier tables did."""
 
 
 def stage_steps(name: str, stages: int, total_steps: int) -> list[int]:
-    """Optimiser steps of each stage of method ``name``: ``total_steps`` split by its :data:`STAGE_WEIGHTS`."""
-    return split_steps(total_steps, STAGE_WEIGHTS.get(name, (1,) * stages))
+    """Optimiser steps of each stage of method ``name``: ``total_steps`` split evenly, or with weights
+    ``1, ..., 1, stages - 1`` when the name says :data:`LAST_STAGE_HALF` (:func:`split_steps`)."""
+    last = max(stages - 1, 1) if LAST_STAGE_HALF in name else 1
+    return split_steps(total_steps, (1,) * (stages - 1) + (last,))
 
 
 def method_recipe(name: str, total_steps: int, guidance: float, seed: int, lr: float | None,

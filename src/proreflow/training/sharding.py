@@ -19,6 +19,7 @@ parameter order.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -32,7 +33,12 @@ except ImportError:  # torch built without distributed support: nothing can be s
 
 def is_sharded(module: nn.Module) -> bool:
     """Whether any parameter of ``module`` is a DTensor (FSDP2)."""
-    return any(isinstance(p, DTensor) for p in module.parameters())
+    return any_dtensor(module.parameters())
+
+
+def any_dtensor(tensors: Iterable[Tensor]) -> bool:
+    """Whether any of ``tensors`` is a DTensor (a shard of FSDP2)."""
+    return any(isinstance(t, DTensor) for t in tensors)
 
 
 def full_tensors(tensors: dict[str, Any], keep: bool = True) -> dict[str, Any]:

@@ -40,7 +40,7 @@ from .ema import EMA
 from .optim import set_stage_hyperparameters
 from .recipes import Recipe, Stage
 from .setup import DistillationSetup
-from .sharding import DTensor, is_sharded, local
+from .sharding import any_dtensor, is_sharded, local
 from .target_cache import BATCH_FIELDS, TargetCache, TrajectoryCache
 
 MAX_GRAD_NORM = float(torch.finfo(torch.float32).max) ** 0.5
@@ -303,6 +303,6 @@ def nonfinite_parameters(module: nn.Module) -> int:
         return 0
     norms = torch.stack([n.float() for n in torch._foreach_norm([local(p) for p in params], float("inf"))])
     bad = (~torch.isfinite(norms)).float()
-    if any(isinstance(p, DTensor) for p in params):  # FSDP2 shards (is_sharded, without a second walk)
+    if any_dtensor(params):  # FSDP2 shards
         torch.distributed.all_reduce(bad)
     return int(bad.gt(0).sum())
