@@ -100,6 +100,15 @@ METHODS = {
     # the budget's split over stages (issue 13): the last stage's student is the one sampled
     "ProReflow-II, velocity MSE, half at window starts, last stage half the budget": (
         "proreflow-ii", ["stages.*.loss_space=velocity", "stages.*.start_share=0.5"]),
+    "ProReflow-II, epsilon-space MSE, half at window starts, last stage half the budget": (
+        "proreflow-ii", ["stages.*.loss_space=epsilon", "stages.*.start_share=0.5"]),
+    # the two factors the epsilon space changes (issue 13 round 5): the balance between windows, the profile inside
+    "ProReflow-II, velocity MSE with the epsilon space's balance between windows, last stage half the budget": (
+        "proreflow-ii", ["stages.*.loss_space=velocity", "stages.*.loss_weighting=start_epsilon",
+                         "stages.*.start_share=0.5"]),
+    "ProReflow-II, epsilon-space MSE with the velocity space's balance between windows, last stage half the budget": (
+        "proreflow-ii", ["stages.*.loss_space=epsilon", "stages.*.loss_weighting=start_velocity",
+                         "stages.*.start_share=0.5"]),
     "ProReflow-II, velocity MSE, half at window starts, last stage half the budget, magnitude term 1": (
         "proreflow-ii", ["stages.*.loss_space=velocity", "stages.*.start_share=0.5", "stages.*.beta=1.0"]),
     "ProReflow-1step, half at window starts": ("proreflow-1step", ["stages.*.start_share=0.5"]),

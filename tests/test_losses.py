@@ -55,7 +55,7 @@ def test_half_precision_predictions_are_reduced_in_float32_and_shape_mismatch_is
 
 # ---------------------------------------------------------------- loss spaces and time weights
 
-from proreflow.losses import snr, time_weights, to_loss_space  # noqa: E402
+from proreflow.losses import snr, time_weights, to_loss_space, velocity_per_epsilon  # noqa: E402
 from proreflow.parametrize import output_to_velocity  # noqa: E402
 from proreflow.schedules import VPSchedule  # noqa: E402
 
@@ -131,14 +131,14 @@ def test_every_space_loss_is_zero_exactly_when_the_velocity_loss_is(space):
 
 def test_time_weights_equal_their_formulas():
     sched, t, t_start, t_end, x, eps_pred, eps_tgt, v_pred, v_tgt = _window_batch()
-    torch.testing.assert_close(time_weights("none", t, t_start, v_tgt), torch.ones(8, dtype=torch.float64))
+    torch.testing.assert_close(time_weights("none", t, t_start, t_end, v_tgt), torch.ones(8, dtype=torch.float64))
     a = sched.abar(t)
     ratio = a / (1 - a)
     torch.testing.assert_close(snr(t, sched), ratio)
     expected = torch.minimum(ratio, torch.full_like(ratio, 5.0)) / ratio
-    torch.testing.assert_close(time_weights("min_snr", t, t_start, v_tgt, sched, 5.0), expected)
+    torch.testing.assert_close(time_weights("min_snr", t, t_start, t_end, v_tgt, sched, 5.0), expected)
     assert expected[5] < 1 and expected[0] == 1  # t = 0.1 (SNR > 5) is clamped, t = 0.95 not
-    w = time_weights("window", t, t_start, v_tgt)
+    w = time_weights("window", t, t_start, t_end, v_tgt)
     size = v_tgt.pow(2).flatten(1).mean(1)
     for i in range(8):
         same = t_start == t_start[i]
@@ -153,8 +153,8 @@ def test_unknown_space_and_weighting_are_errors_naming_the_choices():
     v = torch.zeros(2, 3)
     with pytest.raises(ValueError, match="velocity, epsilon, x0, geometric"):
         to_loss_space(v, v, torch.ones(2), torch.zeros(2), "noise")
-    with pytest.raises(ValueError, match="none, min_snr, window"):
-        time_weights("snr", torch.ones(2), torch.ones(2), v)
+    with pytest.raises(ValueError, match="none, min_snr, window, start_epsilon, start_velocity"):
+        time_weights("snr", torch.ones(2), torch.ones(2), torch.zeros(2), v)
 
 
 def test_vp_only_loss_spaces_and_weighting_refuse_a_flow_teacher():
@@ -166,4 +166,49 @@ def test_vp_only_loss_spaces_and_weighting_refuse_a_flow_teacher():
         with pytest.raises(ValueError, match=f"the '{space}' loss space needs the teacher's VPSchedule"):
             to_loss_space(v_pred, x, t, t_end, space, FlowSchedule())
     with pytest.raises(ValueError, match="min_snr weighting needs the teacher's VPSchedule"):
-        time_weights("min_snr", t, t_start, v_tgt, FlowSchedule())
+        time_weights("min_snr", t, t_start, t_end, v_tgt, FlowSchedule())
+
+
+@pytest.mark.parametrize("space", ["epsilon", "x0", "geometric", "capped_epsilon"])
+def test_flat_abar_below_one_timestep_gives_zero_error_and_finite_gradients(space):
+    """On the trailing grid abar is flat for t <= 1 / T, so a window ending at 0 holds times whose DDIM
+    step is empty (c = 0): those samples carry no error in any space but velocity, and nothing is NaN."""
+    sched, t, t_start, t_end, x, eps_pred, eps_tgt, v_pred, v_tgt = _window_batch()
+    flat_t = torch.tensor([0.0004, 1.0 / sched.num_train_timesteps], dtype=torch.float64)
+    assert (sched.abar(flat_t) == sched.abar(torch.zeros(2, dtype=torch.float64))).all()
+    t2, s2 = torch.cat([t, flat_t]), torch.cat([t_end, torch.zeros(2, dtype=torch.float64)])
+    x2 = torch.cat([x, torch.randn(2, 2, 3, dtype=torch.float64)])
+    vp = torch.cat([v_pred, torch.randn(2, 2, 3, dtype=torch.float64)]).requires_grad_(True)
+    vt = torch.cat([v_tgt, torch.randn(2, 2, 3, dtype=torch.float64)])
+    assert (velocity_per_epsilon(t2, s2, sched)[-2:] == 0).all()
+    sp, sg = (to_loss_space(v, x2, t2, s2, space, sched) for v in (vp, vt))
+    assert (sp[-2:] == 0).all() and (sg[-2:] == 0).all()
+    torch.testing.assert_close(sp[:-2], to_loss_space(v_pred, x, t, t_end, space, sched))
+    mse = aligned_v_loss(vp, vt, alpha=1.0, space_pred=sp, space_target=sg).mse
+    mse.backward()
+    assert torch.isfinite(mse) and torch.isfinite(vp.grad).all() and (vp.grad[-2:] == 0).all()
+
+
+def test_start_weightings_equal_their_formulas_and_swap_the_spaces_balance_at_window_starts():
+    """start_epsilon = 1 / c(t_start, s)^2 and start_velocity = c(t_start, s)^2; at a window's start the
+    velocity space weighted by start_epsilon is the epsilon space's squared error, and the epsilon
+    space weighted by start_velocity the velocity space's."""
+    sched, t, t_start, t_end, x, eps_pred, eps_tgt, v_pred, v_tgt = _window_batch()
+    c0 = _c(sched, t_start, t_end)
+    torch.testing.assert_close(time_weights("start_epsilon", t, t_start, t_end, v_tgt, sched), 1 / c0**2)
+    torch.testing.assert_close(time_weights("start_velocity", t, t_start, t_end, v_tgt, sched), c0**2)
+    # the same batch moved to its window starts (x_t kept: the spaces' maps depend on t, not on x_t's law)
+    v_p, v_t = (output_to_velocity(e, x, t_start, t_end, "epsilon", sched) for e in (eps_pred, eps_tgt))
+
+    def mse(space, weighting):
+        sp, sg = (to_loss_space(v, x, t_start, t_end, space, sched) for v in (v_p, v_t))
+        w = time_weights(weighting, t_start, t_start, t_end, sg, sched)
+        return aligned_v_loss(v_p, v_t, alpha=0.0, space_pred=sp, space_target=sg, mse_weights=w).mse.item()
+
+    assert mse("velocity", "start_epsilon") == pytest.approx(mse("epsilon", "none"), rel=1e-10)
+    assert mse("epsilon", "start_velocity") == pytest.approx(mse("velocity", "none"), rel=1e-10)
+    # inside a window the weights are constant: the velocity space's profile in t is kept
+    same = t_start == t_start[0]
+    assert same.sum() > 1
+    w = time_weights("start_epsilon", t, t_start, t_end, v_tgt, sched)
+    assert (w[same] == w[same][0]).all()

@@ -74,3 +74,20 @@ def test_velocity_prediction_passes_through_and_diffusion_outputs_need_a_schedul
     assert torch.equal(output_to_velocity(out, torch.zeros(2, 3), 0.5, 0.25, "velocity"), out)
     with pytest.raises(ValueError, match="VPSchedule"):
         output_to_velocity(out, torch.zeros(2, 3), 0.5, 0.25, "epsilon")
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_flat_abar_gives_output_zero_where_every_output_makes_the_same_empty_step(prediction_type):
+    """abar is flat for t <= 1 / T (trailing grid): the DDIM step from t to s there is x_t for every output,
+    so the inverse is undetermined; it returns 0, finite, and its other samples are unchanged."""
+    g = torch.Generator().manual_seed(5)
+    x, out = torch.randn(3, 4, generator=g, dtype=torch.float64), torch.randn(3, 4, generator=g, dtype=torch.float64)
+    t = torch.tensor([0.6, 0.0005, 0.001], dtype=torch.float64)
+    s = torch.tensor([0.3, 0.0, 0.0], dtype=torch.float64)
+    v = output_to_velocity(out, x, t, s, prediction_type, SCHEDULE)
+    torch.testing.assert_close(v[1:], torch.zeros(2, 4, dtype=torch.float64), atol=1e-12, rtol=0)
+    back = velocity_to_output(v.requires_grad_(True), x, t, s, prediction_type, SCHEDULE)
+    assert (back[1:] == 0).all()
+    torch.testing.assert_close(back[:1], out[:1], rtol=1e-8, atol=1e-8)
+    back.sum().backward()
+    assert torch.isfinite(v.grad).all()

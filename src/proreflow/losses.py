@@ -22,12 +22,19 @@ Loss spaces, for a sample at ``(x_t, t)`` in the window ending at ``s`` (``a = a
 
 epsilon and x0 are the outputs whose DDIM step from ``(x_t, t)`` to ``s`` is ``x_t + (s - t) v``
 (:func:`~proreflow.parametrize.velocity_to_output`), so a space's error is zero exactly when
-the velocity error is. Time weights (``SNR(t) = a_t / (1 - a_t)``):
+the velocity error is. Where ``abar`` is flat (``t`` and ``s`` both below ``1 / T`` on the trailing
+grid), ``c = 0``: no output moves ``x_t``, and every space but velocity gives the sample 0 (no error).
+Time weights (``SNR(t) = a_t / (1 - a_t)``):
 
     none:    w = 1
     min_snr: w = min(SNR(t), gamma) / SNR(t)      (min-SNR-gamma, Hang et al. 2023, as for an epsilon loss)
     window:  w = 1 / mean over the batch's samples of the same window of mean(g^2)
              (each window's error relative to its own target size; the mean is not differentiated)
+    start_epsilon:  w = 1 / c(t_start, s)^2   (each window weighted as the epsilon space weighs its
+             start; with loss_space velocity: the velocity space's profile inside a window, the
+             epsilon space's balance between windows)
+    start_velocity: w = c(t_start, s)^2       (with loss_space epsilon: the epsilon space's profile
+             inside a window, the velocity space's balance between windows)
 """
 
 from __future__ import annotations
@@ -44,7 +51,7 @@ from .schedules import VPSchedule, bcast
 _EPS = 1e-12
 
 LOSS_SPACES = ("velocity", "epsilon", "x0", "geometric", "capped_epsilon")
-LOSS_WEIGHTINGS = ("none", "min_snr", "window")
+LOSS_WEIGHTINGS = ("none", "min_snr", "window", "start_epsilon", "start_velocity")
 _SPACE_OUTPUT = {"epsilon": "epsilon", "x0": "sample"}
 
 
@@ -79,17 +86,24 @@ def to_loss_space(v: Tensor, x_t: Tensor, t: Tensor, t_end: Tensor, space: str,
         raise ValueError(f"the {space!r} loss space needs the teacher's VPSchedule (a VP diffusion teacher); "
                          "use loss_space: velocity")
     if space == "geometric":
-        return v / bcast(velocity_per_epsilon(t, t_end, schedule).to(v.dtype), v).sqrt()
+        return v * _inverse(velocity_per_epsilon(t, t_end, schedule).sqrt(), v)
     if space == "capped_epsilon":
-        return v / bcast(velocity_per_epsilon(t, t_end, schedule).clamp(max=c_cap).to(v.dtype), v)
+        return v * _inverse(velocity_per_epsilon(t, t_end, schedule).clamp(max=c_cap), v)
     return velocity_to_output(v, x_t, t, t_end, _SPACE_OUTPUT[space], schedule)
 
 
+def _inverse(c: Tensor, like: Tensor) -> Tensor:
+    """``1 / c`` per sample, shaped for ``like``; 0 where ``c = 0`` (a flat ``abar``: the module doc)."""
+    c = bcast(c, like).to(like.dtype)
+    return torch.where(c > 0, 1 / c.clamp_min(_EPS), torch.zeros_like(c))
+
+
 def velocity_per_epsilon(t: Tensor, t_end: Tensor, schedule: VPSchedule) -> Tensor:
-    """``c(t, s) = (sqrt(1 - a_s) - sqrt(a_s (1 - a_t) / a_t)) / (s - t)`` (> 0 for s < t): the velocity
-    error of an epsilon error (module doc)."""
+    """``c(t, s) = (sqrt(1 - a_s) - sqrt(a_s (1 - a_t) / a_t)) / (s - t)``: the velocity error of an
+    epsilon error (module doc); > 0 where ``a_s > a_t``, 0 where ``abar`` is flat (``a_s = a_t``)."""
     a_t, a_s = schedule.abar(t), schedule.abar(t_end)
-    return ((1 - a_s).sqrt() - (a_s * (1 - a_t) / a_t).sqrt()) / (t_end - t)
+    c = ((1 - a_s).sqrt() - (a_s * (1 - a_t) / a_t).sqrt()) / (t_end - t)
+    return torch.where(a_s > a_t, c.clamp_min(0), torch.zeros_like(c))  # 0 where abar is flat
 
 
 def snr(t: Tensor, schedule: VPSchedule) -> Tensor:
@@ -98,7 +112,7 @@ def snr(t: Tensor, schedule: VPSchedule) -> Tensor:
     return a / (1 - a).clamp_min(_EPS)
 
 
-def time_weights(weighting: str, t: Tensor, t_start: Tensor, target: Tensor,
+def time_weights(weighting: str, t: Tensor, t_start: Tensor, t_end: Tensor, target: Tensor,
                  schedule: VPSchedule | FlowSchedule | None = None,
                  gamma: float = 5.0) -> Tensor:
     """Per-sample weights ``w_i`` of the squared error (module doc); ``target`` in the loss space."""
@@ -107,12 +121,15 @@ def time_weights(weighting: str, t: Tensor, t_start: Tensor, target: Tensor,
     g = _flat(target).detach()
     if weighting == "none":
         return torch.ones(g.shape[0], dtype=g.dtype, device=g.device)
+    if weighting != "window" and not isinstance(schedule, VPSchedule):
+        raise ValueError(f"{weighting} weighting needs the teacher's VPSchedule (a VP diffusion teacher); "
+                         "use loss_weighting: none")
     if weighting == "min_snr":
-        if not isinstance(schedule, VPSchedule):
-            raise ValueError("min_snr weighting needs the teacher's VPSchedule (a VP diffusion teacher); "
-                             "use loss_weighting: none")
         s = snr(t, schedule).to(g)
         return s.clamp(max=gamma) / s.clamp_min(_EPS)
+    if weighting in ("start_epsilon", "start_velocity"):
+        c2 = velocity_per_epsilon(t_start, t_end, schedule).to(g).pow(2)
+        return c2 if weighting == "start_velocity" else 1 / c2.clamp_min(_EPS)
     size = g.pow(2).mean(dim=1)
     same = t_start.reshape(-1, 1) == t_start.reshape(1, -1)  # same window
     window_mean = (same.to(g) @ size) / same.sum(dim=1).to(g)

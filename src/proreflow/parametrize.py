@@ -64,7 +64,9 @@ def velocity_to_output(velocity: Tensor, x: Tensor, t: Tensor, t_target: Tensor,
     """Inverse of :func:`output_to_velocity`: the output whose DDIM step to ``s`` is ``x + (s - t) v``.
 
     Solves ``x_t = sqrt(a_t) x0 + sqrt(1-a_t) eps`` and ``x_s = sqrt(a_s) x0 + sqrt(1-a_s) eps``
-    for ``(x0, eps)``.
+    for ``(x0, eps)``. Where ``a_s = a_t`` (both times below ``1 / T``, where ``abar`` is flat:
+    :mod:`proreflow.schedules`) every output gives the same empty step; the output returned there
+    is 0, with a zero gradient.
     """
     if prediction_type == "velocity":
         return velocity
@@ -78,8 +80,10 @@ def velocity_to_output(velocity: Tensor, x: Tensor, t: Tensor, t_target: Tensor,
     st, s1t = bcast(a_t, x).sqrt(), bcast(1 - a_t, x).sqrt()
     ss, s1s = bcast(a_s, x).sqrt(), bcast(1 - a_s, x).sqrt()
     det = st * s1s - s1t * ss
-    x0 = (x * s1s - x_s * s1t) / det
-    eps = (st * x_s - ss * x) / det
+    flat = det == 0
+    det = det.masked_fill(flat, 1.0)
+    x0 = ((x * s1s - x_s * s1t) / det).masked_fill(flat, 0.0)
+    eps = ((st * x_s - ss * x) / det).masked_fill(flat, 0.0)
     return from_x0_eps(x0, eps, a_t, prediction_type)
 
 
