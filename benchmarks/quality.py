@@ -102,13 +102,24 @@ METHODS = {
         "proreflow-ii", ["stages.*.loss_space=velocity", "stages.*.start_share=0.5"]),
     "ProReflow-II, epsilon-space MSE, half at window starts, last stage half the budget": (
         "proreflow-ii", ["stages.*.loss_space=epsilon", "stages.*.start_share=0.5"]),
-    # the two factors the epsilon space changes (issue 13 round 5): the balance between windows, the profile inside
-    "ProReflow-II, velocity MSE with the epsilon space's balance between windows, last stage half the budget": (
+    # what the epsilon space changes (issue 13 round 5): the balance between windows (start_epsilon) and the squared
+    # error's scale against the direction term (alpha)
+    "ProReflow-II, velocity MSE with the epsilon space's balance between windows relative to the last, "
+    "last stage half the budget": (
         "proreflow-ii", ["stages.*.loss_space=velocity", "stages.*.loss_weighting=start_epsilon",
                          "stages.*.start_share=0.5"]),
-    "ProReflow-II, epsilon-space MSE with the velocity space's balance between windows, last stage half the budget": (
-        "proreflow-ii", ["stages.*.loss_space=epsilon", "stages.*.loss_weighting=start_velocity",
-                         "stages.*.start_share=0.5"]),
+    "ProReflow-II, velocity MSE with the epsilon space's balance between windows relative to the last, "
+    "last stage half the budget, alpha 3": (
+        "proreflow-ii", ["stages.*.loss_space=velocity", "stages.*.loss_weighting=start_epsilon",
+                         "stages.*.start_share=0.5", "stages.*.alpha=3.0"]),
+    "ProReflow-II, velocity MSE with the epsilon space's balance between windows relative to the last, "
+    "last stage half the budget, alpha 10": (
+        "proreflow-ii", ["stages.*.loss_space=velocity", "stages.*.loss_weighting=start_epsilon",
+                         "stages.*.start_share=0.5", "stages.*.alpha=10.0"]),
+    "ProReflow-II, velocity MSE, half at window starts, last stage half the budget, alpha 10": (
+        "proreflow-ii", ["stages.*.loss_space=velocity", "stages.*.start_share=0.5", "stages.*.alpha=10.0"]),
+    "ProReflow-II, velocity MSE, half at window starts, last stage half the budget, alpha 100": (
+        "proreflow-ii", ["stages.*.loss_space=velocity", "stages.*.start_share=0.5", "stages.*.alpha=100.0"]),
     "ProReflow-II, velocity MSE, half at window starts, last stage half the budget, magnitude term 1": (
         "proreflow-ii", ["stages.*.loss_space=velocity", "stages.*.start_share=0.5", "stages.*.beta=1.0"]),
     "ProReflow-1step, half at window starts": ("proreflow-1step", ["stages.*.start_share=0.5"]),

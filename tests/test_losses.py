@@ -153,7 +153,7 @@ def test_unknown_space_and_weighting_are_errors_naming_the_choices():
     v = torch.zeros(2, 3)
     with pytest.raises(ValueError, match="velocity, epsilon, x0, geometric"):
         to_loss_space(v, v, torch.ones(2), torch.zeros(2), "noise")
-    with pytest.raises(ValueError, match="none, min_snr, window, start_epsilon, start_velocity"):
+    with pytest.raises(ValueError, match="none, min_snr, window, start_epsilon"):
         time_weights("snr", torch.ones(2), torch.ones(2), torch.zeros(2), v)
 
 
@@ -189,26 +189,25 @@ def test_flat_abar_below_one_timestep_gives_zero_error_and_finite_gradients(spac
     assert torch.isfinite(mse) and torch.isfinite(vp.grad).all() and (vp.grad[-2:] == 0).all()
 
 
-def test_start_weightings_equal_their_formulas_and_swap_the_spaces_balance_at_window_starts():
-    """start_epsilon = 1 / c(t_start, s)^2 and start_velocity = c(t_start, s)^2; at a window's start the
-    velocity space weighted by start_epsilon is the epsilon space's squared error, and the epsilon
-    space weighted by start_velocity the velocity space's."""
+def test_start_epsilon_equals_its_formula_and_gives_the_epsilon_spaces_balance_at_window_starts():
+    """start_epsilon = c(h, 0)^2 / c(t_start, s)^2 (h = t_start - s): 1 on the window ending at 0, constant
+    inside a window, and at the window starts the velocity space weighted by it is the epsilon space's squared
+    error times c(h, 0)^2."""
     sched, t, t_start, t_end, x, eps_pred, eps_tgt, v_pred, v_tgt = _window_batch()
-    c0 = _c(sched, t_start, t_end)
-    torch.testing.assert_close(time_weights("start_epsilon", t, t_start, t_end, v_tgt, sched), 1 / c0**2)
-    torch.testing.assert_close(time_weights("start_velocity", t, t_start, t_end, v_tgt, sched), c0**2)
+    h = t_start - t_end
+    c_last = _c(sched, h, torch.zeros_like(h))
+    w = time_weights("start_epsilon", t, t_start, t_end, v_tgt, sched)
+    torch.testing.assert_close(w, (c_last / _c(sched, t_start, t_end)) ** 2)
+    last = t_end == 0
+    assert last.any() and (~last).any()
+    torch.testing.assert_close(w[last], torch.ones_like(w[last]))
+    assert (w[~last] < 1).all()  # the noisier windows weigh less, as in the epsilon space
+    same = t_start == t_start[0]
+    assert same.sum() > 1 and (w[same] == w[same][0]).all()
     # the same batch moved to its window starts (x_t kept: the spaces' maps depend on t, not on x_t's law)
     v_p, v_t = (output_to_velocity(e, x, t_start, t_end, "epsilon", sched) for e in (eps_pred, eps_tgt))
-
-    def mse(space, weighting):
-        sp, sg = (to_loss_space(v, x, t_start, t_end, space, sched) for v in (v_p, v_t))
-        w = time_weights(weighting, t_start, t_start, t_end, sg, sched)
-        return aligned_v_loss(v_p, v_t, alpha=0.0, space_pred=sp, space_target=sg, mse_weights=w).mse.item()
-
-    assert mse("velocity", "start_epsilon") == pytest.approx(mse("epsilon", "none"), rel=1e-10)
-    assert mse("epsilon", "start_velocity") == pytest.approx(mse("velocity", "none"), rel=1e-10)
-    # inside a window the weights are constant: the velocity space's profile in t is kept
-    same = t_start == t_start[0]
-    assert same.sum() > 1
-    w = time_weights("start_epsilon", t, t_start, t_end, v_tgt, sched)
-    assert (w[same] == w[same][0]).all()
+    w0 = time_weights("start_epsilon", t_start, t_start, t_end, v_t, sched)
+    vel = (w0 * (v_p - v_t).pow(2).flatten(1).mean(1)).mean()
+    sp, sg = (to_loss_space(v, x, t_start, t_end, "epsilon", sched) for v in (v_p, v_t))
+    eps = (c_last**2 * (sp - sg).pow(2).flatten(1).mean(1)).mean()
+    assert vel.item() == pytest.approx(eps.item(), rel=1e-10)

@@ -30,11 +30,10 @@ Time weights (``SNR(t) = a_t / (1 - a_t)``):
     min_snr: w = min(SNR(t), gamma) / SNR(t)      (min-SNR-gamma, Hang et al. 2023, as for an epsilon loss)
     window:  w = 1 / mean over the batch's samples of the same window of mean(g^2)
              (each window's error relative to its own target size; the mean is not differentiated)
-    start_epsilon:  w = 1 / c(t_start, s)^2   (each window weighted as the epsilon space weighs its
-             start; with loss_space velocity: the velocity space's profile inside a window, the
-             epsilon space's balance between windows)
-    start_velocity: w = c(t_start, s)^2       (with loss_space epsilon: the epsilon space's profile
-             inside a window, the velocity space's balance between windows)
+    start_epsilon: w = c(h, 0)^2 / c(t_start, s)^2, h = t_start - s   (each window weighted as the
+             epsilon space weighs its start, relative to the window of the same length that ends at
+             0, which keeps w = 1; with loss_space velocity: the velocity space's profile inside a
+             window, the epsilon space's balance between windows)
 """
 
 from __future__ import annotations
@@ -51,7 +50,7 @@ from .schedules import VPSchedule, bcast
 _EPS = 1e-12
 
 LOSS_SPACES = ("velocity", "epsilon", "x0", "geometric", "capped_epsilon")
-LOSS_WEIGHTINGS = ("none", "min_snr", "window", "start_epsilon", "start_velocity")
+LOSS_WEIGHTINGS = ("none", "min_snr", "window", "start_epsilon")
 _SPACE_OUTPUT = {"epsilon": "epsilon", "x0": "sample"}
 
 
@@ -127,9 +126,10 @@ def time_weights(weighting: str, t: Tensor, t_start: Tensor, t_end: Tensor, targ
     if weighting == "min_snr":
         s = snr(t, schedule).to(g)
         return s.clamp(max=gamma) / s.clamp_min(_EPS)
-    if weighting in ("start_epsilon", "start_velocity"):
-        c2 = velocity_per_epsilon(t_start, t_end, schedule).to(g).pow(2)
-        return c2 if weighting == "start_velocity" else 1 / c2.clamp_min(_EPS)
+    if weighting == "start_epsilon":
+        h = t_start - t_end
+        c_start, c_last = (velocity_per_epsilon(a, b, schedule).to(g) for a, b in ((t_start, t_end), (h, 0 * h)))
+        return (c_last / c_start.clamp_min(_EPS)).pow(2)
     size = g.pow(2).mean(dim=1)
     same = t_start.reshape(-1, 1) == t_start.reshape(1, -1)  # same window
     window_mean = (same.to(g) @ size) / same.sum(dim=1).to(g)

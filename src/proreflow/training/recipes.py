@@ -95,9 +95,10 @@ class Stage:
     loss_weighting: str = _doc(
         "per-sample weight of the squared error: 'none'; 'min_snr' min(SNR(t), snr_gamma) / SNR(t), "
         "SNR = abar / (1 - abar) (min-SNR-gamma, Hang et al. 2023); 'window' 1 / (mean squared target of "
-        "the batch's samples in the same window); 'start_epsilon' 1 / c(t_start, t_end)^2 (with loss_space: "
-        "velocity, the epsilon space's balance between windows and the velocity space's profile inside "
-        "each); 'start_velocity' c(t_start, t_end)^2 (with loss_space: epsilon, the other way round)",
+        "the batch's samples in the same window); 'start_epsilon' c(h, 0)^2 / c(t_start, t_end)^2, h = t_start - "
+        "t_end: each window weighted as the epsilon space weighs its start, relative to the window of the same "
+        "length ending at 0 (weight 1); with loss_space: velocity, the epsilon space's balance between windows "
+        "and the velocity space's profile inside each",
         default="none")
     snr_gamma: float = _doc("gamma of loss_weighting: min_snr", default=5.0)
     start_points: str = _doc(
