@@ -125,6 +125,8 @@ METHODS = {
     "ProReflow-1step, half at window starts": ("proreflow-1step", ["stages.*.start_share=0.5"]),
     "ProReflow-1step, half at window starts, last stage half the budget": (
         "proreflow-1step", ["stages.*.start_share=0.5"]),
+    "ProReflow-1step, epsilon space's balance between windows, last stage half the budget": (
+        "proreflow-1step", ["stages.*.start_share=0.5", "stages.*.loss_weighting=start_epsilon"]),
     # the teacher's solve (issues 13, 16): evaluations per window against the default's 32 // windows DDIM steps
     "ProReflow-II, velocity MSE, half at window starts, DDIM at half the steps": (
         "proreflow-ii", ["stages.*.loss_space=velocity", "stages.*.start_share=0.5", "stages.0.solver_steps=2",
@@ -160,10 +162,15 @@ for _preset, _overrides in METHODS.values():
     # ProReflow presets before start_share: 0.5), so their names mean what the earlier tables say
     if _preset.startswith("proreflow") and not any("start_share" in o for o in _overrides):
         _overrides.insert(0, "stages.*.start_share=0.0")
-DEFAULT_METHOD = "ProReflow-II, velocity MSE, half at window starts, last stage half the budget"
+    # likewise the loss weighting: none before round 5's start_epsilon
+    if _preset.startswith("proreflow") and not any("loss_weighting" in o for o in _overrides):
+        _overrides.insert(0, "stages.*.loss_weighting=none")
+DEFAULT_METHOD = ("ProReflow-II, velocity MSE with the epsilon space's balance between windows relative to the last, "
+                  "last stage half the budget")
 """The proreflow-ii preset as it is now (and ``proreflow demo``)."""
 QUICK_METHODS = ["2-Reflow", "PeRFlow", "ProReflow-II", DEFAULT_METHOD]
-CURVE_METHODS = ("PeRFlow", "ProReflow-II", "ProReflow-II, velocity MSE, half at window starts", DEFAULT_METHOD,
+CURVE_METHODS = ("PeRFlow", "ProReflow-II", "ProReflow-II, velocity MSE, half at window starts",
+                 "ProReflow-II, velocity MSE, half at window starts, last stage half the budget", DEFAULT_METHOD,
                  "ProReflow-II, epsilon-space MSE, half at window starts")
 TEACHER_STEPS = (32, 8, 4, 2, 1)
 DPM_STEPS = (4, 2)

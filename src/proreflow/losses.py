@@ -51,6 +51,8 @@ _EPS = 1e-12
 
 LOSS_SPACES = ("velocity", "epsilon", "x0", "geometric", "capped_epsilon")
 LOSS_WEIGHTINGS = ("none", "min_snr", "window", "start_epsilon")
+FLOW_LOSS_SPACES, FLOW_LOSS_WEIGHTINGS = ("velocity",), ("none", "window")
+"""What a flow-matching teacher (a :class:`~proreflow.flow.FlowSchedule`) can serve; the others need a VP schedule."""
 _SPACE_OUTPUT = {"epsilon": "epsilon", "x0": "sample"}
 
 

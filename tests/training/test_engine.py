@@ -219,6 +219,20 @@ def test_conditions_must_fit_guidance_and_dropout(tmp_path):
     assert result.stages[0].steps == 6
 
 
+def test_a_flow_teacher_refuses_vp_only_loss_settings_before_training(tmp_path):
+    import dataclasses
+
+    from proreflow.flow import FlowSchedule
+
+    flow = dataclasses.replace(make_setup(), prediction_type="flow_velocity", schedule=FlowSchedule())
+    for key, value, fix in (("loss_weighting", "start_epsilon", "none"), ("loss_space", "epsilon", "velocity")):
+        with pytest.raises(ValueError, match=rf"stages.1.{key}: '{value}' needs a VP diffusion teacher, .* "
+                                             rf"set {key}: {fix}$"):
+            train(tiny_recipe(stages=[{"windows": 4}, {"windows": 2, key: value}]), flow, tmp_path / key,
+                  progress=False)
+        assert not (tmp_path / key).exists() or not any((tmp_path / key).rglob("*.safetensors"))
+
+
 class UNetLike(torch.nn.Module):
     """A diffusers-style network: ``forward(sample, timestep, encoder_hidden_states, return_dict)``."""
 

@@ -64,7 +64,7 @@ def test_cfg_sync_teacher_is_unguided():
 def test_stage_loss_space_matches_epsilon_noise_matching_and_velocity_default():
     """loss_space epsilon: the squared error is between the student's epsilon output and the epsilon
     whose DDIM step lands on the target (PeRFlow's noise matching); velocity: the plain velocity MSE."""
-    from proreflow.losses import aligned_v_loss
+    from proreflow.losses import aligned_v_loss, time_weights
     from proreflow.parametrize import output_to_velocity, velocity_to_output
     from proreflow.schedules import VPSchedule
     from proreflow.targets import ReflowBatch
@@ -78,9 +78,17 @@ def test_stage_loss_space_matches_epsilon_noise_matching_and_velocity_default():
     v_pred = output_to_velocity(eps, x_t, t, t_end, "epsilon", sched)
     batch = ReflowBatch(x_t=x_t, t=t, v_target=v_tgt, t_start=t_start, t_end=t_end)
     eps_tgt = velocity_to_output(v_tgt, x_t, t, t_end, "epsilon", sched)
-    recipe = load_recipe("proreflow-ii", ["stages.*.loss_space=epsilon", "stages.*.alpha=0.5"])
+    recipe = load_recipe("proreflow-ii", ["stages.*.loss_space=epsilon", "stages.*.loss_weighting=none",
+                                          "stages.*.alpha=0.5"])
     terms = stage_loss(recipe.stages[0], batch, v_pred, sched)
     assert abs(terms.mse.item() - (eps - eps_tgt).pow(2).mean().item()) < 1e-12
     assert abs(terms.direction.item() - aligned_v_loss(v_pred, v_tgt).direction.item()) < 1e-12
-    plain = stage_loss(load_recipe("proreflow-ii", ["stages.*.loss_space=velocity"]).stages[0], batch, v_pred, sched)
+    plain = stage_loss(load_recipe("proreflow-ii", ["stages.*.loss_weighting=none"]).stages[0], batch, v_pred, sched)
     assert abs(plain.total.item() - aligned_v_loss(v_pred, v_tgt, 1.0).total.item()) < 1e-12
+    # the preset's own weighting (start_epsilon): velocity MSE weighted by c(h, 0)^2 / c(t_start, t_end)^2
+    preset = load_recipe("proreflow-ii").stages[0]
+    assert (preset.loss_space, preset.loss_weighting) == ("velocity", "start_epsilon")
+    w = time_weights("start_epsilon", t, t_start, t_end, v_tgt, sched)
+    assert (w[t_end == 0] == 1).all() and (w[t_end > 0] < 1).all()
+    per = (v_pred - v_tgt).pow(2).flatten(1).mean(1)
+    assert abs(stage_loss(preset, batch, v_pred, sched).mse.item() - (w * per).mean().item()) < 1e-12

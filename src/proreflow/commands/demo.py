@@ -24,9 +24,9 @@ from . import bounded_int, writable_dir
 DEFAULT_DATA = ["moons", "digits"]
 RECIPE = "proreflow-ii"
 """Default recipe, chosen from docs/results.md: ProReflow-II (8 -> 4 -> 2 windows, original teacher in
-every stage, velocity MSE with the aligned direction term, half of each batch at its window's start)
-had the lowest 4-step FD / energy distance of the recipes studied on MNIST, digits and moons at equal
-optimiser steps."""
+every stage, velocity MSE with the aligned direction term, half of each batch at its window's start, the
+epsilon space's balance between windows), the best recipe studied on MNIST at 4, 2 and 1 steps at equal
+optimiser steps (on digits and moons the velocity space's own balance is better at 4 steps)."""
 DEMO_STEPS = {"2d": 1200, "digits": 1200, "mnist": 600}
 """Optimiser steps in all (the demo's budget), split over the recipe's stages in the proportions of its own
 stage steps (ProReflow-II: a quarter, a quarter and half, :func:`~proreflow.training.recipes.budget_overrides`)."""

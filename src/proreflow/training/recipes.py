@@ -253,9 +253,12 @@ RECIPE_KEYS = tuple(f.name for f in dataclasses.fields(Recipe)) + ("defaults",)
 _SHARED = {"lr": 1e-4, "warmup_steps": 100, "batch_size": 64, "ema_decay": 0.999, "weight_decay": 1e-2,
            "grad_clip": 1.0}
 
-_PROREFLOW = {"alpha": 1.0, "start_share": 0.5}
+_PROREFLOW = {"alpha": 1.0, "start_share": 0.5, "loss_weighting": "start_epsilon"}
 """ProReflow presets: aligned direction term, half of each batch at its window's start (docs/results.md,
-3 seeds: 4-step FD on MNIST 4.65 -> 1.45, digits 2.21 -> 1.88, moons energy 0.086 -> 0.062)."""
+3 seeds: 4-step FD on MNIST 4.65 -> 1.45, digits 2.21 -> 1.88, moons energy 0.086 -> 0.062), and the epsilon
+space's balance between windows (round 5, 3 seeds: MNIST 4 / 2 / 1-step FD 1.51 / 7.48 / 41.1 -> 1.23 / 3.15 /
+10.7; digits 4-step 1.88 -> 2.15 and moons 0.052 -> 0.096 are worse). A flow-matching teacher needs
+``loss_weighting: none``."""
 
 PRESETS: dict[str, dict[str, Any]] = {
     "reflow": {

@@ -30,8 +30,8 @@ from accelerate.utils import gather_object
 from torch import Tensor, nn
 
 from ..conditioning import Cond, map_cond, null_like, select_cond
-from ..losses import LossTerms, aligned_v_loss, time_weights, to_loss_space
-from ..schedules import compute_dtype
+from ..losses import FLOW_LOSS_SPACES, FLOW_LOSS_WEIGHTINGS, LossTerms, aligned_v_loss, time_weights, to_loss_space
+from ..schedules import VPSchedule, compute_dtype
 from ..targets import ReflowBatch, StageTeacher, at_window_start, make_reflow_batch, make_trajectory_batch, reflow_batch
 from ..teachers import Denoiser, Network
 from ..windows import TimeWindows
@@ -123,6 +123,12 @@ def check_setup_fits(recipe: Recipe, setup: DistillationSetup, num_processes: in
         if setup.uncond is None and stage.cond_dropout > 0:
             raise ValueError(f"{where}.cond_dropout: condition dropout needs conditioned data and "
                              "setup.uncond; set cond_dropout: 0.0 for this setup")
+        if not isinstance(setup.schedule, VPSchedule):
+            for key, value, allowed in (("loss_space", stage.loss_space, FLOW_LOSS_SPACES),
+                                        ("loss_weighting", stage.loss_weighting, FLOW_LOSS_WEIGHTINGS)):
+                if value not in allowed:
+                    raise ValueError(f"{where}.{key}: {value!r} needs a VP diffusion teacher, and this setup's "
+                                     f"teacher is flow matching; set {key}: {allowed[0]}")
         if stage.batch_size % (stage.grad_accum * num_processes):
             raise ValueError(f"{where}.batch_size: a global batch of {stage.batch_size} does not split into "
                              f"{stage.grad_accum} accumulation step(s) x {num_processes} process(es); use a "
