@@ -233,6 +233,23 @@ def test_a_flow_teacher_refuses_vp_only_loss_settings_before_training(tmp_path):
         assert not (tmp_path / key).exists() or not any((tmp_path / key).rglob("*.safetensors"))
 
 
+def test_start_epsilon_is_refused_for_a_zero_terminal_snr_teacher(tmp_path):
+    """abar(1) = 0 makes c(1, s) infinite, so start_epsilon would weigh the first window's squared error by 0."""
+    import dataclasses
+
+    from proreflow.losses import time_weights
+    from proreflow.schedules import VPSchedule
+
+    zsnr = VPSchedule.from_betas(zero_terminal_snr=True)
+    one, half = torch.ones(2, dtype=torch.float64), torch.full((2,), 0.5, dtype=torch.float64)
+    assert (time_weights("start_epsilon", half + 0.25, one, half, torch.ones(2, 3), zsnr) == 0).all()
+    setup = dataclasses.replace(make_setup(), schedule=zsnr)
+    with pytest.raises(ValueError, match=r"stages.0.loss_weighting: 'start_epsilon' .* zero-terminal-SNR .* "
+                                         r"set loss_weighting: none$"):
+        train(tiny_recipe(stages=[{"windows": 2, "loss_weighting": "start_epsilon"}]), setup, tmp_path / "a",
+              progress=False)
+
+
 class UNetLike(torch.nn.Module):
     """A diffusers-style network: ``forward(sample, timestep, encoder_hidden_states, return_dict)``."""
 

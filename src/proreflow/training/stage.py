@@ -129,6 +129,10 @@ def check_setup_fits(recipe: Recipe, setup: DistillationSetup, num_processes: in
                 if value not in allowed:
                     raise ValueError(f"{where}.{key}: {value!r} needs a VP diffusion teacher, and this setup's "
                                      f"teacher is flow matching; set {key}: {allowed[0]}")
+        elif stage.loss_weighting == "start_epsilon" and float(setup.schedule.abar(torch.tensor(1.0))) == 0:
+            raise ValueError(f"{where}.loss_weighting: 'start_epsilon' gives the windows that start at pure noise "
+                             "weight 0 with a zero-terminal-SNR teacher (abar(1) = 0, where the epsilon space's "
+                             "weight vanishes); set loss_weighting: none")
         if stage.batch_size % (stage.grad_accum * num_processes):
             raise ValueError(f"{where}.batch_size: a global batch of {stage.batch_size} does not split into "
                              f"{stage.grad_accum} accumulation step(s) x {num_processes} process(es); use a "
