@@ -233,8 +233,9 @@ def test_a_flow_teacher_refuses_vp_only_loss_settings_before_training(tmp_path):
         assert not (tmp_path / key).exists() or not any((tmp_path / key).rglob("*.safetensors"))
 
 
-def test_start_epsilon_is_refused_for_a_zero_terminal_snr_teacher(tmp_path):
-    """abar(1) = 0 makes c(1, s) infinite, so start_epsilon would weigh the first window's squared error by 0."""
+def test_a_zero_terminal_snr_teacher_refuses_an_epsilon_output_and_start_epsilon(tmp_path):
+    """abar(1) = 0: an epsilon output has no x0 at t = 1 (every step would be non-finite), and c(1, s) is
+    infinite, so start_epsilon would weigh the first window's squared error by 0; a v_prediction teacher trains."""
     import dataclasses
 
     from proreflow.losses import time_weights
@@ -244,10 +245,15 @@ def test_start_epsilon_is_refused_for_a_zero_terminal_snr_teacher(tmp_path):
     one, half = torch.ones(2, dtype=torch.float64), torch.full((2,), 0.5, dtype=torch.float64)
     assert (time_weights("start_epsilon", half + 0.25, one, half, torch.ones(2, 3), zsnr) == 0).all()
     setup = dataclasses.replace(make_setup(), schedule=zsnr)
+    with pytest.raises(ValueError, match=r"an epsilon teacher cannot start at pure noise on a zero-terminal-SNR"):
+        train(tiny_recipe(stages=[{"windows": 2}]), setup, tmp_path / "eps", progress=False)
+    setup = dataclasses.replace(setup, prediction_type="v_prediction")
     with pytest.raises(ValueError, match=r"stages.0.loss_weighting: 'start_epsilon' .* zero-terminal-SNR .* "
                                          r"set loss_weighting: none$"):
         train(tiny_recipe(stages=[{"windows": 2, "loss_weighting": "start_epsilon"}]), setup, tmp_path / "a",
               progress=False)
+    result = train(tiny_recipe(stages=[{"windows": 2}]), setup, tmp_path / "b", progress=False)
+    assert result.stages[0].steps == 6 and result.stages[0].skipped == 0
 
 
 class UNetLike(torch.nn.Module):

@@ -115,6 +115,11 @@ def check_setup_fits(recipe: Recipe, setup: DistillationSetup, num_processes: in
     setup.student_prediction_type(recipe.student_prediction, recipe.from_scratch)
     if len(setup.dataset) < 1:
         raise ValueError("the setup's training dataset is empty")
+    if isinstance(setup.schedule, VPSchedule) and float(setup.schedule.abar(torch.tensor(1.0))) == 0 \
+            and setup.prediction_type == "epsilon":
+        raise ValueError("an epsilon teacher cannot start at pure noise on a zero-terminal-SNR schedule (abar(1) = 0: "
+                         "x0 = (x - eps) / sqrt(abar) is undefined there); use a v_prediction teacher or a schedule "
+                         "without zero terminal SNR")
     for index, stage in enumerate(recipe.stages):
         where = f"stages.{index}"
         if setup.uncond is None and stage.teacher_guidance() != 1.0:
