@@ -144,6 +144,13 @@ METHODS = {
     "ProReflow-II, velocity MSE, half at window starts, cfg_sync": (
         "proreflow-ii", ["stages.*.loss_space=velocity", "stages.*.start_share=0.5", "stages.*.guidance_mode=cfg_sync",
                          "stages.*.cond_dropout=0.1"]),
+    "ProReflow-II, velocity MSE, half at window starts, last stage half the budget, cfg_sync": (
+        "proreflow-ii", ["stages.*.loss_space=velocity", "stages.*.start_share=0.5", "stages.*.guidance_mode=cfg_sync",
+                         "stages.*.cond_dropout=0.1"]),
+    "ProReflow-II, velocity MSE with the epsilon space's balance between windows relative to the last, "
+    "last stage half the budget, cfg_sync": (
+        "proreflow-ii", ["stages.*.loss_space=velocity", "stages.*.loss_weighting=start_epsilon",
+                         "stages.*.start_share=0.5", "stages.*.guidance_mode=cfg_sync", "stages.*.cond_dropout=0.1"]),
     # student parametrization (issue 13): students from scratch, the network's output type
     "2-Reflow from scratch, epsilon output": ("reflow", ["from_scratch=true", "student_prediction=epsilon"]),
     "2-Reflow from scratch, velocity output": ("reflow", ["from_scratch=true", "student_prediction=velocity"]),

@@ -98,7 +98,7 @@ class Stage:
         "the batch's samples in the same window); 'start_epsilon' c(h, 0)^2 / c(t_start, t_end)^2, h = t_start - "
         "t_end: each window weighted as the epsilon space weighs its start, relative to the window of the same "
         "length ending at 0 (weight 1); with loss_space: velocity, the epsilon space's balance between windows "
-        "and the velocity space's profile inside each",
+        "and the velocity space's profile inside each (the ProReflow presets' choice; VP teachers only)",
         default="none")
     snr_gamma: float = _doc("gamma of loss_weighting: min_snr", default=5.0)
     start_points: str = _doc(
