@@ -47,6 +47,11 @@ from proreflow.windows import TimeWindows
 
 ROOT = Path(__file__).resolve().parents[1]
 
+_BALANCE = ("stages.*.loss_space=velocity", "stages.*.loss_weighting=start_epsilon", "stages.*.start_share=0.5")
+"""Round 5's default: velocity MSE with the epsilon space's balance between windows, half at window starts."""
+_CFG_SYNC = ("stages.*.guidance_mode=cfg_sync", "stages.*.cond_dropout=0.1")
+"""PeRFlow's guidance scheme: unguided targets, condition dropout, the student sampled with guidance."""
+
 # name -> (preset, overrides): every method trains for TOTAL optimiser steps, split evenly over its stages.
 METHODS = {
     "2-Reflow": ("reflow", []),
@@ -106,16 +111,13 @@ METHODS = {
     # error's scale against the direction term (alpha)
     "ProReflow-II, velocity MSE with the epsilon space's balance between windows relative to the last, "
     "last stage half the budget": (
-        "proreflow-ii", ["stages.*.loss_space=velocity", "stages.*.loss_weighting=start_epsilon",
-                         "stages.*.start_share=0.5"]),
+        "proreflow-ii", [*_BALANCE]),
     "ProReflow-II, velocity MSE with the epsilon space's balance between windows relative to the last, "
     "last stage half the budget, alpha 3": (
-        "proreflow-ii", ["stages.*.loss_space=velocity", "stages.*.loss_weighting=start_epsilon",
-                         "stages.*.start_share=0.5", "stages.*.alpha=3.0"]),
+        "proreflow-ii", [*_BALANCE, "stages.*.alpha=3.0"]),
     "ProReflow-II, velocity MSE with the epsilon space's balance between windows relative to the last, "
     "last stage half the budget, alpha 10": (
-        "proreflow-ii", ["stages.*.loss_space=velocity", "stages.*.loss_weighting=start_epsilon",
-                         "stages.*.start_share=0.5", "stages.*.alpha=10.0"]),
+        "proreflow-ii", [*_BALANCE, "stages.*.alpha=10.0"]),
     "ProReflow-II, velocity MSE, half at window starts, last stage half the budget, alpha 10": (
         "proreflow-ii", ["stages.*.loss_space=velocity", "stages.*.start_share=0.5", "stages.*.alpha=10.0"]),
     "ProReflow-II, velocity MSE, half at window starts, last stage half the budget, alpha 100": (
@@ -142,15 +144,12 @@ METHODS = {
                          "stages.1.solver_steps=16", "stages.2.solver_steps=32"]),
     # guidance (issue 13): PeRFlow's cfg_sync (unguided targets, student sampled with guidance) against baking it
     "ProReflow-II, velocity MSE, half at window starts, cfg_sync": (
-        "proreflow-ii", ["stages.*.loss_space=velocity", "stages.*.start_share=0.5", "stages.*.guidance_mode=cfg_sync",
-                         "stages.*.cond_dropout=0.1"]),
+        "proreflow-ii", ["stages.*.loss_space=velocity", "stages.*.start_share=0.5", *_CFG_SYNC]),
     "ProReflow-II, velocity MSE, half at window starts, last stage half the budget, cfg_sync": (
-        "proreflow-ii", ["stages.*.loss_space=velocity", "stages.*.start_share=0.5", "stages.*.guidance_mode=cfg_sync",
-                         "stages.*.cond_dropout=0.1"]),
+        "proreflow-ii", ["stages.*.loss_space=velocity", "stages.*.start_share=0.5", *_CFG_SYNC]),
     "ProReflow-II, velocity MSE with the epsilon space's balance between windows relative to the last, "
     "last stage half the budget, cfg_sync": (
-        "proreflow-ii", ["stages.*.loss_space=velocity", "stages.*.loss_weighting=start_epsilon",
-                         "stages.*.start_share=0.5", "stages.*.guidance_mode=cfg_sync", "stages.*.cond_dropout=0.1"]),
+        "proreflow-ii", [*_BALANCE, *_CFG_SYNC]),
     # student parametrization (issue 13): students from scratch, the network's output type
     "2-Reflow from scratch, epsilon output": ("reflow", ["from_scratch=true", "student_prediction=epsilon"]),
     "2-Reflow from scratch, velocity output": ("reflow", ["from_scratch=true", "student_prediction=velocity"]),

@@ -130,7 +130,8 @@ def time_weights(weighting: str, t: Tensor, t_start: Tensor, t_end: Tensor, targ
         return s.clamp(max=gamma) / s.clamp_min(_EPS)
     if weighting == "start_epsilon":
         h = t_start - t_end
-        c_start, c_last = (velocity_per_epsilon(a, b, schedule).to(g) for a, b in ((t_start, t_end), (h, 0 * h)))
+        c_start, c_last = (velocity_per_epsilon(a, b, schedule).to(g)
+                           for a, b in ((t_start, t_end), (h, torch.zeros_like(h))))
         return (c_last / c_start.clamp_min(_EPS)).pow(2)
     size = g.pow(2).mean(dim=1)
     same = t_start.reshape(-1, 1) == t_start.reshape(1, -1)  # same window

@@ -115,8 +115,8 @@ def check_setup_fits(recipe: Recipe, setup: DistillationSetup, num_processes: in
     setup.student_prediction_type(recipe.student_prediction, recipe.from_scratch)
     if len(setup.dataset) < 1:
         raise ValueError("the setup's training dataset is empty")
-    if isinstance(setup.schedule, VPSchedule) and float(setup.schedule.abar(torch.tensor(1.0))) == 0 \
-            and setup.prediction_type == "epsilon":
+    zero_terminal_snr = isinstance(setup.schedule, VPSchedule) and float(setup.schedule.abar(torch.tensor(1.0))) == 0
+    if zero_terminal_snr and setup.prediction_type == "epsilon":
         raise ValueError("an epsilon teacher cannot start at pure noise on a zero-terminal-SNR schedule (abar(1) = 0: "
                          "x0 = (x - eps) / sqrt(abar) is undefined there); use a v_prediction teacher or a schedule "
                          "without zero terminal SNR")
@@ -134,7 +134,7 @@ def check_setup_fits(recipe: Recipe, setup: DistillationSetup, num_processes: in
                 if value not in allowed:
                     raise ValueError(f"{where}.{key}: {value!r} needs a VP diffusion teacher, and this setup's "
                                      f"teacher is flow matching; set {key}: {allowed[0]}")
-        elif stage.loss_weighting == "start_epsilon" and float(setup.schedule.abar(torch.tensor(1.0))) == 0:
+        elif stage.loss_weighting == "start_epsilon" and zero_terminal_snr:
             raise ValueError(f"{where}.loss_weighting: 'start_epsilon' gives the windows that start at pure noise "
                              "weight 0 with a zero-terminal-SNR teacher (abar(1) = 0, where the epsilon space's "
                              "weight vanishes); set loss_weighting: none")
