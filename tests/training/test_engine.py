@@ -420,6 +420,23 @@ def test_target_cache_reproduces_the_uncached_run_and_is_shared_by_a_loss_study(
     assert again.history == twin.history != plain.history
 
 
+def test_resume_with_the_target_cache_moved_matches_the_uncached_run(tmp_path):
+    """A cache changes no weight, so a resume may move it (or drop it) without allow_recipe_change: the run
+    that crashed with its cache in one folder and resumed with it in another equals the uncached run."""
+    base = {"batch_size": 8, "steps": 6, "solver_steps": 2, "lr": 1e-2}
+    recipe = tiny_recipe(defaults=base, stages=[{"windows": 2}], checkpoint_every=2, keep_checkpoints=0)
+    plain = train(recipe, make_setup(), tmp_path / "plain", progress=False)
+    setup = make_setup()
+    setup.dataset = Faulty(crash_at=3 * 8 + 1)  # step 4 (last checkpoint: step 2)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train({**recipe, "target_cache": str(tmp_path / "a")}, setup, tmp_path / "run", progress=False)
+    setup.dataset = Faulty()
+    resumed = train({**recipe, "target_cache": str(tmp_path / "b")}, setup, tmp_path / "run", resume=True,
+                    progress=False)
+    assert_same(weights(tmp_path / "run/student.safetensors"), weights(tmp_path / "plain/student.safetensors"))
+    assert resumed.history == plain.history
+
+
 def test_target_cache_refuses_other_data_of_the_same_size(tmp_path):
     """The cache key names the dataset by its length: a dataset of the same length with other items must be
     refused on its first cached batch, not trained on the first dataset's targets."""

@@ -172,9 +172,10 @@ class _StopRequest:
 
 
 NO_REPLAY_KEYS = ("name", "description", "checkpoint_every", "keep_checkpoints", "max_nonfinite", "log_every",
-                  "report_to", "validation_every", "validation_samples", "num_workers", "gradient_checkpointing")
-"""Recipe keys that do not change the weights a run trains (gradient checkpointing: up to rounding): a resume
-may change them freely."""
+                  "report_to", "validation_every", "validation_samples", "num_workers", "gradient_checkpointing",
+                  "target_cache")
+"""Recipe keys that do not change the weights a run trains (gradient checkpointing: up to rounding; a target
+cache gives the uncached run's weights, wherever it lies): a resume may change them freely."""
 
 
 def check_output_folder(recipe: Recipe, out_dir: str | Path, resume: bool | str, allow_recipe_change: bool = False,
