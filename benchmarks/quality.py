@@ -40,6 +40,7 @@ from proreflow.builtin.suite import evaluate_callable, evaluate_sampler, make_ev
 from proreflow.builtin.teacher import SAMPLER_NAMES, TEACHER_KINDS, builtin_setup
 from proreflow.files import atomic_write
 from proreflow.schedules import VP_TIME_CONVENTION
+from proreflow.solvers import EVALS_PER_STEP, solve
 from proreflow.targets import StageTeacher, make_reflow_batch
 from proreflow.training import train
 from proreflow.training.recipes import load_recipe, split_steps
@@ -265,6 +266,69 @@ def window_diagnostics(setup, student, initial, recipe, data: str, guidance: flo
     return rows
 
 
+SWAP_SOURCES = ("teacher", "initial")
+"""What :func:`window_swaps` puts in a window besides the other methods' students: the last stage's teacher (its
+solver and steps, the stage's guidance) and the initialisation (the teacher's weights as a student: DDIM steps
+to the window's end)."""
+
+
+@torch.no_grad()
+def window_swaps(results: dict[str, object], teacher, recipe, evalset) -> list[dict]:
+    """Which window's crossing sets a sample's quality: each method's student sampled with the crossing of one
+    window of its last stage taken from another source (another method's student, :data:`SWAP_SOURCES`), at
+    every step count of :data:`STUDENT_STEPS` that the windows divide. Rows: ``method`` (the student),
+    ``window`` (-1: none swapped), ``source``, ``steps`` and the metrics. All methods share the last stage's
+    windows."""
+    stage = recipe.stages[-1]
+    windows = TimeWindows(stage.windows)
+    if any(result.windows.count != windows.count for result in results.values()):
+        raise ValueError(f"--swap needs methods whose last stages share their windows; got "
+                         f"{ {name: result.windows.count for name, result in results.items()} }")
+    edges = windows.edges(torch.float64).tolist()
+    guided = evalset.uncond is not None
+    teacher_g = stage.teacher_guidance()
+
+    def student(result):
+        def cross(x, t0, t1, k, cond):
+            return solve(result.student, x, t0, t1, k, cond, evalset.uncond, result.guidance, windows=windows)
+        return cross, lambda k: k * (2 if guided and result.guidance != 1 else 1)
+
+    def solve_teacher(x, t0, t1, k, cond):
+        return solve(teacher, x, t0, t1, stage.solver_steps, cond, evalset.uncond, teacher_g, solver=stage.solver)
+
+    def initial(x, t0, t1, k, cond):
+        return solve(teacher, x, t0, t1, k, cond, evalset.uncond, teacher_g, windows=windows)
+
+    per_eval = 2 if guided and teacher_g != 1 else 1
+    sources = {name: student(result) for name, result in results.items()}
+    sources["teacher"] = (solve_teacher, lambda k: stage.solver_steps * EVALS_PER_STEP[stage.solver] * per_eval)
+    sources["initial"] = (initial, lambda k: k * per_eval)
+    first_window: dict[tuple, torch.Tensor] = {}  # a source's crossing of window 0 starts from the same noise
+    rows = []
+    for steps in (n for n in STUDENT_STEPS if n % windows.count == 0):
+        k = steps // windows.count
+        for method in results:
+            swaps = [(-1, method)] + [(w, s) for w in range(windows.count) for s in sources if s != method]
+            for w, source in swaps:
+                plan = [source if i == w else method for i in range(windows.count)]
+
+                def sampler(noise, cond, plan=plan, k=k):
+                    x = noise
+                    for i, name in enumerate(plan):
+                        if i == 0 and (name, k) in first_window:
+                            x = first_window[name, k]
+                            continue
+                        x = sources[name][0](x, edges[i], edges[i + 1], k, cond)
+                        if i == 0:
+                            first_window[name, k] = x
+                    return x
+
+                m = evaluate_callable(evalset, sampler, nfe=sum(sources[name][1](k) for name in plan))
+                m.pop("samples")
+                rows.append({"method": method, "window": w, "source": source, "steps": steps, **m})
+    return rows
+
+
 def anchor_rows(data: str, teacher, evalset, guidance: float, seed: int, samples: int, kind: str = "ddpm"
                 ) -> list[dict]:
     """Training-free rows of one evaluation set: teacher DDIM-n and DPM-Solver++ 2M (a DDPM teacher), or
@@ -312,9 +376,9 @@ def cached_eval_set(setup, data: str, teacher, samples: int, guidance: float, se
     return evalset, rows
 
 
-def run_dataset(data: str, args, log, save=lambda rows, diag: None) -> tuple[list[dict], list[dict]]:
-    """Metric rows and window-diagnostic rows of every seed and method on ``data``; ``save(rows, diag)``
-    after each trained method (a killed run keeps what it measured)."""
+def run_dataset(data: str, args, log, save=lambda rows, diag, swaps: None) -> tuple[list[dict], ...]:
+    """Metric rows, window-diagnostic rows and (``--swap``) window-swap rows of every seed and method on
+    ``data``; ``save(rows, diag, swaps)`` after each trained method (a killed run keeps what it measured)."""
     guidance = args.guidance or GUIDANCE[data_kind(data)]
     setup = builtin_setup(data, teacher=args.teacher, progress=not args.no_progress, shift=args.shift,
                           window_space=args.window_space, from_scratch=True)  # make_student: from-scratch methods
@@ -324,8 +388,9 @@ def run_dataset(data: str, args, log, save=lambda rows, diag: None) -> tuple[lis
         runs += f"-{args.window_space}{args.shift:g}"
     if guidance != GUIDANCE[data_kind(data)]:  # runs of another guidance apart (resume would refuse them)
         runs += f"-g{guidance:g}"
-    rows, diag = [], []
+    rows, diag, swaps = [], [], []
     for seed in args.seeds:
+        finished = {}  # method -> its run at the main budget (for --swap)
         samples = args.samples or (500 if args.quick and data_kind(data) != "2d" else default_eval_samples(data))
         evalset, anchors = cached_eval_set(setup, data, teacher, samples, guidance, seed, args.work, log,
                                             args.teacher)
@@ -347,15 +412,22 @@ def run_dataset(data: str, args, log, save=lambda rows, diag: None) -> tuple[lis
                                  "samples": samples, **r})
                 evaluated = time.perf_counter() - start - trained
                 if budget == main_budget:
+                    finished[method] = result
                     for r in window_diagnostics(setup, result.student, teacher, recipe, data, guidance, seed):
                         diag.append({"data": data, "seed": seed, "method": method, "budget": budget, **r})
-                save(rows, diag)
+                save(rows, diag, swaps)
                 log(f"{data} seed {seed} {method} budget {budget}: trained {trained:.0f} s, "
                     f"evaluated {evaluated:.0f} s, diagnostics "
                     f"{time.perf_counter() - start - trained - evaluated:.0f} s, "
                     f"teacher evals {evals:,}")
+        if args.swap:
+            start = time.perf_counter()
+            swaps += [{"data": data, "seed": seed, "budget": main_budget, "samples": samples, **r}
+                      for r in window_swaps(finished, teacher, recipe, evalset)]
+            save(rows, diag, swaps)
+            log(f"{data} seed {seed} window swaps: {time.perf_counter() - start:.0f} s")
         log(f"{data} seed {seed} done")
-    return rows, diag
+    return rows, diag, swaps
 
 
 def aggregate(rows: list[dict]) -> list[dict]:
@@ -480,6 +552,38 @@ def diagnostics_markdown(diag: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def swaps_markdown(swaps: list[dict]) -> str:
+    """The window-swap table (:func:`window_swaps`): mean ± std over seeds of each student with one window's
+    crossing taken from another source."""
+    if not swaps:
+        return ""
+    lines = ["", "## Which window sets the quality: window swaps", "",
+             "Each student sampled with the crossing of one window of its last stage taken from another source: "
+             "another method's student, `teacher` (the stage teacher's solve) or `initial` (the teacher's weights, "
+             "DDIM steps to the window's end). Window 0 is the noisy one; `-` = no window swapped. Mean ± std "
+             "over seeds.", ""]
+    groups: dict[tuple, list[dict]] = {}
+    for r in swaps:
+        groups.setdefault((r["data"], r["budget"], r["steps"], r["method"], r["window"], r["source"]), []).append(r)
+    for data in dict.fromkeys(r["data"] for r in swaps):
+        metric = "fd" if "fd" in next(r for r in swaps if r["data"] == data) else "energy_distance"
+        methods = list(dict.fromkeys(r["method"] for r in swaps if r["data"] == data))
+        lines += [f"**{data}** ({', '.join(f'M{i + 1} = {m}' for i, m in enumerate(methods))})", "",
+                  f"| steps | student | window | from | {metric} | fidelity |", "|---|---|---|---|---|---|"]
+        for (d, _, steps, method, window, source), rs in groups.items():
+            if d != data:
+                continue
+            name = {m: f"M{i + 1}" for i, m in enumerate(methods)}
+            cells = []
+            for key in (metric, "fidelity"):
+                vals = [r[key] for r in rs]
+                cells.append(f"{statistics.mean(vals):.4g} ± {statistics.stdev(vals) if len(vals) > 1 else 0:.2g}")
+            lines.append(f"| {steps} | {name[method]} | {'-' if window < 0 else window} | "
+                         f"{'-' if window < 0 else name.get(source, source)} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def diagnostics_plot(diag: list[dict], path: Path) -> None:
     """Endpoint error vs t, one panel per dataset, student (solid) and initialisation (dotted) per method."""
     import matplotlib
@@ -551,6 +655,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="do not train: re-render results.md from the rows of earlier runs' JSON files")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1: the built-in networks are tiny, more threads only contend)")
+    p.add_argument("--swap", action="store_true",
+                   help="window swaps: sample each of --methods with one window's crossing from another method's "
+                        "student, the teacher or the initialisation (the methods must share the last stage's windows)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     quick = args.quick
@@ -573,6 +680,7 @@ def main(argv: list[str] | None = None) -> int:
         args.merged_runs = len(runs)
         rows = [r for run in runs for r in run["rows"]]
         diag = [r for run in runs for r in run.get("diagnostics", [])]
+        swaps = [r for run in runs for r in run.get("swaps", [])]
         # runs of extra methods repeat the training-free anchors of the same seeds: keep one of each
         rows = list({(r["data"], r["seed"], r["method"], r["steps"], r["budget"]): r for r in rows}.values())
         diag = list({(r["data"], r["seed"], r["method"], r["budget"], r["window"], r["t"]): r
@@ -580,22 +688,22 @@ def main(argv: list[str] | None = None) -> int:
         args.data = list(dict.fromkeys(r["data"] for r in rows))
         args.seeds = sorted({r["seed"] for r in rows})
     else:
-        rows, diag = [], []
+        rows, diag, swaps = [], [], []
         partial = args.out / f"{'results-quick' if quick else 'results'}-partial.json"
 
-        def save(new_rows, new_diag):
+        def save(new_rows, new_diag, new_swaps):
             partial.write_text(json.dumps({"argv": sys.argv[1:], "rows": rows + new_rows,
-                                           "diagnostics": diag + new_diag}, indent=1))
+                                           "diagnostics": diag + new_diag, "swaps": swaps + new_swaps}, indent=1))
 
         for data in args.data:
-            more_rows, more_diag = run_dataset(data, args, log, save)
-            rows, diag = rows + more_rows, diag + more_diag
+            more_rows, more_diag, more_swaps = run_dataset(data, args, log, save)
+            rows, diag, swaps = rows + more_rows, diag + more_diag, swaps + more_swaps
     agg = aggregate(rows)
     stem = "results-quick" if quick else "results"
     (args.out / f"{stem}.json").write_text(json.dumps({"argv": sys.argv[1:], "rows": rows, "aggregate": agg,
-                                                       "diagnostics": diag}, indent=1))
+                                                       "diagnostics": diag, "swaps": swaps}, indent=1))
     (args.out / f"{stem}.md").write_text(markdown(agg, args, time.perf_counter() - start) +
-                                         diagnostics_markdown(diag))
+                                         diagnostics_markdown(diag) + swaps_markdown(swaps))
     if args.curve_budgets != []:
         budget_plot(agg, args.out / "quality_vs_budget.png")
     if diag:
