@@ -10,7 +10,9 @@ every student trained for the same number of optimiser steps from the teacher's 
 "from scratch" methods: from a fresh network of the teacher's architecture); the
 teacher network evaluations each method spent are counted and reported. Every sampler is
 scored on the same noise and conditions (``proreflow.builtin.suite``), and every student's
-last-stage windows are diagnosed (:func:`window_diagnostics`). Writes ``docs/results.md`` and
+last-stage windows are diagnosed (:func:`window_diagnostics`); with ``--swap`` each student is also sampled with
+one window's crossing taken from another method's student, the teacher or the initialisation
+(:func:`window_swaps`: which window sets the metric). Writes ``docs/results.md`` and
 ``docs/results.json`` (and ``docs/quality_vs_budget.png``, ``docs/results-windows.png``).
 
 Cost savers, neither of which changes a number: the evaluation set and the training-free
@@ -119,6 +121,11 @@ METHODS = {
     "ProReflow-II, velocity MSE with the epsilon space's balance between windows relative to the last, "
     "last stage half the budget, alpha 10": (
         "proreflow-ii", [*_BALANCE, "stages.*.alpha=10.0"]),
+    # round 6: which stages the balance acts in
+    "ProReflow-II, the epsilon space's balance in the last stage only, last stage half the budget": (
+        "proreflow-ii", [*_BALANCE, "stages.0.loss_weighting=none", "stages.1.loss_weighting=none"]),
+    "ProReflow-II, the epsilon space's balance before the last stage only, last stage half the budget": (
+        "proreflow-ii", [*_BALANCE, "stages.2.loss_weighting=none"]),
     "ProReflow-II, velocity MSE, half at window starts, last stage half the budget, alpha 10": (
         "proreflow-ii", ["stages.*.loss_space=velocity", "stages.*.start_share=0.5", "stages.*.alpha=10.0"]),
     "ProReflow-II, velocity MSE, half at window starts, last stage half the budget, alpha 100": (
@@ -277,8 +284,8 @@ def window_swaps(results: dict[str, object], teacher, recipe, evalset) -> list[d
     """Which window's crossing sets a sample's quality: each method's student sampled with the crossing of one
     window of its last stage taken from another source (another method's student, :data:`SWAP_SOURCES`), at
     every step count of :data:`STUDENT_STEPS` that the windows divide. Rows: ``method`` (the student),
-    ``window`` (-1: none swapped), ``source``, ``steps`` and the metrics. All methods share the last stage's
-    windows."""
+    ``window`` (-1: none swapped), ``source``, ``plan`` (the source of each window), ``steps`` and the metrics.
+    All methods share the last stage's windows."""
     stage = recipe.stages[-1]
     windows = TimeWindows(stage.windows)
     if any(result.windows.count != windows.count for result in results.values()):
@@ -325,7 +332,7 @@ def window_swaps(results: dict[str, object], teacher, recipe, evalset) -> list[d
 
                 m = evaluate_callable(evalset, sampler, nfe=sum(sources[name][1](k) for name in plan))
                 m.pop("samples")
-                rows.append({"method": method, "window": w, "source": source, "steps": steps, **m})
+                rows.append({"method": method, "window": w, "source": source, "plan": plan, "steps": steps, **m})
     return rows
 
 
@@ -553,34 +560,41 @@ def diagnostics_markdown(diag: list[dict]) -> str:
 
 
 def swaps_markdown(swaps: list[dict]) -> str:
-    """The window-swap table (:func:`window_swaps`): mean ± std over seeds of each student with one window's
-    crossing taken from another source."""
+    """The window swaps (:func:`window_swaps`), mean ± std over seeds of each plan (the source of each window):
+    for 2 windows a table with the noisy window's source as rows and the last window's as columns."""
     if not swaps:
         return ""
     lines = ["", "## Which window sets the quality: window swaps", "",
              "Each student sampled with the crossing of one window of its last stage taken from another source: "
              "another method's student, `teacher` (the stage teacher's solve) or `initial` (the teacher's weights, "
-             "DDIM steps to the window's end). Window 0 is the noisy one; `-` = no window swapped. Mean ± std "
-             "over seeds.", ""]
-    groups: dict[tuple, list[dict]] = {}
-    for r in swaps:
-        groups.setdefault((r["data"], r["budget"], r["steps"], r["method"], r["window"], r["source"]), []).append(r)
+             "DDIM steps to the window's end). Window 0 is the noisy one. Mean ± std over seeds.", ""]
     for data in dict.fromkeys(r["data"] for r in swaps):
-        metric = "fd" if "fd" in next(r for r in swaps if r["data"] == data) else "energy_distance"
-        methods = list(dict.fromkeys(r["method"] for r in swaps if r["data"] == data))
-        lines += [f"**{data}** ({', '.join(f'M{i + 1} = {m}' for i, m in enumerate(methods))})", "",
-                  f"| steps | student | window | from | {metric} | fidelity |", "|---|---|---|---|---|---|"]
-        for (d, _, steps, method, window, source), rs in groups.items():
-            if d != data:
-                continue
-            name = {m: f"M{i + 1}" for i, m in enumerate(methods)}
-            cells = []
-            for key in (metric, "fidelity"):
-                vals = [r[key] for r in rs]
-                cells.append(f"{statistics.mean(vals):.4g} ± {statistics.stdev(vals) if len(vals) > 1 else 0:.2g}")
-            lines.append(f"| {steps} | {name[method]} | {'-' if window < 0 else window} | "
-                         f"{'-' if window < 0 else name.get(source, source)} | " + " | ".join(cells) + " |")
-        lines.append("")
+        rows = [r for r in swaps if r["data"] == data]
+        metric = "fd" if "fd" in rows[0] else "energy_distance"
+        methods = list(dict.fromkeys(r["method"] for r in rows))
+        name = {m: f"M{i + 1}" for i, m in enumerate(methods)}
+        cells: dict[tuple, dict] = {}  # (steps, plan) -> seed -> value (a plan reached from two methods counts once)
+        for r in rows:
+            cells.setdefault((r["steps"], tuple(name.get(p, p) for p in r["plan"])), {})[r["seed"]] = r[metric]
+
+        def cell(key, cells=cells) -> str:
+            vals = list(cells.get(key, {}).values())
+            spread = statistics.stdev(vals) if len(vals) > 1 else 0
+            return f"{statistics.mean(vals):.4g} ± {spread:.2g}" if vals else "-"
+
+        lines += [f"**{data}**, {metric} ({', '.join(f'{name[m]} = {m}' for m in methods)})", ""]
+        for steps in sorted({k[0] for k in cells}, reverse=True):
+            plans = [k[1] for k in cells if k[0] == steps]
+            if all(len(p) == 2 for p in plans):
+                used = {p for plan in plans for p in plan}
+                sources = [p for p in (*name.values(), *SWAP_SOURCES) if p in used]
+                lines += [f"{steps} steps; rows: window 0, columns: window 1", "",
+                          "| window 0 \\ window 1 | " + " | ".join(sources) + " |", "|---|" + "---|" * len(sources)]
+                lines += [f"| {a} | " + " | ".join(cell((steps, (a, b))) for b in sources) + " |" for a in sources]
+            else:
+                lines += [f"{steps} steps", "", f"| sources of windows 0, 1, ... | {metric} |", "|---|---|"]
+                lines += [f"| {', '.join(plan)} | {cell((steps, plan))} |" for plan in plans]
+            lines.append("")
     return "\n".join(lines)
 
 
@@ -704,7 +718,7 @@ def main(argv: list[str] | None = None) -> int:
                                                        "diagnostics": diag, "swaps": swaps}, indent=1))
     (args.out / f"{stem}.md").write_text(markdown(agg, args, time.perf_counter() - start) +
                                          diagnostics_markdown(diag) + swaps_markdown(swaps))
-    if args.curve_budgets != []:
+    if args.curve_budgets != [] and agg:
         budget_plot(agg, args.out / "quality_vs_budget.png")
     if diag:
         diagnostics_plot(diag, args.out / f"{stem}-windows.png")

@@ -49,3 +49,5 @@ def test_window_swaps_compose_the_crossings_they_name(monkeypatch):
         assert torch.equal(by["a", 0, "teacher", steps]["x"], solve(teacher, landed, 0.5, 0.0, k, windows=windows))
         assert not torch.equal(by["a", 0, "teacher", steps]["x"], plain)
         assert by["a", 0, "teacher", steps]["nfe"] == 4 + k
+        assert by["a", 0, "teacher", steps]["plan"] == ["teacher", "a"]
+        assert by["b", 1, "initial", steps]["plan"] == ["b", "initial"]
