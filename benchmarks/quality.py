@@ -39,7 +39,7 @@ from proreflow.builtin import load_dataset
 from proreflow.builtin.baselines import dpm_solver_sample
 from proreflow.builtin.defaults import GUIDANCE, data_kind, default_eval_samples
 from proreflow.builtin.suite import evaluate_callable, evaluate_sampler, make_eval_set
-from proreflow.builtin.teacher import SAMPLER_NAMES, TEACHER_KINDS, builtin_setup
+from proreflow.builtin.teacher import SAMPLER_NAMES, TEACHER_KINDS, builtin_setup, teacher_config
 from proreflow.files import atomic_write
 from proreflow.schedules import VP_TIME_CONVENTION
 from proreflow.solvers import EVALS_PER_STEP, solve
@@ -387,12 +387,22 @@ def run_dataset(data: str, args, log, save=lambda rows, diag, swaps: None) -> tu
     """Metric rows, window-diagnostic rows and (``--swap``) window-swap rows of every seed and method on
     ``data``; ``save(rows, diag, swaps)`` after each trained method (a killed run keeps what it measured)."""
     guidance = args.guidance or GUIDANCE[data_kind(data)]
+    overrides = {}
+    if args.mlp_width:  # a wider (or narrower) teacher, and so student, of the same MLP architecture
+        network = teacher_config(data).network
+        if network["class"] != "MLPDenoiser":
+            raise SystemExit(f"--mlp-width is for the MLP teachers (2D data, digits); {data}'s teacher is a "
+                             f"{network['class']}: leave --mlp-width out for it")
+        overrides["network"] = {**network, "kwargs": {**network["kwargs"], "width": args.mlp_width}}
     setup = builtin_setup(data, teacher=args.teacher, progress=not args.no_progress, shift=args.shift,
-                          window_space=args.window_space, from_scratch=True)  # make_student: from-scratch methods
+                          window_space=args.window_space, from_scratch=True,  # make_student: from-scratch methods
+                          **overrides)
     teacher = setup.denoiser(setup.teacher_model)
     runs = data if args.teacher == "ddpm" else f"{data}-{args.teacher}"  # training runs of each teacher apart
     if args.window_space != "sigma":
         runs += f"-{args.window_space}{args.shift:g}"
+    if args.mlp_width:
+        runs += f"-w{args.mlp_width}"
     if guidance != GUIDANCE[data_kind(data)]:  # runs of another guidance apart (resume would refuse them)
         runs += f"-g{guidance:g}"
     rows, diag, swaps = [], [], []
@@ -669,6 +679,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="do not train: re-render results.md from the rows of earlier runs' JSON files")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1: the built-in networks are tiny, more threads only contend)")
+    p.add_argument("--mlp-width", type=int, default=None,
+                   help="width of the MLP teacher (2D data, digits; default: the built-in's), trained and cached once "
+                        "per width; the students are its copies")
     p.add_argument("--swap", action="store_true",
                    help="window swaps: sample each of --methods with one window's crossing from another method's "
                         "student, the teacher or the initialisation (the methods must share the last stage's windows)")
