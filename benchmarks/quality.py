@@ -444,6 +444,9 @@ def run_dataset(data: str, args, log, save=lambda rows, diag, swaps: None) -> tu
             save(rows, diag, swaps)
             log(f"{data} seed {seed} window swaps: {time.perf_counter() - start:.0f} s")
         log(f"{data} seed {seed} done")
+    if args.mlp_width:  # another teacher: its rows apart from the built-in's (tables and --merge group by data)
+        for r in (*rows, *diag, *swaps):
+            r["data"] = f"{data} (MLP width {args.mlp_width})"
     return rows, diag, swaps
 
 
