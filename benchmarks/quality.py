@@ -444,9 +444,14 @@ def run_dataset(data: str, args, log, save=lambda rows, diag, swaps: None) -> tu
             save(rows, diag, swaps)
             log(f"{data} seed {seed} window swaps: {time.perf_counter() - start:.0f} s")
         log(f"{data} seed {seed} done")
-    if args.mlp_width:  # another teacher: its rows apart from the built-in's (tables and --merge group by data)
+    variant = [f"MLP width {args.mlp_width}"] if args.mlp_width else []
+    if args.window_space != "sigma":
+        variant.append(f"{args.window_space} windows, shift {args.shift:g}")
+    if guidance != GUIDANCE[data_kind(data)]:
+        variant.append(f"guidance {guidance:g}")
+    if variant:  # another teacher or sampler setting: rows apart from the default's (tables and --merge group by data)
         for r in (*rows, *diag, *swaps):
-            r["data"] = f"{data} (MLP width {args.mlp_width})"
+            r["data"] = f"{data} ({', '.join(variant)})"
     return rows, diag, swaps
 
 
