@@ -273,6 +273,17 @@ def window_diagnostics(setup, student, initial, recipe, data: str, guidance: flo
     return rows
 
 
+def check_swap_methods(methods: list[str]) -> str | None:
+    """Why ``methods`` cannot be swapped window for window (their last stages differ in windows or in the teacher's
+    solve, which :func:`window_swaps` takes from one of them), or None."""
+    last = {name: load_recipe(*METHODS[name]).stages[-1] for name in methods}
+    kinds = {(s.windows, s.solver, s.solver_steps) for s in last.values()}
+    if len(kinds) > 1:
+        got = "; ".join(f"{name}: {s.windows} windows, {s.solver_steps} {s.solver} steps" for name, s in last.items())
+        return f"--swap needs methods whose last stages share their windows, solver and solver steps; got {got}"
+    return None
+
+
 SWAP_SOURCES = ("teacher", "initial")
 """What :func:`window_swaps` puts in a window besides the other methods' students: the last stage's teacher (its
 solver and steps, the stage's guidance) and the initialisation (the teacher's weights as a student: DDIM steps
@@ -285,15 +296,14 @@ def window_swaps(results: dict[str, object], teacher, recipe, evalset) -> list[d
     window of its last stage taken from another source (another method's student, :data:`SWAP_SOURCES`), at
     every step count of :data:`STUDENT_STEPS` that the windows divide. Rows: ``method`` (the student),
     ``window`` (-1: none swapped), ``source``, ``plan`` (the source of each window), ``steps`` and the metrics.
-    All methods share the last stage's windows."""
+    All methods share the last stage's windows and solver (:func:`check_swap_methods`); the teacher and the
+    initialisation are guided as the evaluation's reference is (``evalset.guidance``). Each distinct plan is
+    sampled once, and each source's crossing of window 0 once per step count it depends on."""
     stage = recipe.stages[-1]
     windows = TimeWindows(stage.windows)
-    if any(result.windows.count != windows.count for result in results.values()):
-        raise ValueError(f"--swap needs methods whose last stages share their windows; got "
-                         f"{ {name: result.windows.count for name, result in results.items()} }")
     edges = windows.edges(torch.float64).tolist()
     guided = evalset.uncond is not None
-    teacher_g = stage.teacher_guidance()
+    teacher_g = evalset.guidance
 
     def student(result):
         def cross(x, t0, t1, k, cond):
@@ -311,6 +321,7 @@ def window_swaps(results: dict[str, object], teacher, recipe, evalset) -> list[d
     sources["teacher"] = (solve_teacher, lambda k: stage.solver_steps * EVALS_PER_STEP[stage.solver] * per_eval)
     sources["initial"] = (initial, lambda k: k * per_eval)
     first_window: dict[tuple, torch.Tensor] = {}  # a source's crossing of window 0 starts from the same noise
+    measured: dict[tuple, dict] = {}  # (plan, k) -> metrics: a plan reached from two methods is sampled once
     rows = []
     for steps in (n for n in STUDENT_STEPS if n % windows.count == 0):
         k = steps // windows.count
@@ -322,16 +333,20 @@ def window_swaps(results: dict[str, object], teacher, recipe, evalset) -> list[d
                 def sampler(noise, cond, plan=plan, k=k):
                     x = noise
                     for i, name in enumerate(plan):
-                        if i == 0 and (name, k) in first_window:
-                            x = first_window[name, k]
+                        key = (name, None if name == "teacher" else k)  # the teacher's solve does not use k
+                        if i == 0 and key in first_window:
+                            x = first_window[key]
                             continue
                         x = sources[name][0](x, edges[i], edges[i + 1], k, cond)
                         if i == 0:
-                            first_window[name, k] = x
+                            first_window[key] = x
                     return x
 
-                m = evaluate_callable(evalset, sampler, nfe=sum(sources[name][1](k) for name in plan))
-                m.pop("samples")
+                if (tuple(plan), k) not in measured:
+                    m = evaluate_callable(evalset, sampler, nfe=sum(sources[name][1](k) for name in plan))
+                    m.pop("samples")
+                    measured[tuple(plan), k] = m
+                m = measured[tuple(plan), k]
                 rows.append({"method": method, "window": w, "source": source, "plan": plan, "steps": steps, **m})
     return rows
 
@@ -388,30 +403,31 @@ def run_dataset(data: str, args, log, save=lambda rows, diag, swaps: None) -> tu
     ``data``; ``save(rows, diag, swaps)`` after each trained method (a killed run keeps what it measured)."""
     guidance = args.guidance or GUIDANCE[data_kind(data)]
     overrides = {}
-    if args.mlp_width:  # a wider (or narrower) teacher, and so student, of the same MLP architecture
+    if args.mlp_width:  # a wider (or narrower) teacher, and so student, of the same MLP architecture (main checks it)
         network = teacher_config(data).network
-        if network["class"] != "MLPDenoiser":
-            raise SystemExit(f"--mlp-width is for the MLP teachers (2D data, digits); {data}'s teacher is a "
-                             f"{network['class']}: leave --mlp-width out for it")
         overrides["network"] = {**network, "kwargs": {**network["kwargs"], "width": args.mlp_width}}
     setup = builtin_setup(data, teacher=args.teacher, progress=not args.no_progress, shift=args.shift,
                           window_space=args.window_space, from_scratch=True,  # make_student: from-scratch methods
                           **overrides)
     teacher = setup.denoiser(setup.teacher_model)
-    runs = data if args.teacher == "ddpm" else f"{data}-{args.teacher}"  # training runs of each teacher apart
+    # settings apart from the default's: (run-folder suffix, row label); runs apart (resume would refuse them), rows
+    # labelled apart (tables and --merge group by data)
+    variants = []
     if args.window_space != "sigma":
-        runs += f"-{args.window_space}{args.shift:g}"
+        variants.append((f"-{args.window_space}{args.shift:g}", f"{args.window_space} windows, shift {args.shift:g}"))
     if args.mlp_width:
-        runs += f"-w{args.mlp_width}"
-    if guidance != GUIDANCE[data_kind(data)]:  # runs of another guidance apart (resume would refuse them)
-        runs += f"-g{guidance:g}"
+        variants.append((f"-w{args.mlp_width}", f"MLP width {args.mlp_width}"))
+    if guidance != GUIDANCE[data_kind(data)]:
+        variants.append((f"-g{guidance:g}", f"guidance {guidance:g}"))
+    runs = (data if args.teacher == "ddpm" else f"{data}-{args.teacher}") + "".join(s for s, _ in variants)
+    label = f"{data} ({', '.join(name for _, name in variants)})" if variants else data
     rows, diag, swaps = [], [], []
     for seed in args.seeds:
         finished = {}  # method -> its run at the main budget (for --swap)
         samples = args.samples or (500 if args.quick and data_kind(data) != "2d" else default_eval_samples(data))
         evalset, anchors = cached_eval_set(setup, data, teacher, samples, guidance, seed, args.work, log,
                                             args.teacher)
-        rows += anchors
+        rows += [{**r, "data": label} for r in anchors]
         for method in args.methods:
             main_budget = args.budget or (600 if args.quick else BUDGET[data_kind(data)])
             curve = [main_budget // 4, main_budget // 2] if args.curve_budgets is None else args.curve_budgets
@@ -425,13 +441,13 @@ def run_dataset(data: str, args, log, save=lambda rows, diag, swaps: None) -> tu
                 evals = sum(s.teacher_evals for s in result.stages)
                 trained = time.perf_counter() - start
                 for r in student_rows(result, evalset, method):
-                    rows.append({"data": data, "seed": seed, "budget": budget, "teacher_evals": evals,
+                    rows.append({"data": label, "seed": seed, "budget": budget, "teacher_evals": evals,
                                  "samples": samples, **r})
                 evaluated = time.perf_counter() - start - trained
                 if budget == main_budget:
                     finished[method] = result
                     for r in window_diagnostics(setup, result.student, teacher, recipe, data, guidance, seed):
-                        diag.append({"data": data, "seed": seed, "method": method, "budget": budget, **r})
+                        diag.append({"data": label, "seed": seed, "method": method, "budget": budget, **r})
                 save(rows, diag, swaps)
                 log(f"{data} seed {seed} {method} budget {budget}: trained {trained:.0f} s, "
                     f"evaluated {evaluated:.0f} s, diagnostics "
@@ -439,19 +455,11 @@ def run_dataset(data: str, args, log, save=lambda rows, diag, swaps: None) -> tu
                     f"teacher evals {evals:,}")
         if args.swap:
             start = time.perf_counter()
-            swaps += [{"data": data, "seed": seed, "budget": main_budget, "samples": samples, **r}
+            swaps += [{"data": label, "seed": seed, "budget": main_budget, "samples": samples, **r}
                       for r in window_swaps(finished, teacher, recipe, evalset)]
             save(rows, diag, swaps)
             log(f"{data} seed {seed} window swaps: {time.perf_counter() - start:.0f} s")
         log(f"{data} seed {seed} done")
-    variant = [f"MLP width {args.mlp_width}"] if args.mlp_width else []
-    if args.window_space != "sigma":
-        variant.append(f"{args.window_space} windows, shift {args.shift:g}")
-    if guidance != GUIDANCE[data_kind(data)]:
-        variant.append(f"guidance {guidance:g}")
-    if variant:  # another teacher or sampler setting: rows apart from the default's (tables and --merge group by data)
-        for r in (*rows, *diag, *swaps):
-            r["data"] = f"{data} ({', '.join(variant)})"
     return rows, diag, swaps
 
 
@@ -708,6 +716,13 @@ def main(argv: list[str] | None = None) -> int:
     def log(msg: str) -> None:
         print(f"[{(time.perf_counter() - start) / 60:5.1f} min] {msg}", flush=True)
 
+    if not args.merge:
+        for data in args.data if args.mlp_width else ():
+            if (kind := teacher_config(data).network["class"]) != "MLPDenoiser":
+                p.error(f"--mlp-width is for the MLP teachers (2D data, digits); {data}'s teacher is a {kind}: "
+                        "leave --mlp-width out for it")
+        if args.swap and (problem := check_swap_methods(args.methods)):
+            p.error(problem)
     if args.merge:
         runs = [json.loads(path.read_text()) for path in args.merge]
         # only quality runs (they record their argv) of this --teacher: a glob of docs/benchmark-runs/ holds both
