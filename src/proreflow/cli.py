@@ -44,7 +44,8 @@ def _module(name: str):
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run a command; bad input (ValueError, OSError) is one line on stderr and exit code 2, Ctrl-C 130.
+    """Run a command; bad input (ValueError, OSError) is one line on stderr and exit code 2; a stop
+    signal 128 + its number (Ctrl-C 130, SIGTERM 143, SIGHUP 129).
 
     Commands report their own run-time failures (exit code 1); anything else is a bug and keeps its
     traceback.
@@ -73,9 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as err:  # bad input: the message names it and the fix
         print(f"proreflow {name}: error: {one_line(err)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt as err:  # TrainingInterrupted says where the run stopped
+    except KeyboardInterrupt as err:  # TrainingInterrupted says where the run stopped, and by which signal
         print(f"proreflow {name}: {one_line(err) or 'interrupted'}", file=sys.stderr)
-        return 130
+        return int(getattr(err, "exit_code", 130))
 
 
 if __name__ == "__main__":

@@ -107,9 +107,9 @@ def run(args: argparse.Namespace) -> int:
     except (NonFiniteLossError, CheckpointError) as err:
         print(f"proreflow train: {one_line(err)}", file=sys.stderr)
         return 1
-    except TrainingInterrupted as err:
+    except TrainingInterrupted as err:  # exit code 128 + the signal's number
         print(f"proreflow train: {err}; continue with: {resume_command}", file=sys.stderr)
-        return 130
+        return err.exit_code
     except KeyboardInterrupt:
         newest = latest_checkpoint(out)
         print(f"proreflow train: interrupted; newest checkpoint: {newest or 'none'}; continue with: {resume_command}",

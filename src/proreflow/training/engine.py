@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import signal
 import threading
 from dataclasses import dataclass, field
@@ -124,8 +125,8 @@ def train(recipe: Recipe | str | Path | dict, setup: DistillationSetup, out_dir:
     mixed-precision dtype) in place; it never gets gradients (with ``setup.teacher_view`` its
     frozen parameters are cast, the student's trainable ones stay float32). Raises
     :class:`NonFiniteLossError` after ``max_nonfinite`` skipped steps in a stage, leaving the
-    last good checkpoint as it was. Ctrl-C stops between two optimiser steps, writes a
-    checkpoint and raises :class:`TrainingInterrupted`.
+    last good checkpoint as it was. Ctrl-C, SIGTERM or SIGHUP stops between two optimiser steps, writes
+    a checkpoint and raises :class:`TrainingInterrupted` (a second one ends the process at once).
     """
     recipe = load_recipe(recipe)
     out = Path(out_dir)
@@ -141,34 +142,62 @@ def train(recipe: Recipe | str | Path | dict, setup: DistillationSetup, out_dir:
 
 
 class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C (SIGINT) stopped :func:`train` between two optimiser steps; ``checkpoint`` is the
-    newest checkpoint (written at the stop when the stage had made progress), or None. A
-    KeyboardInterrupt, so that code catching Exception lets it through."""
+    """A stop signal (Ctrl-C's SIGINT, SIGTERM, SIGHUP: :data:`STOP_SIGNALS`) stopped :func:`train`
+    between two optimiser steps; ``checkpoint`` is the newest checkpoint (written at the stop when the
+    stage had made progress), or None; ``signum`` the signal. A KeyboardInterrupt, so that code catching
+    Exception lets it through."""
 
-    def __init__(self, message: str, checkpoint: Path | None):
+    def __init__(self, message: str, checkpoint: Path | None, signum: int = signal.SIGINT):
         super().__init__(message)
-        self.checkpoint = checkpoint
+        self.checkpoint, self.signum = checkpoint, int(signum)
+
+    @property
+    def exit_code(self) -> int:
+        """The shell's code of a process ended by the signal: 128 + its number (SIGINT 130, SIGTERM 143)."""
+        return exit_code(self.signum)
+
+
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+"""The signals that stop a run at the next step boundary with a checkpoint: Ctrl-C, and what schedulers,
+``docker stop``, preemptible machines (SIGTERM) and a closed terminal (SIGHUP) send."""
+
+
+def exit_code(signum: int) -> int:
+    """The exit code of a process stopped by signal ``signum``: 128 + its number, as the shell reports one."""
+    return 128 + int(signum)
 
 
 class _StopRequest:
-    """While active (main thread only), the first Ctrl-C sets :attr:`requested` instead of raising;
-    a second one raises KeyboardInterrupt at once."""
+    """While active (main thread only), the first stop signal (:data:`STOP_SIGNALS`) sets :attr:`signum`
+    (and :attr:`requested`) instead of stopping the process; a second one ends the process at once with one
+    line on stderr and exit code 128 + its number (``os._exit``: no traceback; the files being written are
+    temporaries, never read, removed at the next start in the folder)."""
 
     def __init__(self):
-        self.requested, self._previous = False, None
+        self.signum, self._previous = None, {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
 
     def __enter__(self) -> _StopRequest:
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._previous = {signum: signal.signal(signum, self._handle) for signum in STOP_SIGNALS}
         return self
 
     def _handle(self, signum, frame) -> None:
-        self.requested = True
-        signal.signal(signal.SIGINT, self._previous)
+        if self.signum is None:
+            self.signum = signum
+            return
+        name = signal.Signals(signum).name
+        os.write(2, f"proreflow: {name} again: stopped at once without a checkpoint; the newest complete "
+                    f"checkpoint is kept (continue with --resume)\n".encode())
+        os._exit(exit_code(signum))
 
     def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous = {}
 
 
 NO_REPLAY_KEYS = ("name", "description", "checkpoint_every", "keep_checkpoints", "max_nonfinite", "log_every",
@@ -359,7 +388,7 @@ class _Run:
                 "ema": full_tensors(ema.tensors(), main)}
 
     def _stop_requested(self) -> bool:
-        """Whether Ctrl-C was pressed on any process (all of them stop at the same step)."""
+        """Whether a stop signal reached any process (all of them stop at the same step)."""
         flag = torch.tensor([float(self.stop.requested)])
         if self.acc.num_processes > 1:
             flag = self.acc.reduce(flag.to(self.acc.device), "sum").cpu()
@@ -370,9 +399,12 @@ class _Run:
         if state.step > 0:
             self._checkpoint(state, self._mid_stage_weights(runner.ema))
         newest = latest_checkpoint(self.out)
+        signum = self.stop.signum or signal.SIGINT  # a process that got none stops with the others
+        by = "" if signum == signal.SIGINT else f" by {signal.Signals(signum).name}"
         where = f"stage {index + 1}, step {state.step}"
-        raise TrainingInterrupted(f"interrupted at {where}; " + (f"newest checkpoint: {newest}" if newest else
-                                                                 "no checkpoint yet (nothing was trained)"), newest)
+        raise TrainingInterrupted(f"interrupted{by} at {where}; " + (f"newest checkpoint: {newest}" if newest else
+                                                                     "no checkpoint yet (nothing was trained)"),
+                                  newest, signum)
 
     def _nonfinite(self, index: int, state: RunState) -> None:
         skipped, limit = state.counters.skipped, self.recipe.max_nonfinite
