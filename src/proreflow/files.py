@@ -1,27 +1,51 @@
 """Atomic files: the one way the package writes a file or folder that a later run reads.
 
-A file is written under a temporary name beside its final one (``.NAME.tmp-PID``) and renamed
-into place with ``os.replace``, which is atomic on POSIX and Windows: a reader, or a run resumed
-after a kill at any moment, sees the old file or the new one, never half of one. A temporary
-file left by a killed writer is removed by the next write of the same name (same PID) or never
-read (its name starts with a dot). Folders are built under a temporary name and moved with
-:func:`replace_dir`.
+A file is written under a temporary name beside its final one (``.NAME.tmp-PID``,
+:func:`temporary_path`) and renamed into place with ``os.replace``, which is atomic on POSIX and
+Windows: a reader, or a run resumed after a kill at any moment, sees the old file or the new one,
+never half of one. Temporary names hold the writer's process id, so two processes never share
+one; a temporary never is read (its name starts with a dot), and those a killed writer left in a
+run folder are removed at the next start of a run there (:func:`remove_temporaries`). Folders are
+built under a temporary name and moved with :func:`replace_dir`. One process at a time writes in a
+run folder: :func:`folder_lock`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
+import re
 import shutil
-from collections.abc import Callable
+import socket
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; runs are not guarded there
+    fcntl = None
+
+TEMPORARY = re.compile(r"\..+\.(?:tmp|old)(?:-\d+)?")
+"""The names of temporary files and folders (``.NAME.tmp-PID``, ``.NAME.old-PID``; without the PID from
+earlier versions)."""
+LOCK_FILE = ".lock"
+"""The lock file of a run folder (it holds the writer's pid and host name)."""
+
+
+def temporary_path(path: str | os.PathLike, kind: str = "tmp", tag: int | str | None = None) -> Path:
+    """The temporary name beside ``path``: ``.NAME.<kind>-<tag>``, ``tag`` this process's id by default
+    (the same for every process of a multi-process run when they write into one temporary folder)."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{kind}-{os.getpid() if tag is None else tag}")
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> None:
     """Call ``write(tmp)`` on a temporary path beside ``path``, then rename it to ``path``."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temporary_path(path)
     try:
         write(tmp)
         os.replace(tmp, path)
@@ -41,7 +65,7 @@ def write_json(path: str | os.PathLike, data: Any) -> None:
 
 def replace_dir(tmp: Path, final: Path) -> None:
     """Move a finished folder ``tmp`` to ``final``, replacing an older ``final``."""
-    old = final.with_name(f".{final.name}.old")
+    old = temporary_path(final, "old")
     if old.exists():
         shutil.rmtree(old)
     if final.exists():
@@ -49,3 +73,82 @@ def replace_dir(tmp: Path, final: Path) -> None:
     os.replace(tmp, final)
     if old.exists():
         shutil.rmtree(old)
+
+
+def remove_temporaries(folder: str | os.PathLike) -> list[str]:
+    """Remove the temporary files and folders (:data:`TEMPORARY`) under ``folder``, those a killed writer
+    left; their paths relative to ``folder``. Call it only while holding :func:`folder_lock`: then no
+    other process is writing them."""
+    folder, removed = Path(folder), []
+    for root, dirs, files in os.walk(folder):
+        for name in [d for d in dirs if TEMPORARY.fullmatch(d)]:
+            shutil.rmtree(Path(root) / name, ignore_errors=True)
+            dirs.remove(name)
+            removed.append(str((Path(root) / name).relative_to(folder)))
+        for name in files:
+            if TEMPORARY.fullmatch(name):
+                (Path(root) / name).unlink(missing_ok=True)
+                removed.append(str((Path(root) / name).relative_to(folder)))
+    return sorted(removed)
+
+
+class FolderInUse(ValueError):
+    """Another process holds a run folder's lock (:func:`folder_lock`)."""
+
+
+_HELD: dict[Path, list] = {}  # resolved folder -> [file descriptor or None, holders in this process]
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike, option: str = "--out") -> Iterator[None]:
+    """Hold ``folder``'s lock: one writer per run folder. Raises :class:`FolderInUse` naming the folder and
+    the other writer's pid when another process holds it.
+
+    The lock is ``fcntl.flock`` on ``FOLDER/.lock`` (made if absent, with the holder's pid and host name):
+    the system releases it when its process ends, however it ends, so a lock left by a dead process never
+    blocks a run. Reentrant within a process (the command line takes it before the checks of the folder,
+    :func:`~proreflow.training.train` again). Not enforced where the system has no ``flock`` (Windows, some
+    network file systems).
+    """
+    key = Path(folder).resolve()
+    if key not in _HELD:
+        _HELD[key] = [_acquire(key, option), 0]
+    _HELD[key][1] += 1
+    try:
+        yield
+    finally:
+        _HELD[key][1] -= 1
+        if _HELD[key][1] == 0:
+            _release(_HELD.pop(key)[0])
+
+
+def _acquire(folder: Path, option: str) -> int | None:
+    if fcntl is None:
+        return None
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 200).decode(errors="replace").split()
+        os.close(fd)
+        who = f"pid {holder[0]}" + (f" on {holder[1]}" if len(holder) > 1 else "") if holder else "another process"
+        raise FolderInUse(f"{option}: {folder} is in use by another run ({who}, lock {path}); wait for it to end "
+                          f"or give another {option}") from None
+    except OSError as err:
+        os.close(fd)
+        if err.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+            return None  # a file system without locks: not guarded
+        raise
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
+    return fd
+
+
+def _release(fd: int | None) -> None:
+    if fd is None:
+        return
+    os.ftruncate(fd, 0)
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    os.close(fd)

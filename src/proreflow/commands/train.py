@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import shlex
 import sys
 
@@ -84,14 +85,29 @@ def run(args: argparse.Namespace) -> int:
         print(yaml.safe_dump({"setup": setup_spec}, sort_keys=False), end="")
         return 0
 
-    from ..training import NonFiniteLossError, train
-    from ..training.checkpoint import CheckpointError, latest_checkpoint
-    from ..training.engine import TrainingInterrupted, check_output_folder
     from ..training.runner import check_environment
-    from .named_setups import build_setup
 
     check_environment(recipe)  # trackers and optimiser packages (ValueError: exit 2)
     out = writable_dir(args.out or f"runs/{recipe.name}", create=True)
+    with _writer_lock(out):  # before the folder's checks: another run may be writing there (exit 2)
+        return _train(args, recipe, setup_spec, out)
+
+
+def _writer_lock(out):
+    """The output folder's lock (:func:`~proreflow.files.folder_lock`), taken by the launch's main process
+    (``RANK`` 0, or no ``RANK``: one process); the others write nothing there."""
+    from ..files import folder_lock
+
+    return folder_lock(out) if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext()
+
+
+def _train(args: argparse.Namespace, recipe: Recipe, setup_spec: dict, out) -> int:
+    """Check the output folder, build the setup and train (holding the folder's lock)."""
+    from ..training import NonFiniteLossError, train
+    from ..training.checkpoint import CheckpointError, latest_checkpoint
+    from ..training.engine import TrainingInterrupted, check_output_folder
+    from .named_setups import build_setup
+
     resume = args.resume_from or args.resume
     try:  # the output folder is checked before any model loads
         check_output_folder(recipe, out, resume, args.allow_recipe_change)

@@ -17,9 +17,10 @@ Layout of an output folder ``OUT``::
     OUT/student.safetensors, student.json   the newest stage result: what sampling loads
     OUT/summary.json                     per-stage summaries (time, teacher evaluations, loss)
 
-Every file and checkpoint folder is written under a temporary name and renamed into place,
-so an interrupted write never leaves a half checkpoint behind. Nothing is unpickled: weights
-are safetensors, other state is loaded with ``torch.load(weights_only=True)``.
+Every file and checkpoint folder is written under a temporary name (holding the writer's process
+id) and renamed into place, so an interrupted write never leaves a half checkpoint behind; the
+temporaries a killed run leaves are removed when the next run in the folder starts. Nothing is
+unpickled: weights are safetensors, other state is loaded with ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from ..files import atomic_write, atomic_write_text, replace_dir, write_json
+from ..files import atomic_write, atomic_write_text, replace_dir, temporary_path, write_json
 from ..teachers import Denoiser
 from ..windows import TimeWindows
 from .recipes import Recipe, RecipeError
@@ -327,14 +328,17 @@ def _brief(err: BaseException) -> str:
 
 
 def write_checkpoint(accelerator, out_dir: Path, global_step: int, meta: dict[str, Any],
-                     state: dict[str, Any], weights: dict[str, dict[str, Tensor]], keep: int) -> Path:
+                     state: dict[str, Any], weights: dict[str, dict[str, Tensor]], keep: int,
+                     tag: int | None = None) -> Path:
     """Write a checkpoint from every process (each saves its RNG state), atomically; prune old ones.
 
-    ``weights``: file stem -> state dict (``student``, ``ema``), written by the main process.
+    ``weights``: file stem -> state dict (``student``, ``ema``), written by the main process. ``tag``: the
+    main process's id, which names the temporary folder (``.step-N.tmp-PID``: unique to the writing run);
+    every process must give the same one (default: this process's id, right for one process).
     """
     root = Path(out_dir) / CHECKPOINTS
     final = root / checkpoint_name(global_step)
-    tmp = root / f".{final.name}.tmp"
+    tmp = temporary_path(final, tag=tag)
     if accelerator.is_main_process:
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -374,7 +378,7 @@ def write_stage_result(out_dir: Path, index: int, weights: dict[str, Tensor], in
     """Save stage ``index``'s EMA student in its stage folder and as ``OUT/student.*`` (main process)."""
     out_dir = Path(out_dir)
     final = stage_dir(out_dir, index, info["windows"])
-    tmp = final.with_name(f".{final.name}.tmp")
+    tmp = temporary_path(final)
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..files import atomic_write_text, write_json
+from ..files import atomic_write_text, folder_lock, remove_temporaries, write_json
 from ..teachers import Denoiser
 from ..windows import TimeWindows
 from .checkpoint import (
@@ -134,8 +134,8 @@ def train(recipe: Recipe | str | Path | dict, setup: DistillationSetup, out_dir:
     set_tf32(recipe.allow_tf32)
     acc = make_accelerator(recipe.mixed_precision, recipe.report_to, out)
     reporter = Reporter(out, acc, progress, recipe.log_every)
-    try:
-        with _StopRequest() as stop:
+    try:  # one writer per output folder (the main process writes)
+        with folder_lock(out) if acc.is_main_process else contextlib.nullcontext(), _StopRequest() as stop:
             return _Run(recipe, setup, out, acc, reporter, stop).run(resume, allow_recipe_change)
     finally:
         reporter.close()
@@ -293,6 +293,8 @@ class _Run:
         check_dataset(self.setup.dataset)
         check_setup_fits(recipe, self.setup, acc.num_processes)
         self.reporter.open(recipe.name, recipe.to_dict(), recipe.report_to)
+        self._remove_temporaries()
+        self.tag = self._main_pid()
         if fsdp_left_unused(acc):
             self.reporter.say(f"ACCELERATE_USE_FSDP is set, but accelerate shards only over several GPUs: this run "
                               f"({acc.num_processes} process(es) on {acc.device.type}) keeps a full student on each "
@@ -341,6 +343,24 @@ class _Run:
         return TrainResult(self.setup.denoiser(module, dtype=dtype, prediction_type=self.student_type), module,
                            TimeWindows(recipe.final_windows),
                            recipe.sample_guidance, state.completed, state.history, self.out)
+
+    def _remove_temporaries(self) -> None:
+        """Remove the temporary files a killed run left in the output folder (main process, holding its
+        lock: no other process writes there), with a log line naming them."""
+        if self.acc.is_main_process and self.out.is_dir():
+            removed = remove_temporaries(self.out)
+            if removed:
+                shown = ", ".join(removed[:5]) + (f" and {len(removed) - 5} more" if len(removed) > 5 else "")
+                self.reporter.say(f"removed {len(removed)} temporary file(s) an interrupted run left in {self.out}: "
+                                  f"{shown}")
+        self.acc.wait_for_everyone()
+
+    def _main_pid(self) -> int:
+        """The main process's id, the same on every process: it names the temporary checkpoint folders."""
+        pid = torch.tensor([os.getpid() if self.acc.is_main_process else 0], dtype=torch.int64)
+        if self.acc.num_processes > 1:
+            pid = self.acc.reduce(pid.to(self.acc.device), "sum").cpu()
+        return int(pid.item())
 
     def _stage_weights(self, index: int) -> dict[str, torch.Tensor]:
         path = stage_dir(self.out, index, self.recipe.stages[index].windows) / "ema.safetensors"
@@ -481,7 +501,7 @@ class _Run:
         saved = {"optimizer": optimizer, "scaler": scaler,
                  "history": torch.tensor(state.history, dtype=torch.float64).reshape(-1, 2)}
         return write_checkpoint(self.acc, self.out, state.global_step, state.meta(self.recipe, self.acc.num_processes),
-                                saved, weights, self.recipe.keep_checkpoints)
+                                saved, weights, self.recipe.keep_checkpoints, self.tag)
 
 
 def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
