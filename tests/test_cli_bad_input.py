@@ -417,3 +417,27 @@ def test_bad_input_in_a_subprocess(paths, argv, expected):
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 2 and len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
     assert expected in lines[0]
+
+
+def test_setup_code_runs_only_when_trusted(paths, tmp_path, capsys, monkeypatch):
+    """setup.name as an import path is code execution: refused (exit 2, one line naming setup.name and the
+    flag, nothing imported) unless --trust-setup-code or PROREFLOW_TRUST_SETUP_CODE=1; the named setups need
+    neither."""
+    monkeypatch.delenv("PROREFLOW_TRUST_SETUP_CODE")
+    (tmp_path / "side_effect_xyz.py").write_text("import pathlib\npathlib.Path(__file__).with_suffix('.ran').touch()\n"
+                                                 "def make():\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"setup": {"name": "side_effect_xyz:make"}, **tiny_recipe()}))
+    for argv in (["--config", str(config), "--out", str(tmp_path / "o")],
+                 ["--config", paths["cfg"], "setup.name=os:system", "--print-config"]):
+        assert main(["train", *argv]) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("proreflow train: error: setup.name: '"), lines
+        assert "--trust-setup-code (or PROREFLOW_TRUST_SETUP_CODE=1)" in lines[0]
+    assert not (tmp_path / "side_effect_xyz.ran").exists()  # not even imported
+    assert main(["train", "--config", str(config), "--print-config", "--trust-setup-code"]) == 0
+    assert (tmp_path / "side_effect_xyz.ran").exists()
+    assert main(["train", "--config", paths["cfg"], "--print-config", "setup.name=moons"]) == 0  # a named setup
+    monkeypatch.setenv("PROREFLOW_TRUST_SETUP_CODE", "1")
+    assert main(["train", "--config", paths["cfg"], "--print-config"]) == 0

@@ -60,3 +60,13 @@ def test_every_builtin_dataset_is_a_setup():
     for name in DATASETS:
         builder = get_setup_builder(name)
         assert isinstance(builder, functools.partial) and builder.func is builtin_setup and builder.args == (name,)
+
+
+def test_an_import_path_needs_trust(monkeypatch):
+    monkeypatch.delenv("PROREFLOW_TRUST_SETUP_CODE")
+    with pytest.raises(ValueError, match=r"^setup.name: '.*:make_setup' is an import path: .*--trust-setup-code"):
+        build_setup({"name": f"{HERE}:make_setup", "n": 8})
+    assert len(build_setup({"name": f"{HERE}:make_setup", "n": 8}, trust=True).dataset) == 8
+    monkeypatch.setenv("PROREFLOW_TRUST_SETUP_CODE", "0")
+    with pytest.raises(ValueError, match="--trust-setup-code"):
+        get_setup_builder(f"{HERE}:make_setup")

@@ -5,6 +5,10 @@ builder by import path, imported only when that setup is used (so an absent opti
 of one family does not break another); every built-in dataset (``proreflow.builtin.DATASETS``)
 is a setup of its own, built by :data:`BUILTIN_DATA` with the dataset's name. A config may also
 name any builder by import path, ``package.module:function``: a new family needs no entry here.
+That imports and runs code a config names, so it is allowed only when the user says they trust the
+config: ``proreflow train --trust-setup-code`` (``trust=True`` here) or the environment variable
+``PROREFLOW_TRUST_SETUP_CODE=1`` (:func:`setup_code_trusted`); the named families and built-in
+datasets need neither.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import difflib
 import functools
 import importlib
 import inspect
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -37,6 +42,16 @@ MOVED_TO_RECIPE = {
 """Setup keys of earlier versions that became recipe keys -> the one-line fix."""
 
 
+TRUST_ENV = "PROREFLOW_TRUST_SETUP_CODE"
+"""The environment variable that, set to 1, allows ``setup.name`` to be an import path (as ``--trust-setup-code``)."""
+
+
+def setup_code_trusted(trust: bool = False) -> bool:
+    """Whether a config may name code to run (``setup.name: package.module:function``): ``trust`` (the
+    ``--trust-setup-code`` flag) or ``PROREFLOW_TRUST_SETUP_CODE=1`` in the environment."""
+    return bool(trust) or os.environ.get(TRUST_ENV) == "1"
+
+
 def _import(path: str) -> Callable[..., Any]:
     module, _, attr = path.partition(":")
     try:
@@ -54,10 +69,15 @@ def builtin_names() -> tuple[str, ...]:
     return tuple(DATASETS)
 
 
-def get_setup_builder(name: str) -> Callable[..., DistillationSetup]:
+def get_setup_builder(name: str, trust: bool = False) -> Callable[..., DistillationSetup]:
     """The builder of setup ``name`` (a key of :data:`SETUPS`, a built-in dataset) or at import path
-    ``package.module:function``."""
+    ``package.module:function``: code the config names, imported only when trusted
+    (:func:`setup_code_trusted`; else a ValueError naming setup.name and the flag, nothing imported)."""
     if ":" in name:
+        if not setup_code_trusted(trust):
+            raise ValueError(f"setup.name: {name!r} is an import path: the config asks to run its code, which "
+                             f"proreflow does only with --trust-setup-code (or {TRUST_ENV}=1); pass it if you "
+                             f"trust this config, or name a setup ({', '.join(sorted([*SETUPS, *builtin_names()]))})")
         return _import(name)
     if name in SETUPS:
         return _import(SETUPS[name])
@@ -84,14 +104,15 @@ def setup_keys(builder: Callable[..., DistillationSetup]) -> tuple[str, ...] | N
     return tuple(p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
 
 
-def check_setup_spec(spec: Any) -> Callable[..., DistillationSetup]:
-    """The builder of a ``setup:`` section, after checking its name and keys (nothing is built)."""
+def check_setup_spec(spec: Any, trust: bool = False) -> Callable[..., DistillationSetup]:
+    """The builder of a ``setup:`` section, after checking its name and keys (nothing is built); ``trust``:
+    an import path may name it (:func:`get_setup_builder`)."""
     if not isinstance(spec, dict):
         raise ValueError(f"setup: expected a mapping such as {{name: digits}}, got {spec!r}")
     name = spec.get("name")
     if not isinstance(name, str):
         raise ValueError("setup.name: the setup section needs a name, e.g. setup: {name: digits}")
-    builder = get_setup_builder(name)
+    builder = get_setup_builder(name, trust)
     keys = setup_keys(builder)
     for key in spec:
         if key in MOVED_TO_RECIPE:
@@ -116,10 +137,10 @@ def check_setup_spec(spec: Any) -> Callable[..., DistillationSetup]:
     return builder
 
 
-def build_setup(spec: dict[str, Any]) -> DistillationSetup:
+def build_setup(spec: dict[str, Any], trust: bool = False) -> DistillationSetup:
     """Build a setup from a config's ``setup:`` section: ``{name: NAME, **keyword arguments}``
-    (checked first by :func:`check_setup_spec`)."""
-    builder = check_setup_spec(spec)
+    (checked first by :func:`check_setup_spec`; ``trust`` as there)."""
+    builder = check_setup_spec(spec, trust)
     spec = dict(spec)
     name = spec.pop("name")
     try:

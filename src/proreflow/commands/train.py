@@ -17,8 +17,9 @@ from . import one_line, writable_dir
 USAGE_NOTES = """\
 config: a YAML file holding a recipe and a `setup:` section naming what to distill, e.g.
 
-  setup: {{name: digits}}          # a named setup (commands/named_setups.py), or package.module:function; other keys
-                                 # are passed to it as keyword arguments
+  setup: {{name: digits}}          # a named setup (commands/named_setups.py), or package.module:function (runs
+                                 # that code: only with --trust-setup-code); other keys are passed to it as
+                                 # keyword arguments
   name: my-run
   defaults: {{lr: 1.0e-4, batch_size: 64}}
   stages:
@@ -61,6 +62,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true",
                         help="no progress bars: plain log lines on stdout instead (every log_every steps, messages, "
                              "warnings, stage summaries), as in OUT/train.log")
+    parser.add_argument("--trust-setup-code", action="store_true",
+                        help="allow setup.name to be an import path (package.module:function): the config then "
+                             "runs that code, so give it only for configs you trust (or set "
+                             "PROREFLOW_TRUST_SETUP_CODE=1); the named setups need no flag")
     parser.add_argument("--print-config", action="store_true",
                         help="print the checked recipe (every stage spelled out) and exit without training")
 
@@ -79,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
         print("proreflow train: error: the config has no setup section; add `setup: {name: digits}` to it "
               "or pass setup.name=digits", file=sys.stderr)
         return 2
-    check_setup_spec(setup_spec)  # names and keys, before anything is built (ValueError: exit 2)
+    check_setup_spec(setup_spec, args.trust_setup_code)  # names, keys, trust; nothing built (ValueError: exit 2)
     if args.print_config:
         print(recipe.to_yaml(), end="")
         print(yaml.safe_dump({"setup": setup_spec}, sort_keys=False), end="")
@@ -116,7 +121,7 @@ def _train(args: argparse.Namespace, recipe: Recipe, setup_spec: dict, out) -> i
         return 2
     resume_command = _resume_command(args, out)
     try:
-        setup = build_setup(setup_spec)
+        setup = build_setup(setup_spec, args.trust_setup_code)
         with _log_lines(args.no_progress):
             result = train(recipe, setup, out, resume=resume, progress=not args.no_progress,
                            allow_recipe_change=args.allow_recipe_change)
@@ -161,5 +166,6 @@ def _resume_command(args: argparse.Namespace, out) -> str:
     """The command line that continues this run."""
     words = ["proreflow", "train", "--config", args.config, "--out", str(out), "--resume"]
     words += ["--allow-recipe-change"] if args.allow_recipe_change else []
+    words += ["--trust-setup-code"] if args.trust_setup_code else []
     words += ["--no-progress"] if args.no_progress else []
     return shlex.join(words + list(args.overrides))
