@@ -40,6 +40,20 @@ YAML_FILES = {  # name: text of a config that must be refused
     "lone_colon_key": ": 3\n",
 }
 
+LAUGHS = "a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
+    f"{b}: &{b} [{', '.join([f'*{a}'] * 9)}]\n" for a, b in zip("abcdefgh", "bcdefghi"))
+YAML_REFUSED = {  # name: (text of a config that parses but must be refused, part of the one error line)
+    "duplicate_seed": ("seed: 1\nname: x\nseed: 2\n", "duplicate_seed.yaml:3:1: duplicate key 'seed' (also on line 1)"),
+    "duplicate_stages": ("stages: [{windows: 4}]\nname: x\nstages: [{windows: 2}]\n", "duplicate key 'stages'"),
+    "duplicate_setup": ("setup: {name: digits}\nsetup: {name: moons}\n", "duplicate_setup.yaml:2:1: duplicate key"),
+    "duplicate_stage_key": ("stages:\n  - windows: 4\n    windows: 2\n", "3:5: duplicate key 'windows'"),
+    "deep_flow": ("name: " + "[" * 3000 + "]" * 3000 + "\n", "nested deeper than 32 levels"),
+    "deep_block": ("".join("  " * i + f"k{i}:\n" for i in range(60)) + "  " * 60 + "v: 1\n",
+                   "nested deeper than 32 levels"),
+    "billion_laughs": (LAUGHS, "alias *a: a config may not use aliases"),
+    "merge_key": ("base: &b {lr: 1.0e-3}\ndefaults: {<<: *b}\n", "alias *b: a config may not use aliases"),
+}
+
 TRAIN = [  # (id, arguments after `train --config CFG`, a part of the one error line)
     ("unknown_key", ["foo=1"], "unknown key 'foo'"),
     ("stage_key_at_top", ["lr=1e-4"], "'lr' is a stage key"),
@@ -180,6 +194,14 @@ TRAIN = [  # (id, arguments after `train --config CFG`, a part of the one error 
      "step-00000099 does not exist; checkpoints in"),
     ("resume_from_elsewhere", ["--out", "{run}", "--resume-from", "{tmp}/step-00000002"], "not a checkpoint of"),
     ("resume_from_damaged", ["--out", "{damaged}", "--resume-from", "2"], "step-00000002 is damaged (meta.json"),
+    # issue 27: empty paths, and override values and keys a config may not hold
+    ("out_empty", ["--out", ""], "--out: an empty path; give a folder"),
+    ("out_blank", ["--out", "  "], "--out: an empty path; give a folder"),
+    ("resume_from_empty", ["--resume", "--resume-from", ""], "--resume-from: an empty checkpoint name"),
+    ("override_deep_value", ["name=" + "[" * 3000 + "]" * 3000], "nested deeper than 32 levels"),
+    ("override_alias", ["stages.*.lr=[&a 1, *a]"], "alias *a: a config may not use aliases"),
+    ("override_duplicate_key", ["defaults={{lr: 1.0e-3, lr: 2.0e-3}}"], "duplicate key 'lr' (also on line 1)"),
+    ("override_deep_key", [".".join(["a"] * 5000) + "=1"], "5000 dotted parts, at most 32"),
 ] + [case for case, absent in [
     (("optimizer_8bit_without_bitsandbytes", ["optimizer=adamw_8bit"], "optimizer: 'adamw_8bit' needs bitsandbytes"),
      importlib.util.find_spec("bitsandbytes") is None),
@@ -201,7 +223,9 @@ TRAIN_OTHER = [  # (id, whole argument list, part of the error)
     ("dropout_on_unconditional_data", ["train", "--config", "{uncond}", "--out", "{tmp}/u2",
                                        "stages.*.cond_dropout=0.1"], "stages.0.cond_dropout: condition dropout needs"),
 ] + [(f"yaml_{name}", ["train", "--config", f"{{yaml_{name}}}"], "YAML syntax error" if name not in (
-    "a_list", "a_string") else "a config must be a YAML mapping") for name in YAML_FILES]
+    "a_list", "a_string") else "a config must be a YAML mapping") for name in YAML_FILES] + [
+    (f"yaml_{name}", ["train", "--config", f"{{yaml_{name}}}"], expected)
+    for name, (_, expected) in YAML_REFUSED.items()]
 
 DEMO = [
     ("demo_steps_zero", ["--steps", "0"], "--steps: must be at least 1"),
@@ -355,7 +379,7 @@ def paths(tmp_path_factory):
     p["prompts"].write_text("a cat\n")
     p["student"].mkdir()
     p["bad_recipe"].write_text(yaml.safe_dump({**tiny_recipe(), "defaults": {"lr": float("inf")}}))
-    for name, text in YAML_FILES.items():
+    for name, text in [*YAML_FILES.items(), *((name, text) for name, (text, _) in YAML_REFUSED.items())]:
         p[f"yaml_{name}"] = root / f"{name}.yaml"
         p[f"yaml_{name}"].write_text(text)
     from engine_toys import make_setup
@@ -407,6 +431,9 @@ def test_the_table_is_large():
 
 @pytest.mark.parametrize("argv, expected", [
     (["train", "--config", "{yaml_unclosed_flow}"], "YAML syntax error"),
+    (["train", "--config", "{yaml_duplicate_seed}"], "duplicate key 'seed'"),
+    (["train", "--config", "{yaml_billion_laughs}"], "a config may not use aliases"),
+    (["train", "--config", "{cfg}", "--out", ""], "--out: an empty path"),
     (["demo", "--steps", "0"], "--steps: must be at least 1"),
     (["sample", "--model", "{tmp}/nope", "--prompt", "a"], "does not exist"),
 ])

@@ -12,7 +12,7 @@ import sys
 import yaml
 
 from ..training.recipes import PRESETS, Recipe, RecipeError, describe_keys, read_config
-from . import one_line, writable_dir
+from . import UsageError, one_line, writable_dir
 
 USAGE_NOTES = """\
 config: a YAML file holding a recipe and a `setup:` section naming what to distill, e.g.
@@ -73,6 +73,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from .named_setups import check_setup_spec
 
+    check_paths_given(args)
     try:
         raw = read_config(args.config, args.overrides)
         setup_spec = raw.pop("setup", None)
@@ -96,6 +97,16 @@ def run(args: argparse.Namespace) -> int:
     out = writable_dir(args.out or f"runs/{recipe.name}", create=True)
     with _writer_lock(out):  # before the folder's checks: another run may be writing there (exit 2)
         return _train(args, recipe, setup_spec, out)
+
+
+def check_paths_given(args: argparse.Namespace) -> None:
+    """An empty ``--out`` or ``--resume-from`` is a UsageError (it would mean the current folder, or a fresh
+    start): give a path, or leave the option out."""
+    if args.out is not None and not args.out.strip():
+        raise UsageError("--out: an empty path; give a folder, or leave --out out for runs/NAME (the recipe's name)")
+    if args.resume_from is not None and not args.resume_from.strip():
+        raise UsageError("--resume-from: an empty checkpoint name; give one (step-00000500, a global step such as "
+                         "500, or its folder), or use --resume for the newest")
 
 
 def _writer_lock(out):

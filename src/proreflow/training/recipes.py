@@ -324,17 +324,80 @@ def read_config(source: str | Path | dict, overrides: typing.Iterable[str] = ())
     return raw
 
 
+MAX_YAML_DEPTH = 32
+"""The deepest nesting of mappings and lists a config file or override value may have (a recipe needs 4)."""
+MAX_KEY_PARTS = 32
+"""The most dotted parts an override's key may have."""
+
+
+class ConfigYAMLError(yaml.MarkedYAMLError):
+    """YAML that parses but a config may not hold: a duplicate key, an alias, too deep a nesting."""
+
+
+class ConfigLoader(yaml.SafeLoader):
+    """The YAML loader of config files and override values: ``yaml.SafeLoader`` (no Python objects) that
+    also refuses what reads one way and means another, or costs without bound:
+
+    - a key twice in one mapping (YAML keeps the last, silently): a ConfigYAMLError naming the key;
+    - aliases (``*name``, ``<<: *name``): one alias may stand for a structure built from others, many
+      times over (the billion-laughs attack: memory and time in the loader and in every message that
+      prints the value); a config writes its values out;
+    - nesting deeper than :data:`MAX_YAML_DEPTH` (else a RecursionError).
+    """
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            if event.anchor in self.anchors:  # an undefined one stays the parser's syntax error
+                raise ConfigYAMLError(None, None, f"alias *{event.anchor}: a config may not use aliases (anchors "
+                                      "repeated with *name); write the value out", event.start_mark)
+            return super().compose_node(parent, index)
+        self._depth += 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                raise ConfigYAMLError(None, None, f"nested deeper than {MAX_YAML_DEPTH} levels; a config is a few "
+                                      "levels of mappings and lists", self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen = {}  # key -> its line (0-based)
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    if key in seen:
+                        raise ConfigYAMLError(None, None, f"duplicate key {key!r} (also on line {seen[key] + 1}); "
+                                              "a key may appear once in a mapping", key_node.start_mark)
+                    seen[key] = key_node.start_mark.line
+                except TypeError:  # an unhashable key: SafeLoader's own error follows
+                    continue
+        return super().construct_mapping(node, deep)
+
+
+def load_yaml(text: str) -> Any:
+    """YAML text read by :class:`ConfigLoader` (the one reader of config files and override values)."""
+    return yaml.load(text, Loader=ConfigLoader)  # noqa: S506 (a SafeLoader)
+
+
 def _read_yaml(path: Path) -> Any:
-    """A YAML file's content; unreadable files and syntax errors (with line and column) are RecipeErrors."""
+    """A YAML file's content; unreadable files and syntax errors (with line and column) are RecipeErrors,
+    as is what :class:`ConfigLoader` refuses (naming the file, line and key)."""
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
+        return load_yaml(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError) as err:
         raise RecipeError(f"{path}: cannot read the file ({err})") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
         what = " ".join(str(getattr(err, "problem", None) or err).split())
-        raise RecipeError(f"{where}: YAML syntax error: {what}") from None
+        kind = "" if isinstance(err, ConfigYAMLError) else "YAML syntax error: "
+        raise RecipeError(f"{where}: {kind}{what}") from None
 
 
 def apply_override(raw: dict[str, Any], item: str) -> None:
@@ -342,12 +405,17 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
     key, sep, text = item.partition("=")
     if not sep or not key:
         raise RecipeError(f"override {item!r} is not key=value (e.g. seed=3 or stages.0.lr=1e-4)")
+    parts = key.split(".")
+    if len(parts) > MAX_KEY_PARTS:
+        raise RecipeError(f"override {key[:60]}...: {len(parts)} dotted parts, at most {MAX_KEY_PARTS}; a config "
+                          "key is a few levels deep (e.g. stages.0.lr)")
     try:
-        value = yaml.safe_load(text) if text else None
+        value = load_yaml(text) if text else None
     except yaml.YAMLError as err:
         what = " ".join(str(getattr(err, "problem", None) or err).split())
-        raise RecipeError(f"override {key}: cannot read {text!r} as a YAML value ({what})") from None
-    _set_path(raw, key.split("."), value, key)
+        shown = text if len(text) <= 60 else text[:57] + "..."
+        raise RecipeError(f"override {key}: cannot read {shown!r} as a YAML value ({what})") from None
+    _set_path(raw, parts, value, key)
 
 
 def _set_path(node: Any, parts: list[str], value: Any, key: str) -> None:
