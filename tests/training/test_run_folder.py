@@ -124,3 +124,11 @@ def test_temporary_names_hold_the_writers_pid(tmp_path, monkeypatch):
     train(tiny_recipe(checkpoint_every=4), make_setup(), tmp_path / "run", progress=False)
     assert moved and all(re.fullmatch(rf"\.(step-\d{{8}}|stage-\d-\dw)\.tmp-{os.getpid()}", name) for name in moved)
     assert {name.split(".")[1][:5] for name in moved} == {"step-", "stage"}
+
+
+def test_every_run_logs_its_world_size_at_the_start(tmp_path):
+    train(tiny_recipe(), make_setup(), tmp_path, progress=False)
+    train(tiny_recipe(), make_setup(), tmp_path, resume=True, progress=False)
+    starts = [line for line in (tmp_path / "train.log").read_text().splitlines() if "world size" in line]
+    assert len(starts) == 2 and all(f"run tiny in {tmp_path}: world size 1 (processes), device cpu" in line
+                                    for line in starts)

@@ -293,6 +293,8 @@ class _Run:
         check_dataset(self.setup.dataset)
         check_setup_fits(recipe, self.setup, acc.num_processes)
         self.reporter.open(recipe.name, recipe.to_dict(), recipe.report_to)
+        self.reporter.say(f"run {recipe.name} in {self.out}: world size {acc.num_processes} (processes), "
+                          f"device {acc.device.type}, mixed precision {recipe.mixed_precision}")
         self._remove_temporaries()
         self.tag = self._main_pid()
         if fsdp_left_unused(acc):
