@@ -116,3 +116,12 @@ def test_a_second_signal_stops_at_once_without_a_traceback(tmp_path):
     assert err[0].startswith("proreflow: SIGTERM again: stopped at once without a checkpoint"), err[0]
     assert (out / "checkpoints" / "latest").read_text().strip() == "step-00000001"  # step 2 was not saved
     assert not list(out.rglob(".*.tmp*"))
+
+
+def test_the_resume_command_keeps_the_trust_flag():
+    from proreflow.cli import build_parser
+    from proreflow.commands.train import _resume_command
+
+    args = build_parser(load="train").parse_args(["train", "--config", "c.yaml", "--trust-setup-code", "seed=3"])
+    assert _resume_command(args, "out") == ("proreflow train --config c.yaml --out out --resume --trust-setup-code "
+                                            "seed=3")
