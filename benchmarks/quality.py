@@ -220,8 +220,7 @@ def method_recipe(name: str, total_steps: int, guidance: float, seed: int, lr: f
 def student_rows(result, evalset, method: str) -> list[dict]:
     rows = []
     for n in STUDENT_STEPS:
-        # fewer steps than windows: the epsilon student jumps window ends like DDIM (TimeWindows(n))
-        windows = result.windows if n >= result.windows.count else TimeWindows(n)
+        windows = result.windows.for_steps(n)
         m = evaluate_sampler(evalset, result.student, windows, n, result.guidance)
         m.pop("samples")
         rows.append({"method": method, "steps": n, **m})

@@ -64,6 +64,12 @@ class TimeWindows:
             raise ValueError(f"cannot merge {self.count} windows pairwise: the count must be even")
         return TimeWindows(self.count // 2)
 
+    def for_steps(self, steps: int) -> TimeWindows:
+        """The windows a sampler with ``steps`` steps walks: these, or ``TimeWindows(steps)`` for fewer steps
+        than windows; a step then spans whole windows, and a student's output is read as the velocity to the
+        step's end (an epsilon student jumps like DDIM with ``steps`` steps)."""
+        return self if steps >= self.count else TimeWindows(steps)
+
     def steps_per_window(self, steps: int) -> list[int]:
         """Spread ``steps`` sampler steps evenly over the windows (earlier windows take the rest)."""
         if steps < self.count:

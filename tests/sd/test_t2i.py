@@ -130,12 +130,15 @@ def test_pipelines_teacher_ddim_vs_exported_student(teacher_dir, student_dir, fe
     teacher = ddim_sampler(teacher_pipe, 4, 3.0)
     students = [pipeline_sampler(student_pipe, n, 3.0, f"student {n}-step") for n in (1, 2)]
     students.append(ddim_sampler(teacher_pipe, 4, 3.0, name="teacher again"))
+    students.append(ddim_sampler(student_pipe, 1, 3.0, name="student DDIM-1"))
     prompts = ["a cat", "a dog", "a red cat", "two dogs", "a cat on a mat"]
     clip = ClipScorer.load(clip_dir)
     ev = evaluate(teacher, students, prompts, shape, seed=1, batch_size=2, fid=FID(feature_file), clip=clip,
                   sample_count=3, progress=False)
     r = {x.name: x for x in ev.results}
-    assert "cannot cover 2 windows" in r["student 1-step"].skipped  # a 2-window student needs >= 2 steps
+    # one step across the student's 2 windows is the student's own DDIM-1 (TimeWindows.for_steps)
+    assert r["student 1-step"].skipped is None
+    assert torch.equal(ev.samples["student 1-step"], ev.samples["student DDIM-1"])
     assert r["teacher again"].rmse_to_teacher == 0 and abs(r["teacher again"].fid_to_teacher) < 1e-6
     assert r["student 2-step"].rmse_to_teacher > 0 and r["student 2-step"].fid_to_teacher > 0
     for name in ("teacher DDIM-4", "student 2-step"):

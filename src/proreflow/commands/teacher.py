@@ -3,6 +3,7 @@
     proreflow teacher --data digits                 # trains once, then reuses the cache
     proreflow teacher --data digits --teacher flow --eval
     proreflow teacher --data mnist --steps 4000 --force --eval
+    proreflow teacher --data mnist-t2i --eval      # the text-to-image teacher: a Stable Diffusion pipeline folder
 """
 
 from __future__ import annotations
@@ -12,10 +13,13 @@ import argparse
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ..builtin import DATASETS
+    from ..builtin.t2i import NAME as T2I
     from ..builtin.teacher import TEACHER_KINDS
     from . import bounded_int, finite_float
 
-    parser.add_argument("--data", required=True, choices=sorted(DATASETS), help="built-in dataset")
+    parser.add_argument("--data", required=True, choices=sorted([*DATASETS, T2I]),
+                        help=f"built-in dataset; {T2I}: the text-to-image teacher, a StableDiffusionPipeline folder "
+                             "trained on MNIST with captions, and its data folders (proreflow.builtin.t2i)")
     parser.add_argument("--teacher", choices=TEACHER_KINDS, default="ddpm",
                         help="ddpm (epsilon prediction, default) or flow (flow matching: predicts eps - x0 on "
                              "x = (1 - sigma) x0 + sigma eps, sampled by Euler)")
@@ -59,6 +63,8 @@ def run(args: argparse.Namespace) -> int:
         writable_dir(args.cache_dir, "--cache-dir")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.data == "mnist-t2i":
+        return _text_to_image(args)
     teacher = load_or_train_teacher(args.data, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                                     seed=args.seed, teacher=args.teacher, cache_dir=args.cache_dir,
                                     force=args.force, device=args.device, progress=not args.quiet)
@@ -75,3 +81,46 @@ def run(args: argparse.Namespace) -> int:
         print(f"{SAMPLER_NAMES[args.teacher]}-32, guidance {guidance:g}, {n} samples: "
               + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     return 0
+
+
+def _text_to_image(args: argparse.Namespace) -> int:
+    """``--data mnist-t2i``: train (or reuse) the text-to-image teacher; with --eval, its DDIM-32 on the held-out
+    captions (FD in the MNIST classifier's features and prompt accuracy)."""
+    from ..builtin.t2i import load_or_train_t2i_teacher
+
+    if args.teacher != "ddpm" or args.device != "cpu" or args.batch_size or args.lr:
+        raise ValueError("--data mnist-t2i takes --steps, --seed, --cache-dir, --force, --eval, --guidance and "
+                         "--samples (its teacher is an epsilon Stable Diffusion pipeline trained on the CPU)")
+    teacher = load_or_train_t2i_teacher(cache_dir=args.cache_dir, force=args.force, progress=not args.quiet,
+                                        steps=args.steps, seed=args.seed)
+    how = f"trained in {teacher.stats['train_seconds']:.0f} s" if teacher.trained else "reused from the cache"
+    print(f"teacher mnist-t2i: StableDiffusionPipeline folder {teacher.pipeline} ({how}); data: "
+          + ", ".join(f"{k} {v}" for k, v in teacher.data.items()))
+    if args.eval:
+        rows = evaluate_t2i_teacher(teacher, [32], args.guidance, args.samples or 1000, args.cache_dir,
+                                    progress=not args.quiet)
+        for row in rows:
+            print(f"{row.name}, guidance {args.guidance:g}, {row.images} held-out prompts: FD {row.fd:.4f}, "
+                  f"accuracy {row.accuracy:.4f}")
+    return 0
+
+
+def evaluate_t2i_teacher(teacher, steps: list[int], guidance: float, samples: int, cache_dir=None,
+                         progress: bool = True):
+    """The teacher's DDIM-n (``n`` in ``steps``) on the first ``samples`` held-out captions: eval rows."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    from ..builtin.t2i import DigitJudge
+    from ..sd.coco import load_image_folder
+    from ..sd.fid import load_reference_image
+    from ..sd.t2i import ddim_sampler, evaluate
+
+    prompt_set = load_image_folder(teacher.data["heldout"], samples)
+    judge = DigitJudge(cache_dir, progress).set_reference(
+        torch.stack([load_reference_image(p, None) for p in prompt_set.image_paths]))
+    pipe = StableDiffusionPipeline.from_pretrained(teacher.pipeline)
+    methods = [ddim_sampler(pipe, n, guidance) for n in steps]
+    evaluation = evaluate(methods[0], methods[1:], prompt_set.prompts, (4, 8, 8), batch_size=100, judge=judge,
+                          labels=prompt_set.labels, progress=progress)
+    return evaluation.results

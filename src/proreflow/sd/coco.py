@@ -9,6 +9,10 @@ Protocols (one caption per image, both chosen from the seed):
 - ``coco2017-5k``: all 5,000 images of val2017, one random caption each.
 - ``custom``: ``num`` random images (default: all) of any annotation file.
 
+An image-caption folder with a ``metadata.jsonl`` (:func:`load_image_folder`, the training data's
+format) is a prompt set too: its captions in file order, its images the FID reference, and an
+optional integer ``label`` column, the class each caption names (prompt accuracy of a classifier).
+
 "Random" is a hash of ``(seed, image id)``, so a selection never depends on the Python or
 NumPy version. ``num`` with a named protocol takes the first ``num`` of its selection (a quick
 look, not the paper's protocol; the result records it).
@@ -33,6 +37,8 @@ class PromptSet:
     prompts: list[str]
     image_paths: list[Path] | None
     source: str
+    labels: list[int] | None = None
+    """The class each prompt names (an image folder's ``label`` column), for a classifier's accuracy."""
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -40,8 +46,10 @@ class PromptSet:
     def to_json(self) -> list[dict]:
         """One record per prompt (and image), in generation order."""
         paths = self.image_paths or [None] * len(self.prompts)
-        return [{"index": i, "prompt": p, "image": None if f is None else str(f)}
-                for i, (p, f) in enumerate(zip(self.prompts, paths))]
+        labels = self.labels or [None] * len(self.prompts)
+        return [{"index": i, "prompt": p, "image": None if f is None else str(f),
+                 **({} if c is None else {"label": c})}
+                for i, (p, f, c) in enumerate(zip(self.prompts, paths, labels))]
 
 
 def _hash(*parts) -> int:
@@ -119,3 +127,37 @@ def load_prompt_file(path: str | Path, num: int | None = None) -> PromptSet:
         raise ValueError(f"prompt file {path} holds no prompts (one prompt per line)")
     return PromptSet(prompts[:num], None, f"prompts from {path.name}")
 
+
+
+def load_image_folder(folder: str | Path, num: int | None = None) -> PromptSet:
+    """Captions, images and (where every row has one) ``label`` of an image folder's ``metadata.jsonl``,
+    in file order; ``num`` keeps the first ``num``."""
+    from .captions import read_json_lines
+
+    folder = Path(folder)
+    metadata = folder / "metadata.jsonl"
+    if not metadata.is_file():
+        raise FileNotFoundError(f"{folder} has no metadata.jsonl: an evaluation folder needs one line "
+                                '{"file_name": ..., "text": ...} per image (optionally "label")')
+    left_out: dict[str, str] = {}
+    numbered = read_json_lines(metadata, left_out, warn=False)
+    if left_out:
+        where, why = next(iter(left_out.items()))
+        raise ValueError(f"{where}: {why}; fix or remove the line")
+    bad = next((n for n, row in numbered if "file_name" not in row or "text" not in row), None)
+    if bad is not None:
+        raise ValueError(f"{metadata}:{bad}: each line needs 'file_name' and 'text'")
+    rows = [row for _, row in numbered]
+    rows = rows[:num]
+    if not rows:
+        raise ValueError(f"{metadata} holds no images")
+    paths = [folder / str(row["file_name"]) for row in rows]
+    missing = next((p for p in paths if not p.is_file()), None)
+    if missing is not None:
+        raise FileNotFoundError(f"{missing} (named in {metadata}) does not exist")
+    labels = None
+    if all("label" in row for row in rows):
+        if not all(isinstance(row["label"], int) and not isinstance(row["label"], bool) for row in rows):
+            raise ValueError(f"{metadata}: every 'label' must be an integer class")
+        labels = [row["label"] for row in rows]
+    return PromptSet([str(row["text"]) for row in rows], paths, f"image folder {folder.name}", labels)

@@ -1,8 +1,9 @@
 """``ProReflowScheduler``: sample a ProReflow student inside diffusers pipelines.
 
-``set_timesteps(n)`` lays the sampler grid ``TimeWindows(num_windows).time_grid(n)``: one
-``(t, t_next, t_window_end)`` per step, t = 1 noise -> t = 0 data, ``n >= num_windows`` steps
-spread evenly over the windows. The pipeline feeds the UNet ``timesteps = max(t * T - 1, 0)``
+``set_timesteps(n)`` lays the sampler grid ``TimeWindows(num_windows).for_steps(n).time_grid(n)``:
+one ``(t, t_next, t_window_end)`` per step, t = 1 noise -> t = 0 data, ``n >= num_windows`` steps
+spread evenly over the windows, fewer steps each spanning whole windows
+(:meth:`~proreflow.windows.TimeWindows.for_steps`). The pipeline feeds the UNet ``timesteps = max(t * T - 1, 0)``
 (the VP timestep convention of :mod:`proreflow.schedules`, the same value a
 :class:`proreflow.Denoiser` passes). ``step`` turns the UNet output into the velocity of the
 straight segment towards the window's end with :func:`proreflow.parametrize.output_to_velocity`
@@ -47,7 +48,7 @@ TRAILING_DDIM_LINE = ("pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler
 
 PROREFLOW_LINE = "pipe.scheduler = ProReflowScheduler.from_config(pipe.scheduler.config, num_windows={windows})"
 """The opt-in line (``from proreflow.sd import ProReflowScheduler``): our exact sampler, any
-number of steps >= windows. Format with ``windows=``."""
+number of steps. Format with ``windows=``."""
 
 
 def explicit_config(config) -> dict:
@@ -107,8 +108,9 @@ class ProReflowScheduler(SchedulerMixin, ConfigMixin):
         self._grid: Tensor | None = None  # (n, 3) float64 rows (t, t_next, t_window_end)
 
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
-        """Lay the grid for ``num_inference_steps`` (>= ``num_windows``) steps."""
-        self._grid = torch.tensor(self.windows.time_grid(num_inference_steps), dtype=torch.float64)
+        """Lay the grid for ``num_inference_steps`` steps (module doc)."""
+        grid = self.windows.for_steps(num_inference_steps).time_grid(num_inference_steps)
+        self._grid = torch.tensor(grid, dtype=torch.float64)
         self.num_inference_steps = num_inference_steps
         self.timesteps = self.schedule.timestep(self._grid[:, 0].to(torch.float32)).to(device)
 

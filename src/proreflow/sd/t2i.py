@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from ..conditioning import Cond
 from ..evaluation.fidelity import fidelity
+from ..evaluation.frechet import frechet_distance
 from ..sampling import sample
 from ..teachers import Denoiser
 from ..windows import TimeWindows
@@ -40,6 +41,18 @@ from .grids import save_grids
 from .pipeline import SDTeacher
 
 Generate = Callable[[Tensor, Sequence[Any]], Tensor]
+
+
+class Judge(Protocol):
+    """A classifier of generated images (uint8 N x 3 x H x W): its features, for a Fréchet distance against
+    ``reference`` (the real images' features), and its predicted class, for prompt accuracy."""
+
+    name: str
+    reference: Tensor
+
+    def features(self, images: Tensor) -> Tensor: ...
+
+    def predict(self, images: Tensor) -> Tensor: ...
 PSNR_CAP = 100.0  # dB, for identical images
 
 
@@ -102,6 +115,17 @@ def ddim_sampler(pipe, steps: int, guidance: float, name: str | None = None,
     return pipeline_sampler(ddim, steps, guidance, name or f"teacher DDIM-{steps}", resolution)
 
 
+def dpm_solver_sampler(pipe, steps: int, guidance: float, name: str | None = None,
+                       resolution: int | None = None) -> PromptSampler:
+    """The teacher with diffusers' ``DPMSolverMultistepScheduler`` at its defaults (DPM-Solver++(2M)),
+    built from the pipeline's scheduler config: the few-step solver users reach for first."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    solver = type(pipe).from_pipe(pipe, scheduler=DPMSolverMultistepScheduler.from_config(pipe.scheduler.config))
+    solver.set_progress_bar_config(disable=True)
+    return pipeline_sampler(solver, steps, guidance, name or f"teacher DPM-Solver++ {steps}", resolution)
+
+
 # --- built-in denoisers ----------------------------------------------------------------------------
 
 
@@ -140,6 +164,8 @@ class MethodResult:
     seconds_per_image: float | None = None
     fid: float | None = None
     clip_score: float | None = None
+    fd: float | None = None
+    accuracy: float | None = None
     fid_to_teacher: float | None = None
     rmse_to_teacher: float | None = None
     psnr_to_teacher: float | None = None
@@ -171,13 +197,17 @@ def _run(sampler: PromptSampler, noise: Tensor, prompts: Sequence[Any]) -> tuple
 def evaluate(teacher: PromptSampler, students: Sequence[PromptSampler], prompts: Sequence[Any],
              noise_shape: Sequence[int], *,
              seed: int = 0, batch_size: int = 16, fid: FID | None = None, reference: FIDStats | None = None,
-             clip: ClipScorer | None = None, sample_count: int = 8, progress: bool = True) -> Evaluation:
+             clip: ClipScorer | None = None, judge: Judge | None = None, labels: Sequence[int] | None = None,
+             sample_count: int = 8, progress: bool = True) -> Evaluation:
     """Generate every prompt with every method from the same noise and score the outputs.
 
     teacher: the reference method (e.g. :func:`ddim_sampler` at 32 steps); students: the others.
     prompts: what ``generate`` receives (captions; class labels for built-in data). CLIP score
         needs ``clip`` and string prompts. fid: FID network, for FID against ``reference``
-        statistics (if given) and FID to the teacher. sample_count: samples kept for grids.
+        statistics (if given) and FID to the teacher. judge: a classifier (:class:`Judge`): ``fd``, the
+        Fréchet distance of its features to ``judge.reference``, and, with ``labels`` (the class each
+        prompt names), ``accuracy``, the share of images classified as their prompt's class.
+        sample_count: samples kept for grids.
 
     Each method is first tried on one prompt (this also warms it up, so timings exclude set-up);
     a student that rejects its step count with a ``ValueError`` is reported as skipped.
@@ -187,8 +217,10 @@ def evaluate(teacher: PromptSampler, students: Sequence[PromptSampler], prompts:
     names = [teacher.name, *(s.name for s in students)]
     if len(set(names)) != len(names):
         raise ValueError(f"method names must be unique, got {names}")
-    if fid is not None and len(prompts) < 2:
+    if (fid is not None or judge is not None) and len(prompts) < 2:
         raise ValueError("FID needs at least 2 prompts")
+    if labels is not None and len(labels) != len(prompts):
+        raise ValueError(f"{len(labels)} labels for {len(prompts)} prompts")
     notes: list[str] = []
     methods, results = [teacher], {teacher.name: MethodResult(teacher.name, teacher.steps)}
     first = prompt_noise(seed, [0], noise_shape)
@@ -203,7 +235,8 @@ def evaluate(teacher: PromptSampler, students: Sequence[PromptSampler], prompts:
             notes.append(f"{student.name} skipped: {err}")
     use_clip = clip is not None and all(isinstance(p, str) for p in prompts)
     accumulators = {m.name: fid.accumulator() for m in methods} if fid is not None else {}
-    sums = {m.name: {"clip": 0.0, "rmse": 0.0, "psnr": 0.0, "seconds": 0.0} for m in methods}
+    sums = {m.name: {"clip": 0.0, "rmse": 0.0, "psnr": 0.0, "seconds": 0.0, "correct": 0.0} for m in methods}
+    judged: dict[str, list[Tensor]] = {m.name: [] for m in methods}
     samples: dict[str, list[Tensor]] = {m.name: [] for m in methods}
     with tqdm(total=len(prompts), desc="evaluate", unit="prompt", disable=not progress) as bar:
         for start in range(0, len(prompts), batch_size):
@@ -225,6 +258,11 @@ def evaluate(teacher: PromptSampler, students: Sequence[PromptSampler], prompts:
                     acc["clip"] += float(clip.score_embeddings(clip.encode_images(images), text).sum())
                 if fid is not None:
                     accumulators[method.name].update(images)
+                if judge is not None:
+                    judged[method.name].append(judge.features(images))
+                    if labels is not None:
+                        truth = torch.as_tensor([labels[i] for i in indices])
+                        acc["correct"] += float((judge.predict(images).cpu() == truth).sum())
                 if start < sample_count:
                     samples[method.name].append(images[: sample_count - start])
             bar.update(len(indices))
@@ -236,6 +274,9 @@ def evaluate(teacher: PromptSampler, students: Sequence[PromptSampler], prompts:
         r.clip_score = acc["clip"] / n if use_clip else None
         if method is not teacher:
             r.rmse_to_teacher, r.psnr_to_teacher = acc["rmse"] / n, acc["psnr"] / n
+        if judge is not None:
+            r.fd = frechet_distance(torch.cat(judged[method.name]), judge.reference)
+            r.accuracy = acc["correct"] / n if labels is not None else None
         if fid is not None:
             r.fid = fid.distance(reference, stats[method.name]) if reference is not None else None
             r.fid_to_teacher = fid.distance(stats[teacher.name], stats[method.name]) if method is not teacher else None
@@ -254,7 +295,8 @@ def evaluate(teacher: PromptSampler, students: Sequence[PromptSampler], prompts:
 
 # --- reports ---------------------------------------------------------------------------------------
 
-COLUMNS = [("method", "name"), ("steps", "steps"), ("FID ↓", "fid"), ("CLIP ↑", "clip_score"),
+COLUMNS = [("method", "name"), ("steps", "steps"), ("FID ↓", "fid"), ("CLIP ↑", "clip_score"), ("FD ↓", "fd"),
+           ("accuracy ↑", "accuracy"),
            ("FID to teacher ↓", "fid_to_teacher"), ("RMSE to teacher ↓", "rmse_to_teacher"),
            ("PSNR to teacher (dB) ↑", "psnr_to_teacher"), ("s / image", "seconds_per_image")]
 
@@ -271,12 +313,14 @@ def results_markdown(evaluation: Evaluation, settings: dict[str, Any]) -> str:
     """The results as a markdown table, with the settings and notes."""
     lines = ["# proreflow eval", ""]
     lines += [f"- {key}: {value}" for key, value in settings.items()]
-    lines += ["", "| " + " | ".join(title for title, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    shown = [(title, key) for title, key in COLUMNS if key in ("name", "steps")
+             or any(getattr(r, key) is not None for r in evaluation.results)]  # no column of dashes only
+    lines += ["", "| " + " | ".join(title for title, _ in shown) + " |", "|" + "---|" * len(shown)]
     for r in evaluation.results:
         if r.skipped is None:
-            lines.append("| " + " | ".join(_cell(getattr(r, key)) for _, key in COLUMNS) + " |")
+            lines.append("| " + " | ".join(_cell(getattr(r, key)) for _, key in shown) + " |")
         else:
-            lines.append(f"| {r.name} | {r.steps} | skipped: {r.skipped} |" + " |" * (len(COLUMNS) - 3))
+            lines.append(f"| {r.name} | {r.steps} | skipped: {r.skipped} |" + " |" * (len(shown) - 3))
     lines += [""] + [f"Note: {note}" for note in evaluation.notes]
     return "\n".join(lines) + "\n"
 

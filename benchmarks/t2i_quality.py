@@ -1,0 +1,202 @@
+"""Text-to-image quality benchmark: the Stable Diffusion path on the built-in mnist-t2i teacher.
+
+Every method is a set of overrides of ``configs/mnist-t2i.yaml`` (ProReflow-II, cfg_sync, 1,200 optimiser
+steps), trained, exported and evaluated exactly as a user runs them (``proreflow train``, ``proreflow
+export``, ``proreflow eval`` in subprocesses), at equal optimiser steps:
+
+- ``ProReflow-II``: the config as it is (full student);
+- ``ProReflow-II LoRA``: the same with ``setup.lora_rank`` (LoRA on the UNet's attention projections);
+- ``ProReflow-II baked``: guidance 4 baked into the targets (``guidance_mode: baked``), sampled at 1;
+- ``PeRFlow``: one stage of 4 windows, 8 solver steps per window, plain MSE (``alpha 0``, no window
+  weighting, no start share), PeRFlow's public recipe;
+- ``2-Rectified Flow``: one window, 32 solver steps, plain MSE.
+
+Each run is evaluated on the held-out captions (templates never seen in training) against the teacher's
+DDIM-32 with the built-in MNIST classifier (FD in its features against the held-out real images, and the
+accuracy of the digit each caption names); the teacher's DDIM-32 / 8 / 4 / 2 / 1 and DPM-Solver++ 4 are
+evaluated once per seed (the seed of the evaluation noise). ``--fid-methods`` adds Inception FID rows
+(slow on a CPU). Rows go to ``--out`` (a JSON run file) and, with ``--merge``, replace the ``mnist-t2i``
+rows of ``docs/results.json``.
+
+    python benchmarks/t2i_quality.py --seeds 0 1 2 --jobs 2 --work /tmp/t2i --out docs/research/runs/t2i.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs" / "mnist-t2i.yaml"
+PLAIN_MSE = ["defaults.alpha=0", "defaults.loss_weighting=none", "defaults.start_share=0"]
+METHODS: dict[str, list[str]] = {
+    "ProReflow-II": [],
+    "ProReflow-II LoRA": ["setup.lora_rank=16"],
+    "ProReflow-II baked": ["defaults.guidance_mode=baked"],
+    "PeRFlow": [*PLAIN_MSE, "stages=[{windows: 4, steps: 1200, solver_steps: 8}]"],
+    "2-Rectified Flow": [*PLAIN_MSE, "stages=[{windows: 1, steps: 1200, solver_steps: 32}]"],
+}
+"""Method -> overrides of configs/mnist-t2i.yaml (module doc)."""
+STUDENT_STEPS = "4,2,1"
+DATA = "mnist-t2i"
+
+
+def proreflow(*words: str, log: Path) -> None:
+    """``proreflow WORDS`` in a subprocess on one CPU thread, its output in ``log``; raises on failure."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    with open(log, "a") as out:
+        out.write(f"$ proreflow {' '.join(words)}\n")
+        out.flush()
+        done = subprocess.run([sys.executable, "-m", "proreflow.cli", *words], stdout=out, stderr=subprocess.STDOUT,
+                              env=env)
+    if done.returncode != 0:
+        raise RuntimeError(f"proreflow {words[0]} failed ({done.returncode}): see {log}")
+
+
+def evaluate(teacher, student: Path | None, seed: int, out: Path, samples: int, log: Path, fid: bool,
+             baselines: bool) -> list[dict]:
+    words = ["eval", "--teacher", str(teacher.pipeline), "--images", str(teacher.data["heldout"]), "--classifier",
+             "mnist", "--num", str(samples), "--teacher-steps", "32", "--batch-size", "100", "--device", "cpu",
+             "--seed", str(seed), "--out", str(out), "--workers", "0", "--fid" if fid else "--no-fid"]
+    words += ["--student", str(student), "--steps", STUDENT_STEPS]
+    if baselines:
+        words += ["--teacher-baselines", "8,4,2,1", "--dpm-solver-steps", "4"]
+    proreflow(*words, log=log)
+    return json.loads((out / "results.json").read_text())["results"]
+
+
+def teacher_evaluations(run: Path) -> int:
+    """Teacher network evaluations of a run, summed over the stage summaries in its train.log."""
+    counts = re.findall(r"(\d+) teacher evaluations", (run / "train.log").read_text())
+    return sum(int(c) for c in counts[-10:]) if counts else 0
+
+
+def one_run(method: str, seed: int, teacher, work: Path, samples: int, fid_methods: set[str]) -> list[dict]:
+    folder = work / f"{re.sub(r'[^A-Za-z0-9]+', '-', method).strip('-')}_s{seed}"
+    folder.mkdir(parents=True, exist_ok=True)
+    log = folder / "commands.log"
+    start = time.perf_counter()
+    proreflow("train", "--config", str(CONFIG), "--out", str(folder / "run"), "--resume", "--no-progress",
+              f"setup.teacher={teacher.pipeline}", f"setup.data={teacher.data['train']}",
+              f"setup.cache_dir={work / 'latents'}", f"seed={seed}", *METHODS[method], log=log)
+    train_seconds = time.perf_counter() - start
+    proreflow("export", "--run", str(folder / "run"), "--out", str(folder / "export"), log=log)
+    results = evaluate(teacher, folder / "export", seed, folder / "eval", samples, log, method in fid_methods,
+                       baselines=False)
+    budget = {"budget": 1200, "teacher_evals": teacher_evaluations(folder / "run"),
+              "train_seconds": round(train_seconds, 1)}
+    return [row(method, seed, r, budget) for r in results if r["name"].startswith("student")]
+
+
+def row(method: str, seed: int, result: dict, budget: dict | None = None) -> dict:
+    return {"data": DATA, "seed": seed, "method": method, "steps": result["steps"], **(budget or {}),
+            "samples": result["images"], "fd": result["fd"], "accuracy": result["accuracy"], "fid": result["fid"],
+            "rmse_to_teacher": result["rmse_to_teacher"], "seconds_per_image": result["seconds_per_image"]}
+
+
+def aggregate(rows: list[dict]) -> list[dict]:
+    """Mean and sample standard deviation over seeds per (method, steps)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["method"], r["steps"]), []).append(r)
+    out = []
+    for (method, steps), rs in groups.items():
+        entry = {"data": DATA, "method": method, "steps": steps, "seeds": sorted(r["seed"] for r in rs)}
+        for key in ("fd", "accuracy", "fid", "teacher_evals"):
+            values = [r[key] for r in rs if r.get(key) is not None]
+            if values:
+                entry[key] = statistics.fmean(values)
+                entry[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        out.append(entry)
+    return out
+
+
+def markdown(aggregated: list[dict]) -> str:
+    lines = ["| method | steps | seeds | FD ↓ | accuracy ↑ | FID ↓ |", "|---|---|---|---|---|---|"]
+    def cell(a: dict, key: str) -> str:
+        return "–" if key not in a else f"{a[key]:.3f} ± {a[key + '_std']:.3f}"
+
+    for a in aggregated:
+        lines.append(f"| {a['method']} | {a['steps']} | {len(a['seeds'])} | {cell(a, 'fd')} | "
+                     f"{cell(a, 'accuracy')} | {cell(a, 'fid')} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--samples", type=int, default=1000, help="held-out captions per evaluation (at most 1000)")
+    parser.add_argument("--fid-methods", nargs="*", default=[], help="methods that also get Inception FID rows "
+                        "(and the teacher when any is given)")
+    parser.add_argument("--jobs", type=int, default=2, help="runs at once (one CPU thread each)")
+    parser.add_argument("--work", type=Path, required=True, help="runs, exports and evaluations")
+    parser.add_argument("--cache-dir", default=None, help="teacher cache (default: $PROREFLOW_CACHE)")
+    parser.add_argument("--out", type=Path, required=True, help="run file (JSON rows)")
+    parser.add_argument("--merge", action="store_true", help="replace the mnist-t2i rows of docs/results.json")
+    args = parser.parse_args(argv)
+
+    sys.path.insert(0, str(ROOT / "src"))
+    from proreflow.builtin.t2i import load_or_train_t2i_teacher
+
+    teacher = load_or_train_t2i_teacher(cache_dir=args.cache_dir)
+    args.work.mkdir(parents=True, exist_ok=True)
+    fid_methods = set(args.fid_methods)
+    jobs = [(m, s) for s in args.seeds for m in args.methods]
+    teacher_as_student(teacher, args.work)
+    rows: list[dict] = []
+    with ThreadPoolExecutor(args.jobs) as pool:
+        teacher_jobs = {s: pool.submit(teacher_rows, teacher, s, args, bool(fid_methods)) for s in args.seeds}
+        futures = {job: pool.submit(one_run, *job, teacher, args.work, args.samples, fid_methods) for job in jobs}
+        for job, future in futures.items():
+            rows += future.result()
+            print(f"done: {job[0]} seed {job[1]}", flush=True)
+        for future in teacher_jobs.values():
+            rows += future.result()
+    aggregated = aggregate(rows)
+    payload = {"argv": sys.argv[1:], "date": time.strftime("%Y-%m-%d"), "machine": os.uname().machine,
+               "cpus": os.cpu_count(), "rows": rows, "aggregate": aggregated}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(payload, indent=1) + "\n")
+    print(markdown(aggregated))
+    if args.merge:
+        results = ROOT / "docs" / "results.json"
+        data = json.loads(results.read_text())
+        data["rows"] = [r for r in data["rows"] if r.get("data") != DATA] + rows
+        data["aggregate"] = [a for a in data.get("aggregate", []) if a.get("data") != DATA] + aggregated
+        results.write_text(json.dumps(data, indent=1) + "\n")
+    return 0
+
+
+def teacher_as_student(teacher, work: Path) -> Path:
+    """The teacher's UNet exported as a 2-window student at guidance 4 (``proreflow eval`` needs a student)."""
+    export = work / "teacher-as-student"
+    if not (export / "model_index.json").is_file():
+        from proreflow.sd.export import export_pipeline
+        from proreflow.sd.pipeline import load_teacher
+
+        sd = load_teacher(teacher.pipeline)
+        export_pipeline(sd.unet, sd, export, num_windows=2, guidance=4.0)
+    return export
+
+
+def teacher_rows(teacher, seed: int, args, fid: bool) -> list[dict]:
+    """The teacher's DDIM-32 / 8 / 4 / 2 / 1 and DPM-Solver++ 4, on the evaluation noise of ``seed``; the
+    student rows of this evaluation (the teacher's UNet as a 2-window student) are dropped."""
+    folder = args.work / f"teacher_s{seed}"
+    folder.mkdir(parents=True, exist_ok=True)
+    results = evaluate(teacher, teacher_as_student(teacher, args.work), seed, folder / "eval", args.samples,
+                       folder / "commands.log", fid, baselines=True)
+    return [row(r["name"], seed, r) for r in results if r["name"].startswith("teacher")]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
