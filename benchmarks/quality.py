@@ -724,7 +724,7 @@ def main(argv: list[str] | None = None) -> int:
             p.error(problem)
     if args.merge:
         runs = [json.loads(path.read_text()) for path in args.merge]
-        # only quality runs (they record their argv) of this --teacher: a glob of docs/benchmark-runs/ holds both
+        # only quality runs (they record their argv) of this --teacher: a glob of docs/research/runs/ holds both
         runs = [run for run in runs if "argv" in run and run_teacher(run["argv"]) == args.teacher]
         args.merged_runs = len(runs)
         rows = [r for run in runs for r in run["rows"]]

@@ -12,8 +12,8 @@ the teacher network (independent of the engine's own counter, which is checked a
 The teacher is the built-in moons architecture with random weights: the counts do not depend on the weights
 (the preset is unguided; a guided evaluation would count 2). Writes a JSON record and prints a Markdown table.
 
-    python3 benchmarks/trajectory_reuse.py [--steps 1000] [--items 50000 2000] [--out docs/benchmark-runs/...]
-    python3 benchmarks/trajectory_reuse.py --table docs/benchmark-runs/trajectory-reuse.json
+    python3 benchmarks/trajectory_reuse.py [--steps 1000] [--items 50000 2000] [--out docs/research/runs/...]
+    python3 benchmarks/trajectory_reuse.py --table docs/research/runs/trajectory-reuse.json
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1000, help="optimiser steps per stage (the preset: 1000)")
     parser.add_argument("--items", type=int, nargs="+", default=[50_000, 2_000],
                         help="dataset items (trajectories) of the cached runs")
-    parser.add_argument("--out", type=Path, default=Path("docs/benchmark-runs/trajectory-reuse.json"))
+    parser.add_argument("--out", type=Path, default=Path("docs/research/runs/trajectory-reuse.json"))
     parser.add_argument("--table", type=Path, help="only print the table of this record (no runs)")
     args = parser.parse_args()
     if args.table is not None:
