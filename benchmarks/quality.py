@@ -12,8 +12,11 @@ teacher network evaluations each method spent are counted and reported. Every sa
 scored on the same noise and conditions (``proreflow.builtin.suite``), and every student's
 last-stage windows are diagnosed (:func:`window_diagnostics`); with ``--swap`` each student is also sampled with
 one window's crossing taken from another method's student, the teacher or the initialisation
-(:func:`window_swaps`: which window sets the metric). Writes ``docs/results.md`` and
-``docs/results.json`` (and ``docs/quality_vs_budget.png``, ``docs/results-windows.png``).
+(:func:`window_swaps`: which window sets the metric). Writes ``docs/results.json`` (and
+``docs/quality_vs_budget.png``, ``docs/results-windows.png``) and its tables to
+``docs/research/quality-tables.md`` (``docs/results.md`` is the hand-written results page that cites
+them); with ``--out DIR`` all of them go to ``DIR`` (the tables as ``DIR/results.md``), or the tables to
+``--tables PATH``.
 
 Cost savers, neither of which changes a number: the evaluation set and the training-free
 anchors are cached per teacher and seed under ``--work/evalsets``; the original teacher's
@@ -49,6 +52,9 @@ from proreflow.training.recipes import load_recipe, split_steps
 from proreflow.windows import TimeWindows
 
 ROOT = Path(__file__).resolve().parents[1]
+TABLES = ROOT / "docs" / "research" / "quality-tables.md"
+"""Where a run with the default ``--out`` (``docs/``) writes its markdown tables: ``docs/results.md`` is the
+results page for users, written by hand from them."""
 
 _BALANCE = ("stages.*.loss_space=velocity", "stages.*.loss_weighting=start_epsilon", "stages.*.start_share=0.5")
 """Round 5's default: velocity MSE with the epsilon space's balance between windows, half at window starts."""
@@ -481,7 +487,9 @@ def aggregate(rows: list[dict]) -> list[dict]:
 
 
 def markdown(agg: list[dict], args, seconds: float) -> str:
-    lines = ["# Quality benchmark", "",
+    lines = ["# Quality benchmark: generated tables", "",
+             "Written by `benchmarks/quality.py`. The results page for users is `docs/results.md`; the study that "
+             "reads these tables is in `docs/research/`.", "",
              f"Command: `python benchmarks/quality.py {' '.join(sys.argv[1:])}`  ",
              f"Machine: {platform.machine()} CPU, {torch.get_num_threads()} threads; torch {torch.__version__}; "
              f"diffusers {diffusers.__version__}; "
@@ -688,10 +696,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--samples", type=int, default=None,
                    help="evaluation samples per sampler (default: 10000 for 2D data, whose distances have a "
                    "finite-sample floor; 1000 for images, 500 with --quick)")
-    p.add_argument("--out", type=Path, default=ROOT / "docs", help="where results.md / .json go (default docs/)")
+    p.add_argument("--out", type=Path, default=ROOT / "docs",
+                   help="where results.json, the plots and (except for docs/) results.md go (default docs/)")
+    p.add_argument("--tables", type=Path, default=None,
+                   help="where the markdown tables go (default OUT/results.md; with the default --out docs/, "
+                        "docs/research/quality-tables.md, since docs/results.md is the results page for users)")
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "quality", help="training runs (default runs/quality)")
     p.add_argument("--merge", nargs="+", type=Path, default=None, metavar="JSON",
-                   help="do not train: re-render results.md from the rows of earlier runs' JSON files")
+                   help="do not train: re-render the tables from the rows of earlier runs' JSON files")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1: the built-in networks are tiny, more threads only contend)")
     p.add_argument("--mlp-width", type=int, default=None,
@@ -751,13 +763,16 @@ def main(argv: list[str] | None = None) -> int:
     stem = "results-quick" if quick else "results"
     (args.out / f"{stem}.json").write_text(json.dumps({"argv": sys.argv[1:], "rows": rows, "aggregate": agg,
                                                        "diagnostics": diag, "swaps": swaps}, indent=1))
-    (args.out / f"{stem}.md").write_text(markdown(agg, args, time.perf_counter() - start) +
-                                         diagnostics_markdown(diag) + swaps_markdown(swaps))
+    tables = args.tables or (TABLES if stem == "results" and args.out.resolve() == (ROOT / "docs").resolve()
+                             else args.out / f"{stem}.md")
+    tables.parent.mkdir(parents=True, exist_ok=True)
+    tables.write_text(markdown(agg, args, time.perf_counter() - start) + diagnostics_markdown(diag) +
+                      swaps_markdown(swaps))
     if args.curve_budgets != [] and agg:
         budget_plot(agg, args.out / "quality_vs_budget.png")
     if diag:
         diagnostics_plot(diag, args.out / f"{stem}-windows.png")
-    log(f"wrote {args.out / (stem + '.md')}")
+    log(f"wrote {tables} and {args.out / (stem + '.json')}")
     return 0
 
 
