@@ -141,7 +141,7 @@ def main() -> None:
              "timesteps. *now*: `proreflow.sample` today; *former*: `proreflow.sample` with `tau = t * (T - 1)`; "
              "*DDIM*: diffusers' `DDIMScheduler` with `timestep_spacing='trailing', set_alpha_to_one=False` (what "
              "exports carry and what `proreflow eval` takes as the teacher). Student quality under both conventions "
-             "and the decision: `docs/results.md`, *Timestep convention (issue 14)*.", "",
+             "and the decision: `docs/research/2026-quality-study.md`, *Timestep convention (issue 14)*.", "",
              "## Exact teacher: data N(0.5, 0.25 I), 4096 x 4 samples, float64", "",
              "| steps | max gap now vs DDIM | max gap former vs DDIM | RMS error vs exact ODE: now | former | DDIM |",
              "|---|---|---|---|---|---|", *gaussian_rows(), "",

@@ -13,7 +13,7 @@ Usage::
 
     python benchmarks/window_starts.py RUN_DIR [--data mnist] [--guidance 2] [--samples 256]
 
-Exploratory (docs/results.md, issue 13): it located the error that ``start_share`` removes.
+Exploratory (docs/research/2026-quality-study.md, issue 13 round 2): it located the error that ``start_share`` removes.
 """
 
 from __future__ import annotations
