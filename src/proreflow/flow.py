@@ -19,9 +19,9 @@ is mapped to sigma in one of two ways (``window_space``), which decides where wi
 - ``"unshifted"``: ``t := s``, ``sigma = shift(t)``; windows are uniform in diffusers' unshifted
   ``s``, i.e. spaced as the teacher's own Euler sampler spaces its steps.
 
-Measured on the built-in flow teachers (``docs/results.md``, "Where windows fall"): ``sigma`` distils
-better on moons at every step count and on digits at 4 and 1 steps (``unshifted`` at shift 3 wins
-digits' 2 steps), so it is the default; those teachers were trained with sigma uniform, and an
+Measured on the built-in flow teachers (``docs/research/2026-quality-study.md``, "Where windows fall"):
+``sigma`` distils better on moons at every step count and on digits at 4 and 1 steps (``unshifted`` at
+shift 3 wins digits' 2 steps), so it is the default; those teachers were trained with sigma uniform, and an
 SD3-class teacher (logit-normal sigma, shift 3) is not measured.
 
 Like DDIM for a VP teacher (:mod:`proreflow.parametrize`), a flow output becomes the velocity of the

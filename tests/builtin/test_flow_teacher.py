@@ -74,7 +74,8 @@ def test_cache_keys_of_ddpm_and_flow_teachers_differ_and_ddpm_keys_are_unchanged
         assert config_hash(ddpm.to_dict()) != config_hash(flow.to_dict())
         assert "teacher" not in ddpm.to_dict() and flow.to_dict()["teacher"] == "flow"
         assert "beta_schedule" not in flow.to_dict() and flow.offset_noise == 0.0
-    # the keys of the DDPM teachers cached (and tabled in docs/research/quality-tables.md) before the teacher kind existed
+    # the keys of the DDPM teachers cached (and tabled in docs/research/quality-tables.md) before the teacher kind
+    # existed
     assert config_hash(teacher_config("digits").to_dict()) == "5b208e12d063"
     assert config_hash(teacher_config("moons").to_dict()) == "09069b502487"
     assert config_hash(teacher_config("mnist").to_dict()) == "1d3ed1148416"

@@ -33,8 +33,8 @@ def test_presets_have_the_published_structure():
     for name, counts in expected.items():
         recipe = load_recipe(name)
         assert recipe.name == name and windows(recipe) == counts
-        # every stage against the original teacher: the quality benchmark (docs/research/2026-quality-study.md, issue 5) found the
-        # previous-student teacher compounds the students' errors
+        # every stage against the original teacher: the quality benchmark (docs/research/2026-quality-study.md,
+        # issue 5) found the previous-student teacher compounds the students' errors
         assert all(s.teacher == "original" for s in recipe.stages)
     assert all(s.alpha == 0 for n in ("reflow", "perflow") for s in load_recipe(n).stages)  # MSE
     assert all(s.alpha > 0 for n in ("proreflow-i", "proreflow-ii") for s in load_recipe(n).stages)

@@ -173,8 +173,8 @@ class Recipe:
         "what the student network outputs: 'teacher' (the teacher's own type, the only choice for a student "
         "copied from the teacher), or with from_scratch: true 'velocity' (the straight segment's velocity), "
         "'epsilon', 'v_prediction' or 'sample' (VP teachers), 'flow_velocity' (flow teachers); 'auto' "
-        "(default): 'velocity' from scratch (docs/results.md: 1-step moons energy 0.063 against epsilon's "
-        "0.233), else 'teacher'", default="auto")
+        "(default): 'velocity' from scratch (measured better: docs/research/2026-quality-study.md, round 3, "
+        "'Student parametrization'), else 'teacher'", default="auto")
     checkpoint_every: int = _doc("write a checkpoint every N optimiser steps of a stage (0: only at "
                                  "stage ends)", default=500)
     keep_checkpoints: int = _doc("checkpoints kept on disk, newest first (0: keep all)", default=2)
@@ -254,11 +254,10 @@ _SHARED = {"lr": 1e-4, "warmup_steps": 100, "batch_size": 64, "ema_decay": 0.999
            "grad_clip": 1.0}
 
 _PROREFLOW = {"alpha": 1.0, "start_share": 0.5, "loss_weighting": "start_epsilon"}
-"""ProReflow presets: aligned direction term, half of each batch at its window's start (docs/results.md,
-3 seeds: 4-step FD on MNIST 4.65 -> 1.45, digits 2.21 -> 1.88, moons energy 0.086 -> 0.062), and the epsilon
-space's balance between windows (round 5, 3 seeds: MNIST 4 / 2 / 1-step FD 1.51 / 7.48 / 41.1 -> 1.23 / 3.15 /
-10.7; digits 4-step 1.88 -> 2.15 and moons 0.052 -> 0.096 are worse). A flow-matching teacher needs
-``loss_weighting: none``."""
+"""ProReflow presets: aligned direction term, half of each batch at its window's start
+(docs/research/2026-quality-study.md, round 2), and the epsilon space's balance between windows (round 5: better on
+MNIST, worse at 4 steps on digits and moons). What they give against the baselines: docs/results.md. A
+flow-matching teacher needs ``loss_weighting: none``."""
 
 PRESETS: dict[str, dict[str, Any]] = {
     "reflow": {
@@ -284,8 +283,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "name": "proreflow-ii",
         "description": "ProReflow-II: 8 -> 4 -> 2 windows, aligned v-prediction loss",
         "defaults": {**_SHARED, **_PROREFLOW},
-        # half the budget in the last stage, whose student is sampled (docs/results.md, 3 seeds at equal
-        # optimiser steps: moons 4-step energy 0.0639 -> 0.0516; MNIST and digits, see there)
+        # half the budget in the last stage, whose student is sampled (docs/research/2026-quality-study.md, round 4)
         "stages": [{"windows": 8, "steps": 750},
                    {"windows": 4, "steps": 750},
                    {"windows": 2, "steps": 1500}],
@@ -294,7 +292,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "name": "proreflow-1step",
         "description": "ProReflow to one step: 8 -> 4 -> 2 -> 1 windows, aligned v-prediction loss",
         "defaults": {**_SHARED, **_PROREFLOW},
-        # half the budget in the last stage, as proreflow-ii (docs/results.md: moons 1-step energy 0.0732 -> 0.0671)
+        # half the budget in the last stage, as proreflow-ii (docs/research/2026-quality-study.md, round 4)
         "stages": [{"windows": 8, "steps": 667},
                    {"windows": 4, "steps": 667},
                    {"windows": 2, "steps": 666},
