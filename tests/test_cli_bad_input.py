@@ -157,7 +157,6 @@ TRAIN = [  # (id, arguments after `train --config CFG`, a part of the one error 
     ("resume_changed_seed", ["--out", "{run}", "--resume", "seed=7"], "seed: the checkpoint"),
     ("resume_other_stages", ["--out", "{run}", "--resume", "stages.0.windows=8", "stages.1.windows=4"],
      "stages.0.windows: the checkpoint"),
-    ("resume_all_damaged", ["--out", "{damaged}", "--resume"], "no complete checkpoint left"),
     ("unknown_option", ["--bogus"], "unrecognized arguments: --bogus"),
     # issue 14, items 6-7: the keys of watching a run and of diffusers' training comforts
     ("lr_schedule_bogus", ["stages.*.lr_schedule=cosine_forever"],
@@ -193,7 +192,6 @@ TRAIN = [  # (id, arguments after `train --config CFG`, a part of the one error 
     ("resume_from_absent", ["--out", "{run}", "--resume-from", "step-00000099"],
      "step-00000099 does not exist; checkpoints in"),
     ("resume_from_elsewhere", ["--out", "{run}", "--resume-from", "{tmp}/step-00000002"], "not a checkpoint of"),
-    ("resume_from_damaged", ["--out", "{damaged}", "--resume-from", "2"], "step-00000002 is damaged (meta.json"),
     # issue 27: empty paths, and override values and keys a config may not hold
     ("out_empty", ["--out", ""], "--out: an empty path; give a folder"),
     ("out_blank", ["--out", "  "], "--out: an empty path; give a folder"),
@@ -423,6 +421,19 @@ def test_bad_input_is_one_line_and_exit_code_2(paths, capsys, caplog, case):
     assert expected in lines[0], f"{name}: {lines[0]!r} lacks {expected!r}"
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert not warnings, f"{name}: warnings would add stderr lines: {warnings}"
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--resume"], "no complete checkpoint left"),
+    (["--resume-from", "2"], "step-00000002 is damaged (meta.json"),
+])
+def test_damaged_checkpoints_are_a_run_time_failure_exit_code_1(paths, capsys, args, expected):
+    """Damaged files of a run are not bad input: one line naming what is damaged, exit code 1 (not 2)."""
+    code = main(["train", "--config", paths["cfg"], "--out", paths["damaged"], *args])
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert code == 1 and len(lines) == 1 and "Traceback" not in err, err
+    assert expected in lines[0]
 
 
 def test_the_table_is_large():

@@ -120,14 +120,17 @@ def _writer_lock(out):
 def _train(args: argparse.Namespace, recipe: Recipe, setup_spec: dict, out) -> int:
     """Check the output folder, build the setup and train (holding the folder's lock)."""
     from ..training import NonFiniteLossError, train
-    from ..training.checkpoint import CheckpointError, latest_checkpoint
+    from ..training.checkpoint import CheckpointError, DamagedCheckpointError, latest_checkpoint
     from ..training.engine import TrainingInterrupted, check_output_folder
     from .named_setups import build_setup
 
     resume = args.resume_from or args.resume
     try:  # the output folder is checked before any model loads
         check_output_folder(recipe, out, resume, args.allow_recipe_change)
-    except CheckpointError as err:
+    except DamagedCheckpointError as err:  # the run's files are damaged: a run-time failure, not bad input
+        print(f"proreflow train: {one_line(err)}", file=sys.stderr)
+        return 1
+    except CheckpointError as err:  # a checkpoint named that the run does not hold
         print(f"proreflow train: error: {one_line(err)}", file=sys.stderr)
         return 2
     resume_command = _resume_command(args, out)

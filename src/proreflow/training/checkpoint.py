@@ -143,7 +143,13 @@ META_KEYS = {"format": int, "recipe": dict, "stage": int, "step": int, "global_s
 
 
 class CheckpointError(RuntimeError):
-    """No complete checkpoint is left to resume from."""
+    """The checkpoint to resume from cannot be had: a name that is not a checkpoint of the run (bad input),
+    or :class:`DamagedCheckpointError`."""
+
+
+class DamagedCheckpointError(CheckpointError):
+    """The run's checkpoints are there but damaged: none complete is left, or the one named is damaged (a
+    run-time failure of the files, not bad input: the command line exits with code 1)."""
 
 
 class DamagedCheckpoint(Exception):
@@ -192,7 +198,7 @@ def resume_checkpoint(out_dir: Path, rank: int = 0, warn=None) -> Checkpoint | N
     """The newest checkpoint whose every needed file is present and readable, or None if there is none.
 
     A damaged checkpoint is reported with ``warn(line)`` (which file, what is wrong) and the one
-    before it is tried. Raises :class:`CheckpointError` when checkpoints exist but all are damaged.
+    before it is tried. Raises :class:`DamagedCheckpointError` when checkpoints exist but all are damaged.
     """
     root = Path(out_dir) / CHECKPOINTS
     if not root.is_dir():
@@ -211,7 +217,7 @@ def resume_checkpoint(out_dir: Path, rank: int = 0, warn=None) -> Checkpoint | N
             continue
         return checkpoint
     if damaged:
-        raise CheckpointError(f"no complete checkpoint left in {root} ({'; '.join(damaged)}); delete {out_dir} "
+        raise DamagedCheckpointError(f"no complete checkpoint left in {root} ({'; '.join(damaged)}); delete {out_dir} "
                               "to start over, or give another output folder")
     return None
 
@@ -238,12 +244,12 @@ def named_checkpoint(out_dir: Path, name: str) -> Path:
 
 
 def open_checkpoint(path: Path, out_dir: Path, rank: int = 0) -> Checkpoint:
-    """Checkpoint ``path`` (of the run in ``out_dir``) verified complete, or a CheckpointError saying what is
-    damaged (no fallback to another one: it was asked for by name)."""
+    """Checkpoint ``path`` (of the run in ``out_dir``) verified complete, or a DamagedCheckpointError saying
+    what is damaged (no fallback to another one: it was asked for by name)."""
     try:
         return _verify(Path(path), Path(out_dir), rank)
     except DamagedCheckpoint as err:
-        raise CheckpointError(f"checkpoint {path} is damaged ({err}); give another one, or --resume for the "
+        raise DamagedCheckpointError(f"checkpoint {path} is damaged ({err}); give another one, or --resume for the "
                               "newest complete one") from None
 
 
