@@ -31,6 +31,7 @@ from ..windows import TimeWindows
 from .checkpoint import (
     STUDENT_FORMAT,
     Checkpoint,
+    Layout,
     discard_newer_checkpoints,
     latest_checkpoint,
     load_weights,
@@ -208,9 +209,10 @@ cache gives the uncached run's weights, wherever it lies): a resume may change t
 
 
 def check_output_folder(recipe: Recipe, out_dir: str | Path, resume: bool | str, allow_recipe_change: bool = False,
-                        rank: int = 0, warn=None) -> Checkpoint | None:
+                        rank: int = 0, warn=None, layout: Layout | None = None) -> Checkpoint | None:
     """What :func:`train` checks of ``out_dir`` before it trains: the checkpoint it would resume from
-    (``resume`` as in :func:`train`).
+    (``resume`` as in :func:`train`), its contents checked (``layout``: the run's student, to check the
+    tensors against; :func:`~proreflow.training.checkpoint.resume_checkpoint`).
 
     Errors: checkpoints there without ``resume`` (FileExistsError); only damaged ones, or a named one
     that is absent or damaged (:class:`~proreflow.training.checkpoint.CheckpointError`); a checkpoint
@@ -223,9 +225,9 @@ def check_output_folder(recipe: Recipe, out_dir: str | Path, resume: bool | str,
         raise FileExistsError(f"{out} already holds checkpoints (latest: {latest.name}); resume with --resume "
                               "(resume=True) or choose another output folder")
     if isinstance(resume, str) and resume != "latest":
-        found = open_checkpoint(named_checkpoint(out, resume), out, rank)
+        found = open_checkpoint(named_checkpoint(out, resume), out, rank, layout)
     else:
-        found = resume_checkpoint(out, rank, warn)
+        found = resume_checkpoint(out, rank, warn, layout)
     if found is not None:
         changed = check_resume(recipe, found.meta, found.path, allow_recipe_change)
         if changed and warn is not None:
@@ -288,8 +290,10 @@ class _Run:
 
     def run(self, resume: bool | str, allow_recipe_change: bool) -> TrainResult:
         recipe, acc = self.recipe, self.acc
+        network = Trainee.network(self.setup, recipe)  # its layout checks the checkpoints' tensors
         found = check_output_folder(recipe, self.out, resume, allow_recipe_change, acc.process_index,
-                                    lambda line: self.reporter.say(line, warning=True))
+                                    lambda line: self.reporter.say(line, warning=True),
+                                    Layout.of(network, Trainee.is_shared(self.setup, recipe)))
         check_dataset(self.setup.dataset)
         check_setup_fits(recipe, self.setup, acc.num_processes)
         self.reporter.open(recipe.name, recipe.to_dict(), recipe.report_to)
@@ -329,7 +333,7 @@ class _Run:
             weights.append(self._stage_weights(state.stage - 1))
         if state.step > 0:
             weights.append(load_weights(checkpoint / "student.safetensors"))
-        self.trainee = Trainee.prepare(self.setup, recipe, acc, weights)
+        self.trainee = Trainee.prepare(self.setup, recipe, acc, weights, network)
         self.module = self.trainee.module
         if saved is not None and saved.get("scaler") is not None and acc.scaler is not None:
             acc.scaler.load_state_dict(saved["scaler"])

@@ -203,22 +203,35 @@ class Trainee:
     weight_dtype: torch.dtype | None
     shared: bool = False
 
+    @staticmethod
+    def is_shared(setup: DistillationSetup, recipe: Recipe) -> bool:
+        """Whether the student is the teacher's network (:attr:`shared`): a ``teacher_view``, not from scratch."""
+        return setup.teacher_view is not None and not recipe.from_scratch
+
     @classmethod
-    def prepare(cls, setup: DistillationSetup, recipe: Recipe, accelerator,
-                weights: Iterable[dict[str, Tensor]] = ()) -> Trainee:
-        """A fresh student (teacher copy or ``make_student()``, in float32), with ``weights`` loaded
-        in order (:func:`~.checkpoint.load_student_weights`), prepared with its optimiser; the original
-        teacher cast and moved in place, or with ``setup.teacher_view`` the student is
-        ``setup.teacher_model``, its frozen parameters (the teacher's) cast to the mixed-precision
-        dtype, and the teacher its view."""
-        shared = setup.teacher_view is not None and not recipe.from_scratch
-        check_sharding(accelerator, shared)
+    def network(cls, setup: DistillationSetup, recipe: Recipe) -> nn.Module:
+        """A fresh student as :meth:`prepare` makes it, before any weights load: a teacher copy or
+        ``make_student()`` in float32, or with ``setup.teacher_view`` ``setup.teacher_model`` itself, its
+        frozen parameters (the teacher's) cast to the mixed-precision dtype in place."""
+        shared = cls.is_shared(setup, recipe)
         weight_dtype = DTYPES.get(recipe.mixed_precision)
         module = setup.teacher_model if shared else student_module(setup, recipe.from_scratch, recipe.seed)
         if any(p.dtype in (torch.float16, torch.bfloat16) for p in module.parameters()):
             module = module.float()  # optimiser master weights in float32
         if shared and weight_dtype is not None:
             cast_frozen(module, weight_dtype)
+        return module
+
+    @classmethod
+    def prepare(cls, setup: DistillationSetup, recipe: Recipe, accelerator,
+                weights: Iterable[dict[str, Tensor]] = (), module: nn.Module | None = None) -> Trainee:
+        """A fresh student (``module``, default :meth:`network`), with ``weights`` loaded in order
+        (:func:`~.checkpoint.load_student_weights`), prepared with its optimiser; the original teacher cast
+        and moved in place, or with ``setup.teacher_view`` the teacher is a view of the student."""
+        shared = cls.is_shared(setup, recipe)
+        check_sharding(accelerator, shared)
+        weight_dtype = DTYPES.get(recipe.mixed_precision)
+        module = module if module is not None else cls.network(setup, recipe)
         for state in weights:
             load_student_weights(module, state)
         if recipe.gradient_checkpointing:
