@@ -139,7 +139,7 @@ def check_setup_spec(spec: Any, trust: bool = False) -> Callable[..., Distillati
 
 def build_setup(spec: dict[str, Any], trust: bool = False) -> DistillationSetup:
     """Build a setup from a config's ``setup:`` section: ``{name: NAME, **keyword arguments}``
-    (checked first by :func:`check_setup_spec`; ``trust`` as there)."""
+    (checked first by :func:`check_setup_spec`; ``trust`` as there); the section as given is its ``section``."""
     builder = check_setup_spec(spec, trust)
     spec = dict(spec)
     name = spec.pop("name")
@@ -149,4 +149,5 @@ def build_setup(spec: dict[str, Any], trust: bool = False) -> DistillationSetup:
         raise ValueError(f"setup {name!r}: {err}") from err
     if not isinstance(setup, DistillationSetup):
         raise TypeError(f"setup {name!r} returned {type(setup).__name__}, not a DistillationSetup")
+    setup.section = {"name": name, **spec}  # the run records it (training.setup.setup_identity)
     return setup

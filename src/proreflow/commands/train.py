@@ -58,7 +58,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(500) or its folder; the checkpoints after it are deleted (implies --resume)")
     parser.add_argument("--allow-recipe-change", action="store_true",
                         help="with --resume: go on with changed values of keys that change the weights (lr, seed, "
-                             "...); without it such a change is an error")
+                             "...) or another setup (family, setup keys, teacher, data); without it such a change "
+                             "is an error")
     parser.add_argument("--no-progress", action="store_true",
                         help="no progress bars: plain log lines on stdout instead (every log_every steps, messages, "
                              "warnings, stage summaries), as in OUT/train.log")
@@ -121,18 +122,23 @@ def _train(args: argparse.Namespace, recipe: Recipe, setup_spec: dict, out) -> i
     """Check the output folder, build the setup and train (holding the folder's lock)."""
     from ..training import NonFiniteLossError, train
     from ..training.checkpoint import CheckpointError, DamagedCheckpointError, latest_checkpoint
-    from ..training.engine import TrainingInterrupted, check_output_folder
+    from ..training.engine import TrainingInterrupted, check_output_folder, finished_line, is_finished
+    from ..training.setup import setup_identity
     from .named_setups import build_setup
 
     resume = args.resume_from or args.resume
-    try:  # the output folder is checked before any model loads
-        check_output_folder(recipe, out, resume, args.allow_recipe_change)
+    try:  # the output folder (and the setup section of its run) is checked before any model loads
+        found = check_output_folder(recipe, out, resume, args.allow_recipe_change,
+                                    identity=setup_identity(setup_spec, {}))
     except DamagedCheckpointError as err:  # the run's files are damaged: a run-time failure, not bad input
         print(f"proreflow train: {one_line(err)}", file=sys.stderr)
         return 1
     except CheckpointError as err:  # a checkpoint named that the run does not hold
         print(f"proreflow train: error: {one_line(err)}", file=sys.stderr)
         return 2
+    if found is not None and is_finished(recipe, found.meta):  # nothing to train: no setup is built
+        print(finished_line(recipe, out))
+        return 0
     resume_command = _resume_command(args, out)
     try:
         setup = build_setup(setup_spec, args.trust_setup_code)

@@ -56,7 +56,7 @@ from .runner import (
     set_tf32,
     unsharded_student,
 )
-from .setup import DistillationSetup
+from .setup import DistillationSetup, setup_identity
 from .sharding import full_optimizer_state, full_tensors, is_sharded, reshard, sharded_optimizer_state
 from .stage import NonFiniteLossError, check_setup_fits
 from .streams import check_dataset
@@ -97,10 +97,11 @@ class RunState:
     completed: list[StageSummary] = field(default_factory=list)
     history: list[tuple[int, float]] = field(default_factory=list)
 
-    def meta(self, recipe: Recipe, num_processes: int) -> dict[str, Any]:
+    def meta(self, recipe: Recipe, num_processes: int, setup: dict[str, Any]) -> dict[str, Any]:
+        """A checkpoint's ``meta.json``; ``setup``: the run's :func:`~.setup.setup_identity`."""
         return {"format": CHECKPOINT_FORMAT, "recipe": recipe.to_dict(), "stage": self.stage, "step": self.step,
                 "global_step": self.global_step, "counters": dataclasses.asdict(self.counters),
-                "completed": [s.to_dict() for s in self.completed], "num_processes": num_processes}
+                "completed": [s.to_dict() for s in self.completed], "num_processes": num_processes, "setup": setup}
 
     @classmethod
     def from_checkpoint(cls, meta: dict[str, Any], state: dict[str, Any]) -> RunState:
@@ -118,7 +119,10 @@ def train(recipe: Recipe | str | Path | dict, setup: DistillationSetup, out_dir:
         (``step-00000500``), global step (``'500'``) or folder: continue from that one, deleting the
         checkpoints after it (the continuation this run replaces). Without it an ``out_dir`` that
         already holds checkpoints is an error; so is a resume with other values of keys that change
-        the weights (lr, seed, ...) unless ``allow_recipe_change`` (:func:`check_output_folder`).
+        the weights (lr, seed, ...) or another setup (family, setup keys, teacher, data: the
+        checkpoints record :func:`~.setup.setup_identity`) unless ``allow_recipe_change``
+        (:func:`check_output_folder`). A finished run resumed trains nothing: it logs that it is
+        finished (:func:`finished_line`) and returns its result.
     progress: progress bars on the main process, with messages and warnings written above them
         (:class:`~proreflow.training.report.Reporter`); every run also logs to ``OUT/train.log``.
 
@@ -209,15 +213,18 @@ cache gives the uncached run's weights, wherever it lies): a resume may change t
 
 
 def check_output_folder(recipe: Recipe, out_dir: str | Path, resume: bool | str, allow_recipe_change: bool = False,
-                        rank: int = 0, warn=None, layout: Layout | None = None) -> Checkpoint | None:
+                        rank: int = 0, warn=None, layout: Layout | None = None,
+                        identity: dict[str, Any] | None = None) -> Checkpoint | None:
     """What :func:`train` checks of ``out_dir`` before it trains: the checkpoint it would resume from
     (``resume`` as in :func:`train`), its contents checked (``layout``: the run's student, to check the
     tensors against; :func:`~proreflow.training.checkpoint.resume_checkpoint`).
 
     Errors: checkpoints there without ``resume`` (FileExistsError); only damaged ones, or a named one
-    that is absent or damaged (:class:`~proreflow.training.checkpoint.CheckpointError`); a checkpoint
-    of other stages, or one trained with other values of keys that change the weights (lr, seed, ...)
-    unless ``allow_recipe_change`` (ValueError). ``warn(line)`` hears of damaged checkpoints passed over.
+    that is damaged (:class:`~proreflow.training.checkpoint.DamagedCheckpointError`) or absent
+    (:class:`~proreflow.training.checkpoint.CheckpointError`); a checkpoint of other stages, or one
+    trained with other values of keys that change the weights (lr, seed, ...) or another setup (``identity``,
+    :func:`~.setup.setup_identity`: :func:`check_setup`) unless ``allow_recipe_change`` (ValueError).
+    ``warn(line)`` hears of damaged checkpoints passed over and of changes allowed.
     """
     out = Path(out_dir)
     latest = latest_checkpoint(out)
@@ -230,9 +237,63 @@ def check_output_folder(recipe: Recipe, out_dir: str | Path, resume: bool | str,
         found = resume_checkpoint(out, rank, warn, layout)
     if found is not None:
         changed = check_resume(recipe, found.meta, found.path, allow_recipe_change)
+        changed_setup = check_setup(found.meta.get("setup"), identity, found.path, allow_recipe_change)
         if changed and warn is not None:
             warn(f"resuming with a changed recipe: {', '.join(changed)}")
+        if changed_setup and warn is not None:
+            warn(f"resuming with a changed setup: {', '.join(changed_setup)}")
     return found
+
+
+def check_setup(recorded: dict[str, Any] | None, identity: dict[str, Any] | None, checkpoint: Path,
+                allow_change: bool = False) -> list[str]:
+    """The setup keys whose values differ between the checkpoint's recorded :func:`~.setup.setup_identity`
+    and this run's ``identity`` (``setup.KEY`` of the setup section, ``setup info KEY`` of a fingerprint);
+    raises ValueError naming the first when any differ and ``allow_change`` is False.
+
+    What either side does not know is accepted: a checkpoint written before setups were recorded (no
+    ``recorded``), a setup section or fingerprint one side lacks (a setup built in code has no section; the
+    command line checks the section before the setup is built, :func:`train` the fingerprints after).
+    """
+    if not isinstance(recorded, dict) or identity is None:
+        return []
+    changed = []
+    if isinstance(recorded.get("section"), dict) and identity.get("section") is not None:
+        changed += [f"setup.{key}" for key in _changed_keys(recorded["section"], identity["section"])]
+    changed += [f"setup info {key}" for key in identity if key != "section" and key in recorded
+                and recorded[key] != identity[key]]
+    if changed and not allow_change:
+        first = changed[0]
+        raise ValueError(f"{first}: the checkpoint {checkpoint.name} was trained with {_setup_value(recorded, first)!r}"
+                         f", the setup now gives {_setup_value(identity, first)!r}"
+                         + (f" (changed too: {', '.join(changed[1:])})" if len(changed) > 1 else "")
+                         + "; resume with the setup of the run, or pass --allow-recipe-change "
+                         "(allow_recipe_change=True) to go on with this one")
+    return changed
+
+
+def _setup_value(identity: dict[str, Any], name: str) -> Any:
+    """The value :func:`check_setup`'s ``name`` (``setup.a.b`` or ``setup info KEY``) has in ``identity``."""
+    if name.startswith("setup info "):
+        return identity.get(name.removeprefix("setup info "))
+    node: Any = identity.get("section")
+    for part in name.removeprefix("setup.").split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def is_finished(recipe: Recipe, meta: dict[str, Any]) -> bool:
+    """Whether a checkpoint's run has done every stage of ``recipe`` (its last checkpoint, at the run's end)."""
+    return meta["stage"] >= len(recipe.stages) and meta["step"] == 0
+
+
+def finished_line(recipe: Recipe, out_dir: str | Path) -> str:
+    """What a resume of a finished run says (it trains nothing)."""
+    out = Path(out_dir)
+    windows, guidance = recipe.final_windows, recipe.sample_guidance
+    return (f"run in {out} is finished: student at {out / 'student.safetensors'} ({windows} windows: sample with "
+            f"{windows} steps" + (f", guidance {guidance:g}" if guidance != 1.0 else "") + "); nothing to train "
+            "(a new run needs another --out)")
 
 
 def check_resume(recipe: Recipe, meta: dict[str, Any], checkpoint: Path, allow_change: bool = False) -> list[str]:
@@ -291,9 +352,10 @@ class _Run:
     def run(self, resume: bool | str, allow_recipe_change: bool) -> TrainResult:
         recipe, acc = self.recipe, self.acc
         network = Trainee.network(self.setup, recipe)  # its layout checks the checkpoints' tensors
+        self.identity = setup_identity(self.setup.section, self.setup.info)
         found = check_output_folder(recipe, self.out, resume, allow_recipe_change, acc.process_index,
                                     lambda line: self.reporter.say(line, warning=True),
-                                    Layout.of(network, Trainee.is_shared(self.setup, recipe)))
+                                    Layout.of(network, Trainee.is_shared(self.setup, recipe)), self.identity)
         check_dataset(self.setup.dataset)
         check_setup_fits(recipe, self.setup, acc.num_processes)
         self.reporter.open(recipe.name, recipe.to_dict(), recipe.report_to)
@@ -321,7 +383,8 @@ class _Run:
             state = RunState.from_checkpoint(found.meta, saved)
             if found.rng is not None:
                 set_rng_state(found.rng)
-            self.reporter.say(f"resuming from {checkpoint} (stage {state.stage + 1}, step {state.step})")
+            self.reporter.say(finished_line(recipe, self.out) if is_finished(recipe, found.meta) else
+                              f"resuming from {checkpoint} (stage {state.stage + 1}, step {state.step})")
         elif resume:
             self.reporter.say(f"no checkpoint in {self.out}: starting from the beginning")
         if acc.is_main_process:
@@ -506,8 +569,9 @@ class _Run:
                      if weights else None)
         saved = {"optimizer": optimizer, "scaler": scaler,
                  "history": torch.tensor(state.history, dtype=torch.float64).reshape(-1, 2)}
-        return write_checkpoint(self.acc, self.out, state.global_step, state.meta(self.recipe, self.acc.num_processes),
-                                saved, weights, self.recipe.keep_checkpoints, self.tag)
+        meta = state.meta(self.recipe, self.acc.num_processes, self.identity)
+        return write_checkpoint(self.acc, self.out, state.global_step, meta, saved, weights,
+                                self.recipe.keep_checkpoints, self.tag)
 
 
 def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:

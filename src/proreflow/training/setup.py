@@ -7,8 +7,10 @@ inside the model or the data beyond this.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from torch import Tensor, nn
@@ -69,6 +71,9 @@ class DistillationSetup:
         dataset's first ``validation_samples`` items.
     decode: samples -> images ``N x C x H x W`` in [-1, 1] for the validation grids (e.g. the VAE of
         a latent model); None: samples shaped ``C x H x W`` (C = 1 or 3) are shown as they are.
+    section: the config's ``setup:`` section it was built from, its name and keys as given (set by
+        :func:`~proreflow.commands.named_setups.build_setup`); None for a setup built in code. Part of
+        the run's :func:`setup_identity`.
     """
 
     teacher_model: nn.Module
@@ -83,6 +88,7 @@ class DistillationSetup:
     teacher_view: Callable[[nn.Module], nn.Module] | None = None
     validation: ValidationSet | None = None
     decode: Callable[[Tensor], Tensor] | None = None
+    section: dict[str, Any] | None = None
 
     def denoiser(self, module: nn.Module, dtype=None, prediction_type: str | None = None) -> Denoiser:
         """A Denoiser over ``module`` with the teacher's schedule and output type (or ``prediction_type``)."""
@@ -110,3 +116,30 @@ class DistillationSetup:
                              f"teacher outputs the teacher's {self.prediction_type!r}); or set student_prediction: "
                              "teacher")
         return wanted
+
+
+RUN_ONLY_SETUP_KEYS = ("device", "progress", "num_workers", "cache_dir", "cache_batch_size", "compile",
+                       "local_files_only", "force", "validation_prompts")
+"""Setup keys that say where and how a run runs, not what it distills: a resume may change them."""
+
+FINGERPRINT_KEYS = ("model", "teacher", "data", "dataset")
+"""The keys of a setup's ``info`` that fingerprint what it distills: the model family, the teacher (a path or
+hub id), the data (a path, or a built-in dataset's name)."""
+
+
+def setup_identity(section: dict[str, Any] | None, info: dict[str, Any]) -> dict[str, Any]:
+    """What a run distills, recorded in its checkpoints and compared on resume (JSON values).
+
+    ``section``: the ``setup:`` section's name and keys as given, less :data:`RUN_ONLY_SETUP_KEYS`
+    (left out when None: a setup built in code). The other keys are cheap fingerprints from the setup's
+    ``info`` (:data:`FINGERPRINT_KEYS`; a built-in teacher, known by its ``teacher_path``, by the name of its
+    cache entry, ``<data>-<hash of its config>``, wherever the cache lies); those ``info`` lacks are left
+    out. Nothing is read from disk.
+    """
+    identity: dict[str, Any] = {}
+    if section is not None:
+        identity["section"] = {key: value for key, value in section.items() if key not in RUN_ONLY_SETUP_KEYS}
+    identity.update({key: info[key] for key in FINGERPRINT_KEYS if key in info})
+    if "teacher" not in identity and isinstance(info.get("teacher_path"), str):
+        identity["teacher"] = Path(info["teacher_path"]).name
+    return json.loads(json.dumps(identity, default=str))  # as meta.json will read back
