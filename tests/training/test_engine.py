@@ -185,8 +185,8 @@ def test_outputs_checkpoints_and_load_student(tmp_path):
     names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert names == ["latest", "step-00000010", "step-00000012"]
     mid = tmp_path / "checkpoints/step-00000010"  # stage 2, step 4
-    assert sorted(p.name for p in mid.iterdir()) == ["ema.safetensors", "meta.json", "rng-0.pt", "state.pt",
-                                                     "student.safetensors"]
+    assert sorted(p.name for p in mid.iterdir()) == ["checksums.json", "ema.safetensors", "meta.json", "rng-0.pt",
+                                                     "state.pt", "student.safetensors"]
     state = torch.load(mid / "state.pt", weights_only=True)
     assert state["history"].shape == (10, 2) and state["optimizer"]["state"]
     info = read_student_info(tmp_path)

@@ -351,13 +351,13 @@ class _Run:
 
     def run(self, resume: bool | str, allow_recipe_change: bool) -> TrainResult:
         recipe, acc = self.recipe, self.acc
+        check_dataset(self.setup.dataset)
+        check_setup_fits(recipe, self.setup, acc.num_processes)
         network = Trainee.network(self.setup, recipe)  # its layout checks the checkpoints' tensors
         self.identity = setup_identity(self.setup.section, self.setup.info)
         found = check_output_folder(recipe, self.out, resume, allow_recipe_change, acc.process_index,
                                     lambda line: self.reporter.say(line, warning=True),
                                     Layout.of(network, Trainee.is_shared(self.setup, recipe)), self.identity)
-        check_dataset(self.setup.dataset)
-        check_setup_fits(recipe, self.setup, acc.num_processes)
         self.reporter.open(recipe.name, recipe.to_dict(), recipe.report_to)
         self.reporter.say(f"run {recipe.name} in {self.out}: world size {acc.num_processes} (processes), "
                           f"device {acc.device.type}, mixed precision {recipe.mixed_precision}")

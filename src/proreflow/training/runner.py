@@ -212,7 +212,8 @@ class Trainee:
     def network(cls, setup: DistillationSetup, recipe: Recipe) -> nn.Module:
         """A fresh student as :meth:`prepare` makes it, before any weights load: a teacher copy or
         ``make_student()`` in float32, or with ``setup.teacher_view`` ``setup.teacher_model`` itself, its
-        frozen parameters (the teacher's) cast to the mixed-precision dtype in place."""
+        frozen parameters (the teacher's) cast to the mixed-precision dtype in place; with the recipe's
+        gradient_checkpointing turned on."""
         shared = cls.is_shared(setup, recipe)
         weight_dtype = DTYPES.get(recipe.mixed_precision)
         module = setup.teacher_model if shared else student_module(setup, recipe.from_scratch, recipe.seed)
@@ -220,6 +221,8 @@ class Trainee:
             module = module.float()  # optimiser master weights in float32
         if shared and weight_dtype is not None:
             cast_frozen(module, weight_dtype)
+        if recipe.gradient_checkpointing:
+            enable_gradient_checkpointing(module)
         return module
 
     @classmethod
@@ -234,8 +237,6 @@ class Trainee:
         module = module if module is not None else cls.network(setup, recipe)
         for state in weights:
             load_student_weights(module, state)
-        if recipe.gradient_checkpointing:
-            enable_gradient_checkpointing(module)
         module.train()
         # together: FSDP2 (fully_shard) swaps the parameters for sharded ones and repoints the optimiser
         student, optimizer = accelerator.prepare(module, make_optimizer(module, recipe.optimizer))
