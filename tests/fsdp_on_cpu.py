@@ -35,8 +35,8 @@ def lift_cpu_gate(out: str) -> None:
     state.AcceleratorState.__init__ = init_with_fsdp
     prepare = runner.Trainee.prepare.__func__
 
-    def recording_prepare(cls, setup, recipe, accelerator, weights=()):
-        trainee = prepare(cls, setup, recipe, accelerator, weights)
+    def recording_prepare(cls, setup, recipe, accelerator, weights=(), module=None):
+        trainee = prepare(cls, setup, recipe, accelerator, weights, module)
         params = dict(trainee.module.named_parameters())
         record = {"distributed_type": accelerator.distributed_type.value,
                   "fsdp_units": sorted(type(m).__name__ for m in trainee.module.modules() if isinstance(m, FSDPModule)),

@@ -42,7 +42,7 @@ def test_two_processes_match_one(tmp_path):
         assert two["skipped_items"] == one_stage.skipped_items == len(gone) > 0
         assert two["skipped_item_names"] == one_stage.skipped_item_names == list(dict.fromkeys(gone))[:10]
     assert sorted(p.name for p in (tmp_path / "two/checkpoints/step-00000009").iterdir()) == [
-        "ema.safetensors", "meta.json", "rng-0.pt", "rng-1.pt", "state.pt", "student.safetensors"]
+        "checksums.json", "ema.safetensors", "meta.json", "rng-0.pt", "rng-1.pt", "state.pt", "student.safetensors"]
     meta = json.loads((tmp_path / "two/checkpoints/step-00000009/meta.json").read_text())
     assert meta["num_processes"] == 2
 
