@@ -1,6 +1,6 @@
 """Text-to-image quality benchmark: the Stable Diffusion path on the built-in mnist-t2i teacher.
 
-Every method is a set of overrides of ``configs/mnist-t2i.yaml`` (ProReflow-II, cfg_sync, 1,200 optimiser
+Every method is a set of overrides of ``configs/mnist-t2i.yaml`` (ProReflow-II, cfg_sync, 400 optimiser
 steps), trained, exported and evaluated exactly as a user runs them (``proreflow train``, ``proreflow
 export``, ``proreflow eval`` in subprocesses), at equal optimiser steps:
 
@@ -41,17 +41,22 @@ METHODS: dict[str, list[str]] = {
     "ProReflow-II": [],
     "ProReflow-II LoRA": ["setup.lora_rank=16"],
     "ProReflow-II baked": ["defaults.guidance_mode=baked"],
-    "PeRFlow": [*PLAIN_MSE, "stages=[{windows: 4, steps: 1200, solver_steps: 8}]"],
-    "2-Rectified Flow": [*PLAIN_MSE, "stages=[{windows: 1, steps: 1200, solver_steps: 32}]"],
+    "PeRFlow": [*PLAIN_MSE, "stages=[{windows: 4, steps: 400, solver_steps: 8}]"],
+    "2-Rectified Flow": [*PLAIN_MSE, "stages=[{windows: 1, steps: 400, solver_steps: 32}]"],
 }
 """Method -> overrides of configs/mnist-t2i.yaml (module doc)."""
 STUDENT_STEPS = "4,2,1"
 DATA = "mnist-t2i"
 
 
+THREADS = {"count": "1"}
+"""CPU threads of each subprocess (the first run, alone, takes every core)."""
+
+
 def proreflow(*words: str, log: Path) -> None:
-    """``proreflow WORDS`` in a subprocess on one CPU thread, its output in ``log``; raises on failure."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    """``proreflow WORDS`` in a subprocess on ``THREADS`` CPU threads, its output in ``log``; raises on failure."""
+    env = {**os.environ, "OMP_NUM_THREADS": THREADS["count"], "MKL_NUM_THREADS": THREADS["count"],
+           "HF_HUB_OFFLINE": "1"}
     with open(log, "a") as out:
         out.write(f"$ proreflow {' '.join(words)}\n")
         out.flush()
@@ -61,13 +66,13 @@ def proreflow(*words: str, log: Path) -> None:
         raise RuntimeError(f"proreflow {words[0]} failed ({done.returncode}): see {log}")
 
 
-def evaluate(teacher, student: Path | None, seed: int, out: Path, samples: int, log: Path, fid: bool,
+def evaluate(teacher, student: Path, seed: int, out: Path, samples: int, log: Path, fid: bool,
              baselines: bool) -> list[dict]:
     words = ["eval", "--teacher", str(teacher.pipeline), "--images", str(teacher.data["heldout"]), "--classifier",
              "mnist", "--num", str(samples), "--teacher-steps", "32", "--batch-size", "100", "--device", "cpu",
              "--seed", str(seed), "--out", str(out), "--workers", "0", "--fid" if fid else "--no-fid"]
-    words += ["--student", str(student), "--steps", STUDENT_STEPS]
-    if baselines:
+    words += ["--student", str(student), "--steps", "2" if baselines else STUDENT_STEPS]
+    if baselines:  # the teacher's rows; the student row (the teacher's UNet as a student) is not kept
         words += ["--teacher-baselines", "8,4,2,1", "--dpm-solver-steps", "4"]
     proreflow(*words, log=log)
     return json.loads((out / "results.json").read_text())["results"]
@@ -80,19 +85,24 @@ def teacher_evaluations(run: Path) -> int:
 
 
 def one_run(method: str, seed: int, teacher, work: Path, samples: int, fid_methods: set[str]) -> list[dict]:
+    """Train (or resume), export and evaluate one method at one seed; its student rows. A finished run
+    keeps its training time (``train_seconds.txt``) and its evaluation is reused."""
     folder = work / f"{re.sub(r'[^A-Za-z0-9]+', '-', method).strip('-')}_s{seed}"
     folder.mkdir(parents=True, exist_ok=True)
-    log = folder / "commands.log"
+    log, seconds = folder / "commands.log", folder / "train_seconds.txt"
     start = time.perf_counter()
     proreflow("train", "--config", str(CONFIG), "--out", str(folder / "run"), "--resume", "--no-progress",
               f"setup.teacher={teacher.pipeline}", f"setup.data={teacher.data['train']}",
               f"setup.cache_dir={work / 'latents'}", f"seed={seed}", *METHODS[method], log=log)
-    train_seconds = time.perf_counter() - start
-    proreflow("export", "--run", str(folder / "run"), "--out", str(folder / "export"), log=log)
-    results = evaluate(teacher, folder / "export", seed, folder / "eval", samples, log, method in fid_methods,
-                       baselines=False)
-    budget = {"budget": 1200, "teacher_evals": teacher_evaluations(folder / "run"),
-              "train_seconds": round(train_seconds, 1)}
+    if not seconds.is_file():
+        seconds.write_text(f"{time.perf_counter() - start:.1f}\n")
+    if not (folder / "eval" / "results.json").is_file():
+        proreflow("export", "--run", str(folder / "run"), "--out", str(folder / "export"), log=log)
+        evaluate(teacher, folder / "export", seed, folder / "eval", samples, log, method in fid_methods,
+                 baselines=False)
+    results = json.loads((folder / "eval" / "results.json").read_text())["results"]
+    budget = {"budget": 400, "teacher_evals": teacher_evaluations(folder / "run"),
+              "train_seconds": float(seconds.read_text())}
     return [row(method, seed, r, budget) for r in results if r["name"].startswith("student")]
 
 
@@ -150,22 +160,33 @@ def main(argv: list[str] | None = None) -> int:
     teacher = load_or_train_t2i_teacher(cache_dir=args.cache_dir)
     args.work.mkdir(parents=True, exist_ok=True)
     fid_methods = set(args.fid_methods)
-    jobs = [(m, s) for s in args.seeds for m in args.methods]
+    # the first seed of every method, then the later seeds method by method (an interrupted benchmark keeps
+    # whole comparisons); a finished run is resumed as finished and its evaluation reused
+    jobs = [(m, args.seeds[0]) for m in args.methods] + [(m, s) for m in args.methods for s in args.seeds[1:]]
     teacher_as_student(teacher, args.work)
     rows: list[dict] = []
+
+    def save() -> list[dict]:  # after every finished job, so an interrupted benchmark keeps what it measured
+        aggregated = aggregate(rows)
+        payload = {"argv": sys.argv[1:], "date": time.strftime("%Y-%m-%d"), "machine": os.uname().machine,
+                   "cpus": os.cpu_count(), "rows": rows, "aggregate": aggregated}
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(payload, indent=1) + "\n")
+        return aggregated
+
+    THREADS["count"] = str(args.jobs)
+    rows += one_run(*jobs[0], teacher, args.work, args.samples, fid_methods)  # alone: it fills the latent cache
+    save()
+    THREADS["count"] = "1"
     with ThreadPoolExecutor(args.jobs) as pool:
-        teacher_jobs = {s: pool.submit(teacher_rows, teacher, s, args, bool(fid_methods)) for s in args.seeds}
-        futures = {job: pool.submit(one_run, *job, teacher, args.work, args.samples, fid_methods) for job in jobs}
+        futures = {("teacher", s): pool.submit(teacher_rows, teacher, s, args, bool(fid_methods)) for s in args.seeds}
+        futures.update({job: pool.submit(one_run, *job, teacher, args.work, args.samples, fid_methods)
+                        for job in jobs[1:]})
         for job, future in futures.items():
             rows += future.result()
+            save()
             print(f"done: {job[0]} seed {job[1]}", flush=True)
-        for future in teacher_jobs.values():
-            rows += future.result()
-    aggregated = aggregate(rows)
-    payload = {"argv": sys.argv[1:], "date": time.strftime("%Y-%m-%d"), "machine": os.uname().machine,
-               "cpus": os.cpu_count(), "rows": rows, "aggregate": aggregated}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(payload, indent=1) + "\n")
+    aggregated = save()
     print(markdown(aggregated))
     if args.merge:
         results = ROOT / "docs" / "results.json"
@@ -193,8 +214,11 @@ def teacher_rows(teacher, seed: int, args, fid: bool) -> list[dict]:
     student rows of this evaluation (the teacher's UNet as a 2-window student) are dropped."""
     folder = args.work / f"teacher_s{seed}"
     folder.mkdir(parents=True, exist_ok=True)
-    results = evaluate(teacher, teacher_as_student(teacher, args.work), seed, folder / "eval", args.samples,
-                       folder / "commands.log", fid, baselines=True)
+    if (folder / "eval" / "results.json").is_file():
+        results = json.loads((folder / "eval" / "results.json").read_text())["results"]
+    else:
+        results = evaluate(teacher, teacher_as_student(teacher, args.work), seed, folder / "eval", args.samples,
+                           folder / "commands.log", fid, baselines=True)
     return [row(r["name"], seed, r) for r in results if r["name"].startswith("teacher")]
 
 

@@ -38,9 +38,18 @@ TINY = dict(vae_steps=2, steps=2, batch_size=4)
 
 
 @pytest.fixture(scope="module")
-def tiny_t2i(tmp_path_factory):
+def t2i_cache(tmp_path_factory):
+    """One model cache for the module (the tiny teacher, the MNIST classifier), as $PROREFLOW_CACHE."""
+    cache = tmp_path_factory.mktemp("t2i-cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PROREFLOW_CACHE", str(cache))
+        yield cache
+
+
+@pytest.fixture(scope="module")
+def tiny_t2i(t2i_cache):
     """The mnist-t2i teacher trained for 2 steps, with its data folders, in a fresh cache."""
-    return load_or_train_t2i_teacher(cache_dir=tmp_path_factory.mktemp("t2i-cache"), progress=False, **TINY)
+    return load_or_train_t2i_teacher(progress=False, **TINY)
 
 
 def test_the_tokenizer_is_clips():
@@ -102,7 +111,7 @@ def test_the_teacher_folder_is_a_stock_pipeline(tiny_t2i):
     assert pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size
     assert pipe.vae.config.scaling_factor == pytest.approx(tiny_t2i.stats["scaling_factor"])
     # a cached teacher is reused, not retrained
-    again = load_or_train_t2i_teacher(cache_dir=tiny_t2i.path.parents[1], progress=False, **TINY)
+    again = load_or_train_t2i_teacher(progress=False, **TINY)
     assert not again.trained and again.path == tiny_t2i.path
 
 
@@ -137,10 +146,9 @@ def test_the_config_is_sd15_at_cpu_size():
     assert [s.windows for s in recipe.stages] == [8, 4, 2] and setup["name"] == "stable-diffusion"
 
 
-def test_the_whole_path_as_users_run_it(tiny_t2i, tmp_path, monkeypatch):
+def test_the_whole_path_as_users_run_it(tiny_t2i, tmp_path):
     """train (config, full student) -> export -> eval with the built-in classifier: every command succeeds and the
     evaluation has a teacher row, baselines and the student rows with FD and accuracy."""
-    monkeypatch.setenv("PROREFLOW_CACHE", str(tmp_path / "cache"))
     run, export, evaluation = tmp_path / "run", tmp_path / "export", tmp_path / "eval"
     overrides = [f"setup.teacher={tiny_t2i.pipeline}", f"setup.data={tiny_t2i.data['shards']}",
                  f"setup.cache_dir={tmp_path / 'latents'}", "setup.encoder_dtype=float32", "stages.*.steps=1",
@@ -175,3 +183,24 @@ def test_a_student_equal_to_the_teacher_exports_the_teachers_ddim(tiny_t2i, tmp_
     assert max_diff(images, ddim.permute(0, 2, 3, 1)) < 2e-6
     want_latents, want_images = proreflow_sample(teacher, teacher.unet, noise, 2)
     assert max_diff(latents, want_latents) < 1e-4 and max_diff(images, want_images) < 2e-6
+
+
+def test_demo_runs_the_path_and_writes_its_report(tiny_t2i, tmp_path, monkeypatch):
+    """``proreflow demo --data mnist-t2i`` (the tiny teacher in place of the cached one): the run, the export,
+    the evaluation with every row of the issue's table, grids per held-out template, the diffusers lines."""
+    from proreflow.commands import demo_t2i
+
+    monkeypatch.setattr(demo_t2i, "load_or_train_t2i_teacher", lambda **kwargs: tiny_t2i)
+    out = tmp_path / "demo"
+    assert cli(["demo", "--data", "mnist-t2i", "--out", str(out), "--steps", "3", "--samples", "4",
+                "--no-progress", "--threads", "1"]) == 0
+    results = json.loads((out / "results.json").read_text())["mnist-t2i"]
+    names = [r["name"] for r in results["results"]]
+    assert names == ["teacher DDIM-32", "teacher DDIM-8", "teacher DDIM-4", "teacher DDIM-2", "teacher DDIM-1",
+                     "teacher DPM-Solver++ 4", "student 4-step", "student 2-step", "student 1-step"]
+    assert all(r["accuracy"] is not None and r["fd"] is not None for r in results["results"])
+    report = (out / "report.md").read_text()
+    assert "## mnist-t2i" in report and "StableDiffusionPipeline.from_pretrained" in report
+    for k in range(len(HELDOUT_TEMPLATES)):
+        assert (out / "mnist-t2i" / f"grid_template_{k}.png").is_file()
+    assert (out / "mnist-t2i" / "export" / "model_index.json").is_file()

@@ -207,3 +207,42 @@ def test_teacher_ddim_is_proreflows_ddim(teacher_dir):
     own = type(sd.pipe).from_pipe(sd.pipe, scheduler=DDIMScheduler.from_config(sd.pipe.scheduler.config))
     own.set_progress_bar_config(disable=True)
     assert (pipeline_sampler(own, 4, 3.0, "own DDIM").generate(noise, prompts) - want).abs().max() > 1e-2
+
+
+class LabelJudge:
+    """Reads the class an image shows off its mean pixel (class c: value 20 c); features: the pixel mean."""
+
+    name = "label judge"
+
+    def __init__(self, reference: torch.Tensor) -> None:
+        self.reference = self.features(reference)
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        mean = images.float().mean(dim=(1, 2, 3))
+        return torch.stack([mean, mean ** 2 / 100], dim=1)
+
+    def predict(self, images: torch.Tensor) -> torch.Tensor:
+        return (images.float().mean(dim=(1, 2, 3)) / 20).round().long()
+
+
+def test_judge_gives_prompt_accuracy_and_fd_to_the_reference():
+    """True answers: a method that draws each prompt's class is 100 % accurate and has FD 0 to real images of
+    those classes; one that always draws class 0 is right on exactly the prompts of class 0."""
+    labels = [i % 5 for i in range(20)]
+
+    def drawing(constant: int | None):
+        def generate(noise, prompts):
+            return torch.stack([torch.full((3, 4, 4), 20.0 * (c if constant is None else constant) / 255)
+                                for c in prompts])
+        return generate
+
+    real = torch.stack([torch.full((3, 4, 4), 20 * c, dtype=torch.uint8) for c in labels])
+    judge = LabelJudge(real)
+    ev = evaluate(PromptSampler("right", 1, drawing(None)), [PromptSampler("zeros", 1, drawing(0))], labels,
+                  (1, 2, 2), judge=judge, labels=labels, batch_size=6, progress=False)
+    r = {x.name: x for x in ev.results}
+    assert r["right"].accuracy == 1.0 and r["right"].fd == pytest.approx(0, abs=1e-6)
+    assert r["zeros"].accuracy == labels.count(0) / len(labels) and r["zeros"].fd > 1
+    with pytest.raises(ValueError, match="labels"):
+        evaluate(PromptSampler("right", 1, drawing(None)), [], labels, (1, 2, 2), judge=judge, labels=labels[:3],
+                 progress=False)

@@ -1,5 +1,8 @@
 """``proreflow demo``: the whole method on built-in data, on a CPU, in minutes.
 
+``--data mnist-t2i`` runs the Stable Diffusion path instead, on the built-in text-to-image teacher
+(:mod:`proreflow.commands.demo_t2i`).
+
 For each dataset: load (or train and cache) the epsilon-prediction teacher, distill it with a
 ProReflow recipe, evaluate teacher DDIM-32 / DDIM-4 and the student at 4, 2 and 1 steps on the
 same noise, and write a report folder: ``report.md`` (the table), ``results.json``, sample
@@ -10,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -56,8 +60,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache-dir", default=None, help="teacher/classifier cache (default ~/.cache/proreflow)")
     parser.add_argument("--seed", type=bounded_int(0, 2**63 - 1), default=0,
                         help="seed of the recipe and of the evaluation noise")
-    parser.add_argument("--threads", type=bounded_int(1, 1024), default=1,
-                        help="torch CPU threads (default 1: the built-in networks are tiny, more threads only contend)")
+    parser.add_argument("--threads", type=bounded_int(1, 1024), default=None,
+                        help=f"torch CPU threads (default 1 for the built-in networks, which are tiny: more threads "
+                             f"only contend; every core for {T2I})")
     parser.add_argument("--allow-recipe-change", action="store_true",
                         help="resume a run in --out whose recipe differs (other --steps, --seed, ...)")
     parser.add_argument("--fid", action="store_true",
@@ -71,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     from ..training import train
     from ..training.engine import check_output_folder
 
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads or 1)
     out = writable_dir(args.out, create=True)
     if args.cache_dir is not None:
         writable_dir(args.cache_dir, "--cache-dir")
@@ -101,6 +106,7 @@ def run(args: argparse.Namespace) -> int:
     if T2I in args.data:
         from .demo_t2i import text_to_image_demo
 
+        torch.set_num_threads(args.threads or os.cpu_count() or 1)
         section, results[T2I] = text_to_image_demo(args, out / T2I)
         sections.append(section)
     (out / "results.json").write_text(json.dumps(results, indent=2))
