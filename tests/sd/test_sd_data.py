@@ -215,10 +215,30 @@ def test_damaged_shards_are_skipped_and_counted(tmp_path, caplog):
         source = TarShardSource(tmp_path)
     assert len(source) == 2 and sorted(source.left_out) == [str(tmp_path / "garbage.tar"),
                                                               str(tmp_path / "truncated.tar")]
-    assert "skipping damaged shard" in caplog.text and "2 of 3 shards skipped" in caplog.text
+    assert "damaged shard" in caplog.text and "2 of 3 shards damaged" in caplog.text
     (tmp_path / "good.tar").unlink()
     with pytest.raises(ValueError, match=r"in 2 shard\(s\) \(2 damaged\)"):
         TarShardSource(tmp_path)
+
+
+def test_a_truncated_shard_keeps_the_samples_before_the_cut(tmp_path):
+    """Cut inside the last sample's image: the samples written before it are read, the cut one is left out."""
+    with tarfile.open(tmp_path / "full.tar", "w") as tar:
+        for k in range(3):
+            _add(tar, f"{k:03d}.txt", f"caption {k}".encode())
+            _add(tar, f"{k:03d}.png", _png(k))
+    data = (tmp_path / "full.tar").read_bytes()
+    with tarfile.open(tmp_path / "full.tar") as tar:
+        last = [m for m in tar if m.name == "002.png"][0]
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    (cut / "cut.tar").write_bytes(data[:last.offset_data + last.size // 2])
+    source = TarShardSource(cut)
+    assert [source.record(i).caption for i in range(len(source))] == ["caption 0", "caption 1"]
+    whole = TarShardSource(tmp_path / "full.tar")
+    for i in range(2):
+        assert source.record(i).open().tobytes() == whole.record(i).open().tobytes()
+    assert "2 samples before the damage kept" in source.left_out[str(cut / "cut.tar")]
 
 
 def test_an_image_too_large_once_resized_is_skipped_before_decoding(tmp_path):

@@ -7,7 +7,8 @@ Three kinds of source, one interface (``len(source)``, ``source.record(i) -> Rec
   one ``{"file_name": ..., "text": ...}`` per line; ``caption`` / ``prompt`` also accepted).
 - ``TarShardSource``: webdataset tar shards (LAION style ``KEY.jpg`` + ``KEY.txt``), given as
   a brace pattern (``data/{00000..00099}.tar``), a folder of ``.tar`` files or one file. The
-  shards are indexed once so that items are read by random access (any sampler, DDP).
+  shards are indexed once so that items are read by random access (any sampler, DDP); a truncated
+  shard keeps the samples before the damage.
 - ``HFDatasetSource``: a local ``datasets`` dataset (``save_to_disk`` folder, or anything
   ``load_dataset`` reads from disk) with an image column and a caption column.
 
@@ -127,6 +128,24 @@ class FolderSource:
         return Record(str(path), caption, lambda: Image.open(path))
 
 
+def intact_members(groups: dict[str, dict[str, tuple[int, int]]], shard: str | Path
+                   ) -> dict[str, dict[str, tuple[int, int]]]:
+    """The members of a damaged shard's index ``{key: {ext: (offset, size)}}`` whose data lie whole inside
+    the file: a truncated shard keeps the samples written before the cut."""
+    try:
+        size = Path(shard).stat().st_size
+    except OSError:
+        return {}
+    return {key: {ext: where for ext, where in members.items() if where[0] + where[1] <= size}
+            for key, members in groups.items()}
+
+
+def _image_and_caption(members: dict[str, tuple[int, int]]) -> tuple[tuple[int, int], tuple[int, int]] | None:
+    """The (image, txt) members of one sample, None when it lacks either."""
+    image = next((members[e] for e in ("jpg", "jpeg", "png", "webp") if e in members), None)
+    return None if image is None or "txt" not in members else (image, members["txt"])
+
+
 class TarShardSource:
     """webdataset tar shards, indexed for random access (see module doc).
 
@@ -150,16 +169,18 @@ class TarShardSource:
                         if key is not None:
                             groups.setdefault(key, {})[ext.lower()] = (member.offset_data, member.size)
             except (tarfile.TarError, EOFError, OSError) as err:  # truncated or not a tar file
-                self.left_out[str(shard)] = f"damaged shard ({type(err).__name__}: {err})"
-                log.warning("skipping damaged shard %s (%s: %s); %d of %d shards skipped", shard,
-                            type(err).__name__, err, len(self.left_out), len(self.shards))
-                continue
-            for key, members in groups.items():
-                image = next((members[e] for e in ("jpg", "jpeg", "png", "webp") if e in members), None)
-                if image is None or "txt" not in members:
+                kept = sum(_image_and_caption(m) is not None for m in intact_members(groups, shard).values())
+                self.left_out[str(shard)] = f"damaged shard ({type(err).__name__}: {err}); {kept} samples before " \
+                                            "the damage kept"
+                log.warning("damaged shard %s (%s: %s): %d samples before the damage kept, the rest skipped; %d "
+                            "of %d shards damaged", shard, type(err).__name__, err, kept, len(self.left_out),
+                            len(self.shards))
+            for key, members in intact_members(groups, shard).items():
+                sample = _image_and_caption(members)
+                if sample is None:
                     incomplete += 1
                     continue
-                self.items.append((s, key, image, members["txt"]))
+                self.items.append((s, key, *sample))
         if incomplete:
             log.warning("%d samples in %d shard(s) lack an image or a txt caption and are left out",
                         incomplete, len(self.shards))
