@@ -58,17 +58,50 @@ def save_entry(directory: Path, module: nn.Module, record: dict[str, Any]) -> No
 
 
 def load_entry(directory: Path) -> tuple[nn.Module, dict[str, Any]] | None:
-    """``(module, record)`` from a complete entry, or None when there is none."""
+    """``(module, record)`` from a complete entry, or None when there is none; a damaged entry (unreadable
+    record, truncated weights) is a ValueError naming the file and the fix."""
     if not (directory / RECORD).is_file() or not (directory / WEIGHTS).is_file():
         return None
-    record = json.loads((directory / RECORD).read_text())
-    module = build_network(record["network"])
+    fix = f"delete {directory} or retrain (--force)"
     try:
-        module.load_state_dict(load_file(str(directory / WEIGHTS)))
+        record = json.loads((directory / RECORD).read_text())
+        module = build_network(record["network"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"the cached record {directory / RECORD} is damaged ({type(err).__name__}: {err}); "
+                         f"{fix}") from None
+    try:
+        state = load_file(str(directory / WEIGHTS))
+    except Exception as err:  # safetensors raises its own SafetensorError on truncated or garbled files
+        raise ValueError(f"the cached weights {directory / WEIGHTS} are damaged ({err}); {fix}") from None
+    try:
+        module.load_state_dict(state)
     except RuntimeError as err:
         raise ValueError(f"the cached model in {directory} does not fit this version of the code; "
-                         f"delete the folder or retrain (--force): {err}") from err
+                         f"{fix}: {err}") from err
     return module.eval().requires_grad_(False), record
+
+
+MIN_FREE_BYTES = 64 * 2**20
+"""Free space a cache folder needs before a model is trained into it (the built-in models take a few MB)."""
+
+
+def check_writable(directory: Path, need: int = MIN_FREE_BYTES) -> None:
+    """Make ``directory`` and write a probe file in it, and check it has ``need`` bytes free: a read-only,
+    full or misplaced cache fails here, before minutes of training, with one line naming it."""
+    import shutil
+    import tempfile
+
+    fix = f"set --cache-dir or ${CACHE_ENV} to a writable folder with space"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+        free = shutil.disk_usage(directory).free
+    except OSError as err:
+        raise ValueError(f"cache folder {directory} cannot be written ({err.strerror or err}); {fix}") from None
+    if free < need:
+        raise ValueError(f"cache folder {directory} has {free / 2**20:.0f} MiB free, {need / 2**20:.0f} MiB are "
+                         f"needed; {fix}")
 
 
 @dataclass
@@ -93,6 +126,7 @@ def load_or_fit(kind: str, name: str, config: dict[str, Any], network: dict[str,
     entry = None if force else load_entry(directory)
     if entry is not None:
         return Entry(*entry, directory, fitted=False)
+    check_writable(directory)
     module, stats = fit()
     record = {"kind": kind, "name": name, "config": config, "network": network, "stats": stats}
     save_entry(directory, module, record)

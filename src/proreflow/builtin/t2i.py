@@ -61,7 +61,7 @@ from ..schedules import VPSchedule
 from ..targets import sample_times
 from .data import TEST_FRACTION
 from .images import load_mnist_images, stratified_split
-from .store import config_hash
+from .store import check_writable, config_hash
 
 NAME = "mnist-t2i"
 KIND = "teachers"
@@ -458,7 +458,7 @@ def load_or_train_t2i_teacher(cache_dir: str | os.PathLike | None = None, force:
             raise ValueError(f"the cached teacher record {record} is damaged ({err}); delete {path} or retrain "
                              "with --force") from None
         return T2ITeacher(path, config, stats, trained=False)
-    path.mkdir(parents=True, exist_ok=True)
+    check_writable(path, need=128 * 2**20)  # data folders and pipeline: about 50 MB
     record.unlink(missing_ok=True)
     write_data(path / DATA)
     stats = fit_t2i_teacher(config, path / PIPELINE, progress)
