@@ -130,13 +130,28 @@ def aggregate(rows: list[dict]) -> list[dict]:
 
 
 def markdown(aggregated: list[dict]) -> str:
-    lines = ["| method | steps | seeds | FD ↓ | accuracy ↑ | FID ↓ |", "|---|---|---|---|---|---|"]
-    def cell(a: dict, key: str) -> str:
-        return "–" if key not in a else f"{a[key]:.3f} ± {a[key + '_std']:.3f}"
+    """One row per method: seeds, teacher evaluations, FD and accuracy at 4 / 2 / 1 steps (mean ± std);
+    teacher rows one per sampler."""
+    def cell(a: dict | None, key: str) -> str:
+        if a is None or key not in a:
+            return "–"
+        return f"{a[key]:.3f} ± {a[key + '_std']:.3f}" if len(a["seeds"]) > 1 else f"{a[key]:.3f}"
 
+    lines = ["| method | seeds | teacher evals | FD 4 steps | 2 steps | 1 step | accuracy 4 steps | 2 steps | 1 step |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    by_method: dict[str, dict[int, dict]] = {}
     for a in aggregated:
-        lines.append(f"| {a['method']} | {a['steps']} | {len(a['seeds'])} | {cell(a, 'fd')} | "
-                     f"{cell(a, 'accuracy')} | {cell(a, 'fid')} |")
+        by_method.setdefault(a["method"], {})[a["steps"]] = a
+    for method, rows in by_method.items():
+        if method.startswith("teacher"):
+            a = next(iter(rows.values()))
+            lines.append(f"| {method} | {len(a['seeds'])} | 0 | {cell(a, 'fd')} | | | {cell(a, 'accuracy')} | | |")
+            continue
+        first = next(iter(rows.values()))
+        evals = f"{first['teacher_evals']:,.0f}" if "teacher_evals" in first else "–"
+        lines.append(f"| {method} | {len(first['seeds'])} | {evals} | "
+                     + " | ".join(cell(rows.get(n), "fd") for n in (4, 2, 1)) + " | "
+                     + " | ".join(cell(rows.get(n), "accuracy") for n in (4, 2, 1)) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -148,11 +163,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fid-methods", nargs="*", default=[], help="methods that also get Inception FID rows "
                         "(and the teacher when any is given)")
     parser.add_argument("--jobs", type=int, default=2, help="runs at once (one CPU thread each)")
-    parser.add_argument("--work", type=Path, required=True, help="runs, exports and evaluations")
+    parser.add_argument("--work", type=Path, help="runs, exports and evaluations (required to run)")
     parser.add_argument("--cache-dir", default=None, help="teacher cache (default: $PROREFLOW_CACHE)")
-    parser.add_argument("--out", type=Path, required=True, help="run file (JSON rows)")
+    parser.add_argument("--out", type=Path, help="run file (JSON rows; required to run)")
     parser.add_argument("--merge", action="store_true", help="replace the mnist-t2i rows of docs/results.json")
+    parser.add_argument("--table", type=Path, help="print the table of this run file and exit (no training)")
     args = parser.parse_args(argv)
+    if args.table is not None:
+        print(markdown(json.loads(args.table.read_text())["aggregate"]), end="")
+        return 0
+    if args.work is None or args.out is None:
+        parser.error("--work and --out are required to run the benchmark")
 
     sys.path.insert(0, str(ROOT / "src"))
     from proreflow.builtin.t2i import load_or_train_t2i_teacher

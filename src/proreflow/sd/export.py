@@ -104,11 +104,12 @@ def model_card(info: dict, metrics: list[dict] | None = None, usage: list[str] |
     lines += ["## Training", "", "| | |", "|---|---|"]
     lines += [f"| {key} | {value} |" for key, value in rows if value is not None]
     if metrics:
-        from .t2i import COLUMNS, _cell
+        from .t2i import _cell, shown_columns
 
+        columns = shown_columns(metrics)
         lines += ["", "## Evaluation (`proreflow eval`)", "",
-                  "| " + " | ".join(title for title, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-        lines += ["| " + " | ".join(_cell(row.get(key)) for _, key in COLUMNS) + " |" for row in metrics
+                  "| " + " | ".join(title for title, _ in columns) + " |", "|" + "---|" * len(columns)]
+        lines += ["| " + " | ".join(_cell(row.get(key)) for _, key in columns) + " |" for row in metrics
                   if not row.get("skipped")]
     return "\n".join(lines) + "\n"
 

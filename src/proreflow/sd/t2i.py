@@ -301,6 +301,16 @@ COLUMNS = [("method", "name"), ("steps", "steps"), ("FID ↓", "fid"), ("CLIP �
            ("PSNR to teacher (dB) ↑", "psnr_to_teacher"), ("s / image", "seconds_per_image")]
 
 
+JUDGE_COLUMNS = ("fd", "accuracy")
+"""Columns that only a judge (``--classifier``) fills: left out of tables where no row has them."""
+
+
+def shown_columns(rows: Sequence[dict]) -> list[tuple[str, str]]:
+    """:data:`COLUMNS` for a table of ``rows`` (result dicts): the judge's columns only where a row has them."""
+    return [(title, key) for title, key in COLUMNS
+            if key not in JUDGE_COLUMNS or any(row.get(key) is not None for row in rows)]
+
+
 def _cell(value: Any) -> str:
     if value is None:
         return "–"
@@ -313,8 +323,7 @@ def results_markdown(evaluation: Evaluation, settings: dict[str, Any]) -> str:
     """The results as a markdown table, with the settings and notes."""
     lines = ["# proreflow eval", ""]
     lines += [f"- {key}: {value}" for key, value in settings.items()]
-    shown = [(title, key) for title, key in COLUMNS if key in ("name", "steps")
-             or any(getattr(r, key) is not None for r in evaluation.results)]  # no column of dashes only
+    shown = shown_columns([asdict(r) for r in evaluation.results])
     lines += ["", "| " + " | ".join(title for title, _ in shown) + " |", "|" + "---|" * len(shown)]
     for r in evaluation.results:
         if r.skipped is None:
