@@ -167,6 +167,21 @@ def test_the_whole_path_as_users_run_it(tiny_t2i, tmp_path):
                          "student 1-step"}
     for row in rows.values():
         assert row["fd"] > 0 and 0 <= row["accuracy"] <= 1 and row["fid"] is None and row["images"] == 8
+    assert cli(["sample", "--model", str(export), "--prompt", "a handwritten digit seven", "--steps", "1",
+                "--device", "cpu", "--out", str(tmp_path / "samples")]) == 0
+    from PIL import Image
+
+    drawn = sorted((tmp_path / "samples").glob("*.png"))
+    assert len(drawn) == 1 and Image.open(drawn[0]).size == (32, 32)
+
+    # a LoRA student of the same config: trained, exported as LoRA weights, sampled on the teacher's pipeline
+    lora_run, lora = tmp_path / "lora-run", tmp_path / "lora"
+    assert cli(["train", "--config", str(CONFIGS / "mnist-t2i.yaml"), "--out", str(lora_run), "--no-progress",
+                *overrides, "setup.lora_rank=4"]) == 0
+    assert cli(["export", "--run", str(lora_run), "--out", str(lora), "--lora"]) == 0
+    assert cli(["sample", "--model", str(tiny_t2i.pipeline), "--lora", str(lora), "--prompt", "7", "--steps", "2",
+                "--device", "cpu", "--out", str(tmp_path / "lora-samples")]) == 0
+    assert len(list((tmp_path / "lora-samples").glob("*.png"))) == 1
 
 
 def test_a_student_equal_to_the_teacher_exports_the_teachers_ddim(tiny_t2i, tmp_path):

@@ -26,7 +26,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for several)")
     p.add_argument("--prompts", help="file with one prompt per line")
     p.add_argument("--steps", type=bounded_int(1, 1000),
-                   help="sampling steps, at least the student's windows (default: one per window)")
+                   help="sampling steps (default: one per window; fewer steps span whole windows, as DDIM with that "
+                        "many steps; SD3 students: at least one per window)")
     p.add_argument("--windows", type=bounded_int(1, 1024), help="the student's windows (default: from the export)")
     p.add_argument("--guidance", type=finite_float(0, 100),
                    help="classifier-free guidance (default: the export's; 1 = none)")
@@ -96,8 +97,9 @@ def run(args: argparse.Namespace) -> int:
                          f"--lora {args.lora} does not fit --model {args.model} ({one_line(err)[:200]})") from None
     windows = info["num_windows"] if sd3 else pipe.scheduler.config.num_windows
     steps = args.steps or windows
-    if steps < windows:
-        raise UsageError(f"--steps {steps}: the student has {windows} windows; sample with at least {windows} steps")
+    if sd3 and steps < windows:  # a VP student takes fewer steps than windows (TimeWindows.for_steps)
+        raise UsageError(f"--steps {steps}: the SD3 student has {windows} windows; sample with at least {windows} "
+                         "steps")
     if not sd3:
         schedule = {"num_inference_steps": steps}
     elif args.height != args.width and pipe.scheduler.config.get("use_dynamic_shifting"):
