@@ -62,6 +62,7 @@ from ..targets import sample_times
 from .data import TEST_FRACTION
 from .images import load_mnist_images, stratified_split
 from .store import check_writable, config_hash
+from .teacher import _ema_avg, _lr_factor
 
 NAME = "mnist-t2i"
 KIND = "teachers"
@@ -291,17 +292,6 @@ def build_components(config: T2ITeacherConfig) -> dict[str, Any]:
     return {"vae": vae, "tokenizer": tokenizer, "text_encoder": text, "unet": unet, "scheduler": scheduler}
 
 
-def _ema(model: nn.Module, decay: float) -> AveragedModel:
-    def avg(averaged: Tensor, current: Tensor, n: Tensor) -> Tensor:
-        d = min(decay, (1 + int(n)) / (10 + int(n)))
-        return d * averaged + (1 - d) * current
-    return AveragedModel(model, avg_fn=avg, use_buffers=True)
-
-
-def _lr_factor(step: int, warmup: int, steps: int) -> float:
-    return min(1.0, (step + 1) / max(warmup, 1)) * 0.5 * (1 + math.cos(math.pi * step / steps))
-
-
 # --- training ----------------------------------------------------------------------------------------
 
 
@@ -362,7 +352,8 @@ def fit_denoiser(unet, text_encoder, tokenizer, latents: tuple[Tensor, Tensor], 
     params = [*unet.parameters(), *text_encoder.parameters()]
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, config.warmup, config.steps))
-    ema_unet, ema_text = _ema(unet, config.ema_decay), _ema(text_encoder, config.ema_decay)
+    ema_unet, ema_text = (AveragedModel(m, avg_fn=_ema_avg(config.ema_decay), use_buffers=True)
+                          for m in (unet, text_encoder))
     unet.train()
     text_encoder.train()
     losses = []

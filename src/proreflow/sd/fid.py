@@ -37,6 +37,7 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from tqdm.auto import tqdm
 
 from ..evaluation.frechet import frechet_distance_from_stats
+from ..files import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -87,12 +88,6 @@ def _resize_channel(channel: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(Image.fromarray(channel.astype(np.float32)).resize((size, size), Image.Resampling.BICUBIC))
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def module_fingerprint(module: nn.Module) -> str:

@@ -34,7 +34,6 @@ recipe. Folders written before checksums existed have no ``checksums.json``: the
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import random
 import re
@@ -49,7 +48,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from ..files import atomic_write, atomic_write_text, replace_dir, temporary_path, write_json
+from ..files import atomic_write, atomic_write_text, file_sha256, replace_dir, temporary_path, write_json
 from ..teachers import Denoiser
 from ..windows import TimeWindows
 from .recipes import Recipe, RecipeError
@@ -152,13 +151,6 @@ class Layout:
 # ---------------------------------------------------------------- checksums
 
 
-def file_sha256(path: Path) -> str:
-    """The SHA-256 of a file's bytes, as hex."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def write_checksums(folder: Path) -> None:
