@@ -99,6 +99,9 @@ def test_data_folders_are_read_by_the_sd_loaders(tiny_t2i):
     assert all(caption_label(p) == label for p, label in zip(held.prompts, held.labels))
     assert {p for p in held.prompts} <= {caption(d, t) for d in range(10) for t in HELDOUT_TEMPLATES}
     assert sorted(held.labels.count(d) for d in range(10)) == [100] * 10
+    assert held.labels == sorted(held.labels)  # written in MNIST's order, sorted by class
+    part = load_image_folder(tiny_t2i.data["heldout"], num=50)  # a subset spreads over the file: every class
+    assert [part.labels.count(d) for d in range(10)] == [5] * 10 and part.prompts[0] == held.prompts[0]
 
 
 def test_the_teacher_folder_is_a_stock_pipeline(tiny_t2i):

@@ -66,7 +66,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="coco2014-30k: 30k random val2014 images, one caption each; coco2017-5k: the 5k val2017 "
                         "images, one caption each; custom: --num random images (default: all)")
     p.add_argument("--num", type=bounded_int(1, 10**6),
-                   help="number of prompts (with a named protocol: its first N, a quick subset)")
+                   help="number of prompts (with a named protocol: its first N, a quick subset; with --images: N rows "
+                        "spread evenly over its metadata.jsonl)")
     p.add_argument("--steps", type=_steps, default=[1, 2, 4, 8], help="student step counts (default 1,2,4,8)")
     p.add_argument("--teacher-steps", type=bounded_int(1, 1000), default=32,
                    help="teacher steps (default 32; SD / SDXL: DDIM with trailing timesteps, no clipping, the "

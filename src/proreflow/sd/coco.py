@@ -131,7 +131,8 @@ def load_prompt_file(path: str | Path, num: int | None = None) -> PromptSet:
 
 def load_image_folder(folder: str | Path, num: int | None = None) -> PromptSet:
     """Captions, images and (where every row has one) ``label`` of an image folder's ``metadata.jsonl``,
-    in file order; ``num`` keeps the first ``num``."""
+    in file order; ``num`` keeps ``num`` rows spread evenly over the file (row ``i * n // num``), so a
+    folder sorted by class (the built-in ``heldout/``) gives every class its share."""
     from .captions import read_json_lines
 
     folder = Path(folder)
@@ -148,7 +149,8 @@ def load_image_folder(folder: str | Path, num: int | None = None) -> PromptSet:
     if bad is not None:
         raise ValueError(f"{metadata}:{bad}: each line needs 'file_name' and 'text'")
     rows = [row for _, row in numbered]
-    rows = rows[:num]
+    if num is not None and num < len(rows):  # spread over the folder: a folder sorted by class stays balanced
+        rows = [rows[i * len(rows) // num] for i in range(num)]
     if not rows:
         raise ValueError(f"{metadata} holds no images")
     paths = [folder / str(row["file_name"]) for row in rows]
