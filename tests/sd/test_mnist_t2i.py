@@ -222,3 +222,14 @@ def test_demo_runs_the_path_and_writes_its_report(tiny_t2i, tmp_path, monkeypatc
     for k in range(len(HELDOUT_TEMPLATES)):
         assert (out / "mnist-t2i" / f"grid_template_{k}.png").is_file()
     assert (out / "mnist-t2i" / "export" / "model_index.json").is_file()
+
+
+def test_teacher_eval_scores_ddim_on_held_out_captions(tiny_t2i):
+    """``proreflow teacher --data mnist-t2i --eval``'s evaluation: DDIM rows on the held-out captions, the first
+    one the reference of the others."""
+    from proreflow.commands.teacher import evaluate_t2i_teacher
+
+    rows = {r.name: r for r in evaluate_t2i_teacher(tiny_t2i, [4, 2], 2.0, 20, progress=False)}
+    assert list(rows) == ["teacher DDIM-4", "teacher DDIM-2"]
+    assert all(r.images == 20 and 0 <= r.accuracy <= 1 and r.fd > 0 for r in rows.values())
+    assert rows["teacher DDIM-2"].rmse_to_teacher > 0

@@ -98,6 +98,7 @@ def template_grids(teacher_dir: Path, export: Path, out: Path, seed: int) -> lis
     from ..sd.export import load_student_pipeline
     from ..sd.fid import to_uint8_rgb
     from ..sd.grids import prompt_row, stack_rows
+    from ..sd.pipeline import SDTeacher
     from ..sd.t2i import ddim_sampler, pipeline_sampler, prompt_noise
 
     teacher = StableDiffusionPipeline.from_pretrained(teacher_dir)
@@ -107,7 +108,8 @@ def template_grids(teacher_dir: Path, export: Path, out: Path, seed: int) -> lis
     guidance = info.get("guidance", 1.0)
     methods = [ddim_sampler(teacher, 32, info.get("teacher_guidance", guidance))]
     methods += [pipeline_sampler(student, n, guidance, f"student {n}-step") for n in GRID_STEPS]
-    noise = prompt_noise(seed, range(10), (4, 8, 8))
+    sd = SDTeacher(teacher, str(teacher_dir))
+    noise = prompt_noise(seed, range(10), sd.latent_shape(sd.resolution))
     paths = []
     for k, template in enumerate(HELDOUT_TEMPLATES):
         prompts = [caption(d, template) for d in range(10)]

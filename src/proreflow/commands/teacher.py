@@ -114,6 +114,7 @@ def evaluate_t2i_teacher(teacher, steps: list[int], guidance: float, samples: in
     from ..builtin.t2i import DigitJudge
     from ..sd.coco import load_image_folder
     from ..sd.fid import load_reference_image
+    from ..sd.pipeline import SDTeacher
     from ..sd.t2i import ddim_sampler, evaluate
 
     prompt_set = load_image_folder(teacher.data["heldout"], samples)
@@ -121,6 +122,8 @@ def evaluate_t2i_teacher(teacher, steps: list[int], guidance: float, samples: in
         torch.stack([load_reference_image(p, None) for p in prompt_set.image_paths]))
     pipe = StableDiffusionPipeline.from_pretrained(teacher.pipeline)
     methods = [ddim_sampler(pipe, n, guidance) for n in steps]
-    evaluation = evaluate(methods[0], methods[1:], prompt_set.prompts, (4, 8, 8), batch_size=100, judge=judge,
+    sd = SDTeacher(pipe, str(teacher.pipeline))
+    evaluation = evaluate(methods[0], methods[1:], prompt_set.prompts, sd.latent_shape(sd.resolution), batch_size=100,
+                          judge=judge,
                           labels=prompt_set.labels, progress=progress)
     return evaluation.results
