@@ -54,15 +54,15 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel
-from tqdm.auto import tqdm
 
 from ..files import atomic_write_text, replace_dir
 from ..schedules import VPSchedule
 from ..targets import sample_times
 from .data import TEST_FRACTION
+from .fitting import fit_steps
 from .images import load_mnist_images, stratified_split
 from .store import check_writable, config_hash
-from .teacher import _ema_avg, _lr_factor
+from .teacher import _ema_avg, _lr_factor, teacher_loss
 
 NAME = "mnist-t2i"
 KIND = "teachers"
@@ -300,22 +300,17 @@ def fit_vae(vae, images: Tensor, config: T2ITeacherConfig, progress: bool = True
     gen = torch.Generator().manual_seed(config.seed)
     opt = torch.optim.AdamW(vae.parameters(), lr=config.vae_lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, config.warmup, config.vae_steps))
-    vae.train()
-    losses = []
-    bar = tqdm(range(config.vae_steps), desc=f"{NAME} VAE", disable=not progress)
-    for _ in bar:
-        x = images[torch.randint(0, len(images), (config.batch_size,), generator=gen)]
+
+    def loss_of_batch(idx: Tensor) -> Tensor:
+        x = images[idx]
         dist = vae.encode(x).latent_dist
         z = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=gen)
-        recon = vae.decode(z).sample
-        loss = F.mse_loss(recon, x) + config.vae_kl * dist.kl().mean() / x[0].numel()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(vae.parameters(), config.grad_clip)
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}", refresh=False)
+        return F.mse_loss(vae.decode(z).sample, x) + config.vae_kl * dist.kl().mean() / x[0].numel()
+
+    vae.train()
+    losses = fit_steps(vae, loss_of_batch, opt, sched, steps=config.vae_steps, batch_size=config.batch_size,
+                       size=len(images), generator=gen, grad_clip=config.grad_clip, desc=f"{NAME} VAE",
+                       progress=progress)
     vae.eval().requires_grad_(False)
     return {"vae_final_loss": sum(losses[-100:]) / max(len(losses[-100:]), 1)}
 
@@ -349,17 +344,16 @@ def fit_denoiser(unet, text_encoder, tokenizer, latents: tuple[Tensor, Tensor], 
     schedule = VPSchedule.from_betas("scaled_linear", 1000, 0.00085, 0.012)
     mean, std = latents
     gen = torch.Generator().manual_seed(config.seed + 1)
-    params = [*unet.parameters(), *text_encoder.parameters()]
-    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    both = nn.ModuleList([unet, text_encoder])  # one optimiser, one clipped norm over both
+    opt = torch.optim.AdamW(both.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, config.warmup, config.steps))
     ema_unet, ema_text = (AveragedModel(m, avg_fn=_ema_avg(config.ema_decay), use_buffers=True)
                           for m in (unet, text_encoder))
-    unet.train()
-    text_encoder.train()
-    losses = []
-    bar = tqdm(range(config.steps), desc=f"{NAME} UNet + text encoder", disable=not progress)
-    for _ in bar:
-        idx = torch.randint(0, len(mean), (config.batch_size,), generator=gen)
+
+    def network(x: Tensor, timestep: Tensor, states: Tensor) -> Tensor:
+        return unet(x, timestep, encoder_hidden_states=states).sample
+
+    def loss_of_batch(idx: Tensor) -> Tensor:
         templates = torch.randint(0, len(TRAIN_TEMPLATES), (config.batch_size,), generator=gen)
         keep = torch.rand(config.batch_size, generator=gen) >= config.cond_dropout
         captions = [caption(int(labels[i]), TRAIN_TEMPLATES[int(k)]) if kept else ""
@@ -369,18 +363,16 @@ def fit_denoiser(unet, text_encoder, tokenizer, latents: tuple[Tensor, Tensor], 
         if config.offset_noise:
             noise = noise + config.offset_noise * torch.randn(*z0.shape[:2], 1, 1, generator=gen)
         t = sample_times(config.batch_size, gen)
-        states = encode_text(tokenizer, text_encoder, captions)
-        pred = unet(schedule.add_noise(z0, noise, t), schedule.timestep(t), encoder_hidden_states=states).sample
-        loss = F.mse_loss(pred, noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(params, config.grad_clip)
-        opt.step()
-        sched.step()
+        return teacher_loss(network, schedule, "epsilon", z0, noise, t, encode_text(tokenizer, text_encoder, captions))
+
+    def update_ema() -> None:
         ema_unet.update_parameters(unet)
         ema_text.update_parameters(text_encoder)
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{sum(losses[-100:]) / len(losses[-100:]):.4f}", refresh=False)
+
+    both.train()
+    losses = fit_steps(both, loss_of_batch, opt, sched, steps=config.steps, batch_size=config.batch_size,
+                       size=len(mean), generator=gen, grad_clip=config.grad_clip, after_step=update_ema,
+                       desc=f"{NAME} UNet + text encoder", progress=progress)
     return (ema_unet.module.eval().requires_grad_(False), ema_text.module.eval().requires_grad_(False),
             {"final_loss": sum(losses[-100:]) / max(len(losses[-100:]), 1)})
 
