@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -131,6 +132,29 @@ def test_temporary_names_hold_the_writers_pid(tmp_path, monkeypatch):
 def test_every_run_logs_its_world_size_at_the_start(tmp_path):
     train(tiny_recipe(), make_setup(), tmp_path, progress=False)
     train(tiny_recipe(), make_setup(), tmp_path, resume=True, progress=False)
-    starts = [line for line in (tmp_path / "train.log").read_text().splitlines() if "world size" in line]
+    starts = [line for line in (tmp_path / "train.log").read_text().splitlines()
+              if "world size" in line and not line.startswith("#")]
     assert len(starts) == 2 and all(f"run tiny in {tmp_path}: world size 1 (processes), device cpu" in line
                                     for line in starts)
+
+
+def test_train_log_opens_with_the_command_versions_setup_and_recipe_and_ends_with_the_result(tmp_path):
+    import json
+
+    import torch
+
+    result = train(tiny_recipe(), make_setup(), tmp_path, progress=False)
+    lines = (tmp_path / "train.log").read_text().splitlines()
+    header = [line[2:] for line in lines if line.startswith("# ")]
+    assert header[0] == "command: " + shlex.join(sys.argv)
+    assert f"torch {torch.__version__}" in header[1] and header[1].startswith("versions: python ")
+    assert header[2] == "world size 1 (processes), device cpu"
+    assert header[3].startswith("setup: ")
+    recipe_lines = header[header.index("resolved recipe:") + 1:]
+    assert recipe_lines == (tmp_path / "recipe.yaml").read_text().splitlines()
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert lines[-1].endswith(
+        f"result: {len(summary)} stage(s), {sum(s['steps'] for s in summary)} optimiser steps, "
+        f"{sum(s['teacher_evals'] for s in summary)} teacher evaluations, "
+        f"{sum(s['seconds'] for s in summary):.1f} s of training; student ({result.windows.count} windows) at "
+        f"{tmp_path / 'student.safetensors'}")

@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import os
 import signal
+import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,7 +46,7 @@ from .checkpoint import (
 )
 from .ema import EMA
 from .recipes import Recipe, load_recipe
-from .report import Reporter, StageCounters, StageSummary, final_loss
+from .report import Reporter, StageCounters, StageSummary, final_loss, run_header
 from .runner import (
     StageRunner,
     Trainee,
@@ -296,6 +297,15 @@ def finished_line(recipe: Recipe, out_dir: str | Path) -> str:
             "(a new run needs another --out)")
 
 
+def result_line(completed: list[StageSummary], out_dir: str | Path) -> str:
+    """The last line of a run's ``train.log``: its totals over every stage and where the student is."""
+    steps, evals = sum(s.steps for s in completed), sum(s.teacher_evals for s in completed)
+    seconds = sum(s.seconds for s in completed)
+    windows = completed[-1].windows if completed else 0
+    return (f"result: {len(completed)} stage(s), {steps} optimiser steps, {evals} teacher evaluations, "
+            f"{seconds:.1f} s of training; student ({windows} windows) at {Path(out_dir) / 'student.safetensors'}")
+
+
 def check_resume(recipe: Recipe, meta: dict[str, Any], checkpoint: Path, allow_change: bool = False) -> list[str]:
     """The keys whose values differ between ``recipe`` and the checkpoint's; raises ValueError when the
     checkpoint's finished and current stages are not this recipe's, or when a key that changes the
@@ -358,7 +368,8 @@ class _Run:
         found = check_output_folder(recipe, self.out, resume, allow_recipe_change, acc.process_index,
                                     lambda line: self.reporter.say(line, warning=True),
                                     Layout.of(network, Trainee.is_shared(self.setup, recipe)), self.identity)
-        self.reporter.open(recipe.name, recipe.to_dict(), recipe.report_to)
+        self.reporter.open(recipe.name, recipe.to_dict(), recipe.report_to,
+                           run_header(sys.argv, acc.num_processes, acc.device.type, self.identity, recipe.to_yaml()))
         self.reporter.say(f"run {recipe.name} in {self.out}: world size {acc.num_processes} (processes), "
                           f"device {acc.device.type}, mixed precision {recipe.mixed_precision}")
         self._remove_temporaries()
@@ -405,6 +416,7 @@ class _Run:
             resumed = checkpoint if state.step > 0 else None
             self._run_stage(index, state, resumed, saved if resumed else None)
         acc.wait_for_everyone()
+        self.reporter.say(result_line(state.completed, self.out))
         module = acc.unwrap_model(self.trainee.student, keep_fp32_wrapper=False).eval()
         if is_sharded(module):  # the result is a plain network with the full weights, on every process
             module = unsharded_student(self.setup, recipe, full_tensors(module.state_dict())).to(acc.device).eval()

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import platform
+import shlex
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -153,13 +156,19 @@ class Reporter:
             root.handlers = [h for h in root.handlers if h is not handler] + [h for h in original if _is_console(h)]
         self._restore.append(restore)
 
-    def open(self, project: str, config: dict, report_to: str) -> None:
-        """Start ``OUT/train.log`` and the trackers of ``report_to`` (``config``: the recipe, logged with them)."""
+    def open(self, project: str, config: dict, report_to: str, header: list[str] = ()) -> None:
+        """Start ``OUT/train.log`` and the trackers of ``report_to`` (``config``: the recipe, logged with them).
+
+        ``header``: lines written to ``train.log`` only, each as ``# line``, before this launch's records
+        (:func:`run_header`: the command, versions, world size, setup and resolved recipe)."""
         if not self.enabled:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.file = logging.FileHandler(self.out_dir / LOG_FILE, encoding="utf-8")
         self.file.setFormatter(logging.Formatter(LOG_FORMAT))
+        if header:
+            self.file.stream.write("".join(f"# {line}\n" for text in header for line in text.splitlines()))
+            self.file.flush()
         self.file.setLevel(logging.INFO)
         logging.getLogger("proreflow").addHandler(self.file)
         if report_to != "none":
@@ -224,6 +233,26 @@ class Reporter:
             self.file = None
         while self._restore:
             self._restore.pop()()
+
+
+def run_header(command: list[str], world_size: int, device: str, setup: dict, recipe_yaml: str) -> list[str]:
+    """The lines that open each launch's part of ``train.log``: what was run, with which package versions,
+    on how many processes, on what setup (its identity, :func:`~proreflow.training.setup.setup_identity`),
+    with which resolved recipe."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "absent"
+
+    packages = ("proreflow", "torch", "diffusers", "transformers", "accelerate", "peft", "safetensors")
+    return [f"command: {shlex.join(command)}",
+            f"versions: python {platform.python_version()}, " + ", ".join(f"{n} {installed(n)}" for n in packages),
+            f"world size {world_size} (processes), device {device}",
+            f"setup: {json.dumps(setup, sort_keys=True)}",
+            "resolved recipe:", recipe_yaml]
 
 
 def flat_config(config: dict, prefix: str = "") -> dict:
