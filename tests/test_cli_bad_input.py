@@ -326,6 +326,8 @@ EXPORT = [
     ("export_no_teacher", ["--run", "{run}", "--out", "{tmp}/e"], "the run does not name its teacher"),
     ("export_teacher_missing", ["--run", "{run}", "--out", "{tmp}/e", "--teacher", "{tmp}/nope"], "does not exist"),
     ("export_out_is_a_file", ["--run", "{run}", "--out", "{file}", "--teacher", "x"], "is a file, not a folder"),
+    ("export_out_not_empty", ["--run", "{run}", "--out", "{run}", "--teacher", "x"],
+     "is not empty and holds no earlier export"),
 ]
 
 OTHER = [

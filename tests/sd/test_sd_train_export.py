@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -143,6 +144,13 @@ def test_exported_pipeline_samples_like_proreflow(sd15_run, tmp_path):
                 "--steps", "2", "--num-images", "2", "--out", str(tmp_path / "png")]) == 0
     assert sorted(p.name for p in (tmp_path / "png").glob("*.png")) == ["000-0.png", "000-1.png", "001-0.png",
                                                                         "001-1.png"]
+
+    # the LoRA export into the same folder replaces the pipeline folder whole: nothing of it is left
+    full = {p.relative_to(tmp_path / "export") for p in (tmp_path / "export").rglob("*")}
+    assert cli(["export", "--run", str(out), "--out", str(tmp_path / "export"), "--lora", "--lora-rank", "2"]) == 0
+    lora = {p.relative_to(tmp_path / "export") for p in (tmp_path / "export").rglob("*")}
+    assert Path("unet") in full and Path("unet") not in lora and "base" in read_export_info(tmp_path / "export")
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
 def test_lora_extracted_from_a_full_student_applies_to_the_base_and_a_finetune(sd15_dir, tmp_path):

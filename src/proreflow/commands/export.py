@@ -17,6 +17,8 @@ carry a model card (README.md).
 from __future__ import annotations
 
 import argparse
+import shutil
+from pathlib import Path
 
 from . import UsageError, bounded_int, existing_dir, writable_dir
 
@@ -24,7 +26,8 @@ from . import UsageError, bounded_int, existing_dir, writable_dir
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run", required=True, help="output folder of a `proreflow train` run (stable-diffusion, "
                    "stable-diffusion-3 or pixart setup)")
-    p.add_argument("--out", required=True, help="folder to write")
+    p.add_argument("--out", required=True, help="folder to write: a new or empty one, or an earlier export "
+                   "(replaced whole)")
     p.add_argument("--teacher", help="teacher pipeline folder or hub id (default: the one the run was trained from)")
     p.add_argument("--lora", action="store_true",
                    help="write LoRA weights (pipe.load_lora_weights) instead of a full pipeline")
@@ -45,7 +48,8 @@ FAMILIES = ("stable-diffusion", "stable-diffusion-3", "pixart")
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..sd.export import push_to_hub, read_metrics
+    from ..files import replace_dir, temporary_path
+    from ..sd.export import EXPORT_INFO, push_to_hub, read_metrics
     from ..sd.pipeline import read_model_index
     from ..training.checkpoint import check_weights_file, read_student_info
     from ..training.recipes import load_recipe
@@ -70,7 +74,10 @@ def run(args: argparse.Namespace) -> int:
             metrics = read_metrics(args.eval)
         except FileNotFoundError as err:
             raise UsageError(f"--eval: {err}") from None
-    writable_dir(args.out)
+    out = writable_dir(args.out)
+    if out.is_dir() and any(out.iterdir()) and not (out / EXPORT_INFO).is_file():
+        raise UsageError(f"--out: {out} is not empty and holds no earlier export ({EXPORT_INFO}); give a new or "
+                         "empty folder (an earlier export there is replaced whole)")
     read_model_index(source, args.local_files_only)  # a wrong teacher fails before anything loads
     family = info.get("info", {}).get("model")
     if family not in FAMILIES:
@@ -87,14 +94,21 @@ def run(args: argparse.Namespace) -> int:
                          "export the PixArt student as a pipeline folder (without --lora)")
     dtype = as_dtype(args.dtype) if args.dtype else None
     export = {"stable-diffusion": _export_sd, "stable-diffusion-3": _export_sd3, "pixart": _export_pixart}[family]
-    print(export(args, run_dir, source, info["info"], extra, dtype, metrics))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_path(out)  # built whole beside --out, then moved in: never a mix of two exports
+    try:
+        line = export(args, run_dir, source, info["info"], extra, dtype, metrics, tmp)
+        replace_dir(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(line)
     if args.push_to_hub:
         print(f"uploaded to {push_to_hub(args.out, args.push_to_hub, private=args.private)}")
     return 0
 
 
 def _export_sd(args: argparse.Namespace, run_dir, source: str, setup_info: dict, extra: dict, dtype,
-               metrics) -> str:
+               metrics, out) -> str:
     """A stable-diffusion run as a pipeline with the stock DDIM, or LoRA; the line to print."""
     from ..sd.export import export_lora, export_pipeline, load_run_student
     from ..sd.pipeline import load_teacher
@@ -104,17 +118,18 @@ def _export_sd(args: argparse.Namespace, run_dir, source: str, setup_info: dict,
     student, info = load_run_student(run_dir, teacher.unet)
     windows, guidance = info["windows"], info.get("guidance", 1.0)
     if args.lora:
-        path, kept = export_lora(student, teacher, args.out, windows, guidance, args.lora_rank, extra, dtype, metrics)
-        return (f"wrote {path} and its kohya / ComfyUI copy (LoRA for {source}; keeps {kept:.1%} of the weight "
-                f"change). Sample with `pipe.load_lora_weights(DIR)`, then\n  {TRAILING_DDIM_LINE}\n"
+        path, kept = export_lora(student, teacher, out, windows, guidance, args.lora_rank, extra, dtype, metrics)
+        return (f"wrote {Path(args.out) / path.name} and its kohya / ComfyUI copy (LoRA for {source}; keeps "
+                f"{kept:.1%} of the weight change). Sample with `pipe.load_lora_weights(DIR)`, then\n"
+                f"  {TRAILING_DDIM_LINE}\n"
                 f"and num_inference_steps={windows}")
-    export_pipeline(student, teacher, args.out, windows, guidance, extra, dtype, metrics)
+    export_pipeline(student, teacher, out, windows, guidance, extra, dtype, metrics)
     return (f"wrote the pipeline folder {args.out} ({windows} windows; sample with num_inference_steps={windows}, "
             f"or `proreflow sample --model {args.out} --prompt ...`)")
 
 
 def _export_sd3(args: argparse.Namespace, run_dir, source: str, setup_info: dict, extra: dict, dtype,
-                metrics) -> str:
+                metrics, out) -> str:
     """A stable-diffusion-3 run as a pipeline with its window sigmas, or LoRA; the line to print."""
     from ..sd.export import load_run_student, read_export_info
     from ..sd3.export import export_sd3_lora, export_sd3_pipeline
@@ -126,21 +141,21 @@ def _export_sd3(args: argparse.Namespace, run_dir, source: str, setup_info: dict
     student, info = load_run_student(run_dir, teacher.transformer, "stable-diffusion-3")
     windows, guidance, resolution = info["windows"], info.get("guidance", 1.0), setup_info.get("resolution")
     if args.lora:
-        path, kept = export_sd3_lora(student, teacher, args.out, windows, guidance, args.lora_rank, resolution,
+        path, kept = export_sd3_lora(student, teacher, out, windows, guidance, args.lora_rank, resolution,
                                      extra, dtype, metrics)
-        what = f"{path} (LoRA for {source}; keeps {kept:.1%} of the weight change). Sample with " \
-               "`pipe.load_lora_weights(DIR)`, then"
+        what = (f"{Path(args.out) / path.name} (LoRA for {source}; keeps {kept:.1%} of the weight change). "
+                "Sample with `pipe.load_lora_weights(DIR)`, then")
     else:
-        export_sd3_pipeline(student, teacher, args.out, windows, guidance, resolution, extra, dtype, metrics)
+        export_sd3_pipeline(student, teacher, out, windows, guidance, resolution, extra, dtype, metrics)
         what = f"the pipeline folder {args.out} ({windows} windows). Sample with"
-    sigmas = read_export_info(args.out)["sigmas"]
+    sigmas = read_export_info(out)["sigmas"]
     return (f"wrote {what} pipe(prompt, sigmas={sigmas}, guidance_scale={guidance:g}) (proreflow.json), or "
             f"`proreflow sample --model {args.out if not args.lora else source} "
             f"{'--lora ' + str(args.out) + ' ' if args.lora else ''}--prompt ...`")
 
 
 def _export_pixart(args: argparse.Namespace, run_dir, source: str, setup_info: dict, extra: dict, dtype,
-                   metrics) -> str:
+                   metrics, out) -> str:
     """A pixart run as a PixArt pipeline with the stock DDIM (LoRA merged); the line to print."""
     from ..pixart.export import export_pixart_pipeline, load_run_student
     from ..pixart.pipeline import load_pixart_teacher
@@ -148,6 +163,6 @@ def _export_pixart(args: argparse.Namespace, run_dir, source: str, setup_info: d
     teacher = load_pixart_teacher(source, local_files_only=args.local_files_only)
     student, info = load_run_student(run_dir, teacher.transformer, "pixart")
     windows, guidance, resolution = info["windows"], info.get("guidance", 1.0), setup_info.get("resolution")
-    export_pixart_pipeline(student, teacher, args.out, windows, guidance, resolution, extra, dtype, metrics)
+    export_pixart_pipeline(student, teacher, out, windows, guidance, resolution, extra, dtype, metrics)
     return (f"wrote the pipeline folder {args.out} ({windows} windows; sample with num_inference_steps={windows}, "
             f"height = width = {resolution or teacher.resolution})")
