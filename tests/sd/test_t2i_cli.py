@@ -69,6 +69,31 @@ def test_eval_on_a_prompt_file_without_clip_in_bf16(base_args, tmp_path, capsys)
     assert "CLIP score not computed" in capsys.readouterr().err
 
 
+def test_a_student_of_another_teacher_is_named_in_one_warning(base_args, student_dir, teacher_dir, tmp_path,
+                                                                capsys):
+    import shutil
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\na dog\n")
+    args = [*base_args, "--prompts", str(prompts), "--steps", "2"]
+    assert main([*args, "--out", str(tmp_path / "own")]) == 0
+    assert "distilled from" not in capsys.readouterr().err
+    own = json.loads((tmp_path / "own" / "results.json").read_text())["settings"]
+    assert own["student_distilled_from"] == str(teacher_dir)
+
+    other = tmp_path / "other-student"
+    shutil.copytree(student_dir, other)
+    info = json.loads((other / "proreflow.json").read_text())
+    (other / "proreflow.json").write_text(json.dumps({**info, "teacher": "someone/another-teacher"}))
+    args[args.index("--student") + 1] = str(other)
+    assert main([*args, "--out", str(tmp_path / "other")]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "distilled from" in line]
+    assert warnings == [f"proreflow eval: warning: the student was distilled from someone/another-teacher, not from "
+                        f"--teacher {teacher_dir}: its rows compare it with another model"]
+    settings = json.loads((tmp_path / "other" / "results.json").read_text())["settings"]
+    assert settings["student_distilled_from"] == "someone/another-teacher"
+
+
 @pytest.mark.parametrize("change, named", [
     (["--teacher", "/nowhere/teacher"], "/nowhere/teacher"),
     (["--student", "/nowhere/student"], "/nowhere/student"),

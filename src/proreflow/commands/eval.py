@@ -161,6 +161,10 @@ def _run(args: argparse.Namespace) -> int:
     if (student_family == SD3_PIPELINE) != (family == SD3_PIPELINE):
         raise ValueError(f"--student: {args.student} is a {student_family}, the teacher {args.teacher} a {family}: "
                          "give the student distilled from that teacher")
+    distilled_from = _distilled_from(args.student, args.student_lora)
+    if distilled_from is not None and not _same_model(distilled_from, args.teacher):
+        print(f"proreflow eval: warning: the student was distilled from {distilled_from}, not from --teacher "
+              f"{args.teacher}: its rows compare it with another model", file=sys.stderr)
     dtype = as_dtype(args.dtype) if args.dtype else (torch.float16 if args.device.startswith("cuda") else torch.float32)
     fid = FID(args.inception, device=args.device) if args.fid else None
     judge = _judge(args, prompt_set)
@@ -181,7 +185,7 @@ def _run(args: argparse.Namespace) -> int:
                           batch_size=args.batch_size, fid=fid, reference=reference, clip=clip, judge=judge,
                           labels=prompt_set.labels if judge is not None else None, sample_count=args.grid_prompts)
     settings = {
-        "teacher": str(args.teacher), "student": str(args.student),
+        "teacher": str(args.teacher), "student": str(args.student), "student_distilled_from": distilled_from,
         "student_lora": None if args.student_lora is None else str(args.student_lora),
         "prompts": prompt_set.source, "count": len(prompt_set), "resolution": resolution, **settings,
         "seed": args.seed, "fid_network": None if fid is None else str(getattr(fid.extractor, "path", "custom")),
@@ -195,6 +199,24 @@ def _run(args: argparse.Namespace) -> int:
     print(paths["markdown"].read_text())
     print(f"wrote {paths['json']}, {paths['markdown']} and {paths['grids']}/")
     return 0
+
+
+def _distilled_from(student: Path, lora: Path | None) -> str | None:
+    """The teacher an exported student names in its ``proreflow.json`` (a LoRA: the base it was trained on)."""
+    from ..sd.export import read_export_info
+
+    info = read_export_info(lora) if lora is not None else read_export_info(student)
+    return info.get("base", info.get("teacher"))
+
+
+def _same_model(a: str, b: str | os.PathLike) -> bool:
+    """The same hub id, or the same folder on disk."""
+    if str(a) == str(b):
+        return True
+    try:
+        return Path(a).exists() and Path(b).exists() and Path(a).resolve() == Path(b).resolve()
+    except OSError:
+        return False
 
 
 def _judge(args: argparse.Namespace, prompt_set):
