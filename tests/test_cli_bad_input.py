@@ -481,3 +481,31 @@ def test_setup_code_runs_only_when_trusted(paths, tmp_path, capsys, monkeypatch)
     assert main(["train", "--config", paths["cfg"], "--print-config", "setup.name=moons"]) == 0  # a named setup
     monkeypatch.setenv("PROREFLOW_TRUST_SETUP_CODE", "1")
     assert main(["train", "--config", paths["cfg"], "--print-config"]) == 0
+
+
+def test_known_library_noise_is_dropped_and_other_warnings_of_its_loggers_are_kept():
+    """diffusers' empty 'kept in float32: []' warning on a model's ``.to(dtype)`` is dropped by the CLI's
+    filter; the same warning naming a module, and other loggers' warnings, still come through."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from proreflow.cli import silence_known_noise
+
+    silence_known_noise()
+    name = "diffusers.models.modeling_utils"
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger(name).addHandler(handler)
+    try:
+        unet = UNet2DConditionModel(block_out_channels=(32, 32), layers_per_block=1, cross_attention_dim=8,
+                                    attention_head_dim=4, sample_size=8, norm_num_groups=8,
+                                    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+        unet.to(torch.float32)
+        assert records == []
+        logging.getLogger(name).warning("There are modules in X that should be kept in float32: ['norm'].")
+        assert [r.getMessage() for r in records] == ["There are modules in X that should be kept in float32: "
+                                                     "['norm']."]
+    finally:
+        logging.getLogger(name).removeHandler(handler)

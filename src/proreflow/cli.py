@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 
 from .commands import one_line
@@ -43,6 +44,27 @@ def _module(name: str):
     return importlib.import_module(f"proreflow.commands.{name}")
 
 
+KNOWN_NOISE = {
+    "diffusers.models.modeling_utils": "should be kept in float32: []",
+    "transformers.utils.import_utils": "requires torchvision (not installed)",
+}
+"""Library warnings that say nothing to a proreflow user, by logger: diffusers warns on every ``.to(dtype)``
+of a model even when it keeps no module in float32 (the list it names is empty), and transformers on
+import about image processors without torchvision, which no proreflow command uses."""
+
+
+def _drop_known_noise(record: logging.LogRecord) -> bool:
+    return KNOWN_NOISE.get(record.name, "\0") not in record.getMessage()
+
+
+def silence_known_noise() -> None:
+    """Filter :data:`KNOWN_NOISE` out of its loggers (once; other warnings of those loggers stay)."""
+    for name in KNOWN_NOISE:
+        log = logging.getLogger(name)
+        if _drop_known_noise not in log.filters:
+            log.addFilter(_drop_known_noise)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run a command; bad input (ValueError, OSError) is one line on stderr and exit code 2; a stop
     signal 128 + its number (Ctrl-C 130, SIGTERM 143, SIGHUP 129).
@@ -51,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     traceback.
     """
     argv = sys.argv[1:] if argv is None else argv
+    silence_known_noise()
     name = next((a for a in argv if not a.startswith("-")), None)
     if name is None:
         if argv in ([], ["-h"], ["--help"]):
