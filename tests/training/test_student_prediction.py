@@ -123,12 +123,21 @@ def test_a_student_from_scratch_starts_from_the_recipes_seed():
 
 
 def test_auto_is_velocity_from_scratch_and_the_teachers_type_for_a_copy():
-    assert load_recipe(tiny_recipe()).student_prediction == "teacher"
-    assert load_recipe(tiny_recipe(from_scratch=True)).student_prediction == "velocity"
-    assert load_recipe(tiny_recipe(from_scratch=True, student_prediction="epsilon")).student_prediction == "epsilon"
-    setup = make_setup(from_scratch_seed=1)
-    assert setup.student_prediction_type("auto", from_scratch=True) == "velocity"
-    assert setup.student_prediction_type("auto", from_scratch=False) == "epsilon"
+    assert load_recipe(tiny_recipe()).resolved_student_prediction == "teacher"
+    assert load_recipe(tiny_recipe(from_scratch=True)).resolved_student_prediction == "velocity"
+    assert load_recipe(tiny_recipe(from_scratch=True, student_prediction="epsilon")).resolved_student_prediction \
+        == "epsilon"
+    # the recipe keeps 'auto' until it is read; a resume compares what trained (resolved)
+    assert load_recipe(tiny_recipe(from_scratch=True)).student_prediction == "auto"
+
+
+def test_auto_follows_from_scratch_set_after_loading(tmp_path):
+    """A recipe loaded with ``auto`` and then made ``from_scratch`` through the Python API trains a velocity
+    student, as the docs promise (the field keeps ``auto`` until it is read)."""
+    recipe = dataclasses.replace(load_recipe(tiny_recipe(stages=[{"windows": 2, "steps": 2}])), from_scratch=True)
+    assert recipe.student_prediction == "auto" and recipe.resolved_student_prediction == "velocity"
+    train(recipe, make_setup(from_scratch_seed=1), tmp_path, progress=False)
+    assert read_student_info(tmp_path)["prediction_type"] == "velocity"
 
 
 def test_a_checkpoint_from_before_student_prediction_resumes_as_the_teachers_type(tmp_path):

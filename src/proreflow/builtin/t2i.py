@@ -15,7 +15,11 @@ on a teacher that draws something:
   ``CLIPTextModel``, **trained with the UNet**: no CLIP weights exist offline, and a random frozen
   encoder gives "seven" and "7" unrelated states, so nothing would tie the templates of one digit
   together; it is frozen afterwards, as distillation freezes every text encoder;
-- ``UNet2DConditionModel`` with cross-attention on the text states, epsilon prediction, on SD's
+- ``UNet2DConditionModel`` with cross-attention on the text states and (``text_time_embedding``) the
+  text states pooled by attention into its time embedding (diffusers' ``addition_embed_type="text"``,
+  ``TextTimeEmbedding``: computed inside the UNet from the same states, so the stock pipeline runs it;
+  with cross-attention alone this small UNet follows the prompt too weakly, docs/research/
+  2026-12-07-text-to-image.md), epsilon prediction, on SD's
   ``scaled_linear`` schedule (T = 1000) with the library's timestep convention
   (:meth:`~proreflow.schedules.VPSchedule.timestep`); captions are dropped to ``""`` with
   probability ``cond_dropout`` (10 %), so classifier-free guidance works (the pipeline's negative
@@ -115,6 +119,7 @@ class T2ITeacherConfig:
     max_tokens: int = 16
     unet_channels: tuple[int, ...] = (32, 64)
     unet_layers: int = 1
+    text_time_embedding: bool = True
     steps: int = 3000
     batch_size: int = 64
     lr: float = 1e-3
@@ -142,7 +147,10 @@ def t2i_config(**overrides: Any) -> T2ITeacherConfig:
     unknown = sorted(set(given) - names)
     if unknown:
         raise ValueError(f"{NAME}: unknown teacher setting {unknown[0]!r}; known: {', '.join(sorted(names))}")
+    defaults = T2ITeacherConfig()
     for key, value in given.items():
+        if isinstance(getattr(defaults, key), bool) and not isinstance(value, bool):
+            raise ValueError(f"{NAME}: {key} must be true or false, got {value!r}")
         if key in LIMITS:
             low, high = LIMITS[key]
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
@@ -285,7 +293,9 @@ def build_components(config: T2ITeacherConfig) -> dict[str, Any]:
             layers_per_block=config.unet_layers,
             down_block_types=("CrossAttnDownBlock2D",) * (levels - 1) + ("DownBlock2D",),
             up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (levels - 1),
-            cross_attention_dim=config.text_width, attention_head_dim=8, norm_num_groups=32)
+            cross_attention_dim=config.text_width, attention_head_dim=8, norm_num_groups=32,
+            **({"addition_embed_type": "text", "addition_embed_type_num_heads": 4} if config.text_time_embedding
+               else {}))
     scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                               num_train_timesteps=1000, prediction_type="epsilon", clip_sample=False,
                               set_alpha_to_one=False, steps_offset=1)

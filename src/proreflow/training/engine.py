@@ -325,7 +325,9 @@ def check_resume(recipe: Recipe, meta: dict[str, Any], checkpoint: Path, allow_c
                 raise ValueError(f"stages.{i}.{key}: the checkpoint {checkpoint} was trained with "
                                  f"{getattr(old.stages[i], key)!r}, the recipe says "
                                  f"{getattr(recipe.stages[i], key)!r}; resume with the same stages")
-    changed = _changed_keys(old.to_dict(), recipe.to_dict())
+    # what trained is compared: 'auto' as resolved (older checkpoints recorded it resolved)
+    changed = _changed_keys({**old.to_dict(), "student_prediction": old.resolved_student_prediction},
+                            {**recipe.to_dict(), "student_prediction": recipe.resolved_student_prediction})
     replayed = [key for key in changed if key not in NO_REPLAY_KEYS]
     if replayed and not allow_change:
         first = replayed[0]
@@ -355,7 +357,7 @@ class _Run:
     @property
     def student_type(self) -> str:
         """The student's output type (recipe ``student_prediction``)."""
-        return self.setup.student_prediction_type(self.recipe.student_prediction, self.recipe.from_scratch)
+        return self.setup.student_prediction_type(self.recipe.resolved_student_prediction, self.recipe.from_scratch)
 
     # ------------------------------------------------------------ setup and resume
 

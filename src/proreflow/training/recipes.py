@@ -221,6 +221,15 @@ class Recipe:
         data["stages"] = data.pop("stages")  # settings first, stages last
         return data
 
+    @property
+    def resolved_student_prediction(self) -> str:
+        """``student_prediction`` with ``'auto'`` resolved: ``'velocity'`` from scratch, else ``'teacher'``.
+        The field keeps ``'auto'``, so a recipe changed later (``dataclasses.replace(recipe, from_scratch=True)``)
+        resolves by its new ``from_scratch``."""
+        if self.student_prediction != "auto":
+            return self.student_prediction
+        return "velocity" if self.from_scratch else "teacher"
+
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
@@ -630,8 +639,6 @@ def _build_recipe(raw: dict[str, Any]) -> Recipe:
     values = {name: _check_value(name, name, raw[name], hints[name])
               for name in RECIPE_KEYS if name in raw and name not in ("stages", "defaults")}
     _check_schedule(stages)
-    if values.get("student_prediction", "auto") == "auto":  # resolved here, so records and resumes compare it
-        values["student_prediction"] = "velocity" if values.get("from_scratch") else "teacher"
     return Recipe(stages=stages, **values)
 
 

@@ -321,7 +321,7 @@ class StageRunner:
                                                trainee.weight_dtype, acc.autocast)
         plan = BatchPlan(len(setup.dataset), recipe.seed, index, stage.batch_size, stage.grad_accum,
                          acc.num_processes, acc.process_index)
-        student_type = setup.student_prediction_type(recipe.student_prediction, recipe.from_scratch)
+        student_type = setup.student_prediction_type(recipe.resolved_student_prediction, recipe.from_scratch)
         student = setup.denoiser(_Prepared(trainee.student, trainee.module), prediction_type=student_type)
         self.context = StageContext(acc, recipe, index, setup, trainee.student, trainee.module, student,
                                     trainee.optimizer, self.ema, teacher, counter, plan, trainee.uncond)

@@ -95,16 +95,14 @@ class DistillationSetup:
         return Denoiser(self.adapter(module), prediction_type or self.prediction_type, self.schedule, dtype=dtype)
 
     def student_prediction_type(self, student_prediction: str = "teacher", from_scratch: bool = False) -> str:
-        """The student's output type for recipe ``student_prediction`` (``"teacher"``: the teacher's;
-        ``"auto"``: ``"velocity"`` from scratch, else the teacher's).
+        """The student's output type for recipe ``student_prediction`` as resolved
+        (:attr:`~proreflow.training.recipes.Recipe.resolved_student_prediction`; ``"teacher"``: the teacher's).
 
         A copy of the teacher keeps the teacher's type: any other reading of the same network is another
         function, which would not start as the teacher's DDIM (and a fixed re-expression of the same output,
         e.g. epsilon read back as x0, is the same function with the same gradients: nothing to choose).
         A student from scratch may output the velocity directly, or any type the schedule converts.
         """
-        if student_prediction == "auto":
-            student_prediction = "velocity" if from_scratch else "teacher"
         wanted = self.prediction_type if student_prediction == "teacher" else student_prediction
         allowed = (("flow_velocity", "velocity") if isinstance(self.schedule, FlowSchedule)
                    else (*DIFFUSION_PREDICTION_TYPES, "velocity"))

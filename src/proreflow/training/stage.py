@@ -97,7 +97,7 @@ def build_stage_teacher(setup: DistillationSetup, recipe: Recipe, index: int, or
         if previous is None:
             raise ValueError(f"stage {index + 1} learns from the previous student, which was not given")
         module, windows = previous, TimeWindows(recipe.stages[index - 1].windows)
-        prediction_type = setup.student_prediction_type(recipe.student_prediction, recipe.from_scratch)
+        prediction_type = setup.student_prediction_type(recipe.resolved_student_prediction, recipe.from_scratch)
     else:
         module, windows, prediction_type = original, None, setup.prediction_type
     denoiser = setup.denoiser(module, dtype=dtype, prediction_type=prediction_type)
@@ -112,7 +112,7 @@ def check_setup_fits(recipe: Recipe, setup: DistillationSetup, num_processes: in
     if recipe.from_scratch and setup.make_student is None:
         raise ValueError("from_scratch: true needs a setup with make_student (a builder of a fresh network); "
                          "this setup only has a teacher to copy: set from_scratch: false")
-    setup.student_prediction_type(recipe.student_prediction, recipe.from_scratch)
+    setup.student_prediction_type(recipe.resolved_student_prediction, recipe.from_scratch)
     if len(setup.dataset) < 1:
         raise ValueError("the setup's training dataset is empty")
     zero_terminal_snr = isinstance(setup.schedule, VPSchedule) and float(setup.schedule.abar(torch.tensor(1.0))) == 0
