@@ -509,3 +509,13 @@ def test_known_library_noise_is_dropped_and_other_warnings_of_its_loggers_are_ke
                                                      "['norm']."]
     finally:
         logging.getLogger(name).removeHandler(handler)
+
+
+def test_a_damaged_demo_run_is_a_run_time_failure_exit_code_1(paths, capsys, tmp_path):
+    """``proreflow demo`` resumes its run folders: a damaged one is one line and exit code 1, as in train."""
+    shutil.copytree(paths["damaged"], tmp_path / "demo" / "moons" / "run")
+    code = main(["demo", "--data", "moons", "--out", str(tmp_path / "demo"), "--no-progress"])
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert code == 1 and len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith("proreflow demo: ") and "no complete checkpoint left" in lines[0]
