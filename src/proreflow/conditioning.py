@@ -84,11 +84,6 @@ def _leaf_paths(cond: Cond, prefix: str = "") -> list[str]:
     return [prefix.rstrip(".")] if prefix else []
 
 
-def index_cond(cond: Cond, index) -> Cond:
-    """Rows ``index`` of every leaf."""
-    return map_cond(lambda a: a[index], cond)
-
-
 def expand_cond(cond: Cond, batch: int) -> Cond:
     """Repeat a condition with batch size 1 to ``batch`` rows (no-op otherwise)."""
     return map_cond(lambda a: a.expand(batch, *a.shape[1:]) if a.shape[0] == 1 else a, cond)

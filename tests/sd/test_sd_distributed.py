@@ -19,6 +19,8 @@ from proreflow.sd.latent_cache import LatentCacheDataset
 from proreflow.sd.setup import build_sd_setup
 from proreflow.training import train
 
+pytestmark = pytest.mark.distributed  # torchrun, 2 CPU processes
+
 WORKER = Path(__file__).with_name("dist_sd_worker.py")
 RECIPE = {"name": "tiny-dist", "checkpoint_every": 2, "log_every": 1, "seed": 3,
           "defaults": {"batch_size": 4, "lr": 1e-3, "adam_epsilon": 1e-3, "warmup_steps": 0, "guidance": 2.0,

@@ -9,11 +9,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from engine_toys import SkippingMixture, make_setup, skipped_per_step, tiny_recipe
 from safetensors.torch import load_file, save_file
 
 from proreflow.training import train
+
+pytestmark = pytest.mark.distributed  # torchrun, 2 CPU processes
 
 WORKER = Path(__file__).with_name("dist_worker.py")
 

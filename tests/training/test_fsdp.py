@@ -62,6 +62,7 @@ def _assert_same(a_dir: Path, b_dir: Path, atol: float, names=FILES) -> None:
             torch.testing.assert_close(a[key], b[key], rtol=0, atol=atol)
 
 
+@pytest.mark.distributed
 def test_fsdp2_two_processes_shard_the_student_and_match_one(tmp_path):
     _launch(tmp_path, "two")
     teacher = make_setup().teacher_model
@@ -92,6 +93,7 @@ def test_fsdp2_two_processes_shard_the_student_and_match_one(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.distributed
 def test_fsdp2_checkpoints_resume_under_fsdp_and_without_it(tmp_path):
     _launch(tmp_path, "two")
     # resumed under FSDP from the mid-stage-1 checkpoint: the uninterrupted FSDP run, bit for bit

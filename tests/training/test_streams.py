@@ -318,6 +318,7 @@ def test_the_cli_names_a_shard_pattern_that_matches_nothing(tmp_path, capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.distributed
 def test_two_processes_on_shards_with_loader_workers_match_one(tmp_path):
     """torchrun, 2 CPU processes (gloo) with 2 DataLoader workers each, on shards with a damaged one:
     the weights, teacher evaluations, sample and skipped-item counts of 1 process without workers."""

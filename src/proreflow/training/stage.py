@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -205,6 +206,11 @@ def stage_loss(stage: Stage, batch, v_pred: Tensor, schedule) -> LossTerms:
                           space_target=space[1], mse_weights=weights)
 
 
+STEP_TOTALS = ("loss", "mse", "direction", "magnitude", "nonfinite", "teacher_evals", "skipped_items")
+"""What one optimiser step sums over its micro-batches and processes (float64; ``nonfinite``: micro-batches
+whose loss was not finite)."""
+
+
 def train_step(ctx: StageContext, batches: Iterator[tuple[Tensor, Cond, list[str]]], step: int) -> StepResult:
     """Optimiser step ``step`` (0-based) of the stage: accumulate, check finiteness, clip, step, EMA.
 
@@ -215,15 +221,13 @@ def train_step(ctx: StageContext, batches: Iterator[tuple[Tensor, Cond, list[str
     acc, stage = ctx.accelerator, ctx.stage
     lr = set_stage_hyperparameters(ctx.optimizer, stage, step + 1)
     windows = TimeWindows(stage.windows)
-    # sums over micro-batches: loss, mse, direction, magnitude, non-finite count, teacher evaluations,
-    # skipped data items
-    sums = torch.zeros(7, dtype=torch.float64)
+    sums = dict.fromkeys(STEP_TOTALS, 0.0)
     skipped: list[str] = []
     sharded = is_sharded(ctx.module)
     for micro in range(stage.grad_accum):
         x0, cond, names = next(batches)
         skipped += names
-        sums[6] += len(names)
+        sums["skipped_items"] += len(names)
         ctx.check_condition(cond)
         x0 = x0.to(acc.device)
         cond = map_cond(lambda c: c.to(acc.device), cond)
@@ -255,23 +259,26 @@ def train_step(ctx: StageContext, batches: Iterator[tuple[Tensor, Cond, list[str
             v_pred = ctx.student_denoiser.velocity(batch.x_t, batch.t, batch.t_end, cond)
             terms = stage_loss(stage, batch, v_pred, ctx.setup.schedule)
             acc.backward(terms.total / stage.grad_accum)
-        parts = torch.stack([terms.total, terms.mse, terms.direction, terms.magnitude]).detach().double().cpu()
-        finite = bool(torch.isfinite(parts).all())
-        sums[:4] += parts if finite else 0.0
-        sums[4] += 0.0 if finite else 1.0
-        sums[5] += evals
+        parts = dict(zip(("loss", "mse", "direction", "magnitude"), torch.stack(
+            [terms.total, terms.mse, terms.direction, terms.magnitude]).detach().double().cpu().tolist()))
+        finite = all(math.isfinite(value) for value in parts.values())
+        for name, value in parts.items():
+            sums[name] += value if finite else 0.0
+        sums["nonfinite"] += 0.0 if finite else 1.0
+        sums["teacher_evals"] += evals
     if acc.num_processes > 1:
-        sums = acc.reduce(sums.to(acc.device), "sum").cpu()
-        if sums[6] > 0:  # every process knows this, so all of them gather
+        summed = acc.reduce(torch.tensor([sums[k] for k in STEP_TOTALS], dtype=torch.float64, device=acc.device),
+                            "sum")
+        sums = dict(zip(STEP_TOTALS, summed.cpu().tolist()))
+        if sums["skipped_items"] > 0:  # every process knows this, so all of them gather
             skipped = [name for names in gather_object([skipped]) for name in names]
     skipped.sort()  # a step's names in an order that does not depend on the process layout
     micro_total = stage.grad_accum * acc.num_processes
-    evals, samples = int(sums[5]), stage.batch_size
-    if sums[4] > 0:
+    evals, samples = int(sums["teacher_evals"]), stage.batch_size
+    if sums["nonfinite"] > 0:
         ctx.optimizer.zero_grad(set_to_none=True)
         return StepResult(float("nan"), {"lr": lr}, True, evals, samples, skipped_items=skipped)
-    scalars = {"lr": lr, "mse": float(sums[1]) / micro_total, "direction": float(sums[2]) / micro_total,
-               "magnitude": float(sums[3]) / micro_total}
+    scalars = {"lr": lr, **{name: sums[name] / micro_total for name in ("mse", "direction", "magnitude")}}
     # the norm of the (all-reduced, unscaled) gradient; max_norm = inf measures it and scales by exactly 1
     grad_norm = float(acc.clip_grad_norm_(ctx.student.parameters(), stage.grad_clip or float("inf")))
     scalars["grad_norm"] = grad_norm
@@ -289,7 +296,7 @@ def train_step(ctx: StageContext, batches: Iterator[tuple[Tensor, Cond, list[str
                                  "weights non-finite (from a finite gradient); the run stopped and nothing was "
                                  "written with them. Lower lr or weight_decay, then continue with --resume.")
     ctx.ema.update(ctx.module, step + 1)
-    return StepResult(float(sums[0]) / micro_total, scalars, False, evals, samples, skipped_items=skipped)
+    return StepResult(sums["loss"] / micro_total, scalars, False, evals, samples, skipped_items=skipped)
 
 
 def teacher_start_batch(ctx: StageContext, positions: range, x0: Tensor, cond: Cond, uncond: Cond, t: Tensor
