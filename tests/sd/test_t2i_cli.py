@@ -136,3 +136,19 @@ def test_teacher_and_student_share_the_guidance_unless_told(given, info, want):
 
     args = argparse.Namespace(**{"guidance": None, "teacher_guidance": None, "student_guidance": None, **given})
     assert guidances(args, info) == want
+
+
+def test_teacher_and_student_pipelines_load_without_deprecation_warnings(teacher_dir, student_dir):
+    """diffusers >= 0.40 takes ``dtype`` (``torch_dtype`` warns on every load): the loaders use it."""
+    import warnings
+
+    import torch
+
+    from proreflow.sd.export import load_student_pipeline
+    from proreflow.sd.pipeline import load_teacher
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        warnings.simplefilter("error", DeprecationWarning)
+        load_teacher(teacher_dir)
+        load_student_pipeline(student_dir, dtype=torch.float32)

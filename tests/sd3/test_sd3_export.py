@@ -131,7 +131,7 @@ def test_model_cards_give_the_loading_and_sigmas_lines(lora_export, sd3_dir, tmp
     sigmas = window_sigmas(teacher.schedule(), TimeWindows(2))
     assert f'image = pipe("a photo of a cat", sigmas={sigmas}, guidance_scale=2).images[0]' in card
     assert (f'pipe = StableDiffusion3Pipeline.from_pretrained("{sd3_dir}", text_encoder_3=None, tokenizer_3=None, '
-            'torch_dtype=torch.float16).to("cuda")\npipe.load_lora_weights("me/tiny-sd3")') in card
+            'dtype=torch.float16).to("cuda")\npipe.load_lora_weights("me/tiny-sd3")') in card
     assert "- stable-diffusion-3\n- lora\n" in card and "DDIM" not in card
     metrics = [{"name": "teacher Euler-32", "steps": 32, "fid": 25.5},
                {"name": "student 2-step", "steps": 2, "fid": 27.25, "psnr_to_teacher": 21.5}]

@@ -120,9 +120,9 @@ def _sd_usage(info: dict) -> list[str]:
     teacher = info["base"] if lora else info["teacher"]
     pipeline = info.get("pipeline", "StableDiffusionPipeline")
     here = info.get("repo_id", "THIS_FOLDER")
-    load = (f'pipe = {pipeline}.from_pretrained("{teacher}", torch_dtype=torch.float16).to("cuda")\n'
+    load = (f'pipe = {pipeline}.from_pretrained("{teacher}", dtype=torch.float16).to("cuda")\n'
             f'pipe.load_lora_weights("{here}")\n' + TRAILING_DDIM_LINE if lora else
-            f'pipe = {pipeline}.from_pretrained("{here}", torch_dtype=torch.float16).to("cuda")\n'
+            f'pipe = {pipeline}.from_pretrained("{here}", dtype=torch.float16).to("cuda")\n'
             f"# the scheduler is already DDIMScheduler(timestep_spacing='trailing', set_alpha_to_one=False, ...)")
     lines = [
         "```python", "import torch", f"from diffusers import DDIMScheduler, {pipeline}", "", load,
@@ -247,7 +247,7 @@ def load_student_pipeline(model: str | Path, lora: str | Path | None = None, num
     local_files_only = default_local_files_only() if local_files_only is None else local_files_only
     index = read_model_index(model, local_files_only)
     unused = {name: None for name in UNUSED_COMPONENTS if name in index}
-    pipe = DiffusionPipeline.from_pretrained(str(model), torch_dtype=dtype, local_files_only=local_files_only, **unused)
+    pipe = DiffusionPipeline.from_pretrained(str(model), dtype=dtype, local_files_only=local_files_only, **unused)
     info = {**read_export_info(model), **(read_export_info(lora) if lora else {})}
     if lora:
         pipe.load_lora_weights(str(lora))

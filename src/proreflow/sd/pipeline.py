@@ -223,7 +223,7 @@ def load_pipeline(source: str | Path, supported: tuple[str, ...], dtypes: dict, 
                   variant: str | None = None, local_files_only: bool | None = None):
     """The diffusers pipeline at ``source`` (folder or hub id), refused unless its class is one of
     ``supported`` (``what``: the models they are, for the message); ``dtypes``: per component
-    (``torch_dtype``); the components of :data:`UNUSED_COMPONENTS` are not loaded. Its progress bars are off."""
+    (``dtype``); the components of :data:`UNUSED_COMPONENTS` are not loaded. Its progress bars are off."""
     from diffusers import DiffusionPipeline
 
     local_files_only = default_local_files_only() if local_files_only is None else local_files_only
@@ -233,7 +233,7 @@ def load_pipeline(source: str | Path, supported: tuple[str, ...], dtypes: dict, 
         raise ValueError(f"teacher {source}: a {kind} is not supported; use a {' or '.join(supported)} ({what})")
     unused = {name: None for name in UNUSED_COMPONENTS if name in index}
     try:
-        pipe = DiffusionPipeline.from_pretrained(str(source), torch_dtype=dtypes, variant=variant,
+        pipe = DiffusionPipeline.from_pretrained(str(source), dtype=dtypes, variant=variant,
                                                  local_files_only=local_files_only, **unused)
     except (OSError, ValueError) as err:
         raise type(err)(f"loading the teacher pipeline {source} failed: {err}") from err

@@ -71,7 +71,7 @@ def usage(info: dict) -> list[str]:
     here = info.get("repo_id", "THIS_FOLDER")
     no_t5 = "" if info.get("use_t5", True) else ", text_encoder_3=None, tokenizer_3=None"
     load = [f'pipe = {PIPELINE}.from_pretrained("{info["base"] if lora else here}"{no_t5}, '
-            'torch_dtype=torch.float16).to("cuda")']
+            'dtype=torch.float16).to("cuda")']
     if lora:
         load.append(f'pipe.load_lora_weights("{here}")')
     return [
@@ -144,7 +144,7 @@ def load_sd3_student_pipeline(model: str | Path, lora: str | Path | None = None,
     skipped = {name: None for name in UNUSED_COMPONENTS if name in index}
     if not info.get("use_t5", True) or index.get("text_encoder_3", [None])[0] is None:  # saved without T5
         skipped.update({name: None for name in T5_COMPONENTS})
-    pipe = DiffusionPipeline.from_pretrained(str(model), torch_dtype=dtype, local_files_only=local_files_only,
+    pipe = DiffusionPipeline.from_pretrained(str(model), dtype=dtype, local_files_only=local_files_only,
                                              **skipped)
     pipe.set_progress_bar_config(disable=True)
     if lora:

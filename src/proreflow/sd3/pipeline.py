@@ -144,7 +144,7 @@ def load_sd3_teacher(source: str | Path, transformer_dtype: str | torch.dtype = 
         skipped.update({name: None for name in T5_COMPONENTS})
     dtypes = {"default": as_dtype(encoder_dtype), "transformer": as_dtype(transformer_dtype), "vae": torch.float32}
     try:
-        pipe = DiffusionPipeline.from_pretrained(str(source), torch_dtype=dtypes, variant=variant,
+        pipe = DiffusionPipeline.from_pretrained(str(source), dtype=dtypes, variant=variant,
                                                  local_files_only=local_files_only, **skipped)
     except (OSError, ValueError) as err:
         raise type(err)(f"loading the teacher pipeline {source} failed: {err}") from err
