@@ -79,9 +79,8 @@ def evaluate(teacher, student: Path, seed: int, out: Path, samples: int, log: Pa
 
 
 def teacher_evaluations(run: Path) -> int:
-    """Teacher network evaluations of a run, summed over the stage summaries in its train.log."""
-    counts = re.findall(r"(\d+) teacher evaluations", (run / "train.log").read_text())
-    return sum(int(c) for c in counts[-10:]) if counts else 0
+    """Teacher network evaluations of a run, summed over its stage summaries (``summary.json``)."""
+    return sum(stage["teacher_evals"] for stage in json.loads((run / "summary.json").read_text()))
 
 
 def one_run(method: str, seed: int, teacher, work: Path, samples: int, fid_methods: set[str]) -> list[dict]:
