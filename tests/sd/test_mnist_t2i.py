@@ -112,10 +112,22 @@ def test_the_teacher_folder_is_a_stock_pipeline(tiny_t2i):
     assert pipe.scheduler.config.prediction_type == "epsilon"
     assert type(pipe.text_encoder).__name__ == "CLIPTextModel" and len(pipe.tokenizer) == 49408
     assert pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size
+    assert pipe.unet.config.addition_embed_type == "text"  # the text pooled into the time embedding too
     assert pipe.vae.config.scaling_factor == pytest.approx(tiny_t2i.stats["scaling_factor"])
     # a cached teacher is reused, not retrained
     again = load_or_train_t2i_teacher(progress=False, **TINY)
     assert not again.trained and again.path == tiny_t2i.path
+
+
+def test_text_in_the_time_embedding_is_a_setting_and_settings_are_checked():
+    from proreflow.builtin.t2i import build_components, t2i_config
+
+    assert getattr(build_components(t2i_config(text_time_embedding=False))["unet"], "add_embedding", None) is None
+    assert type(build_components(t2i_config())["unet"].add_embedding).__name__ == "TextTimeEmbedding"
+    with pytest.raises(ValueError, match="text_time_embedding must be true or false"):
+        t2i_config(text_time_embedding=1)
+    with pytest.raises(ValueError, match="steps must be a finite number"):
+        t2i_config(steps=float("nan"))
 
 
 def test_the_config_is_sd15_at_cpu_size():
