@@ -159,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--samples", type=int, default=1000, help="held-out captions per evaluation (at most 1000)")
+    parser.add_argument("--first-seed-only", nargs="*", default=[], choices=list(METHODS), metavar="METHOD",
+                        help="methods run on the first seed only (the costliest baselines, where time is short)")
     parser.add_argument("--fid-methods", nargs="*", default=[], help="methods that also get Inception FID rows "
                         "(and the teacher when any is given)")
     parser.add_argument("--jobs", type=int, default=2, help="runs at once (one CPU thread each)")
@@ -182,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     fid_methods = set(args.fid_methods)
     # the first seed of every method, then the later seeds method by method (an interrupted benchmark keeps
     # whole comparisons); a finished run is resumed as finished and its evaluation reused
-    jobs = [(m, args.seeds[0]) for m in args.methods] + [(m, s) for m in args.methods for s in args.seeds[1:]]
+    jobs = [(m, args.seeds[0]) for m in args.methods] + [(m, s) for m in args.methods for s in args.seeds[1:]
+                                                          if m not in args.first_seed_only]
     teacher_as_student(teacher, args.work)
     rows: list[dict] = []
 
