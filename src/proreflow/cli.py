@@ -66,8 +66,9 @@ def silence_known_noise() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run a command; bad input (ValueError, OSError) is one line on stderr and exit code 2; a stop
-    signal 128 + its number (Ctrl-C 130, SIGTERM 143, SIGHUP 129).
+    """Run a command; bad input (ValueError, OSError) is one line on stderr and exit code 2; a damaged
+    run folder or a run stopped by non-finite losses one line and exit code 1; a stop signal 128 + its
+    number (Ctrl-C 130, SIGTERM 143, SIGHUP 129).
 
     Commands report their own run-time failures (exit code 1); anything else is a bug and keeps its
     traceback.
@@ -91,9 +92,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"proreflow {name}: not available in this version", file=sys.stderr)
             return 2
         raise
+    from .training.checkpoint import CheckpointError
+    from .training.stage import NonFiniteLossError
+
     try:
         args = build_parser(load=name).parse_args(argv)
         return int(_module(name).run(args) or 0)
+    except (NonFiniteLossError, CheckpointError) as err:  # a run's files or losses failed: run-time, not bad input
+        print(f"proreflow {name}: {one_line(err)}", file=sys.stderr)
+        return 1
     except (ValueError, OSError) as err:  # bad input: the message names it and the fix
         print(f"proreflow {name}: error: {one_line(err)}", file=sys.stderr)
         return 2

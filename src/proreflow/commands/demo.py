@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from ..builtin.defaults import GUIDANCE, data_kind, default_eval_samples
 from ..builtin.t2i import NAME as T2I
 from ..training.recipes import budget_overrides, load_recipe
 from ..windows import TimeWindows
-from . import bounded_int, one_line, writable_dir
+from . import bounded_int, writable_dir
 
 DEFAULT_DATA = ["moons", "digits"]
 RECIPE = "proreflow-ii"
@@ -73,19 +72,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the demo; a damaged run folder or a run stopped by non-finite losses is one line and exit code 1
-    (as ``proreflow train``): a run-time failure, not bad input."""
-    from ..training import NonFiniteLossError
-    from ..training.checkpoint import CheckpointError
-
-    try:
-        return _demo(args)
-    except (NonFiniteLossError, CheckpointError) as err:
-        print(f"proreflow demo: {one_line(err)}", file=sys.stderr)
-        return 1
-
-
-def _demo(args: argparse.Namespace) -> int:
     from ..builtin.teacher import builtin_setup
     from ..training import train
     from ..training.engine import check_output_folder

@@ -124,6 +124,5 @@ def evaluate_t2i_teacher(teacher, steps: list[int], guidance: float, samples: in
     methods = [ddim_sampler(pipe, n, guidance) for n in steps]
     sd = SDTeacher(pipe, str(teacher.pipeline))
     evaluation = evaluate(methods[0], methods[1:], prompt_set.prompts, sd.latent_shape(sd.resolution), batch_size=100,
-                          judge=judge,
-                          labels=prompt_set.labels, progress=progress)
+                          judge=judge, labels=prompt_set.labels, progress=progress)
     return evaluation.results

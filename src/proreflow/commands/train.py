@@ -120,7 +120,7 @@ def _writer_lock(out):
 
 def _train(args: argparse.Namespace, recipe: Recipe, setup_spec: dict, out) -> int:
     """Check the output folder, build the setup and train (holding the folder's lock)."""
-    from ..training import NonFiniteLossError, train
+    from ..training import train
     from ..training.checkpoint import CheckpointError, DamagedCheckpointError, latest_checkpoint
     from ..training.engine import TrainingInterrupted, check_output_folder, finished_line, is_finished
     from ..training.setup import setup_identity
@@ -145,9 +145,6 @@ def _train(args: argparse.Namespace, recipe: Recipe, setup_spec: dict, out) -> i
         with _log_lines(args.no_progress):
             result = train(recipe, setup, out, resume=resume, progress=not args.no_progress,
                            allow_recipe_change=args.allow_recipe_change)
-    except (NonFiniteLossError, CheckpointError) as err:
-        print(f"proreflow train: {one_line(err)}", file=sys.stderr)
-        return 1
     except TrainingInterrupted as err:  # exit code 128 + the signal's number
         print(f"proreflow train: {err}; continue with: {resume_command}", file=sys.stderr)
         return err.exit_code

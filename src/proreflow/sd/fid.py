@@ -88,8 +88,6 @@ def _resize_channel(channel: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(Image.fromarray(channel.astype(np.float32)).resize((size, size), Image.Resampling.BICUBIC))
 
 
-
-
 def module_fingerprint(module: nn.Module) -> str:
     """A module's ``fingerprint`` attribute, else a hash of its class name and state dict."""
     if isinstance(getattr(module, "fingerprint", None), str):
