@@ -24,8 +24,11 @@ def sample(denoiser: Denoiser, noise: Tensor, windows: TimeWindows, steps: int, 
     """Integrate from ``noise`` at t = 1 to t = 0.
 
     Returns the samples, or with ``return_trajectory`` also a ``(steps + 1, *noise.shape)``
-    tensor of the states (first row: the noise).
+    tensor of the states (first row: the noise). A step-conditioned student runs at ``windows.count``
+    (:meth:`~proreflow.teachers.Denoiser.at_windows`) unless it was given a count.
     """
+    if denoiser.step_counts and denoiser.count is None:
+        denoiser = denoiser.at_windows(windows.count)
     x, states = noise, [noise]
     for x in euler_steps(denoiser, noise, windows.time_grid(steps), cond, uncond, guidance):
         if return_trajectory:

@@ -200,12 +200,15 @@ def solve(denoiser: Denoiser, x: Tensor, t_start, t_end, steps: int, cond: Cond 
           uncond: Cond = None, guidance: float = 1.0, windows: TimeWindows | None = None,
           solver: str = "ddim") -> Tensor:
     """Solve the denoiser's ODE from ``t_start`` to ``t_end`` in ``steps`` steps of ``solver``
-    (:data:`SOLVERS`; see module doc). A piecewise-straight student (``windows``) takes Euler steps."""
+    (:data:`SOLVERS`; see module doc). A piecewise-straight student (``windows``) takes Euler steps, a
+    step-conditioned one at ``windows.count`` unless it was given a count."""
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}; use one of {', '.join(SOLVERS)}")
     if windows is not None and solver != "ddim":
         raise ValueError(f"solver {solver!r} is for the original teacher; a piecewise-straight "
                          "student crosses its windows with Euler steps (solver 'ddim')")
+    if windows is not None and denoiser.step_counts and denoiser.count is None:
+        denoiser = denoiser.at_windows(windows.count)
     if solver == "dpmpp_2m":
         _check_diffusion(denoiser)
         grid = log_snr_grid(t_start, t_end, steps, x, denoiser.schedule)

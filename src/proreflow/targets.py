@@ -25,6 +25,7 @@ solver (DPM-Solver++(2M)) restarts its history at every edge, so it has no such 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -150,3 +151,29 @@ def make_trajectory_batch(noise: Tensor, windows: TimeWindows, teacher: StageTea
     states = teacher_trajectory(teacher, noise, edges, steps, cond, uncond, last=last)
     rows = torch.arange(noise.shape[0], device=states.device)
     return reflow_batch(states[first.to(rows.device), rows], states[last.to(rows.device), rows], t, windows)
+
+
+@torch.no_grad()
+def make_mixed_reflow_batch(x0: Tensor, noise: Tensor, counts: Tensor, windows: TimeWindows, teacher: StageTeacher,
+                            schedule: VPSchedule, cond: Cond = None, uncond: Cond = None,
+                            t: Tensor | None = None) -> ReflowBatch:
+    """:func:`make_reflow_batch` with each sample in its own window count ``counts[i]`` (dividing
+    ``windows.count``): the samples of count ``k`` cross their windows in ``teacher.steps * windows.count / k``
+    steps, on the grid of the stage's own windows."""
+    n = x0.shape[0]
+    t = sample_times(n, device=x0.device) if t is None else per_sample_time(t, x0)
+    counts = counts.to(x0.device)
+    parts: dict[str, Tensor] = {}
+    for k in sorted(set(counts.tolist()), reverse=True):
+        if windows.count % k:
+            raise ValueError(f"{k} windows do not nest in the stage's {windows.count}")
+        rows = counts == k
+        crossing = dataclasses.replace(teacher, steps=teacher.steps * windows.count // k)
+        part = make_reflow_batch(x0[rows], noise[rows], TimeWindows(k), crossing, schedule, _rows(cond, rows, n),
+                                 _rows(uncond, rows, n), t=t[rows])
+        for name in ("x_t", "t", "v_target", "t_start", "t_end"):
+            value = getattr(part, name)
+            if name not in parts:
+                parts[name] = value.new_zeros((n, *value.shape[1:]))
+            parts[name][rows] = value
+    return ReflowBatch(**parts)

@@ -10,6 +10,7 @@ students are both Denoisers; a student keeps its teacher's prediction type.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,6 +37,9 @@ class Denoiser:
     time_scale: a flow network sees ``sigma(t) * time_scale`` (default ``T``), a network without a
         schedule ``t * time_scale`` (default 1); a VP network sees ``schedule.timestep(t)``, no scale.
     dtype: dtype of the network's input (e.g. bf16); schedule math stays in float32.
+    step_counts: the window counts a step-conditioned student serves (:mod:`proreflow.step_conditioning`);
+        its network takes a fourth argument, the window count, and ``count`` (set by :meth:`at_windows`)
+        says which: an int, or one per sample. Empty: an unconditioned network ``(x, timestep, cond)``.
     """
 
     network: Network
@@ -43,6 +47,8 @@ class Denoiser:
     schedule: VPSchedule | FlowSchedule | None = None
     time_scale: float | None = None
     dtype: torch.dtype | None = None
+    step_counts: tuple[int, ...] = ()
+    count: int | Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.prediction_type not in PREDICTION_TYPES:
@@ -59,6 +65,16 @@ class Denoiser:
             self.time_scale = float(self.schedule.num_train_timesteps)
         if self.time_scale is None and self.schedule is None:
             self.time_scale = 1.0
+
+    def at_windows(self, count: int | Tensor) -> Denoiser:
+        """This denoiser run at window ``count`` (an int, or a ``(B,)`` tensor: one per sample); itself when
+        it is not step-conditioned."""
+        if not self.step_counts:
+            return self
+        if isinstance(count, int) and count not in self.step_counts:
+            raise ValueError(f"this student serves {'/'.join(map(str, self.step_counts))} windows, not {count}: "
+                             "sample it with one of those window counts (steps a multiple of one)")
+        return dataclasses.replace(self, count=count)
 
     def predict(self, x: Tensor, t: Tensor, cond: Cond = None, uncond: Cond = None,
                 guidance: float = 1.0) -> Tensor:
@@ -86,7 +102,13 @@ class Denoiser:
             timestep = self.schedule.timestep(t)
         else:
             timestep = (self.schedule.sigma(t) if isinstance(self.schedule, FlowSchedule) else t) * self.time_scale
-        out = self.network(x.to(dtype), timestep, cond)
+        if self.step_counts:
+            if self.count is None:
+                raise ValueError("a step-conditioned student runs at a window count: use denoiser.at_windows(k) "
+                                 "(proreflow.sampling.sample does this with the windows it samples)")
+            out = self.network(x.to(dtype), timestep, cond, self.count)
+        else:
+            out = self.network(x.to(dtype), timestep, cond)
         if out.shape != x.shape:
             raise ValueError(f"the network returned shape {tuple(out.shape)} for input {tuple(x.shape)}: "
                              "a denoiser's output must have its input's shape")

@@ -85,6 +85,21 @@ def sample_randomness(positions: range, seed: int, stage: int, shape: tuple[int,
     return torch.stack(ts).to(dtype), torch.stack(keeps), torch.stack(noises)
 
 
+WINDOW_SEED = 0x3C0A7
+"""Tag of the seeds of :func:`window_counts`."""
+
+
+def window_counts(positions: range, seed: int, stage: int, choices: tuple[int, ...]) -> Tensor:
+    """The window count each sample of ``positions`` trains at (a stage's ``extra_windows``): one of ``choices``
+    with equal chance, from a generator seeded by ``(seed, stage, position)`` apart from
+    :func:`sample_randomness`'s, so a stage without extra windows draws what it drew before."""
+    if len(choices) == 1:
+        return torch.full((len(positions),), choices[0], dtype=torch.long)
+    picks = [int(torch.randint(len(choices), (1,), generator=torch.Generator().manual_seed(
+        mix_seed(seed, stage, p, WINDOW_SEED)))) for p in positions]
+    return torch.tensor([choices[i] for i in picks], dtype=torch.long)
+
+
 TRAJECTORY_SEED = 0x7A3EC7
 """Tag of the seeds of :func:`trajectory_noise` (apart from the per-position ones)."""
 

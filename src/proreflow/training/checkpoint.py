@@ -38,6 +38,7 @@ import json
 import random
 import re
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from ..files import atomic_write, atomic_write_text, file_sha256, replace_dir, temporary_path, write_json
+from ..step_conditioning import attach_step_conditioning
 from ..teachers import Denoiser
 from ..windows import TimeWindows
 from .recipes import Recipe, RecipeError
@@ -565,10 +567,12 @@ def write_stage_result(out_dir: Path, index: int, weights: dict[str, Tensor], in
     write_json(out_dir / "student.json", info)
 
 
-def student_module(setup: DistillationSetup, from_scratch: bool, seed: int = 0) -> nn.Module:
+def student_module(setup: DistillationSetup, from_scratch: bool, seed: int = 0,
+                   step_counts: Sequence[int] = ()) -> nn.Module:
     """A student network: a copy of the teacher, or ``setup.make_student()`` initialised from torch's
     generator seeded with ``seed`` (the recipe's: the same run starts from the same weights; the global
-    generator is left as it was).
+    generator is left as it was); with ``step_counts`` conditioned on those window counts
+    (:func:`~proreflow.step_conditioning.attach_step_conditioning`, zero offsets).
 
     The copy keeps the teacher's ``requires_grad`` flags where some are set: they say what the
     student trains (e.g. only LoRA layers). A teacher frozen throughout gives a student that
@@ -580,10 +584,13 @@ def student_module(setup: DistillationSetup, from_scratch: bool, seed: int = 0) 
                              "network); this setup only has a teacher to copy")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            return setup.make_student()
-    module = copy.deepcopy(setup.teacher_model)
-    if not any(p.requires_grad for p in module.parameters()):
-        module.requires_grad_(True)
+            module = setup.make_student()
+    else:
+        module = copy.deepcopy(setup.teacher_model)
+        if not any(p.requires_grad for p in module.parameters()):
+            module.requires_grad_(True)
+    if step_counts:
+        attach_step_conditioning(module, step_counts)
     return module
 
 
@@ -611,7 +618,7 @@ def load_student(out_dir: str | Path, setup: DistillationSetup, stage: int | Non
         raise ValueError(f"the student in {folder} predicts {info.get('prediction_type')!r}, which the setup's "
                          f"teacher ({setup.prediction_type!r}) cannot serve: load it with the setup it was trained "
                          "with") from None
-    module = student_module(setup, info.get("from_scratch", False))
+    module = student_module(setup, info.get("from_scratch", False), step_counts=info.get("step_counts", ()))
     load_student_weights(module, load_weights(folder / f"{stem}.safetensors"), assign=True)  # saved dtypes
     module.eval().requires_grad_(False)
     if device is not None:

@@ -574,7 +574,9 @@ class _Run:
         return {"format": STUDENT_FORMAT, "windows": stage.windows, "prediction_type": self.student_type,
                 "guidance_mode": stage.guidance_mode,
                 "guidance": stage.guidance if stage.guidance_mode == "cfg_sync" else 1.0,
-                "from_scratch": self.recipe.from_scratch, "recipe": self.recipe.name, "stage": index + 1,
+                "from_scratch": self.recipe.from_scratch, "step_counts": list(self.recipe.step_counts),
+                "served_windows": [stage.windows, *stage.extra_windows] if self.recipe.step_counts else [stage.windows],
+                "recipe": self.recipe.name, "stage": index + 1,
                 "stages": len(self.recipe.stages), "global_step": state.global_step, "info": self.setup.info}
 
     def _checkpoint(self, state: RunState, weights: dict[str, dict[str, torch.Tensor]]) -> Path:

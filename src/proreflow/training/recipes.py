@@ -68,6 +68,12 @@ class Stage:
 
     windows: int = _doc("number of equal time windows the student is made straight in")
     steps: int = _doc("optimiser steps in the stage (skipped non-finite steps included)", default=1000)
+    extra_windows: list[int] = _doc(
+        "more window counts trained in this stage beside windows, each dividing it (e.g. [2, 1] with windows: "
+        "4): every sample draws one of the stage's counts with equal chance and learns that count's target, "
+        "solved on the same grid (solver_steps x windows / k steps per window of count k). With the recipe's "
+        "step_conditioning the student knows the count it is run at: one student for several step counts",
+        default_factory=list)
     teacher: str = _doc("stage teacher: 'original' (the diffusion teacher) or 'previous' "
                         "(the previous stage's EMA student)", default="original")
     solver_steps: int | None = _doc(
@@ -169,6 +175,11 @@ class Recipe:
                                 default="no")
     from_scratch: bool = _doc("start stage 1 from setup.make_student() instead of the teacher's weights",
                               default=False)
+    step_conditioning: bool = _doc(
+        "give the student a learned offset per window count on its time embedding, zero at the start "
+        "(proreflow.step_conditioning): one network serves every count of the stages' windows and "
+        "extra_windows, sampled with the windows of the step count; for one count it folds into a stock "
+        "network (proreflow export --steps N)", default=False)
     student_prediction: str = _doc(
         "what the student network outputs: 'teacher' (the teacher's own type, the only choice for a student "
         "copied from the teacher), or with from_scratch: true 'velocity' (the straight segment's velocity), "
@@ -249,6 +260,15 @@ class Recipe:
     @property
     def final_windows(self) -> int:
         return self.stages[-1].windows
+
+    @property
+    def step_counts(self) -> tuple[int, ...]:
+        """The window counts the student is conditioned on (``step_conditioning``): every stage's windows and
+        extra windows, most first; empty without step conditioning."""
+        if not self.step_conditioning:
+            return ()
+        return tuple(sorted({k for stage in self.stages for k in (stage.windows, *stage.extra_windows)},
+                            reverse=True))
 
     @property
     def sample_guidance(self) -> float:
@@ -504,7 +524,8 @@ _CHOICES = {"teacher": ("original", "previous"), "guidance_mode": ("baked", "cfg
             "optimizer": OPTIMIZERS, "student_prediction": ("auto", "teacher") + PREDICTION_TYPES}
 _LIMITS: dict[str, tuple[float, float]] = {
     # stage keys
-    "windows": (1, 1024), "steps": (1, 10**8), "solver_steps": (1, 1000), "alpha": (0, 1000), "beta": (0, 1000),
+    "windows": (1, 1024), "extra_windows": (1, 1024), "steps": (1, 10**8), "solver_steps": (1, 1000),
+    "alpha": (0, 1000), "beta": (0, 1000),
     "lr": (0, 1), "warmup_steps": (0, 10**8), "weight_decay": (0, 1), "grad_clip": (0, 1e6),
     "batch_size": (1, 65536), "grad_accum": (1, 4096), "guidance": (0, 100), "start_share": (0, 1),
     "lr_num_cycles": (1, 10**6), "lr_power": (1e-3, 1e3), "adam_epsilon": (1e-30, 1),
@@ -526,6 +547,11 @@ def _check_value(key: str, name: str, value: Any, hint: Any) -> Any:
         if value is None:
             return None
         hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    if typing.get_origin(hint) is list:
+        if not isinstance(value, list):
+            raise RecipeError(f"{key}: expected a list such as [2, 1], got {value!r}")
+        (item,) = typing.get_args(hint)
+        return [_check_value(f"{key}.{i}", name, v, item) for i, v in enumerate(value)]
     if hint is bool:
         if isinstance(value, bool):
             return value
@@ -639,6 +665,9 @@ def _build_recipe(raw: dict[str, Any]) -> Recipe:
     values = {name: _check_value(name, name, raw[name], hints[name])
               for name in RECIPE_KEYS if name in raw and name not in ("stages", "defaults")}
     _check_schedule(stages)
+    if values.get("target_cache") and any(stage.extra_windows for stage in stages):
+        raise RecipeError("target_cache: the cache does not hold the targets of extra_windows yet; set "
+                          "target_cache: '' for a recipe with extra_windows")
     return Recipe(stages=stages, **values)
 
 
@@ -696,9 +725,25 @@ def _check_schedule(stages: list[Stage]) -> None:
                               f"above it, got {stage.lr:g}; raise lr or use lr_schedule: linear")
         if stage.start_points == "teacher":
             _check_teacher_start(stage, where)
+        _check_extra_windows(stage, where)
         if stage.guidance_mode == "cfg_sync" and stage.cond_dropout == 0:
             raise RecipeError(f"{where}.cond_dropout: 'cfg_sync' trains the unconditional velocity through "
                               "condition dropout; set cond_dropout > 0 (PeRFlow: 0.1)")
+
+
+def _check_extra_windows(stage: Stage, where: str) -> None:
+    """Extra window counts divide the stage's and are distinct; one trajectory per count is not implemented."""
+    extra = stage.extra_windows
+    if len(set(extra)) != len(extra) or stage.windows in extra:
+        raise RecipeError(f"{where}.extra_windows: {extra} repeats a count (windows: {stage.windows} is trained "
+                          "already); list each other count once")
+    for k in extra:
+        if stage.windows % k:
+            raise RecipeError(f"{where}.extra_windows: {k} windows do not nest in the stage's {stage.windows}; use "
+                              f"divisors of {stage.windows}")
+    if extra and stage.start_points == "teacher":
+        raise RecipeError(f"{where}.extra_windows: not implemented with start_points: teacher; use start_points: "
+                          "data")
 
 
 def _check_teacher_start(stage: Stage, where: str) -> None:
@@ -730,7 +775,10 @@ def describe_keys() -> str:
 
 
 def _describe(f: dataclasses.Field) -> str:
-    default = "required" if f.default is dataclasses.MISSING else repr(f.default)
+    if f.default_factory is not dataclasses.MISSING:
+        default = repr(f.default_factory())
+    else:
+        default = "required" if f.default is dataclasses.MISSING else repr(f.default)
     return _describe_line(f.name, default, f.metadata.get("help", ""))
 
 

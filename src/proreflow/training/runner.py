@@ -175,7 +175,7 @@ def unsharded_student(setup: DistillationSetup, recipe: Recipe, weights: dict[st
     full ``weights`` in their dtypes (copies: the trained student's own tensors would be aliased), never
     sharded, whatever FSDP does to the trained one; frozen tensors ``weights`` leaves out keep the network's
     own (:func:`~.checkpoint.load_student_weights`)."""
-    module = student_module(setup, recipe.from_scratch, recipe.seed)
+    module = student_module(setup, recipe.from_scratch, recipe.seed, recipe.step_counts)
     load_student_weights(module, {key: value.detach().clone() for key, value in weights.items()}, assign=True)
     return module
 
@@ -216,7 +216,8 @@ class Trainee:
         gradient_checkpointing turned on."""
         shared = cls.is_shared(setup, recipe)
         weight_dtype = DTYPES.get(recipe.mixed_precision)
-        module = setup.teacher_model if shared else student_module(setup, recipe.from_scratch, recipe.seed)
+        module = setup.teacher_model if shared else student_module(setup, recipe.from_scratch, recipe.seed,
+                                                                    recipe.step_counts)
         if any(p.dtype in (torch.float16, torch.bfloat16) for p in module.parameters()):
             module = module.float()  # optimiser master weights in float32
         if shared and weight_dtype is not None:

@@ -19,6 +19,7 @@ from torch.utils.data import Dataset
 from ..conditioning import Cond
 from ..flow import FlowSchedule
 from ..schedules import DIFFUSION_PREDICTION_TYPES, VPSchedule
+from ..step_conditioning import conditioned_denoiser
 from ..teachers import Denoiser, Network
 
 
@@ -91,8 +92,10 @@ class DistillationSetup:
     section: dict[str, Any] | None = None
 
     def denoiser(self, module: nn.Module, dtype=None, prediction_type: str | None = None) -> Denoiser:
-        """A Denoiser over ``module`` with the teacher's schedule and output type (or ``prediction_type``)."""
-        return Denoiser(self.adapter(module), prediction_type or self.prediction_type, self.schedule, dtype=dtype)
+        """A Denoiser over ``module`` with the teacher's schedule and output type (or ``prediction_type``),
+        step-conditioned when ``module`` is (:mod:`proreflow.step_conditioning`)."""
+        denoiser = Denoiser(self.adapter(module), prediction_type or self.prediction_type, self.schedule, dtype=dtype)
+        return conditioned_denoiser(denoiser, module)
 
     def student_prediction_type(self, student_prediction: str = "teacher", from_scratch: bool = False) -> str:
         """The student's output type for recipe ``student_prediction`` as resolved

@@ -33,10 +33,18 @@ from torch import Tensor, nn
 from ..conditioning import Cond, map_cond, null_like, select_cond
 from ..losses import FLOW_LOSS_SPACES, FLOW_LOSS_WEIGHTINGS, LossTerms, aligned_v_loss, time_weights, to_loss_space
 from ..schedules import VPSchedule, compute_dtype
-from ..targets import ReflowBatch, StageTeacher, at_window_start, make_reflow_batch, make_trajectory_batch, reflow_batch
+from ..targets import (
+    ReflowBatch,
+    StageTeacher,
+    at_window_start,
+    make_mixed_reflow_batch,
+    make_reflow_batch,
+    make_trajectory_batch,
+    reflow_batch,
+)
 from ..teachers import Denoiser, Network
 from ..windows import TimeWindows
-from .batches import BatchPlan, sample_randomness, start_mask, trajectory_noise
+from .batches import BatchPlan, sample_randomness, start_mask, trajectory_noise, window_counts
 from .ema import EMA
 from .optim import set_stage_hyperparameters
 from .recipes import Recipe, Stage
@@ -61,10 +69,10 @@ class CountingNetwork:
     def __init__(self, network: Network, autocast: Callable[[], Any] = contextlib.nullcontext):
         self.network, self.autocast, self.count = network, autocast, 0
 
-    def __call__(self, x: Tensor, timestep: Tensor, cond: Cond) -> Tensor:
+    def __call__(self, x: Tensor, timestep: Tensor, cond: Cond, *count) -> Tensor:
         self.count += x.shape[0]
         with self.autocast():
-            return self.network(x, timestep, cond)
+            return self.network(x, timestep, cond, *count)  # count: a step-conditioned network's window count
 
     def take(self) -> int:
         """Evaluations since the last call."""
@@ -110,6 +118,10 @@ def build_stage_teacher(setup: DistillationSetup, recipe: Recipe, index: int, or
 
 def check_setup_fits(recipe: Recipe, setup: DistillationSetup, num_processes: int = 1) -> None:
     """Clear errors, before anything trains, for settings of any stage that ``setup`` cannot serve."""
+    if recipe.step_conditioning and setup.teacher_view is not None and not recipe.from_scratch:
+        raise ValueError("step_conditioning: a LoRA student shares the teacher's network, and its time embedding's "
+                         "offsets would reach the teacher too; train a full student (no LoRA) or set "
+                         "step_conditioning: false")
     if recipe.from_scratch and setup.make_student is None:
         raise ValueError("from_scratch: true needs a setup with make_student (a builder of a fresh network); "
                          "this setup only has a teacher to copy: set from_scratch: false")
@@ -236,6 +248,7 @@ def train_step(ctx: StageContext, batches: Iterator[tuple[Tensor, Cond, list[str
         t, keep, noise = sample_randomness(positions, ctx.recipe.seed, ctx.index,
                                            tuple(x0.shape[1:]), dtype, stage.cond_dropout)
         t, keep, noise = t.to(acc.device), keep.to(acc.device), noise.to(acc.device)
+        counts = window_counts(positions, ctx.recipe.seed, ctx.index, (stage.windows, *stage.extra_windows))
         uncond = null_like(cond, ctx.uncond, ctx.setup.keep_on_dropout)  # each sample's null condition
         if stage.cond_dropout > 0:
             cond = select_cond(keep, cond, uncond)
@@ -243,7 +256,10 @@ def train_step(ctx: StageContext, batches: Iterator[tuple[Tensor, Cond, list[str
         # full gradients between micro-batches, which sharding is there to avoid
         sync = micro == stage.grad_accum - 1 or sharded
         with contextlib.nullcontext() if sync else acc.no_sync(ctx.student):
-            def make(x0=x0, noise=noise, cond=cond, uncond=uncond, t=t):
+            def make(x0=x0, noise=noise, cond=cond, uncond=uncond, t=t, counts=counts):
+                if stage.extra_windows:
+                    return make_mixed_reflow_batch(x0, noise, counts, windows, ctx.teacher, ctx.setup.schedule,
+                                                   cond, uncond, t)
                 return make_reflow_batch(x0, noise, windows, ctx.teacher, ctx.setup.schedule, cond, uncond, t=t)
 
             if stage.start_points == "teacher":
@@ -256,7 +272,8 @@ def train_step(ctx: StageContext, batches: Iterator[tuple[Tensor, Cond, list[str
                 batch, evals = make(), ctx.counter.take()
             if stage.start_share:
                 batch = at_window_start(batch, start_mask(positions, stage.start_share))
-            v_pred = ctx.student_denoiser.velocity(batch.x_t, batch.t, batch.t_end, cond)
+            student = ctx.student_denoiser.at_windows(counts.to(acc.device))
+            v_pred = student.velocity(batch.x_t, batch.t, batch.t_end, cond)
             terms = stage_loss(stage, batch, v_pred, ctx.setup.schedule)
             acc.backward(terms.total / stage.grad_accum)
         parts = dict(zip(("loss", "mse", "direction", "magnitude"), torch.stack(
