@@ -31,6 +31,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--teacher", help="teacher pipeline folder or hub id (default: the one the run was trained from)")
     p.add_argument("--lora", action="store_true",
                    help="write LoRA weights (pipe.load_lora_weights) instead of a full pipeline")
+    p.add_argument("--steps", type=bounded_int(1, 1024),
+                   help="a step-conditioned (any-step) student: the step count to export it for, one of those it "
+                        "was trained for (its network at that count, folded into a stock one); required there")
     p.add_argument("--lora-rank", type=bounded_int(1, 4096), default=64,
                    help="rank when extracting LoRA from a fully fine-tuned student (default 64)")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
@@ -92,6 +95,11 @@ def run(args: argparse.Namespace) -> int:
     if family == "pixart" and args.lora:
         raise UsageError("--lora: diffusers' PixArt pipelines cannot load LoRA weights (no load_lora_weights); "
                          "export the PixArt student as a pipeline folder (without --lora)")
+    if args.lora and info.get("step_counts"):
+        raise UsageError("--lora: a step-conditioned student's step count lives in the biases of its time embedding, "
+                         "which LoRA weights do not carry; export it as a pipeline folder (without --lora)")
+    if args.steps is not None:
+        extra["served_steps"] = info.get("served_windows")
     dtype = as_dtype(args.dtype) if args.dtype else None
     export = {"stable-diffusion": _export_sd, "stable-diffusion-3": _export_sd3, "pixart": _export_pixart}[family]
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -115,7 +123,7 @@ def _export_sd(args: argparse.Namespace, run_dir, source: str, setup_info: dict,
     from ..sd.scheduler import TRAILING_DDIM_LINE
 
     teacher = load_teacher(source, local_files_only=args.local_files_only)
-    student, info = load_run_student(run_dir, teacher.unet)
+    student, info = load_run_student(run_dir, teacher.unet, steps=args.steps)
     windows, guidance = info["windows"], info.get("guidance", 1.0)
     if args.lora:
         path, kept = export_lora(student, teacher, out, windows, guidance, args.lora_rank, extra, dtype, metrics)
@@ -138,7 +146,7 @@ def _export_sd3(args: argparse.Namespace, run_dir, source: str, setup_info: dict
     teacher = load_sd3_teacher(source, use_t5=setup_info.get("use_t5", True),
                                window_space=setup_info.get("window_space", "sigma"),
                                local_files_only=args.local_files_only)
-    student, info = load_run_student(run_dir, teacher.transformer, "stable-diffusion-3")
+    student, info = load_run_student(run_dir, teacher.transformer, "stable-diffusion-3", args.steps)
     windows, guidance, resolution = info["windows"], info.get("guidance", 1.0), setup_info.get("resolution")
     if args.lora:
         path, kept = export_sd3_lora(student, teacher, out, windows, guidance, args.lora_rank, resolution,
@@ -161,7 +169,7 @@ def _export_pixart(args: argparse.Namespace, run_dir, source: str, setup_info: d
     from ..pixart.pipeline import load_pixart_teacher
 
     teacher = load_pixart_teacher(source, local_files_only=args.local_files_only)
-    student, info = load_run_student(run_dir, teacher.transformer, "pixart")
+    student, info = load_run_student(run_dir, teacher.transformer, "pixart", args.steps)
     windows, guidance, resolution = info["windows"], info.get("guidance", 1.0), setup_info.get("resolution")
     export_pixart_pipeline(student, teacher, out, windows, guidance, resolution, extra, dtype, metrics)
     return (f"wrote the pipeline folder {args.out} ({windows} windows; sample with num_inference_steps={windows}, "

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..step_conditioning import fold_step_count, time_embedding_layers
 from ..training.checkpoint import check_finite, load_student_weights, load_weights, read_student_info
 from .lora import add_lora, as_lora, has_lora, merge_lora, save_kohya_lora, save_lora
 from .scheduler import PROREFLOW_LINE, TRAILING_DDIM_LINE, ProReflowScheduler, explicit_config, trailing_ddim
@@ -101,6 +102,9 @@ def model_card(info: dict, metrics: list[dict] | None = None, usage: list[str] |
             ("prediction type", info.get("prediction_type")), ("weights dtype", info.get("dtype", "float32"))]
     if lora:
         rows.append(("LoRA kept fraction of the weight change", f"{info.get('lora_kept_fraction', 1.0):.4f}"))
+    if info.get("served_steps"):
+        rows.append(("step counts the trained student serves (one export each: `proreflow export --steps N`)",
+                     " / ".join(map(str, info["served_steps"]))))
     lines += ["## Training", "", "| | |", "|---|---|"]
     lines += [f"| {key} | {value} |" for key, value in rows if value is not None]
     if metrics:
@@ -157,7 +161,7 @@ def push_to_hub(folder: str | Path, repo_id: str, private: bool = False, token: 
 
 
 def load_run_student(run_dir: str | Path, base: nn.Module,
-                     model: str = "stable-diffusion") -> tuple[nn.Module, dict[str, Any]]:
+                     model: str = "stable-diffusion", steps: int | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """The final (EMA) student network of a training run of the setup ``model`` (``stable-diffusion``,
     ``pixart``: a UNet or a transformer; ``stable-diffusion-3``: a transformer), and its ``student.json``.
 
@@ -168,6 +172,10 @@ def load_run_student(run_dir: str | Path, base: nn.Module,
     merged export folds the LoRA into them. Not
     :func:`proreflow.training.load_student`, which needs the run's whole ``DistillationSetup``
     (its training data included) and returns a Denoiser; export has only the teacher's pipeline.
+
+    steps: the window count to fold a step-conditioned (any-step) student at
+    (:func:`~proreflow.step_conditioning.fold_step_count`): the network is then the stock one, and the returned
+    info's ``windows`` is ``steps``. Required for such a student, refused for any other.
     """
     run_dir = Path(run_dir)
     info_path, weights = run_dir / "student.json", run_dir / "student.safetensors"
@@ -181,7 +189,21 @@ def load_run_student(run_dir: str | Path, base: nn.Module,
     network = copy.deepcopy(base).requires_grad_(True)  # every weight was trained, or (LoRA) ...
     if setup_info.get("lora_rank"):
         add_lora(network, setup_info["lora_rank"], setup_info.get("lora_alpha"))  # ... the LoRA layers only
-    load_student_weights(network, load_weights(weights))
+    state = load_weights(weights)
+    if info.get("step_counts"):
+        served = info.get("served_windows") or info["step_counts"]
+        if steps is None:
+            raise ValueError(f"{run_dir} holds a student for {'/'.join(map(str, served))} steps (step-conditioned): "
+                             "choose one with --steps N")
+        if steps not in served:
+            raise ValueError(f"--steps {steps}: the student of {run_dir} was trained for "
+                             f"{'/'.join(map(str, served))} steps; choose one of those")
+        state = fold_step_count(state, info["step_counts"], time_embedding_layers(network), steps)
+        info = {**info, "windows": steps, "exported_steps": steps}
+    elif steps is not None and steps != info["windows"]:
+        raise ValueError(f"--steps {steps}: the student of {run_dir} is not step-conditioned; it has "
+                         f"{info['windows']} windows: drop --steps")
+    load_student_weights(network, state)
     return network.eval().requires_grad_(False), info
 
 

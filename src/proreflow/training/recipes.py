@@ -216,7 +216,8 @@ class Recipe:
     num_workers: int = _doc("DataLoader worker processes per training process", default=0)
     target_cache: str = _doc("folder where the original teacher's reflow batches are stored and reused by later "
                              "runs with the same teacher, stage windows / solver steps / guidance, seed and batch "
-                             "layout (e.g. a loss or learning-rate study); for stages with start_points: teacher, "
+                             "layout (e.g. a loss or learning-rate study; stages with extra_windows make theirs "
+                             "online); for stages with start_points: teacher, "
                              "the teacher's trajectories instead (one per dataset item, safetensors shards), solved "
                              "once and read by every stage and run with the same trajectory; '' (default): none",
                              default="")
@@ -665,9 +666,6 @@ def _build_recipe(raw: dict[str, Any]) -> Recipe:
     values = {name: _check_value(name, name, raw[name], hints[name])
               for name in RECIPE_KEYS if name in raw and name not in ("stages", "defaults")}
     _check_schedule(stages)
-    if values.get("target_cache") and any(stage.extra_windows for stage in stages):
-        raise RecipeError("target_cache: the cache does not hold the targets of extra_windows yet; set "
-                          "target_cache: '' for a recipe with extra_windows")
     return Recipe(stages=stages, **values)
 
 

@@ -264,7 +264,7 @@ def train_step(ctx: StageContext, batches: Iterator[tuple[Tensor, Cond, list[str
 
             if stage.start_points == "teacher":
                 batch, evals = teacher_start_batch(ctx, positions, x0, cond, uncond, t), ctx.counter.take()
-            elif ctx.recipe.target_cache and stage.teacher == "original":
+            elif ctx.recipe.target_cache and stage.teacher == "original" and not stage.extra_windows:
                 ctx.targets = ctx.targets or TargetCache(ctx.recipe.target_cache, ctx)
                 batch, evals = ctx.targets.batch(step, micro, make, ctx.counter, x0)
                 batch = ReflowBatch(**{k: getattr(batch, k).to(acc.device) for k in BATCH_FIELDS})
