@@ -180,11 +180,15 @@ METHODS = {
     "ProReflow-II from scratch, velocity output": ("proreflow-ii", ["from_scratch=true",
                                                                    "student_prediction=velocity"]),
     # one student for every step count (issue 25): the shipped recipe whose last stage trains several window counts
-    "ProReflow any-step: last stage 4 / 2 / 1 windows, step-conditioned, last stage half the budget": (
+    "ProReflow any-step: last stage 4, 2 and 1 windows, step-conditioned, last stage half the budget": (
         "proreflow-ii", [*_BALANCE, *_ANY_STEP]),
-    "ProReflow any-step: last stage 2 / 1 windows, step-conditioned, last stage half the budget": (
+    "ProReflow any-step: last stage 2 and 1 windows, step-conditioned, last stage half the budget": (
         "proreflow-ii", [*_BALANCE, "stages.2.extra_windows=[1]", "step_conditioning=true"]),
-    "ProReflow any-step without the conditioning: last stage 4 / 2 / 1 windows, last stage half the budget": (
+    "ProReflow any-step: last stage 4, 2 and 1 windows, step-conditioned, last stage half the budget, alpha 10": (
+        "proreflow-ii", [*_BALANCE, *_ANY_STEP, "stages.*.alpha=10.0"]),
+    "ProReflow any-step: last stage 4, 2 and 1 windows on the epsilon space's scale, step-conditioned, last stage "
+    "half the budget": ("proreflow-ii", [*_BALANCE, *_ANY_STEP]),
+    "ProReflow any-step without the conditioning: last stage 4, 2 and 1 windows, last stage half the budget": (
         "proreflow-ii", [*_BALANCE, *_ANY_STEP[:2]]),
 }
 for _preset, _overrides in METHODS.values():

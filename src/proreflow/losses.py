@@ -115,8 +115,12 @@ def snr(t: Tensor, schedule: VPSchedule) -> Tensor:
 
 def time_weights(weighting: str, t: Tensor, t_start: Tensor, t_end: Tensor, target: Tensor,
                  schedule: VPSchedule | FlowSchedule | None = None,
-                 gamma: float = 5.0) -> Tensor:
-    """Per-sample weights ``w_i`` of the squared error (module doc); ``target`` in the loss space."""
+                 gamma: float = 5.0, reference: float | None = None) -> Tensor:
+    """Per-sample weights ``w_i`` of the squared error (module doc); ``target`` in the loss space.
+
+    reference: ``start_epsilon``'s window length ``h`` of weight 1 (default: each sample's own window length);
+    a stage that trains several window counts gives its own, so that the counts' windows are weighed on one
+    scale, the epsilon space's: ``c(h, 0)^2 / c(t_start, t_end)^2``."""
     if weighting not in LOSS_WEIGHTINGS:
         raise ValueError(f"unknown loss weighting {weighting!r}; use one of {', '.join(LOSS_WEIGHTINGS)}")
     g = _flat(target).detach()
@@ -129,7 +133,7 @@ def time_weights(weighting: str, t: Tensor, t_start: Tensor, t_end: Tensor, targ
         s = snr(t, schedule).to(g)
         return s.clamp(max=gamma) / s.clamp_min(_EPS)
     if weighting == "start_epsilon":
-        h = t_start - t_end
+        h = t_start - t_end if reference is None else torch.full_like(t_start, reference)
         c_start, c_last = (velocity_per_epsilon(a, b, schedule).to(g)
                            for a, b in ((t_start, t_end), (h, torch.zeros_like(h))))
         return (c_last / c_start.clamp_min(_EPS)).pow(2)

@@ -212,8 +212,9 @@ def stage_loss(stage: Stage, batch, v_pred: Tensor, schedule) -> LossTerms:
     """The stage's loss of ``v_pred`` against ``batch.v_target`` (its loss space and time weighting)."""
     space = [to_loss_space(v, batch.x_t, batch.t, batch.t_end, stage.loss_space, schedule, stage.c_cap)
              for v in (v_pred, batch.v_target)]
+    reference = 1.0 / stage.windows if stage.extra_windows else None  # several counts: one scale (time_weights)
     weights = time_weights(stage.loss_weighting, batch.t, batch.t_start, batch.t_end, space[1], schedule,
-                           stage.snr_gamma)
+                           stage.snr_gamma, reference)
     return aligned_v_loss(v_pred, batch.v_target, stage.alpha, stage.beta, space_pred=space[0],
                           space_target=space[1], mse_weights=weights)
 
