@@ -201,3 +201,21 @@ def test_recipe_keys_of_the_any_step_student():
                          (["stages.*.start_points=teacher", "stages.2.extra_windows=[1]"], "start_points: teacher")):
         with pytest.raises(RecipeError, match=message):
             load_recipe("proreflow-ii", bad)
+
+
+def test_start_epsilon_weighs_every_count_on_the_stage_scale():
+    """In a stage with extra windows each window's weight is c(h, 0)^2 / c(t_start, t_end)^2 with h the stage's own
+    window length; for the stage's own count that is today's weight (the sample's window length)."""
+    from proreflow.losses import time_weights, velocity_per_epsilon
+
+    t_start = torch.tensor([1.0, 0.5, 1.0, 0.25], dtype=torch.float64)
+    t_end = torch.tensor([0.0, 0.0, 0.75, 0.0], dtype=torch.float64)
+    t, target = (t_start + t_end) / 2, torch.ones(4, 3, dtype=torch.float64)
+    weights = time_weights("start_epsilon", t, t_start, t_end, target, SCHEDULE, reference=0.25)
+    c = velocity_per_epsilon(t_start, t_end, SCHEDULE)
+    c_ref = velocity_per_epsilon(torch.tensor(0.25, dtype=torch.float64), torch.tensor(0.0, dtype=torch.float64),
+                                 SCHEDULE)
+    torch.testing.assert_close(weights, (c_ref / c) ** 2)
+    own = time_weights("start_epsilon", t, t_start, t_end, target, SCHEDULE)
+    torch.testing.assert_close(weights[2:], own[2:])  # the 4-window samples: the weights of a 4-window stage
+    assert weights[3] == 1.0 and weights[0] < 0.05 < own[0] == 1.0  # a 1-window sample: 1 on its own scale
