@@ -60,6 +60,8 @@ _BALANCE = ("stages.*.loss_space=velocity", "stages.*.loss_weighting=start_epsil
 """Round 5's default: velocity MSE with the epsilon space's balance between windows, half at window starts."""
 _CFG_SYNC = ("stages.*.guidance_mode=cfg_sync", "stages.*.cond_dropout=0.1")
 """PeRFlow's guidance scheme: unguided targets, condition dropout, the student sampled with guidance."""
+ANY_STEP = ("ProReflow any-step: last stage 4, 2 and 1 windows on the epsilon space's scale, step-conditioned, last "
+            "stage half the budget")
 _ANY_STEP = ("stages.2.windows=4", "stages.2.extra_windows=[2, 1]", "step_conditioning=true")
 """Issue 25's any-step student: the last stage at 4 windows trains 4-, 2- and 1-window targets, conditioned on the
 count."""
@@ -179,17 +181,12 @@ METHODS = {
                                                                   "student_prediction=epsilon"]),
     "ProReflow-II from scratch, velocity output": ("proreflow-ii", ["from_scratch=true",
                                                                    "student_prediction=velocity"]),
-    # one student for every step count (issue 25): the shipped recipe whose last stage trains several window counts
-    "ProReflow any-step: last stage 4, 2 and 1 windows, step-conditioned, last stage half the budget": (
-        "proreflow-ii", [*_BALANCE, *_ANY_STEP]),
-    "ProReflow any-step: last stage 2 and 1 windows, step-conditioned, last stage half the budget": (
-        "proreflow-ii", [*_BALANCE, "stages.2.extra_windows=[1]", "step_conditioning=true"]),
-    "ProReflow any-step: last stage 4, 2 and 1 windows, step-conditioned, last stage half the budget, alpha 10": (
-        "proreflow-ii", [*_BALANCE, *_ANY_STEP, "stages.*.alpha=10.0"]),
-    "ProReflow any-step: last stage 4, 2 and 1 windows on the epsilon space's scale, step-conditioned, last stage "
-    "half the budget": ("proreflow-ii", [*_BALANCE, *_ANY_STEP]),
-    "ProReflow any-step without the conditioning: last stage 4, 2 and 1 windows, last stage half the budget": (
-        "proreflow-ii", [*_BALANCE, *_ANY_STEP[:2]]),
+    # one student for every step count (issue 25): the shipped recipe whose last stage trains 4-, 2- and 1-window
+    # targets (start_epsilon on the stage's one scale, time_weights' reference)
+    ANY_STEP: ("proreflow-ii", [*_BALANCE, *_ANY_STEP]),
+    ANY_STEP + ", alpha 10": ("proreflow-ii", [*_BALANCE, *_ANY_STEP, "stages.*.alpha=10.0"]),
+    "ProReflow any-step without the conditioning: last stage 4, 2 and 1 windows on the epsilon space's scale, "
+    "last stage half the budget": ("proreflow-ii", [*_BALANCE, *_ANY_STEP[:2]]),
 }
 for _preset, _overrides in METHODS.values():
     # methods that do not name a start share keep the uniform t of the runs they were measured in (the
