@@ -187,6 +187,8 @@ METHODS = {
     ANY_STEP + ", alpha 10": ("proreflow-ii", [*_BALANCE, *_ANY_STEP, "stages.*.alpha=10.0"]),
     "ProReflow any-step without the conditioning: last stage 4, 2 and 1 windows on the epsilon space's scale, "
     "last stage half the budget": ("proreflow-ii", [*_BALANCE, *_ANY_STEP[:2]]),
+    "ProReflow any-step without the conditioning: last stage 4, 2 and 1 windows on the epsilon space's scale, "
+    "last stage half the budget, alpha 10": ("proreflow-ii", [*_BALANCE, *_ANY_STEP[:2], "stages.*.alpha=10.0"]),
 }
 for _preset, _overrides in METHODS.values():
     # methods that do not name a start share keep the uniform t of the runs they were measured in (the
