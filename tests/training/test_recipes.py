@@ -28,7 +28,7 @@ def windows(recipe: Recipe) -> list[int]:
 
 def test_presets_have_the_published_structure():
     expected = {"reflow": [1], "perflow": [4], "proreflow-i": [8, 4], "proreflow-ii": [8, 4, 2],
-                "proreflow-1step": [8, 4, 2, 1]}
+                "proreflow-1step": [8, 4, 2, 1], "proreflow-any-step": [8, 4, 4]}
     assert set(PRESETS) == set(expected)
     for name, counts in expected.items():
         recipe = load_recipe(name)
@@ -208,3 +208,16 @@ def test_the_quality_benchmarks_default_method_is_the_preset():
     benchmark = method_recipe(DEFAULT_METHOD, 3000, 2.0, 5, None)
     preset = load_recipe("proreflow-ii", ["stages.*.guidance=2.0", "seed=5", "checkpoint_every=0"])
     assert benchmark.to_dict() == preset.to_dict()
+
+
+def test_the_any_step_preset_is_the_benchmarks_any_step_method_at_alpha_10():
+    import sys
+
+    sys.path.insert(0, str(CONFIGS.parent / "benchmarks"))
+    from quality import ANY_STEP, method_recipe
+
+    benchmark = method_recipe(ANY_STEP + ", alpha 10", 3000, 2.0, 5, None)
+    preset = load_recipe("proreflow-any-step", ["stages.*.guidance=2.0", "seed=5", "checkpoint_every=0"])
+    assert preset.step_counts == (8, 4, 2, 1) and preset.stages[-1].extra_windows == [2, 1]
+    unnamed = {"name": "", "description": ""}
+    assert {**benchmark.to_dict(), **unnamed} == {**preset.to_dict(), **unnamed}

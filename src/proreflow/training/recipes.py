@@ -318,6 +318,17 @@ PRESETS: dict[str, dict[str, Any]] = {
                    {"windows": 4, "steps": 750},
                    {"windows": 2, "steps": 1500}],
     },
+    "proreflow-any-step": {
+        "name": "proreflow-any-step",
+        "description": "ProReflow for 4, 2 and 1 steps from one student: 8 -> 4 -> 4 + 2 + 1 windows, step-conditioned",
+        "step_conditioning": True,
+        "defaults": {**_SHARED, **_PROREFLOW, "alpha": 10.0},
+        # the last stage trains 4-, 2- and 1-window targets, each sample one of them; what it reaches against the
+        # single-count recipes: docs/results.md, "One student for every step count"
+        "stages": [{"windows": 8, "steps": 750},
+                   {"windows": 4, "steps": 750},
+                   {"windows": 4, "steps": 1500, "extra_windows": [2, 1]}],
+    },
     "proreflow-1step": {
         "name": "proreflow-1step",
         "description": "ProReflow to one step: 8 -> 4 -> 2 -> 1 windows, aligned v-prediction loss",
