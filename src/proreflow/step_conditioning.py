@@ -149,16 +149,6 @@ def fold_step_count(state: dict[str, Tensor], counts: Sequence[int], layers: Seq
     return folded
 
 
-def count_for_steps(counts: Sequence[int], steps: int) -> int:
-    """The window count a sampler of ``steps`` steps uses: the largest served count that divides ``steps``
-    (8 steps with counts 4 / 2 / 1: 4 windows, 2 steps each)."""
-    usable = [k for k in counts if steps % k == 0]
-    if not usable:
-        raise ValueError(f"{steps} steps do not fill any of the served window counts "
-                         f"{'/'.join(map(str, counts))}: use a multiple of one of them")
-    return max(usable)
-
-
 def conditioned_denoiser(denoiser: Denoiser, module: nn.Module) -> Denoiser:
     """``denoiser`` (over ``module``) as a step-conditioned one when ``module`` has step conditioning: its
     network takes the window count as a fourth argument; else ``denoiser`` itself."""
