@@ -206,7 +206,7 @@ class Trainee:
     @staticmethod
     def is_shared(setup: DistillationSetup, recipe: Recipe) -> bool:
         """Whether the student is the teacher's network (:attr:`shared`): a ``teacher_view``, not from scratch."""
-        return setup.teacher_view is not None and not recipe.from_scratch
+        return setup.shares_network(recipe.from_scratch)
 
     @classmethod
     def network(cls, setup: DistillationSetup, recipe: Recipe) -> nn.Module:

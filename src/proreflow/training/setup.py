@@ -97,6 +97,10 @@ class DistillationSetup:
         denoiser = Denoiser(self.adapter(module), prediction_type or self.prediction_type, self.schedule, dtype=dtype)
         return conditioned_denoiser(denoiser, module)
 
+    def shares_network(self, from_scratch: bool) -> bool:
+        """Whether the student is the teacher's network (``teacher_view``, LoRA) rather than a copy or a fresh one."""
+        return self.teacher_view is not None and not from_scratch
+
     def student_prediction_type(self, student_prediction: str = "teacher", from_scratch: bool = False) -> str:
         """The student's output type for recipe ``student_prediction`` as resolved
         (:attr:`~proreflow.training.recipes.Recipe.resolved_student_prediction`; ``"teacher"``: the teacher's).

@@ -118,7 +118,7 @@ def build_stage_teacher(setup: DistillationSetup, recipe: Recipe, index: int, or
 
 def check_setup_fits(recipe: Recipe, setup: DistillationSetup, num_processes: int = 1) -> None:
     """Clear errors, before anything trains, for settings of any stage that ``setup`` cannot serve."""
-    if recipe.step_conditioning and setup.teacher_view is not None and not recipe.from_scratch:
+    if recipe.step_conditioning and setup.shares_network(recipe.from_scratch):
         raise ValueError("step_conditioning: a LoRA student shares the teacher's network, and its time embedding's "
                          "offsets would reach the teacher too; train a full student (no LoRA) or set "
                          "step_conditioning: false")
