@@ -12,6 +12,7 @@ import logging
 import sys
 
 from .commands import one_line
+from .signals import ignore_stop_signals, stop_signals_raise
 
 COMMANDS = {
     "demo": "Train (or reuse) a teacher on built-in data, distill it with ProReflow, write a report.",
@@ -67,8 +68,8 @@ def silence_known_noise() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run a command; bad input (ValueError, OSError) is one line on stderr and exit code 2; a damaged
-    run folder or a run stopped by non-finite losses one line and exit code 1; a stop signal 128 + its
-    number (Ctrl-C 130, SIGTERM 143, SIGHUP 129).
+    run folder or a run stopped by non-finite losses one line and exit code 1; a stop signal (Ctrl-C,
+    SIGTERM, SIGHUP: :mod:`proreflow.signals`) one line and 128 + its number (130, 143, 129).
 
     Commands report their own run-time failures (exit code 1); anything else is a bug and keeps its
     traceback.
@@ -97,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         args = build_parser(load=name).parse_args(argv)
-        return int(_module(name).run(args) or 0)
+        with stop_signals_raise():
+            return int(_module(name).run(args) or 0)
     except (NonFiniteLossError, CheckpointError) as err:  # a run's files or losses failed: run-time, not bad input
         print(f"proreflow {name}: {one_line(err)}", file=sys.stderr)
         return 1
@@ -105,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"proreflow {name}: error: {one_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as err:  # TrainingInterrupted says where the run stopped, and by which signal
+        ignore_stop_signals()  # a second signal now would only cut this line short
         print(f"proreflow {name}: {one_line(err) or 'interrupted'}", file=sys.stderr)
         return int(getattr(err, "exit_code", 130))
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import os
+import signal
 
 import torch
 from torch import nn
@@ -63,6 +65,20 @@ class CrashingMixture(Mixture):
         self.calls += 1
         if self.calls == self.crash_at:
             raise RuntimeError("simulated crash")
+        return super().__getitem__(i)
+
+
+class CtrlCAt(Mixture):
+    """Sends this process SIGINT (Ctrl-C) when item ``at`` (1-based) is read."""
+
+    def __init__(self, at: int):
+        super().__init__()
+        self.calls, self.at = 0, at
+
+    def __getitem__(self, i):
+        self.calls += 1
+        if self.calls == self.at:
+            os.kill(os.getpid(), signal.SIGINT)
         return super().__getitem__(i)
 
 

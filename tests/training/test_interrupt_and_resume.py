@@ -4,36 +4,21 @@ hyperparameters is refused unless allowed."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 
 import pytest
 import torch
 import yaml
-from engine_toys import Mixture, SkippingMixture, make_setup, skipped_per_step, tiny_recipe
+from engine_toys import CtrlCAt, SkippingMixture, make_setup, skipped_per_step, tiny_recipe
 from safetensors.torch import load_file
 
 from proreflow.cli import main
 from proreflow.training import train
 from proreflow.training.engine import TrainingInterrupted
-from proreflow.training.report import SKIPPED_NAMES_KEPT
+from proreflow.training.report import SKIPPED_NAMES_KEPT, StageSummary
 
 RECIPE = tiny_recipe(checkpoint_every=4, keep_checkpoints=0,
                      defaults={"lr": 1e-2, "batch_size": 8, "steps": 6, "ema_decay": 0.8, "solver_steps": 2})
-
-
-class CtrlCAt(Mixture):
-    """Sends this process SIGINT (Ctrl-C) when item ``at`` (1-based) is read."""
-
-    def __init__(self, at: int):
-        super().__init__()
-        self.calls, self.at = 0, at
-
-    def __getitem__(self, i):
-        self.calls += 1
-        if self.calls == self.at:
-            os.kill(os.getpid(), signal.SIGINT)
-        return super().__getitem__(i)
 
 
 def _same(a, b) -> None:
@@ -81,7 +66,12 @@ def test_skipped_items_are_counted_per_stage_and_resume_exactly(tmp_path):
         assert a.skipped_items == b.skipped_items == len(gone) > 0
         assert a.skipped_item_names == b.skipped_item_names == list(dict.fromkeys(gone))[:SKIPPED_NAMES_KEPT]
         names = a.skipped_item_names
-        assert f", {len(gone)} data items skipped (first: {', '.join(names[:3])}, ...)" in a.line(2)
+        distinct = len(set(gone))
+        count = f"{distinct} items" if distinct < SKIPPED_NAMES_KEPT else f"{SKIPPED_NAMES_KEPT} or more items"
+        assert f", {len(gone)} reads of damaged data skipped ({count}: {', '.join(names[:3])}, ...)" in a.line(2)
+    repeated = StageSummary(1, 4, "original", 6, 0, 48, 96, 1.0, 0.1, skipped_items=3,
+                            skipped_item_names=["a.png", "b.png"])  # 2 damaged files, one read twice
+    assert repeated.line(1).endswith(", 3 reads of damaged data skipped (2 items: a.png, b.png)")
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert [s["skipped_items"] for s in summary] == [s.skipped_items for s in straight.stages]
 

@@ -125,3 +125,42 @@ def test_the_resume_command_keeps_the_trust_flag():
     args = build_parser(load="train").parse_args(["train", "--config", "c.yaml", "--trust-setup-code", "seed=3"])
     assert _resume_command(args, "out") == ("proreflow train --config c.yaml --out out --resume --trust-setup-code "
                                             "seed=3")
+
+
+def sigterm_while_building():
+    """A setup whose building is cut by SIGTERM (as when the teacher loads or trains)."""
+    os.kill(os.getpid(), signal.SIGTERM)
+    return make_setup()
+
+
+def test_sigterm_while_the_setup_is_built_is_one_line_and_143(tmp_path, capsys):
+    """Before the first step there is nothing to checkpoint: the command stops as on Ctrl-C, with one line
+    naming the signal and the resume command, exit code 143, and the handlers put back."""
+    config = _config(tmp_path, "test_signals:sigterm_while_building")
+    out = tmp_path / "run"
+    before = signal.getsignal(signal.SIGTERM)
+    assert main(["train", "--config", str(config), "--out", str(out), "--no-progress"]) == 143
+    assert signal.getsignal(signal.SIGTERM) is before
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"proreflow train: stopped by SIGTERM; newest checkpoint: none; continue with: proreflow train "
+                   f"--config {config} --out {out} --resume --no-progress"]
+
+
+def test_sigterm_while_a_teacher_trains_leaves_no_cache_entry(tmp_path):
+    """Any command (here the teacher's training, minutes to hours) stops on SIGTERM with one line and 143,
+    and leaves no cache entry, complete-looking or temporary."""
+    cache = tmp_path / "cache"
+    proc = subprocess.Popen([sys.executable, "-m", "proreflow.cli", "teacher", "--data", "moons", "--steps",
+                             "1000000", "--cache-dir", str(cache)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    seen, start = b"", time.monotonic()
+    while b"it/s" not in seen and b"s/it" not in seen:  # the progress bar shows training steps
+        chunk = os.read(proc.stderr.fileno(), 4096)
+        assert chunk, f"the command ended before training: {seen.decode()}"
+        seen += chunk
+        assert time.monotonic() - start < 300
+    proc.send_signal(signal.SIGTERM)
+    rest = proc.communicate(timeout=300)[1]
+    assert proc.returncode == 143
+    lines = [line for line in (seen + rest).decode().replace("\r", "\n").splitlines() if line.strip()]
+    assert lines[-1] == "proreflow teacher: stopped by SIGTERM" and "Traceback" not in "".join(lines)
+    assert not [p for p in cache.rglob("*") if p.is_file()]

@@ -5,18 +5,21 @@ from __future__ import annotations
 
 import logging
 import shutil
+import textwrap
 import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from engine_toys import CLASSES, Mixture, make_setup, tiny_recipe
+import yaml
+from engine_toys import CLASSES, CtrlCAt, Mixture, make_setup, tiny_recipe
 from PIL import Image
 from safetensors.torch import load_file
 
 from proreflow import TimeWindows, sample
 from proreflow.training import load_student, train
+from proreflow.training.engine import TrainingInterrupted
 from proreflow.training.recipes import Recipe, RecipeError
 from proreflow.training.report import LOG_FILE
 from proreflow.training.validation import grid_image, to_uint8, validation_noise
@@ -132,6 +135,21 @@ def test_trackers_get_the_scalars_and_the_grids(tmp_path):
     png = Image.open(tmp_path / "validation/stage-1-4w/step-00000003.png")
     assert (events.Images("validation/stage-1-4w")[0].width, events.Images("validation/stage-1-4w")[0].height) \
         == png.size
+    text = events.Tensors("recipe/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert yaml.safe_load(textwrap.dedent(text)) == yaml.safe_load((tmp_path / "recipe.yaml").read_text())
+
+
+def test_each_launch_is_one_tensorboard_run(tmp_path):
+    """A launch and its resume log into the one run folder OUT/tensorboard/NAME, nothing beside it (accelerate's
+    hparams store opened a second, empty run per launch)."""
+    recipe = tiny_recipe(report_to="tensorboard")
+    setup = make_setup()
+    setup.dataset = CtrlCAt(8 * 3)  # Ctrl-C in step 3 (batch 8)
+    with pytest.raises(TrainingInterrupted):
+        train(recipe, setup, tmp_path, progress=False)
+    train(recipe, make_setup(), tmp_path, resume=True, progress=False)
+    folders = [p.relative_to(tmp_path / "tensorboard") for p in (tmp_path / "tensorboard").rglob("*") if p.is_dir()]
+    assert folders == [Path("tiny")]
 
 
 def test_the_log_file_holds_every_line(tmp_path):

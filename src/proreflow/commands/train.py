@@ -7,10 +7,12 @@ import contextlib
 import logging
 import os
 import shlex
+import signal
 import sys
 
 import yaml
 
+from ..signals import exit_code, ignore_stop_signals
 from ..training.recipes import PRESETS, Recipe, RecipeError, describe_keys, read_config
 from . import UsageError, one_line, writable_dir
 
@@ -146,13 +148,15 @@ def _train(args: argparse.Namespace, recipe: Recipe, setup_spec: dict, out) -> i
             result = train(recipe, setup, out, resume=resume, progress=not args.no_progress,
                            allow_recipe_change=args.allow_recipe_change)
     except TrainingInterrupted as err:  # exit code 128 + the signal's number
+        ignore_stop_signals()
         print(f"proreflow train: {err}; continue with: {resume_command}", file=sys.stderr)
         return err.exit_code
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:  # a stop signal outside the steps (e.g. while the setup is built)
+        ignore_stop_signals()
         newest = latest_checkpoint(out)
-        print(f"proreflow train: interrupted; newest checkpoint: {newest or 'none'}; continue with: {resume_command}",
-              file=sys.stderr)
-        return 130
+        print(f"proreflow train: {one_line(err) or 'interrupted'}; newest checkpoint: "
+              f"{newest or 'none'}; continue with: {resume_command}", file=sys.stderr)
+        return int(getattr(err, "exit_code", exit_code(signal.SIGINT)))
     guidance = f", guidance {result.guidance:g}" if result.guidance != 1.0 else ""
     print(f"student: {out}/student.safetensors ({result.windows.count} windows: sample with "
           f"{result.windows.count} steps{guidance})")

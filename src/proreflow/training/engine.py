@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ..files import atomic_write_text, folder_lock, remove_temporaries, write_json
+from ..signals import STOP_SIGNALS, Stopped, exit_code
 from ..teachers import Denoiser
 from ..windows import TimeWindows
 from .checkpoint import (
@@ -147,30 +148,14 @@ def train(recipe: Recipe | str | Path | dict, setup: DistillationSetup, out_dir:
         reporter.close()
 
 
-class TrainingInterrupted(KeyboardInterrupt):
-    """A stop signal (Ctrl-C's SIGINT, SIGTERM, SIGHUP: :data:`STOP_SIGNALS`) stopped :func:`train`
-    between two optimiser steps; ``checkpoint`` is the newest checkpoint (written at the stop when the
-    stage had made progress), or None; ``signum`` the signal. A KeyboardInterrupt, so that code catching
-    Exception lets it through."""
+class TrainingInterrupted(Stopped):
+    """A stop signal (:data:`~proreflow.signals.STOP_SIGNALS`) stopped :func:`train` between two optimiser
+    steps; ``checkpoint`` is the newest checkpoint (written at the stop when the stage had made progress), or
+    None; ``signum`` the signal."""
 
     def __init__(self, message: str, checkpoint: Path | None, signum: int = signal.SIGINT):
-        super().__init__(message)
-        self.checkpoint, self.signum = checkpoint, int(signum)
-
-    @property
-    def exit_code(self) -> int:
-        """The shell's code of a process ended by the signal: 128 + its number (SIGINT 130, SIGTERM 143)."""
-        return exit_code(self.signum)
-
-
-STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
-"""The signals that stop a run at the next step boundary with a checkpoint: Ctrl-C, and what schedulers,
-``docker stop``, preemptible machines (SIGTERM) and a closed terminal (SIGHUP) send."""
-
-
-def exit_code(signum: int) -> int:
-    """The exit code of a process stopped by signal ``signum``: 128 + its number, as the shell reports one."""
-    return 128 + int(signum)
+        super().__init__(message, signum)
+        self.checkpoint = checkpoint
 
 
 class _StopRequest:

@@ -76,8 +76,15 @@ class StageSummary:
                 f"{self.steps} steps in {self.seconds:.1f} s, {self.samples} samples, "
                 f"{self.teacher_evals} teacher evaluations, final loss {self.final_loss:.5g}"
                 + (f", {self.skipped} non-finite steps skipped" if self.skipped else "")
-                + (f", {self.skipped_items} data items skipped (first: {', '.join(self.skipped_item_names[:3])}"
-                   + (", ...)" if len(self.skipped_item_names) > 3 else ")") if self.skipped_items else ""))
+                + (f", {self.skipped_items} reads of damaged data skipped ({self.distinct_skipped()}: "
+                   f"{', '.join(self.skipped_item_names[:3])}" + (", ...)" if len(self.skipped_item_names) > 3 else ")")
+                   if self.skipped_items else ""))
+
+    def distinct_skipped(self) -> str:
+        """How many distinct items the skipped reads were: exact below :data:`SKIPPED_NAMES_KEPT` (every
+        name is kept), else a lower bound ("10 or more items")."""
+        n = len(self.skipped_item_names)
+        return f"{n} or more items" if n >= SKIPPED_NAMES_KEPT else f"{n} item" + ("s" if n != 1 else "")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -172,8 +179,10 @@ class Reporter:
         self.file.setLevel(logging.INFO)
         logging.getLogger("proreflow").addHandler(self.file)
         if report_to != "none":
-            self.acc.init_trackers(project, config=flat_config(config))
+            self.acc.init_trackers(project)
             self.trackers = True
+            for tracker in self.acc.trackers:
+                store_config(tracker, config)
 
     def say(self, message: str, warning: bool = False) -> None:
         if self.enabled:
@@ -253,6 +262,19 @@ def run_header(command: list[str], world_size: int, device: str, setup: dict, re
             f"world size {world_size} (processes), device {device}",
             f"setup: {json.dumps(setup, sort_keys=True)}",
             "resolved recipe:", recipe_yaml]
+
+
+def store_config(tracker, config: dict) -> None:
+    """Record the recipe with ``tracker``. TensorBoard gets it as a text entry of the run itself: accelerate's
+    ``store_init_configuration`` writes it through ``add_hparams``, which opens a second, otherwise empty run
+    folder at every launch; other trackers take it as their run configuration."""
+    if tracker.name == "tensorboard":
+        import yaml
+
+        tracker.writer.add_text("recipe", "    " + yaml.safe_dump(config, sort_keys=False).replace("\n", "\n    "))
+        tracker.writer.flush()
+    else:
+        tracker.store_init_configuration(flat_config(config))
 
 
 def flat_config(config: dict, prefix: str = "") -> dict:
