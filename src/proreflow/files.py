@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import hashlib
 import json
 import os
@@ -91,6 +92,33 @@ def remove_temporaries(folder: str | os.PathLike) -> list[str]:
                 (Path(root) / name).unlink(missing_ok=True)
                 removed.append(str((Path(root) / name).relative_to(folder)))
     return sorted(removed)
+
+
+def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
+    """Remove the temporaries of ``path`` (``.NAME.tmp-PID`` beside it, files or folders) whose writer is
+    no longer running, those a killed writer left; the removed paths. A temporary of a live process, or one
+    without a process id, is left alone: it may be being written."""
+    path, removed = Path(path), []
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.(?:tmp|old)-(\d+)")
+    for sibling in path.parent.glob(f".{glob.escape(path.name)}.*"):
+        match = pattern.fullmatch(sibling.name)
+        if match and not process_alive(int(match[1])):
+            shutil.rmtree(sibling, ignore_errors=True) if sibling.is_dir() else sibling.unlink(missing_ok=True)
+            removed.append(sibling)
+    return removed
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process ``pid`` runs on this machine (one of another user counts as running)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):  # no such process (or no such pid at all)
+        return False
+    except OSError:  # e.g. another user's process
+        return True
+    return True
 
 
 class FolderInUse(ValueError):

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -145,12 +148,16 @@ def test_exported_pipeline_samples_like_proreflow(sd15_run, tmp_path):
     assert sorted(p.name for p in (tmp_path / "png").glob("*.png")) == ["000-0.png", "000-1.png", "001-0.png",
                                                                         "001-1.png"]
 
-    # the LoRA export into the same folder replaces the pipeline folder whole: nothing of it is left
+    # the LoRA export into the same folder replaces the pipeline folder whole: nothing of it is left, nor the
+    # temporary of an export killed with -9 (a dead process's); a live process's temporary is left alone
     full = {p.relative_to(tmp_path / "export") for p in (tmp_path / "export").rglob("*")}
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (tmp_path / f".export.tmp-{int(dead.stdout)}" / "unet").mkdir(parents=True)
+    (tmp_path / f".export.tmp-{os.getppid()}").mkdir()
     assert cli(["export", "--run", str(out), "--out", str(tmp_path / "export"), "--lora", "--lora-rank", "2"]) == 0
     lora = {p.relative_to(tmp_path / "export") for p in (tmp_path / "export").rglob("*")}
     assert Path("unet") in full and Path("unet") not in lora and "base" in read_export_info(tmp_path / "export")
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == [f".export.tmp-{os.getppid()}"]
 
 
 def test_lora_extracted_from_a_full_student_applies_to_the_base_and_a_finetune(sd15_dir, tmp_path):

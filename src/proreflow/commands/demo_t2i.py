@@ -102,9 +102,7 @@ def template_grids(teacher_dir: Path, export: Path, out: Path, seed: int) -> lis
     from ..sd.t2i import ddim_sampler, pipeline_sampler, prompt_noise
 
     teacher = StableDiffusionPipeline.from_pretrained(teacher_dir)
-    teacher.set_progress_bar_config(disable=True)
     student, info = load_student_pipeline(export)
-    student.set_progress_bar_config(disable=True)
     guidance = info.get("guidance", 1.0)
     methods = [ddim_sampler(teacher, 32, info.get("teacher_guidance", guidance))]
     methods += [pipeline_sampler(student, n, guidance, f"student {n}-step") for n in GRID_STEPS]

@@ -51,7 +51,7 @@ FAMILIES = ("stable-diffusion", "stable-diffusion-3", "pixart")
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..files import replace_dir, temporary_path
+    from ..files import remove_stale_temporaries, replace_dir, temporary_path
     from ..sd.export import EXPORT_INFO, push_to_hub, read_metrics
     from ..sd.pipeline import read_model_index
     from ..training.checkpoint import check_weights_file, read_student_info
@@ -103,6 +103,7 @@ def run(args: argparse.Namespace) -> int:
     dtype = as_dtype(args.dtype) if args.dtype else None
     export = {"stable-diffusion": _export_sd, "stable-diffusion-3": _export_sd3, "pixart": _export_pixart}[family]
     out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out)  # those of an export killed before it could clean up
     tmp = temporary_path(out)  # built whole beside --out, then moved in: never a mix of two exports
     try:
         line = export(args, run_dir, source, info["info"], extra, dtype, metrics, tmp)

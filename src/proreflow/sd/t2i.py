@@ -93,6 +93,7 @@ def pipeline_sampler(pipe, steps: int, guidance: float, name: str, resolution: i
     """
     sd = SDTeacher(pipe, name)
     resolution = resolution or sd.resolution
+    pipe.set_progress_bar_config(disable=True)  # the evaluation's own bar counts prompts
 
     def generate(noise: Tensor, prompts: Sequence[str]) -> Tensor:
         latents = pipe(prompt=list(prompts), num_inference_steps=steps, guidance_scale=guidance, height=resolution,
@@ -111,7 +112,6 @@ def ddim_sampler(pipe, steps: int, guidance: float, name: str | None = None,
     from .scheduler import trailing_ddim
 
     ddim = type(pipe).from_pipe(pipe, scheduler=trailing_ddim(pipe.scheduler.config))
-    ddim.set_progress_bar_config(disable=True)
     return pipeline_sampler(ddim, steps, guidance, name or f"teacher DDIM-{steps}", resolution)
 
 
@@ -122,7 +122,6 @@ def dpm_solver_sampler(pipe, steps: int, guidance: float, name: str | None = Non
     from diffusers import DPMSolverMultistepScheduler
 
     solver = type(pipe).from_pipe(pipe, scheduler=DPMSolverMultistepScheduler.from_config(pipe.scheduler.config))
-    solver.set_progress_bar_config(disable=True)
     return pipeline_sampler(solver, steps, guidance, name or f"teacher DPM-Solver++ {steps}", resolution)
 
 
