@@ -519,3 +519,16 @@ def test_a_damaged_demo_run_is_a_run_time_failure_exit_code_1(paths, capsys, tmp
     lines = err.strip().splitlines()
     assert code == 1 and len(lines) == 1 and "Traceback" not in err, err
     assert lines[0].startswith("proreflow demo: ") and "no complete checkpoint left" in lines[0]
+
+
+def test_overrides_may_stand_anywhere_among_the_options(paths, capsys):
+    """KEY=VALUE words in several groups between options are all overrides, applied in their order; a word
+    that is neither an option nor an override is still one line naming it."""
+    assert main(["train", "--config", paths["cfg"], "seed=3", "--print-config", "name=x", "seed=5"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["seed"] == 5 and printed["name"] == "x"
+    with pytest.raises(SystemExit) as stop:  # argparse's own exit
+        main(["train", "--config", paths["cfg"], "seed=3", "--print-config", "stray"])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "proreflow: error: unrecognized arguments: stray (see proreflow --help)"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import re
 import sys
 
 from .commands import one_line
@@ -66,6 +67,23 @@ def silence_known_noise() -> None:
             log.addFilter(_drop_known_noise)
 
 
+def parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """``parser.parse_args(argv)``, except that a command's ``KEY=VALUE`` overrides may stand anywhere among
+    its options, in several groups (argparse alone takes only the first group of positionals); they keep
+    their order."""
+    args, extra = parser.parse_known_args(argv)
+    if hasattr(args, "overrides"):
+        args.overrides = [*args.overrides, *(word for word in extra if OVERRIDE.match(word))]
+        extra = [word for word in extra if not OVERRIDE.match(word)]
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
+OVERRIDE = re.compile(r"[^-=][^=]*=")
+"""A ``KEY=VALUE`` override word."""
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run a command; bad input (ValueError, OSError) is one line on stderr and exit code 2; a damaged
     run folder or a run stopped by non-finite losses one line and exit code 1; a stop signal (Ctrl-C,
@@ -97,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     from .training.stage import NonFiniteLossError
 
     try:
-        args = build_parser(load=name).parse_args(argv)
+        args = parse(build_parser(load=name), argv)
         with stop_signals_raise():
             return int(_module(name).run(args) or 0)
     except (NonFiniteLossError, CheckpointError) as err:  # a run's files or losses failed: run-time, not bad input

@@ -30,7 +30,7 @@ config: a YAML file holding a recipe and a `setup:` section naming what to disti
 
 or a preset name ({presets}) with setup.name=... given as an override.
 
-overrides (KEY=VALUE, the value read as YAML; give them together, e.g. after all options):
+overrides (KEY=VALUE, the value read as YAML; anywhere among the options, applied in their order):
   seed=3                  a recipe key
   stages.1.lr=5e-5        one stage (0-based)
   stages.*.lr=5e-5        every stage
