@@ -43,9 +43,9 @@ from proreflow.builtin.baselines import dpm_solver_sample
 from proreflow.builtin.defaults import GUIDANCE, data_kind, default_eval_samples
 from proreflow.builtin.suite import evaluate_callable, evaluate_sampler, make_eval_set
 from proreflow.builtin.teacher import SAMPLER_NAMES, TEACHER_KINDS, builtin_setup, teacher_config
+from proreflow.builtin.window_swaps import SWAP_SOURCES, window_swaps
 from proreflow.files import atomic_write
 from proreflow.schedules import VP_TIME_CONVENTION
-from proreflow.solvers import EVALS_PER_STEP, solve
 from proreflow.targets import StageTeacher, make_reflow_batch
 from proreflow.training import train
 from proreflow.training.recipes import load_recipe, split_steps
@@ -124,9 +124,6 @@ METHODS = {
     # what the epsilon space changes (issue 13 round 5): the balance between windows (start_epsilon) and the squared
     # error's scale against the direction term (alpha)
     "ProReflow-II, velocity MSE with the epsilon space's balance between windows relative to the last, "
-    "last stage half the budget": (
-        "proreflow-ii", [*_BALANCE]),
-    "ProReflow-II, velocity MSE with the epsilon space's balance between windows relative to the last, "
     "last stage half the budget, alpha 3": (
         "proreflow-ii", [*_BALANCE, "stages.*.alpha=3.0"]),
     "ProReflow-II, velocity MSE with the epsilon space's balance between windows relative to the last, "
@@ -184,7 +181,6 @@ METHODS = {
     # one student for every step count (issue 25): the shipped recipe whose last stage trains 4-, 2- and 1-window
     # targets (start_epsilon on the stage's one scale, time_weights' reference)
     ANY_STEP: ("proreflow-ii", [*_BALANCE, *_ANY_STEP]),
-    ANY_STEP + ", alpha 10": ("proreflow-ii", [*_BALANCE, *_ANY_STEP, "stages.*.alpha=10.0"]),
     "ProReflow any-step without the conditioning: last stage 4, 2 and 1 windows on the epsilon space's scale, "
     "last stage half the budget": ("proreflow-ii", [*_BALANCE, *_ANY_STEP[:2]]),
     "ProReflow any-step without the conditioning: last stage 4, 2 and 1 windows on the epsilon space's scale, "
@@ -200,7 +196,11 @@ for _preset, _overrides in METHODS.values():
         _overrides.insert(0, "stages.*.loss_weighting=none")
 DEFAULT_METHOD = ("ProReflow-II, velocity MSE with the epsilon space's balance between windows relative to the last, "
                   "last stage half the budget")
-"""The proreflow-ii preset as it is now (and ``proreflow demo``)."""
+"""The proreflow-ii preset as shipped (and ``proreflow demo``)."""
+SHIPPED = {DEFAULT_METHOD: "proreflow-ii", ANY_STEP + ", alpha 10": "proreflow-any-step"}
+"""Methods that are a shipped preset as it is, by the name their rows carry (when a preset changes, its rows are
+measured again)."""
+METHODS.update({name: (preset, []) for name, preset in SHIPPED.items()})
 QUICK_METHODS = ["2-Reflow", "PeRFlow", "ProReflow-II", DEFAULT_METHOD]
 CURVE_METHODS = ("PeRFlow", "ProReflow-II", "ProReflow-II, velocity MSE, half at window starts",
                  "ProReflow-II, velocity MSE, half at window starts, last stage half the budget", DEFAULT_METHOD,
@@ -301,73 +301,6 @@ def check_swap_methods(methods: list[str]) -> str | None:
         got = "; ".join(f"{name}: {s.windows} windows, {s.solver_steps} {s.solver} steps" for name, s in last.items())
         return f"--swap needs methods whose last stages share their windows, solver and solver steps; got {got}"
     return None
-
-
-SWAP_SOURCES = ("teacher", "initial")
-"""What :func:`window_swaps` puts in a window besides the other methods' students: the last stage's teacher (its
-solver and steps, the stage's guidance) and the initialisation (the teacher's weights as a student: DDIM steps
-to the window's end)."""
-
-
-@torch.no_grad()
-def window_swaps(results: dict[str, object], teacher, recipe, evalset) -> list[dict]:
-    """Which window's crossing sets a sample's quality: each method's student sampled with the crossing of one
-    window of its last stage taken from another source (another method's student, :data:`SWAP_SOURCES`), at
-    every step count of :data:`STUDENT_STEPS` that the windows divide. Rows: ``method`` (the student),
-    ``window`` (-1: none swapped), ``source``, ``plan`` (the source of each window), ``steps`` and the metrics.
-    All methods share the last stage's windows and solver (:func:`check_swap_methods`); the teacher and the
-    initialisation are guided as the evaluation's reference is (``evalset.guidance``). Each distinct plan is
-    sampled once, and each source's crossing of window 0 once per step count it depends on."""
-    stage = recipe.stages[-1]
-    windows = TimeWindows(stage.windows)
-    edges = windows.edges(torch.float64).tolist()
-    guided = evalset.uncond is not None
-    teacher_g = evalset.guidance
-
-    def student(result):
-        def cross(x, t0, t1, k, cond):
-            return solve(result.student, x, t0, t1, k, cond, evalset.uncond, result.guidance, windows=windows)
-        return cross, lambda k: k * (2 if guided and result.guidance != 1 else 1)
-
-    def solve_teacher(x, t0, t1, k, cond):
-        return solve(teacher, x, t0, t1, stage.solver_steps, cond, evalset.uncond, teacher_g, solver=stage.solver)
-
-    def initial(x, t0, t1, k, cond):
-        return solve(teacher, x, t0, t1, k, cond, evalset.uncond, teacher_g, windows=windows)
-
-    per_eval = 2 if guided and teacher_g != 1 else 1
-    sources = {name: student(result) for name, result in results.items()}
-    sources["teacher"] = (solve_teacher, lambda k: stage.solver_steps * EVALS_PER_STEP[stage.solver] * per_eval)
-    sources["initial"] = (initial, lambda k: k * per_eval)
-    first_window: dict[tuple, torch.Tensor] = {}  # a source's crossing of window 0 starts from the same noise
-    measured: dict[tuple, dict] = {}  # (plan, k) -> metrics: a plan reached from two methods is sampled once
-    rows = []
-    for steps in (n for n in STUDENT_STEPS if n % windows.count == 0):
-        k = steps // windows.count
-        for method in results:
-            swaps = [(-1, method)] + [(w, s) for w in range(windows.count) for s in sources if s != method]
-            for w, source in swaps:
-                plan = [source if i == w else method for i in range(windows.count)]
-
-                def sampler(noise, cond, plan=plan, k=k):
-                    x = noise
-                    for i, name in enumerate(plan):
-                        key = (name, None if name == "teacher" else k)  # the teacher's solve does not use k
-                        if i == 0 and key in first_window:
-                            x = first_window[key]
-                            continue
-                        x = sources[name][0](x, edges[i], edges[i + 1], k, cond)
-                        if i == 0:
-                            first_window[key] = x
-                    return x
-
-                if (tuple(plan), k) not in measured:
-                    m = evaluate_callable(evalset, sampler, nfe=sum(sources[name][1](k) for name in plan))
-                    m.pop("samples")
-                    measured[tuple(plan), k] = m
-                m = measured[tuple(plan), k]
-                rows.append({"method": method, "window": w, "source": source, "plan": plan, "steps": steps, **m})
-    return rows
 
 
 def anchor_rows(data: str, teacher, evalset, guidance: float, seed: int, samples: int, kind: str = "ddpm"
@@ -475,7 +408,7 @@ def run_dataset(data: str, args, log, save=lambda rows, diag, swaps: None) -> tu
         if args.swap:
             start = time.perf_counter()
             swaps += [{"data": label, "seed": seed, "budget": main_budget, "samples": samples, **r}
-                      for r in window_swaps(finished, teacher, recipe, evalset)]
+                      for r in window_swaps(finished, teacher, recipe, evalset, STUDENT_STEPS)]
             save(rows, diag, swaps)
             log(f"{data} seed {seed} window swaps: {time.perf_counter() - start:.0f} s")
         log(f"{data} seed {seed} done")

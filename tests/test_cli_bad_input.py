@@ -10,22 +10,18 @@ import shutil
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
+from helpers.engine_toys import tiny_recipe
 
-sys.path.insert(0, str(Path(__file__).parent / "training"))  # engine_toys, the toy setup
-
-from engine_toys import tiny_recipe  # noqa: E402
-
-from proreflow.cli import main  # noqa: E402
+from proreflow.cli import main
 
 HANG_LIMIT_S = 60
 """A case still running after this long counts as a hang (a guard, not a speed test)."""
 
-TOY = {"setup": {"name": "engine_toys:make_setup"}, **tiny_recipe()}
-UNCONDITIONAL = {"setup": {"name": "engine_toys:make_setup", "conditional": False}, **tiny_recipe()}
+TOY = {"setup": {"name": "helpers.engine_toys:make_setup"}, **tiny_recipe()}
+UNCONDITIONAL = {"setup": {"name": "helpers.engine_toys:make_setup", "conditional": False}, **tiny_recipe()}
 
 YAML_FILES = {  # name: text of a config that must be refused
     "unclosed_flow": "stages: [\n  {windows: 4\n",
@@ -130,7 +126,7 @@ TRAIN = [  # (id, arguments after `train --config CFG`, a part of the one error 
     ("setup_number", ["setup=5"], "setup: expected a mapping"),
     ("setup_unknown_name", ["setup.name=nope"], "unknown setup 'nope'"),
     ("setup_name_number", ["setup.name=3"], "the setup section needs a name"),
-    ("setup_misspelled_key", ["setup.nn=3"], "'engine_toys:make_setup' takes no key 'nn' (did you mean 'n'?)"),
+    ("setup_misspelled_key", ["setup.nn=3"], "'helpers.engine_toys:make_setup' takes no key 'nn' (did you mean 'n'?)"),
     ("builtin_misspelled_key", ["setup.name=digits", "setup.stepz=10"], "takes no key 'stepz' (did you mean"),
     ("builtin_teacher_lr_inf", ["setup.name=moons", "setup.lr=.inf"], "setup.lr: must be a finite number"),
     ("builtin_teacher_steps_zero", ["setup.name=moons", "setup.steps=0"], "setup.steps: must be a finite number"),
@@ -382,7 +378,7 @@ def paths(tmp_path_factory):
     for name, text in [*YAML_FILES.items(), *((name, text) for name, (text, _) in YAML_REFUSED.items())]:
         p[f"yaml_{name}"] = root / f"{name}.yaml"
         p[f"yaml_{name}"].write_text(text)
-    from engine_toys import make_setup
+    from helpers.engine_toys import make_setup
 
     p["run"] = root / "run"
     train({**tiny_recipe(), "checkpoint_every": 2, "keep_checkpoints": 0}, make_setup(32), p["run"], progress=False)

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
-from gaussian import exact_flow_path, gaussian_flow_teacher
+from helpers.gaussian import exact_flow_path, gaussian_flow_teacher
 
 from proreflow import (
     Denoiser,

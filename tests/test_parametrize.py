@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from gaussian import exact_eps
+from helpers.gaussian import exact_eps
 
 from proreflow import (
     Denoiser,

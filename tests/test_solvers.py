@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from gaussian import exact_eps, exact_flow, gaussian_teacher
+from helpers.gaussian import exact_eps, exact_flow, gaussian_teacher
 
 from proreflow import Denoiser, TimeWindows, VPSchedule, sample, solve, to_x0_eps
 

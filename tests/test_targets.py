@@ -1,5 +1,5 @@
 import torch
-from gaussian import exact_flow, gaussian_teacher
+from helpers.gaussian import exact_flow, gaussian_teacher
 
 from proreflow import (
     Denoiser,

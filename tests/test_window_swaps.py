@@ -1,20 +1,17 @@
-"""The quality benchmark's window swaps (benchmarks/quality.py, ``--swap``) on the exact Gaussian teacher."""
+"""Window swaps (``proreflow.builtin.window_swaps``, the quality benchmark's ``--swap``) on the exact Gaussian
+teacher."""
 
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-from gaussian import gaussian_teacher
+from helpers.gaussian import gaussian_teacher
 
+import proreflow.builtin.window_swaps as swapping
 from proreflow import VPSchedule
 from proreflow.builtin.suite import EvalSet
 from proreflow.solvers import solve
 from proreflow.training.recipes import load_recipe
 from proreflow.windows import TimeWindows
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import quality  # noqa: E402
 
 
 def test_window_swaps_compose_the_crossings_they_name(monkeypatch):
@@ -22,7 +19,7 @@ def test_window_swaps_compose_the_crossings_they_name(monkeypatch):
     equals the `initial` source, and a second method with the same student equals the first, so those rows
     repeat the unswapped samples exactly; the teacher in window 0 is its own solve (the stage's solver steps)
     followed by the student. The samples are captured in place of the metrics."""
-    monkeypatch.setattr(quality, "evaluate_callable",
+    monkeypatch.setattr(swapping, "evaluate_callable",
                         lambda evalset, sampler, nfe: {"x": sampler(evalset.noise, evalset.cond), "nfe": nfe,
                                                        "samples": None})
     schedule = VPSchedule.from_betas()
@@ -34,7 +31,7 @@ def test_window_swaps_compose_the_crossings_they_name(monkeypatch):
     noise = torch.randn(64, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     evalset = EvalSet("moons", noise, None, None, 1.0, noise, noise)
 
-    rows = quality.window_swaps({"a": student, "b": student}, teacher, recipe, evalset)
+    rows = swapping.window_swaps({"a": student, "b": student}, teacher, recipe, evalset)
     by = {(r["method"], r["window"], r["source"], r["steps"]): r for r in rows}
     assert {r["steps"] for r in rows} == {2, 4}  # the step counts the 2 windows divide
     for steps in (2, 4):

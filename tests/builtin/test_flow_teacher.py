@@ -1,10 +1,9 @@
 """The built-in flow-matching teacher (``teacher="flow"``): its loss, cache key, cache round trip and setup."""
 
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from helpers.gaussian import exact_flow_velocity
 
 import proreflow.builtin.teacher as teacher_module
 from proreflow import FlowSchedule, TimeWindows, VPSchedule, sample
@@ -18,10 +17,6 @@ from proreflow.builtin.teacher import (
     train_teacher,
 )
 from proreflow.training.checkpoint import student_module
-
-sys.path.insert(0, str(Path(__file__).parents[1]))  # tests/gaussian.py
-
-from gaussian import exact_flow_velocity  # noqa: E402
 
 TINY_2D = {"class": "MLPDenoiser", "kwargs": {"shape": [2], "num_classes": 0, "width": 16, "depth": 1}}
 TINY_DIGITS = {"class": "MLPDenoiser", "kwargs": {"shape": [1, 8, 8], "num_classes": 10, "width": 16, "depth": 1}}

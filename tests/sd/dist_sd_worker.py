@@ -1,13 +1,12 @@
 """A tiny Stable Diffusion training run for test_sd_distributed.py, launched with ``torchrun``:
 OUT RECIPE_JSON TEACHER_DIR IMAGE_DIR CACHE_DIR [fsdp_on_cpu] [sd3]. Each process that encodes part of the
 latent cache appends its rank to OUT.cache-builders; ``fsdp_on_cpu`` lets accelerate's FSDP plugin shard the
-student on CPU (``tests/fsdp_on_cpu.py``); ``sd3`` trains the SD3 setup of an SD3 pipeline instead."""
+student on CPU (``tests/helpers/fsdp_on_cpu.py``); ``sd3`` trains the SD3 setup of an SD3 pipeline instead."""
 
 from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 import torch
 
@@ -19,8 +18,7 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     out, recipe, teacher, images, cache = sys.argv[1:6]
     if "fsdp_on_cpu" in sys.argv[6:]:
-        sys.path.insert(0, str(Path(__file__).parents[1]))
-        from fsdp_on_cpu import lift_cpu_gate
+        from helpers.fsdp_on_cpu import lift_cpu_gate
 
         lift_cpu_gate(out)
     encode_part = latent_cache.encode_part

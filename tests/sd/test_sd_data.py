@@ -238,7 +238,7 @@ def test_a_truncated_shard_keeps_the_samples_before_the_cut(tmp_path):
     whole = TarShardSource(tmp_path / "full.tar")
     for i in range(2):
         assert source.record(i).open().tobytes() == whole.record(i).open().tobytes()
-    assert "2 samples before the damage kept" in source.left_out[str(cut / "cut.tar")]
+    assert "2 complete samples before the damage kept" in source.left_out[str(cut / "cut.tar")]
 
 
 def test_an_image_too_large_once_resized_is_skipped_before_decoding(tmp_path):

@@ -1,6 +1,6 @@
 """FSDP2 on the SD3 transformer: accelerate's FSDP plugin with the wrap policy of
 configs/accelerate/fsdp-sd3.yaml (each JointTransformerBlock an FSDP unit), 2 CPU processes, trains the
-weights the same 2 processes train under DDP, within float32 rounding (tests/fsdp_on_cpu.py lifts
+weights the same 2 processes train under DDP, within float32 rounding (tests/helpers/fsdp_on_cpu.py lifts
 accelerate's CPU gate)."""
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
-"""Fixtures of the engine tests (helpers live in engine_toys.py)."""
+"""Fixtures of the engine tests (helpers live in tests/helpers/engine_toys.py)."""
 
 from __future__ import annotations
 
 import pytest
-from engine_toys import make_setup
+from helpers.engine_toys import make_setup
 
 
 @pytest.fixture

@@ -1,26 +1,21 @@
 """A tiny training run for test_distributed.py, launched with ``torchrun``: OUT RECIPE_JSON TEACHER [OPTION=VALUE ...]
 with options ``shard_size=N`` (trajectories per target-cache shard, for runs with teacher start points),
 ``shards=PATH`` (train on a ShardStream of them instead of SkippingMixture; test_streams.py), ``resume=NAME``
-(go on from that checkpoint of OUT) and ``fsdp_on_cpu=1`` (test_fsdp.py: ``tests/fsdp_on_cpu.py``; each process
+(go on from that checkpoint of OUT) and ``fsdp_on_cpu=1`` (test_fsdp.py: ``tests/helpers/fsdp_on_cpu.py``; each process
 also saves the network ``train`` returns as ``OUT.result-<rank>.st``)."""
 
 from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 import torch
+from helpers.engine_toys import SkippingMixture, make_setup
+from helpers.fsdp_on_cpu import lift_cpu_gate
+from safetensors.torch import load_file, save_file
 
-sys.path.insert(0, str(Path(__file__).parent))
-sys.path.insert(0, str(Path(__file__).parents[1]))
-
-from engine_toys import SkippingMixture, make_setup  # noqa: E402
-from fsdp_on_cpu import lift_cpu_gate  # noqa: E402
-from safetensors.torch import load_file, save_file  # noqa: E402
-
-from proreflow.training import target_cache, train  # noqa: E402
-from proreflow.training.streams import ShardStream  # noqa: E402
+from proreflow.training import target_cache, train
+from proreflow.training.streams import ShardStream
 
 if __name__ == "__main__":
     torch.set_num_threads(1)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from engine_toys import MLP, make_setup, tiny_recipe
+from helpers.engine_toys import MLP, make_setup, tiny_recipe
 from torch import nn
 
 from proreflow.builtin.networks import MLPDenoiser
@@ -23,7 +23,7 @@ from proreflow.training.checkpoint import CheckpointError
 from proreflow.training.optim import make_optimizer, set_stage_hyperparameters
 from proreflow.training.recipes import LR_SCHEDULES, Stage
 
-BEFORE = Path(__file__).parent / "data" / "tiny_run_before_issue14.json"
+BEFORE = Path(__file__).parent / "data" / "tiny_run_reference.json"  # the toy run as recorded at commit 195cee4
 
 
 def _weights(module: nn.Module) -> dict[str, torch.Tensor]:

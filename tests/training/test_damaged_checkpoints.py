@@ -10,7 +10,7 @@ import struct
 
 import pytest
 import torch
-from engine_toys import CrashingMixture, make_setup, tiny_recipe
+from helpers.engine_toys import CrashingMixture, make_setup, tiny_recipe
 from safetensors.torch import load_file, save_file
 
 from proreflow.training import train

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from engine_toys import SkippingMixture, make_setup, skipped_per_step, tiny_recipe
+from helpers.engine_toys import SkippingMixture, make_setup, skipped_per_step, tiny_recipe
 from safetensors.torch import load_file, save_file
 
 from proreflow.training import train
@@ -84,7 +84,7 @@ def test_the_documented_cpu_launch_line_starts_two_processes_that_train_the_weig
     recipe = tiny_recipe(defaults={"lr": 1e-2, "batch_size": 8, "grad_accum": 2, "steps": 4, "ema_decay": 0.8,
                                    "solver_steps": 2})
     config = tmp_path / "config.yaml"
-    config.write_text(yaml.safe_dump({"setup": {"name": "engine_toys:make_setup"}, **recipe}))
+    config.write_text(yaml.safe_dump({"setup": {"name": "helpers.engine_toys:make_setup"}, **recipe}))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true", "CUDA_VISIBLE_DEVICES": "",
            "PYTHONPATH": os.pathsep.join([str(WORKER.parent), os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",

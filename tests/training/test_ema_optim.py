@@ -121,7 +121,7 @@ def test_ema_leaves_frozen_parameters_alone():
 def test_ema_of_a_lora_like_student_holds_only_the_adapter():
     """Frozen base + trainable adapter: the EMA holds the adapter tensors alone, follows the closed
     form on them, and its full state dict takes the frozen base (and buffers) from the module."""
-    from engine_toys import ADAPTER, Adapted
+    from helpers.engine_toys import ADAPTER, Adapted
 
     module = Adapted()
     start = {k: v.clone() for k, v in module.state_dict().items()}

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from engine_toys import ADAPTER, MLP, Adapted, Mixture, make_adapted_setup, make_setup, tiny_recipe
+from helpers.engine_toys import ADAPTER, MLP, Adapted, Mixture, make_adapted_setup, make_setup, tiny_recipe
 from safetensors.torch import load_file
 
 from proreflow.training import NonFiniteLossError, latest_checkpoint, load_student, read_student_info, train

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from engine_toys import MLP, Mixture, make_setup, tiny_recipe
+from helpers.engine_toys import MLP, Mixture, make_setup, tiny_recipe
 from safetensors.torch import load_file
 
 from proreflow.training import NonFiniteLossError, train

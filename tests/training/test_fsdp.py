@@ -4,7 +4,7 @@ process with the same global batch, its checkpoints full tensors that resume und
 without it.
 
 accelerate ignores its FSDP plugin on CPU (it shards only GPU-like process groups), so the worker lets its
-state take the plugin as on GPUs (``tests/fsdp_on_cpu.py``); the rest is accelerate's own FSDP2 code."""
+state take the plugin as on GPUs (``tests/helpers/fsdp_on_cpu.py``); the rest is accelerate's own FSDP2 code."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from engine_toys import SkippingMixture, make_setup, tiny_recipe
+from helpers.engine_toys import SkippingMixture, make_setup, tiny_recipe
 from safetensors.torch import load_file, save_file
 
 from proreflow.training import train

@@ -9,7 +9,7 @@ import signal
 import pytest
 import torch
 import yaml
-from engine_toys import CtrlCAt, SkippingMixture, make_setup, skipped_per_step, tiny_recipe
+from helpers.engine_toys import CtrlCAt, SkippingMixture, make_setup, skipped_per_step, tiny_recipe
 from safetensors.torch import load_file
 
 from proreflow.cli import main

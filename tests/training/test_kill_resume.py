@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from engine_toys import Mixture, tiny_recipe
+from helpers.engine_toys import Mixture, tiny_recipe
 from safetensors.torch import load_file
 
 from proreflow.training.streams import write_shards
@@ -34,7 +34,7 @@ def _command(config: Path, out: Path, resume: bool) -> list[str]:
 @pytest.mark.parametrize("data", ["map-style", "shards"])
 def test_kill_9_at_random_moments_then_resume_is_bit_identical(tmp_path, data):
     config = tmp_path / "c.yaml"
-    spec = {"name": "engine_toys:make_setup"}
+    spec = {"name": "helpers.engine_toys:make_setup"}
     if data == "shards":  # the mixture's 64 items in 7 shards (test_streams.shard_setup)
         items = Mixture(64)
         write_shards((items[i] for i in range(64)), tmp_path / "data" / "s-%03d.tar", max_count=10)

@@ -10,7 +10,7 @@ import shutil
 import pytest
 import torch
 import yaml
-from engine_toys import make_setup, tiny_recipe
+from helpers.engine_toys import make_setup, tiny_recipe
 from safetensors.torch import load_file
 
 from proreflow.cli import main
@@ -42,7 +42,7 @@ def finished(tmp_path_factory):
     """A finished CLI run of the toy setup with 32 data points (checkpoints at global steps 2 to 8)."""
     root = tmp_path_factory.mktemp("resume-setup")
     config = root / "config.yaml"
-    config.write_text(yaml.safe_dump({"setup": {"name": "engine_toys:make_setup", "n": 32}, **RECIPE}))
+    config.write_text(yaml.safe_dump({"setup": {"name": "helpers.engine_toys:make_setup", "n": 32}, **RECIPE}))
     assert main(["train", "--config", str(config), "--out", str(root / "run"), "--no-progress",
                  "--trust-setup-code"]) == 0
     return root / "run"
@@ -50,13 +50,13 @@ def finished(tmp_path_factory):
 
 def test_checkpoints_record_the_setup(finished):
     meta = json.loads((finished / "checkpoints/step-00000002/meta.json").read_text())
-    assert meta["setup"] == {"section": {"name": "engine_toys:make_setup", "n": 32}, "dataset": "mixture"}
+    assert meta["setup"] == {"section": {"name": "helpers.engine_toys:make_setup", "n": 32}, "dataset": "mixture"}
 
 
 @pytest.mark.parametrize("setup, key", [
-    ({"name": "engine_toys:make_setup", "n": 48}, "setup.n"),  # other data
-    ({"name": "engine_toys:make_setup"}, "setup.n"),  # a key left out
-    ({"name": "engine_toys:make_setup", "n": 32, "pretrained": False}, "setup.pretrained"),  # another teacher
+    ({"name": "helpers.engine_toys:make_setup", "n": 48}, "setup.n"),  # other data
+    ({"name": "helpers.engine_toys:make_setup"}, "setup.n"),  # a key left out
+    ({"name": "helpers.engine_toys:make_setup", "n": 32, "pretrained": False}, "setup.pretrained"),  # another teacher
     ({"name": "test_resume_setup:relabelled_setup", "n": 32}, "setup.name"),  # another family
 ])
 def test_resume_with_another_setup_is_refused_unless_allowed(finished, tmp_path, capsys, setup, key):
@@ -97,7 +97,7 @@ def test_a_run_written_before_the_setup_was_recorded_resumes(finished, tmp_path,
         meta = json.loads(path.read_text())
         del meta["setup"]
         path.write_text(json.dumps(meta))
-    code, _, err = _train(capsys, _config(tmp_path, {"name": "engine_toys:make_setup", "n": 48}), out,
+    code, _, err = _train(capsys, _config(tmp_path, {"name": "helpers.engine_toys:make_setup", "n": 48}), out,
                           "--resume-from", "4")
     assert code == 0 and not err, err
     assert "changed setup" not in (out / "train.log").read_text()
@@ -111,7 +111,7 @@ def test_a_finished_run_resumed_says_it_is_finished(finished, tmp_path, capsys, 
     before = load_file(str(out / "student.safetensors"))
     log = (out / "train.log").read_text()
     monkeypatch.setattr(named, "build_setup", lambda *a, **k: pytest.fail("the setup was built"))
-    code, lines, err = _train(capsys, _config(tmp_path, {"name": "engine_toys:make_setup", "n": 32}), out,
+    code, lines, err = _train(capsys, _config(tmp_path, {"name": "helpers.engine_toys:make_setup", "n": 32}), out,
                               "--resume")
     assert code == 0 and not err, err
     assert len(lines) == 1 and lines[0].startswith(f"run in {out} is finished: student at {out}/student.safetensors")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from engine_toys import Mixture, make_setup, tiny_recipe
+from helpers.engine_toys import Mixture, make_setup, tiny_recipe
 
 from proreflow import files
 from proreflow.files import TEMPORARY, FolderInUse, folder_lock, temporary_path
@@ -56,7 +56,7 @@ def _config(path: Path, name: str) -> Path:
 
 
 def test_a_second_run_in_the_same_folder_is_refused_and_a_dead_ones_lock_is_not(tmp_path):
-    config = _config(tmp_path / "c.yaml", "engine_toys:make_setup")
+    config = _config(tmp_path / "c.yaml", "helpers.engine_toys:make_setup")
     out, env = tmp_path / "run", _env()
     first = subprocess.Popen(_command(_config(tmp_path / "slow.yaml", "test_run_folder:slow_setup"), out), env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from engine_toys import MLP, make_setup, tiny_recipe
+from helpers.engine_toys import MLP, make_setup, tiny_recipe
 from safetensors.torch import load_file
 
 from proreflow.training import NonFiniteLossError, StageRunner, make_accelerator, run_steps, train

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 import yaml
-from engine_toys import Mixture, make_setup, tiny_recipe
+from helpers.engine_toys import Mixture, make_setup, tiny_recipe
 from safetensors.torch import load_file
 
 from proreflow.cli import main
@@ -24,7 +24,7 @@ FILES = ("student.safetensors", "stage-1-4w/ema.safetensors", "stage-2-2w/ema.sa
 HERE = Path(__file__).parent
 
 
-def _config(tmp_path: Path, name: str = "engine_toys:make_setup", recipe: dict = RECIPE) -> Path:
+def _config(tmp_path: Path, name: str = "helpers.engine_toys:make_setup", recipe: dict = RECIPE) -> Path:
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump({"setup": {"name": name}, **recipe}))
     return config

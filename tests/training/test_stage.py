@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from engine_toys import CLASSES, MLP, make_setup
+from helpers.engine_toys import CLASSES, MLP, make_setup
 
 from proreflow import TimeWindows
 from proreflow.targets import make_reflow_batch

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from engine_toys import Mixture, make_setup, tiny_recipe
+from helpers.engine_toys import Mixture, make_setup, tiny_recipe
 from safetensors.torch import load_file, save_file
 
 from proreflow.cli import main
@@ -200,7 +200,7 @@ def test_interrupted_and_resumed_on_shards_equals_uninterrupted(tmp_path):
 
 
 def test_damaged_shards_and_samples_are_counted_as_skipped_not_fatal(tmp_path):
-    """A truncated shard keeps its complete samples (less the last), a non-tar file and a shard of
+    """A truncated shard keeps its complete samples, a non-tar file and a shard of
     samples without a condition are left out; all are named by every epoch's first item. An
     undecodable sample is replaced by the next one of its shard, and named."""
     items = mixture_items(21)
@@ -214,7 +214,7 @@ def test_damaged_shards_and_samples_are_counted_as_skipped_not_fatal(tmp_path):
     kept = stream.counts[1]
     assert 1 <= kept < 7 and stream.counts[0] == stream.counts[2] == 7
     assert set(stream.left_out) == {str(tmp_path / n) for n in ("s-001.tar", "s-003.tar", "u-000.tar")}
-    assert f"{kept} complete samples before it kept" in stream.left_out[str(tmp_path / "s-001.tar")]
+    assert f"{kept} complete samples before the damage kept" in stream.left_out[str(tmp_path / "s-001.tar")]
     assert "1 samples without x0 and cond left out" in stream.left_out[str(tmp_path / "u-000.tar")]
     assert [key(i) for i in stream][7:7 + kept] == [key(i) for i in items[7:7 + kept]]
     item = stream.reader(0, 0)

@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 import torch
-from engine_toys import MLP, SCHEDULE, make_setup, tiny_recipe
+from helpers.engine_toys import MLP, SCHEDULE, make_setup, tiny_recipe
 from torch import nn
 
 from proreflow import TimeWindows, output_to_velocity, sample

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import yaml
-from engine_toys import tiny_recipe
+from helpers.engine_toys import tiny_recipe
 
 from proreflow.cli import main
 from proreflow.training.recipes import Recipe, Stage
@@ -16,7 +16,7 @@ from proreflow.training.recipes import Recipe, Stage
 @pytest.fixture
 def config(tmp_path):
     path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump({"setup": {"name": "engine_toys:make_setup", "n": 32}, **tiny_recipe()}))
+    path.write_text(yaml.safe_dump({"setup": {"name": "helpers.engine_toys:make_setup", "n": 32}, **tiny_recipe()}))
     return path
 
 

@@ -8,7 +8,7 @@ import re
 
 import pytest
 import torch
-from engine_toys import CrashingMixture, Mixture, make_setup, tiny_recipe
+from helpers.engine_toys import CrashingMixture, Mixture, make_setup, tiny_recipe
 from safetensors.torch import load_file
 
 from proreflow.solvers import solve

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from engine_toys import CLASSES, CtrlCAt, Mixture, make_setup, tiny_recipe
+from helpers.engine_toys import CLASSES, CtrlCAt, Mixture, make_setup, tiny_recipe
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -172,7 +172,7 @@ def test_no_progress_prints_log_lines_on_stdout(tmp_path, capsys):
     from proreflow.cli import main
 
     config = tmp_path / "c.yaml"
-    config.write_text(yaml.safe_dump({"setup": {"name": "engine_toys:make_setup"}, **tiny_recipe(log_every=3)}))
+    config.write_text(yaml.safe_dump({"setup": {"name": "helpers.engine_toys:make_setup"}, **tiny_recipe(log_every=3)}))
     assert main(["train", "--config", str(config), "--out", str(tmp_path / "run"), "--no-progress"]) == 0
     captured = capsys.readouterr()
     steps = [line for line in captured.out.splitlines() if "(global " in line]

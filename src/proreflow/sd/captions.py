@@ -32,7 +32,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import tarfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +42,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from ..training.streams import expand_shards
+from ..training.streams import DAMAGED, expand_shards, list_samples
 
 log = logging.getLogger(__name__)
 
@@ -128,22 +127,8 @@ class FolderSource:
         return Record(str(path), caption, lambda: Image.open(path))
 
 
-def intact_members(groups: dict[str, dict[str, tuple[int, int]]], shard: str | Path
-                   ) -> dict[str, dict[str, tuple[int, int]]]:
-    """The members of a damaged shard's index ``{key: {ext: (offset, size)}}`` whose data lie whole inside
-    the file: a truncated shard keeps the samples written before the cut."""
-    try:
-        size = Path(shard).stat().st_size
-    except OSError:
-        return {}
-    return {key: {ext: where for ext, where in members.items() if where[0] + where[1] <= size}
-            for key, members in groups.items()}
-
-
-def _image_and_caption(members: dict[str, tuple[int, int]]) -> tuple[tuple[int, int], tuple[int, int]] | None:
-    """The (image, txt) members of one sample, None when it lacks either."""
-    image = next((members[e] for e in ("jpg", "jpeg", "png", "webp") if e in members), None)
-    return None if image is None or "txt" not in members else (image, members["txt"])
+IMAGE_AND_CAPTION = (("jpg", "jpeg", "png", "webp"), "txt")
+"""The fields of a captioned sample in a webdataset shard (:func:`~proreflow.training.streams.list_samples`)."""
 
 
 class TarShardSource:
@@ -154,39 +139,23 @@ class TarShardSource:
     """
 
     def __init__(self, shards: str | Path | Sequence[str]):
-        from webdataset.tariterators import base_plus_ext
-
         self.shards = expand_shards(shards)
         self.items: list[tuple[int, str, tuple[int, int], tuple[int, int]]] = []
         self.left_out: dict[str, str] = {}
-        incomplete = 0
         for s, shard in enumerate(self.shards):
-            groups: dict[str, dict[str, tuple[int, int]]] = {}
-            try:
-                with tarfile.open(shard) as tar:
-                    for member in tar:
-                        key, ext = base_plus_ext(member.name) if member.isfile() else (None, None)
-                        if key is not None:
-                            groups.setdefault(key, {})[ext.lower()] = (member.offset_data, member.size)
-            except (tarfile.TarError, EOFError, OSError) as err:  # truncated or not a tar file
-                kept = sum(_image_and_caption(m) is not None for m in intact_members(groups, shard).values())
-                self.left_out[str(shard)] = f"damaged shard ({type(err).__name__}: {err}); {kept} samples before " \
-                                            "the damage kept"
-                log.warning("damaged shard %s (%s: %s): %d samples before the damage kept, the rest skipped; %d "
-                            "of %d shards damaged", shard, type(err).__name__, err, kept, len(self.left_out),
-                            len(self.shards))
-            for key, members in intact_members(groups, shard).items():
-                sample = _image_and_caption(members)
-                if sample is None:
-                    incomplete += 1
-                    continue
-                self.items.append((s, key, *sample))
-        if incomplete:
-            log.warning("%d samples in %d shard(s) lack an image or a txt caption and are left out",
-                        incomplete, len(self.shards))
+            layout, notes = list_samples(shard, IMAGE_AND_CAPTION)
+            if notes:
+                self.left_out[str(shard)] = notes
+                log.warning("shard %s: %s", shard, notes)
+            self.items += [(s, key.decode(), tuple(image), tuple(txt))
+                           for key, (image, txt) in zip(layout.keys, layout.spans.tolist(), strict=True)]
+        damaged = sum(DAMAGED in notes for notes in self.left_out.values())
+        if damaged:
+            log.warning("%d of %d shards damaged: the complete samples before each damage are kept", damaged,
+                        len(self.shards))
         if not self.items:
             raise ValueError(f"no samples with an image (jpg/png/webp) and a txt caption in "
-                             f"{len(self.shards)} shard(s) ({len(self.left_out)} damaged)")
+                             f"{len(self.shards)} shard(s) ({damaged} damaged)")
 
     def __len__(self) -> int:
         return len(self.items)

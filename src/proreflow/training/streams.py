@@ -280,9 +280,23 @@ class ShardLayout:
         return ShardLayout(self.keys[:count], self.spans[:count], self.ext_ids[:count], self.exts)
 
 
-def list_samples(path: Path, fields: Sequence[str]) -> tuple[ShardLayout, str]:
-    """The layout of a shard's samples that have every field (webdataset's key rule: ``KEY.x0.pth`` is
-    field ``x0`` of sample ``KEY``), in file order, from its tar headers; and what is damaged ('' if nothing)."""
+DAMAGED = "damaged shard"
+"""How :func:`list_samples` names a damaged shard in its notes."""
+
+Field = str | tuple[str, ...]
+"""A sample's field in a shard: the name its members carry (``x0`` of ``KEY.x0.pth``), or several alternatives
+(an image as ``jpg``, ``png``, ...; the first present is taken)."""
+
+
+def field_name(field: Field) -> str:
+    return field if isinstance(field, str) else "/".join(field)
+
+
+def list_samples(path: Path, fields: Sequence[Field]) -> tuple[ShardLayout, str]:
+    """The layout of a shard's samples that have every field, in file order, from its tar headers (webdataset's
+    key rule: ``KEY.x0.pth`` is field ``x0`` of sample ``KEY``; names compared in lower case); and what is
+    damaged ('' if nothing). A truncated or damaged shard keeps every complete sample whose members lie whole
+    in the file before the damage."""
     from webdataset.tariterators import base_plus_ext
 
     groups: list[tuple[str, dict]] = []
@@ -301,15 +315,19 @@ def list_samples(path: Path, fields: Sequence[str]) -> tuple[ShardLayout, str]:
                     continue
                 if not groups or groups[-1][0] != key:
                     groups.append((key, {}))
-                groups[-1][1].setdefault(ext.split(".")[0], (ext, member.offset_data, member.size))
+                groups[-1][1].setdefault(ext.split(".")[0].lower(), (ext, member.offset_data, member.size))
     except (tarfile.TarError, EOFError, OSError) as err:
         damage = f"{type(err).__name__}: {err}" if not groups else f"ends early ({type(err).__name__}: {err})"
-    if damage and groups:
-        groups.pop()  # the last sample before the damage may lack members
-    complete = [(key, [members[f] for f in fields]) for key, members in groups if all(f in members for f in fields)]
+    alternatives = [(f,) if isinstance(f, str) else tuple(f) for f in fields]
+    complete = []
+    for key, members in groups:
+        chosen = [next((members[name] for name in names if name in members), None) for names in alternatives]
+        if all(c is not None for c in chosen):
+            complete.append((key, chosen))
     lacking = len(groups) - len(complete)
-    notes = ([f"damaged shard, {damage}; {len(complete)} complete samples before it kept"] if damage else []) + (
-        [f"{lacking} samples without {' and '.join(fields)} left out"] if lacking else [])
+    notes = ([f"{DAMAGED} ({damage}); {len(complete)} complete samples before the damage kept"] if damage
+             else []) + ([f"{lacking} samples without {' and '.join(map(field_name, fields))} left out"]
+                         if lacking else [])
     exts = sorted({ext for _, members in complete for ext, _, _ in members})
     layout = ShardLayout(np.array([key for key, _ in complete], dtype=np.bytes_).reshape(-1),
                          np.array([[(o, n) for _, o, n in members] for _, members in complete],
@@ -319,7 +337,7 @@ def list_samples(path: Path, fields: Sequence[str]) -> tuple[ShardLayout, str]:
     return layout, "; ".join(notes)
 
 
-INDEX_FORMAT = 1
+INDEX_FORMAT = 2  # 2: a damaged shard keeps its last complete sample
 
 
 def read_index(path: str | Path, fields: Sequence[str]) -> dict[str, tuple[list, ShardLayout, str]]:
