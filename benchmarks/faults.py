@@ -2,8 +2,9 @@
 
 Each case runs ``proreflow ...`` in a subprocess and gets a verdict against what it should do:
 
-- ``refused``: bad input, one line on stderr and exit code 2;
-- ``failed``: an environment or run-time failure (a full disk, a damaged file), one line and exit code 1;
+- ``refused``: bad input, one line on stderr and exit code 2 (a damaged file the user names is bad input);
+- ``failed``: an environment or run-time failure (a full disk, a damaged file of a run's own), one line and
+  exit code 1;
 - ``stopped``: a stop signal, one line and 128 + its number;
 - ``accepted``: a valid input with a documented meaning (the case says which), exit code 0.
 
@@ -204,15 +205,14 @@ def cases() -> list[Case]:
 
     # sample: the model folder
     add(Case("sample: --model is a run folder, not an export", "sample", [*sample, "--model", "{R}"]))
-    add(Case("sample: --model is the teacher pipeline (no student)", "sample", [*sample, "--model", "{P}"],
-             "accepted", "documented: the base pipeline with its own scheduler (as a LoRA's base)"))
+    add(Case("sample: --model is the teacher pipeline (no student)", "sample", [*sample, "--model", "{P}"]))
     add(Case("sample: --model model_index.json garbage", "sample", [*sample, "--model", "{case}/copy"],
              prepare=copy_of("E", overwrite("model_index.json", "{not json"))))
     add(Case("sample: --model model_index.json a list", "sample", [*sample, "--model", "{case}/copy"],
              prepare=copy_of("E", overwrite("model_index.json", "[1, 2]"))))
-    add(Case("sample: --model unet weights truncated", "sample", [*sample, "--model", "{case}/copy"], "failed",
+    add(Case("sample: --model unet weights truncated", "sample", [*sample, "--model", "{case}/copy"],
              prepare=copy_of("E", truncate("unet/diffusion_pytorch_model.safetensors"))))
-    add(Case("sample: --model unet weights NaN", "sample", [*sample, "--model", "{case}/copy"], "failed",
+    add(Case("sample: --model unet weights NaN", "sample", [*sample, "--model", "{case}/copy"],
              prepare=copy_of("E", nan_weights("unet/diffusion_pytorch_model.safetensors")),
              check=nothing_at("out")))
     add(Case("sample: --model unet folder missing", "sample", [*sample, "--model", "{case}/copy"],
@@ -234,10 +234,12 @@ def cases() -> list[Case]:
     add(Case("sample: --lora of another base", "sample", [*sample, "--model", "{E}", "--lora", "{L}"],
              "accepted", "documented: a LoRA applies to any pipeline of its base's architecture"))
     add(Case("sample: --lora weights truncated", "sample", [*sample, "--model", "{P}", "--lora", "{case}/copy"],
-             "failed", prepare=copy_of("L", truncate("pytorch_lora_weights.safetensors"))))
-    add(Case("sample: --steps 3 on a 2-window student", "sample", [*sample, "--model", "{E}", "--steps", "3"]))
+             prepare=copy_of("L", truncate("pytorch_lora_weights.safetensors"))))
+    add(Case("sample: --steps 3 on a 2-window student", "sample", [*sample, "--model", "{E}", "--steps", "3"],
+             "accepted", "documented: steps spread over the windows, earlier windows take the rest"))
     add(Case("sample: --windows 3 with 4 steps", "sample", [*sample, "--model", "{E}", "--windows", "3",
-                                                             "--steps", "4"]))
+                                                             "--steps", "4"],
+             "accepted", "documented: --windows overrides the export's windows"))
     add(Case("sample: --height 20 (not a multiple of 8)", "sample", [*sample, "--model", "{E}", "--height", "20"]))
     add(Case("sample: --width 36", "sample", [*sample, "--model", "{E}", "--width", "36"]))
     add(Case("sample: --prompt ''", "sample", ["sample", "--model", "{E}", "--prompt", "", "--out", "{case}/out"],
@@ -253,7 +255,9 @@ def cases() -> list[Case]:
     add(Case("sample: --prompts a folder", "sample", ["sample", "--model", "{E}", "--prompts", "{case}",
                                                       "--out", "{case}/out"]))
     add(Case("sample: --prompts with NUL bytes", "sample", ["sample", "--model", "{E}", "--prompts", "{case}/p.txt",
-                                                            "--out", "{case}/out"], prepare=write("p.txt", "a\x00b\n")))
+                                                            "--out", "{case}/out"], "accepted",
+             "a prompt is any text (the tokenizer reads a NUL as any other character)",
+             prepare=write("p.txt", "a\x00b\n")))
     add(Case("sample: a 10,000-word prompt", "sample", ["sample", "--model", "{E}", "--prompt", "seven " * 10000,
                                                         "--out", "{case}/out"],
              "accepted", "truncated to the tokenizer's length, as diffusers does (it warns)"))
@@ -300,7 +304,10 @@ def cases() -> list[Case]:
              prepare=write("f", "x")))
     add(Case("export: --out of 300 characters", "export", ["export", "--run", "{R}", "--out", "{case}/" + "x" * 300]))
     add(Case("export: --steps 2 on a run without step conditioning", "export", [*export, "--run", "{R}", "--steps",
-                                                                                "2"]))
+                                                                                "2"],
+             "accepted", "--steps equal to the run's windows names the one count it serves"))
+    add(Case("export: --steps 1 on a 2-window run without step conditioning", "export",
+             [*export, "--run", "{R}", "--steps", "1"]))
     add(Case("export: --lora-rank 4096 (more than the layers' width)", "export", [*export, "--run", "{R}", "--lora",
                                                                                   "--lora-rank", "4096"],
              "accepted", "documented: the rank is capped at each layer's full rank (exact)"))
@@ -399,9 +406,9 @@ def cases() -> list[Case]:
     add(Case("train: setup.teacher an empty folder", "train sd", [*sd_train, "setup.teacher={case}/e"],
              prepare=lambda d: (d / "e").mkdir()))
     add(Case("train: setup.teacher unet weights truncated", "train sd", [*sd_train, "setup.teacher={case}/copy"],
-             "failed", prepare=copy_of("P", truncate("unet/diffusion_pytorch_model.safetensors"))))
+             prepare=copy_of("P", truncate("unet/diffusion_pytorch_model.safetensors"))))
     add(Case("train: setup.teacher unet weights NaN", "train sd", [*sd_train, "setup.teacher={case}/copy"],
-             "failed", prepare=copy_of("P", nan_weights("unet/diffusion_pytorch_model.safetensors"))))
+             prepare=copy_of("P", nan_weights("unet/diffusion_pytorch_model.safetensors"))))
     add(Case("train: setup.teacher tokenizer deleted", "train sd", [*sd_train, "setup.teacher={case}/copy"],
              prepare=copy_of("P", remove("tokenizer"))))
     add(Case("train: setup.teacher scheduler v-prediction of an eps UNet", "train sd",
@@ -675,7 +682,7 @@ def run_case(case: Case, work: Path, limit: float) -> dict:
             "line": (lines[-1] if lines else "")[:300]}
 
 
-def report(rows: list[dict], command: str, path: Path) -> None:
+def report(rows: list[dict], command: str, path: Path, extra: list[str] = ()) -> None:
     bad = [r for r in rows if r["verdict"] != "ok"]
     counts: dict[str, int] = {}
     for r in rows:
@@ -691,8 +698,81 @@ def report(rows: list[dict], command: str, path: Path) -> None:
         cells = [r["id"], r["group"], r["expect"], str(r["exit"]), r["verdict"], str(r["seconds"]), text]
         lines.append("| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in cells) + " |")
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text("\n".join([*lines, *extra]) + "\n")
     print(f"{len(rows)} cases, {len(bad)} not ok; table: {path}")
+
+
+SIGNAL_RUN = ("setup: {name: moons}\nname: moons-signals\nseed: 0\ncheckpoint_every: 7\nkeep_checkpoints: 2\n"
+              "defaults: {steps: 150, batch_size: 64, solver_steps: 4}\n"
+              "stages: [{windows: 4}, {windows: 2, teacher: previous}]\n")
+"""The run :func:`signal_resumes` stops: two stages on the built-in moons teacher, a checkpoint every 7 steps."""
+
+
+def signal_resumes(work: Path, count: int, seed: int = 0) -> list[dict]:
+    """Stop the run of :data:`SIGNAL_RUN` with SIGTERM (or SIGHUP, every third) at ``count`` moments drawn
+    uniformly over an uninterrupted run's duration (set-up included), then ``--resume`` it to the end; each row
+    says whether the final student and each stage's EMA are bit-identical to the uninterrupted run's."""
+    import random
+
+    from safetensors.torch import load_file
+
+    config = work / "signals.yaml"
+    config.write_text(SIGNAL_RUN)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def train(out: Path, *extra: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "proreflow.cli", "train", "--config", str(config), "--out",
+                                 str(out), "--no-progress", *extra], env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE)
+
+    straight = work / "signals" / "straight"
+    shutil.rmtree(straight, ignore_errors=True)
+    start = time.monotonic()
+    assert train(straight).wait() == 0
+    duration = time.monotonic() - start
+    files = ["student.safetensors", *(str(p.relative_to(straight)) for p in straight.glob("stage-*/ema.safetensors"))]
+    rng, rows = random.Random(seed), []
+    for i in range(count):
+        signum = signal.SIGHUP if i % 3 == 2 else signal.SIGTERM
+        at = rng.uniform(0.0, duration)
+        out = work / "signals" / f"run-{i}"
+        shutil.rmtree(out, ignore_errors=True)
+        proc = train(out)
+        time.sleep(at)
+        proc.send_signal(signum)
+        err = proc.communicate(timeout=600)[1].decode()
+        first = proc.returncode
+        lines = stderr_lines(err)
+        resumed = train(out, "--resume")
+        resumed_err = resumed.communicate(timeout=600)[1].decode()
+        same = all(_equal(load_file(str(out / f)), load_file(str(straight / f))) for f in files) \
+            if resumed.returncode == 0 else False
+        rows.append({"signal": signal.Signals(signum).name, "after_s": round(at, 2), "exit": first,
+                     "lines": len(lines), "traceback": "Traceback" in err + resumed_err,
+                     "line": (lines[-1] if lines else "")[:200], "resume_exit": resumed.returncode,
+                     "bit_identical": same, "temporaries": no_temporaries(out)})
+        print(f"[{i + 1}/{count}] {rows[-1]['signal']} after {at:.2f} s: exit {first}, resume exit "
+              f"{resumed.returncode}, bit-identical {same}", flush=True)
+    return rows
+
+
+def _equal(a: dict, b: dict) -> bool:
+    import torch
+
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def signals_report(rows: list[dict]) -> list[str]:
+    ok = sum(r["bit_identical"] and not r["traceback"] and r["lines"] <= 1 and not r["temporaries"]
+             and r["exit"] in (0, 129, 143) for r in rows)
+    lines = ["", f"## Stop signals at random moments, then `--resume` ({ok} of {len(rows)} bit-identical and clean)",
+             "", f"The run: `{SIGNAL_RUN!r}`", "",
+             "| signal | after s | exit | stderr lines | traceback | resume exit | bit-identical | temporaries |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['signal']} | {r['after_s']} | {r['exit']} | {r['lines']} | {r['traceback']} | "
+                     f"{r['resume_exit']} | {r['bit_identical']} | {r['temporaries'] or 'none'} |")
+    return lines
 
 
 def main() -> None:
@@ -702,8 +782,17 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON")
     parser.add_argument("--only", default=None, help="a regular expression: run the cases whose id matches")
     parser.add_argument("--limit", type=float, default=180.0, help="seconds before a case counts as a hang")
+    parser.add_argument("--signals", type=int, default=0, metavar="N",
+                        help="also stop a run at N random moments with SIGTERM / SIGHUP and resume it")
+    parser.add_argument("--signals-only", action="store_true", help="only the --signals part")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
+    if args.signals_only:
+        rows = signal_resumes(args.work, args.signals)
+        if args.json:
+            args.json.write_text(json.dumps({"signals": rows}, indent=1))
+        print("\n".join(signals_report(rows)))
+        return
     FIXTURES.update(fixtures(args.work))
     todo = [c for c in option_cases() + cases() if args.only is None or re.search(args.only, c.id)]
     rows = []
@@ -712,9 +801,11 @@ def main() -> None:
         r = rows[-1]
         print(f"[{i + 1}/{len(todo)}] {r['verdict']:>18}  exit {r['exit']}  {r['seconds']:6.1f}s  {case.id}: "
               f"{r['line'][:140]}", flush=True)
+    signal_rows = signal_resumes(args.work, args.signals) if args.signals else []
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=1))
-    report(rows, "python " + " ".join([os.path.relpath(__file__, ROOT), *sys.argv[1:]]), args.report)
+        args.json.write_text(json.dumps({"cases": rows, "signals": signal_rows}, indent=1))
+    report(rows, "python " + " ".join([os.path.relpath(__file__, ROOT), *sys.argv[1:]]), args.report,
+           signals_report(signal_rows) if signal_rows else [])
 
 
 if __name__ == "__main__":

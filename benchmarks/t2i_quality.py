@@ -9,7 +9,9 @@ export``, ``proreflow eval`` in subprocesses), at equal optimiser steps:
 - ``ProReflow-II baked``: guidance 4 baked into the targets (``guidance_mode: baked``), sampled at 1;
 - ``PeRFlow``: one stage of 4 windows, 8 solver steps per window, plain MSE (``alpha 0``, no window
   weighting, no start share), PeRFlow's public recipe;
-- ``2-Rectified Flow``: one window, 32 solver steps, plain MSE.
+- ``2-Rectified Flow``: one window, 32 solver steps, plain MSE;
+- ``ProReflow any-step``: the ``proreflow-any-step`` preset's change to the config: the last stage trains 4-, 2-
+  and 1-window targets at once, step-conditioned, ``alpha`` 10; exported once per step count (``export --steps``).
 
 Each run is evaluated on the held-out captions (templates never seen in training) against the teacher's
 DDIM-32 with the built-in MNIST classifier (FD in its features against the held-out real images, and the
@@ -43,6 +45,8 @@ METHODS: dict[str, list[str]] = {
     "ProReflow-II baked": ["defaults.guidance_mode=baked"],
     "PeRFlow": [*PLAIN_MSE, "stages=[{windows: 4, steps: 400, solver_steps: 8}]"],
     "2-Rectified Flow": [*PLAIN_MSE, "stages=[{windows: 1, steps: 400, solver_steps: 32}]"],
+    "ProReflow any-step": ["stages.2.windows=4", "stages.2.extra_windows=[2, 1]", "step_conditioning=true",
+                           "defaults.alpha=10.0"],
 }
 """Method -> overrides of configs/mnist-t2i.yaml (module doc)."""
 STUDENT_STEPS = "4,2,1"
@@ -67,11 +71,11 @@ def proreflow(*words: str, log: Path) -> None:
 
 
 def evaluate(teacher, student: Path, seed: int, out: Path, samples: int, log: Path, fid: bool,
-             baselines: bool) -> list[dict]:
+             baselines: bool, steps: str = STUDENT_STEPS) -> list[dict]:
     words = ["eval", "--teacher", str(teacher.pipeline), "--images", str(teacher.data["heldout"]), "--classifier",
              "mnist", "--num", str(samples), "--teacher-steps", "32", "--batch-size", "100", "--device", "cpu",
              "--seed", str(seed), "--out", str(out), "--workers", "0", "--fid" if fid else "--no-fid"]
-    words += ["--student", str(student), "--steps", "2" if baselines else STUDENT_STEPS]
+    words += ["--student", str(student), "--steps", "2" if baselines else steps]
     if baselines:  # the teacher's rows; the student row (the teacher's UNet as a student) is not kept
         words += ["--teacher-baselines", "8,4,2,1", "--dpm-solver-steps", "4"]
     proreflow(*words, log=log)
@@ -95,11 +99,17 @@ def one_run(method: str, seed: int, teacher, work: Path, samples: int, fid_metho
               f"setup.cache_dir={work / 'latents'}", f"seed={seed}", *METHODS[method], log=log)
     if not seconds.is_file():
         seconds.write_text(f"{time.perf_counter() - start:.1f}\n")
-    if not (folder / "eval" / "results.json").is_file():
-        proreflow("export", "--run", str(folder / "run"), "--out", str(folder / "export"), log=log)
-        evaluate(teacher, folder / "export", seed, folder / "eval", samples, log, method in fid_methods,
-                 baselines=False)
-    results = json.loads((folder / "eval" / "results.json").read_text())["results"]
+    info = json.loads((folder / "run" / "student.json").read_text())
+    counts = info["served_windows"] if info.get("step_counts") else None
+    evals = {None: folder / "eval"} if not counts else {n: folder / f"eval-{n}" for n in counts}
+    for n, eval_dir in evals.items():  # a step-conditioned student: one export and evaluation per step count
+        if not (eval_dir / "results.json").is_file():
+            export = folder / ("export" if n is None else f"export-{n}")
+            proreflow("export", "--run", str(folder / "run"), "--out", str(export),
+                      *(() if n is None else ("--steps", str(n))), log=log)
+            evaluate(teacher, export, seed, eval_dir, samples, log, method in fid_methods, baselines=False,
+                     steps=STUDENT_STEPS if n is None else str(n))
+    results = [r for eval_dir in evals.values() for r in json.loads((eval_dir / "results.json").read_text())["results"]]
     budget = {"budget": 400, "teacher_evals": teacher_evaluations(folder / "run"),
               "train_seconds": float(seconds.read_text())}
     return [row(method, seed, r, budget) for r in results if r["name"].startswith("student")]

@@ -7,6 +7,7 @@ Each subcommand lives in ``proreflow.commands.<name>`` with ``add_arguments(pars
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
 import re
@@ -80,13 +81,17 @@ def parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespac
     return args
 
 
+ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO}
+"""OS errors that are the machine's (a full disk, a quota, a file-size limit, a failing device): exit code 1."""
+
 OVERRIDE = re.compile(r"[^-=][^=]*=")
 """A ``KEY=VALUE`` override word."""
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run a command; bad input (ValueError, OSError) is one line on stderr and exit code 2; a damaged
-    run folder or a run stopped by non-finite losses one line and exit code 1; a stop signal (Ctrl-C,
+    run folder, a run stopped by non-finite losses or the environment (a full disk, an unreachable hub) one line
+    and exit code 1; a stop signal (Ctrl-C,
     SIGTERM, SIGHUP: :mod:`proreflow.signals`) one line and 128 + its number (130, 143, 129).
 
     Commands report their own run-time failures (exit code 1); anything else is a bug and keeps its
@@ -111,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"proreflow {name}: not available in this version", file=sys.stderr)
             return 2
         raise
+    from .commands import Failure
     from .training.checkpoint import CheckpointError
     from .training.stage import NonFiniteLossError
 
@@ -118,10 +124,17 @@ def main(argv: list[str] | None = None) -> int:
         args = parse(build_parser(load=name), argv)
         with stop_signals_raise():
             return int(_module(name).run(args) or 0)
-    except (NonFiniteLossError, CheckpointError) as err:  # a run's files or losses failed: run-time, not bad input
+    except (NonFiniteLossError, CheckpointError, Failure) as err:  # run-time or environment, not bad input
         print(f"proreflow {name}: {one_line(err)}", file=sys.stderr)
         return 1
-    except (ValueError, OSError) as err:  # bad input: the message names it and the fix
+    except OSError as err:  # a full or failing disk is the environment's; anything else names a bad path
+        if err.errno in ENVIRONMENT_ERRNOS:
+            print(f"proreflow {name}: {one_line(err)} (nothing half-written is kept; free space and run again)",
+                  file=sys.stderr)
+            return 1
+        print(f"proreflow {name}: error: {one_line(err)}", file=sys.stderr)
+        return 2
+    except ValueError as err:  # bad input: the message names it and the fix
         print(f"proreflow {name}: error: {one_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as err:  # TrainingInterrupted says where the run stopped, and by which signal

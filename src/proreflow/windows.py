@@ -13,6 +13,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+MAX_WINDOWS = 1024
+"""The most windows a recipe, a run or a sampler takes (more is a typo, not a recipe)."""
+
 
 @dataclass(frozen=True)
 class TimeWindows:

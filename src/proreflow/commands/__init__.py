@@ -19,6 +19,11 @@ def one_line(text: object) -> str:
     return " ".join(str(text).split())
 
 
+class Failure(RuntimeError):
+    """An environment or run-time failure that is not the input's fault (an unreachable hub, a full disk):
+    one line on stderr and exit code 1."""
+
+
 class UsageError(ValueError):
     """Bad input to a command; the message names it and the fix (exit code 2, no traceback)."""
 

@@ -20,7 +20,7 @@ import argparse
 import shutil
 from pathlib import Path
 
-from . import UsageError, bounded_int, existing_dir, writable_dir
+from . import Failure, UsageError, bounded_int, existing_dir, writable_dir
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     from ..files import remove_stale_temporaries, replace_dir, temporary_path
     from ..sd.export import EXPORT_INFO, push_to_hub, read_metrics
     from ..sd.pipeline import read_model_index
-    from ..training.checkpoint import check_weights_file, read_student_info
+    from ..training.checkpoint import DamagedCheckpointError, check_weights_file, read_student_info
     from ..training.recipes import load_recipe
     from ..training.runner import as_dtype
 
@@ -67,7 +67,8 @@ def run(args: argparse.Namespace) -> int:
         info = read_student_info(run_dir)
     except ValueError as err:
         raise UsageError(f"--run: {err}") from None
-    check_weights_file(run_dir / "student.safetensors", UsageError)
+    check_weights_file(run_dir / "student.safetensors", DamagedCheckpointError,  # a run's own file: exit code 1
+                       f"the run's student {run_dir / 'student.safetensors'}")
     source = args.teacher or info.get("info", {}).get("teacher")
     if not source:
         raise UsageError("the run does not name its teacher; pass --teacher")
@@ -75,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     if args.eval:
         try:
             metrics = read_metrics(args.eval)
-        except FileNotFoundError as err:
+        except (FileNotFoundError, ValueError) as err:
             raise UsageError(f"--eval: {err}") from None
     out = writable_dir(args.out)
     if out.is_dir() and any(out.iterdir()) and not (out / EXPORT_INFO).is_file():
@@ -112,7 +113,12 @@ def run(args: argparse.Namespace) -> int:
         shutil.rmtree(tmp, ignore_errors=True)
     print(line)
     if args.push_to_hub:
-        print(f"uploaded to {push_to_hub(args.out, args.push_to_hub, private=args.private)}")
+        try:
+            url = push_to_hub(args.out, args.push_to_hub, private=args.private)
+        except Exception as err:  # the hub's and the network's errors are of every kind
+            raise Failure(f"the export is written to {args.out}; uploading it to {args.push_to_hub} failed "
+                          f"({type(err).__name__}: {err}); upload it later with `hf upload`") from err
+        print(f"uploaded to {url}")
     return 0
 
 

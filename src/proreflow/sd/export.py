@@ -53,8 +53,9 @@ def read_export_info(folder: str | Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def _write_info(out_dir: Path, info: dict, metrics: list[dict] | None, usage: list[str] | None = None,
-                tag: str | None = None) -> None:
+def write_export_info(out_dir: Path, info: dict, metrics: list[dict] | None, usage: list[str] | None = None,
+                      tag: str | None = None) -> None:
+    """Write an export's ``proreflow.json`` (``info``) and its model card (``README.md``)."""
     (out_dir / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n")
     (out_dir / MODEL_CARD).write_text(model_card(info, metrics, usage, tag))
 
@@ -64,7 +65,14 @@ def read_metrics(eval_dir: str | Path) -> list[dict]:
     path = Path(eval_dir) / "results.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: --eval takes the --out folder of a `proreflow eval` run")
-    return json.loads(path.read_text())["results"]
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8"))["results"]
+    except (ValueError, KeyError, TypeError):
+        rows = None
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and "name" in r for r in rows):
+        raise ValueError(f"{path} is not the results file of a `proreflow eval` run (a JSON object whose "
+                         "'results' lists named rows)")
+    return rows
 
 
 def model_card(info: dict, metrics: list[dict] | None = None, usage: list[str] | None = None,
@@ -229,7 +237,7 @@ def export_pipeline(student_unet: nn.Module, teacher, out_dir: str | Path, num_w
     info = {"num_windows": num_windows, "guidance": guidance, "prediction_type": teacher.prediction_type,
             "teacher": teacher.source, "pipeline": type(teacher.pipe).__name__, "scheduler": TRAILING_DDIM_LINE,
             "dtype": str(dtype or unet.dtype).removeprefix("torch."), **(extra or {})}
-    _write_info(out_dir, info, metrics)
+    write_export_info(out_dir, info, metrics)
     return out_dir
 
 
@@ -250,7 +258,7 @@ def export_lora(student_unet: nn.Module, teacher, out_dir: str | Path, num_windo
             "base": teacher.source, "pipeline": type(teacher.pipe).__name__, "scheduler": TRAILING_DDIM_LINE,
             "lora_kept_fraction": kept, "kohya_weights": KOHYA_LORA,
             "dtype": str(dtype or torch.float32).removeprefix("torch."), **(extra or {})}
-    _write_info(out_dir, info, metrics)
+    write_export_info(out_dir, info, metrics)
     return path, kept
 
 
@@ -262,17 +270,12 @@ def load_student_pipeline(model: str | Path, lora: str | Path | None = None, num
     num_windows: default from ``proreflow.json`` (of the LoRA folder, then of the model) or the
     pipeline's ProReflowScheduler config.
     """
-    from diffusers import DiffusionPipeline
+    from .pipeline import apply_lora, open_pipeline
 
-    from .pipeline import UNUSED_COMPONENTS, default_local_files_only, read_model_index
-
-    local_files_only = default_local_files_only() if local_files_only is None else local_files_only
-    index = read_model_index(model, local_files_only)
-    unused = {name: None for name in UNUSED_COMPONENTS if name in index}
-    pipe = DiffusionPipeline.from_pretrained(str(model), dtype=dtype, local_files_only=local_files_only, **unused)
+    pipe = open_pipeline(model, dtype, local_files_only=local_files_only, what="student pipeline")
     info = {**read_export_info(model), **(read_export_info(lora) if lora else {})}
     if lora:
-        pipe.load_lora_weights(str(lora))
+        apply_lora(pipe, lora)
     num_windows = num_windows or info.get("num_windows") or pipe.scheduler.config.get("num_windows")
     if not num_windows:
         raise ValueError(f"the student's number of windows is unknown: {model} is not an exported student "

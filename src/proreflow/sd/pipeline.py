@@ -30,6 +30,7 @@ from torch import Tensor
 from ..conditioning import Cond, map_cond
 from ..schedules import VPSchedule
 from ..teachers import Network, diffusers_network
+from ..training.checkpoint import NonFiniteWeightsError, check_finite
 from ..training.runner import as_dtype
 
 log = logging.getLogger(__name__)
@@ -65,9 +66,9 @@ def read_model_index(source: str | Path, local_files_only: bool | None = None) -
             raise FileNotFoundError(
                 f"{path} is not a diffusers pipeline folder (no model_index.json). Convert a single-file "
                 "checkpoint once with StableDiffusionPipeline.from_single_file(FILE).save_pretrained(DIR)")
-        return dict(DiffusionPipeline.load_config(str(path)))
+        return _index(DiffusionPipeline.load_config(str(path)), path / "model_index.json")
     try:
-        return dict(DiffusionPipeline.load_config(source, local_files_only=local_files_only))
+        return _index(DiffusionPipeline.load_config(source, local_files_only=local_files_only), source)
     except OSError as err:
         hint = (" It is not in the local Hugging Face cache: download it once online (`hf download "
                 f"{source}`) or pass a local folder." if local_files_only else "")
@@ -219,26 +220,72 @@ def patched_latent_shape(vae_scale_factor: int, config, resolution: int) -> tupl
     return (int(config.in_channels), side, side)
 
 
-def load_pipeline(source: str | Path, supported: tuple[str, ...], dtypes: dict, what: str,
-                  variant: str | None = None, local_files_only: bool | None = None):
-    """The diffusers pipeline at ``source`` (folder or hub id), refused unless its class is one of
-    ``supported`` (``what``: the models they are, for the message); ``dtypes``: per component
-    (``dtype``); the components of :data:`UNUSED_COMPONENTS` are not loaded. Its progress bars are off."""
+def _index(config, where) -> dict:
+    if not isinstance(config, dict) or not isinstance(config.get("_class_name", ""), str):
+        raise ValueError(f"{where} is not a diffusers model index (a JSON object naming the pipeline class and "
+                         "its components); the folder is damaged: export or download it again")
+    return dict(config)
+
+
+def open_pipeline(source: str | Path, dtype=None, skip: tuple[str, ...] = (), variant: str | None = None,
+                  local_files_only: bool | None = None, what: str = "pipeline", index: dict | None = None):
+    """``DiffusionPipeline.from_pretrained(source)``: the one loader of every pipeline proreflow opens
+    (teachers, exported students, their bases). ``dtype``: one or per component; the components named in
+    ``skip`` or :data:`UNUSED_COMPONENTS` that the folder has are not loaded (``None``). Its progress bars are
+    off. A folder diffusers cannot load (damaged or wrong files: diffusers raises many kinds of errors) is one
+    ValueError naming ``what`` and ``source``; ``index``: its model index when already read."""
     from diffusers import DiffusionPipeline
 
     local_files_only = default_local_files_only() if local_files_only is None else local_files_only
+    index = read_model_index(source, local_files_only) if index is None else index
+    skipped = {name: None for name in (*UNUSED_COMPONENTS, *skip) if name in index}
+    try:
+        pipe = DiffusionPipeline.from_pretrained(str(source), dtype=dtype, variant=variant,
+                                                 local_files_only=local_files_only, **skipped)
+    except OSError as err:
+        raise type(err)(f"loading the {what} {source} failed: {err}") from err
+    except Exception as err:  # the folder's content: diffusers' and safetensors' errors are of every kind
+        raise ValueError(f"loading the {what} {source} failed ({type(err).__name__}: {err}); it must be a "
+                         "diffusers pipeline folder as save_pretrained writes it: export or download it again") \
+            from err
+    pipe.set_progress_bar_config(disable=True)
+    check_finite_components(pipe, f"the {what} {source}")
+    return pipe
+
+
+def check_finite_components(pipe, what: str) -> None:
+    """A ValueError naming the first weight of ``pipe``'s networks that holds NaN or infinite values (a damaged
+    model samples black or noise images without a word otherwise)."""
+    for name, component in pipe.components.items():
+        if isinstance(component, torch.nn.Module):
+            try:
+                check_finite(component.state_dict(), f"{what}: {name}")
+            except NonFiniteWeightsError as err:
+                raise ValueError(f"{str(err).removesuffix('; nothing was written')}: the weights are damaged; "
+                                 "export or download them again") from None
+
+
+def apply_lora(pipe, lora: str | Path) -> None:
+    """``pipe.load_lora_weights(lora)``; LoRA weights the pipeline cannot take (damaged, or of another
+    architecture) are one ValueError naming the folder."""
+    try:
+        pipe.load_lora_weights(str(lora))
+    except Exception as err:  # peft's and safetensors' errors are of every kind
+        raise ValueError(f"loading the LoRA weights {lora} failed ({type(err).__name__}: {err}); give a folder "
+                         "written by `proreflow export --lora` for this base pipeline") from err
+    check_finite_components(pipe, f"the pipeline with the LoRA weights {lora}")
+
+
+def load_pipeline(source: str | Path, supported: tuple[str, ...], dtypes: dict, what: str,
+                  variant: str | None = None, local_files_only: bool | None = None):
+    """The teacher pipeline at ``source`` (folder or hub id, :func:`open_pipeline`), refused unless its class is
+    one of ``supported`` (``what``: the models they are, for the message); ``dtypes``: per component."""
     index = read_model_index(source, local_files_only)
     kind = index.get("_class_name")
     if kind not in supported:
         raise ValueError(f"teacher {source}: a {kind} is not supported; use a {' or '.join(supported)} ({what})")
-    unused = {name: None for name in UNUSED_COMPONENTS if name in index}
-    try:
-        pipe = DiffusionPipeline.from_pretrained(str(source), dtype=dtypes, variant=variant,
-                                                 local_files_only=local_files_only, **unused)
-    except (OSError, ValueError) as err:
-        raise type(err)(f"loading the teacher pipeline {source} failed: {err}") from err
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return open_pipeline(source, dtypes, variant=variant, local_files_only=local_files_only,
+                         what="teacher pipeline", index=index)
 
 
 def unet_network(unet) -> Network:

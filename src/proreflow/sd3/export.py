@@ -30,11 +30,11 @@ import torch
 from torch import nn
 
 from ..flow import FlowSchedule
-from ..sd.export import _write_info, read_export_info
+from ..sd.export import read_export_info, write_export_info
 from ..sd.lora import as_lora, has_lora, merge_lora, save_lora
 from ..training.checkpoint import check_finite
 from ..windows import TimeWindows
-from .pipeline import PIPELINE, T5_COMPONENTS, UNUSED_COMPONENTS, SD3Teacher
+from .pipeline import PIPELINE, T5_COMPONENTS, SD3Teacher
 
 __all__ = ["export_sd3_lora", "export_sd3_pipeline", "load_sd3_student_pipeline", "read_export_info",
            "student_sigmas", "window_sigmas"]
@@ -87,7 +87,7 @@ def usage(info: dict) -> list[str]:
 
 
 def _save_info(out_dir: Path, info: dict, metrics: list[dict] | None) -> None:
-    _write_info(out_dir, info, metrics, usage(info), TAG)
+    write_export_info(out_dir, info, metrics, usage(info), TAG)
 
 
 def export_sd3_pipeline(student: nn.Module, teacher: SD3Teacher, out_dir: str | Path, num_windows: int,
@@ -134,21 +134,15 @@ def load_sd3_student_pipeline(model: str | Path, lora: str | Path | None = None,
     The info always holds ``num_windows`` (the argument, else the export's) and ``window_space``; the T5
     encoder is left out when the student was distilled without it.
     """
-    from diffusers import DiffusionPipeline
+    from ..sd.pipeline import apply_lora, open_pipeline, read_model_index
 
-    from ..sd.pipeline import default_local_files_only, read_model_index
-
-    local_files_only = default_local_files_only() if local_files_only is None else local_files_only
     index = read_model_index(model, local_files_only)
     info = {**read_export_info(model), **(read_export_info(lora) if lora else {})}
-    skipped = {name: None for name in UNUSED_COMPONENTS if name in index}
-    if not info.get("use_t5", True) or index.get("text_encoder_3", [None])[0] is None:  # saved without T5
-        skipped.update({name: None for name in T5_COMPONENTS})
-    pipe = DiffusionPipeline.from_pretrained(str(model), dtype=dtype, local_files_only=local_files_only,
-                                             **skipped)
-    pipe.set_progress_bar_config(disable=True)
+    without_t5 = not info.get("use_t5", True) or index.get("text_encoder_3", [None])[0] is None  # saved without
+    pipe = open_pipeline(model, dtype, T5_COMPONENTS if without_t5 else (), local_files_only=local_files_only,
+                         what="student pipeline", index=index)
     if lora:
-        pipe.load_lora_weights(str(lora))
+        apply_lora(pipe, lora)
     num_windows = num_windows or info.get("num_windows")
     if not num_windows:
         raise ValueError(f"the student's number of windows is unknown: {model} is not an exported student "

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from ..conditioning import Cond, map_cond
 from ..flow import FlowSchedule
-from ..sd.pipeline import default_local_files_only, patched_latent_shape, read_model_index
+from ..sd.pipeline import open_pipeline, patched_latent_shape, read_model_index
 from ..teachers import Network
 from ..training.runner import as_dtype
 
@@ -30,9 +30,6 @@ log = logging.getLogger(__name__)
 
 PIPELINE = "StableDiffusion3Pipeline"
 T5_COMPONENTS = ("text_encoder_3", "tokenizer_3")
-UNUSED_COMPONENTS = ("image_encoder", "feature_extractor")
-
-
 @dataclass
 class SD3Teacher:
     """A loaded ``StableDiffusion3Pipeline`` and what distillation needs from it (module doc)."""
@@ -132,23 +129,14 @@ def load_sd3_teacher(source: str | Path, transformer_dtype: str | torch.dtype = 
     use_t5: load the T5 encoder (False: ``text_encoder_3=None``, diffusers pads with zeros; also
         when the folder has no T5). window_space: where windows fall (:mod:`proreflow.flow`).
     """
-    from diffusers import DiffusionPipeline
-
-    local_files_only = default_local_files_only() if local_files_only is None else local_files_only
     index = read_model_index(source, local_files_only)
     if index.get("_class_name") != PIPELINE:
         raise ValueError(f"teacher {source}: a {index.get('_class_name')} is not a {PIPELINE}; the "
                          "stable-diffusion-3 setup takes SD3 / SD3.5 pipelines (stable-diffusion for SD1.5 / SDXL)")
-    skipped = {name: None for name in UNUSED_COMPONENTS if name in index}
-    if not use_t5 or index.get("text_encoder_3", [None])[0] is None:
-        skipped.update({name: None for name in T5_COMPONENTS})
+    without_t5 = not use_t5 or index.get("text_encoder_3", [None])[0] is None
     dtypes = {"default": as_dtype(encoder_dtype), "transformer": as_dtype(transformer_dtype), "vae": torch.float32}
-    try:
-        pipe = DiffusionPipeline.from_pretrained(str(source), dtype=dtypes, variant=variant,
-                                                 local_files_only=local_files_only, **skipped)
-    except (OSError, ValueError) as err:
-        raise type(err)(f"loading the teacher pipeline {source} failed: {err}") from err
-    pipe.set_progress_bar_config(disable=True)
+    pipe = open_pipeline(source, dtypes, T5_COMPONENTS if without_t5 else (), variant, local_files_only,
+                         "teacher pipeline", index)
     teacher = SD3Teacher(pipe, str(source), window_space)
     if device is not None:
         teacher.to(device)

@@ -52,7 +52,7 @@ from torch import Tensor, nn
 from ..files import atomic_write, atomic_write_text, file_sha256, replace_dir, temporary_path, write_json
 from ..step_conditioning import attach_step_conditioning
 from ..teachers import Denoiser
-from ..windows import TimeWindows
+from ..windows import MAX_WINDOWS, TimeWindows
 from .recipes import Recipe, RecipeError
 from .setup import DistillationSetup
 
@@ -636,4 +636,8 @@ def read_student_info(out_dir: str | Path) -> dict[str, Any]:
         raise ValueError(f"{path} is not valid JSON ({err}); the run's files are damaged") from None
     if not isinstance(info, dict) or not isinstance(info.get("info", {}), dict) or "windows" not in info:
         raise ValueError(f"{path} is not a student record of `proreflow train`")
+    windows = info["windows"]
+    if isinstance(windows, bool) or not isinstance(windows, int) or not 1 <= windows <= MAX_WINDOWS:
+        raise ValueError(f"{path}: windows is {windows!r}, not a count of 1 to {MAX_WINDOWS}; the run's files are "
+                         "damaged")
     return info

@@ -52,6 +52,7 @@ import yaml
 from ..losses import LOSS_SPACES, LOSS_WEIGHTINGS
 from ..schedules import PREDICTION_TYPES
 from ..solvers import REFERENCE_STEPS, SOLVERS
+from ..windows import MAX_WINDOWS
 
 
 class RecipeError(ValueError):
@@ -536,7 +537,7 @@ _CHOICES = {"teacher": ("original", "previous"), "guidance_mode": ("baked", "cfg
             "optimizer": OPTIMIZERS, "student_prediction": ("auto", "teacher") + PREDICTION_TYPES}
 _LIMITS: dict[str, tuple[float, float]] = {
     # stage keys
-    "windows": (1, 1024), "extra_windows": (1, 1024), "steps": (1, 10**8), "solver_steps": (1, 1000),
+    "windows": (1, MAX_WINDOWS), "extra_windows": (1, MAX_WINDOWS), "steps": (1, 10**8), "solver_steps": (1, 1000),
     "alpha": (0, 1000), "beta": (0, 1000),
     "lr": (0, 1), "warmup_steps": (0, 10**8), "weight_decay": (0, 1), "grad_clip": (0, 1e6),
     "batch_size": (1, 65536), "grad_accum": (1, 4096), "guidance": (0, 100), "start_share": (0, 1),
