@@ -199,7 +199,7 @@ def cases() -> list[Case]:
     sd_train = ["train", "--config", "{C}", "setup.teacher={P}", "setup.data={D}", "--out", "{case}/run",
                 "--no-progress", "stages.*.steps=2", "defaults.batch_size=8", "defaults.warmup_steps=0"]
     jsonl = "metadata.jsonl"
-    one_png = _png()
+    one_png = _png(32)  # the judge's size: the eval cases reach the check they are about
     c: list[Case] = []
     add = c.append
 
@@ -351,9 +351,9 @@ def cases() -> list[Case]:
              prepare=_folder([{"file_name": "../../etc/passwd", "text": "a seven", "label": 7}] * 4, one_png)))
     add(Case("eval: --prompts and --images together", "eval", [*ev_h, "--prompts", "{case}/p.txt"],
              prepare=write("p.txt", "a\nb\n")))
-    add(Case("eval: --prompts one prompt (FID needs 2)", "eval", [*ev[:-2], "--out", "{case}/out", "--student",
-                                                                  "{E}", "--prompts", "{case}/p.txt", "--fid"],
-             prepare=write("p.txt", "a seven\n")))
+    add(Case("eval: --prompts one prompt (FID needs 2)", "eval",
+             ["eval", "--teacher", "{P}", "--student", "{E}", "--prompts", "{case}/p.txt", "--steps", "1",
+              "--teacher-steps", "2", "--fid", "--out", "{case}/out"], prepare=write("p.txt", "a seven\n")))
     add(Case("eval: --coco-annotations garbage", "eval", [*ev, "--student", "{E}", "--coco-annotations",
                                                           "{case}/a.json", "--coco-images", "{case}"],
              prepare=write("a.json", "{")))

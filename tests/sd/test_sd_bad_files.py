@@ -99,3 +99,11 @@ def test_an_upload_that_fails_keeps_the_export_and_exits_1(run_and_export, tmp_p
     line = _one_line(capsys)
     assert line.startswith(f"proreflow export: the export is written to {out}; uploading it to me/tiny failed")
     assert (out / "model_index.json").is_file()
+
+
+def test_a_component_folder_the_index_names_but_lacks_is_one_line(run_and_export, tmp_path, capsys):
+    """diffusers would load a stand-in tokenizer (of another length) and fail deep in the text encoding."""
+    export = _copy(run_and_export[1], tmp_path)
+    shutil.rmtree(export / "tokenizer")
+    assert cli(_sample(export, tmp_path)) == 2
+    assert "lacks the folder(s) tokenizer its model_index.json names" in _one_line(capsys)

@@ -200,7 +200,9 @@ def test_bad_captions_and_metadata_lines_are_left_out_and_named(tmp_path, caplog
     assert [source.record(i).caption for i in range(len(source))] == ["zero", "one"]
     path = meta / "metadata.jsonl"
     assert sorted(source.left_out) == [f"{path}:{n}" for n in (2, 3, 4, 5)]
-    assert f"{path}:2: not valid JSON" in caplog.text and f"{path}:5: not UTF-8" in caplog.text
+    assert source.left_out[f"{path}:2"].startswith("not valid JSON") and source.left_out[f"{path}:5"].startswith(
+        "not UTF-8")
+    assert caplog.text.count("left out") == 1 and f"{meta}: 4 captions left out (first: {path}:" in caplog.text
 
 
 def test_damaged_shards_are_skipped_and_counted(tmp_path, caplog):
@@ -263,3 +265,37 @@ def test_read_prompts_leaves_out_unreadable_lines(tmp_path):
     (tmp_path / "bad.txt").write_bytes(b"\xff\xfe\n")
     with pytest.raises(ValueError, match=r"holds no prompts \(1 unreadable lines; first: .*bad.txt:1: not UTF-8"):
         read_prompts(tmp_path / "bad.txt")
+
+
+@pytest.mark.parametrize("caption", [None, 7, {"en": "a cat"}, [1, 2]])
+def test_a_caption_that_is_not_text_is_left_out(tmp_path, caption, caplog):
+    rows = [{"file_name": "0.png", "text": "zero"}, {"file_name": "1.png", "text": caption}]
+    (tmp_path / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for k in range(2):
+        (tmp_path / f"{k}.png").write_bytes(_png(k))
+    with caplog.at_level(logging.WARNING):
+        source = FolderSource(tmp_path)
+    assert [source.record(i).caption for i in range(len(source))] == ["zero"]
+    assert list(source.left_out) == [f"{tmp_path / 'metadata.jsonl'}:2"] and "1 captions left out" in caplog.text
+    (tmp_path / "metadata.jsonl").write_text(json.dumps(rows[1]) + "\n")
+    with pytest.raises(ValueError, match=r"holds no captioned images.*\(1 left out; first: .*metadata.jsonl:1: "):
+        FolderSource(tmp_path)
+
+
+def test_data_whose_every_image_is_unreadable_is_one_error_without_warnings(tmp_path, caplog):
+    """Nothing to train on is bad input named in one error; the per-image warnings come only when some image
+    is readable (then they say what the run passes over)."""
+    (tmp_path / "metadata.jsonl").write_text("".join(json.dumps({"file_name": f"{k}.png", "text": "x"}) + "\n"
+                                                     for k in range(3)))
+    for k in range(3):
+        (tmp_path / f"{k}.png").write_bytes(b"not a png")
+    data = ImageCaptionDataset(FolderSource(tmp_path), 16)
+    with caplog.at_level(logging.WARNING), pytest.raises(ValueError, match=r"none of the 3 images of the data can "
+                                                                            r"be read \(first: .*0\.png: "):
+        data[0]
+    assert "skipping" not in caplog.text
+    (tmp_path / "1.png").write_bytes(_png(1))
+    with caplog.at_level(logging.WARNING):
+        item = ImageCaptionDataset(FolderSource(tmp_path), 16)[2]
+    assert item["index"] == 1 and item["skipped_before"] == [str(tmp_path / "2.png"), str(tmp_path / "0.png")]
+    assert caplog.text.count("skipping unreadable image") == 2

@@ -66,6 +66,11 @@ def _bytes_opener(read: Callable[[], bytes]) -> Callable[[], Image.Image]:
     return lambda: Image.open(io.BytesIO(read()))
 
 
+def _is_caption(value) -> bool:
+    """A caption field holds text, or a list of texts (COCO style)."""
+    return isinstance(value, str) or (isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value))
+
+
 def _first_caption(value) -> str:
     """A caption field may hold a list of captions (COCO style): the first one is used."""
     if isinstance(value, (list, tuple)):
@@ -83,24 +88,31 @@ class FolderSource:
             raise FileNotFoundError(f"image folder {self.root} does not exist")
         metadata = self.root / "metadata.jsonl"
         self.items = self._from_metadata(metadata, caption_column) if metadata.is_file() else self._from_txt()
+        first = next(iter(self.left_out.items()), None)
         if not self.items:
             raise ValueError(f"{self.root} holds no captioned images: put KEY.txt beside each image "
-                             f"({', '.join(IMAGE_EXTENSIONS)}) or a metadata.jsonl with file_name and text")
+                             f"({', '.join(IMAGE_EXTENSIONS)}) or a metadata.jsonl with file_name and text"
+                             + (f" ({len(self.left_out)} left out; first: {first[0]}: {first[1]})" if first else ""))
+        if first:
+            log.warning("%s: %d captions left out (first: %s: %s)", self.root, len(self.left_out), *first)
 
     def _from_metadata(self, path: Path, caption_column: str | None) -> list[tuple[Path, str]]:
         items = []
-        for n, row in read_json_lines(path, self.left_out):
+        for n, row in read_json_lines(path, self.left_out, warn=False):
             key = caption_column or next((k for k in CAPTION_KEYS if k in row), None)
             if "file_name" not in row or key not in row:
-                self._leave_out(f"{path}:{n}", f"each line needs 'file_name' and a caption "
-                                f"({caption_column or ' / '.join(CAPTION_KEYS)}), got keys {sorted(row)}")
-                continue
-            items.append((path.parent / str(row["file_name"]), _first_caption(row[key])))
+                self.left_out[f"{path}:{n}"] = (f"each line needs 'file_name' and a caption "
+                                                f"({caption_column or ' / '.join(CAPTION_KEYS)}), got keys "
+                                                f"{sorted(row)}")
+            elif not _is_caption(row[key]) or not isinstance(row["file_name"], str):
+                self.left_out[f"{path}:{n}"] = (f"'file_name' must be a path and {key!r} a caption (text, or a "
+                                                f"list of texts), got {row['file_name']!r} and {row[key]!r}")
+            else:
+                items.append((path.parent / row["file_name"], _first_caption(row[key])))
         return items
 
     def _leave_out(self, where: str, why: str) -> None:
         self.left_out[where] = why
-        log.warning("%s: %s; left out (%d so far)", where, why, len(self.left_out))
 
     def _from_txt(self) -> list[tuple[Path, str]]:
         images = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
@@ -319,17 +331,21 @@ class ImageCaptionDataset(Dataset):
     def __getitem__(self, i: int) -> dict:
         """Item ``i``, or the next readable one after it, with ``skipped_before``: the names passed over."""
         passed: list[str] = []
+        new: list[str] = []  # logged once a readable item shows the data is not wholly unreadable
         for k in range(len(self)):
             item = self.load((i + k) % len(self))
             if "skipped" not in item:
+                for name in new:
+                    log.warning("skipping unreadable image %s (%s); %d skipped so far", name, self.skipped[name],
+                                len(self.skipped))
                 return {**item, "skipped_before": passed}
             passed.append(item["skipped"])
             if item["skipped"] not in self.skipped:
                 self.skipped[item["skipped"]] = item["error"]
-                log.warning("skipping unreadable image %s (%s); %d skipped so far",
-                            item["skipped"], item["error"], len(self.skipped))
-        raise RuntimeError(f"none of the {len(self)} images of the source can be read; first errors: "
-                           f"{dict(list(self.skipped.items())[:3])}")
+                new.append(item["skipped"])
+        first = "; ".join(f"{name}: {why}" for name, why in list(self.skipped.items())[:2])
+        raise ValueError(f"none of the {len(self)} images of the data can be read (first: {first}); check the "
+                         "data folder or shards (setup.data)")
 
 
 def read_prompts(path: str | Path, caption_column: str | None = None) -> list[str]:

@@ -239,6 +239,12 @@ def open_pipeline(source: str | Path, dtype=None, skip: tuple[str, ...] = (), va
     local_files_only = default_local_files_only() if local_files_only is None else local_files_only
     index = read_model_index(source, local_files_only) if index is None else index
     skipped = {name: None for name in (*UNUSED_COMPONENTS, *skip) if name in index}
+    folder = Path(source).expanduser()
+    missing = [name for name, spec in index.items() if not name.startswith("_") and name not in skipped
+               and isinstance(spec, list) and spec and spec[0] is not None and not (folder / name).is_dir()]
+    if folder.is_dir() and missing:  # diffusers would load stand-ins (a tokenizer of the wrong length)
+        raise ValueError(f"the {what} {source} lacks the folder(s) {', '.join(missing)} its model_index.json "
+                         "names: export or download it again")
     try:
         pipe = DiffusionPipeline.from_pretrained(str(source), dtype=dtype, variant=variant,
                                                  local_files_only=local_files_only, **skipped)
