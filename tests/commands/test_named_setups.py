@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import re
 
 import pytest
 import torch
@@ -70,3 +71,21 @@ def test_an_import_path_needs_trust(monkeypatch):
     monkeypatch.setenv("PROREFLOW_TRUST_SETUP_CODE", "0")
     with pytest.raises(ValueError, match="--trust-setup-code"):
         get_setup_builder(f"{HERE}:make_setup")
+
+
+@pytest.mark.parametrize("key, value, expected", [
+    ("center_crop", "maybe", "expected true or false, got 'maybe'"),
+    ("resolution", True, "expected an integer or null, got True"),
+    ("resolution", 32.5, "expected an integer or null, got 32.5"),
+    ("data", ["a", 3], "expected a text or a list of texts or null, got ['a', 3]"),
+    ("prompt_guidance", "high", "expected a number, got 'high'"),
+])
+def test_setup_values_of_the_wrong_type_are_refused_before_anything_builds(key, value, expected):
+    """The builder's annotations are the types of its keys: a YAML string where a boolean belongs would be
+    truthy, and True an integer, without this check."""
+    from proreflow.commands.named_setups import check_setup_spec
+
+    with pytest.raises(ValueError, match=re.escape(f"setup.{key}: {expected}")):
+        check_setup_spec({"name": "stable-diffusion", "teacher": "t", key: value})
+    check_setup_spec({"name": "stable-diffusion", "teacher": "t", "resolution": 32, "prompt_guidance": 4,
+                      "data": ["a", "b"], "center_crop": False})  # an int is a number

@@ -67,8 +67,11 @@ def run(args: argparse.Namespace) -> int:
         info = read_student_info(run_dir)
     except ValueError as err:
         raise UsageError(f"--run: {err}") from None
-    check_weights_file(run_dir / "student.safetensors", DamagedCheckpointError,  # a run's own file: exit code 1
-                       f"the run's student {run_dir / 'student.safetensors'}")
+    weights = run_dir / "student.safetensors"
+    if not weights.is_file():
+        raise UsageError(f"--run: {weights} is missing; --run takes the output folder of a finished `proreflow "
+                         "train` run")
+    check_weights_file(weights, DamagedCheckpointError, f"the run's student {weights}")  # damaged: exit code 1
     source = args.teacher or info.get("info", {}).get("teacher")
     if not source:
         raise UsageError("the run does not name its teacher; pass --teacher")

@@ -18,6 +18,8 @@ import functools
 import importlib
 import inspect
 import os
+import types
+import typing
 from collections.abc import Callable
 from typing import Any
 
@@ -134,7 +136,50 @@ def check_setup_spec(spec: Any, trust: bool = False) -> Callable[..., Distillati
     if missing:
         raise ValueError(f"setup.{missing[0]}: setup {name!r} needs the key {missing[0]!r}; valid keys: "
                          f"{', '.join(keys)}")
+    try:
+        hints = typing.get_type_hints(builder)
+    except Exception:  # a builder whose annotations do not resolve: its own checks apply
+        hints = {}
+    for key, value in spec.items():
+        if key in hints and not fits(value, hints[key]):
+            raise ValueError(f"setup.{key}: expected {describe_type(hints[key])}, got {value!r}")
     return builder
+
+
+def fits(value: Any, hint: Any) -> bool:
+    """Whether a config value has the type a builder's annotation asks for (``bool`` is not an ``int``, an
+    ``int`` is a ``float``; annotations this cannot read accept anything)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(fits(value, arm) for arm in args)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if origin in (list, tuple) or hint in (list, tuple):
+        return isinstance(value, (list, tuple)) and all(fits(v, args[0]) for v in value) if args else \
+            isinstance(value, (list, tuple))
+    return True
+
+
+def describe_type(hint: Any) -> str:
+    """An annotation in a config's words: ``true or false``, ``an integer``, ``a list of text or null``."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(describe_type(arm) for arm in args)
+    words = {bool: "true or false", int: "an integer", float: "a number", str: "a text", type(None): "null"}
+    if hint in words:
+        return words[hint]
+    if origin in (list, tuple):
+        plural = {bool: "true / false values", int: "integers", float: "numbers", str: "texts"}
+        return f"a list of {plural.get(args[0], describe_type(args[0]))}" if args else "a list"
+    return getattr(hint, "__name__", str(hint))
 
 
 def build_setup(spec: dict[str, Any], trust: bool = False) -> DistillationSetup:
