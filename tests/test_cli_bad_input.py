@@ -57,6 +57,8 @@ TRAIN = [  # (id, arguments after `train --config CFG`, a part of the one error 
     ("unknown_default_key", ["defaults.foo=1"], "defaults.'foo'"),
     ("windows_cannot_follow", ["stages.0.windows=3"], "2 windows cannot follow 3"),
     ("windows_zero", ["stages.0.windows=0"], "stages.0.windows: must be at least 1"),
+    ("stages_too_many", ["stages=[" + ", ".join(["{{windows: 1}}"] * 65) + "]"], "stages: 65 stages; a recipe has at "
+     "most 64"),
     ("windows_huge", ["stages.*.windows=100000"], "stages.0.windows: must be at most 1024"),
     ("steps_zero", ["stages.0.steps=0"], "stages.0.steps: must be at least 1"),
     ("steps_huge", ["stages.0.steps=1000000000000"], "stages.0.steps: must be at most"),

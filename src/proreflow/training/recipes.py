@@ -642,6 +642,10 @@ def _unknown(key: str, valid: typing.Iterable[str], prefix: str = "") -> RecipeE
     return RecipeError(f"unknown key {prefix}{key!r}{hint}; valid keys: {', '.join(valid)}")
 
 
+MAX_STAGES = 64
+"""The most stages a recipe has (more is a typo or a generated list gone wrong, not a curriculum)."""
+
+
 def _build_stage(raw: Any, defaults: dict[str, Any], where: str) -> Stage:
     if not isinstance(raw, dict):
         raise RecipeError(f"{where}: a stage must be a mapping such as {{windows: 4, steps: 1000}}, got {raw!r}")
@@ -673,6 +677,9 @@ def _build_recipe(raw: dict[str, Any]) -> Recipe:
     stages_raw = raw.get("stages")
     if not isinstance(stages_raw, list) or not stages_raw:
         raise RecipeError("stages: a recipe needs a non-empty list of stages, e.g. [{windows: 4, steps: 1000}]")
+    if len(stages_raw) > MAX_STAGES:
+        raise RecipeError(f"stages: {len(stages_raw)} stages; a recipe has at most {MAX_STAGES} (halving the "
+                          f"windows from {MAX_WINDOWS} to 1 takes 11)")
     stages = [_build_stage(s, defaults, f"stages.{i}") for i, s in enumerate(stages_raw)]
     hints = typing.get_type_hints(Recipe)
     values = {name: _check_value(name, name, raw[name], hints[name])
