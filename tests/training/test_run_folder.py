@@ -158,3 +158,21 @@ def test_train_log_opens_with_the_command_versions_setup_and_recipe_and_ends_wit
         f"{sum(s['teacher_evals'] for s in summary)} teacher evaluations, "
         f"{sum(s['seconds'] for s in summary):.1f} s of training; student ({result.windows.count} windows) at "
         f"{tmp_path / 'student.safetensors'}")
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_an_output_folder_holding_other_files_is_refused(tmp_path, capsys, resume):
+    """A run writes checkpoints/, stage-*/, student.* ... into --out: a folder of something else is one line
+    (exit 2) naming what is there, with or without --resume, and is left as it was."""
+    from proreflow.cli import main
+
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    config = _config(tmp_path / "c.yaml", "helpers.engine_toys:make_setup")
+    args = ["train", "--config", str(config), "--out", str(out), "--no-progress", *(["--resume"] * resume)]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"proreflow train: error: --out {out} holds files that are not a run's (notes.txt): choose a new "
+                   "or empty folder"]
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]

@@ -94,10 +94,15 @@ def run(args: argparse.Namespace) -> int:
         print(yaml.safe_dump({"setup": setup_spec}, sort_keys=False), end="")
         return 0
 
+    from ..training.engine import foreign_entries
     from ..training.runner import check_environment
 
     check_environment(recipe)  # trackers and optimiser packages (ValueError: exit 2)
     out = writable_dir(args.out or f"runs/{recipe.name}", create=True)
+    foreign = foreign_entries(out, (recipe.target_cache, setup_spec.get("cache_dir")))
+    if foreign:  # a run writes checkpoints/, stage-*/, student.* ... among them: never mix the two (nor lock)
+        raise UsageError(f"--out {out} holds files that are not a run's ({', '.join(foreign[:3])}"
+                         f"{', ...' if len(foreign) > 3 else ''}): choose a new or empty folder")
     with _writer_lock(out):  # before the folder's checks: another run may be writing there (exit 2)
         return _train(args, recipe, setup_spec, out)
 

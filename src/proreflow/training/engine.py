@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import re
 import signal
 import sys
 import threading
@@ -196,6 +197,22 @@ NO_REPLAY_KEYS = ("name", "description", "checkpoint_every", "keep_checkpoints",
                   "target_cache")
 """Recipe keys that do not change the weights a run trains (gradient checkpointing: up to rounding; a target
 cache gives the uncached run's weights, wherever it lies): a resume may change them freely."""
+
+
+RUN_ENTRIES = re.compile(r"\.lock|checkpoints|recipe\.yaml|train\.log|summary\.json|student\.(json|safetensors)"
+                         r"|stage-\d+-\d+w|validation|tensorboard|wandb|\..+\.(tmp|old)(-\d+)?")
+"""The names a run writes in its output folder."""
+
+
+def foreign_entries(out_dir: str | Path, allowed: tuple[str | Path, ...] = ()) -> list[str]:
+    """The entries of ``out_dir`` that no run wrote (:data:`RUN_ENTRIES`), sorted; ``allowed``: paths a run was
+    told to use that may lie inside it (a target or latent cache)."""
+    out = Path(out_dir)
+    if not out.is_dir():
+        return []
+    inside = {Path(a).expanduser().resolve() for a in allowed if a}
+    return sorted(p.name for p in out.iterdir()
+                  if not RUN_ENTRIES.fullmatch(p.name) and p.resolve() not in inside)
 
 
 def check_output_folder(recipe: Recipe, out_dir: str | Path, resume: bool | str, allow_recipe_change: bool = False,
