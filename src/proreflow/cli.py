@@ -84,6 +84,15 @@ def parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespac
 ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO}
 """OS errors that are the machine's (a full disk, a quota, a file-size limit, a failing device): exit code 1."""
 
+def os_errno(err: Exception) -> int | None:
+    """The OS error number of ``err``: an OSError's, or the one safetensors writes into its message
+    ("I/O error: File too large (os error 27)") when writing a file fails."""
+    if isinstance(err, OSError):
+        return err.errno
+    found = re.search(r"\(os error (\d+)\)", str(err))
+    return int(found[1]) if found else None
+
+
 OVERRIDE = re.compile(r"[^-=][^=]*=")
 """A ``KEY=VALUE`` override word."""
 
@@ -109,6 +118,17 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"proreflow: unknown command {name!r}; commands: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
+    with stop_signals_raise():  # from here on, loading torch and the models included
+        try:
+            return _run(name, argv)
+        except KeyboardInterrupt as err:  # TrainingInterrupted says where the run stopped, and by which signal
+            ignore_stop_signals()  # a second signal now would only cut this line short
+            print(f"proreflow {name}: {one_line(err) or 'interrupted'}", file=sys.stderr)
+            return int(getattr(err, "exit_code", 130))
+
+
+def _run(name: str, argv: list[str]) -> int:
+    """Import, parse and run command ``name``; its failures as :func:`main` says."""
     try:
         _module(name)
     except ModuleNotFoundError as err:
@@ -116,19 +136,19 @@ def main(argv: list[str] | None = None) -> int:
             print(f"proreflow {name}: not available in this version", file=sys.stderr)
             return 2
         raise
+    from safetensors import SafetensorError
+
     from .commands import Failure
     from .training.checkpoint import CheckpointError
     from .training.stage import NonFiniteLossError
 
     try:
-        args = parse(build_parser(load=name), argv)
-        with stop_signals_raise():
-            return int(_module(name).run(args) or 0)
+        return int(_module(name).run(parse(build_parser(load=name), argv)) or 0)
     except (NonFiniteLossError, CheckpointError, Failure) as err:  # run-time or environment, not bad input
         print(f"proreflow {name}: {one_line(err)}", file=sys.stderr)
         return 1
-    except OSError as err:  # a full or failing disk is the environment's; anything else names a bad path
-        if err.errno in ENVIRONMENT_ERRNOS:
+    except (OSError, SafetensorError) as err:  # a full or failing disk is the environment's; else a bad path
+        if os_errno(err) in ENVIRONMENT_ERRNOS:
             print(f"proreflow {name}: {one_line(err)} (nothing half-written is kept; free space and run again)",
                   file=sys.stderr)
             return 1
@@ -137,10 +157,6 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:  # bad input: the message names it and the fix
         print(f"proreflow {name}: error: {one_line(err)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt as err:  # TrainingInterrupted says where the run stopped, and by which signal
-        ignore_stop_signals()  # a second signal now would only cut this line short
-        print(f"proreflow {name}: {one_line(err) or 'interrupted'}", file=sys.stderr)
-        return int(getattr(err, "exit_code", 130))
 
 
 if __name__ == "__main__":

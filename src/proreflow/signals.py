@@ -1,5 +1,6 @@
 """Stop signals: Ctrl-C (SIGINT) and what schedulers, ``docker stop``, preemptible machines (SIGTERM) and a
-closed terminal (SIGHUP) send. Every command stops on each of them as Python stops on Ctrl-C: an exception
+closed terminal (SIGHUP) send (unless ``nohup`` ignores SIGHUP: then it stays ignored). Every command stops
+on each of them as Python stops on Ctrl-C: an exception
 (:class:`Stopped`, a KeyboardInterrupt) unwinds the command, so its cleanups run (temporary folders go, no file
 is left half-written), and the process exits with the shell's code of the signal, 128 + its number. Training
 replaces this with a stop at the next step boundary and a checkpoint (``training.engine``)."""
@@ -45,12 +46,19 @@ def stop_signals_raise() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {signum: signal.signal(signum, _raise_stopped) for signum in STOP_SIGNALS if signum != signal.SIGINT}
+    previous = {signum: signal.signal(signum, _raise_stopped) for signum in handled() if signum != signal.SIGINT}
     try:
         yield
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+def handled() -> tuple[int, ...]:
+    """The stop signals to handle now: all of them but a SIGHUP that this process inherited ignored (``nohup``
+    ignores it so that a run outlives its terminal; proreflow keeps that promise)."""
+    return tuple(s for s in STOP_SIGNALS if not (s == getattr(signal, "SIGHUP", None)
+                                                 and signal.getsignal(s) == signal.SIG_IGN))
 
 
 def ignore_stop_signals() -> None:

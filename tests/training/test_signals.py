@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 from helpers.engine_toys import Mixture, make_setup, tiny_recipe
@@ -87,7 +88,16 @@ def sighup_setup():
     return setup
 
 
-def test_sighup_exits_129_with_the_resume_line(tmp_path, capsys):
+@pytest.fixture
+def sighup_default():
+    """SIGHUP at its default disposition for the test (a suite run under ``nohup`` inherits it ignored, which
+    proreflow keeps)."""
+    before = signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    yield
+    signal.signal(signal.SIGHUP, before)
+
+
+def test_sighup_exits_129_with_the_resume_line(tmp_path, capsys, sighup_default):
     config = _config(tmp_path, "test_signals:sighup_setup", tiny_recipe(checkpoint_every=4))
     out = tmp_path / "run"
     before = signal.getsignal(signal.SIGHUP)
@@ -164,3 +174,19 @@ def test_sigterm_while_a_teacher_trains_leaves_no_cache_entry(tmp_path):
     lines = [line for line in (seen + rest).decode().replace("\r", "\n").splitlines() if line.strip()]
     assert lines[-1] == "proreflow teacher: stopped by SIGTERM" and "Traceback" not in "".join(lines)
     assert not [p for p in cache.rglob("*") if p.is_file()]
+
+
+def test_a_run_under_nohup_outlives_a_sighup(tmp_path):
+    """nohup ignores SIGHUP so that a run outlives its terminal: the run keeps it ignored and ends as an
+    uninterrupted run does (bit for bit)."""
+    config, env = _config(tmp_path), _env()
+    subprocess.run(_command(config, tmp_path / "straight"), env=env, check=True, capture_output=True)
+    out = tmp_path / "run"
+    proc = subprocess.Popen(_command(config, out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+    _wait_for(out / "checkpoints" / "latest", proc)  # mid-run (the run has 120 steps)
+    proc.send_signal(signal.SIGHUP)
+    assert proc.wait(timeout=300) == 0, proc.stderr.read().decode()
+    for name in FILES:
+        a, b = load_file(str(out / name)), load_file(str(tmp_path / "straight" / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name

@@ -120,7 +120,7 @@ class T2ITeacherConfig:
     unet_channels: tuple[int, ...] = (32, 64)
     unet_layers: int = 1
     text_time_embedding: bool = True
-    steps: int = 3000
+    steps: int = 8000  # 3,000 followed the prompt far less (docs/research/2026-12-07-text-to-image.md)
     batch_size: int = 64
     lr: float = 1e-3
     warmup: int = 100

@@ -34,6 +34,7 @@ recipe. Folders written before checksums existed have no ``checksums.json``: the
 from __future__ import annotations
 
 import copy
+import errno
 import json
 import random
 import re
@@ -501,6 +502,15 @@ def _brief(err: BaseException) -> str:
     return text if len(text) <= 160 else text[:157] + "..."
 
 
+def save_torch(obj: Any, path: Path) -> None:
+    """``torch.save(obj, path)``; a write that fails (torch reports a full disk as a RuntimeError of its zip
+    writer) is an OSError (EIO) naming the file."""
+    try:
+        torch.save(obj, path)
+    except RuntimeError as err:
+        raise OSError(errno.EIO, f"writing {path} failed ({_brief(err)}): the disk may be full or failing") from err
+
+
 def write_checkpoint(accelerator, out_dir: Path, global_step: int, meta: dict[str, Any],
                      state: dict[str, Any], weights: dict[str, dict[str, Tensor]], keep: int,
                      tag: int | None = None) -> Path:
@@ -519,12 +529,12 @@ def write_checkpoint(accelerator, out_dir: Path, global_step: int, meta: dict[st
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    torch.save(rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
+    save_torch(rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         for stem, sd in weights.items():
             save_weights(sd, tmp / f"{stem}.safetensors")
-        torch.save(state, tmp / "state.pt")
+        save_torch(state, tmp / "state.pt")
         write_json(tmp / "meta.json", meta)
         write_checksums(tmp)  # every process's RNG file is there (the barrier above)
         replace_dir(tmp, final)

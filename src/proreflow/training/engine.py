@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ..files import atomic_write_text, folder_lock, remove_temporaries, write_json
-from ..signals import STOP_SIGNALS, Stopped, exit_code
+from ..signals import Stopped, exit_code, handled
 from ..teachers import Denoiser
 from ..windows import TimeWindows
 from .checkpoint import (
@@ -160,7 +160,7 @@ class TrainingInterrupted(Stopped):
 
 
 class _StopRequest:
-    """While active (main thread only), the first stop signal (:data:`STOP_SIGNALS`) sets :attr:`signum`
+    """While active (main thread only), the first stop signal (:func:`~proreflow.signals.handled`) sets :attr:`signum`
     (and :attr:`requested`) instead of stopping the process; a second one ends the process at once with one
     line on stderr and exit code 128 + its number (``os._exit``: no traceback; the files being written are
     temporaries, never read, removed at the next start in the folder)."""
@@ -174,7 +174,7 @@ class _StopRequest:
 
     def __enter__(self) -> _StopRequest:
         if threading.current_thread() is threading.main_thread():
-            self._previous = {signum: signal.signal(signum, self._handle) for signum in STOP_SIGNALS}
+            self._previous = {signum: signal.signal(signum, self._handle) for signum in handled()}
         return self
 
     def _handle(self, signum, frame) -> None:

@@ -48,6 +48,7 @@ from ..solvers import solver_key
 from ..targets import ReflowBatch, teacher_trajectory
 from ..windows import TimeWindows
 from .batches import collate_items, trajectory_noise
+from .checkpoint import save_torch
 
 if TYPE_CHECKING:
     from .stage import CountingNetwork, StageContext
@@ -151,7 +152,7 @@ class TargetCache:
         evals = counter.take()
         self.folder.mkdir(parents=True, exist_ok=True)
         saved = {**{k: getattr(batch, k).cpu() for k in BATCH_FIELDS}, "teacher_evals": evals, "x0_digest": data}
-        atomic_write(path, lambda tmp: torch.save(saved, tmp))
+        atomic_write(path, lambda tmp: save_torch(saved, tmp))
         return batch, evals
 
 
