@@ -364,7 +364,8 @@ def cases() -> list[Case]:
                                                                    "{case}/a.json", "--coco-images", "{case}"],
              prepare=write("a.json", '{"images": [], "annotations": []}')))
     add(Case("eval: --student the run folder", "eval", [*ev, "--student", "{R}", "--images", "{H}"]))
-    add(Case("eval: --student-lora with a full student", "eval", [*ev_h, "--student-lora", "{L}"]))
+    add(Case("eval: --student-lora with a full student", "eval", [*ev_h, "--student-lora", "{L}"], "accepted",
+             "documented: a LoRA applies to any pipeline of its base's architecture"))
     add(Case("eval: --teacher a file", "eval", ["eval", "--teacher", "{case}/f", "--student", "{E}", "--images",
                                                 "{H}", "--out", "{case}/out"], prepare=write("f", "x")))
     add(Case("eval: --inception garbage", "eval", [*ev_h[:ev_h.index("--no-fid")], *ev_h[ev_h.index("--no-fid") + 1:],
@@ -376,7 +377,8 @@ def cases() -> list[Case]:
     add(Case("eval: --grid-prompts 50 of 4 prompts", "eval", [*ev_h, "--grid-prompts", "50"],
              "accepted", "documented: at most --num prompts get grids"))
     add(Case("eval: --num more than the held-out set", "eval", [*ev_h[:ev_h.index("--num")], "--num", "100000",
-                                                                *ev_h[ev_h.index("--num") + 2:]]))
+                                                                *ev_h[ev_h.index("--num") + 2:]],
+             "accepted", "all the rows are evaluated, with a line saying how many"))
     add(Case("eval: --device cuda without CUDA", "eval", [*ev_h, "--device", "cuda"]))
     add(Case("eval: --workers 64", "eval", [*ev_h, "--workers", "64"], "accepted", "loader workers, capped by nothing"))
 
@@ -545,7 +547,8 @@ def cases() -> list[Case]:
              "the cache falls back as the docs say", env={"HOME": ""}))
     add(Case("env: PROREFLOW_TRUST_SETUP_CODE=yes", "env", ["train", "--config", "{case}/c.yaml", "--out",
                                                             "{case}/run"],
-             prepare=write("c.yaml", "setup: {name: 'os:getcwd'}\n"), env={"PROREFLOW_TRUST_SETUP_CODE": "yes"}))
+             prepare=write("c.yaml", "setup: {name: 'os:getcwd'}\nstages: [{windows: 2}]\n"),
+             env={"PROREFLOW_TRUST_SETUP_CODE": "yes"}))
     return c
 
 
@@ -658,7 +661,9 @@ def run_case(case: Case, work: Path, limit: float) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **case.env}
     env = {k: v for k, v in env.items() if v != ""}
 
-    def limits() -> None:
+    def limits() -> None:  # in the child: the default signal dispositions (a nohup or & parent ignores some)
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signum, signal.SIG_DFL)
         if case.file_limit is not None:
             resource.setrlimit(resource.RLIMIT_FSIZE, (case.file_limit, case.file_limit))
 

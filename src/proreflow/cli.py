@@ -12,6 +12,7 @@ import importlib
 import logging
 import re
 import sys
+import warnings
 
 from .commands import one_line
 from .signals import ignore_stop_signals, stop_signals_raise
@@ -60,8 +61,16 @@ def _drop_known_noise(record: logging.LogRecord) -> bool:
     return KNOWN_NOISE.get(record.name, "\0") not in record.getMessage()
 
 
+KNOWN_WARNINGS = ("The `local_dir_use_symlinks` argument is deprecated",)
+"""Python warnings of the libraries that say nothing to a proreflow user: huggingface_hub's about an argument
+diffusers passes when it looks a model up on the hub."""
+
+
 def silence_known_noise() -> None:
-    """Filter :data:`KNOWN_NOISE` out of its loggers (once; other warnings of those loggers stay)."""
+    """Filter :data:`KNOWN_NOISE` out of its loggers (once; other warnings of those loggers stay), and ignore
+    :data:`KNOWN_WARNINGS`."""
+    for text in KNOWN_WARNINGS:
+        warnings.filterwarnings("ignore", message=re.escape(text))
     for name in KNOWN_NOISE:
         log = logging.getLogger(name)
         if _drop_known_noise not in log.filters:

@@ -73,6 +73,11 @@ def load_entry(directory: Path) -> tuple[nn.Module, dict[str, Any]] | None:
         state = load_file(str(directory / WEIGHTS))
     except Exception as err:  # safetensors raises its own SafetensorError on truncated or garbled files
         raise ValueError(f"the cached weights {directory / WEIGHTS} are damaged ({err}); {fix}") from None
+    bad = next((key for key, value in state.items() if value.is_floating_point() and not value.isfinite().all()),
+               None)
+    if bad is not None:
+        raise ValueError(f"the cached weights {directory / WEIGHTS} are damaged ({bad} holds non-finite values); "
+                         f"{fix}")
     try:
         module.load_state_dict(state)
     except RuntimeError as err:

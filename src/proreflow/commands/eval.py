@@ -149,6 +149,9 @@ def _run(args: argparse.Namespace) -> int:
         prompt_set = load_image_folder(args.images, args.num)
     else:
         prompt_set = load_coco(args.coco_annotations, args.coco_images, args.protocol, args.num, args.seed)
+    if args.num is not None and len(prompt_set) < args.num:
+        print(f"proreflow eval: --num {args.num}, but {prompt_set.source} holds {len(prompt_set)}: evaluating "
+              f"{len(prompt_set)}", file=sys.stderr)
     # fail on a wrong teacher or student before loading anything heavy
     family = read_model_index(args.teacher).get("_class_name")
     if family not in (*SUPPORTED_PIPELINES, SD3_PIPELINE):
