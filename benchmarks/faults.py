@@ -336,13 +336,15 @@ def cases() -> list[Case]:
     add(Case("eval: --images metadata.jsonl garbage", "eval", [*ev, "--student", "{E}", "--images", "{case}/i"],
              prepare=write(f"i/{jsonl}", "{oops\n")))
     add(Case("eval: --images metadata without a label (classifier)", "eval", [*ev, "--student", "{E}", "--images",
-                                                                              "{case}/i"],
+                                                                              "{case}/i"], "accepted",
+             "the classifier gives FD without accuracy, and says so",
              prepare=_folder([{"file_name": "0.png", "text": "a seven"}] * 4, one_png)))
     add(Case("eval: --images labels out of range", "eval", [*ev, "--student", "{E}", "--images", "{case}/i"],
              prepare=_folder([{"file_name": "0.png", "text": "a seven", "label": 12}] * 4, one_png)))
     add(Case("eval: --images labels as words", "eval", [*ev, "--student", "{E}", "--images", "{case}/i"],
              prepare=_folder([{"file_name": "0.png", "text": "a seven", "label": "seven"}] * 4, one_png)))
     add(Case("eval: --images captions are numbers", "eval", [*ev, "--student", "{E}", "--images", "{case}/i"],
+             "accepted", "an evaluation caption is read as text (7 is the prompt '7')",
              prepare=_folder([{"file_name": "0.png", "text": 7, "label": 7}] * 4, one_png)))
     add(Case("eval: --images every image unreadable", "eval", [*ev, "--student", "{E}", "--images", "{case}/i"],
              prepare=_folder([{"file_name": "0.png", "text": "a seven", "label": 7}] * 4, b"not a png")))
@@ -386,7 +388,9 @@ def cases() -> list[Case]:
     add(Case("train: setup.data an empty folder", "train sd", [*sd_train, "setup.data={case}/e"],
              prepare=lambda d: (d / "e").mkdir()))
     add(Case("train: setup.data metadata.jsonl garbage line", "train sd", [*sd_train, "setup.data={case}/i"],
-             prepare=write(f"i/{jsonl}", '{"file_name": "0.png", "text": "a"}\n{oops\n')))
+             "accepted", "documented: a bad line is left out with a warning naming it",
+             prepare=_then(_folder([{"file_name": "0.png", "text": "a seven"}] * 8, one_png),
+                           lambda d: (d / "i" / jsonl).open("a").write("{oops\n"))))
     add(Case("train: setup.data metadata without file_name", "train sd", [*sd_train, "setup.data={case}/i"],
              prepare=_folder([{"text": "a seven"}] * 8, one_png)))
     add(Case("train: setup.data captions are null", "train sd", [*sd_train, "setup.data={case}/i"],
@@ -563,6 +567,14 @@ def _all_meta(text: str) -> Callable[[Path], None]:
         for meta in root.glob("checkpoints/step-*/meta.json"):
             meta.write_text(text)
     return edit
+
+
+def _then(*steps: Callable[[Path], object]) -> Callable[[Path], None]:
+    """``prepare``: the steps in order."""
+    def prepare(folder: Path) -> None:
+        for step in steps:
+            step(folder)
+    return prepare
 
 
 def _png(size: int = 28, mode: str = "L") -> bytes:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from PIL import Image
@@ -155,3 +156,34 @@ def test_teacher_and_student_pipelines_load_without_deprecation_warnings(teacher
         warnings.simplefilter("error", DeprecationWarning)
         load_teacher(teacher_dir)
         load_student_pipeline(student_dir, dtype=torch.float32)
+
+
+class _FakeJudge:
+    name, classes = "fake classifier", 10
+
+    def __init__(self, cache_dir=None):
+        pass
+
+    def set_reference(self, images):
+        return self
+
+
+@pytest.mark.parametrize("labels, error", [([3, 12], "--images: label 12 is not a class of the fake classifier "
+                                                     "(0 to 9)"), (None, None)])
+def test_image_folder_labels_are_checked_against_the_classifier(tmp_path, monkeypatch, capsys, labels, error):
+    import argparse
+
+    import proreflow.builtin.t2i as t2i
+    from proreflow.commands.eval import _judge
+    from proreflow.sd.coco import PromptSet
+
+    monkeypatch.setattr(t2i, "JUDGES", {"mnist": _FakeJudge})
+    monkeypatch.setattr("proreflow.sd.fid.load_reference_image", lambda path, resolution: __import__("torch").zeros(3))
+    prompts = PromptSet(["a", "b"], [tmp_path / "0.png", tmp_path / "1.png"], "image folder x", labels)
+    args = argparse.Namespace(classifier="mnist", cache_dir=None, resolution=None)
+    if error:
+        with pytest.raises(ValueError, match=re.escape(error)):
+            _judge(args, prompts)
+    else:
+        assert _judge(args, prompts) is not None
+        assert "image folder x has no 'label' column: the classifier gives FD, not accuracy" in capsys.readouterr().err

@@ -469,6 +469,7 @@ class DigitJudge:
     through :func:`to_grey28`; ``reference``: the features of real images (set with :meth:`set_reference`)."""
 
     name = "built-in MNIST classifier"
+    classes = 10
 
     def __init__(self, cache_dir: str | os.PathLike | None = None, progress: bool = True) -> None:
         from .classifier import load_or_train_classifier

@@ -149,6 +149,9 @@ def _run(args: argparse.Namespace) -> int:
         prompt_set = load_image_folder(args.images, args.num)
     else:
         prompt_set = load_coco(args.coco_annotations, args.coco_images, args.protocol, args.num, args.seed)
+    if args.fid and len(prompt_set) < 2:
+        raise ValueError(f"FID needs at least 2 prompts; {prompt_set.source} holds {len(prompt_set)} (or pass "
+                         "--no-fid)")
     if args.num is not None and len(prompt_set) < args.num:
         print(f"proreflow eval: --num {args.num}, but {prompt_set.source} holds {len(prompt_set)}: evaluating "
               f"{len(prompt_set)}", file=sys.stderr)
@@ -232,6 +235,12 @@ def _judge(args: argparse.Namespace, prompt_set):
     from ..sd.fid import load_reference_image
 
     judge = JUDGES[args.classifier](args.cache_dir)
+    if prompt_set.labels is None:
+        print(f"proreflow eval: {prompt_set.source} has no 'label' column: the classifier gives FD, not accuracy",
+              file=sys.stderr)
+    elif not all(0 <= label < judge.classes for label in prompt_set.labels):
+        bad = next(label for label in prompt_set.labels if not 0 <= label < judge.classes)
+        raise ValueError(f"--images: label {bad} is not a class of the {judge.name} (0 to {judge.classes - 1})")
     images = torch.stack([load_reference_image(path, args.resolution) for path in prompt_set.image_paths])
     return judge.set_reference(images)
 

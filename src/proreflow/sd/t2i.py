@@ -48,6 +48,7 @@ class Judge(Protocol):
     ``reference`` (the real images' features), and its predicted class, for prompt accuracy."""
 
     name: str
+    classes: int
     reference: Tensor
 
     def features(self, images: Tensor) -> Tensor: ...
