@@ -158,16 +158,19 @@ class TarShardSource:
             layout, notes = list_samples(shard, IMAGE_AND_CAPTION)
             if notes:
                 self.left_out[str(shard)] = notes
-                log.warning("shard %s: %s", shard, notes)
             self.items += [(s, key.decode(), tuple(image), tuple(txt))
                            for key, (image, txt) in zip(layout.keys, layout.spans.tolist(), strict=True)]
         damaged = sum(DAMAGED in notes for notes in self.left_out.values())
+        first = next(iter(self.left_out.items()), None)
+        if not self.items:
+            raise ValueError(f"no samples with an image (jpg/png/webp) and a txt caption in "
+                             f"{len(self.shards)} shard(s) ({damaged} damaged"
+                             + (f"; first: {first[0]}: {first[1]})" if first else ")"))
+        for shard, notes in self.left_out.items():  # said once there is something to train on
+            log.warning("shard %s: %s", shard, notes)
         if damaged:
             log.warning("%d of %d shards damaged: the complete samples before each damage are kept", damaged,
                         len(self.shards))
-        if not self.items:
-            raise ValueError(f"no samples with an image (jpg/png/webp) and a txt caption in "
-                             f"{len(self.shards)} shard(s) ({damaged} damaged)")
 
     def __len__(self) -> int:
         return len(self.items)
