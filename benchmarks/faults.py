@@ -500,11 +500,11 @@ def cases() -> list[Case]:
                                                                      "--batch-size", "8"]))
     add(Case("teacher: --device cuda without CUDA", "teacher", ["teacher", "--data", "moons", "--device", "cuda",
                                                                 "--cache-dir", "{case}/c"]))
-    add(Case("teacher: cached config.json a list", "teacher", ["teacher", "--data", "moons", "--cache-dir",
-                                                               "{case}/c"],
+    add(Case("teacher: cached config.json a list", "teacher", ["teacher", "--data", "moons", "--steps", "50",
+                                                               "--cache-dir", "{case}/c"],
              prepare=_cached_teacher(lambda path: (path / "config.json").write_text("[]"))))
-    add(Case("teacher: cached weights NaN", "teacher", ["teacher", "--data", "moons", "--cache-dir", "{case}/c",
-                                                        "--eval", "--samples", "16"], "failed",
+    add(Case("teacher: cached weights NaN", "teacher", ["teacher", "--data", "moons", "--steps", "50",
+                                                        "--cache-dir", "{case}/c", "--eval", "--samples", "16"],
              prepare=_cached_teacher(lambda path: nan_weights(next(path.glob("*.safetensors")).name)(path))))
     add(Case("demo: --recipe a missing file", "demo", ["demo", "--data", "moons", "--recipe", "{case}/none.yaml",
                                                       "--out", "{case}/out"]))
@@ -611,8 +611,9 @@ def _folder(rows: list[dict], image: bytes) -> Callable[[Path], None]:
 
 def _cached_teacher(edit: Callable[[Path], None]) -> Callable[[Path], None]:
     def prepare(folder: Path) -> None:
-        subprocess.run([sys.executable, "-m", "proreflow.cli", "teacher", "--data", "moons", "--cache-dir",
-                        str(folder / "c"), "--quiet"], check=True, capture_output=True)
+        subprocess.run([sys.executable, "-m", "proreflow.cli", "teacher", "--data", "moons", "--steps", "50",
+                        "--cache-dir", str(folder / "c"), "--quiet"], check=True, capture_output=True,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
         edit(next((folder / "c").glob("teachers/moons-*")))
     return prepare
 

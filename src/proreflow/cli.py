@@ -96,10 +96,10 @@ ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO}
 def os_errno(err: Exception) -> int | None:
     """The OS error number of ``err``: an OSError's, or the one safetensors writes into its message
     ("I/O error: File too large (os error 27)") when writing a file fails."""
-    if isinstance(err, OSError):
+    if isinstance(err, OSError) and err.errno is not None:
         return err.errno
-    found = re.search(r"\(os error (\d+)\)", str(err))
-    return int(found[1]) if found else None
+    found = re.search(r"\(os error (\d+)\)|\[Errno (\d+)\]", str(err))  # also an OSError re-raised with text
+    return int(found[1] or found[2]) if found else None
 
 
 OVERRIDE = re.compile(r"[^-=][^=]*=")

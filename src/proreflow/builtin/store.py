@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,8 +132,14 @@ def load_or_fit(kind: str, name: str, config: dict[str, Any], network: dict[str,
     entry = None if force else load_entry(directory)
     if entry is not None:
         return Entry(*entry, directory, fitted=False)
-    check_writable(directory)
-    module, stats = fit()
-    record = {"kind": kind, "name": name, "config": config, "network": network, "stats": stats}
-    save_entry(directory, module, record)
+    made = not directory.exists()
+    try:
+        check_writable(directory)
+        module, stats = fit()
+        record = {"kind": kind, "name": name, "config": config, "network": network, "stats": stats}
+        save_entry(directory, module, record)
+    except BaseException:  # a full disk, a stop signal: no incomplete entry of ours is left behind
+        if made:
+            shutil.rmtree(directory, ignore_errors=True)
+        raise
     return Entry(module.eval().requires_grad_(False), record, directory, fitted=True)

@@ -46,6 +46,7 @@ import io
 import json
 import math
 import os
+import shutil
 import tarfile
 import time
 from dataclasses import dataclass
@@ -451,12 +452,18 @@ def load_or_train_t2i_teacher(cache_dir: str | os.PathLike | None = None, force:
             raise ValueError(f"the cached teacher record {record} is damaged ({err}); delete {path} or retrain "
                              "with --force") from None
         return T2ITeacher(path, config, stats, trained=False)
-    check_writable(path, need=128 * 2**20)  # data folders and pipeline: about 50 MB
-    record.unlink(missing_ok=True)
-    write_data(path / DATA)
-    stats = fit_t2i_teacher(config, path / PIPELINE, progress)
-    atomic_write_text(record, json.dumps({"kind": KIND, "name": NAME, "config": config.to_dict(), "stats": stats},
-                                         indent=2, sort_keys=True))
+    made = not path.exists()
+    try:
+        check_writable(path, need=128 * 2**20)  # data folders and pipeline: about 50 MB
+        record.unlink(missing_ok=True)
+        write_data(path / DATA)
+        stats = fit_t2i_teacher(config, path / PIPELINE, progress)
+        atomic_write_text(record, json.dumps({"kind": KIND, "name": NAME, "config": config.to_dict(),
+                                              "stats": stats}, indent=2, sort_keys=True))
+    except BaseException:  # a full disk, a stop signal: no incomplete entry of ours is left behind
+        if made:
+            shutil.rmtree(path, ignore_errors=True)
+        raise
     return T2ITeacher(path, config, stats, trained=True)
 
 
