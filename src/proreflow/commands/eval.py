@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from ..sd.coco import PROTOCOLS, load_coco, load_image_folder, load_prompt_file
-from . import bounded_int, check_device, existing_dir, existing_file, finite_float, one_line, writable_dir
+from . import bounded_int, check_device, existing_dir, existing_file, finite_float, writable_dir
 
 DEFAULT_GUIDANCE = 7.5
 
@@ -114,14 +114,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        return _run(args)
-    except (OSError, ValueError) as err:  # bad input: the message says what to fix
-        print(f"proreflow eval: error: {one_line(err)}", file=sys.stderr)
-        return 2
-
-
-def _run(args: argparse.Namespace) -> int:
     from ..sd.clip_score import NO_CLIP_MESSAGE, ClipScorer
     from ..sd.fid import FID, reference_statistics
     from ..sd.pipeline import SUPPORTED_PIPELINES, read_model_index
