@@ -635,7 +635,10 @@ def _killed_export(folder: Path) -> None:
 FIXTURES: dict[str, str] = {}
 PLACE = re.compile(r"\{(case|[A-Z]+)\}")
 """A fixture's place in a case's words: ``{case}``, ``{E}``, ... (not a shard pattern's ``{00000..00003}``)."""
-BAR = re.compile(r"\d+%\||it/s\]|s/it\]|^Loading (pipeline components|weights)")
+BAR = re.compile(r"\d+%\||it/s\]|s/it\]|^Loading (pipeline components|weights)|^CLIP score not computed|"
+                 r"^proreflow eval: warning: the student was distilled from")
+"""Lines that are not a failure's: progress bars, and the notes an evaluation prints on every run of its kind
+(no CLIP model given; a student of another teacher, which the fixtures are after the teacher changed)."""
 
 
 def stderr_lines(text: str) -> list[str]:
@@ -665,6 +668,13 @@ def verdict(case: Case, code: int | None, err: str, folder: Path) -> str:
     return "ok"
 
 
+def default_signals() -> None:
+    """In a child process: the default dispositions of the stop signals (a ``nohup`` or ``&`` parent ignores
+    some, and a child inherits that)."""
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_DFL)
+
+
 def run_case(case: Case, work: Path, limit: float) -> dict:
     folder = work / "cases" / re.sub(r"[^A-Za-z0-9]+", "-", case.id)[:80]
     shutil.rmtree(folder, ignore_errors=True)
@@ -676,9 +686,8 @@ def run_case(case: Case, work: Path, limit: float) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **case.env}
     env = {k: v for k, v in env.items() if v != ""}
 
-    def limits() -> None:  # in the child: the default signal dispositions (a nohup or & parent ignores some)
-        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            signal.signal(signum, signal.SIG_DFL)
+    def limits() -> None:
+        default_signals()
         if case.file_limit is not None:
             resource.setrlimit(resource.RLIMIT_FSIZE, (case.file_limit, case.file_limit))
 
@@ -746,7 +755,7 @@ def signal_resumes(work: Path, count: int, seed: int = 0) -> list[dict]:
     def train(out: Path, *extra: str) -> subprocess.Popen:
         return subprocess.Popen([sys.executable, "-m", "proreflow.cli", "train", "--config", str(config), "--out",
                                  str(out), "--no-progress", *extra], env=env, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE)
+                                stderr=subprocess.PIPE, preexec_fn=default_signals)
 
     straight = work / "signals" / "straight"
     shutil.rmtree(straight, ignore_errors=True)

@@ -176,3 +176,23 @@ def test_an_output_folder_holding_other_files_is_refused(tmp_path, capsys, resum
     assert err == [f"proreflow train: error: --out {out} holds files that are not a run's (notes.txt): choose a new "
                    "or empty folder"]
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
+def test_a_checkpoint_that_fails_to_write_leaves_no_temporary(tmp_path, monkeypatch):
+    """A full disk while a checkpoint is written: the error comes through as an OSError (exit code 1 from the
+    command line), the half-written folder is removed at once, and the checkpoint before it stays the newest."""
+    import errno
+
+    real, calls = checkpoint.save_torch, []
+
+    def save_torch(obj, path):
+        calls.append(path.name)
+        if path.name == "state.pt" and calls.count("state.pt") == 2:  # the second checkpoint's
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(obj, path)
+
+    monkeypatch.setattr(checkpoint, "save_torch", save_torch)
+    with pytest.raises(OSError, match="No space left"):
+        train(tiny_recipe(checkpoint_every=2), make_setup(), tmp_path / "run", progress=False)
+    root = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step-00000002"]

@@ -529,18 +529,19 @@ def write_checkpoint(accelerator, out_dir: Path, global_step: int, meta: dict[st
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    save_torch(rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        try:
+    try:
+        save_torch(rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
             for stem, sd in weights.items():
                 save_weights(sd, tmp / f"{stem}.safetensors")
             save_torch(state, tmp / "state.pt")
             write_json(tmp / "meta.json", meta)
             write_checksums(tmp)  # every process's RNG file is there (the barrier above)
-        except BaseException:  # a full disk, a second stop signal: the half-written folder goes now
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+    except BaseException:  # a full disk, a second stop signal: the half-written folder goes now
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if accelerator.is_main_process:
         replace_dir(tmp, final)
         atomic_write_text(root / LATEST, final.name + "\n")
         _prune(root, keep, final)
