@@ -141,9 +141,6 @@ def run(args: argparse.Namespace) -> int:
         prompt_set = load_image_folder(args.images, args.num)
     else:
         prompt_set = load_coco(args.coco_annotations, args.coco_images, args.protocol, args.num, args.seed)
-    if args.fid and len(prompt_set) < 2:
-        raise ValueError(f"FID needs at least 2 prompts; {prompt_set.source} holds {len(prompt_set)} (or pass "
-                         "--no-fid)")
     if args.num is not None and len(prompt_set) < args.num:
         print(f"proreflow eval: --num {args.num}, but {prompt_set.source} holds {len(prompt_set)}: evaluating "
               f"{len(prompt_set)}", file=sys.stderr)
@@ -159,6 +156,9 @@ def run(args: argparse.Namespace) -> int:
     if (student_family == SD3_PIPELINE) != (family == SD3_PIPELINE):
         raise ValueError(f"--student: {args.student} is a {student_family}, the teacher {args.teacher} a {family}: "
                          "give the student distilled from that teacher")
+    if args.fid and len(prompt_set) < 2:
+        raise ValueError(f"FID needs at least 2 prompts; {prompt_set.source} holds {len(prompt_set)} (or pass "
+                         "--no-fid)")
     distilled_from = _distilled_from(args.student, args.student_lora)
     if distilled_from is not None and not _same_model(distilled_from, args.teacher):
         print(f"proreflow eval: warning: the student was distilled from {distilled_from}, not from --teacher "
