@@ -93,13 +93,14 @@ def parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespac
 ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO}
 """OS errors that are the machine's (a full disk, a quota, a file-size limit, a failing device): exit code 1."""
 
+
 def os_errno(err: Exception) -> int | None:
     """The OS error number of ``err``: an OSError's, or the one safetensors writes into its message
     ("I/O error: File too large (os error 27)") when writing a file fails."""
     if isinstance(err, OSError) and err.errno is not None:
         return err.errno
-    found = re.search(r"\(os error (\d+)\)|\[Errno (\d+)\]", str(err))  # also an OSError re-raised with text
-    return int(found[1] or found[2]) if found else None
+    found = re.search(r"\(os error (\d+)\)", str(err))
+    return int(found[1]) if found else None
 
 
 OVERRIDE = re.compile(r"[^-=][^=]*=")

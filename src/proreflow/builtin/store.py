@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..files import atomic_write, atomic_write_text
+from ..training.checkpoint import first_nonfinite
 from .networks import build_network
 
 CACHE_ENV = "PROREFLOW_CACHE"
@@ -74,11 +75,9 @@ def load_entry(directory: Path) -> tuple[nn.Module, dict[str, Any]] | None:
         state = load_file(str(directory / WEIGHTS))
     except Exception as err:  # safetensors raises its own SafetensorError on truncated or garbled files
         raise ValueError(f"the cached weights {directory / WEIGHTS} are damaged ({err}); {fix}") from None
-    bad = next((key for key, value in state.items() if value.is_floating_point() and not value.isfinite().all()),
-               None)
-    if bad is not None:
-        raise ValueError(f"the cached weights {directory / WEIGHTS} are damaged ({bad} holds non-finite values); "
-                         f"{fix}")
+    bad = first_nonfinite(state)
+    if bad:
+        raise ValueError(f"the cached weights {directory / WEIGHTS} are damaged ({bad}); {fix}")
     try:
         module.load_state_dict(state)
     except RuntimeError as err:

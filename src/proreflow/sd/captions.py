@@ -111,9 +111,6 @@ class FolderSource:
                 items.append((path.parent / row["file_name"], _first_caption(row[key])))
         return items
 
-    def _leave_out(self, where: str, why: str) -> None:
-        self.left_out[where] = why
-
     def _from_txt(self) -> list[tuple[Path, str]]:
         images = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
         items = []
@@ -122,10 +119,10 @@ class FolderSource:
                 try:
                     items.append((p, p.with_suffix(".txt").read_bytes().decode("utf-8").strip()))
                 except UnicodeDecodeError as err:
-                    self._leave_out(str(p.with_suffix(".txt")), f"caption is not UTF-8 ({err.reason} at byte "
-                                    f"{err.start})")
+                    self.left_out[str(p.with_suffix(".txt"))] = (f"caption is not UTF-8 ({err.reason} at byte "
+                                                                 f"{err.start})")
                 except OSError as err:
-                    self._leave_out(str(p.with_suffix(".txt")), f"caption cannot be read ({err})")
+                    self.left_out[str(p.with_suffix(".txt"))] = f"caption cannot be read ({err})"
         if len(items) + len(self.left_out) < len(images):
             log.warning("%s: %d of %d images have no .txt caption beside them and are left out",
                         self.root, len(images) - len(items), len(images))

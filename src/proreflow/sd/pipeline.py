@@ -30,7 +30,7 @@ from torch import Tensor
 from ..conditioning import Cond, map_cond
 from ..schedules import VPSchedule
 from ..teachers import Network, diffusers_network
-from ..training.checkpoint import NonFiniteWeightsError, check_finite
+from ..training.checkpoint import first_nonfinite
 from ..training.runner import as_dtype
 
 log = logging.getLogger(__name__)
@@ -248,8 +248,8 @@ def open_pipeline(source: str | Path, dtype=None, skip: tuple[str, ...] = (), va
     try:
         pipe = DiffusionPipeline.from_pretrained(str(source), dtype=dtype, variant=variant,
                                                  local_files_only=local_files_only, **skipped)
-    except OSError as err:
-        raise type(err)(f"loading the {what} {source} failed: {err}") from err
+    except OSError as err:  # keeps its error number (a full or failing disk is the environment's)
+        raise type(err)(err.errno, f"loading the {what} {source} failed: {err}") from err
     except Exception as err:  # the folder's content: diffusers' and safetensors' errors are of every kind
         raise ValueError(f"loading the {what} {source} failed ({type(err).__name__}: {err}); it must be a "
                          "diffusers pipeline folder as save_pretrained writes it: export or download it again") \
@@ -264,11 +264,9 @@ def check_finite_components(pipe, what: str) -> None:
     model samples black or noise images without a word otherwise)."""
     for name, component in pipe.components.items():
         if isinstance(component, torch.nn.Module):
-            try:
-                check_finite(component.state_dict(), f"{what}: {name}")
-            except NonFiniteWeightsError as err:
-                raise ValueError(f"{str(err).removesuffix('; nothing was written')}: the weights are damaged; "
-                                 "export or download them again") from None
+            bad = first_nonfinite(component.state_dict())
+            if bad:
+                raise ValueError(f"{what}: {name}: {bad}: the weights are damaged; export or download them again")
 
 
 def apply_lora(pipe, lora: str | Path) -> None:

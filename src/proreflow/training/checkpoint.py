@@ -77,13 +77,21 @@ def nonfinite_count(value: Tensor) -> int:
     return int((~torch.isfinite(value)).sum())
 
 
-def check_finite(tensors: dict[str, Tensor], what: str) -> None:
-    """Raise :class:`NonFiniteWeightsError` naming the first tensor of ``tensors`` with a NaN / inf value."""
+def first_nonfinite(tensors: dict[str, Tensor]) -> str | None:
+    """``"KEY holds N non-finite value(s) of M"`` for the first tensor of ``tensors`` with a NaN / inf value,
+    or None when all are finite."""
     for key, value in tensors.items():
         bad = nonfinite_count(value)
         if bad:
-            raise NonFiniteWeightsError(f"{what}: {key} holds {bad} non-finite value(s) of {value.numel()}; "
-                                        "nothing was written")
+            return f"{key} holds {bad} non-finite value(s) of {value.numel()}"
+    return None
+
+
+def check_finite(tensors: dict[str, Tensor], what: str) -> None:
+    """Raise :class:`NonFiniteWeightsError` naming the first tensor of ``tensors`` with a NaN / inf value."""
+    bad = first_nonfinite(tensors)
+    if bad:
+        raise NonFiniteWeightsError(f"{what}: {bad}; nothing was written")
 
 
 def save_weights(state_dict: dict[str, Tensor], path: Path) -> None:

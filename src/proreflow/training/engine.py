@@ -27,11 +27,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..files import atomic_write_text, folder_lock, remove_temporaries, write_json
+from ..files import LOCK_FILE, TEMPORARY, atomic_write_text, folder_lock, remove_temporaries, write_json
 from ..signals import Stopped, exit_code, handled
 from ..teachers import Denoiser
 from ..windows import TimeWindows
 from .checkpoint import (
+    CHECKPOINTS,
     STUDENT_FORMAT,
     Checkpoint,
     Layout,
@@ -48,7 +49,7 @@ from .checkpoint import (
 )
 from .ema import EMA
 from .recipes import Recipe, load_recipe
-from .report import Reporter, StageCounters, StageSummary, final_loss, run_header
+from .report import LOG_FILE, Reporter, StageCounters, StageSummary, final_loss, run_header
 from .runner import (
     StageRunner,
     Trainee,
@@ -199,9 +200,9 @@ NO_REPLAY_KEYS = ("name", "description", "checkpoint_every", "keep_checkpoints",
 cache gives the uncached run's weights, wherever it lies): a resume may change them freely."""
 
 
-RUN_ENTRIES = re.compile(r"\.lock|checkpoints|recipe\.yaml|train\.log|summary\.json|student\.(json|safetensors)"
-                         r"|stage-\d+-\d+w|validation|tensorboard|wandb|\..+\.(tmp|old)(-\d+)?")
-"""The names a run writes in its output folder."""
+RUN_ENTRIES = {LOCK_FILE, CHECKPOINTS, "recipe.yaml", LOG_FILE, "summary.json", "student.json", "student.safetensors",
+               "validation", "tensorboard", "wandb"}
+"""The names a run writes in its output folder, besides its stage folders (``stage-<i>-<w>w``) and temporaries."""
 
 
 def foreign_entries(out_dir: str | Path, allowed: tuple[str | Path, ...] = ()) -> list[str]:
@@ -212,7 +213,8 @@ def foreign_entries(out_dir: str | Path, allowed: tuple[str | Path, ...] = ()) -
         return []
     inside = {Path(a).expanduser().resolve() for a in allowed if a}
     return sorted(p.name for p in out.iterdir()
-                  if not RUN_ENTRIES.fullmatch(p.name) and p.resolve() not in inside)
+                  if p.name not in RUN_ENTRIES and not re.fullmatch(r"stage-\d+-\d+w", p.name)
+                  and not TEMPORARY.fullmatch(p.name) and p.resolve() not in inside)
 
 
 def check_output_folder(recipe: Recipe, out_dir: str | Path, resume: bool | str, allow_recipe_change: bool = False,
