@@ -22,7 +22,7 @@ from proreflow.sd.pipeline import load_teacher, unet_network
 from proreflow.sd.setup import build_sd_setup
 from proreflow.training import StageRunner, train
 from proreflow.training import runner as runner_module
-from proreflow.training.target_cache import teacher_digest, tensor_bytes
+from proreflow.training.target_cache import tensor_bytes, weights_digest
 
 STAGE = {"windows": 2, "steps": 3, "batch_size": 2, "lr": 1e-3, "solver_steps": 2, "guidance": 2.0}
 RECIPE = {"name": "tiny", "checkpoint_every": 0, "log_every": 1, "seed": 3, "mixed_precision": "bf16",
@@ -197,8 +197,8 @@ def test_target_cache_digest_hashes_the_bf16_base_the_teacher_runs_with(sd15_dir
     for precision in ("no", "bf16"):
         recipe = {**RECIPE, "mixed_precision": precision}
         with StageRunner(recipe, lora_setup(sd15_dir, image_dir)) as runner:
-            digests[precision] = teacher_digest(runner.context)
+            digests[precision] = weights_digest(runner.context.setup.teacher_tensors())
             runner.step()  # the LoRA layers train: the teacher's digest stays
-            assert teacher_digest(runner.context) == digests[precision]
+            assert weights_digest(runner.context.setup.teacher_tensors()) == digests[precision]
     assert digests["no"] == digest_of(base)
     assert digests["bf16"] == digest_of({k: v.bfloat16() for k, v in base.items()})  # other bytes: another key

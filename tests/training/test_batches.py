@@ -11,6 +11,7 @@ import torch
 
 from proreflow.training.batches import BatchPlan, collate_items, sample_randomness, start_mask
 from proreflow.training.report import SKIPPED_NAMES_KEPT, StageCounters
+from proreflow.training.stage import StepResult
 
 
 def global_batch(plan_args: dict, step: int, processes: int, accum: int) -> list[int]:
@@ -79,11 +80,13 @@ def test_collate_items_brings_the_skipped_names_in_item_order():
         collate_items([(torch.zeros(2),)])
 
 
-def test_skipped_item_counters_count_every_read_and_keep_the_first_distinct_names():
+def test_stage_counters_sum_steps_count_every_skipped_read_and_keep_the_first_distinct_names():
     counters = StageCounters()
-    counters.add_skipped_items(["a", "b", "a"])
-    counters.add_skipped_items([])
-    counters.add_skipped_items([f"n{k}" for k in range(SKIPPED_NAMES_KEPT + 5)])
+    steps = [StepResult(0.5, {}, False, 10, 4, 0.25, ["a", "b", "a"]), StepResult(float("nan"), {}, True, 6, 4, 0.5),
+             StepResult(0.1, {}, False, 1, 4, 1.0, [f"n{k}" for k in range(SKIPPED_NAMES_KEPT + 5)])]
+    for step in steps:
+        counters.add(step)
+    assert (counters.teacher_evals, counters.samples, counters.seconds, counters.skipped) == (17, 12, 1.75, 1)
     assert counters.skipped_items == 3 + SKIPPED_NAMES_KEPT + 5
     assert counters.skipped_item_names == ["a", "b"] + [f"n{k}" for k in range(SKIPPED_NAMES_KEPT - 2)]
     # a checkpoint's JSON round trip keeps them (resume goes on counting from there)

@@ -16,7 +16,7 @@ from proreflow.training import StageRunner, train
 from proreflow.training import target_cache as cache_module
 from proreflow.training.batches import sample_randomness
 from proreflow.training.recipes import RecipeError, load_recipe
-from proreflow.training.stage import teacher_start_batch
+from proreflow.training.stage import teacher_start_batch, trajectory_cache
 from proreflow.windows import TimeWindows
 
 ITEMS = 16
@@ -117,7 +117,7 @@ def test_pairs_read_for_coarser_stages_are_the_teachers_solve_with_the_merged_st
             data = Mixture(ITEMS)
             windows = TimeWindows(ctx.stage.windows)
             t = torch.linspace(1.0, 0.01, ITEMS, dtype=torch.float64)
-            ctx.trajectories = cache_module.TrajectoryCache(raw["target_cache"], ctx)
+            ctx.trajectories = trajectory_cache(ctx)
             first, last = windows.edge_indices(t, TimeWindows(8))
             x_start, x_end = ctx.trajectories.pairs(indices, first, last, data.labels)
             t_start, t_end = windows.bounds(t)

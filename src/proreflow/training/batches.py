@@ -24,6 +24,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate
 
 from ..conditioning import Cond
+from .recipes import check_batch_split
 
 
 def mix_seed(*parts: int) -> int:
@@ -39,10 +40,7 @@ class BatchPlan:
                  num_processes: int = 1, rank: int = 0):
         if num_items < 1:
             raise ValueError("the training dataset is empty")
-        if batch_size % (grad_accum * num_processes):
-            raise ValueError(f"stages.{stage}.batch_size: a global batch of {batch_size} does not split into "
-                             f"{grad_accum} accumulation step(s) x {num_processes} process(es); use a "
-                             f"multiple of {grad_accum * num_processes}")
+        check_batch_split(f"stages.{stage}", batch_size, grad_accum, num_processes)
         self.num_items, self.seed, self.stage = num_items, seed, stage
         self.batch_size, self.grad_accum = batch_size, grad_accum
         self.num_processes, self.rank = num_processes, rank

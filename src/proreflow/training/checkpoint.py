@@ -603,8 +603,9 @@ def student_module(setup: DistillationSetup, from_scratch: bool, seed: int = 0,
     """
     if from_scratch:
         if setup.make_student is None:
-            raise ValueError("from_scratch=true needs a setup with make_student (a builder of a fresh "
-                             "network); this setup only has a teacher to copy")
+            raise ValueError("from_scratch: true needs a setup with make_student (a builder of a fresh network); "
+                             "this setup only has a teacher to copy: set from_scratch: false, or use a setup "
+                             "that builds a student")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             module = setup.make_student()

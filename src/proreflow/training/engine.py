@@ -557,9 +557,9 @@ class _Run:
         acc, stage = self.acc, self.recipe.stages[index]
         sharded = is_sharded(self.module)
         if acc.is_main_process or sharded:  # a sharded student's forward needs every process
-            guidance = stage.guidance if stage.guidance_mode == "cfg_sync" else 1.0
             with ema_weights(self.module, ema) if ema is not None else contextlib.nullcontext():
-                samples = validation_samples(self.setup, self.module, self.validation, stage.windows, guidance,
+                samples = validation_samples(self.setup, self.module, self.validation, stage.windows,
+                                             stage.sample_guidance,
                                              self.trainee.uncond, acc.device, acc.autocast, self.student_type)
             if sharded:
                 reshard(self.module)
@@ -577,7 +577,7 @@ class _Run:
         stage = self.recipe.stages[index]
         return {"format": STUDENT_FORMAT, "windows": stage.windows, "prediction_type": self.student_type,
                 "guidance_mode": stage.guidance_mode,
-                "guidance": stage.guidance if stage.guidance_mode == "cfg_sync" else 1.0,
+                "guidance": stage.sample_guidance,
                 "from_scratch": self.recipe.from_scratch, "step_counts": list(self.recipe.step_counts),
                 "served_windows": [stage.windows, *stage.extra_windows] if self.recipe.step_counts else [stage.windows],
                 "recipe": self.recipe.name, "stage": index + 1,

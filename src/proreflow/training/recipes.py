@@ -59,6 +59,15 @@ class RecipeError(ValueError):
     """A recipe that cannot run; the message names the key and the fix."""
 
 
+def check_batch_split(where: str, batch_size: int, grad_accum: int, num_processes: int = 1) -> None:
+    """A global batch splits evenly into ``grad_accum`` accumulation steps x ``num_processes`` processes:
+    checked on the recipe alone (one process), again once the process count is known, and by the batch plan."""
+    if batch_size % (grad_accum * num_processes):
+        raise RecipeError(f"{where}.batch_size: a global batch of {batch_size} does not split into {grad_accum} "
+                          f"accumulation step(s) x {num_processes} process(es); use a multiple of "
+                          f"{grad_accum * num_processes}")
+
+
 def _doc(text: str, **kwargs) -> Any:
     return field(metadata={"help": text}, **kwargs)
 
@@ -148,6 +157,12 @@ class Stage:
                               "dropout and the student is sampled with guidance", default="baked")
     cond_dropout: float = _doc("probability of replacing a sample's condition by the null condition, for "
                                "teacher and student alike (0.1 for cfg_sync)", default=0.0)
+
+    @property
+    def sample_guidance(self) -> float:
+        """Guidance this stage's student is sampled with: 1 when baked (the targets hold it), else ``guidance``
+        (cfg_sync trains the conditional and unconditional velocities for the sampler to combine)."""
+        return self.guidance if self.guidance_mode == "cfg_sync" else 1.0
 
     def teacher_guidance(self) -> float:
         """Guidance scale of the stage teacher's solver.
@@ -274,9 +289,8 @@ class Recipe:
 
     @property
     def sample_guidance(self) -> float:
-        """Guidance the final student is sampled with: 1 when baked, else the last stage's scale."""
-        last = self.stages[-1]
-        return last.guidance if last.guidance_mode == "cfg_sync" else 1.0
+        """Guidance the final student is sampled with (:attr:`Stage.sample_guidance` of the last stage)."""
+        return self.stages[-1].sample_guidance
 
 
 RECIPE_KEYS = tuple(f.name for f in dataclasses.fields(Recipe)) + ("defaults",)
@@ -734,9 +748,7 @@ def _check_schedule(stages: list[Stage]) -> None:
                                   f"{ratio} old windows evenly; use a multiple of {ratio}")
         elif stage.solver_steps is None:
             stage.solver_steps = max(1, REFERENCE_STEPS // stage.windows)
-        if stage.batch_size % stage.grad_accum:
-            raise RecipeError(f"{where}.batch_size: a batch of {stage.batch_size} does not split into "
-                              f"{stage.grad_accum} accumulation steps; use a multiple of {stage.grad_accum}")
+        check_batch_split(where, stage.batch_size, stage.grad_accum)
         if stage.lr_schedule == "polynomial" and stage.lr <= POLYNOMIAL_LR_END:
             raise RecipeError(f"{where}.lr: the polynomial schedule decays to {POLYNOMIAL_LR_END:g}, so lr must be "
                               f"above it, got {stage.lr:g}; raise lr or use lr_schedule: linear")

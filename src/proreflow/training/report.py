@@ -35,11 +35,16 @@ class StageCounters:
     skipped_items: int = 0
     skipped_item_names: list[str] = field(default_factory=list)
 
-    def add_skipped_items(self, names: list[str]) -> None:
-        """Count data items the dataset skipped (each read of one counts) and keep the first
-        :data:`SKIPPED_NAMES_KEPT` distinct names."""
-        self.skipped_items += len(names)
-        for name in names:
+    def add(self, result) -> None:
+        """Add one optimiser step (a :class:`~proreflow.training.stage.StepResult`): its costs, whether it was
+        skipped, and the data items the dataset skipped (each read counts; the first :data:`SKIPPED_NAMES_KEPT`
+        distinct names are kept)."""
+        self.teacher_evals += result.teacher_evals
+        self.samples += result.samples
+        self.seconds += result.seconds
+        self.skipped += int(result.nonfinite)
+        self.skipped_items += len(result.skipped_items)
+        for name in result.skipped_items:
             if len(self.skipped_item_names) >= SKIPPED_NAMES_KEPT:
                 break
             if name not in self.skipped_item_names:

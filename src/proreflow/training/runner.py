@@ -365,11 +365,7 @@ class StageRunner:
         result = train_step(self.context, self._batches, self.step_index)
         result.seconds = time.perf_counter() - start
         self.step_index += 1
-        self.counters.teacher_evals += result.teacher_evals
-        self.counters.samples += result.samples
-        self.counters.seconds += result.seconds
-        self.counters.skipped += int(result.nonfinite)
-        self.counters.add_skipped_items(result.skipped_items)
+        self.counters.add(result)
         return result
 
     def run(self, steps: int) -> StageCounters:
@@ -380,11 +376,7 @@ class StageRunner:
         done = StageCounters()
         for _ in range(steps):
             result = self.step()
-            done.teacher_evals += result.teacher_evals
-            done.samples += result.samples
-            done.seconds += result.seconds
-            done.skipped += int(result.nonfinite)
-            done.add_skipped_items(result.skipped_items)
+            done.add(result)
             if result.nonfinite and self.counters.skipped >= self.recipe.max_nonfinite:
                 raise NonFiniteLossError(
                     f"stage {self.index + 1}, step {self.step_index}: {self.counters.skipped} optimiser steps had "

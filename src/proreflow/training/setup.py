@@ -97,6 +97,15 @@ class DistillationSetup:
         denoiser = Denoiser(self.adapter(module), prediction_type or self.prediction_type, self.schedule, dtype=dtype)
         return conditioned_denoiser(denoiser, module)
 
+    def teacher_tensors(self) -> dict[str, Tensor]:
+        """The original teacher's weights by name. With ``teacher_view`` (one network in memory, the teacher a
+        view of the student) only the frozen tensors: the trainable ones (the adapters) change from stage to
+        stage."""
+        model = self.teacher_model
+        trainable = ({name for name, p in model.named_parameters() if p.requires_grad}
+                     if self.teacher_view is not None else set())
+        return {name: tensor for name, tensor in model.state_dict().items() if name not in trainable}
+
     def shares_network(self, from_scratch: bool) -> bool:
         """Whether the student is the teacher's network (``teacher_view``, LoRA) rather than a copy or a fresh one."""
         return self.teacher_view is not None and not from_scratch

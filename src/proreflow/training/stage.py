@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from ..conditioning import Cond, map_cond, null_like, select_cond
 from ..losses import FLOW_LOSS_SPACES, FLOW_LOSS_WEIGHTINGS, LossTerms, aligned_v_loss, time_weights, to_loss_space
 from ..schedules import VPSchedule, compute_dtype
+from ..solvers import solver_key
 from ..targets import (
     ReflowBatch,
     StageTeacher,
@@ -41,16 +42,17 @@ from ..targets import (
     make_reflow_batch,
     make_trajectory_batch,
     reflow_batch,
+    teacher_trajectory,
 )
 from ..teachers import Denoiser, Network
 from ..windows import TimeWindows
-from .batches import BatchPlan, sample_randomness, start_mask, trajectory_noise, window_counts
+from .batches import BatchPlan, collate_items, sample_randomness, start_mask, trajectory_noise, window_counts
 from .ema import EMA
 from .optim import set_stage_hyperparameters
-from .recipes import Recipe, Stage
+from .recipes import Recipe, Stage, check_batch_split
 from .setup import DistillationSetup
 from .sharding import any_dtensor, is_sharded, local
-from .target_cache import BATCH_FIELDS, TargetCache, TrajectoryCache
+from .target_cache import BATCH_FIELDS, TargetCache, TrajectoryCache, cond_digests, schedule_digest, weights_digest
 
 MAX_GRAD_NORM = float(torch.finfo(torch.float32).max) ** 0.5
 """A step whose gradient norm is not below this is skipped: its square (AdamW's second moment)
@@ -116,15 +118,23 @@ def build_stage_teacher(setup: DistillationSetup, recipe: Recipe, index: int, or
     return teacher, counter
 
 
+def require_conditions(stage: Stage, where: str) -> None:
+    """The error for a stage that bakes guidance or drops conditions where there are none (no ``setup.uncond``
+    or unconditioned data); nothing for a stage that needs no conditions."""
+    if stage.teacher_guidance() != 1.0:
+        raise ValueError(f"{where}.guidance: baking guidance {stage.guidance} into the targets needs "
+                         "conditioned data and setup.uncond; set guidance: 1.0 for this setup")
+    if stage.cond_dropout > 0:
+        raise ValueError(f"{where}.cond_dropout: condition dropout needs conditioned data and "
+                         "setup.uncond; set cond_dropout: 0.0 for this setup")
+
+
 def check_setup_fits(recipe: Recipe, setup: DistillationSetup, num_processes: int = 1) -> None:
     """Clear errors, before anything trains, for settings of any stage that ``setup`` cannot serve."""
     if recipe.step_conditioning and setup.shares_network(recipe.from_scratch):
         raise ValueError("step_conditioning: a LoRA student shares the teacher's network, and its time embedding's "
                          "offsets would reach the teacher too; train a full student (no LoRA) or set "
                          "step_conditioning: false")
-    if recipe.from_scratch and setup.make_student is None:
-        raise ValueError("from_scratch: true needs a setup with make_student (a builder of a fresh network); "
-                         "this setup only has a teacher to copy: set from_scratch: false")
     setup.student_prediction_type(recipe.resolved_student_prediction, recipe.from_scratch)
     if len(setup.dataset) < 1:
         raise ValueError("the setup's training dataset is empty")
@@ -135,12 +145,8 @@ def check_setup_fits(recipe: Recipe, setup: DistillationSetup, num_processes: in
                          "without zero terminal SNR")
     for index, stage in enumerate(recipe.stages):
         where = f"stages.{index}"
-        if setup.uncond is None and stage.teacher_guidance() != 1.0:
-            raise ValueError(f"{where}.guidance: baking guidance {stage.guidance} into the targets needs "
-                             "conditioned data and setup.uncond; set guidance: 1.0 for this setup")
-        if setup.uncond is None and stage.cond_dropout > 0:
-            raise ValueError(f"{where}.cond_dropout: condition dropout needs conditioned data and "
-                             "setup.uncond; set cond_dropout: 0.0 for this setup")
+        if setup.uncond is None:
+            require_conditions(stage, where)
         if not isinstance(setup.schedule, VPSchedule):
             for key, value, allowed in (("loss_space", stage.loss_space, FLOW_LOSS_SPACES),
                                         ("loss_weighting", stage.loss_weighting, FLOW_LOSS_WEIGHTINGS)):
@@ -151,10 +157,7 @@ def check_setup_fits(recipe: Recipe, setup: DistillationSetup, num_processes: in
             raise ValueError(f"{where}.loss_weighting: 'start_epsilon' gives the windows that start at pure noise "
                              "weight 0 with a zero-terminal-SNR teacher (abar(1) = 0, where the epsilon space's "
                              "weight vanishes); set loss_weighting: none")
-        if stage.batch_size % (stage.grad_accum * num_processes):
-            raise ValueError(f"{where}.batch_size: a global batch of {stage.batch_size} does not split into "
-                             f"{stage.grad_accum} accumulation step(s) x {num_processes} process(es); use a "
-                             f"multiple of {stage.grad_accum * num_processes}")
+        check_batch_split(where, stage.batch_size, stage.grad_accum, num_processes)
 
 
 @dataclass
@@ -183,13 +186,8 @@ class StageContext:
 
     def check_condition(self, cond: Cond) -> None:
         """Clear errors for guidance and dropout settings that the data cannot serve."""
-        stage, where = self.stage, f"stages.{self.index}"
-        if self.teacher.guidance != 1.0 and (self.uncond is None or cond is None):
-            raise ValueError(f"{where}.guidance: baking guidance {stage.guidance} into the targets needs "
-                             "conditioned data and setup.uncond; set guidance: 1.0 for this setup")
-        if stage.cond_dropout > 0 and (self.uncond is None or cond is None):
-            raise ValueError(f"{where}.cond_dropout: condition dropout needs conditioned data and "
-                             "setup.uncond; set cond_dropout: 0.0 for this setup")
+        if self.uncond is None or cond is None:
+            require_conditions(self.stage, f"stages.{self.index}")
 
 
 @dataclass
@@ -263,14 +261,17 @@ def train_step(ctx: StageContext, batches: Iterator[tuple[Tensor, Cond, list[str
                                                    cond, uncond, t)
                 return make_reflow_batch(x0, noise, windows, ctx.teacher, ctx.setup.schedule, cond, uncond, t=t)
 
+            def make_counted(make=make):
+                return make(), ctx.counter.take()
+
             if stage.start_points == "teacher":
                 batch, evals = teacher_start_batch(ctx, positions, x0, cond, uncond, t), ctx.counter.take()
             elif ctx.recipe.target_cache and stage.teacher == "original" and not stage.extra_windows:
-                ctx.targets = ctx.targets or TargetCache(ctx.recipe.target_cache, ctx)
-                batch, evals = ctx.targets.batch(step, micro, make, ctx.counter, x0)
+                ctx.targets = ctx.targets or target_cache(ctx)
+                batch, evals = ctx.targets.batch(step, micro, make_counted, x0)
                 batch = ReflowBatch(**{k: getattr(batch, k).to(acc.device) for k in BATCH_FIELDS})
             else:
-                batch, evals = make(), ctx.counter.take()
+                batch, evals = make_counted()
             if stage.start_share:
                 batch = at_window_start(batch, start_mask(positions, stage.start_share))
             student = ctx.student_denoiser.at_windows(counts.to(acc.device))
@@ -326,12 +327,56 @@ def teacher_start_batch(ctx: StageContext, positions: range, x0: Tensor, cond: C
     windows, edges = TimeWindows(stage.windows), TimeWindows(ctx.recipe.trajectory_windows(ctx.index))
     indices = ctx.plan.indices(positions)
     if ctx.recipe.target_cache:
-        ctx.trajectories = ctx.trajectories or TrajectoryCache(ctx.recipe.target_cache, ctx)
+        ctx.trajectories = ctx.trajectories or trajectory_cache(ctx)
         x_start, x_end = ctx.trajectories.pairs(indices, *windows.edge_indices(t.cpu(), edges), cond)
         return reflow_batch(x_start.to(x0.device), x_end.to(x0.device), t, windows)
     noise = trajectory_noise(indices, ctx.recipe.seed, tuple(x0.shape[1:]), compute_dtype(x0)).to(x0.device)
     steps = stage.solver_steps * stage.windows // edges.count
     return make_trajectory_batch(noise, windows, ctx.teacher, edges, steps, t, cond, uncond)
+
+
+def target_cache(ctx: StageContext) -> TargetCache:
+    """The stage's reflow-batch cache, keyed by what its batches depend on (:class:`.target_cache.TargetCache`)."""
+    stage, acc = ctx.stage, ctx.accelerator
+    parts = (stage.windows, solver_key(stage.solver), stage.solver_steps, stage.teacher_guidance(),
+             stage.guidance_mode, stage.cond_dropout, ctx.recipe.seed, ctx.index, stage.batch_size,
+             stage.grad_accum, acc.num_processes, ctx.recipe.mixed_precision, len(ctx.setup.dataset))
+    return TargetCache(ctx.recipe.target_cache, ctx.setup.teacher_tensors(), parts, ctx.setup.schedule,
+                       acc.process_index)
+
+
+def trajectory_settings(ctx: StageContext) -> dict[str, Any]:
+    """What stage ``ctx.index``'s teacher trajectories depend on (:mod:`.target_cache`): its key's material."""
+    stage, recipe, setup = ctx.stage, ctx.recipe, ctx.setup
+    edges = recipe.trajectory_windows(ctx.index)
+    denoiser = ctx.teacher.denoiser
+    item_shape = list(torch.as_tensor(setup.dataset[0][0]).shape)
+    uncond = cond_digests(ctx.uncond, 1)[0].numpy().tobytes().hex() if ctx.uncond is not None else None
+    return {"teacher": weights_digest(setup.teacher_tensors()), "prediction_type": denoiser.prediction_type,
+            "schedule": schedule_digest(setup.schedule), "time_scale": denoiser.time_scale, "windows": edges,
+            "solver": stage.solver, "steps_per_window": stage.solver_steps * stage.windows // edges,
+            "guidance": ctx.teacher.guidance, "uncond": uncond, "keep_on_dropout": list(setup.keep_on_dropout),
+            "seed": recipe.seed, "items": len(setup.dataset), "item_shape": item_shape,
+            "mixed_precision": recipe.mixed_precision}
+
+
+def trajectory_cache(ctx: StageContext) -> TrajectoryCache:
+    """The original teacher's trajectories of stage ``ctx.index`` (:class:`.target_cache.TrajectoryCache`),
+    its missing shards solved here (their evaluations counted by ``ctx.counter``)."""
+    settings, device = trajectory_settings(ctx), ctx.accelerator.device
+    edges, steps = TimeWindows(settings["windows"]), settings["steps_per_window"]
+
+    def solve(indices: list[int]) -> tuple[Tensor, Tensor]:
+        x0, cond, _ = collate_items([ctx.setup.dataset[j] for j in indices])
+        ctx.check_condition(cond)
+        digests = cond_digests(cond, len(indices))
+        cond = map_cond(lambda c: c.to(device), cond)
+        uncond = null_like(cond, ctx.uncond, ctx.setup.keep_on_dropout)
+        noise = trajectory_noise(indices, ctx.recipe.seed, tuple(x0.shape[1:]), compute_dtype(x0))
+        path = teacher_trajectory(ctx.teacher, noise.to(device), edges, steps, cond, uncond)
+        return path.transpose(0, 1).cpu(), digests
+
+    return TrajectoryCache(ctx.recipe.target_cache, settings, solve, ctx.plan.micro_batch, ctx.accelerator)
 
 
 def nonfinite_parameters(module: nn.Module) -> int:

@@ -34,24 +34,19 @@ import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from ..conditioning import Cond, map_cond, null_like
+from ..conditioning import Cond
 from ..files import atomic_write, write_json
-from ..schedules import VP_TIME_CONVENTION, compute_dtype
-from ..solvers import solver_key
-from ..targets import ReflowBatch, teacher_trajectory
+from ..schedules import VP_TIME_CONVENTION
+from ..targets import ReflowBatch
 from ..windows import TimeWindows
-from .batches import collate_items, trajectory_noise
 from .checkpoint import save_torch
-
-if TYPE_CHECKING:
-    from .stage import CountingNetwork, StageContext
 
 log = logging.getLogger("proreflow.training")
 
@@ -67,23 +62,13 @@ def tensor_bytes(tensor: Tensor) -> bytes:
     return tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
-def hash_teacher(digest, ctx: StageContext) -> None:
-    """Feed the original teacher's weights (names and bytes, in name order) to ``digest``. With
-    ``setup.teacher_view`` (one network in memory, the teacher a view of the student) only the frozen
-    tensors are the teacher's: the trainable ones (the adapters) change from stage to stage."""
-    model = ctx.setup.teacher_model
-    trainable = ({name for name, p in model.named_parameters() if p.requires_grad}
-                 if ctx.setup.teacher_view is not None else set())
-    for name, tensor in sorted(model.state_dict().items()):
-        if name not in trainable:
-            digest.update(name.encode())
-            digest.update(tensor_bytes(tensor))
-
-
-def teacher_digest(ctx: StageContext) -> str:
-    """BLAKE2b of the original teacher's weights (:func:`hash_teacher`)."""
-    digest = hashlib.blake2b(digest_size=10)
-    hash_teacher(digest, ctx)
+def weights_digest(tensors: dict[str, Tensor], digest=None) -> str:
+    """BLAKE2b of named tensors (names and bytes, in name order), fed to ``digest`` when one is given: the
+    original teacher's weights in a key (:meth:`~proreflow.training.setup.DistillationSetup.teacher_tensors`)."""
+    digest = digest or hashlib.blake2b(digest_size=10)
+    for name, tensor in sorted(tensors.items()):
+        digest.update(name.encode())
+        digest.update(tensor_bytes(tensor))
     return digest.hexdigest()
 
 
@@ -121,21 +106,20 @@ class TargetCache:
     teacher's ``shift`` / ``window_space`` move every target).
     """
 
-    def __init__(self, root: str | Path, ctx: StageContext):
-        stage, acc = ctx.stage, ctx.accelerator
-        parts = (stage.windows, solver_key(stage.solver), stage.solver_steps, stage.teacher_guidance(),
-                 stage.guidance_mode, stage.cond_dropout, ctx.recipe.seed, ctx.index, stage.batch_size,
-                 stage.grad_accum, acc.num_processes, ctx.recipe.mixed_precision, len(ctx.setup.dataset))
+    def __init__(self, root: str | Path, teacher: dict[str, Tensor], parts: tuple, schedule, rank: int):
+        """``teacher``: the original teacher's tensors; ``parts``: the stage's settings the batches depend on
+        (class doc); ``rank``: this process's index."""
         digest = hashlib.blake2b(digest_size=10)  # the teacher's bytes, the parts, the time convention, the schedule
-        hash_teacher(digest, ctx)
+        weights_digest(teacher, digest)
         digest.update(repr(parts).encode())
         digest.update(VP_TIME_CONVENTION.encode())
-        digest.update(schedule_digest(ctx.setup.schedule).encode())
-        self.folder, self.rank = Path(root) / digest.hexdigest(), acc.process_index
+        digest.update(schedule_digest(schedule).encode())
+        self.folder, self.rank = Path(root) / digest.hexdigest(), rank
 
-    def batch(self, step: int, micro: int, make: Callable[[], ReflowBatch], counter: CountingNetwork,
+    def batch(self, step: int, micro: int, make: Callable[[], tuple[ReflowBatch, int]],
               x0: Tensor) -> tuple[ReflowBatch, int]:
-        """The cached batch of ``(step, micro)`` and the teacher evaluations it cost, made and stored on a miss.
+        """The cached batch of ``(step, micro)`` and the teacher evaluations it cost, made (``make``: the batch
+        and its evaluations) and stored on a miss.
 
         ``x0``: the micro-batch's data. Its digest is stored with the batch and checked on a hit: the key
         names the dataset by its length only, so another dataset of that length is refused here, not trained on
@@ -148,8 +132,7 @@ class TargetCache:
                 raise ValueError(f"target_cache: {self.folder} holds targets of other data of the same size (step "
                                  f"{step}); delete that folder or choose another target_cache for this dataset")
             return ReflowBatch(**{k: saved[k] for k in BATCH_FIELDS}), int(saved["teacher_evals"])
-        batch = make()
-        evals = counter.take()
+        batch, evals = make()
         self.folder.mkdir(parents=True, exist_ok=True)
         saved = {**{k: getattr(batch, k).cpu() for k in BATCH_FIELDS}, "teacher_evals": evals, "x0_digest": data}
         atomic_write(path, lambda tmp: save_torch(saved, tmp))
@@ -165,45 +148,35 @@ def schedule_digest(schedule) -> str:
     return digest.hexdigest()
 
 
-def trajectory_settings(ctx: StageContext) -> dict[str, Any]:
-    """What stage ``ctx.index``'s trajectories depend on (module doc): the key of its folder."""
-    stage, recipe, setup = ctx.stage, ctx.recipe, ctx.setup
-    edges = recipe.trajectory_windows(ctx.index)
-    denoiser = ctx.teacher.denoiser
-    item_shape = list(torch.as_tensor(setup.dataset[0][0]).shape)
-    uncond = cond_digests(ctx.uncond, 1)[0].numpy().tobytes().hex() if ctx.uncond is not None else None
-    return {"format": TRAJECTORY_FORMAT, "teacher": teacher_digest(ctx), "prediction_type": denoiser.prediction_type,
-            "schedule": schedule_digest(setup.schedule), "time_scale": denoiser.time_scale, "windows": edges,
-            "solver": stage.solver, "steps_per_window": stage.solver_steps * stage.windows // edges,
-            "guidance": ctx.teacher.guidance, "uncond": uncond, "keep_on_dropout": list(setup.keep_on_dropout),
-            "seed": recipe.seed, "items": len(setup.dataset), "item_shape": item_shape,
-            "mixed_precision": recipe.mixed_precision, "shard_size": SHARD_SIZE}
-
-
 class TrajectoryCache:
-    """The original teacher's trajectories of stage ``ctx.index`` on disk (module doc): made complete on
-    construction (the missing or damaged shards solved, their evaluations counted by ``ctx.counter``), then
-    read by :meth:`pairs`."""
+    """The original teacher's trajectories of one stage on disk (module doc): made complete on construction
+    (the missing or damaged shards solved), then read by :meth:`pairs`.
 
-    def __init__(self, root: str | Path, ctx: StageContext):
-        self.settings = trajectory_settings(ctx)
+    ``settings``: what the trajectories depend on (module doc), the key's material; it must hold ``windows``
+    (``K``), ``steps_per_window``, ``items`` and ``item_shape``; the format and shard size are added here.
+    ``solve(indices)``: the trajectories of those dataset items, ``(n, K + 1, *item shape)`` on the CPU, and
+    their conditions' :func:`cond_digests`; called ``micro_batch`` items at a time. ``processes``: the
+    accelerator (its process index and count, main-process flag and barrier)."""
+
+    def __init__(self, root: str | Path, settings: dict[str, Any], solve: Callable[[list[int]], tuple[Tensor, Tensor]],
+                 micro_batch: int, processes: Any):
+        self.settings = {**settings, "format": TRAJECTORY_FORMAT, "shard_size": SHARD_SIZE}
         key = hashlib.blake2b(json.dumps(self.settings, sort_keys=True).encode(), digest_size=10).hexdigest()
         self.key, self.folder = key, Path(root) / f"trajectories-{key}"
         self.edges = TimeWindows(self.settings["windows"])
-        self.steps = self.settings["steps_per_window"]
         self.items, self.item_shape = self.settings["items"], tuple(self.settings["item_shape"])
-        acc = ctx.accelerator
-        if acc.is_main_process:
+        self.solve, self.micro_batch = solve, micro_batch
+        if processes.is_main_process:
             self._check_key_file()
-        acc.wait_for_everyone()
+        processes.wait_for_everyone()
         shards = range((self.items + SHARD_SIZE - 1) // SHARD_SIZE)
-        for shard in shards[acc.process_index::acc.num_processes]:
+        for shard in shards[processes.process_index::processes.num_processes]:
             problem = self._problem(shard)
             if problem is not None:
                 if problem != "missing":
                     log.warning("target_cache: %s is %s; solving its trajectories again", self._path(shard), problem)
-                self._build(shard, ctx)
-        acc.wait_for_everyone()
+                self._build(shard)
+        processes.wait_for_everyone()
 
     def _path(self, shard: int) -> Path:
         return self.folder / f"shard-{shard:05d}.safetensors"
@@ -248,21 +221,13 @@ class TrajectoryCache:
         return None
 
     @torch.no_grad()
-    def _build(self, shard: int, ctx: StageContext) -> None:
+    def _build(self, shard: int) -> None:
         """Solve the trajectories of one shard's items in micro-batches and write the shard."""
-        acc, span = ctx.accelerator, self._span(shard)
-        states, digests = [], []
-        for start in range(span.start, span.stop, ctx.plan.micro_batch):
-            indices = list(range(start, min(span.stop, start + ctx.plan.micro_batch)))
-            x0, cond, _ = collate_items([ctx.setup.dataset[j] for j in indices])
-            ctx.check_condition(cond)
-            digests.append(cond_digests(cond, len(indices)))
-            cond = map_cond(lambda c: c.to(acc.device), cond)
-            uncond = null_like(cond, ctx.uncond, ctx.setup.keep_on_dropout)
-            noise = trajectory_noise(indices, ctx.recipe.seed, tuple(x0.shape[1:]), compute_dtype(x0))
-            path = teacher_trajectory(ctx.teacher, noise.to(acc.device), self.edges, self.steps, cond, uncond)
-            states.append(path.transpose(0, 1).cpu())
-        tensors = {"states": torch.cat(states).contiguous(), "cond_digest": torch.cat(digests)}
+        span = self._span(shard)
+        solved = [self.solve(list(range(start, min(span.stop, start + self.micro_batch))))
+                  for start in range(span.start, span.stop, self.micro_batch)]
+        tensors = {"states": torch.cat([states for states, _ in solved]).contiguous(),
+                   "cond_digest": torch.cat([digests for _, digests in solved])}
         meta = {"key": self.key, "first": str(span.start), "count": str(len(span)),
                 "digest": _content_digest(tensors["states"], tensors["cond_digest"])}
         atomic_write(self._path(shard), lambda tmp: save_file(tensors, str(tmp), metadata=meta))
