@@ -4,7 +4,7 @@
 LoRA layers (:func:`proreflow.sd.lora.add_lora`) and the teacher is that UNet with its adapters
 disabled (:class:`proreflow.sd.lora.AdaptersDisabled` as ``DistillationSetup.teacher_view``); under
 mixed precision its frozen base is in the mixed-precision dtype (the teacher's weights), only the
-LoRA parameters are float32 (:func:`proreflow.training.runner.cast_frozen`).
+LoRA parameters are float32 (:func:`proreflow.training.stage_runner.cast_frozen`).
 (b) two copies, the old way: the same setup with ``teacher_view=None``, so the engine deep-copies
 the adapted UNet into the student (float32 master weights, the frozen base too) and keeps the
 original as a frozen teacher (cast to the run's mixed-precision dtype).
@@ -364,7 +364,7 @@ With `lora_rank > 0` the Stable Diffusion setup trains LoRA layers (rank {rank},
 `to_q, to_k, to_v, to_out.0`) and its teacher is the same UNet with its adapters disabled
 (`proreflow.sd.lora.AdaptersDisabled`), not a second copy: **(a) one network**. Its frozen base is
 the teacher's weights, so under `mixed_precision: bf16` (or fp16) the engine keeps it in bf16, as
-any teacher, and only the LoRA parameters in float32 (`proreflow.training.runner.cast_frozen`, as
+any teacher, and only the LoRA parameters in float32 (`proreflow.training.stage_runner.cast_frozen`, as
 diffusers' LoRA training scripts do with `weight_dtype`): **the teacher's solve runs with bf16
 weights under bf16 autocast**, and the student's forward computes with the same bf16 base. **(b) two
 copies** is the engine with `teacher_view=None` (the way before): the student is a deep copy of the

@@ -25,7 +25,7 @@ import torch
 from proreflow.builtin.data import load_dataset
 from proreflow.builtin.teacher import builtin_setup
 from proreflow.solvers import solve
-from proreflow.training.checkpoint import load_student
+from proreflow.training.student import load_student
 
 
 def rms(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -150,7 +150,7 @@ def _run(name: str, argv: list[str]) -> int:
 
     from .commands import Failure
     from .training.checkpoint import CheckpointError
-    from .training.stage import NonFiniteLossError
+    from .training.step import NonFiniteLossError
 
     try:
         return int(_module(name).run(parse(build_parser(load=name), argv)) or 0)

@@ -3,7 +3,7 @@ closed terminal (SIGHUP) send (unless ``nohup`` ignores SIGHUP: then it stays ig
 on each of them as Python stops on Ctrl-C: an exception
 (:class:`Stopped`, a KeyboardInterrupt) unwinds the command, so its cleanups run (temporary folders go, no file
 is left half-written), and the process exits with the shell's code of the signal, 128 + its number. Training
-replaces this with a stop at the next step boundary and a checkpoint (``training.engine``)."""
+replaces this with a stop at the next step boundary and a checkpoint (``training.progressive``)."""
 
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ from proreflow.builtin.teacher import (
     teacher_loss,
     train_teacher,
 )
-from proreflow.training.checkpoint import student_module
+from proreflow.training.student import student_module
 
 TINY_2D = {"class": "MLPDenoiser", "kwargs": {"shape": [2], "num_classes": 0, "width": 16, "depth": 1}}
 TINY_DIGITS = {"class": "MLPDenoiser", "kwargs": {"shape": [1, 8, 8], "num_classes": 10, "width": 16, "depth": 1}}

@@ -14,8 +14,8 @@ from proreflow.builtin.teacher import (
     train_teacher,
 )
 from proreflow.cli import main
-from proreflow.training.checkpoint import student_module
 from proreflow.training.setup import DistillationSetup
+from proreflow.training.student import student_module
 
 TINY_2D = {"class": "MLPDenoiser", "kwargs": {"shape": [2], "num_classes": 0, "width": 16, "depth": 1}}
 TINY_DIGITS = {"class": "MLPDenoiser", "kwargs": {"shape": [1, 8, 8], "num_classes": 10, "width": 16, "depth": 1}}

@@ -21,7 +21,7 @@ def lift_cpu_gate(out: str) -> None:
     from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor
 
-    from proreflow.training import runner
+    from proreflow.training import stage_runner as runner
 
     init = state.AcceleratorState.__init__
 

@@ -21,7 +21,7 @@ from proreflow.sd.export import export_lora, export_pipeline, load_run_student
 from proreflow.sd.pipeline import load_teacher, unet_network
 from proreflow.sd.setup import build_sd_setup
 from proreflow.training import StageRunner, train
-from proreflow.training import runner as runner_module
+from proreflow.training import stage_runner as runner_module
 from proreflow.training.target_cache import tensor_bytes, weights_digest
 
 STAGE = {"windows": 2, "steps": 3, "batch_size": 2, "lr": 1e-3, "solver_steps": 2, "guidance": 2.0}

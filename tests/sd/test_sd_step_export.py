@@ -16,7 +16,7 @@ from proreflow.sd.pipeline import load_teacher
 from proreflow.sd.setup import build_sd_setup
 from proreflow.step_conditioning import attach_step_conditioning
 from proreflow.training import train
-from proreflow.training.checkpoint import load_student_weights
+from proreflow.training.student import load_student_weights
 
 from .test_sd_export import GUIDANCE, IMAGE_TOL, LATENT_TOL, PROMPTS, fresh_sample, max_diff, noise_for
 

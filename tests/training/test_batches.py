@@ -11,7 +11,7 @@ import torch
 
 from proreflow.training.batches import BatchPlan, collate_items, sample_randomness, start_mask
 from proreflow.training.report import SKIPPED_NAMES_KEPT, StageCounters
-from proreflow.training.stage import StepResult
+from proreflow.training.step import StepResult
 
 
 def global_batch(plan_args: dict, step: int, processes: int, accum: int) -> list[int]:

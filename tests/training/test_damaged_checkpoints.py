@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from proreflow.training import train
 from proreflow.training.checkpoint import CheckpointError, Layout, resume_checkpoint
 from proreflow.training.recipes import load_recipe
-from proreflow.training.runner import Trainee
+from proreflow.training.stage_runner import Trainee
 
 RECIPE = tiny_recipe(checkpoint_every=2, keep_checkpoints=0,
                      defaults={"lr": 1e-2, "batch_size": 8, "steps": 6, "ema_decay": 0.8, "solver_steps": 2})

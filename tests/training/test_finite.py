@@ -140,7 +140,7 @@ def test_absurd_hyperparameters_are_rejected_when_the_recipe_is_read(override):
 def test_nonfinite_parameters_counts_nan_and_inf_tensors_and_not_large_finite_ones():
     from torch import nn
 
-    from proreflow.training.stage import nonfinite_parameters
+    from proreflow.training.step import nonfinite_parameters
 
     module = nn.ParameterList([nn.Parameter(torch.tensor([1.0, float("nan")])),
                                nn.Parameter(torch.tensor([3e38, -3e38])),  # finite; its 2-norm would overflow

@@ -125,7 +125,7 @@ def test_fsdp_asked_for_on_cpu_trains_as_without_it_and_says_so(tmp_path, monkey
 def test_fsdp_settings_the_engine_cannot_train_with_name_the_fix():
     from accelerate.utils import DistributedType
 
-    from proreflow.training.runner import check_sharding
+    from proreflow.training.environment import check_sharding
 
     fsdp1 = SimpleNamespace(distributed_type=DistributedType.FSDP, is_fsdp2=False)
     with pytest.raises(ValueError, match=r"FSDP version 1 is not supported: set fsdp_version: 2"):

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from proreflow.cli import main
 from proreflow.training import train
-from proreflow.training.engine import TrainingInterrupted
+from proreflow.training.progressive import TrainingInterrupted
 from proreflow.training.report import SKIPPED_NAMES_KEPT, StageSummary
 
 RECIPE = tiny_recipe(checkpoint_every=4, keep_checkpoints=0,

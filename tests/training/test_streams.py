@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from proreflow.cli import main
 from proreflow.training import StageRunner, train
 from proreflow.training.batches import BatchPlan
-from proreflow.training.engine import TrainingInterrupted
+from proreflow.training.progressive import TrainingInterrupted
 from proreflow.training.streams import IterableStream, ShardStream, write_shards
 
 WORKER = Path(__file__).with_name("dist_worker.py")

@@ -13,9 +13,9 @@ from proreflow import TimeWindows, output_to_velocity, sample
 from proreflow.flow import FlowSchedule
 from proreflow.solvers import solve
 from proreflow.training import load_student, read_student_info, train
-from proreflow.training.checkpoint import student_module
 from proreflow.training.recipes import load_recipe
-from proreflow.training.stage import build_stage_teacher
+from proreflow.training.step import build_stage_teacher
+from proreflow.training.student import student_module
 
 
 class VelocityOf(nn.Module):

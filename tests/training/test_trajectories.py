@@ -16,7 +16,7 @@ from proreflow.training import StageRunner, train
 from proreflow.training import target_cache as cache_module
 from proreflow.training.batches import sample_randomness
 from proreflow.training.recipes import RecipeError, load_recipe
-from proreflow.training.stage import teacher_start_batch, trajectory_cache
+from proreflow.training.step import teacher_start_batch, trajectory_cache
 from proreflow.windows import TimeWindows
 
 ITEMS = 16

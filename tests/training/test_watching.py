@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from proreflow import TimeWindows, sample
 from proreflow.training import load_student, train
-from proreflow.training.engine import TrainingInterrupted
+from proreflow.training.progressive import TrainingInterrupted
 from proreflow.training.recipes import Recipe, RecipeError
 from proreflow.training.report import LOG_FILE
 from proreflow.training.validation import grid_image, to_uint8, validation_noise

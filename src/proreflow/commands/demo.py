@@ -74,7 +74,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..builtin.teacher import builtin_setup
     from ..training import train
-    from ..training.engine import check_output_folder
+    from ..training.progressive import check_output_folder
 
     torch.set_num_threads(args.threads or 1)
     out = writable_dir(args.out, create=True)

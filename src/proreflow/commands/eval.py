@@ -119,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
     from ..sd.pipeline import SUPPORTED_PIPELINES, read_model_index
     from ..sd.t2i import evaluate, write_report
     from ..sd3.pipeline import PIPELINE as SD3_PIPELINE
-    from ..training.runner import as_dtype
+    from ..training.environment import as_dtype
 
     if args.coco_annotations is not None and args.coco_images is None:
         raise ValueError("--coco-annotations needs --coco-images (the folder of its images, e.g. val2014/)")

@@ -54,9 +54,10 @@ def run(args: argparse.Namespace) -> int:
     from ..files import remove_stale_temporaries, replace_dir, temporary_path
     from ..sd.export import EXPORT_INFO, push_to_hub, read_metrics
     from ..sd.pipeline import read_model_index
-    from ..training.checkpoint import DamagedCheckpointError, check_weights_file, read_student_info
+    from ..training.checkpoint import DamagedCheckpointError, check_weights_file
+    from ..training.environment import as_dtype
     from ..training.recipes import load_recipe
-    from ..training.runner import as_dtype
+    from ..training.student import read_student_info
 
     run_dir = existing_dir(args.run, "--run")
     info_path = run_dir / "student.json"

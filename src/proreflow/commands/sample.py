@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     from ..sd.pipeline import SUPPORTED_PIPELINES, read_model_index
     from ..sd3.export import load_sd3_student_pipeline, student_sigmas
     from ..sd3.pipeline import PIPELINE as SD3_PIPELINE
-    from ..training.runner import as_dtype
+    from ..training.environment import as_dtype
 
     prompts = list(args.prompt) + (read_prompts(existing_file(args.prompts, "--prompts")) if args.prompts else [])
     if not prompts:

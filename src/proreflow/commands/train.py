@@ -94,8 +94,8 @@ def run(args: argparse.Namespace) -> int:
         print(yaml.safe_dump({"setup": setup_spec}, sort_keys=False), end="")
         return 0
 
-    from ..training.engine import foreign_entries
-    from ..training.runner import check_environment
+    from ..training.environment import check_environment
+    from ..training.progressive import foreign_entries
 
     check_environment(recipe)  # trackers and optimiser packages (ValueError: exit 2)
     out = writable_dir(args.out or f"runs/{recipe.name}", create=True)
@@ -129,7 +129,7 @@ def _train(args: argparse.Namespace, recipe: Recipe, setup_spec: dict, out) -> i
     """Check the output folder, build the setup and train (holding the folder's lock)."""
     from ..training import train
     from ..training.checkpoint import CheckpointError, DamagedCheckpointError, latest_checkpoint
-    from ..training.engine import TrainingInterrupted, check_output_folder, finished_line, is_finished
+    from ..training.progressive import TrainingInterrupted, check_output_folder, finished_line, is_finished
     from ..training.setup import setup_identity
     from .named_setups import build_setup
 

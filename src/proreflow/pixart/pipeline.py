@@ -32,7 +32,7 @@ from torch import Tensor
 from ..conditioning import Cond, map_cond
 from ..sd.pipeline import VPPipelineTeacher, load_pipeline, patched_latent_shape
 from ..teachers import Network
-from ..training.runner import as_dtype
+from ..training.environment import as_dtype
 
 log = logging.getLogger(__name__)
 

@@ -35,7 +35,7 @@ from ..sd.latent_cache import files_fingerprint, item_generator, latent_dataset
 from ..sd.lora import AdaptersDisabled, add_lora
 from ..sd.pipeline import read_model_index
 from ..sd.setup import check_numbers, default_device, latent_decoder
-from ..training.runner import as_dtype
+from ..training.environment import as_dtype
 from ..training.setup import DistillationSetup, ValidationSet
 from .pipeline import PixArtTeacher, load_pixart_teacher, transformer_network
 

@@ -35,8 +35,9 @@ import torch
 from torch import nn
 
 from ..step_conditioning import fold_step_count, time_embedding_layers
-from ..training.checkpoint import check_finite, load_student_weights, load_weights, read_student_info
-from .lora import add_lora, as_lora, has_lora, merge_lora, save_kohya_lora, save_lora
+from ..training.checkpoint import check_finite, load_weights
+from ..training.student import load_student_weights, read_student_info
+from .lora import LORA_TARGETS, add_lora, as_lora, has_lora, merge_lora, save_kohya_lora, save_lora
 from .scheduler import PROREFLOW_LINE, TRAILING_DDIM_LINE, ProReflowScheduler, explicit_config, trailing_ddim
 
 EXPORT_INFO = "proreflow.json"
@@ -196,7 +197,8 @@ def load_run_student(run_dir: str | Path, base: nn.Module,
         raise ValueError(f"{run_dir} is a {setup_info.get('model', 'built-in data')!r} run, not a {model!r} one")
     network = copy.deepcopy(base).requires_grad_(True)  # every weight was trained, or (LoRA) ...
     if setup_info.get("lora_rank"):
-        add_lora(network, setup_info["lora_rank"], setup_info.get("lora_alpha"))  # ... the LoRA layers only
+        targets = LORA_TARGETS[setup_info.get("lora_targets") or "attention"]
+        add_lora(network, setup_info["lora_rank"], setup_info.get("lora_alpha"), targets)  # ... the LoRA layers only
     state = load_weights(weights)
     if info.get("step_counts"):
         served = info.get("served_windows") or info["step_counts"]

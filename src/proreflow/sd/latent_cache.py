@@ -326,8 +326,8 @@ def latent_dataset(items: Dataset, encode: Encoder, settings: dict, cache_dir: s
     (each its part: :func:`build_latent_cache`) and reused while its manifest matches ``settings``
     (rebuilt when stale, refused for other settings: :func:`check_manifest`): the dataset of any
     latent-space family's setup. The process state is the one the engine's accelerator will have
-    (:func:`~proreflow.training.runner.process_state`), so several processes share one cache."""
-    from ..training.runner import process_state
+    (:func:`~proreflow.training.environment.process_state`), so several processes share one cache."""
+    from ..training.environment import process_state
 
     if cache_dir is None:
         return EncodedDataset(items, encode)

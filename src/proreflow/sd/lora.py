@@ -24,7 +24,14 @@ import torch
 from torch import nn
 
 ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
-"""LoRA targets of diffusers' LoRA training scripts (attention projections of every block)."""
+"""LoRA targets of diffusers' text-to-image LoRA training scripts (attention projections of every block)."""
+UNET_LAYERS = (*ATTENTION_PROJECTIONS, "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2",
+               "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj")
+"""LoRA targets of LCM-LoRA (diffusers' ``train_lcm_distill_lora_sd_wds.py``): the attention projections and the
+transformer blocks' projections and feed-forward layers, the residual blocks' convolutions and time-embedding
+projections, and the down- and upsamplers."""
+LORA_TARGETS = {"attention": ATTENTION_PROJECTIONS, "unet": UNET_LAYERS}
+"""Setup key ``lora_targets`` -> the layer names its LoRA adapts."""
 
 
 def add_lora(unet: nn.Module, rank: int, alpha: float | None = None,

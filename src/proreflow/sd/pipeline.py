@@ -31,7 +31,7 @@ from ..conditioning import Cond, map_cond
 from ..schedules import VPSchedule
 from ..teachers import Network, diffusers_network
 from ..training.checkpoint import first_nonfinite
-from ..training.runner import as_dtype
+from ..training.environment import as_dtype
 
 log = logging.getLogger(__name__)
 

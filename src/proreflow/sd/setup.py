@@ -34,7 +34,7 @@ import torch
 
 from ..conditioning import map_cond
 from ..schedules import VP_TIME_CONVENTION
-from ..training.runner import as_dtype, process_state
+from ..training.environment import as_dtype, process_state
 from ..training.setup import DistillationSetup, ValidationSet
 from .captions import ImageCaptionDataset, PromptDataset, open_source, read_prompts
 from .latent_cache import (
@@ -43,7 +43,7 @@ from .latent_cache import (
     generate_items,
     latent_dataset,
 )
-from .lora import AdaptersDisabled, add_lora
+from .lora import LORA_TARGETS, AdaptersDisabled, add_lora
 from .pipeline import load_teacher, read_model_index, unet_network
 
 LIMITS = {"resolution": (8, 4096), "prompt_steps": (1, 1000), "prompt_guidance": (0, 100), "lora_rank": (0, 1024),
@@ -73,7 +73,8 @@ def build_sd_setup(teacher: str, data: str | list[str] | None = None, data_kind:
                    prompts: str | None = None, resolution: int | None = None, cache_dir: str | None = None,
                    center_crop: bool = True, random_flip: bool = False, image_column: str = "image",
                    caption_column: str | None = None, prompt_steps: int = 32, prompt_guidance: float = 7.5,
-                   lora_rank: int = 0, lora_alpha: float | None = None, compile: bool = False,
+                   lora_rank: int = 0, lora_alpha: float | None = None, lora_targets: str = "attention",
+                   compile: bool = False,
                    encoder_dtype: str = "float32", variant: str | None = None,
                    local_files_only: bool | None = None, device: str | None = None, seed: int = 0,
                    cache_batch_size: int = 16, num_workers: int = 0,
@@ -87,8 +88,10 @@ def build_sd_setup(teacher: str, data: str | list[str] | None = None, data_kind:
     resolution: training image size (default: the pipeline's, e.g. 512 / 1024).
     cache_dir: encode everything once into this folder (reused while the settings, the data files and
         the encoders match; rebuilt when files or encoders changed; refused for other settings).
-    lora_rank / lora_alpha: train LoRA layers on the attention projections instead of all weights;
-        one UNet in memory: the teacher is the student with its adapters disabled (trained in place).
+    lora_rank / lora_alpha: train LoRA layers instead of all weights; one UNet in memory: the teacher is the
+        student with its adapters disabled (trained in place). lora_targets: the layers they adapt,
+        ``attention`` (the attention projections) or ``unet`` (LCM-LoRA's: convolutions and time embeddings too;
+        :data:`~proreflow.sd.lora.LORA_TARGETS`).
     compile: torch.compile in place (teacher and student); gradient checkpointing is the recipe key
         ``gradient_checkpointing``.
     encoder_dtype: text encoders' dtype (float32, bf16, fp16); the VAE stays float32.
@@ -102,6 +105,8 @@ def build_sd_setup(teacher: str, data: str | list[str] | None = None, data_kind:
     check_numbers(resolution=resolution, prompt_steps=prompt_steps, prompt_guidance=prompt_guidance,
                    lora_rank=lora_rank, lora_alpha=lora_alpha, cache_batch_size=cache_batch_size,
                    num_workers=num_workers, seed=seed)
+    if lora_targets not in LORA_TARGETS:
+        raise ValueError(f"setup.lora_targets: {lora_targets!r} is not one of {', '.join(LORA_TARGETS)}")
     # everything that can be checked without the teacher is checked before it loads
     read_model_index(teacher, local_files_only)
     prompt_list = read_prompts(prompts, caption_column) if prompts is not None else None
@@ -134,12 +139,13 @@ def build_sd_setup(teacher: str, data: str | list[str] | None = None, data_kind:
 
     unet = sd.unet
     if lora_rank:
-        add_lora(unet, lora_rank, lora_alpha)
+        add_lora(unet, lora_rank, lora_alpha, LORA_TARGETS[lora_targets])
     if compile:
         unet.compile()
     uncond = map_cond(lambda a: a.float().cpu(), sd.null_cond())
     info = {"model": "stable-diffusion", "teacher": str(teacher), "pipeline": type(sd.pipe).__name__,
             "resolution": resolution, "lora_rank": lora_rank, "lora_alpha": lora_alpha or lora_rank or None,
+            "lora_targets": lora_targets if lora_rank else None,
             "data": str(data if data is not None else prompts), "prompt_only": prompts is not None,
             "cache_dir": str(Path(cache_dir)) if cache_dir else None,
             "skipped_images": dataset.skipped}  # the live dict: runs record what was skipped by then

@@ -24,7 +24,7 @@ from ..conditioning import Cond, map_cond
 from ..flow import FlowSchedule
 from ..sd.pipeline import open_pipeline, patched_latent_shape, read_model_index
 from ..teachers import Network
-from ..training.runner import as_dtype
+from ..training.environment import as_dtype
 
 log = logging.getLogger(__name__)
 

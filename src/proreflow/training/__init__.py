@@ -12,13 +12,15 @@ disk, :func:`load_student`), ``report`` (progress, ``OUT/train.log``, accelerate
 (:class:`DistillationSetup`, all the engine knows of a model).
 """
 
-from .checkpoint import latest_checkpoint, load_student, read_student_info
+from .checkpoint import latest_checkpoint
 from .ema import EMA
-from .engine import TrainResult, train
+from .environment import make_accelerator
+from .progressive import TrainResult, train
 from .report import StageCounters, StageSummary
-from .runner import StageRunner, make_accelerator, run_steps
 from .setup import DistillationSetup, call_module
-from .stage import NonFiniteLossError
+from .stage_runner import StageRunner, run_steps
+from .step import NonFiniteLossError
+from .student import load_student, read_student_info
 
 __all__ = [
     "EMA", "DistillationSetup", "NonFiniteLossError", "StageCounters", "StageRunner", "StageSummary", "TrainResult",

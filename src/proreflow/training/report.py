@@ -36,7 +36,7 @@ class StageCounters:
     skipped_item_names: list[str] = field(default_factory=list)
 
     def add(self, result) -> None:
-        """Add one optimiser step (a :class:`~proreflow.training.stage.StepResult`): its costs, whether it was
+        """Add one optimiser step (a :class:`~proreflow.training.step.StepResult`): its costs, whether it was
         skipped, and the data items the dataset skipped (each read counts; the first :data:`SKIPPED_NAMES_KEPT`
         distinct names are kept)."""
         self.teacher_evals += result.teacher_evals

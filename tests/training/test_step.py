@@ -8,7 +8,7 @@ from helpers.engine_toys import CLASSES, MLP, make_setup
 from proreflow import TimeWindows
 from proreflow.targets import make_reflow_batch
 from proreflow.training.recipes import load_recipe
-from proreflow.training.stage import build_stage_teacher
+from proreflow.training.step import build_stage_teacher
 
 EDGES4 = [1.0, 0.75, 0.5, 0.25, 0.0]
 
@@ -68,7 +68,7 @@ def test_stage_loss_space_matches_epsilon_noise_matching_and_velocity_default():
     from proreflow.parametrize import output_to_velocity, velocity_to_output
     from proreflow.schedules import VPSchedule
     from proreflow.targets import ReflowBatch
-    from proreflow.training.stage import stage_loss
+    from proreflow.training.step import stage_loss
 
     g = torch.Generator().manual_seed(0)
     sched = VPSchedule.from_betas("scaled_linear")

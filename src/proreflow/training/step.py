@@ -14,7 +14,7 @@ recipe's ``target_cache`` (:mod:`.target_cache`). Condition dropout (probability
 replaces a sample's condition by the null condition for teacher and student alike; the null
 condition of a sample (also the unconditional branch of guidance) keeps the leaves named by
 ``setup.keep_on_dropout`` from the sample (:func:`~proreflow.conditioning.null_like`).
-The loop over a stage's steps is :class:`~proreflow.training.runner.StageRunner`.
+The loop over a stage's steps is :class:`~proreflow.training.stage_runner.StageRunner`.
 """
 
 from __future__ import annotations
@@ -193,7 +193,7 @@ class StageContext:
 @dataclass
 class StepResult:
     """One optimiser step, reduced over processes. ``loss`` is nan when the step was skipped.
-    ``seconds``: wall-clock time of the step (set by :class:`~proreflow.training.runner.StageRunner`).
+    ``seconds``: wall-clock time of the step (set by :class:`~proreflow.training.stage_runner.StageRunner`).
     ``skipped_items``: names of the data items the dataset skipped to fill the step's batches
     (:func:`~proreflow.training.batches.collate_items`), over all processes, sorted."""
 

@@ -35,89 +35,17 @@ from torch.utils.data import Subset
 
 from ..conditioning import Cond, map_cond
 from .batches import BatchPlan, micro_batches
-from .checkpoint import frozen_names, load_student_weights, student_module
+from .checkpoint import frozen_names
 from .ema import EMA
-from .optim import check_optimizer, make_optimizer
+from .environment import DTYPES, check_sharding, make_accelerator, set_tf32
+from .optim import make_optimizer
 from .recipes import Recipe, Stage, load_recipe
 from .report import StageCounters
 from .setup import DistillationSetup
 from .sharding import full_tensors
-from .stage import NonFiniteLossError, StageContext, StepResult, as_teacher, build_stage_teacher, train_step
+from .step import NonFiniteLossError, StageContext, StepResult, as_teacher, build_stage_teacher, train_step
 from .streams import Stream, check_dataset
-
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
-"""Dtype names: torch's and accelerate's ``mixed_precision`` ones (the dtype frozen teachers are cast
-to; none for 'no')."""
-
-
-def as_dtype(value: str | torch.dtype) -> torch.dtype:
-    """A torch dtype from ``float32`` / ``bf16`` / ``fp16`` (or a dtype)."""
-    if isinstance(value, torch.dtype):
-        return value
-    if value not in DTYPES:
-        raise ValueError(f"unknown dtype {value!r}: use one of {', '.join(DTYPES)}")
-    return DTYPES[value]
-
-
-def _cpu_only() -> bool:
-    return not (torch.cuda.is_available() or (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()))
-
-
-def process_state():
-    """This process's ``accelerate.PartialState``, initialised as :func:`make_accelerator` initialises it.
-
-    Setups that need the device or the process index before training (to place the teacher, to
-    build a cache on the main process) call this, never a bare ``PartialState()``: the first one
-    created fixes the state, and without ``cpu=True`` on a machine without GPU it stays a single
-    process, so under ``torchrun`` every rank would train alone and write the same folder.
-    """
-    from accelerate import PartialState
-
-    return PartialState(cpu=_cpu_only())
-
-
-TRACKERS = {"none": (), "tensorboard": ("tensorboard",), "wandb": ("wandb",), "all": ("tensorboard", "wandb")}
-"""Recipe ``report_to`` -> accelerate's tracker names."""
-
-
-def check_environment(recipe: Recipe) -> None:
-    """A ValueError naming the fix for recipe settings this installation cannot serve: a tracker or
-    the 8-bit optimiser whose package is missing (checked before anything loads)."""
-    import importlib.util
-
-    for name in TRACKERS[recipe.report_to]:
-        if importlib.util.find_spec(name) is None:
-            raise ValueError(f"report_to: {recipe.report_to!r} needs the {name} package, which is not installed; "
-                             f"pip install {name}, or choose another report_to")
-    check_optimizer(recipe.optimizer)
-
-
-def set_tf32(allow: bool) -> None:
-    """TF32 for float32 matrix products and cuDNN convolutions on NVIDIA GPUs (torch's global flags, as
-    diffusers' training scripts set them); on CPU the flags change nothing."""
-    torch.backends.cuda.matmul.allow_tf32 = allow
-    torch.backends.cudnn.allow_tf32 = allow
-
-
-def make_accelerator(mixed_precision: str, report_to: str = "none", out_dir: str | Path | None = None):
-    """An ``accelerate.Accelerator`` on GPU when there is one (else CPU, gloo for several processes);
-    with the trackers of ``report_to`` (:data:`TRACKERS`) logging under ``out_dir``."""
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-    from accelerate.utils import ProjectConfiguration
-
-    shared = AcceleratorState._shared_state
-    if shared and shared.get("_mixed_precision") != mixed_precision and process_state().num_processes == 1:
-        AcceleratorState._reset_state()  # a new single-process run in this interpreter, other precision
-    trackers = list(TRACKERS[report_to])
-    project = None
-    if trackers:
-        if out_dir is None:
-            raise ValueError(f"report_to: {report_to!r} needs an output folder for the trackers")
-        project = ProjectConfiguration(project_dir=str(out_dir), logging_dir=str(Path(out_dir) / "tensorboard"))
-    return Accelerator(mixed_precision=mixed_precision, cpu=_cpu_only(), log_with=trackers or None,
-                       project_config=project)
+from .student import load_student_weights, student_module
 
 
 def limit_dataset(setup: DistillationSetup, max_train_samples: int | None) -> DistillationSetup:
@@ -142,39 +70,11 @@ def enable_gradient_checkpointing(module: nn.Module) -> None:
     enable()
 
 
-def check_sharding(accelerator, shared: bool) -> None:
-    """A ValueError naming the fix for FSDP settings the engine cannot train with: FSDP version 1 (the engine
-    reads FSDP2's DTensor shards, :mod:`.sharding`), or a LoRA student that is the teacher's own network
-    (``setup.teacher_view``: the teacher would run through the sharded student)."""
-    from accelerate.utils import DistributedType
-
-    if accelerator.distributed_type != DistributedType.FSDP:
-        return
-    if not accelerator.is_fsdp2:
-        raise ValueError("FSDP version 1 is not supported: set fsdp_version: 2 in the accelerate config "
-                         "(FSDP_VERSION=2 under torchrun)")
-    if shared:
-        raise ValueError("FSDP shards a fully fine-tuned student; this setup trains LoRA layers on the teacher's "
-                         "own network (one network in memory), which needs no sharding: train it without FSDP")
-
-
-def fsdp_left_unused(accelerator) -> bool:
-    """Whether accelerate's FSDP plugin was asked for (``ACCELERATE_USE_FSDP``, as ``accelerate launch
-    --use_fsdp`` sets it) but the run does not shard: accelerate turns FSDP on only for several processes on
-    GPUs (or other accelerators), and otherwise trains a full copy on each process without a word."""
-    import os
-
-    from accelerate.utils import DistributedType
-
-    asked = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes")
-    return asked and accelerator.distributed_type != DistributedType.FSDP
-
-
 def unsharded_student(setup: DistillationSetup, recipe: Recipe, weights: dict[str, Tensor]) -> nn.Module:
-    """A new student network (:func:`~proreflow.training.checkpoint.student_module`) holding copies of the
+    """A new student network (:func:`~proreflow.training.student.student_module`) holding copies of the
     full ``weights`` in their dtypes (copies: the trained student's own tensors would be aliased), never
     sharded, whatever FSDP does to the trained one; frozen tensors ``weights`` leaves out keep the network's
-    own (:func:`~.checkpoint.load_student_weights`)."""
+    own (:func:`~.student.load_student_weights`)."""
     module = student_module(setup, recipe.from_scratch, recipe.seed, recipe.step_counts)
     load_student_weights(module, {key: value.detach().clone() for key, value in weights.items()}, assign=True)
     return module
@@ -230,7 +130,7 @@ class Trainee:
     def prepare(cls, setup: DistillationSetup, recipe: Recipe, accelerator,
                 weights: Iterable[dict[str, Tensor]] = (), module: nn.Module | None = None) -> Trainee:
         """A fresh student (``module``, default :meth:`network`), with ``weights`` loaded in order
-        (:func:`~.checkpoint.load_student_weights`), prepared with its optimiser; the original teacher cast
+        (:func:`~.student.load_student_weights`), prepared with its optimiser; the original teacher cast
         and moved in place, or with ``setup.teacher_view`` the teacher is a view of the student."""
         shared = cls.is_shared(setup, recipe)
         check_sharding(accelerator, shared)
@@ -251,7 +151,7 @@ class Trainee:
         """What the run's files hold of ``state``, a state dict of the student (its weights or its EMA
         student): all of it; with one network (:attr:`shared`) all but the frozen parameters, which are
         the teacher's, unchanged (and here in ``weight_dtype``): whoever loads the student takes them
-        from the teacher, in its own dtype (:func:`~.checkpoint.load_student_weights`)."""
+        from the teacher, in its own dtype (:func:`~.student.load_student_weights`)."""
         if not self.shared:
             return state
         frozen = frozen_names(self.module)

@@ -1,4 +1,4 @@
-"""The progressive runner: stages in order, checkpoints, resume, the result.
+"""The progressive loop (:func:`train`): stages in order, checkpoints, resume, the result.
 
 Stage 1's student starts from the teacher's weights (or ``setup.make_student()`` with
 ``from_scratch``); each later stage starts from the previous stage's EMA weights, with a fresh
@@ -7,7 +7,7 @@ call runs on CPU, one GPU or many (``accelerate launch`` / ``torchrun``), with a
 GPU (DDP) or sharded by accelerate's FSDP2 plugin (files are full tensors either way:
 :mod:`.sharding`, docs/multi-gpu.md), where the global batch of a step, its randomness and hence
 the result do not depend on the process count.
-The optimiser steps of each stage are those of :class:`~proreflow.training.runner.StageRunner`;
+The optimiser steps of each stage are those of :class:`~proreflow.training.stage_runner.StageRunner`;
 this module adds what a run keeps on disk.
 """
 
@@ -48,21 +48,13 @@ from .checkpoint import (
     write_stage_result,
 )
 from .ema import EMA
+from .environment import check_environment, fsdp_left_unused, make_accelerator, set_tf32
 from .recipes import Recipe, load_recipe
 from .report import LOG_FILE, Reporter, StageCounters, StageSummary, final_loss, run_header
-from .runner import (
-    StageRunner,
-    Trainee,
-    check_environment,
-    fsdp_left_unused,
-    limit_dataset,
-    make_accelerator,
-    set_tf32,
-    unsharded_student,
-)
 from .setup import DistillationSetup, setup_identity
 from .sharding import full_optimizer_state, full_tensors, is_sharded, reshard, sharded_optimizer_state
-from .stage import NonFiniteLossError, check_setup_fits
+from .stage_runner import StageRunner, Trainee, limit_dataset, unsharded_student
+from .step import NonFiniteLossError, check_setup_fits
 from .streams import check_dataset
 from .validation import Validation, ema_weights, grid_image, validation_samples, write_validation
 
