@@ -211,7 +211,7 @@ TRAIN_OTHER = [  # (id, whole argument list, part of the error)
     ("config_is_a_folder", ["train", "--config", "{tmp}"], "is neither a preset"),
     ("preset_typo", ["train", "--config", "proreflow-iii"], "is neither a preset"),
     ("config_not_utf8", ["train", "--config", "{not_utf8}"], "cannot read the file"),
-    ("preset_without_setup", ["train", "--config", "proreflow-i"], "no setup section"),
+    ("config_without_setup", ["train", "--config", "{recipe_only}"], "no setup section"),
     ("print_config_misspelled_setup_key", ["train", "--config", "{cfg}", "--print-config", "setup.nn=3"],
      "takes no key 'nn'"),
     ("guidance_on_unconditional_data", ["train", "--config", "{uncond}", "--out", "{tmp}/u1", "stages.*.guidance=2"],
@@ -368,7 +368,8 @@ def paths(tmp_path_factory):
     root = tmp_path_factory.mktemp("bad-input")
     p = {"tmp": root / "scratch", "file": root / "a-file.txt", "cfg": root / "toy.yaml",
          "uncond": root / "uncond.yaml", "not_utf8": root / "not-utf8.txt", "prompts": root / "prompts.txt",
-         "student": root / "student", "bad_recipe": root / "bad-recipe.yaml"}
+         "student": root / "student", "bad_recipe": root / "bad-recipe.yaml",
+         "recipe_only": root / "recipe-only.yaml"}
     p["tmp"].mkdir()
     p["file"].write_text("not a folder\n")
     p["cfg"].write_text(yaml.safe_dump(TOY))
@@ -377,6 +378,7 @@ def paths(tmp_path_factory):
     p["prompts"].write_text("a cat\n")
     p["student"].mkdir()
     p["bad_recipe"].write_text(yaml.safe_dump({**tiny_recipe(), "defaults": {"lr": float("inf")}}))
+    p["recipe_only"].write_text(yaml.safe_dump(tiny_recipe()))
     for name, text in [*YAML_FILES.items(), *((name, text) for name, (text, _) in YAML_REFUSED.items())]:
         p[f"yaml_{name}"] = root / f"{name}.yaml"
         p[f"yaml_{name}"].write_text(text)

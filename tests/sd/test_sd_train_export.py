@@ -99,8 +99,17 @@ def test_sdxl_trains_from_the_latent_cache(sdxl_dir, image_dir, tmp_path):
     assert any(ids[:, :2].ne(16).any() for ids in guided)  # not the null condition's (16, 16, 0, 0, 16, 16)
 
 
-def test_lora_training_changes_only_lora_weights(sd15_dir, image_dir, tmp_path):
-    setup = build_sd_setup(teacher=str(sd15_dir), data=str(image_dir), device="cpu", lora_rank=4)
+def test_unknown_lora_targets_are_refused_before_the_teacher_loads(tmp_path):
+    with pytest.raises(ValueError, match=r"setup.lora_targets: 'convs' is not one of attention, unet"):
+        build_sd_setup(teacher=str(tmp_path / "absent"), data=str(tmp_path), lora_rank=4, lora_targets="convs")
+
+
+@pytest.mark.parametrize("targets", ["attention", "unet"])
+def test_lora_training_changes_only_lora_weights(sd15_dir, image_dir, tmp_path, targets):
+    """LoRA on the attention projections, or (``unet``, LCM-LoRA's targets) on the convolutions and time-embedding
+    projections too: only LoRA weights train, and the exported LoRA on the stock pipeline is the student."""
+    setup = build_sd_setup(teacher=str(sd15_dir), data=str(image_dir), device="cpu", lora_rank=4,
+                           lora_targets=targets)
     assert setup.keep_on_dropout == ()  # SD1.5 conditions are text states alone
     base = load_teacher(sd15_dir).unet
     x, cond = torch.randn(2, 4, 8, 8), {"encoder_hidden_states": torch.randn(2, 16, 32)}
@@ -112,6 +121,8 @@ def test_lora_training_changes_only_lora_weights(sd15_dir, image_dir, tmp_path):
     student, info = load_run_student(tmp_path / "run", base)
     changed = weights_changed(student, untrained)
     assert changed and all("lora_" in k for k in changed)
+    adapted = {k.split(".lora_")[0].rsplit(".", 1)[-1] for k in changed}
+    assert ({"conv1", "conv2", "time_emb_proj"} <= adapted) == (targets == "unet")
 
     path, kept = export_lora(student, load_teacher(sd15_dir), tmp_path / "lora", info["windows"])
     assert path.is_file() and kept == 1.0

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from proreflow.training.recipes import (
+    PRESET_DIR,
     PRESETS,
     STAGE_KEYS,
     Recipe,
@@ -18,8 +19,6 @@ from proreflow.training.recipes import (
     load_recipe,
     read_config,
 )
-
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 def windows(recipe: Recipe) -> list[int]:
@@ -47,8 +46,8 @@ def test_presets_have_the_published_structure():
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
-def test_config_files_equal_presets(name):
-    recipe, setup = load_config(CONFIGS / f"{name}.yaml")
+def test_preset_files_load_as_configs_of_the_digits_setup(name):
+    recipe, setup = load_config(PRESET_DIR / f"{name}.yaml")
     assert recipe == load_recipe(name)
     assert setup == {"name": "digits"}
 
@@ -208,3 +207,20 @@ def test_the_any_step_preset_is_proreflow_ii_with_a_last_stage_of_4_2_and_1_wind
                                          "step_conditioning=true", "stages.*.alpha=10.0"])
     unnamed = {"name": "", "description": ""}
     assert {**built.to_dict(), **unnamed} == {**preset.to_dict(), **unnamed}
+
+
+def test_the_key_reference_is_generated_from_the_declarations():
+    """docs/recipe-keys.md is key_reference() (regenerate it when a key changes); every key is declared in a group
+    of the reference, and the tables the checks use derive from the declarations."""
+
+    from proreflow.training import recipes
+
+    doc = Path(__file__).resolve().parents[2] / "docs" / "recipe-keys.md"
+    assert doc.read_text() == recipes.key_reference()
+    for name, f in recipes.KEY_FIELDS.items():
+        assert f.metadata["group"] in recipes.GROUPS, name
+        assert f"`{name}`" in doc.read_text()
+    assert recipes._LIMITS["windows"] == (1, recipes.MAX_WINDOWS) and recipes._CHOICES["solver"] == recipes.SOLVERS
+    assert set(recipes.WEIGHTLESS_KEYS) >= {"name", "log_every", "target_cache", "num_workers"}
+    assert not set(recipes.WEIGHTLESS_KEYS) & {"seed", "lr", "windows", "mixed_precision", "batch_size"}
+

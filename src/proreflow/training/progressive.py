@@ -49,7 +49,7 @@ from .checkpoint import (
 )
 from .ema import EMA
 from .environment import check_environment, fsdp_left_unused, make_accelerator, set_tf32
-from .recipes import Recipe, load_recipe
+from .recipes import WEIGHTLESS_KEYS, Recipe, load_recipe
 from .report import LOG_FILE, Reporter, StageCounters, StageSummary, final_loss, run_header
 from .setup import DistillationSetup, setup_identity
 from .sharding import full_optimizer_state, full_tensors, is_sharded, reshard, sharded_optimizer_state
@@ -185,13 +185,6 @@ class _StopRequest:
         self._previous = {}
 
 
-NO_REPLAY_KEYS = ("name", "description", "checkpoint_every", "keep_checkpoints", "max_nonfinite", "log_every",
-                  "report_to", "validation_every", "validation_samples", "num_workers", "gradient_checkpointing",
-                  "target_cache")
-"""Recipe keys that do not change the weights a run trains (gradient checkpointing: up to rounding; a target
-cache gives the uncached run's weights, wherever it lies): a resume may change them freely."""
-
-
 RUN_ENTRIES = {LOCK_FILE, CHECKPOINTS, "recipe.yaml", LOG_FILE, "summary.json", "student.json", "student.safetensors",
                "validation", "tensorboard", "wandb"}
 """The names a run writes in its output folder, besides its stage folders (``stage-<i>-<w>w``) and temporaries."""
@@ -324,7 +317,7 @@ def check_resume(recipe: Recipe, meta: dict[str, Any], checkpoint: Path, allow_c
     # what trained is compared: 'auto' as resolved (older checkpoints recorded it resolved)
     changed = _changed_keys({**old.to_dict(), "student_prediction": old.resolved_student_prediction},
                             {**recipe.to_dict(), "student_prediction": recipe.resolved_student_prediction})
-    replayed = [key for key in changed if key not in NO_REPLAY_KEYS]
+    replayed = [key for key in changed if key not in WEIGHTLESS_KEYS]
     if replayed and not allow_change:
         first = replayed[0]
         raise ValueError(f"{first}: the checkpoint {checkpoint.name} was trained with {_value(old, first)!r}, the "

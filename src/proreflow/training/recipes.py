@@ -19,7 +19,7 @@ YAML form (``configs/*.yaml``): recipe keys at the top level, shared stage setti
 Overrides (``key=value``, the value read as YAML) edit that form before it is checked:
 ``seed=3``, ``stages.1.lr=5e-5`` (one stage), ``stages.*.lr=5e-5`` (every stage, even where it
 sets its own), ``defaults.lr=5e-5`` (stages that do not set their own). Unknown keys, wrong
-types, impossible schedules, non-finite numbers and values outside the bounds of ``_LIMITS``
+types, impossible schedules, non-finite numbers and values outside the bounds each key declares
 (beyond which a run hangs, exhausts memory or trains NaN weights) raise :class:`RecipeError`
 naming the key; so do YAML syntax errors, with file, line and column.
 
@@ -68,95 +68,128 @@ def check_batch_split(where: str, batch_size: int, grad_accum: int, num_processe
                           f"{grad_accum * num_processes}")
 
 
-def _doc(text: str, **kwargs) -> Any:
-    return field(metadata={"help": text}, **kwargs)
+LR_SCHEDULES = ("constant_with_warmup", "constant", "linear", "cosine", "cosine_with_restarts", "polynomial")
+"""The learning-rate schedules of ``diffusers.optimization.get_scheduler`` a stage may name (its
+``piecewise_constant`` needs rules given as text, which a step count does not fit)."""
+POLYNOMIAL_LR_END = 1e-7
+"""Where diffusers' ``polynomial`` schedule ends (its ``lr_end``), absolute."""
+REPORT_TO = ("none", "tensorboard", "wandb", "all")
+OPTIMIZERS = ("adamw", "adamw_8bit")
+
+
+def _key(group: str, text: str, *, main: bool = False, limits: tuple[float, float] | None = None,
+         choices: tuple[str, ...] | None = None, below_one: bool = False, weights: bool = True, **kwargs) -> Any:
+    """A recipe or stage key, declared once: ``group`` (where the reference lists it), ``text`` (its help),
+    ``main`` (a key most users set, the rest are advanced), inclusive numeric ``limits`` (beyond them a run hangs,
+    exhausts memory or trains NaN weights; a number without them must be finite and >= 0), ``choices``,
+    ``below_one`` (in [0, 1)), ``weights`` (False: changing it does not change the weights a run trains, so a
+    resume may change it freely). Every table below and ``docs/recipe-keys.md`` derive from these."""
+    return field(metadata={"group": group, "help": text, "main": main, "limits": limits, "choices": choices,
+                           "below_one": below_one, "weights": weights}, **kwargs)
 
 
 @dataclass
 class Stage:
     """One stage of progressive reflow (see the module doc for YAML)."""
 
-    windows: int = _doc("number of equal time windows the student is made straight in")
-    steps: int = _doc("optimiser steps in the stage (skipped non-finite steps included)", default=1000)
-    extra_windows: list[int] = _doc(
+    windows: int = _key("windows", "number of equal time windows the student is made straight in", main=True,
+                        limits=(1, MAX_WINDOWS))
+    steps: int = _key("windows", "optimiser steps in the stage (skipped non-finite steps included)", default=1000,
+                      main=True, limits=(1, 10**8))
+    extra_windows: list[int] = _key(
+        "windows",
         "more window counts trained in this stage beside windows, each dividing it (e.g. [2, 1] with windows: "
         "4): every sample draws one of the stage's counts with equal chance and learns that count's target, "
         "solved on the same grid (solver_steps x windows / k steps per window of count k). With the recipe's "
         "step_conditioning the student knows the count it is run at: one student for several step counts",
-        default_factory=list)
-    teacher: str = _doc("stage teacher: 'original' (the diffusion teacher) or 'previous' "
-                        "(the previous stage's EMA student)", default="original")
-    solver_steps: int | None = _doc(
-        "teacher solver steps per window: DDIM steps for the original teacher (default "
+        default_factory=list, main=True, limits=(1, MAX_WINDOWS))
+    teacher: str = _key("windows", "stage teacher: 'original' (the diffusion teacher) or 'previous' "
+                        "(the previous stage's EMA student)", default="original", main=True,
+                        choices=("original", "previous"))
+    solver_steps: int | None = _key(
+        "targets", "teacher solver steps per window: DDIM steps for the original teacher (default "
         f"{REFERENCE_STEPS} // windows); Euler steps for a previous-stage teacher (default "
-        "previous windows / windows: one step per old window)", default=None)
-    solver: str = _doc("original teacher's window solver: 'ddim' (Euler for a velocity teacher; 1 "
+        "previous windows / windows: one step per old window)", default=None, main=True, limits=(1, 1000))
+    solver: str = _key("targets", "original teacher's window solver: 'ddim' (Euler for a velocity teacher; 1 "
                        "evaluation per step), 'dpmpp_2m' (DPM-Solver++(2M), 1 per step on a grid uniform in "
                        "log-SNR, diffusion teachers) or 'heun' (2 per step); a previous-stage teacher takes "
                        "Euler steps",
-                       default="ddim")
-    alpha: float = _doc("weight of the direction term 1 - cos(v_pred, v_target); 0 gives plain MSE",
-                        default=1.0)
-    beta: float = _doc("weight of the magnitude term (|v_pred| - |v_target|)^2 / |v_target|^2", default=0.0)
-    loss_space: str = _doc(
-        "space of the squared error (direction and magnitude terms stay on velocities): 'velocity' "
+                       default="ddim", main=True, choices=SOLVERS)
+    alpha: float = _key("loss", "weight of the direction term 1 - cos(v_pred, v_target); 0 gives plain MSE",
+                        default=1.0, main=True, limits=(0, 1000))
+    beta: float = _key("loss", "weight of the magnitude term (|v_pred| - |v_target|)^2 / |v_target|^2", default=0.0,
+                       main=True, limits=(0, 1000))
+    loss_space: str = _key(
+        "loss", "space of the squared error (direction and magnitude terms stay on velocities): 'velocity' "
         "mean((v_pred - v_tgt)^2); 'epsilon' (PeRFlow's noise matching) the same on the epsilons whose DDIM "
         "step to the window end is x_t + (t_end - t) v, i.e. the velocity error over c(t, t_end) = "
         "(sqrt(1 - abar_end) - sqrt(abar_end (1 - abar_t) / abar_t)) / (t_end - t); 'x0' on the implied "
         "x0 (the epsilon error times sqrt((1 - abar_t) / abar_t)); 'geometric' the velocity error^2 / c(t, t_end), "
         "the geometric mean of the velocity and epsilon squared errors; 'capped_epsilon' the velocity error^2 / "
         "min(c, c_cap)^2: epsilon space where c <= c_cap, scaled velocity space at the noisy window starts",
-        default="velocity")
-    c_cap: float = _doc("c_cap of loss_space: capped_epsilon", default=4.0)
-    loss_weighting: str = _doc(
-        "per-sample weight of the squared error: 'none'; 'min_snr' min(SNR(t), snr_gamma) / SNR(t), "
+        default="velocity", main=True, choices=LOSS_SPACES)
+    c_cap: float = _key("loss", "c_cap of loss_space: capped_epsilon", default=4.0)
+    loss_weighting: str = _key(
+        "loss", "per-sample weight of the squared error: 'none'; 'min_snr' min(SNR(t), snr_gamma) / SNR(t), "
         "SNR = abar / (1 - abar) (min-SNR-gamma, Hang et al. 2023); 'window' 1 / (mean squared target of "
         "the batch's samples in the same window); 'start_epsilon' c(h, 0)^2 / c(t_start, t_end)^2, h = t_start - "
         "t_end: each window weighted as the epsilon space weighs its start, relative to the window of the same "
         "length ending at 0 (weight 1); with loss_space: velocity, the epsilon space's balance between windows "
         "and the velocity space's profile inside each (the ProReflow presets' choice; VP teachers only)",
-        default="none")
-    snr_gamma: float = _doc("gamma of loss_weighting: min_snr", default=5.0)
-    start_points: str = _doc(
-        "where a window's start point x_start comes from: 'data' (forward-noised data, PeRFlow's choice) or "
+        default="none", main=True, choices=LOSS_WEIGHTINGS)
+    snr_gamma: float = _key("loss", "gamma of loss_weighting: min_snr", default=5.0)
+    start_points: str = _key(
+        "targets", "where a window's start point x_start comes from: 'data' (forward-noised data, PeRFlow's choice) or "
         "'teacher' (the original teacher's trajectory from noise, solved window by window through the edges of "
         "the recipe's finest such stage, solver_steps x windows / K steps per fine window: x_start and x_end are "
         "its states at the window's edges; the dataset gives the conditions only). 'teacher' needs teacher: "
         "original (a trajectory of the original teacher is no target of a previous student), a one-step solver "
         "(ddim or heun) and cond_dropout 0; with target_cache the trajectories are solved once and read by every "
-        "stage (docs/trajectories.md)", default="data")
-    start_share: float = _doc(
-        "share of each batch's samples trained at their window's start (t = t_start, x_t = x_start) instead "
+        "stage (docs/trajectories.md)", default="data", main=True, choices=("data", "teacher"))
+    start_share: float = _key(
+        "targets", "share of each batch's samples trained at their window's start (t = t_start, x_t = x_start) instead "
         "of at their uniform t inside the window: the times a sampler with one step per window evaluates. "
         "Sample p of the stage's stream is moved iff floor((p + 1) s) > floor(p s); the teacher's solves "
-        "are unchanged", default=0.0)
-    lr: float = _doc("AdamW learning rate (the peak of lr_schedule)", default=1e-4)
-    lr_schedule: str = _doc(
+        "are unchanged", default=0.0, main=True, limits=(0, 1))
+    lr: float = _key("optimizer", "AdamW learning rate (the peak of lr_schedule)", default=1e-4, main=True,
+                     limits=(0, 1))
+    lr_schedule: str = _key(
+        "optimizer",
         "learning-rate schedule by diffusers' name (diffusers.optimization.get_scheduler): optimiser step k "
         "(1-based) of the stage runs at lr times the schedule's factor at step k, over the stage's steps; "
         "'constant_with_warmup' (the default) is lr * min(1, k / warmup_steps); 'constant' (no warm-up), 'linear', "
         "'cosine', 'cosine_with_restarts' (lr_num_cycles restarts), 'polynomial' (lr_power, down to 1e-7); "
-        "the decaying ones reach 0 (1e-7) at the stage's last step", default="constant_with_warmup")
-    warmup_steps: int = _doc("linear learning-rate warm-up steps of lr_schedule (0: none)", default=0)
-    lr_num_cycles: int = _doc("hard restarts of lr_schedule: cosine_with_restarts", default=1)
-    lr_power: float = _doc("power of lr_schedule: polynomial (1: linear decay)", default=1.0)
-    weight_decay: float = _doc("AdamW weight decay", default=1e-2)
-    adam_beta1: float = _doc("AdamW beta1 (decay of the gradient's running mean)", default=0.9)
-    adam_beta2: float = _doc("AdamW beta2 (decay of the squared gradient's running mean)", default=0.999)
-    adam_epsilon: float = _doc("AdamW epsilon (added to the root of the second moment)", default=1e-8)
-    grad_clip: float = _doc("clip the global gradient norm to this value (0: no clipping)", default=1.0)
-    batch_size: int = _doc("global batch per optimiser step, over all processes and accumulation steps",
-                           default=64)
-    grad_accum: int = _doc("gradient accumulation steps per optimiser step", default=1)
-    ema_decay: float = _doc("EMA of the student's weights: ema <- d_k * ema + (1 - d_k) * weights after "
-                            "step k, d_k = min(ema_decay, (1 + k) / (10 + k))", default=0.999)
-    guidance: float = _doc("classifier-free guidance scale: baked into the targets ('baked'), or the "
-                           "scale the student is sampled with ('cfg_sync')", default=1.0)
-    guidance_mode: str = _doc("'baked': the teacher solves with guidance and the student samples without "
+        "the decaying ones reach 0 (1e-7) at the stage's last step", default="constant_with_warmup",
+        choices=LR_SCHEDULES)
+    warmup_steps: int = _key("optimizer", "linear learning-rate warm-up steps of lr_schedule (0: none)", default=0,
+                             limits=(0, 10**8))
+    lr_num_cycles: int = _key("optimizer", "hard restarts of lr_schedule: cosine_with_restarts", default=1,
+                              limits=(1, 10**6))
+    lr_power: float = _key("optimizer", "power of lr_schedule: polynomial (1: linear decay)", default=1.0,
+                           limits=(1e-3, 1e3))
+    weight_decay: float = _key("optimizer", "AdamW weight decay", default=1e-2, limits=(0, 1))
+    adam_beta1: float = _key("optimizer", "AdamW beta1 (decay of the gradient's running mean)", default=0.9,
+                             below_one=True)
+    adam_beta2: float = _key("optimizer", "AdamW beta2 (decay of the squared gradient's running mean)", default=0.999,
+                             below_one=True)
+    adam_epsilon: float = _key("optimizer", "AdamW epsilon (added to the root of the second moment)", default=1e-8,
+                               limits=(1e-30, 1))
+    grad_clip: float = _key("optimizer", "clip the global gradient norm to this value (0: no clipping)", default=1.0,
+                            limits=(0, 1e6))
+    batch_size: int = _key("optimizer", "global batch per optimiser step, over all processes and accumulation steps",
+                           default=64, main=True, limits=(1, 65536))
+    grad_accum: int = _key("optimizer", "gradient accumulation steps per optimiser step", default=1, limits=(1, 4096))
+    ema_decay: float = _key("optimizer", "EMA of the student's weights: ema <- d_k * ema + (1 - d_k) * weights after "
+                            "step k, d_k = min(ema_decay, (1 + k) / (10 + k))", default=0.999, main=True,
+                            below_one=True)
+    guidance: float = _key("guidance", "classifier-free guidance scale: baked into the targets ('baked'), or the "
+                           "scale the student is sampled with ('cfg_sync')", default=1.0, main=True, limits=(0, 100))
+    guidance_mode: str = _key("guidance", "'baked': the teacher solves with guidance and the student samples without "
                               "it; 'cfg_sync' (PeRFlow): the teacher runs at scale 1 with condition "
-                              "dropout and the student is sampled with guidance", default="baked")
-    cond_dropout: float = _doc("probability of replacing a sample's condition by the null condition, for "
-                               "teacher and student alike (0.1 for cfg_sync)", default=0.0)
+                              "dropout and the student is sampled with guidance", default="baked", main=True,
+                              choices=("baked", "cfg_sync"))
+    cond_dropout: float = _key("guidance", "probability of replacing a sample's condition by the null condition, for "
+                               "teacher and student alike (0.1 for cfg_sync)", default=0.0, main=True, below_one=True)
 
     @property
     def sample_guidance(self) -> float:
@@ -182,61 +215,76 @@ STAGE_KEYS = tuple(f.name for f in dataclasses.fields(Stage))
 class Recipe:
     """A list of stages and the settings of the run (see the module doc)."""
 
-    stages: list[Stage] = _doc("the stages, in order (a list of stage mappings)")
-    name: str = _doc("name of the recipe (default output folder runs/NAME)", default="custom")
-    description: str = _doc("one line about the recipe", default="")
-    seed: int = _doc("seed of data order, times, noise and condition dropout", default=0)
-    mixed_precision: str = _doc("'no', 'fp16' or 'bf16' (accelerate autocast; frozen teachers are cast); "
-                                "an unquoted no / off / false, which YAML reads as a boolean, means 'no'",
-                                default="no")
-    from_scratch: bool = _doc("start stage 1 from setup.make_student() instead of the teacher's weights",
-                              default=False)
-    step_conditioning: bool = _doc(
-        "give the student a learned offset per window count on its time embedding, zero at the start "
+    stages: list[Stage] = _key("run", "the stages, in order (a list of stage mappings)", main=True)
+    name: str = _key("run", "name of the recipe (default output folder runs/NAME)", default="custom", main=True,
+                     weights=False)
+    description: str = _key("run", "one line about the recipe", default="", weights=False)
+    seed: int = _key("run", "seed of data order, times, noise and condition dropout", default=0, main=True,
+                     limits=(0, 2**63 - 1))
+    mixed_precision: str = _key(
+        "performance", "'no', 'fp16' or 'bf16' (accelerate autocast; frozen teachers are cast); "
+        "an unquoted no / off / false, which YAML reads as a boolean, means 'no'",
+        default="no", main=True, choices=("no", "fp16", "bf16"))
+    from_scratch: bool = _key("student", "start stage 1 from setup.make_student() instead of the teacher's weights",
+                              default=False, main=True)
+    step_conditioning: bool = _key(
+        "student", "give the student a learned offset per window count on its time embedding, zero at the start "
         "(proreflow.step_conditioning): one network serves every count of the stages' windows and "
         "extra_windows, sampled with the windows of the step count; for one count it folds into a stock "
-        "network (proreflow export --steps N)", default=False)
-    student_prediction: str = _doc(
-        "what the student network outputs: 'teacher' (the teacher's own type, the only choice for a student "
+        "network (proreflow export --steps N)", default=False, main=True)
+    student_prediction: str = _key(
+        "student", "what the student network outputs: 'teacher' (the teacher's own type, the only choice for a student "
         "copied from the teacher), or with from_scratch: true 'velocity' (the straight segment's velocity), "
         "'epsilon', 'v_prediction' or 'sample' (VP teachers), 'flow_velocity' (flow teachers); 'auto' "
         "(default): 'velocity' from scratch (measured better: docs/research/2026-quality-study.md, round 3, "
-        "'Student parametrization'), else 'teacher'", default="auto")
-    checkpoint_every: int = _doc("write a checkpoint every N optimiser steps of a stage (0: only at "
-                                 "stage ends)", default=500)
-    keep_checkpoints: int = _doc("checkpoints kept on disk, newest first (0: keep all)", default=2)
-    max_nonfinite: int = _doc("stop the run after this many skipped non-finite steps in a stage",
-                              default=10)
-    optimizer: str = _doc("'adamw' (torch) or 'adamw_8bit' (bitsandbytes' AdamW8bit: 8-bit optimiser states, "
-                          "needs pip install bitsandbytes)", default="adamw")
-    allow_tf32: bool = _doc("TF32 matrix products and convolutions on NVIDIA GPUs (Ampere and newer: faster "
-                            "float32, 10-bit mantissa); nothing changes on CPU", default=False)
-    gradient_checkpointing: bool = _doc(
+        "'Student parametrization'), else 'teacher'", default="auto", choices=("auto", "teacher") + PREDICTION_TYPES)
+    checkpoint_every: int = _key("files", "write a checkpoint every N optimiser steps of a stage (0: only at "
+                                 "stage ends)", default=500, limits=(0, 10**8), weights=False)
+    keep_checkpoints: int = _key("files", "checkpoints kept on disk, newest first (0: keep all)", default=2,
+                                 limits=(0, 10**6), weights=False)
+    max_nonfinite: int = _key("monitoring", "stop the run after this many skipped non-finite steps in a stage",
+                              default=10, limits=(1, 10**8), weights=False)
+    optimizer: str = _key(
+        "performance", "'adamw' (torch) or 'adamw_8bit' (bitsandbytes' AdamW8bit: 8-bit optimiser states, "
+        "needs pip install bitsandbytes)", default="adamw", choices=OPTIMIZERS)
+    allow_tf32: bool = _key(
+        "performance", "TF32 matrix products and convolutions on NVIDIA GPUs (Ampere and newer: faster "
+        "float32, 10-bit mantissa); nothing changes on CPU", default=False)
+    gradient_checkpointing: bool = _key(
+        "performance",
         "recompute activations in the backward pass instead of storing them (less memory, more compute): "
         "the student's enable_gradient_checkpointing() (diffusers models; the built-in networks have one "
-        "too); teachers run without gradients, so the frozen ones keep nothing to recompute", default=False)
-    max_train_samples: int | None = _doc("train on the first N items of the setup's dataset only (all of "
-                                         "them when it has fewer; null: all)", default=None)
-    log_every: int = _doc("log loss, learning rate and throughput every N optimiser steps (OUT/train.log, "
-                          "trackers; the console under --no-progress)", default=10)
-    report_to: str = _doc("trackers (accelerate's) the scalars and validation grids go to: 'none', "
+        "too); teachers run without gradients, so the frozen ones keep nothing to recompute", default=False,
+        weights=False)
+    max_train_samples: int | None = _key("run", "train on the first N items of the setup's dataset only (all of "
+                                         "them when it has fewer; null: all)", default=None, limits=(1, 10**12))
+    log_every: int = _key(
+        "monitoring", "log loss, learning rate and throughput every N optimiser steps (OUT/train.log, "
+        "trackers; the console under --no-progress)", default=10, limits=(1, 10**8), weights=False)
+    report_to: str = _key("monitoring", "trackers (accelerate's) the scalars and validation grids go to: 'none', "
                           "'tensorboard' (OUT/tensorboard/NAME), 'wandb' (needs pip install wandb) or 'all' "
-                          "(both); OUT/train.log is always written", default="none")
-    validation_every: int = _doc("sample the student's EMA weights every N optimiser steps of a stage and at "
-                                 "each stage's end, with fixed conditions and fixed noise, one step per window: "
-                                 "a grid OUT/validation/stage-<i>-<w>w/step-<global step>.png (and the samples "
-                                 "as .safetensors), logged to the trackers (0: no validation)", default=0)
-    validation_samples: int = _doc("validation samples per grid, for the conditions of the dataset's first N "
-                                   "items; a setup's own validation conditions (Stable Diffusion: "
-                                   "setup.validation_prompts) come in their own number", default=8)
-    num_workers: int = _doc("DataLoader worker processes per training process", default=0)
-    target_cache: str = _doc("folder where the original teacher's reflow batches are stored and reused by later "
-                             "runs with the same teacher, stage windows / solver steps / guidance, seed and batch "
-                             "layout (e.g. a loss or learning-rate study; stages with extra_windows make theirs "
-                             "online); for stages with start_points: teacher, "
-                             "the teacher's trajectories instead (one per dataset item, safetensors shards), solved "
-                             "once and read by every stage and run with the same trajectory; '' (default): none",
-                             default="")
+                          "(both); OUT/train.log is always written", default="none", choices=REPORT_TO, weights=False)
+    validation_every: int = _key(
+        "monitoring", "sample the student's EMA weights every N optimiser steps of a stage and at "
+        "each stage's end, with fixed conditions and fixed noise, one step per window: "
+        "a grid OUT/validation/stage-<i>-<w>w/step-<global step>.png (and the samples "
+        "as .safetensors), logged to the trackers (0: no validation)", default=0,
+        limits=(0, 10**8), weights=False)
+    validation_samples: int = _key(
+        "monitoring", "validation samples per grid, for the conditions of the dataset's first N "
+        "items; a setup's own validation conditions (Stable Diffusion: "
+        "setup.validation_prompts) come in their own number", default=8, limits=(1, 1024),
+        weights=False)
+    num_workers: int = _key("performance", "DataLoader worker processes per training process", default=0,
+                            limits=(0, 256), weights=False)
+    target_cache: str = _key(
+        "files", "folder where the original teacher's reflow batches are stored and reused by later "
+        "runs with the same teacher, stage windows / solver steps / guidance, seed and batch "
+        "layout (e.g. a loss or learning-rate study; stages with extra_windows make theirs "
+        "online); for stages with start_points: teacher, "
+        "the teacher's trajectories instead (one per dataset item, safetensors shards), solved "
+        "once and read by every stage and run with the same trajectory; '' (default): none",
+        default="", main=True, weights=False)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> Recipe:
@@ -294,70 +342,24 @@ class Recipe:
 
 
 RECIPE_KEYS = tuple(f.name for f in dataclasses.fields(Recipe)) + ("defaults",)
-
-_SHARED = {"lr": 1e-4, "warmup_steps": 100, "batch_size": 64, "ema_decay": 0.999, "weight_decay": 1e-2,
-           "grad_clip": 1.0}
-
-_PROREFLOW = {"alpha": 1.0, "start_share": 0.5, "loss_weighting": "start_epsilon"}
-"""ProReflow presets: aligned direction term, half of each batch at its window's start
-(docs/research/2026-quality-study.md, round 2), and the epsilon space's balance between windows (round 5: better on
-MNIST, worse at 4 steps on digits and moons). What they give against the baselines: docs/results.md. A
-flow-matching teacher needs ``loss_weighting: none``."""
-
-PRESETS: dict[str, dict[str, Any]] = {
-    "reflow": {
-        "name": "reflow",
-        "description": "InstaFlow-style 2-rectified flow: one window, MSE, 32 teacher DDIM steps",
-        "defaults": {**_SHARED, "alpha": 0.0},
-        "stages": [{"windows": 1, "steps": 2000, "solver_steps": 32}],
-    },
-    "perflow": {
-        "name": "perflow",
-        "description": "PeRFlow: one stage, 4 windows, MSE, 8 teacher DDIM steps per window",
-        "defaults": {**_SHARED, "alpha": 0.0},
-        "stages": [{"windows": 4, "steps": 2000, "solver_steps": 8}],
-    },
-    "proreflow-i": {
-        "name": "proreflow-i",
-        "description": "ProReflow-I: 8 -> 4 windows, aligned v-prediction loss",
-        "defaults": {**_SHARED, **_PROREFLOW},
-        "stages": [{"windows": 8, "steps": 1000},
-                   {"windows": 4, "steps": 1000}],
-    },
-    "proreflow-ii": {
-        "name": "proreflow-ii",
-        "description": "ProReflow-II: 8 -> 4 -> 2 windows, aligned v-prediction loss",
-        "defaults": {**_SHARED, **_PROREFLOW},
-        # half the budget in the last stage, whose student is sampled (docs/research/2026-quality-study.md, round 4)
-        "stages": [{"windows": 8, "steps": 750},
-                   {"windows": 4, "steps": 750},
-                   {"windows": 2, "steps": 1500}],
-    },
-    "proreflow-any-step": {
-        "name": "proreflow-any-step",
-        "description": "ProReflow for 4, 2 and 1 steps from one student: 8 -> 4 -> 4 + 2 + 1 windows, step-conditioned",
-        "step_conditioning": True,
-        "defaults": {**_SHARED, **_PROREFLOW, "alpha": 10.0},
-        # the last stage trains 4-, 2- and 1-window targets, each sample one of them; what it reaches against the
-        # single-count recipes: docs/results.md, "One student for every step count"
-        "stages": [{"windows": 8, "steps": 750},
-                   {"windows": 4, "steps": 750},
-                   {"windows": 4, "steps": 1500, "extra_windows": [2, 1]}],
-    },
-    "proreflow-1step": {
-        "name": "proreflow-1step",
-        "description": "ProReflow to one step: 8 -> 4 -> 2 -> 1 windows, aligned v-prediction loss",
-        "defaults": {**_SHARED, **_PROREFLOW},
-        # half the budget in the last stage, as proreflow-ii (docs/research/2026-quality-study.md, round 4)
-        "stages": [{"windows": 8, "steps": 667},
-                   {"windows": 4, "steps": 667},
-                   {"windows": 2, "steps": 666},
-                   {"windows": 1, "steps": 2000}],
-    },
-}
-
+KEY_FIELDS = {f.name: f for f in (*dataclasses.fields(Recipe), *dataclasses.fields(Stage))}
+"""Every recipe and stage key's declaration (:func:`_key`): the schema the tables below derive from."""
+_CHOICES = {name: f.metadata["choices"] for name, f in KEY_FIELDS.items() if f.metadata["choices"]}
+_LIMITS = {name: f.metadata["limits"] for name, f in KEY_FIELDS.items() if f.metadata["limits"]}
+_BELOW_ONE = tuple(name for name, f in KEY_FIELDS.items() if f.metadata["below_one"])
+WEIGHTLESS_KEYS = tuple(name for name, f in KEY_FIELDS.items() if not f.metadata["weights"])
+"""Recipe keys that do not change the weights a run trains (gradient checkpointing: up to rounding; a target
+cache gives the uncached run's weights, wherever it lies): a resume may change them freely."""
 
 # ---------------------------------------------------------------- reading and overrides
+
+
+PRESET_DIR = Path(__file__).resolve().parents[1] / "presets"
+"""The presets, one YAML file each (``proreflow train --config NAME``), shipped in the package."""
+
+
+def _presets() -> dict[str, dict[str, Any]]:
+    return {path.stem: _read_yaml(path) for path in sorted(PRESET_DIR.glob("*.yaml"))}
 
 
 def read_config(source: str | Path | dict, overrides: typing.Iterable[str] = ()) -> dict[str, Any]:
@@ -534,37 +536,6 @@ def load_recipe(source: str | Path | dict | Recipe, overrides: typing.Iterable[s
 
 
 # ---------------------------------------------------------------- checking
-
-
-LR_SCHEDULES = ("constant_with_warmup", "constant", "linear", "cosine", "cosine_with_restarts", "polynomial")
-"""The learning-rate schedules of ``diffusers.optimization.get_scheduler`` a stage may name (its
-``piecewise_constant`` needs rules given as text, which a step count does not fit)."""
-POLYNOMIAL_LR_END = 1e-7
-"""Where diffusers' ``polynomial`` schedule ends (its ``lr_end``), absolute."""
-REPORT_TO = ("none", "tensorboard", "wandb", "all")
-OPTIMIZERS = ("adamw", "adamw_8bit")
-
-_CHOICES = {"teacher": ("original", "previous"), "guidance_mode": ("baked", "cfg_sync"), "solver": SOLVERS,
-            "start_points": ("data", "teacher"),
-            "mixed_precision": ("no", "fp16", "bf16"), "loss_space": LOSS_SPACES,
-            "loss_weighting": LOSS_WEIGHTINGS, "lr_schedule": LR_SCHEDULES, "report_to": REPORT_TO,
-            "optimizer": OPTIMIZERS, "student_prediction": ("auto", "teacher") + PREDICTION_TYPES}
-_LIMITS: dict[str, tuple[float, float]] = {
-    # stage keys
-    "windows": (1, MAX_WINDOWS), "extra_windows": (1, MAX_WINDOWS), "steps": (1, 10**8), "solver_steps": (1, 1000),
-    "alpha": (0, 1000), "beta": (0, 1000),
-    "lr": (0, 1), "warmup_steps": (0, 10**8), "weight_decay": (0, 1), "grad_clip": (0, 1e6),
-    "batch_size": (1, 65536), "grad_accum": (1, 4096), "guidance": (0, 100), "start_share": (0, 1),
-    "lr_num_cycles": (1, 10**6), "lr_power": (1e-3, 1e3), "adam_epsilon": (1e-30, 1),
-    # recipe keys
-    "seed": (0, 2**63 - 1), "checkpoint_every": (0, 10**8), "keep_checkpoints": (0, 10**6),
-    "max_nonfinite": (1, 10**8), "log_every": (1, 10**8), "num_workers": (0, 256),
-    "max_train_samples": (1, 10**12), "validation_every": (0, 10**8), "validation_samples": (1, 1024),
-}
-"""Inclusive ``(low, high)`` bounds of numeric keys: beyond them a run hangs, exhausts memory or trains
-NaN weights (lr 1e3, say). A numeric key without an entry must be finite and >= 0."""
-_BELOW_ONE = ("ema_decay", "cond_dropout", "adam_beta1", "adam_beta2")
-"""Keys in [0, 1)."""
 
 
 def _check_value(key: str, name: str, value: Any, hint: Any) -> Any:
@@ -791,6 +762,54 @@ def _check_teacher_start(stage: Stage, where: str) -> None:
                           "guidance_mode: baked, or start_points: data")
 
 
+GROUPS = {"windows": "Windows and stage teacher", "targets": "Targets (the teacher's solve)",
+          "guidance": "Guidance", "loss": "Loss", "optimizer": "Optimiser and batch", "run": "Run",
+          "student": "Student network", "files": "Files and caches", "monitoring": "Monitoring",
+          "performance": "Speed and memory"}
+"""Key group -> its heading in the key reference, in the reference's order within recipe and stage keys."""
+
+
+def key_reference() -> str:
+    """``docs/recipe-keys.md``: every recipe and stage key by group, with its default, allowed values, whether a
+    resume may change it, and its meaning; the keys most users set come first in each group."""
+    out = ["# Recipe keys", "",
+           "Generated from the declarations in `src/proreflow/training/recipes.py` (each key declared once); "
+           "regenerate with `python -c \"from proreflow.training.recipes import key_reference; "
+           "print(key_reference(), end='')\" > docs/recipe-keys.md`. **Main** keys are those most users set; "
+           "the rest are advanced. *Resume* says whether `--resume` accepts a changed value without "
+           "`--allow-recipe-change` (keys that do not change the trained weights).", ""]
+    for scope, fields in (("Recipe keys (top level)", dataclasses.fields(Recipe)),
+                          ("Stage keys (under `defaults`, or in each element of `stages`)", dataclasses.fields(Stage))):
+        out += [f"## {scope}", ""]
+        for group, heading in GROUPS.items():
+            members = sorted((f for f in fields if f.metadata["group"] == group), key=lambda f: not f.metadata["main"])
+            if not members:
+                continue
+            out += [f"### {heading}", "", "| key | default | allowed | resume | meaning |", "|---|---|---|---|---|"]
+            for f in members:
+                meta = f.metadata
+                allowed = (" / ".join(f"`{c}`" for c in meta["choices"]) if meta["choices"] else
+                           " to ".join(map(_bound, meta["limits"])) if meta["limits"] else
+                           "[0, 1)" if meta["below_one"] else "")
+                name = f"**`{f.name}`**" if meta["main"] else f"`{f.name}`"
+                text = meta["help"].replace("|", "\\|")
+                out.append(f"| {name} | `{_default(f)}` | {allowed} | {'no' if meta['weights'] else 'yes'} | {text} |")
+            out.append("")
+    return "\n".join(out)
+
+
+def _bound(value: float) -> str:
+    if isinstance(value, int):
+        return "2^63 - 1" if value == 2**63 - 1 else f"{value:,}"
+    return f"{value:g}"
+
+
+def _default(f: dataclasses.Field) -> str:
+    if f.default_factory is not dataclasses.MISSING:
+        return repr(f.default_factory())
+    return "required" if f.default is dataclasses.MISSING else repr(f.default)
+
+
 def describe_keys() -> str:
     """A table of every recipe and stage key with its default and meaning (for ``--help``)."""
     lines = ["recipe keys:"]
@@ -804,11 +823,7 @@ def describe_keys() -> str:
 
 
 def _describe(f: dataclasses.Field) -> str:
-    if f.default_factory is not dataclasses.MISSING:
-        default = repr(f.default_factory())
-    else:
-        default = "required" if f.default is dataclasses.MISSING else repr(f.default)
-    return _describe_line(f.name, default, f.metadata.get("help", ""))
+    return _describe_line(f.name, _default(f), f.metadata["help"] + ("" if f.metadata["main"] else " [advanced]"))
 
 
 def _describe_line(name: str, default: str, text: str) -> str:
@@ -816,3 +831,7 @@ def _describe_line(name: str, default: str, text: str) -> str:
     if len(head) > 36:  # a long default (max_train_samples' None fits) on a line of its own
         head = f"  {name:<23}{default} "
     return textwrap.fill(text, width=100, initial_indent=head, subsequent_indent=" " * 36)
+
+
+PRESETS: dict[str, dict[str, Any]] = _presets()
+"""Preset name -> its raw YAML form (:data:`PRESET_DIR`)."""
