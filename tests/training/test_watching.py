@@ -211,14 +211,10 @@ def test_warnings_are_written_above_the_progress_bar(tmp_path, capsys, monkeypat
     assert "stage 1/2 (4 windows" in log and "item 3" not in log  # the file holds proreflow's own records
 
 
-def test_older_recipes_with_tensorboard_still_load():
-    base = tiny_recipe()
-    assert Recipe.from_dict({**base, "tensorboard": True}).report_to == "tensorboard"
-    assert Recipe.from_dict({**base, "tensorboard": False}).report_to == "none"
-    assert Recipe.from_dict({**base, "tensorboard": True, "report_to": "all"}).report_to == "all"
-    assert "tensorboard" not in Recipe.from_dict({**base, "tensorboard": True}).to_dict()
-    with pytest.raises(RecipeError, match="tensorboard: true contradicts report_to: wandb"):
-        Recipe.from_dict({**base, "tensorboard": True, "report_to": "wandb"})
+def test_the_older_tensorboard_key_is_refused_with_its_new_spelling():
+    for value in (True, False):
+        with pytest.raises(RecipeError, match="tensorboard: the key is now report_to"):
+            Recipe.from_dict({**tiny_recipe(), "tensorboard": value})
 
 
 def test_a_checkpoint_of_an_older_run_with_the_tensorboard_key_resumes(tmp_path):

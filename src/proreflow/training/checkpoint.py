@@ -96,6 +96,17 @@ def save_weights(state_dict: dict[str, Tensor], path: Path) -> None:
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp)))
 
 
+def recorded_recipe(meta: dict[str, Any]) -> Recipe:
+    """The recipe a checkpoint's ``meta.json`` records, in today's keys: runs from before ``report_to`` recorded
+    ``tensorboard: true / false``, and runs from before ``student_prediction`` trained the teacher's type."""
+    raw = {"student_prediction": "teacher", **meta["recipe"]}
+    if "tensorboard" in raw:
+        tensorboard = raw.pop("tensorboard")
+        if tensorboard and raw.get("report_to", "none") == "none":
+            raw["report_to"] = "tensorboard"
+    return Recipe.from_dict(raw)
+
+
 def load_weights(path: Path) -> dict[str, Tensor]:
     return load_file(str(path))
 
@@ -346,7 +357,7 @@ def _verify(path: Path, out_dir: Path, rank: int, layout: Layout | None = None) 
             raise DamagedCheckpoint(f"{name} is unreadable: {_brief(err)}") from None
 
     meta = _read_meta(path)
-    stages = Recipe.from_dict(meta["recipe"]).stages
+    stages = recorded_recipe(meta).stages
     stage, step = meta["stage"], meta["step"]
     state = load("state.pt")
     if not isinstance(state, dict) or not isinstance(state.get("history"), Tensor):
@@ -392,7 +403,7 @@ def _read_meta(path: Path) -> dict[str, Any]:
             what = "missing" if key not in meta else f"not a {kind.__name__}"
             raise DamagedCheckpoint(f"meta.json: {key!r} is {what}")
     try:
-        stages = Recipe.from_dict(meta["recipe"]).stages
+        stages = recorded_recipe(meta).stages
     except RecipeError as err:
         raise DamagedCheckpoint(f"meta.json: its recipe is invalid ({err})") from None
     stage, step, completed = meta["stage"], meta["step"], meta["completed"]

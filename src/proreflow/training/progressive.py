@@ -41,6 +41,7 @@ from .checkpoint import (
     load_weights,
     named_checkpoint,
     open_checkpoint,
+    recorded_recipe,
     resume_checkpoint,
     set_rng_state,
     stage_dir,
@@ -302,8 +303,7 @@ def check_resume(recipe: Recipe, meta: dict[str, Any], checkpoint: Path, allow_c
     if meta.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{checkpoint} has checkpoint format {meta.get('format')}, this version reads "
                          f"{CHECKPOINT_FORMAT}")
-    # a checkpoint from before student_prediction trained the teacher's type, from scratch too
-    old = Recipe.from_dict({"student_prediction": "teacher", **meta["recipe"]})
+    old = recorded_recipe(meta)
     last = meta["stage"] if meta["step"] > 0 else meta["stage"] - 1
     if last >= len(recipe.stages):
         raise ValueError(f"{checkpoint} is past stage {last + 1}, but the recipe has {len(recipe.stages)} "

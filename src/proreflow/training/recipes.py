@@ -30,8 +30,8 @@ YAML 1.1 reads some unquoted words as other types: ``no`` / ``off`` / ``false`` 
 (``name: '2025'``, or ``name="'2025'"`` as an override). Numbers written as ``1e-4`` (a string
 to YAML 1.1) are read as numbers.
 
-Older recipes' ``tensorboard: true`` reads as ``report_to: tensorboard`` (``false`` as nothing), so their
-files and checkpoints still load.
+Older recipes' ``tensorboard`` key is refused with its new spelling (``report_to``); the recipes recorded in
+older runs' checkpoints still load (:func:`~proreflow.training.checkpoint.recorded_recipe`).
 """
 
 from __future__ import annotations
@@ -649,7 +649,9 @@ def _build_stage(raw: Any, defaults: dict[str, Any], where: str) -> Stage:
 def _build_recipe(raw: dict[str, Any]) -> Recipe:
     if not isinstance(raw, dict):
         raise RecipeError(f"a recipe must be a mapping, got {type(raw).__name__}")
-    raw = _legacy_keys(raw)
+    if "tensorboard" in raw:
+        raise RecipeError("tensorboard: the key is now report_to (none, tensorboard, wandb or all): write report_to: "
+                          "tensorboard for tensorboard: true, and drop tensorboard: false")
     for key in raw:
         if key not in RECIPE_KEYS:
             raise _unknown(key, RECIPE_KEYS)
@@ -671,25 +673,6 @@ def _build_recipe(raw: dict[str, Any]) -> Recipe:
               for name in RECIPE_KEYS if name in raw and name not in ("stages", "defaults")}
     _check_schedule(stages)
     return Recipe(stages=stages, **values)
-
-
-def _legacy_keys(raw: dict[str, Any]) -> dict[str, Any]:
-    """``raw`` with the keys of older recipes (and their checkpoints) in today's form: ``tensorboard: true``
-    is ``report_to: tensorboard``, ``tensorboard: false`` says nothing."""
-    if "tensorboard" not in raw:
-        return raw
-    raw = dict(raw)
-    old = raw.pop("tensorboard")
-    if not isinstance(old, bool):
-        raise RecipeError(f"tensorboard: expected true or false, got {old!r} (the key is now report_to: "
-                          "none, tensorboard, wandb or all)")
-    current = raw.get("report_to", "none")
-    if old and current not in ("none", "tensorboard", "all"):
-        raise RecipeError(f"tensorboard: true contradicts report_to: {current}; drop tensorboard (the key is now "
-                          "report_to: none, tensorboard, wandb or all)")
-    if old and current == "none":
-        raw["report_to"] = "tensorboard"
-    return raw
 
 
 def _check_schedule(stages: list[Stage]) -> None:
