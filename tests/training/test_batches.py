@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from proreflow.training.batches import BatchPlan, collate_items, sample_randomness, start_mask
+from proreflow.training.batches import BatchPlan, collate_items, micro_batches, sample_randomness, start_mask
 from proreflow.training.report import SKIPPED_NAMES_KEPT, StageCounters
 from proreflow.training.step import StepResult
 
@@ -37,8 +37,11 @@ def test_stream_is_a_permutation_per_epoch_and_batches_follow_it():
     for epoch in range(3):
         assert sorted(stream[10 * epoch:10 * epoch + 10]) == list(range(10))
     assert stream[:10] != stream[10:20]  # reshuffled each epoch
-    batches = plan.batches(start_step=2)
-    assert next(batches) == stream[8:12] and next(batches) == stream[12:16]
+    items = [(torch.tensor([float(i)]), None) for i in range(10)]  # a map-style dataset whose items are their index
+    batches = micro_batches(items, plan, start_step=2)
+    for want in (stream[8:12], stream[12:16]):
+        x0, cond, skipped = next(batches)
+        assert x0[:, 0].long().tolist() == want and cond is None and skipped == []
     other_stage = BatchPlan(10, seed=0, stage=1, batch_size=4, grad_accum=1)
     assert other_stage.indices(range(10)) != stream[:10]
 

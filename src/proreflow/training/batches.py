@@ -16,12 +16,14 @@ whatever the number of processes, and a resumed run draws exactly what an uninte
 from __future__ import annotations
 
 import hashlib
+import itertools
 from collections.abc import Iterator
 from functools import lru_cache
+from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate
+from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
 from ..conditioning import Cond
 from .recipes import check_batch_split
@@ -59,14 +61,6 @@ class BatchPlan:
     def indices(self, positions: range) -> list[int]:
         """Dataset indices at stream positions."""
         return [int(self._perm(p // self.num_items)[p % self.num_items]) for p in positions]
-
-    def batches(self, start_step: int) -> Iterator[list[int]]:
-        """Dataset indices of this process's micro-batches from ``start_step`` on, forever."""
-        step = start_step
-        while True:
-            for micro in range(self.grad_accum):
-                yield self.indices(self.positions(step, micro))
-            step += 1
 
 
 def sample_randomness(positions: range, seed: int, stage: int, shape: tuple[int, ...], dtype: torch.dtype,
@@ -134,13 +128,40 @@ def collate_items(items: list[tuple]) -> tuple[Tensor, Cond, list[str]]:
     return xs, default_collate(conds), skipped
 
 
-def micro_batches(dataset: Dataset, plan: BatchPlan, start_step: int, num_workers: int = 0
+def micro_batches(source: Any, plan: BatchPlan, start_step: int, num_workers: int = 0
                   ) -> Iterator[tuple[Tensor, Cond, list[str]]]:
-    """Endless iterator over this process's micro-batches ``(x0, cond, skipped)`` (:func:`collate_items`)
-    from ``start_step`` on."""
-    if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__getitem__"):
-        raise TypeError("the training dataset must be map-style (__len__ and __getitem__), "
-                        f"got {type(dataset).__name__}")
-    loader = DataLoader(dataset, batch_sampler=plan.batches(start_step), collate_fn=collate_items,
+    """The one micro-batch source: endless iterator over this process's micro-batches ``(x0, cond, skipped)``
+    (:func:`collate_items`) of ``plan`` from ``start_step`` on. ``source``: a map-style dataset (item at stream
+    position ``p``: ``source[plan.indices(p)]``) or a stream (:class:`~proreflow.training.streams.Stream`: its own
+    ``reader``)."""
+    if not hasattr(source, "reader") and (isinstance(source, IterableDataset) or not hasattr(source, "__getitem__")):
+        raise TypeError("the training dataset must be map-style (__len__ and __getitem__) or a proreflow Stream, "
+                        f"got {type(source).__name__}")
+    loader = DataLoader(_PlannedBatches(source, plan, start_step), batch_size=None, collate_fn=_as_is,
                         num_workers=num_workers)
     return iter(loader)
+
+
+def _as_is(batch):
+    return batch
+
+
+class _PlannedBatches(IterableDataset):
+    """The micro-batches of one process from ``start_step`` on; DataLoader worker ``w`` of ``W`` builds
+    this process's micro-batches ``w, w + W, w + 2 W, ...`` (the loader returns them round robin)."""
+
+    def __init__(self, source: Any, plan: BatchPlan, start_step: int):
+        self.source, self.plan, self.start_step = source, plan, start_step
+
+    def __iter__(self) -> Iterator[tuple]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        plan = self.plan
+        if hasattr(self.source, "reader"):
+            item = self.source.reader(plan.seed, plan.stage)
+        else:
+            def item(p: int, dataset=self.source):
+                return dataset[plan.indices(range(p, p + 1))[0]]
+        for k in itertools.count(worker, workers):
+            step, micro = self.start_step + k // plan.grad_accum, k % plan.grad_accum
+            yield collate_items([item(p) for p in plan.positions(step, micro)])

@@ -26,6 +26,7 @@ import dataclasses
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -226,10 +227,9 @@ class StageRunner:
         student = setup.denoiser(_Prepared(trainee.student, trainee.module), prediction_type=student_type)
         self.context = StageContext(acc, recipe, index, setup, trainee.student, trainee.module, student,
                                     trainee.optimizer, self.ema, teacher, counter, plan, trainee.uncond)
-        if isinstance(setup.dataset, Stream):  # a stream reads its own order (proreflow.training.streams)
-            self._batches = setup.dataset.micro_batches(plan, start_step, recipe.num_workers)
-        else:
-            self._batches = micro_batches(setup.dataset, plan, start_step, recipe.num_workers)
+        source = setup.dataset  # a stream reads its own order (proreflow.training.streams), checks its workers
+        read = source.micro_batches if isinstance(source, Stream) else partial(micro_batches, source)
+        self._batches = read(plan, start_step, recipe.num_workers)
         self.step_index = start_step
         self.counters = counters if counters is not None else StageCounters()
 

@@ -63,11 +63,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset
 
 from ..conditioning import map_cond
 from ..files import atomic_write
-from .batches import BatchPlan, collate_items, mix_seed
+from .batches import BatchPlan, micro_batches, mix_seed
 
 Item = tuple  # (x0, cond) or (x0, cond, skipped names)
 
@@ -117,10 +117,9 @@ class Stream(IterableDataset):
     """A dataset the engine reads in stream order (module doc); ``len`` is its items per epoch."""
 
     def micro_batches(self, plan: BatchPlan, start_step: int, num_workers: int = 0) -> Iterator[tuple]:
-        """This process's micro-batches ``(x0, cond, skipped)`` of ``plan`` from ``start_step`` on, forever."""
-        loader = DataLoader(_PlannedBatches(self, plan, start_step), batch_size=None, collate_fn=_as_is,
-                            num_workers=num_workers)
-        return iter(loader)
+        """This process's micro-batches ``(x0, cond, skipped)`` of ``plan`` from ``start_step`` on, forever
+        (:func:`~proreflow.training.batches.micro_batches`)."""
+        return micro_batches(self, plan, start_step, num_workers)
 
     def reader(self, seed: int | None, stage: int) -> Callable[[int], Item]:
         """``item(p)``: the item at global position ``p`` of stage ``stage``'s stream, read fastest in increasing
@@ -135,26 +134,6 @@ class Stream(IterableDataset):
         """The items of one epoch, unshuffled (for inspection; training reads :meth:`micro_batches`)."""
         item = self.reader(None, 0)
         return (item(p) for p in range(len(self)))
-
-
-def _as_is(batch):
-    return batch
-
-
-class _PlannedBatches(IterableDataset):
-    """The micro-batches of one process from ``start_step`` on; DataLoader worker ``w`` of ``W`` builds
-    this process's micro-batches ``w, w + W, w + 2 W, ...`` (the loader returns them round robin)."""
-
-    def __init__(self, stream: Stream, plan: BatchPlan, start_step: int):
-        self.stream, self.plan, self.start_step = stream, plan, start_step
-
-    def __iter__(self) -> Iterator[tuple]:
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        plan, item = self.plan, self.stream.reader(self.plan.seed, self.plan.stage)
-        for k in itertools.count(worker, workers):
-            step, micro = self.start_step + k // plan.grad_accum, k % plan.grad_accum
-            yield collate_items([item(p) for p in plan.positions(step, micro)])
 
 
 def _torch_loads(data: bytes):
