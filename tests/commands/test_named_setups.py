@@ -30,7 +30,7 @@ def make_setup(n: int = 64, conditional: bool = True) -> DistillationSetup:
 
 @pytest.fixture
 def registered(monkeypatch):
-    monkeypatch.setitem(setups.SETUPS, "test-mixture", f"{HERE}:make_setup")
+    monkeypatch.setitem(setups.FAMILIES, "test-mixture", setups.Family(f"{HERE}:make_setup", "", "", False))
 
 
 def test_build_a_registered_setup_with_arguments(registered):
@@ -52,7 +52,7 @@ def test_clear_errors(registered, monkeypatch):
         build_setup({"name": "test-mixture", "size": 3})
     with pytest.raises(ValueError, match=f"cannot import '{HERE}:nothing'"):
         get_setup_builder(f"{HERE}:nothing")
-    monkeypatch.setitem(setups.SETUPS, "not-a-setup", "builtins:int")
+    monkeypatch.setitem(setups.FAMILIES, "not-a-setup", setups.Family("builtins:int", "", "", False))
     with pytest.raises(TypeError, match="returned int, not a DistillationSetup"):
         build_setup({"name": "not-a-setup"})
 

@@ -116,10 +116,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..sd.clip_score import NO_CLIP_MESSAGE, ClipScorer
     from ..sd.fid import FID, reference_statistics
-    from ..sd.pipeline import SUPPORTED_PIPELINES, read_model_index
+    from ..sd.pipeline import read_model_index
     from ..sd.t2i import evaluate, write_report
-    from ..sd3.pipeline import PIPELINE as SD3_PIPELINE
     from ..training.environment import as_dtype
+    from .named_setups import family_of_pipeline, load
 
     if args.coco_annotations is not None and args.coco_images is None:
         raise ValueError("--coco-annotations needs --coco-images (the folder of its images, e.g. val2014/)")
@@ -145,17 +145,19 @@ def run(args: argparse.Namespace) -> int:
         print(f"proreflow eval: --num {args.num}, but {prompt_set.source} holds {len(prompt_set)}: evaluating "
               f"{len(prompt_set)}", file=sys.stderr)
     # fail on a wrong teacher or student before loading anything heavy
-    family = read_model_index(args.teacher).get("_class_name")
-    if family not in (*SUPPORTED_PIPELINES, SD3_PIPELINE):
-        raise ValueError(f"--teacher: {args.teacher} is a {family}; eval takes Stable Diffusion, SDXL or SD3 "
+    teacher_class = read_model_index(args.teacher).get("_class_name")
+    found = family_of_pipeline(teacher_class)
+    if found is None or found[1].eval_methods is None:
+        raise ValueError(f"--teacher: {args.teacher} is a {teacher_class}; eval takes Stable Diffusion, SDXL or SD3 "
                          "pipelines")
+    family_name, family = found
     if not (args.student / "model_index.json").is_file():
         raise FileNotFoundError(f"student folder {args.student} has no model_index.json: pass a folder written by "
                                 "`proreflow export` (or, with --student-lora, the base pipeline folder)")
-    student_family = read_model_index(args.student).get("_class_name")
-    if (student_family == SD3_PIPELINE) != (family == SD3_PIPELINE):
-        raise ValueError(f"--student: {args.student} is a {student_family}, the teacher {args.teacher} a {family}: "
-                         "give the student distilled from that teacher")
+    student_class = read_model_index(args.student).get("_class_name")
+    if (family_of_pipeline(student_class) or (None,))[0] != family_name:
+        raise ValueError(f"--student: {args.student} is a {student_class}, the teacher {args.teacher} a "
+                         f"{teacher_class}: give the student distilled from that teacher")
     if args.fid and len(prompt_set) < 2:
         raise ValueError(f"FID needs at least 2 prompts; {prompt_set.source} holds {len(prompt_set)} (or pass "
                          "--no-fid)")
@@ -169,11 +171,7 @@ def run(args: argparse.Namespace) -> int:
     clip = ClipScorer.load(args.clip_model, args.device) if args.clip_model else None
     if clip is None:
         print(NO_CLIP_MESSAGE, file=sys.stderr)
-    if family == SD3_PIPELINE and (args.teacher_baselines or args.dpm_solver_steps):
-        raise ValueError("--teacher-baselines / --dpm-solver-steps: DDIM and DPM-Solver++ rows are for SD / SDXL "
-                         "teachers; an SD3 teacher samples with its own Euler scheduler (--teacher-steps)")
-    methods = _sd3_methods if family == SD3_PIPELINE else _sd_methods
-    teacher_method, students, shape, resolution, settings = methods(args, dtype)
+    teacher_method, students, shape, resolution, settings = load(family.eval_methods)(args, dtype)
     reference = None
     if prompt_set.image_paths is not None and fid is not None:
         reference = reference_statistics(fid, prompt_set.image_paths, resolution, args.fid_cache,
@@ -243,7 +241,7 @@ def _check_latents(student_shape, shape, teacher) -> None:
                          f"{teacher}")
 
 
-def _sd_methods(args: argparse.Namespace, dtype):
+def sd_methods(args: argparse.Namespace, dtype):
     """Stable Diffusion / SDXL: (teacher DDIM-N, the students at --steps, latent shape, resolution, settings)."""
     from ..sd.export import load_student_pipeline
     from ..sd.pipeline import SDTeacher, load_teacher
@@ -274,13 +272,16 @@ def _sd_methods(args: argparse.Namespace, dtype):
     return teacher_method, students, shape, resolution, settings
 
 
-def _sd3_methods(args: argparse.Namespace, dtype):
+def sd3_methods(args: argparse.Namespace, dtype):
     """SD3: (teacher Euler-N with its own scheduler, the students at --steps at their window sigmas, latent
     shape, resolution, settings); the teacher without T5 when the student was distilled without it."""
     from ..sd3.export import load_sd3_student_pipeline
     from ..sd3.pipeline import SD3Teacher, load_sd3_teacher
     from ..sd3.t2i import euler_sampler, student_sampler
 
+    if args.teacher_baselines or args.dpm_solver_steps:
+        raise ValueError("--teacher-baselines / --dpm-solver-steps: DDIM and DPM-Solver++ rows are for SD / SDXL "
+                         "teachers; an SD3 teacher samples with its own Euler scheduler (--teacher-steps)")
     student_pipe, info = load_sd3_student_pipeline(args.student, lora=args.student_lora, dtype=dtype,
                                                    device=args.device)
     student_pipe.vae.to(torch.float32)  # as the teacher's: decode in float32

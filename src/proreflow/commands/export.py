@@ -47,9 +47,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="never download (default: on when HF_HUB_OFFLINE=1)")
 
 
-FAMILIES = ("stable-diffusion", "stable-diffusion-3", "pixart")
-
-
 def run(args: argparse.Namespace) -> int:
     from ..files import remove_stale_temporaries, replace_dir, temporary_path
     from ..sd.export import EXPORT_INFO, push_to_hub, read_metrics
@@ -58,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
     from ..training.environment import as_dtype
     from ..training.recipes import load_recipe
     from ..training.student import read_student_info
+    from .named_setups import FAMILIES, load
 
     run_dir = existing_dir(args.run, "--run")
     info_path = run_dir / "student.json"
@@ -87,26 +85,27 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--out: {out} is not empty and holds no earlier export ({EXPORT_INFO}); give a new or "
                          "empty folder (an earlier export there is replaced whole)")
     read_model_index(source, args.local_files_only)  # a wrong teacher fails before anything loads
-    family = info.get("info", {}).get("model")
-    if family not in FAMILIES:
-        raise UsageError(f"--run: {run_dir} is a {family or 'built-in data'!r} run; export takes runs of the "
+    name = info.get("info", {}).get("model")
+    if name not in FAMILIES:
+        raise UsageError(f"--run: {run_dir} is a {name or 'built-in data'!r} run; export takes runs of the "
                          f"{' or '.join(FAMILIES)} setups")
+    family = FAMILIES[name]
     extra = {"run": str(run_dir), "recipe": info.get("recipe"), "stage": info.get("stage"),
              "guidance_mode": info.get("guidance_mode"), "global_step": info.get("global_step")}
     if (run_dir / "recipe.yaml").is_file():  # the guidance of the teacher the final student reproduces
         extra["teacher_guidance"] = load_recipe(run_dir / "recipe.yaml").stages[-1].guidance
     if args.push_to_hub:
         extra["repo_id"] = args.push_to_hub  # the model card's loading lines name the repo
-    if family == "pixart" and args.lora:
-        raise UsageError("--lora: diffusers' PixArt pipelines cannot load LoRA weights (no load_lora_weights); "
-                         "export the PixArt student as a pipeline folder (without --lora)")
+    if args.lora and not family.lora_export:
+        raise UsageError(f"--lora: diffusers' {name} pipelines cannot load LoRA weights (no load_lora_weights); "
+                         "export the student as a pipeline folder (without --lora)")
     if args.lora and info.get("step_counts"):
         raise UsageError("--lora: a step-conditioned student's step count lives in the biases of its time embedding, "
                          "which LoRA weights do not carry; export it as a pipeline folder (without --lora)")
     if args.steps is not None:
         extra["served_steps"] = info.get("served_windows")
     dtype = as_dtype(args.dtype) if args.dtype else None
-    export = {"stable-diffusion": _export_sd, "stable-diffusion-3": _export_sd3, "pixart": _export_pixart}[family]
+    export = load(family.export)
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(out)  # those of an export killed before it could clean up
     tmp = temporary_path(out)  # built whole beside --out, then moved in: never a mix of two exports
@@ -126,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _export_sd(args: argparse.Namespace, run_dir, source: str, setup_info: dict, extra: dict, dtype,
+def export_sd(args: argparse.Namespace, run_dir, source: str, setup_info: dict, extra: dict, dtype,
                metrics, out) -> str:
     """A stable-diffusion run as a pipeline with the stock DDIM, or LoRA; the line to print."""
     from ..sd.export import export_lora, export_pipeline, load_run_student
@@ -147,7 +146,7 @@ def _export_sd(args: argparse.Namespace, run_dir, source: str, setup_info: dict,
             f"or `proreflow sample --model {args.out} --prompt ...`)")
 
 
-def _export_sd3(args: argparse.Namespace, run_dir, source: str, setup_info: dict, extra: dict, dtype,
+def export_sd3(args: argparse.Namespace, run_dir, source: str, setup_info: dict, extra: dict, dtype,
                 metrics, out) -> str:
     """A stable-diffusion-3 run as a pipeline with its window sigmas, or LoRA; the line to print."""
     from ..sd.export import load_run_student, read_export_info
@@ -173,7 +172,7 @@ def _export_sd3(args: argparse.Namespace, run_dir, source: str, setup_info: dict
             f"{'--lora ' + str(args.out) + ' ' if args.lora else ''}--prompt ...`")
 
 
-def _export_pixart(args: argparse.Namespace, run_dir, source: str, setup_info: dict, extra: dict, dtype,
+def export_pixart(args: argparse.Namespace, run_dir, source: str, setup_info: dict, extra: dict, dtype,
                    metrics, out) -> str:
     """A pixart run as a PixArt pipeline with the stock DDIM (LoRA merged); the line to print."""
     from ..pixart.export import export_pixart_pipeline, load_run_student

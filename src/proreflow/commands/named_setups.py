@@ -1,10 +1,11 @@
 """The setups ``proreflow train`` distills, by name (the ``setup:`` section): the one table of model families.
 
-A builder is a callable ``fn(**kwargs) -> DistillationSetup``. :data:`SETUPS` names each family's
-builder by import path, imported only when that setup is used (so an absent optional dependency
-of one family does not break another); every built-in dataset (``proreflow.builtin.DATASETS``)
-is a setup of its own, built by :data:`BUILTIN_DATA` with the dataset's name. A config may also
-name any builder by import path, ``package.module:function``: a new family needs no entry here.
+A builder is a callable ``fn(**kwargs) -> DistillationSetup``. :data:`FAMILIES` names each family's
+builder (and its export, samplers and pipelines, which the other commands read) by import path, imported
+only when that family is used (so an absent optional dependency of one family does not break another);
+every built-in dataset (``proreflow.builtin.DATASETS``) is a setup of its own, built by :data:`BUILTIN_DATA`
+with the dataset's name. A config may also name any builder by import path, ``package.module:function``: a
+new family needs no entry here to train (export, sample and eval serve the families of the table).
 That imports and runs code a config names, so it is allowed only when the user says they trust the
 config: ``proreflow train --trust-setup-code`` (``trust=True`` here) or the environment variable
 ``PROREFLOW_TRUST_SETUP_CODE=1`` (:func:`setup_code_trusted`); the named families and built-in
@@ -21,16 +22,56 @@ import os
 import types
 import typing
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from ..training.setup import DistillationSetup
 
-SETUPS: dict[str, str] = {
-    "stable-diffusion": "proreflow.sd.setup:build_sd_setup",
-    "stable-diffusion-3": "proreflow.sd3.setup:build_sd3_setup",
-    "pixart": "proreflow.pixart.setup:build_pixart_setup",
+
+@dataclass(frozen=True)
+class Family:
+    """One model family as every command reads it. Each entry is an import path (``package.module:name``),
+    imported only when that family is used (:func:`load`)."""
+
+    builder: str                            # its setup builder (``setup.name`` of its runs: the FAMILIES key)
+    pipelines: str                          # the diffusers pipeline classes of its teachers and exports (a tuple)
+    export: str                             # ``proreflow export``'s step for its runs
+    lora_export: bool                       # whether ``proreflow export --lora`` serves it
+    student_pipeline: str | None = None     # loads an exported student for ``proreflow sample`` (None: not served)
+    sample_schedule: str | None = None      # the pipeline call's schedule keywords for a step count
+    eval_methods: str | None = None         # ``proreflow eval``'s teacher and student samplers (None: not served)
+
+
+FAMILIES: dict[str, Family] = {
+    "stable-diffusion": Family(
+        "proreflow.sd.setup:build_sd_setup", "proreflow.sd.pipeline:SUPPORTED_PIPELINES",
+        "proreflow.commands.export:export_sd", True, "proreflow.sd.export:load_student_pipeline",
+        "proreflow.commands.sample:sd_schedule", "proreflow.commands.eval:sd_methods"),
+    "stable-diffusion-3": Family(
+        "proreflow.sd3.setup:build_sd3_setup", "proreflow.sd3.pipeline:PIPELINES",
+        "proreflow.commands.export:export_sd3", True, "proreflow.sd3.export:load_sd3_student_pipeline",
+        "proreflow.commands.sample:sd3_schedule", "proreflow.commands.eval:sd3_methods"),
+    "pixart": Family(
+        "proreflow.pixart.setup:build_pixart_setup", "proreflow.pixart.pipeline:SUPPORTED_PIPELINES",
+        "proreflow.commands.export:export_pixart", False),
 }
-"""Setup name -> ``package.module:function`` of its builder."""
+"""Setup name -> its family: the one table that ``train``, ``export``, ``sample`` and ``eval`` read."""
+
+
+def load(path: str) -> Any:
+    """The object at import path ``package.module:name``."""
+    module, _, attr = path.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def family_of_pipeline(class_name: str | None) -> tuple[str, Family] | None:
+    """The family (name, entry) whose pipelines include ``class_name`` (a ``model_index.json``'s
+    ``_class_name``), or None."""
+    for name, family in FAMILIES.items():
+        if class_name in load(family.pipelines):
+            return name, family
+    return None
+
 
 BUILTIN_DATA = "proreflow.builtin.teacher:builtin_setup"
 """Builder of each built-in dataset's setup, called as ``builtin_setup(dataset_name, **kwargs)``."""
@@ -55,9 +96,8 @@ def setup_code_trusted(trust: bool = False) -> bool:
 
 
 def _import(path: str) -> Callable[..., Any]:
-    module, _, attr = path.partition(":")
     try:
-        return getattr(importlib.import_module(module), attr)
+        return load(path)
     except (ImportError, AttributeError) as err:
         raise ValueError(f"setup.name: cannot import {path!r} ({err})") from None
 
@@ -72,20 +112,20 @@ def builtin_names() -> tuple[str, ...]:
 
 
 def get_setup_builder(name: str, trust: bool = False) -> Callable[..., DistillationSetup]:
-    """The builder of setup ``name`` (a key of :data:`SETUPS`, a built-in dataset) or at import path
+    """The builder of setup ``name`` (a key of :data:`FAMILIES`, a built-in dataset) or at import path
     ``package.module:function``: code the config names, imported only when trusted
     (:func:`setup_code_trusted`; else a ValueError naming setup.name and the flag, nothing imported)."""
     if ":" in name:
         if not setup_code_trusted(trust):
             raise ValueError(f"setup.name: {name!r} is an import path: the config asks to run its code, which "
                              f"proreflow does only with --trust-setup-code (or {TRUST_ENV}=1); pass it if you "
-                             f"trust this config, or name a setup ({', '.join(sorted([*SETUPS, *builtin_names()]))})")
+                             f"trust this config, or name a setup ({', '.join(sorted([*FAMILIES, *builtin_names()]))})")
         return _import(name)
-    if name in SETUPS:
-        return _import(SETUPS[name])
+    if name in FAMILIES:
+        return _import(FAMILIES[name].builder)
     if name in builtin_names():
         return functools.partial(_import(BUILTIN_DATA), name)
-    known = ", ".join(sorted([*SETUPS, *builtin_names()]))
+    known = ", ".join(sorted([*FAMILIES, *builtin_names()]))
     raise ValueError(f"setup.name: unknown setup {name!r}; known: {known} "
                      f"(or give an import path, package.module:function)")
 

@@ -60,11 +60,9 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..sd.captions import read_prompts
-    from ..sd.export import load_student_pipeline
-    from ..sd.pipeline import SUPPORTED_PIPELINES, read_model_index
-    from ..sd3.export import load_sd3_student_pipeline, student_sigmas
-    from ..sd3.pipeline import PIPELINE as SD3_PIPELINE
+    from ..sd.pipeline import read_model_index
     from ..training.environment import as_dtype
+    from .named_setups import family_of_pipeline, load
 
     prompts = list(args.prompt) + (read_prompts(existing_file(args.prompts, "--prompts")) if args.prompts else [])
     if not prompts:
@@ -79,15 +77,15 @@ def run(args: argparse.Namespace) -> int:
         index = read_model_index(args.model, args.local_files_only)
     except OSError as err:
         raise UsageError(f"--model: {one_line(err).replace('--teacher takes', '--model takes')}") from None
-    family = index.get("_class_name")
-    if family not in (*SUPPORTED_PIPELINES, SD3_PIPELINE):
-        raise UsageError(f"--model: {args.model} is a {family}; sample takes Stable Diffusion, SDXL or SD3 "
-                         "pipelines (exported by `proreflow export`, or the base of --lora)")
-    sd3 = family == SD3_PIPELINE
+    found = family_of_pipeline(index.get("_class_name"))
+    if found is None or found[1].student_pipeline is None:
+        raise UsageError(f"--model: {args.model} is a {index.get('_class_name')}; sample takes Stable Diffusion, SDXL "
+                         "or SD3 pipelines (exported by `proreflow export`, or the base of --lora)")
+    family = found[1]
     out = writable_dir(args.out)
-    load = load_sd3_student_pipeline if sd3 else load_student_pipeline
     try:
-        pipe, info = load(args.model, args.lora, args.windows, dtype, device, args.local_files_only)
+        pipe, info = load(family.student_pipeline)(args.model, args.lora, args.windows, dtype, device,
+                                                   args.local_files_only)
     except (ValueError, RuntimeError, KeyError) as err:
         if not args.lora:
             raise
@@ -95,18 +93,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--lora {args.lora} does not fit --model {args.model}: the LoRA was exported for the base "
                          f"{base!r} (its proreflow.json); give that pipeline as --model" if base else
                          f"--lora {args.lora} does not fit --model {args.model} ({one_line(err)[:200]})") from None
-    windows = info["num_windows"] if sd3 else pipe.scheduler.config.num_windows
-    steps = args.steps or windows
-    if sd3 and steps < windows:  # a VP student takes fewer steps than windows (TimeWindows.for_steps)
-        raise UsageError(f"--steps {steps}: the SD3 student has {windows} windows; sample with at least {windows} "
-                         "steps")
-    if not sd3:
-        schedule = {"num_inference_steps": steps}
-    elif args.height != args.width and pipe.scheduler.config.get("use_dynamic_shifting"):
-        raise UsageError("--height and --width differ, but the SD3 scheduler shifts by the image size: give a "
-                         "square size (--height = --width)")
-    else:  # the stock Euler scheduler at the student's sigmas (proreflow.sd3.export)
-        schedule = {"sigmas": student_sigmas(pipe, info, steps, args.height or args.width)}
+    windows, steps, schedule = load(family.sample_schedule)(pipe, info, args)
     guidance = args.guidance if args.guidance is not None else info.get("guidance", 1.0)
     out.mkdir(parents=True, exist_ok=True)
     n = args.num_images
@@ -119,3 +106,27 @@ def run(args: argparse.Namespace) -> int:
     (out / "prompts.txt").write_text("".join(f"{i:03d}\t{p}\n" for i, p in enumerate(prompts)))
     print(f"wrote {len(prompts) * n} images to {out} ({steps} steps, {windows} windows, guidance {guidance})")
     return 0
+
+
+def sd_schedule(pipe, info: dict, args: argparse.Namespace) -> tuple[int, int, dict]:
+    """Stable Diffusion / SDXL: the student's windows (its ProReflowScheduler's), the step count and the call's
+    ``num_inference_steps``."""
+    windows = pipe.scheduler.config.num_windows
+    steps = args.steps or windows
+    return windows, steps, {"num_inference_steps": steps}
+
+
+def sd3_schedule(pipe, info: dict, args: argparse.Namespace) -> tuple[int, int, dict]:
+    """SD3: the student's windows (``proreflow.json``), the step count and the stock Euler scheduler's ``sigmas``
+    for it (:func:`proreflow.sd3.export.student_sigmas`)."""
+    from ..sd3.export import student_sigmas
+
+    windows = info["num_windows"]
+    steps = args.steps or windows
+    if steps < windows:  # a VP student takes fewer steps than windows (TimeWindows.for_steps)
+        raise UsageError(f"--steps {steps}: the SD3 student has {windows} windows; sample with at least {windows} "
+                         "steps")
+    if args.height != args.width and pipe.scheduler.config.get("use_dynamic_shifting"):
+        raise UsageError("--height and --width differ, but the SD3 scheduler shifts by the image size: give a "
+                         "square size (--height = --width)")
+    return windows, steps, {"sigmas": student_sigmas(pipe, info, steps, args.height or args.width)}

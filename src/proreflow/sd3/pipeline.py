@@ -29,6 +29,7 @@ from ..training.environment import as_dtype
 log = logging.getLogger(__name__)
 
 PIPELINE = "StableDiffusion3Pipeline"
+PIPELINES = (PIPELINE,)
 T5_COMPONENTS = ("text_encoder_3", "tokenizer_3")
 @dataclass
 class SD3Teacher:
