@@ -101,7 +101,7 @@ def test_overrides():
     (["stages.0.lr=fast"], r"stages.0.lr: expected a number, got 'fast'"),
     (["stages.0.lr=-1"], r"stages.0.lr: must be at least 0, got -1"),
     (["stages.0.ema_decay=1.0"], r"stages.0.ema_decay: must be in \[0, 1\)"),
-    (["tensorboard=3"], r"tensorboard: expected true or false, got 3"),
+    (["tensorboard=3"], r"tensorboard: the key is now report_to"),
     (["seed=true"], r"seed: expected an integer, got True"),
     (["name=3"], r"name: expected a string"),
     (["mixed_precision=fp8"], r"mixed_precision: 'fp8' is not one of no, fp16, bf16"),

@@ -102,9 +102,9 @@ class Stage:
         "4): every sample draws one of the stage's counts with equal chance and learns that count's target, "
         "solved on the same grid (solver_steps x windows / k steps per window of count k). With the recipe's "
         "step_conditioning the student knows the count it is run at: one student for several step counts",
-        default_factory=list, main=True, limits=(1, MAX_WINDOWS))
+        default_factory=list, limits=(1, MAX_WINDOWS))
     teacher: str = _key("windows", "stage teacher: 'original' (the diffusion teacher) or 'previous' "
-                        "(the previous stage's EMA student)", default="original", main=True,
+                        "(the previous stage's EMA student)", default="original",
                         choices=("original", "previous"))
     solver_steps: int | None = _key(
         "targets", "teacher solver steps per window: DDIM steps for the original teacher (default "
@@ -114,11 +114,11 @@ class Stage:
                        "evaluation per step), 'dpmpp_2m' (DPM-Solver++(2M), 1 per step on a grid uniform in "
                        "log-SNR, diffusion teachers) or 'heun' (2 per step); a previous-stage teacher takes "
                        "Euler steps",
-                       default="ddim", main=True, choices=SOLVERS)
+                       default="ddim", choices=SOLVERS)
     alpha: float = _key("loss", "weight of the direction term 1 - cos(v_pred, v_target); 0 gives plain MSE",
                         default=1.0, main=True, limits=(0, 1000))
     beta: float = _key("loss", "weight of the magnitude term (|v_pred| - |v_target|)^2 / |v_target|^2", default=0.0,
-                       main=True, limits=(0, 1000))
+                       limits=(0, 1000))
     loss_space: str = _key(
         "loss", "space of the squared error (direction and magnitude terms stay on velocities): 'velocity' "
         "mean((v_pred - v_tgt)^2); 'epsilon' (PeRFlow's noise matching) the same on the epsilons whose DDIM "
@@ -127,7 +127,7 @@ class Stage:
         "x0 (the epsilon error times sqrt((1 - abar_t) / abar_t)); 'geometric' the velocity error^2 / c(t, t_end), "
         "the geometric mean of the velocity and epsilon squared errors; 'capped_epsilon' the velocity error^2 / "
         "min(c, c_cap)^2: epsilon space where c <= c_cap, scaled velocity space at the noisy window starts",
-        default="velocity", main=True, choices=LOSS_SPACES)
+        default="velocity", choices=LOSS_SPACES)
     c_cap: float = _key("loss", "c_cap of loss_space: capped_epsilon", default=4.0)
     loss_weighting: str = _key(
         "loss", "per-sample weight of the squared error: 'none'; 'min_snr' min(SNR(t), snr_gamma) / SNR(t), "
@@ -145,7 +145,7 @@ class Stage:
         "its states at the window's edges; the dataset gives the conditions only). 'teacher' needs teacher: "
         "original (a trajectory of the original teacher is no target of a previous student), a one-step solver "
         "(ddim or heun) and cond_dropout 0; with target_cache the trajectories are solved once and read by every "
-        "stage (docs/trajectories.md)", default="data", main=True, choices=("data", "teacher"))
+        "stage (docs/trajectories.md)", default="data", choices=("data", "teacher"))
     start_share: float = _key(
         "targets", "share of each batch's samples trained at their window's start (t = t_start, x_t = x_start) instead "
         "of at their uniform t inside the window: the times a sampler with one step per window evaluates. "
@@ -189,7 +189,7 @@ class Stage:
                               "dropout and the student is sampled with guidance", default="baked", main=True,
                               choices=("baked", "cfg_sync"))
     cond_dropout: float = _key("guidance", "probability of replacing a sample's condition by the null condition, for "
-                               "teacher and student alike (0.1 for cfg_sync)", default=0.0, main=True, below_one=True)
+                               "teacher and student alike (0.1 for cfg_sync)", default=0.0, below_one=True)
 
     @property
     def sample_guidance(self) -> float:
@@ -226,12 +226,12 @@ class Recipe:
         "an unquoted no / off / false, which YAML reads as a boolean, means 'no'",
         default="no", main=True, choices=("no", "fp16", "bf16"))
     from_scratch: bool = _key("student", "start stage 1 from setup.make_student() instead of the teacher's weights",
-                              default=False, main=True)
+                              default=False)
     step_conditioning: bool = _key(
         "student", "give the student a learned offset per window count on its time embedding, zero at the start "
         "(proreflow.step_conditioning): one network serves every count of the stages' windows and "
         "extra_windows, sampled with the windows of the step count; for one count it folds into a stock "
-        "network (proreflow export --steps N)", default=False, main=True)
+        "network (proreflow export --steps N)", default=False)
     student_prediction: str = _key(
         "student", "what the student network outputs: 'teacher' (the teacher's own type, the only choice for a student "
         "copied from the teacher), or with from_scratch: true 'velocity' (the straight segment's velocity), "
@@ -284,7 +284,7 @@ class Recipe:
         "online); for stages with start_points: teacher, "
         "the teacher's trajectories instead (one per dataset item, safetensors shards), solved "
         "once and read by every stage and run with the same trajectory; '' (default): none",
-        default="", main=True, weights=False)
+        default="", weights=False)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> Recipe:
