@@ -6,6 +6,8 @@ export``, ``proreflow eval`` in subprocesses), at equal optimiser steps:
 
 - ``ProReflow-II``: the config as it is (full student);
 - ``ProReflow-II LoRA``: the same with ``setup.lora_rank`` (LoRA on the UNet's attention projections);
+- ``ProReflow-II LoRA unet lr 8e-4``: LoRA on LCM-LoRA's targets (``setup.lora_targets: unet``) at 10x the
+  learning rate (docs/research/2026-12-07-text-to-image.md, round 4);
 - ``ProReflow-II baked``: guidance 4 baked into the targets (``guidance_mode: baked``), sampled at 1;
 - ``PeRFlow``: one stage of 4 windows, 8 solver steps per window, plain MSE (``alpha 0``, no window
   weighting, no start share), PeRFlow's public recipe;
@@ -42,6 +44,7 @@ PLAIN_MSE = ["defaults.alpha=0", "defaults.loss_weighting=none", "defaults.start
 METHODS: dict[str, list[str]] = {
     "ProReflow-II": [],
     "ProReflow-II LoRA": ["setup.lora_rank=16"],
+    "ProReflow-II LoRA unet lr 8e-4": ["setup.lora_rank=16", "setup.lora_targets=unet", "defaults.lr=8.0e-4"],
     "ProReflow-II baked": ["defaults.guidance_mode=baked"],
     "PeRFlow": [*PLAIN_MSE, "stages=[{windows: 4, steps: 400, solver_steps: 8}]"],
     "2-Rectified Flow": [*PLAIN_MSE, "stages=[{windows: 1, steps: 400, solver_steps: 32}]"],
