@@ -258,3 +258,22 @@ def test_stages_with_another_grid_read_their_own_trajectory():
     raw["stages"][2]["solver_steps"] = 4  # 2 x 4 = 8 steps over [0, 1], not 32
     rec = load_recipe(raw)
     assert [rec.trajectory_windows(i) for i in range(3)] == [8, 8, 2]
+
+
+def test_the_target_cache_key_follows_the_keys_declared_as_targets(tmp_path):
+    """A key declared ``targets`` (recipes.TARGET_KEYS) moves the target cache to another folder; the loss and
+    the optimiser's keys do not (runs that differ in them share the teacher's solves)."""
+    from proreflow.training.recipes import TARGET_KEYS
+    from proreflow.training.step import target_cache
+
+    def folder(**defaults):
+        raw = tiny_recipe(target_cache=str(tmp_path), defaults={**tiny_recipe()["defaults"], **defaults})
+        with StageRunner(raw, make_setup(16), 0) as runner:
+            return target_cache(runner.context).folder
+
+    base = folder()
+    assert {"windows", "solver_steps", "guidance", "batch_size", "seed"} <= set(TARGET_KEYS)
+    for key, value in (("solver_steps", 4), ("batch_size", 4), ("cond_dropout", 0.5)):
+        assert folder(**{key: value}) != base, key
+    for key, value in (("lr", 5e-3), ("alpha", 3.0), ("loss_weighting", "window"), ("ema_decay", 0.5)):
+        assert folder(**{key: value}) == base, key

@@ -78,14 +78,17 @@ OPTIMIZERS = ("adamw", "adamw_8bit")
 
 
 def _key(group: str, text: str, *, main: bool = False, limits: tuple[float, float] | None = None,
-         choices: tuple[str, ...] | None = None, below_one: bool = False, weights: bool = True, **kwargs) -> Any:
+         choices: tuple[str, ...] | None = None, below_one: bool = False, weights: bool = True,
+         targets: bool = False, **kwargs) -> Any:
     """A recipe or stage key, declared once: ``group`` (where the reference lists it), ``text`` (its help),
     ``main`` (a key most users set, the rest are advanced), inclusive numeric ``limits`` (beyond them a run hangs,
     exhausts memory or trains NaN weights; a number without them must be finite and >= 0), ``choices``,
     ``below_one`` (in [0, 1)), ``weights`` (False: changing it does not change the weights a run trains, so a
-    resume may change it freely). Every table below and ``docs/recipe-keys.md`` derive from these."""
+    resume may change it freely), ``targets`` (the original teacher's reflow batches depend on it: part of the
+    target cache's key, :func:`~proreflow.training.step.target_cache`). Every table below and
+    ``docs/recipe-keys.md`` derive from these."""
     return field(metadata={"group": group, "help": text, "main": main, "limits": limits, "choices": choices,
-                           "below_one": below_one, "weights": weights}, **kwargs)
+                           "below_one": below_one, "weights": weights, "targets": targets}, **kwargs)
 
 
 @dataclass
@@ -93,7 +96,7 @@ class Stage:
     """One stage of progressive reflow (see the module doc for YAML)."""
 
     windows: int = _key("windows", "number of equal time windows the student is made straight in", main=True,
-                        limits=(1, MAX_WINDOWS))
+                        limits=(1, MAX_WINDOWS), targets=True)
     steps: int = _key("windows", "optimiser steps in the stage (skipped non-finite steps included)", default=1000,
                       main=True, limits=(1, 10**8))
     extra_windows: list[int] = _key(
@@ -109,12 +112,12 @@ class Stage:
     solver_steps: int | None = _key(
         "targets", "teacher solver steps per window: DDIM steps for the original teacher (default "
         f"{REFERENCE_STEPS} // windows); Euler steps for a previous-stage teacher (default "
-        "previous windows / windows: one step per old window)", default=None, main=True, limits=(1, 1000))
+        "previous windows / windows: one step per old window)", default=None, main=True, limits=(1, 1000), targets=True)
     solver: str = _key("targets", "original teacher's window solver: 'ddim' (Euler for a velocity teacher; 1 "
                        "evaluation per step), 'dpmpp_2m' (DPM-Solver++(2M), 1 per step on a grid uniform in "
                        "log-SNR, diffusion teachers) or 'heun' (2 per step); a previous-stage teacher takes "
                        "Euler steps",
-                       default="ddim", choices=SOLVERS)
+                       default="ddim", choices=SOLVERS, targets=True)
     alpha: float = _key("loss", "weight of the direction term 1 - cos(v_pred, v_target); 0 gives plain MSE",
                         default=1.0, main=True, limits=(0, 1000))
     beta: float = _key("loss", "weight of the magnitude term (|v_pred| - |v_target|)^2 / |v_target|^2", default=0.0,
@@ -177,19 +180,22 @@ class Stage:
     grad_clip: float = _key("optimizer", "clip the global gradient norm to this value (0: no clipping)", default=1.0,
                             limits=(0, 1e6))
     batch_size: int = _key("optimizer", "global batch per optimiser step, over all processes and accumulation steps",
-                           default=64, main=True, limits=(1, 65536))
-    grad_accum: int = _key("optimizer", "gradient accumulation steps per optimiser step", default=1, limits=(1, 4096))
+                           default=64, main=True, limits=(1, 65536), targets=True)
+    grad_accum: int = _key("optimizer", "gradient accumulation steps per optimiser step", default=1,
+                           limits=(1, 4096), targets=True)
     ema_decay: float = _key("optimizer", "EMA of the student's weights: ema <- d_k * ema + (1 - d_k) * weights after "
                             "step k, d_k = min(ema_decay, (1 + k) / (10 + k))", default=0.999, main=True,
                             below_one=True)
     guidance: float = _key("guidance", "classifier-free guidance scale: baked into the targets ('baked'), or the "
-                           "scale the student is sampled with ('cfg_sync')", default=1.0, main=True, limits=(0, 100))
+                           "scale the student is sampled with ('cfg_sync')", default=1.0, main=True, limits=(0, 100),
+                           targets=True)
     guidance_mode: str = _key("guidance", "'baked': the teacher solves with guidance and the student samples without "
                               "it; 'cfg_sync' (PeRFlow): the teacher runs at scale 1 with condition "
                               "dropout and the student is sampled with guidance", default="baked", main=True,
-                              choices=("baked", "cfg_sync"))
+                              choices=("baked", "cfg_sync"), targets=True)
     cond_dropout: float = _key("guidance", "probability of replacing a sample's condition by the null condition, for "
-                               "teacher and student alike (0.1 for cfg_sync)", default=0.0, below_one=True)
+                               "teacher and student alike (0.1 for cfg_sync)", default=0.0, below_one=True,
+                               targets=True)
 
     @property
     def sample_guidance(self) -> float:
@@ -220,11 +226,11 @@ class Recipe:
                      weights=False)
     description: str = _key("run", "one line about the recipe", default="", weights=False)
     seed: int = _key("run", "seed of data order, times, noise and condition dropout", default=0, main=True,
-                     limits=(0, 2**63 - 1))
+                     limits=(0, 2**63 - 1), targets=True)
     mixed_precision: str = _key(
         "performance", "'no', 'fp16' or 'bf16' (accelerate autocast; frozen teachers are cast); "
         "an unquoted no / off / false, which YAML reads as a boolean, means 'no'",
-        default="no", main=True, choices=("no", "fp16", "bf16"))
+        default="no", main=True, choices=("no", "fp16", "bf16"), targets=True)
     from_scratch: bool = _key("student", "start stage 1 from setup.make_student() instead of the teacher's weights",
                               default=False)
     step_conditioning: bool = _key(
@@ -347,6 +353,9 @@ KEY_FIELDS = {f.name: f for f in (*dataclasses.fields(Recipe), *dataclasses.fiel
 _CHOICES = {name: f.metadata["choices"] for name, f in KEY_FIELDS.items() if f.metadata["choices"]}
 _LIMITS = {name: f.metadata["limits"] for name, f in KEY_FIELDS.items() if f.metadata["limits"]}
 _BELOW_ONE = tuple(name for name, f in KEY_FIELDS.items() if f.metadata["below_one"])
+TARGET_KEYS = tuple(name for name, f in KEY_FIELDS.items() if f.metadata["targets"])
+"""Keys the original teacher's reflow batches depend on (the target cache's key, with the teacher, the stage index,
+the process count and the dataset)."""
 WEIGHTLESS_KEYS = tuple(name for name, f in KEY_FIELDS.items() if not f.metadata["weights"])
 """Recipe keys that do not change the weights a run trains (gradient checkpointing: up to rounding; a target
 cache gives the uncached run's weights, wherever it lies): a resume may change them freely."""
@@ -760,7 +769,8 @@ def key_reference() -> str:
            "regenerate with `python -c \"from proreflow.training.recipes import key_reference; "
            "print(key_reference(), end='')\" > docs/recipe-keys.md`. **Main** keys are those most users set; "
            "the rest are advanced. *Resume* says whether `--resume` accepts a changed value without "
-           "`--allow-recipe-change` (keys that do not change the trained weights).", ""]
+           "`--allow-recipe-change` (keys that do not change the trained weights); *target cache: key* marks the keys "
+           "the original teacher's cached reflow batches depend on.", ""]
     for scope, fields in (("Recipe keys (top level)", dataclasses.fields(Recipe)),
                           ("Stage keys (under `defaults`, or in each element of `stages`)", dataclasses.fields(Stage))):
         out += [f"## {scope}", ""]
@@ -768,7 +778,8 @@ def key_reference() -> str:
             members = sorted((f for f in fields if f.metadata["group"] == group), key=lambda f: not f.metadata["main"])
             if not members:
                 continue
-            out += [f"### {heading}", "", "| key | default | allowed | resume | meaning |", "|---|---|---|---|---|"]
+            out += [f"### {heading}", "", "| key | default | allowed | resume | target cache | meaning |",
+                    "|---|---|---|---|---|---|"]
             for f in members:
                 meta = f.metadata
                 allowed = (" / ".join(f"`{c}`" for c in meta["choices"]) if meta["choices"] else
@@ -776,7 +787,8 @@ def key_reference() -> str:
                            "[0, 1)" if meta["below_one"] else "")
                 name = f"**`{f.name}`**" if meta["main"] else f"`{f.name}`"
                 text = meta["help"].replace("|", "\\|")
-                out.append(f"| {name} | `{_default(f)}` | {allowed} | {'no' if meta['weights'] else 'yes'} | {text} |")
+                out.append(f"| {name} | `{_default(f)}` | {allowed} | {'no' if meta['weights'] else 'yes'} | "
+                           f"{'key' if meta['targets'] else ''} | {text} |")
             out.append("")
     return "\n".join(out)
 

@@ -49,7 +49,7 @@ from ..windows import TimeWindows
 from .batches import BatchPlan, collate_items, sample_randomness, start_mask, trajectory_noise, window_counts
 from .ema import EMA
 from .optim import set_stage_hyperparameters
-from .recipes import Recipe, Stage, check_batch_split
+from .recipes import STAGE_KEYS, TARGET_KEYS, Recipe, Stage, check_batch_split
 from .setup import DistillationSetup
 from .sharding import any_dtensor, is_sharded, local
 from .target_cache import BATCH_FIELDS, TargetCache, TrajectoryCache, cond_digests, schedule_digest, weights_digest
@@ -338,9 +338,9 @@ def teacher_start_batch(ctx: StageContext, positions: range, x0: Tensor, cond: C
 def target_cache(ctx: StageContext) -> TargetCache:
     """The stage's reflow-batch cache, keyed by what its batches depend on (:class:`.target_cache.TargetCache`)."""
     stage, acc = ctx.stage, ctx.accelerator
-    parts = (stage.windows, solver_key(stage.solver), stage.solver_steps, stage.teacher_guidance(),
-             stage.guidance_mode, stage.cond_dropout, ctx.recipe.seed, ctx.index, stage.batch_size,
-             stage.grad_accum, acc.num_processes, ctx.recipe.mixed_precision, len(ctx.setup.dataset))
+    keys = {key: getattr(stage, key) if key in STAGE_KEYS else getattr(ctx.recipe, key) for key in TARGET_KEYS}
+    parts = (keys, solver_key(stage.solver), stage.teacher_guidance(), ctx.index, acc.num_processes,
+             len(ctx.setup.dataset))
     return TargetCache(ctx.recipe.target_cache, ctx.setup.teacher_tensors(), parts, ctx.setup.schedule,
                        acc.process_index)
 
