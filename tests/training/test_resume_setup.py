@@ -50,7 +50,27 @@ def finished(tmp_path_factory):
 
 def test_checkpoints_record_the_setup(finished):
     meta = json.loads((finished / "checkpoints/step-00000002/meta.json").read_text())
-    assert meta["setup"] == {"section": {"name": "helpers.engine_toys:make_setup", "n": 32}, "dataset": "mixture"}
+    assert meta["setup"] == {"section": {"name": "helpers.engine_toys:make_setup", "n": 32}, "dataset": "mixture",
+                             "section_defaults": {"n": 64, "conditional": True, "from_scratch_seed": None,
+                                                  "pretrained": True}}
+
+
+def test_a_key_given_its_default_is_no_change_of_setup(finished, tmp_path, capsys):
+    """A config that now spells out a setup key at its builder's default (a new key a version adds, say) resumes
+    the run it trained: the sections mean the same."""
+    out = tmp_path / "run"
+    shutil.copytree(finished, out)
+    shutil.rmtree(out / "stage-2-2w")  # back to a mid-run state: resume from the step-4 checkpoint
+    for name in ("student.json", "student.safetensors", "summary.json"):
+        (out / name).unlink(missing_ok=True)
+    (out / "checkpoints" / "latest").write_text("step-00000004")
+    for later in ("step-00000006", "step-00000008"):
+        shutil.rmtree(out / "checkpoints" / later, ignore_errors=True)
+    config = _config(tmp_path, {"name": "helpers.engine_toys:make_setup", "n": 32, "pretrained": True,
+                                "conditional": True})
+    code, _, err = _train(capsys, config, out, "--resume")
+    assert code == 0, err
+    assert not any("changed setup" in line for line in err)
 
 
 @pytest.mark.parametrize("setup, key", [

@@ -235,4 +235,16 @@ def build_setup(spec: dict[str, Any], trust: bool = False) -> DistillationSetup:
     if not isinstance(setup, DistillationSetup):
         raise TypeError(f"setup {name!r} returned {type(setup).__name__}, not a DistillationSetup")
     setup.section = {"name": name, **spec}  # the run records it (training.setup.setup_identity)
+    setup.section_defaults = builder_defaults(builder)
     return setup
+
+
+def builder_defaults(builder: Callable[..., DistillationSetup]) -> dict[str, Any]:
+    """The defaults of ``builder``'s keyword arguments (JSON values): a setup key a section leaves out has this
+    value, so a resume compares sections by what they mean (:func:`~proreflow.training.progressive.check_setup`)."""
+    try:
+        params = inspect.signature(builder).parameters.values()
+    except (TypeError, ValueError):
+        return {}
+    return {p.name: p.default for p in params if p.default is not p.empty
+            and isinstance(p.default, (str, int, float, bool, type(None)))}

@@ -131,12 +131,13 @@ def _train(args: argparse.Namespace, recipe: Recipe, setup_spec: dict, out) -> i
     from ..training.checkpoint import CheckpointError, DamagedCheckpointError, latest_checkpoint
     from ..training.progressive import TrainingInterrupted, check_output_folder, finished_line, is_finished
     from ..training.setup import setup_identity
-    from .named_setups import build_setup
+    from .named_setups import build_setup, builder_defaults, check_setup_spec
 
     resume = args.resume_from or args.resume
     try:  # the output folder (and the setup section of its run) is checked before any model loads
         found = check_output_folder(recipe, out, resume, args.allow_recipe_change,
-                                    identity=setup_identity(setup_spec, {}))
+                                    identity=setup_identity(setup_spec, {}, builder_defaults(
+                                        check_setup_spec(setup_spec, args.trust_setup_code))))
     except DamagedCheckpointError as err:  # the run's files are damaged: a run-time failure, not bad input
         print(f"proreflow train: {one_line(err)}", file=sys.stderr)
         return 1

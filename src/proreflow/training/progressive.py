@@ -242,7 +242,8 @@ def check_setup(recorded: dict[str, Any] | None, identity: dict[str, Any] | None
     and this run's ``identity`` (``setup.KEY`` of the setup section, ``setup info KEY`` of a fingerprint);
     raises ValueError naming the first when any differ and ``allow_change`` is False.
 
-    What either side does not know is accepted: a checkpoint written before setups were recorded (no
+    A setup key one section leaves out and the other gives its builder's default (``section_defaults``) is no
+    change. What either side does not know is accepted: a checkpoint written before setups were recorded (no
     ``recorded``), a setup section or fingerprint one side lacks (a setup built in code has no section; the
     command line checks the section before the setup is built, :func:`train` the fingerprints after).
     """
@@ -250,9 +251,14 @@ def check_setup(recorded: dict[str, Any] | None, identity: dict[str, Any] | None
         return []
     changed = []
     if isinstance(recorded.get("section"), dict) and identity.get("section") is not None:
-        changed += [f"setup.{key}" for key in _changed_keys(recorded["section"], identity["section"])]
-    changed += [f"setup info {key}" for key in identity if key != "section" and key in recorded
-                and recorded[key] != identity[key]]
+        defaults = identity.get("section_defaults") or {}
+
+        def meaning(section: dict[str, Any]) -> dict[str, Any]:  # a key at its default says what leaving it out does
+            return {key: value for key, value in section.items() if key not in defaults or defaults[key] != value}
+
+        changed += [f"setup.{key}" for key in _changed_keys(meaning(recorded["section"]), meaning(identity["section"]))]
+    changed += [f"setup info {key}" for key in identity if key not in ("section", "section_defaults")
+                and key in recorded and recorded[key] != identity[key]]
     if changed and not allow_change:
         first = changed[0]
         raise ValueError(f"{first}: the checkpoint {checkpoint.name} was trained with {_setup_value(recorded, first)!r}"
@@ -355,7 +361,7 @@ class _Run:
         check_dataset(self.setup.dataset)
         check_setup_fits(recipe, self.setup, acc.num_processes)
         network = Trainee.network(self.setup, recipe)  # its layout checks the checkpoints' tensors
-        self.identity = setup_identity(self.setup.section, self.setup.info)
+        self.identity = setup_identity(self.setup.section, self.setup.info, self.setup.section_defaults)
         found = check_output_folder(recipe, self.out, resume, allow_recipe_change, acc.process_index,
                                     lambda line: self.reporter.say(line, warning=True),
                                     Layout.of(network, Trainee.is_shared(self.setup, recipe)), self.identity)

@@ -90,6 +90,7 @@ class DistillationSetup:
     validation: ValidationSet | None = None
     decode: Callable[[Tensor], Tensor] | None = None
     section: dict[str, Any] | None = None
+    section_defaults: dict[str, Any] | None = None
 
     def denoiser(self, module: nn.Module, dtype=None, prediction_type: str | None = None) -> Denoiser:
         """A Denoiser over ``module`` with the teacher's schedule and output type (or ``prediction_type``),
@@ -141,18 +142,22 @@ FINGERPRINT_KEYS = ("model", "teacher", "data", "dataset")
 hub id), the data (a path, or a built-in dataset's name)."""
 
 
-def setup_identity(section: dict[str, Any] | None, info: dict[str, Any]) -> dict[str, Any]:
+def setup_identity(section: dict[str, Any] | None, info: dict[str, Any],
+                   defaults: dict[str, Any] | None = None) -> dict[str, Any]:
     """What a run distills, recorded in its checkpoints and compared on resume (JSON values).
 
     ``section``: the ``setup:`` section's name and keys as given, less :data:`RUN_ONLY_SETUP_KEYS`
     (left out when None: a setup built in code). The other keys are cheap fingerprints from the setup's
     ``info`` (:data:`FINGERPRINT_KEYS`; a built-in teacher, known by its ``teacher_path``, by the name of its
     cache entry, ``<data>-<hash of its config>``, wherever the cache lies); those ``info`` lacks are left
-    out. Nothing is read from disk.
+    out. ``defaults``: the builder's defaults of the section's keys, kept as ``section_defaults`` so that a key
+    left out and a key given its default compare equal on resume. Nothing is read from disk.
     """
     identity: dict[str, Any] = {}
     if section is not None:
         identity["section"] = {key: value for key, value in section.items() if key not in RUN_ONLY_SETUP_KEYS}
+        if defaults:
+            identity["section_defaults"] = defaults
     identity.update({key: info[key] for key in FINGERPRINT_KEYS if key in info})
     if "teacher" not in identity and isinstance(info.get("teacher_path"), str):
         identity["teacher"] = Path(info["teacher_path"]).name
