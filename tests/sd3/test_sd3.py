@@ -115,6 +115,24 @@ def test_latent_cache_equals_encoding_on_the_fly(sd3_dir, image_dir, tmp_path):
         build_sd3_setup(cache_dir=str(tmp_path / "cache"), resolution=32, **common)
 
 
+
+def test_the_sd3_latent_cache_is_keyed_on_its_files_and_encoders_like_every_family(sd3_dir, image_dir, tmp_path,
+                                                                                    caplog):
+    """The SD3 cache records the files and encoders it was made from (the latent families share one keying,
+    sd.setup.encoded_dataset): another encoder dtype rebuilds it, saying why."""
+    import json
+    import logging
+
+    common = {"teacher": str(sd3_dir), "data": str(image_dir), "device": "cpu", "cache_dir": str(tmp_path / "c")}
+    build_sd3_setup(**common)
+    manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())["settings"]
+    assert manifest["encoder_dtype"] == "torch.float32" and "files" in manifest
+    assert manifest["encoder"] == "CLIPTextModelWithProjection+CLIPTextModelWithProjection+AutoencoderKL"
+    with caplog.at_level(logging.WARNING):
+        build_sd3_setup(**common, encoder_dtype="bf16")
+    assert any("is stale (encoder_dtype" in r.message and "rebuilding" in r.message for r in caplog.records)
+
+
 def test_dynamic_shifting_uses_the_pipelines_mu(sd3_dynamic_dir):
     """The pipeline computes mu from the latent size itself; the teacher's schedule must use the same."""
     sd3 = load_sd3_teacher(sd3_dynamic_dir, window_space="unshifted", device="cpu")

@@ -30,12 +30,10 @@ import torch
 from torch import Tensor
 
 from ..conditioning import map_cond
-from ..sd.captions import ImageCaptionDataset, open_source, read_prompts
-from ..sd.latent_cache import files_fingerprint, item_generator, latent_dataset
-from ..sd.lora import AdaptersDisabled, add_lora
+from ..sd.captions import open_source, read_prompts
+from ..sd.latent_cache import item_generator
 from ..sd.pipeline import read_model_index
-from ..sd.setup import check_numbers, default_device, latent_decoder
-from ..training.environment import as_dtype
+from ..sd.setup import caption_latents, check_numbers, default_device, latent_decoder, student_lora
 from ..training.setup import DistillationSetup, ValidationSet
 from .pipeline import PixArtTeacher, load_pixart_teacher, transformer_network
 
@@ -69,19 +67,14 @@ def build_pixart_setup(teacher: str, data: str | list[str], data_kind: str = "au
                                  local_files_only=local_files_only, device=device)
     resolution = resolution or pixart.resolution
     pixart.latent_shape(resolution)  # checks the size
-    items = ImageCaptionDataset(source, resolution, center_crop, random_flip)
-    encode = partial(encode_pixart_items, pixart, seed=seed, resolution=resolution)
-    settings = {"data": str(data), "center_crop": center_crop, "random_flip": random_flip, "teacher": str(teacher),
-                "resolution": resolution, "seed": seed}
-    if cache_dir is not None:  # keyed on what it encodes: the files, the encoders and their dtype too
-        files = getattr(source, "shards", None) or [getattr(source, "root", None) or source.path]
-        settings.update(files=files_fingerprint(files, exclude=cache_dir), encoder_dtype=str(as_dtype(encoder_dtype)),
-                        encoder=f"{type(pixart.pipe.text_encoder).__name__}+{type(pixart.vae).__name__}")
-    dataset = latent_dataset(items, encode, settings, cache_dir, cache_batch_size, num_workers)
+    encoders = [pixart.pipe.text_encoder, pixart.vae]
+    dataset = caption_latents(source, data, partial(encode_pixart_items, pixart, seed=seed, resolution=resolution),
+                              encoders, teacher=teacher, resolution=resolution, center_crop=center_crop,
+                              random_flip=random_flip, seed=seed, cache_dir=cache_dir,
+                              cache_batch_size=cache_batch_size, num_workers=num_workers, encoder_dtype=encoder_dtype)
 
     model = pixart.transformer
-    if lora_rank:
-        add_lora(model, lora_rank, lora_alpha)
+    teacher_view = student_lora(model, lora_rank, lora_alpha)
     sized = bool(model.use_additional_conditions)
     info = {"model": "pixart", "teacher": str(teacher), "pipeline": type(pixart.pipe).__name__,
             "resolution": resolution, "size_conditions": sized, "lora_rank": lora_rank,
@@ -94,5 +87,4 @@ def build_pixart_setup(teacher: str, data: str | list[str], data_kind: str = "au
     return DistillationSetup(teacher_model=model, prediction_type=pixart.prediction_type, schedule=pixart.schedule,
                              dataset=dataset, uncond=uncond, adapter=transformer_network, info=info,
                              keep_on_dropout=SIZE_CONDITIONS if sized else (),
-                             teacher_view=AdaptersDisabled if lora_rank else None,
-                             validation=validation, decode=latent_decoder(pixart))
+                             teacher_view=teacher_view, validation=validation, decode=latent_decoder(pixart))

@@ -117,29 +117,24 @@ def build_sd_setup(teacher: str, data: str | list[str] | None = None, data_kind:
                       device=device)
     resolution = resolution or sd.resolution
     sd.latent_shape(resolution)  # checks the size
+    encoders = [getattr(sd.pipe, name, None) for name in ("text_encoder", "text_encoder_2", "vae")]
+    caching = {"cache_dir": cache_dir, "cache_batch_size": cache_batch_size, "num_workers": num_workers,
+               "encoder_dtype": encoder_dtype}
     if prompts is not None:
         items = PromptDataset(prompt_list, resolution)
         encode = partial(generate_items, sd, seed=seed, resolution=resolution, steps=prompt_steps,
                          guidance=prompt_guidance)
         settings = {"prompts": str(prompts), "prompt_steps": prompt_steps, "prompt_guidance": prompt_guidance,
-                    "timesteps": VP_TIME_CONVENTION}  # the teacher's DDIM made the images
-        files = [prompts]
+                    "timesteps": VP_TIME_CONVENTION,  # the teacher's DDIM made the images
+                    "teacher": str(teacher), "resolution": resolution, "seed": seed}
+        dataset = encoded_dataset(items, encode, settings, [prompts], encoders, **caching)
     else:
-        items = ImageCaptionDataset(source, resolution, center_crop, random_flip)
-        encode = partial(encode_items, sd, seed=seed, resolution=resolution)
-        settings = {"data": str(data), "center_crop": center_crop, "random_flip": random_flip}
-        files = getattr(source, "shards", None) or [getattr(source, "root", None) or source.path]
-    settings.update(teacher=str(teacher), resolution=resolution, seed=seed)
-
-    if cache_dir is not None:  # keyed on what it encodes: the files, the encoders and their dtype too
-        encoders = [getattr(sd.pipe, name, None) for name in ("text_encoder", "text_encoder_2", "vae")]
-        settings.update(files=files_fingerprint(files, exclude=cache_dir), encoder_dtype=str(as_dtype(encoder_dtype)),
-                        encoder="+".join(type(m).__name__ for m in encoders if m is not None))
-    dataset = latent_dataset(items, encode, settings, cache_dir, cache_batch_size, num_workers)
+        dataset = caption_latents(source, data, partial(encode_items, sd, seed=seed, resolution=resolution), encoders,
+                                  teacher=teacher, resolution=resolution, center_crop=center_crop,
+                                  random_flip=random_flip, seed=seed, **caching)
 
     unet = sd.unet
-    if lora_rank:
-        add_lora(unet, lora_rank, lora_alpha, LORA_TARGETS[lora_targets])
+    teacher_view = student_lora(unet, lora_rank, lora_alpha, lora_targets)
     if compile:
         unet.compile()
     uncond = map_cond(lambda a: a.float().cpu(), sd.null_cond())
@@ -152,8 +147,43 @@ def build_sd_setup(teacher: str, data: str | list[str] | None = None, data_kind:
     return DistillationSetup(teacher_model=unet, prediction_type=sd.prediction_type, schedule=sd.schedule,
                              dataset=dataset, uncond=uncond, adapter=unet_network, info=info,
                              keep_on_dropout=("added_cond_kwargs.time_ids",) if sd.is_sdxl else (),
-                             teacher_view=AdaptersDisabled if lora_rank else None,
-                             validation=validation_set(sd, validation_list), decode=latent_decoder(sd))
+                             teacher_view=teacher_view, validation=validation_set(sd, validation_list),
+                             decode=latent_decoder(sd))
+
+
+def encoded_dataset(items, encode, settings: dict, files: list, encoders: list, *, cache_dir: str | None,
+                    cache_batch_size: int, num_workers: int, encoder_dtype: str):
+    """``items`` encoded by ``encode`` when read, or once into ``cache_dir``
+    (:func:`~proreflow.sd.latent_cache.latent_dataset`), the cache keyed on ``settings`` (a change is refused) and
+    on what they are encoded from and with: ``files``, ``encoders``' classes and ``encoder_dtype`` (a change
+    rebuilds it). Shared by every latent family (SD, SD3, PixArt)."""
+    if cache_dir is not None:
+        settings = {**settings, "files": files_fingerprint(files, exclude=cache_dir),
+                    "encoder_dtype": str(as_dtype(encoder_dtype)),
+                    "encoder": "+".join(type(m).__name__ for m in encoders if m is not None)}
+    return latent_dataset(items, encode, settings, cache_dir, cache_batch_size, num_workers)
+
+
+def caption_latents(source, data, encode, encoders: list, *, teacher: str, resolution: int, center_crop: bool,
+                    random_flip: bool, seed: int, extra: dict | None = None, **caching):
+    """The latent dataset of images with captions (:func:`~proreflow.sd.captions.open_source`'s ``source`` at
+    ``resolution``) that the latent families train on (:func:`encoded_dataset`; ``caching``: its cache keywords;
+    ``extra``: more settings the family's encoding depends on)."""
+    items = ImageCaptionDataset(source, resolution, center_crop, random_flip)
+    settings = {"data": str(data), "center_crop": center_crop, "random_flip": random_flip, "teacher": str(teacher),
+                "resolution": resolution, "seed": seed, **(extra or {})}
+    files = getattr(source, "shards", None) or [getattr(source, "root", None) or source.path]
+    return encoded_dataset(items, encode, settings, files, encoders, **caching)
+
+
+def student_lora(model, rank: int, alpha: float | None, targets: str = "attention"):
+    """With ``rank``: zero-initialised LoRA layers on ``model`` (:data:`~proreflow.sd.lora.LORA_TARGETS`), the only
+    weights that train, and the teacher as a view of the student (its adapters disabled: one network in memory);
+    the ``teacher_view`` of the setup, None for a full student."""
+    if not rank:
+        return None
+    add_lora(model, rank, alpha, LORA_TARGETS[targets])
+    return AdaptersDisabled
 
 
 def validation_set(teacher, prompts: list[str] | None) -> ValidationSet | None:

@@ -4,7 +4,8 @@
 :class:`~proreflow.training.setup.DistillationSetup` with
 
 - ``teacher_model``: the ``SD3Transformer2DModel`` (float32 master weights; with ``lora_rank > 0``
-  zero-initialised LoRA layers on the attention projections, and only those train);
+  zero-initialised LoRA layers on the attention projections, and only those train: the teacher is the same
+  network with its adapters disabled);
 - ``prediction_type="flow_velocity"`` and the teacher's :class:`~proreflow.flow.FlowSchedule`
   (``window_space``: windows uniform in sigma, the default, or in diffusers' unshifted s);
 - ``dataset``: ``(latents, cond)`` items from images with captions (a VAE posterior sample of
@@ -22,10 +23,10 @@ import torch
 from torch import Tensor
 
 from ..conditioning import map_cond
-from ..sd.captions import ImageCaptionDataset, open_source, read_prompts
-from ..sd.latent_cache import item_generator, latent_dataset
-from ..sd.lora import add_lora
-from ..sd.setup import default_device, latent_decoder, validation_set
+from ..sd.captions import open_source, read_prompts
+from ..sd.latent_cache import item_generator
+from ..sd.pipeline import read_model_index
+from ..sd.setup import caption_latents, check_numbers, default_device, latent_decoder, student_lora, validation_set
 from ..training.setup import DistillationSetup
 from .pipeline import SD3Teacher, load_sd3_teacher, transformer_network
 
@@ -48,29 +49,32 @@ def build_sd3_setup(teacher: str, data: str | list[str], data_kind: str = "auto"
                     validation_prompts: str | None = None) -> DistillationSetup:
     """The SD3 setup (module doc); the arguments are the ``stable-diffusion`` setup's, plus
     ``window_space`` (:mod:`proreflow.flow`) and ``use_t5`` (False: no T5, diffusers pads with zeros)."""
+    check_numbers(resolution=resolution, lora_rank=lora_rank, lora_alpha=lora_alpha,
+                   cache_batch_size=cache_batch_size, num_workers=num_workers, seed=seed)
+    read_model_index(teacher, local_files_only)  # a wrong teacher fails before the data are opened
     validation_list = read_prompts(validation_prompts) if validation_prompts is not None else None
+    source = open_source(data, data_kind, image_column, caption_column)
     device = torch.device(device) if device is not None else default_device()
     sd3 = load_sd3_teacher(teacher, encoder_dtype=encoder_dtype, use_t5=use_t5, window_space=window_space,
                            variant=variant, local_files_only=local_files_only, device=device)
     resolution = resolution or sd3.resolution
     sd3.latent_shape(resolution)  # checks the size
-    items = ImageCaptionDataset(open_source(data, data_kind, image_column, caption_column), resolution,
-                                center_crop, random_flip)
-    encode = partial(encode_sd3_items, sd3, seed=seed)
-    settings = {"data": str(data), "center_crop": center_crop, "random_flip": random_flip, "teacher": str(teacher),
-                "resolution": resolution, "seed": seed, "use_t5": sd3.pipe.text_encoder_3 is not None}
-    dataset = latent_dataset(items, encode, settings, cache_dir, cache_batch_size, num_workers)
+    use_t5 = sd3.pipe.text_encoder_3 is not None
+    encoders = [getattr(sd3.pipe, name, None) for name in ("text_encoder", "text_encoder_2", "text_encoder_3", "vae")]
+    dataset = caption_latents(source, data, partial(encode_sd3_items, sd3, seed=seed), encoders, teacher=teacher,
+                              resolution=resolution, center_crop=center_crop, random_flip=random_flip, seed=seed,
+                              extra={"use_t5": use_t5}, cache_dir=cache_dir, cache_batch_size=cache_batch_size,
+                              num_workers=num_workers, encoder_dtype=encoder_dtype)
 
     model = sd3.transformer
-    if lora_rank:
-        add_lora(model, lora_rank, lora_alpha)
+    teacher_view = student_lora(model, lora_rank, lora_alpha)
     schedule = sd3.schedule(resolution)
     info = {"model": "stable-diffusion-3", "teacher": str(teacher), "pipeline": type(sd3.pipe).__name__,
             "resolution": resolution, "window_space": window_space, "shift": schedule.shift,
-            "use_t5": settings["use_t5"], "lora_rank": lora_rank, "lora_alpha": lora_alpha or lora_rank or None,
+            "use_t5": use_t5, "lora_rank": lora_rank, "lora_alpha": lora_alpha or lora_rank or None,
             "data": str(data), "cache_dir": str(Path(cache_dir)) if cache_dir else None,
             "skipped_images": dataset.skipped}
     return DistillationSetup(teacher_model=model, prediction_type="flow_velocity", schedule=schedule,
                              dataset=dataset, uncond=map_cond(lambda a: a.float().cpu(), sd3.null_cond()),
-                             adapter=transformer_network, info=info,
+                             adapter=transformer_network, info=info, teacher_view=teacher_view,
                              validation=validation_set(sd3, validation_list), decode=latent_decoder(sd3))
