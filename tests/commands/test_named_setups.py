@@ -89,3 +89,14 @@ def test_setup_values_of_the_wrong_type_are_refused_before_anything_builds(key, 
         check_setup_spec({"name": "stable-diffusion", "teacher": "t", key: value})
     check_setup_spec({"name": "stable-diffusion", "teacher": "t", "resolution": 32, "prompt_guidance": 4,
                       "data": ["a", "b"], "center_crop": False})  # an int is a number
+
+
+def test_a_choice_annotated_as_literal_is_checked_before_anything_is_built():
+    """setup.lora_targets is Literal["attention", "unet"] on the Stable Diffusion builder: another value is refused by
+    the config check (nothing imported beyond the builder, no teacher loaded), naming the choices."""
+    from proreflow.commands.named_setups import check_setup_spec
+
+    spec = {"name": "stable-diffusion", "teacher": "absent", "data": "absent"}
+    check_setup_spec({**spec, "lora_targets": "unet"})
+    with pytest.raises(ValueError, match="setup.lora_targets: expected one of attention, unet, got 'convs'"):
+        check_setup_spec({**spec, "lora_targets": "convs"})

@@ -192,6 +192,8 @@ def fits(value: Any, hint: Any) -> bool:
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
         return any(fits(value, arm) for arm in args)
+    if origin is typing.Literal:
+        return value in args
     if hint is type(None):
         return value is None
     if hint is bool:
@@ -213,6 +215,8 @@ def describe_type(hint: Any) -> str:
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
         return " or ".join(describe_type(arm) for arm in args)
+    if origin is typing.Literal:
+        return "one of " + ", ".join(map(str, args))
     words = {bool: "true or false", int: "an integer", float: "a number", str: "a text", type(None): "null"}
     if hint in words:
         return words[hint]

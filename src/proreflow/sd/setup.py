@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 from functools import partial
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -73,8 +74,8 @@ def build_sd_setup(teacher: str, data: str | list[str] | None = None, data_kind:
                    prompts: str | None = None, resolution: int | None = None, cache_dir: str | None = None,
                    center_crop: bool = True, random_flip: bool = False, image_column: str = "image",
                    caption_column: str | None = None, prompt_steps: int = 32, prompt_guidance: float = 7.5,
-                   lora_rank: int = 0, lora_alpha: float | None = None, lora_targets: str = "attention",
-                   compile: bool = False,
+                   lora_rank: int = 0, lora_alpha: float | None = None,
+                   lora_targets: Literal["attention", "unet"] = "attention", compile: bool = False,
                    encoder_dtype: str = "float32", variant: str | None = None,
                    local_files_only: bool | None = None, device: str | None = None, seed: int = 0,
                    cache_batch_size: int = 16, num_workers: int = 0,
