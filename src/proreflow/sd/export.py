@@ -34,9 +34,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..step_conditioning import fold_step_count, time_embedding_layers
-from ..training.checkpoint import check_finite, load_weights
-from ..training.student import load_student_weights, read_student_info
+from ..training.checkpoint import check_finite
+from ..training.student import read_student_info, trained_student
 from .lora import LORA_TARGETS, add_lora, as_lora, has_lora, merge_lora, save_kohya_lora, save_lora
 from .scheduler import PROREFLOW_LINE, TRAILING_DDIM_LINE, ProReflowScheduler, explicit_config, trailing_ddim
 
@@ -178,9 +177,9 @@ def load_run_student(run_dir: str | Path, base: nn.Module,
     run trained LoRA), then the saved weights in the teacher's dtype. A LoRA run's files hold the
     LoRA weights (float32) and not the frozen base, which is the teacher's: the copy keeps
     ``base``'s own weights (float32 as loaded, not the bf16 copy a bf16 run trained against), so a
-    merged export folds the LoRA into them. Not
-    :func:`proreflow.training.load_student`, which needs the run's whole ``DistillationSetup``
-    (its training data included) and returns a Denoiser; export has only the teacher's pipeline.
+    merged export folds the LoRA into them. Loaded by the one student loader,
+    :func:`~proreflow.training.student.trained_student`, as :func:`proreflow.training.load_student` loads a run
+    with its whole ``DistillationSetup``; export has only the teacher's pipeline.
 
     steps: the window count to fold a step-conditioned (any-step) student at
     (:func:`~proreflow.step_conditioning.fold_step_count`): the network is then the stock one, and the returned
@@ -199,7 +198,6 @@ def load_run_student(run_dir: str | Path, base: nn.Module,
     if setup_info.get("lora_rank"):
         targets = LORA_TARGETS[setup_info.get("lora_targets") or "attention"]
         add_lora(network, setup_info["lora_rank"], setup_info.get("lora_alpha"), targets)  # ... the LoRA layers only
-    state = load_weights(weights)
     if info.get("step_counts"):
         served = info.get("served_windows") or info["step_counts"]
         if steps is None:
@@ -208,13 +206,10 @@ def load_run_student(run_dir: str | Path, base: nn.Module,
         if steps not in served:
             raise ValueError(f"--steps {steps}: the student of {run_dir} was trained for "
                              f"{'/'.join(map(str, served))} steps; choose one of those")
-        state = fold_step_count(state, info["step_counts"], time_embedding_layers(network), steps)
-        info = {**info, "windows": steps, "exported_steps": steps}
     elif steps is not None and steps != info["windows"]:
         raise ValueError(f"--steps {steps}: the student of {run_dir} is not step-conditioned; it has "
                          f"{info['windows']} windows: drop --steps")
-    load_student_weights(network, state)
-    return network.eval().requires_grad_(False), info
+    return trained_student(run_dir, network, steps=steps if info.get("step_counts") else None)
 
 
 def export_pipeline(student_unet: nn.Module, teacher, out_dir: str | Path, num_windows: int,

@@ -1,8 +1,9 @@
 """The trained student of a run: its network rebuilt as the run built it, its weights and ``student.json``.
 
 A run's ``OUT/student.safetensors`` and ``OUT/student.json`` (or a stage folder's ``ema.safetensors``) are
-written by :mod:`.checkpoint`; :func:`load_student` loads them back with the run's setup, and the families'
-exports (:func:`proreflow.sd.export.load_run_student`) with a teacher's network alone.
+written by :mod:`.checkpoint`; :func:`trained_student` loads them into a network built as the run built it, from the
+run's setup (:func:`load_student`) or from a teacher's network alone (the families' exports,
+:func:`proreflow.sd.export.load_run_student`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..step_conditioning import attach_step_conditioning
+from ..step_conditioning import attach_step_conditioning, fold_step_count, time_embedding_layers
 from ..teachers import Denoiser
 from ..windows import MAX_WINDOWS, TimeWindows
 from .checkpoint import frozen_names, load_weights
@@ -70,9 +71,26 @@ def student_module(setup: DistillationSetup, from_scratch: bool, seed: int = 0,
     return module
 
 
+def trained_student(folder: str | Path, network: nn.Module, stem: str = "student", steps: int | None = None,
+                    assign: bool = False) -> tuple[nn.Module, dict[str, Any]]:
+    """The one student loader: the weights ``folder/<stem>.safetensors`` loaded into ``network`` (built as the run
+    built it: :func:`student_module` from the run's setup, or a family's copy of its teacher's network) and
+    ``folder/student.json``; in eval mode, frozen. ``steps``: the window count to fold a step-conditioned student
+    at (:func:`~proreflow.step_conditioning.fold_step_count`; ``network`` is then the stock one and the returned
+    info's ``windows`` is ``steps``). ``assign``: take the saved tensors (and dtypes) instead of copying."""
+    folder = Path(folder)
+    info = read_student_info(folder)
+    state = load_weights(folder / f"{stem}.safetensors")
+    if steps is not None:
+        state = fold_step_count(state, info["step_counts"], time_embedding_layers(network), steps)
+        info = {**info, "windows": steps, "exported_steps": steps}
+    load_student_weights(network, state, assign=assign)
+    return network.eval().requires_grad_(False), info
+
+
 def load_student(out_dir: str | Path, setup: DistillationSetup, stage: int | None = None,
                  device=None) -> tuple[Denoiser, TimeWindows]:
-    """The trained (EMA) student of a run and its windows.
+    """The trained (EMA) student of a run and its windows, rebuilt with the run's setup (:func:`trained_student`).
 
     stage: 1-based stage whose result to load (default: the newest, ``OUT/student.*``).
     """
@@ -95,8 +113,7 @@ def load_student(out_dir: str | Path, setup: DistillationSetup, stage: int | Non
                          f"teacher ({setup.prediction_type!r}) cannot serve: load it with the setup it was trained "
                          "with") from None
     module = student_module(setup, info.get("from_scratch", False), step_counts=info.get("step_counts", ()))
-    load_student_weights(module, load_weights(folder / f"{stem}.safetensors"), assign=True)  # saved dtypes
-    module.eval().requires_grad_(False)
+    module, info = trained_student(folder, module, stem, assign=True)  # saved dtypes
     if device is not None:
         module.to(device)
     return setup.denoiser(module, prediction_type=prediction_type), TimeWindows(int(info["windows"]))
