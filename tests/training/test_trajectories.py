@@ -275,5 +275,8 @@ def test_the_target_cache_key_follows_the_keys_declared_as_targets(tmp_path):
     assert {"windows", "solver_steps", "guidance", "batch_size", "seed"} <= set(TARGET_KEYS)
     for key, value in (("solver_steps", 4), ("batch_size", 4), ("cond_dropout", 0.5)):
         assert folder(**{key: value}) != base, key
-    for key, value in (("lr", 5e-3), ("alpha", 3.0), ("loss_weighting", "window"), ("ema_decay", 0.5)):
-        assert folder(**{key: value}) == base, key
+    for key, value in (("lr", 5e-3), ("alpha", 3.0), ("loss_weighting", "window"), ("ema_decay", 0.5),
+                       ("guidance", 3.0)):  # an unguided teacher (the toy's stage 1 under cfg_sync / scale 1 baked)
+        cfg_sync = {"guidance_mode": "cfg_sync", "cond_dropout": 0.1}
+        assert folder(**{key: value, **cfg_sync}) == folder(**cfg_sync), key
+    assert folder(guidance=3.0) != base  # baked: the teacher's solve is guided by it

@@ -339,8 +339,10 @@ def target_cache(ctx: StageContext) -> TargetCache:
     """The stage's reflow-batch cache, keyed by what its batches depend on (:class:`.target_cache.TargetCache`)."""
     stage, acc = ctx.stage, ctx.accelerator
     keys = {key: getattr(stage, key) if key in STAGE_KEYS else getattr(ctx.recipe, key) for key in TARGET_KEYS}
-    parts = (keys, solver_key(stage.solver), stage.teacher_guidance(), ctx.index, acc.num_processes,
-             len(ctx.setup.dataset))
+    # the values the teacher's solve sees: the solver by its canonical name, the guidance it is guided with
+    # (cfg_sync's scale is the sampler's, not the targets')
+    keys.update(solver=solver_key(stage.solver), guidance=stage.teacher_guidance())
+    parts = (keys, ctx.index, acc.num_processes, len(ctx.setup.dataset))
     return TargetCache(ctx.recipe.target_cache, ctx.setup.teacher_tensors(), parts, ctx.setup.schedule,
                        acc.process_index)
 
