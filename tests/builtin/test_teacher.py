@@ -56,6 +56,9 @@ def test_training_is_reproducible_and_config_changes_retrain(tmp_path):
     first = train_teacher("moons", steps=5, network=TINY_2D, cache_dir=tmp_path, progress=False)
     second = train_teacher("moons", steps=5, network=TINY_2D, cache_dir=tmp_path / "b", progress=False)
     assert same_weights(first.module, second.module)
+    # what besides the config decides the bits (fitting's module doc) is in the record
+    assert {k: first.stats[k] for k in ("device", "torch", "threads")} == {
+        "device": "cpu", "torch": torch.__version__, "threads": torch.get_num_threads()}
     other = load_or_train_teacher("moons", steps=5, network=TINY_2D, seed=1, cache_dir=tmp_path, progress=False)
     assert other.trained and other.path != first.path
     forced = load_or_train_teacher("moons", steps=5, network=TINY_2D, cache_dir=tmp_path, force=True, progress=False)

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from ..evaluation.frechet import frechet_distance
 from .data import get_spec, load_dataset
-from .fitting import fit_steps
+from .fitting import fit_record, fit_steps
 from .networks import build_network
 from .store import load_or_fit
 
@@ -107,7 +107,7 @@ def fit_classifier(config: ClassifierConfig, device: str | torch.device = "cpu",
     test = load_dataset(config.data, "test")
     accuracy = float((_batched(model, test.x).argmax(dim=1) == test.labels).float().mean())
     return model, {"test_accuracy": accuracy, "train_seconds": round(time.perf_counter() - start, 2),
-                   "device": str(device), "torch": torch.__version__}
+                   **fit_record(device)}
 
 
 def load_or_train_classifier(data: str, *, cache_dir: str | os.PathLike | None = None, force: bool = False,

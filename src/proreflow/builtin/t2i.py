@@ -64,7 +64,7 @@ from ..files import atomic_write_text, replace_dir
 from ..schedules import VPSchedule
 from ..targets import sample_times
 from .data import TEST_FRACTION
-from .fitting import fit_steps
+from .fitting import fit_record, fit_steps
 from .images import load_mnist_images, stratified_split
 from .store import check_writable, config_hash
 from .teacher import _ema_avg, _lr_factor, teacher_loss
@@ -411,7 +411,7 @@ def fit_t2i_teacher(config: T2ITeacherConfig, out: Path, progress: bool = True) 
     pipe.save_pretrained(tmp)
     replace_dir(tmp, out)
     return {**stats, **fit_stats, "scaling_factor": scaling, "train_seconds": round(time.perf_counter() - start, 2),
-            "torch": torch.__version__}
+            **fit_record("cpu")}
 
 
 @dataclass

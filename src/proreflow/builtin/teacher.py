@@ -56,7 +56,7 @@ from ..targets import sample_times
 from ..teachers import Denoiser
 from ..training.setup import DistillationSetup
 from .data import get_spec, load_dataset
-from .fitting import fit_steps
+from .fitting import fit_record, fit_steps
 from .networks import adapter_for_spec, build_network, mlp_spec, small_unet
 from .store import load_or_fit
 
@@ -260,8 +260,8 @@ def fit_teacher(config: TeacherConfig, device: str | torch.device = "cpu", progr
                        size=x_all.shape[0], generator=gen, device=device, grad_clip=config.grad_clip,
                        after_step=lambda: ema.update_parameters(model), desc=f"teacher {config.data}",
                        progress=progress)
-    stats = {"train_seconds": round(time.perf_counter() - start, 2), "device": str(device),
-             "final_loss": sum(losses[-100:]) / max(len(losses[-100:]), 1), "torch": torch.__version__}
+    stats = {"train_seconds": round(time.perf_counter() - start, 2),
+             "final_loss": sum(losses[-100:]) / max(len(losses[-100:]), 1), **fit_record(device)}
     return ema.module.cpu().eval().requires_grad_(False), stats
 
 
