@@ -257,8 +257,9 @@ def train_step(ctx: StageContext, batches: Iterator[tuple[Tensor, Cond, list[str
         with contextlib.nullcontext() if sync else acc.no_sync(ctx.student):
             def make(x0=x0, noise=noise, cond=cond, uncond=uncond, t=t, counts=counts):
                 if stage.extra_windows:
+                    own = ctx.student_denoiser if stage.extra_targets == "self" else None
                     return make_mixed_reflow_batch(x0, noise, counts, windows, ctx.teacher, ctx.setup.schedule,
-                                                   cond, uncond, t)
+                                                   cond, uncond, t, student=own)
                 return make_reflow_batch(x0, noise, windows, ctx.teacher, ctx.setup.schedule, cond, uncond, t=t)
 
             def make_counted(make=make):
