@@ -109,7 +109,7 @@ class Stage:
     extra_targets: str = _key(
         "windows",
         "targets of the extra_windows counts: 'teacher' (the stage teacher's solve across the count's window) or "
-        "'self' (the student's own two steps at twice the count, without gradients: Shortcut models' "
+        "'self' (the stage's EMA student's own two steps at twice the count, without gradients: Shortcut models' "
         "self-consistency; every extra count k needs 2k among the stage's counts, e.g. windows: 4, extra_windows: "
         "[2, 1]); the stage's own count always learns from the teacher", default="teacher",
         choices=("teacher", "self"))
