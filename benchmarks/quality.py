@@ -201,9 +201,6 @@ SHIPPED = {DEFAULT_METHOD: "proreflow-ii", ANY_STEP + ", alpha 10": "proreflow-a
 """Methods that are a shipped preset as it is, by the name their rows carry (when a preset changes, its rows are
 measured again)."""
 METHODS.update({name: (preset, []) for name, preset in SHIPPED.items()})
-# 2026-12-08, one change to the any-step preset: its 2- and 1-window counts learn the student's own two steps at
-# twice the count (extra_targets: self) instead of the teacher's solve
-METHODS[ANY_STEP + ", alpha 10, self targets"] = ("proreflow-any-step", ["stages.2.extra_targets=self"])
 QUICK_METHODS = ["2-Reflow", "PeRFlow", "ProReflow-II", DEFAULT_METHOD]
 CURVE_METHODS = ("PeRFlow", "ProReflow-II", "ProReflow-II, velocity MSE, half at window starts",
                  "ProReflow-II, velocity MSE, half at window starts, last stage half the budget", DEFAULT_METHOD,

@@ -179,41 +179,6 @@ def test_mixed_batch_rows_equal_the_batch_of_their_count_alone():
         assert torch.allclose(mixed.t_start[rows] - mixed.t_end[rows], torch.tensor(1 / k))
 
 
-def test_self_targets_are_the_students_two_steps_at_twice_the_count():
-    """extra_targets: self. A count k below the stage's learns x_end = two Euler steps of the student at count 2k
-    (to the window's midpoint, then to its end), written out here by hand; the stage's own count keeps the
-    teacher's batch, row for row."""
-    teacher, student, _, shape, cond = denoisers("mlp", randomize=True)  # other offsets at every count
-    n = 12
-    g = torch.Generator().manual_seed(5)
-    x0, noise, t = torch.randn(n, *shape, generator=g), torch.randn(n, *shape, generator=g), torch.rand(n, generator=g)
-    labels = torch.arange(n) % 3
-    counts = torch.tensor([4, 2, 1] * 4)
-    stage_teacher = StageTeacher(teacher, steps=2)
-    mixed = make_mixed_reflow_batch(x0, noise, counts, TimeWindows(4), stage_teacher, SCHEDULE, labels, None, t,
-                                    student=student)
-    own = counts == 4
-    alone = make_reflow_batch(x0[own], noise[own], TimeWindows(4), stage_teacher, SCHEDULE, labels[own], None,
-                              t=t[own])
-    torch.testing.assert_close(mixed.v_target[own], alone.v_target, rtol=0, atol=0)
-    for k in (2, 1):
-        rows = counts == k
-        t_start, t_end = TimeWindows(k).bounds(t[rows])
-        middle = (t_start + t_end) / 2
-        at_twice = student.at_windows(2 * k)
-        x_start = SCHEDULE.add_noise(x0[rows], noise[rows], t_start)
-        with torch.no_grad():
-            x_mid = x_start + bcast(middle - t_start, x_start) * at_twice.velocity(x_start, t_start, middle,
-                                                                                    labels[rows])
-            x_end = x_mid + bcast(t_end - middle, x_mid) * at_twice.velocity(x_mid, middle, t_end, labels[rows])
-        torch.testing.assert_close(mixed.v_target[rows], (x_end - x_start) / bcast(t_end - t_start, x_start))
-        torch.testing.assert_close(mixed.t_start[rows], t_start, rtol=0, atol=0)
-        # not the teacher's target: the student's own map at 2k (its offsets differ from the teacher)
-        assert not torch.allclose(mixed.v_target[rows], make_reflow_batch(
-            x0[rows], noise[rows], TimeWindows(k), StageTeacher(teacher, steps=8 // k), SCHEDULE, labels[rows],
-            None, t=t[rows]).v_target, atol=1e-3)
-
-
 def test_window_draws_depend_on_the_position_only_and_are_even():
     whole = window_counts(range(0, 3000), seed=7, stage=2, choices=(4, 2, 1))
     parts = torch.cat([window_counts(range(a, a + 500), 7, 2, (4, 2, 1)) for a in range(0, 3000, 500)])
@@ -228,18 +193,12 @@ def test_recipe_keys_of_the_any_step_student():
                                           "step_conditioning=true"])
     assert recipe.step_counts == (8, 4, 2, 1) and recipe.stages[2].extra_windows == [2, 1]
     assert load_recipe("proreflow-ii", ["stages.2.extra_windows=[1]"]).step_counts == ()  # mixing, unconditioned
-    assert load_recipe("proreflow-ii", ["stages.2.extra_windows=[1]", "stages.2.extra_targets=self"]
-                       ).stages[2].extra_targets == "self"
     for bad, message in ((["stages.2.extra_windows=[3]"], "do not nest in the stage's 2"),
                          (["stages.2.extra_windows=[1, 1]"], "repeats a count"),
                          (["stages.2.extra_windows=[2]"], "repeats a count"),
                          (["stages.2.extra_windows=1"], "expected a list"),
                          (["stages.2.extra_windows=[0]"], "must be at least 1"),
-                         (["stages.*.start_points=teacher", "stages.2.extra_windows=[1]"], "start_points: teacher"),
-                         (["stages.2.extra_targets=self"], "this stage has none"),
-                         (["stages.2.windows=4", "stages.2.extra_windows=[1]", "stages.2.extra_targets=self"],
-                          "two steps at 2, which the stage does not train"),
-                         (["stages.2.extra_targets=student"], "extra_targets")):
+                         (["stages.*.start_points=teacher", "stages.2.extra_windows=[1]"], "start_points: teacher")):
         with pytest.raises(RecipeError, match=message):
             load_recipe("proreflow-ii", bad)
 

@@ -156,16 +156,10 @@ def make_trajectory_batch(noise: Tensor, windows: TimeWindows, teacher: StageTea
 @torch.no_grad()
 def make_mixed_reflow_batch(x0: Tensor, noise: Tensor, counts: Tensor, windows: TimeWindows, teacher: StageTeacher,
                             schedule: VPSchedule, cond: Cond = None, uncond: Cond = None,
-                            t: Tensor | None = None, student: Denoiser | None = None) -> ReflowBatch:
+                            t: Tensor | None = None) -> ReflowBatch:
     """:func:`make_reflow_batch` with each sample in its own window count ``counts[i]`` (dividing
     ``windows.count``): the samples of count ``k`` cross their windows in ``teacher.steps * windows.count / k``
-    steps, on the grid of the stage's own windows.
-
-    ``student`` given: a count ``k`` below ``windows.count`` learns the student's own two Euler steps at count
-    ``2k`` instead (self-consistency, Frans et al. 2024, "One Step Diffusion via Shortcut Models"):
-    ``x_mid = x_start + (m - t_start) v_2k(x_start, t_start)``, ``x_end = x_mid + (t_end - m) v_2k(x_mid, m)``
-    with ``m`` the window's midpoint, unguided (the student's own velocity); the stage's count learns the
-    teacher's solve."""
+    steps, on the grid of the stage's own windows."""
     n = x0.shape[0]
     t = sample_times(n, device=x0.device) if t is None else per_sample_time(t, x0)
     counts = counts.to(x0.device)
@@ -174,10 +168,7 @@ def make_mixed_reflow_batch(x0: Tensor, noise: Tensor, counts: Tensor, windows: 
         if windows.count % k:
             raise ValueError(f"{k} windows do not nest in the stage's {windows.count}")
         rows = counts == k
-        if student is not None and k < windows.count:
-            crossing = StageTeacher(student, steps=2, windows=TimeWindows(2 * k))
-        else:
-            crossing = dataclasses.replace(teacher, steps=teacher.steps * windows.count // k)
+        crossing = dataclasses.replace(teacher, steps=teacher.steps * windows.count // k)
         part = make_reflow_batch(x0[rows], noise[rows], TimeWindows(k), crossing, schedule, _rows(cond, rows, n),
                                  _rows(uncond, rows, n), t=t[rows])
         for name in ("x_t", "t", "v_target", "t_start", "t_end"):

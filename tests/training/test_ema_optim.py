@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import pytest
@@ -82,26 +81,6 @@ def test_ema_state_dict_loads_into_the_module_with_tied_weights():
     fresh = EMA(Tied(), 0.5)
     fresh.load_state_dict(state)
     torch.testing.assert_close(fresh.shadow["a.weight"], state["a.weight"])
-
-
-def test_swapped_into_holds_the_ema_values_and_gives_the_own_back_bit_for_bit():
-    torch.manual_seed(0)
-    net = nn.Linear(3, 2)
-    ema = EMA(net, decay=0.9)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(torch.randn_like(p))
-    ema.update(net, 5)
-    own = {k: v.clone() for k, v in net.state_dict().items()}
-    for raised in (False, True):
-        with pytest.raises(RuntimeError) if raised else contextlib.nullcontext():
-            with ema.swapped_into(net):
-                for name, p in net.named_parameters():
-                    assert torch.equal(p, ema.shadow[name]) and not torch.equal(p, own[name])
-                if raised:
-                    raise RuntimeError("inside")
-        for name, value in net.state_dict().items():
-            assert torch.equal(value, own[name])
 
 
 def test_warmup_learning_rate_values():

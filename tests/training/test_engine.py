@@ -463,17 +463,3 @@ def test_target_cache_keys_on_the_schedule(tmp_path):
     assert len([p for p in (tmp_path / "cache").iterdir() if p.is_dir()]) == 2
     plain = train({**recipe, "target_cache": ""}, linear, tmp_path / "c", progress=False)
     assert cached.history == plain.history
-
-
-def test_self_targets_of_a_student_equal_to_the_teacher_are_the_teachers_targets(tmp_path):
-    """extra_targets: self in the engine. Before its first update the student is the teacher, so its two steps at
-    4 windows across a 2-window window are the teacher's two DDIM steps: with solver_steps 1 (the teacher crosses
-    a 2-window window in 2 steps) the first loss equals the teacher-target run's to float64 rounding; with
-    solver_steps 2 (4 teacher steps) it does not, so the student's steps are what the 2-window samples learn."""
-    def first_loss(extra_targets: str, solver_steps: int, out: str) -> float:
-        stage = {"windows": 4, "extra_windows": [2], "extra_targets": extra_targets, "steps": 1,
-                 "solver_steps": solver_steps}
-        return train(tiny_recipe(stages=[stage]), make_setup(), tmp_path / out, progress=False).history[0][1]
-
-    assert first_loss("self", 1, "self") == pytest.approx(first_loss("teacher", 1, "teacher"), rel=1e-12)
-    assert first_loss("self", 2, "self-2") != pytest.approx(first_loss("teacher", 2, "teacher-2"), rel=1e-6)

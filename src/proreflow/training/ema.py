@@ -27,9 +27,6 @@ trainer keeps torch's ``AveragedModel`` (see ``builtin.teacher._ema_avg`` for wh
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 import torch
 from torch import Tensor, nn
 
@@ -81,20 +78,6 @@ class EMA:
         with torch.no_grad():
             for name, value in self.shadow.items():
                 value.copy_(shard_like(state[name], value))
-
-    @contextlib.contextmanager
-    def swapped_into(self, module: nn.Module) -> Iterator[None]:
-        """Inside the block ``module``'s trainable parameters hold the EMA values; after it, their own values
-        again, bit for bit (kept in a copy meanwhile). For targets made by the EMA student without a second
-        network."""
-        own = {name: p.detach().clone() for name, p in _tracked(module, self.shadow)}
-        self.copy_to(module)
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for name, p in _tracked(module, self.shadow):
-                    p.copy_(own[name])
 
     @torch.no_grad()
     def copy_to(self, module: nn.Module) -> None:

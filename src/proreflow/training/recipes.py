@@ -106,13 +106,6 @@ class Stage:
         "solved on the same grid (solver_steps x windows / k steps per window of count k). With the recipe's "
         "step_conditioning the student knows the count it is run at: one student for several step counts",
         default_factory=list, limits=(1, MAX_WINDOWS))
-    extra_targets: str = _key(
-        "windows",
-        "targets of the extra_windows counts: 'teacher' (the stage teacher's solve across the count's window) or "
-        "'self' (the stage's EMA student's own two steps at twice the count, without gradients: Shortcut models' "
-        "self-consistency; every extra count k needs 2k among the stage's counts, e.g. windows: 4, extra_windows: "
-        "[2, 1]); the stage's own count always learns from the teacher", default="teacher",
-        choices=("teacher", "self"))
     teacher: str = _key("windows", "stage teacher: 'original' (the diffusion teacher) or 'previous' "
                         "(the previous stage's EMA student)", default="original",
                         choices=("original", "previous"))
@@ -731,8 +724,7 @@ def _check_schedule(stages: list[Stage]) -> None:
 
 
 def _check_extra_windows(stage: Stage, where: str) -> None:
-    """Extra window counts divide the stage's and are distinct; 'self' targets find twice each count among them;
-    one trajectory per count is not implemented."""
+    """Extra window counts divide the stage's and are distinct; one trajectory per count is not implemented."""
     extra = stage.extra_windows
     if len(set(extra)) != len(extra) or stage.windows in extra:
         raise RecipeError(f"{where}.extra_windows: {extra} repeats a count (windows: {stage.windows} is trained "
@@ -741,16 +733,6 @@ def _check_extra_windows(stage: Stage, where: str) -> None:
         if stage.windows % k:
             raise RecipeError(f"{where}.extra_windows: {k} windows do not nest in the stage's {stage.windows}; use "
                               f"divisors of {stage.windows}")
-    counts = {stage.windows, *extra}
-    if stage.extra_targets == "self":
-        if not extra:
-            raise RecipeError(f"{where}.extra_targets: 'self' makes the targets of extra_windows, and this stage has "
-                              "none; set extra_windows (e.g. [2, 1] with windows: 4) or extra_targets: teacher")
-        for k in extra:
-            if 2 * k not in counts:
-                raise RecipeError(f"{where}.extra_targets: 'self' learns {k} windows from two steps at {2 * k}, "
-                                  f"which the stage does not train (counts {sorted(counts)}); add {2 * k} to "
-                                  "extra_windows or use extra_targets: teacher")
     if extra and stage.start_points == "teacher":
         raise RecipeError(f"{where}.extra_windows: not implemented with start_points: teacher; use start_points: "
                           "data")

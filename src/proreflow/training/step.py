@@ -256,10 +256,6 @@ def train_step(ctx: StageContext, batches: Iterator[tuple[Tensor, Cond, list[str
         sync = micro == stage.grad_accum - 1 or sharded
         with contextlib.nullcontext() if sync else acc.no_sync(ctx.student):
             def make(x0=x0, noise=noise, cond=cond, uncond=uncond, t=t, counts=counts):
-                if stage.extra_windows and stage.extra_targets == "self":
-                    with ctx.ema.swapped_into(ctx.module):  # the EMA student's own steps (Shortcut models' targets)
-                        return make_mixed_reflow_batch(x0, noise, counts, windows, ctx.teacher, ctx.setup.schedule,
-                                                       cond, uncond, t, student=ctx.student_denoiser)
                 if stage.extra_windows:
                     return make_mixed_reflow_batch(x0, noise, counts, windows, ctx.teacher, ctx.setup.schedule,
                                                    cond, uncond, t)
