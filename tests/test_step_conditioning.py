@@ -179,6 +179,32 @@ def test_mixed_batch_rows_equal_the_batch_of_their_count_alone():
         assert torch.allclose(mixed.t_start[rows] - mixed.t_end[rows], torch.tensor(1 / k))
 
 
+def test_an_extra_teacher_crosses_the_smaller_counts_and_the_stage_teacher_its_own():
+    """extra_teacher: the rows of counts below the stage's are make_reflow_batch's batch of that teacher (its own
+    steps per window of the stage, times W / k), the stage's own count keeps the stage teacher's, row for row."""
+    teacher, student, _, shape, cond = denoisers("mlp", randomize=True)
+    n = 12
+    g = torch.Generator().manual_seed(5)
+    x0, noise, t = torch.randn(n, *shape, generator=g), torch.randn(n, *shape, generator=g), torch.rand(n, generator=g)
+    labels = torch.arange(n) % 3
+    counts = torch.tensor([4, 2, 1] * 4)
+    stage_teacher = StageTeacher(teacher, steps=2)
+    previous = StageTeacher(student, steps=1, windows=TimeWindows(4))  # a piecewise-straight 4-window student
+    mixed = make_mixed_reflow_batch(x0, noise, counts, TimeWindows(4), stage_teacher, SCHEDULE, labels, None, t,
+                                    extra_teacher=previous)
+    for k, crossing in ((4, StageTeacher(teacher, steps=2)), (2, StageTeacher(student, 2, TimeWindows(4))),
+                        (1, StageTeacher(student, 4, TimeWindows(4)))):
+        rows = counts == k
+        alone = make_reflow_batch(x0[rows], noise[rows], TimeWindows(k), crossing, SCHEDULE, labels[rows], None,
+                                  t=t[rows])
+        for field in ("x_t", "t", "v_target", "t_start", "t_end"):
+            torch.testing.assert_close(getattr(mixed, field)[rows], getattr(alone, field), rtol=0, atol=0)
+    rows = counts == 1  # the student's 4 steps are not the teacher's 8 (its offsets differ)
+    assert not torch.allclose(mixed.v_target[rows], make_reflow_batch(
+        x0[rows], noise[rows], TimeWindows(1), StageTeacher(teacher, steps=8), SCHEDULE, labels[rows], None,
+        t=t[rows]).v_target, atol=1e-3)
+
+
 def test_window_draws_depend_on_the_position_only_and_are_even():
     whole = window_counts(range(0, 3000), seed=7, stage=2, choices=(4, 2, 1))
     parts = torch.cat([window_counts(range(a, a + 500), 7, 2, (4, 2, 1)) for a in range(0, 3000, 500)])
@@ -193,12 +219,18 @@ def test_recipe_keys_of_the_any_step_student():
                                           "step_conditioning=true"])
     assert recipe.step_counts == (8, 4, 2, 1) and recipe.stages[2].extra_windows == [2, 1]
     assert load_recipe("proreflow-ii", ["stages.2.extra_windows=[1]"]).step_counts == ()  # mixing, unconditioned
+    extra = load_recipe("proreflow-ii", ["stages.2.extra_windows=[1]", "stages.2.extra_teacher=previous"]).stages[2]
+    assert extra.uses_previous and extra.teacher == "original" and extra.solver_steps == 16  # the original's steps
     for bad, message in ((["stages.2.extra_windows=[3]"], "do not nest in the stage's 2"),
                          (["stages.2.extra_windows=[1, 1]"], "repeats a count"),
                          (["stages.2.extra_windows=[2]"], "repeats a count"),
                          (["stages.2.extra_windows=1"], "expected a list"),
                          (["stages.2.extra_windows=[0]"], "must be at least 1"),
-                         (["stages.*.start_points=teacher", "stages.2.extra_windows=[1]"], "start_points: teacher")):
+                         (["stages.*.start_points=teacher", "stages.2.extra_windows=[1]"], "start_points: teacher"),
+                         (["stages.2.extra_teacher=previous"], "this stage has none"),
+                         (["stages.0.extra_windows=[4]", "stages.0.extra_teacher=previous"],
+                          "stages.0.extra_teacher: the first stage has no previous student"),
+                         (["stages.2.extra_windows=[1]", "stages.2.extra_teacher=student"], "extra_teacher")):
         with pytest.raises(RecipeError, match=message):
             load_recipe("proreflow-ii", bad)
 

@@ -156,10 +156,11 @@ def make_trajectory_batch(noise: Tensor, windows: TimeWindows, teacher: StageTea
 @torch.no_grad()
 def make_mixed_reflow_batch(x0: Tensor, noise: Tensor, counts: Tensor, windows: TimeWindows, teacher: StageTeacher,
                             schedule: VPSchedule, cond: Cond = None, uncond: Cond = None,
-                            t: Tensor | None = None) -> ReflowBatch:
+                            t: Tensor | None = None, extra_teacher: StageTeacher | None = None) -> ReflowBatch:
     """:func:`make_reflow_batch` with each sample in its own window count ``counts[i]`` (dividing
     ``windows.count``): the samples of count ``k`` cross their windows in ``teacher.steps * windows.count / k``
-    steps, on the grid of the stage's own windows."""
+    steps, on the grid of the stage's own windows. ``extra_teacher``: the teacher of the counts below
+    ``windows.count`` (its own ``steps`` per window of the stage; default ``teacher``)."""
     n = x0.shape[0]
     t = sample_times(n, device=x0.device) if t is None else per_sample_time(t, x0)
     counts = counts.to(x0.device)
@@ -168,7 +169,8 @@ def make_mixed_reflow_batch(x0: Tensor, noise: Tensor, counts: Tensor, windows: 
         if windows.count % k:
             raise ValueError(f"{k} windows do not nest in the stage's {windows.count}")
         rows = counts == k
-        crossing = dataclasses.replace(teacher, steps=teacher.steps * windows.count // k)
+        own = teacher if k == windows.count or extra_teacher is None else extra_teacher
+        crossing = dataclasses.replace(own, steps=own.steps * windows.count // k)
         part = make_reflow_batch(x0[rows], noise[rows], TimeWindows(k), crossing, schedule, _rows(cond, rows, n),
                                  _rows(uncond, rows, n), t=t[rows])
         for name in ("x_t", "t", "v_target", "t_start", "t_end"):

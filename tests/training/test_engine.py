@@ -463,3 +463,20 @@ def test_target_cache_keys_on_the_schedule(tmp_path):
     assert len([p for p in (tmp_path / "cache").iterdir() if p.is_dir()]) == 2
     plain = train({**recipe, "target_cache": ""}, linear, tmp_path / "c", progress=False)
     assert cached.history == plain.history
+
+
+def test_an_extra_teacher_teaches_the_smaller_counts_and_its_evaluations_count(tmp_path):
+    """extra_teacher: previous beside the original teacher. Each 2-window sample costs the original teacher its
+    solver_steps (3) evaluations, each 1-window sample the previous 4-window student one Euler step per its window
+    (4): the stage's count is the closed form over the counts the samples drew (guidance 1: one evaluation per
+    step)."""
+    from proreflow.training.batches import window_counts
+
+    stages = [{"windows": 4, "steps": 2},
+              {"windows": 2, "extra_windows": [1], "extra_teacher": "previous", "solver_steps": 3, "steps": 3}]
+    recipe = tiny_recipe(stages=stages)
+    train(recipe, make_setup(), tmp_path, progress=False)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    counts = window_counts(range(3 * 8), recipe["seed"], 1, (2, 1))
+    assert 0 < (counts == 1).sum() < len(counts)
+    assert summary[1]["teacher_evals"] == int(3 * (counts == 2).sum() + 4 * (counts == 1).sum())

@@ -450,7 +450,7 @@ class _Run:
 
     def _run_stage(self, index: int, state: RunState, checkpoint: Path | None, saved: dict | None) -> None:
         recipe, stage = self.recipe, self.recipe.stages[index]
-        previous = self._stage_weights(index - 1) if stage.teacher == "previous" else None
+        previous = self._stage_weights(index - 1) if stage.uses_previous else None
         runner = StageRunner(recipe, self.setup, index, trainee=self.trainee, previous=previous,
                              start_step=state.step, counters=state.counters)
         if checkpoint is not None:

@@ -106,6 +106,13 @@ class Stage:
         "solved on the same grid (solver_steps x windows / k steps per window of count k). With the recipe's "
         "step_conditioning the student knows the count it is run at: one student for several step counts",
         default_factory=list, limits=(1, MAX_WINDOWS))
+    extra_teacher: str | None = _key(
+        "windows",
+        "stage teacher of the extra_windows counts, 'original' or 'previous' (default: the stage's teacher). "
+        "'previous' beside teacher: original distils the smaller counts progressively: the previous stage's EMA "
+        "student crosses their windows, one Euler step per its own window (a 1-window target from a 4-window "
+        "student is its 4-step sample), while the stage's own count learns from the original teacher",
+        default=None, choices=("original", "previous"))
     teacher: str = _key("windows", "stage teacher: 'original' (the diffusion teacher) or 'previous' "
                         "(the previous stage's EMA student)", default="original",
                         choices=("original", "previous"))
@@ -203,13 +210,23 @@ class Stage:
         (cfg_sync trains the conditional and unconditional velocities for the sampler to combine)."""
         return self.guidance if self.guidance_mode == "cfg_sync" else 1.0
 
-    def teacher_guidance(self) -> float:
-        """Guidance scale of the stage teacher's solver.
+    @property
+    def extra_stage_teacher(self) -> str:
+        """The stage teacher of the ``extra_windows`` counts: ``extra_teacher``, else ``teacher``."""
+        return self.extra_teacher or self.teacher
+
+    @property
+    def uses_previous(self) -> bool:
+        """Whether the previous stage's student teaches any window count of this stage."""
+        return "previous" in (self.teacher, self.extra_stage_teacher)
+
+    def teacher_guidance(self, teacher: str | None = None) -> float:
+        """Guidance scale of the solver of stage teacher ``teacher`` (default: the stage's ``teacher``).
 
         Only the original teacher in 'baked' mode is guided: a previous-stage student already has
         the guidance baked in, and 'cfg_sync' trains against the unguided teacher.
         """
-        if self.guidance_mode == "baked" and self.teacher == "original":
+        if self.guidance_mode == "baked" and (teacher or self.teacher) == "original":
             return self.guidance
         return 1.0
 
@@ -693,13 +710,15 @@ def _check_schedule(stages: list[Stage]) -> None:
             raise RecipeError(f"{where}.windows: {stage.windows} windows cannot follow {prev.windows}; each "
                               "stage keeps the previous count or merges neighbouring windows pairwise "
                               "(halves an even count, e.g. 8 -> 4)")
-        if stage.teacher == "previous":
+        if stage.uses_previous:
+            key = "teacher" if stage.teacher == "previous" else "extra_teacher"
             if prev is None:
-                raise RecipeError(f"{where}.teacher: the first stage has no previous student; use 'original'")
+                raise RecipeError(f"{where}.{key}: the first stage has no previous student; use 'original'")
             if stage.guidance_mode != prev.guidance_mode:
                 raise RecipeError(f"{where}.guidance_mode: {stage.guidance_mode!r} differs from the previous "
                                   f"stage's {prev.guidance_mode!r}, whose student is this stage's teacher; "
                                   "use one guidance mode for both")
+        if stage.teacher == "previous":
             if stage.solver != "ddim":
                 raise RecipeError(f"{where}.solver: a previous-stage teacher is piecewise straight and is "
                                   f"crossed with Euler steps, not {stage.solver!r}; use solver: ddim")
@@ -733,6 +752,9 @@ def _check_extra_windows(stage: Stage, where: str) -> None:
         if stage.windows % k:
             raise RecipeError(f"{where}.extra_windows: {k} windows do not nest in the stage's {stage.windows}; use "
                               f"divisors of {stage.windows}")
+    if stage.extra_teacher is not None and not extra:
+        raise RecipeError(f"{where}.extra_teacher: it teaches the extra_windows counts, and this stage has none; "
+                          "set extra_windows (e.g. [2, 1] with windows: 4) or leave extra_teacher out")
     if extra and stage.start_points == "teacher":
         raise RecipeError(f"{where}.extra_windows: not implemented with start_points: teacher; use start_points: "
                           "data")

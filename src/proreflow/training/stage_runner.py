@@ -215,18 +215,24 @@ class StageRunner:
         self.ema = EMA(trainee.module, stage.ema_decay)
         trainee.optimizer.state.clear()
         teacher_module = None
-        if stage.teacher == "previous":  # a plain copy on every process, whether or not FSDP shards the student
+        if stage.uses_previous:  # a plain copy on every process, whether or not FSDP shards the student
             weights = previous if previous is not None else full_tensors(trainee.module.state_dict())
             teacher_module = unsharded_student(setup, recipe, weights).requires_grad_(False)
             teacher_module = as_teacher(teacher_module, acc.device, trainee.weight_dtype)
         teacher, counter = build_stage_teacher(setup, recipe, index, trainee.original, teacher_module,
                                                trainee.weight_dtype, acc.autocast)
+        extra_teacher = extra_counter = None
+        if stage.extra_stage_teacher != stage.teacher:
+            extra_teacher, extra_counter = build_stage_teacher(setup, recipe, index, trainee.original, teacher_module,
+                                                               trainee.weight_dtype, acc.autocast,
+                                                               kind=stage.extra_stage_teacher)
         plan = BatchPlan(len(setup.dataset), recipe.seed, index, stage.batch_size, stage.grad_accum,
                          acc.num_processes, acc.process_index)
         student_type = setup.student_prediction_type(recipe.resolved_student_prediction, recipe.from_scratch)
         student = setup.denoiser(_Prepared(trainee.student, trainee.module), prediction_type=student_type)
         self.context = StageContext(acc, recipe, index, setup, trainee.student, trainee.module, student,
-                                    trainee.optimizer, self.ema, teacher, counter, plan, trainee.uncond)
+                                    trainee.optimizer, self.ema, teacher, counter, plan, trainee.uncond,
+                                    extra_teacher=extra_teacher, extra_counter=extra_counter)
         source = setup.dataset  # a stream reads its own order (proreflow.training.streams), checks its workers
         read = source.micro_batches if isinstance(source, Stream) else partial(micro_batches, source)
         self._batches = read(plan, start_step, recipe.num_workers)

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from ..conditioning import Cond, map_cond, null_like, select_cond
 from ..losses import FLOW_LOSS_SPACES, FLOW_LOSS_WEIGHTINGS, LossTerms, aligned_v_loss, time_weights, to_loss_space
 from ..schedules import VPSchedule, compute_dtype
-from ..solvers import solver_key
+from ..solvers import REFERENCE_STEPS, solver_key
 from ..targets import (
     ReflowBatch,
     StageTeacher,
@@ -95,26 +95,35 @@ def as_teacher(module: nn.Module, device=None, dtype: torch.dtype | None = None)
 
 def build_stage_teacher(setup: DistillationSetup, recipe: Recipe, index: int, original: nn.Module,
                         previous: nn.Module | None, dtype: torch.dtype | None = None,
-                        autocast: Callable[[], Any] = contextlib.nullcontext) -> tuple[StageTeacher, CountingNetwork]:
-    """Stage ``index``'s teacher and its evaluation counter.
+                        autocast: Callable[[], Any] = contextlib.nullcontext,
+                        kind: str | None = None) -> tuple[StageTeacher, CountingNetwork]:
+    """Stage ``index``'s teacher ``kind`` (default: the stage's ``teacher``; the extra window counts' is
+    ``stage.extra_stage_teacher``) and its evaluation counter.
 
     original teacher: ``solver_steps`` steps of ``solver`` per window, guided when baked.
     previous student (``previous``, frozen EMA weights of stage ``index - 1``): piecewise
     straight over the previous windows; crossing a window of this stage takes ``solver_steps``
     Euler steps (by default one per old window), unguided (its guidance is already baked in).
+    A teacher other than the stage's own (``extra_teacher``) takes its kind's default steps.
     """
     stage = recipe.stages[index]
-    if stage.teacher == "previous":
+    kind = kind or stage.teacher
+    steps = stage.solver_steps
+    if kind == "previous":
         if previous is None:
             raise ValueError(f"stage {index + 1} learns from the previous student, which was not given")
         module, windows = previous, TimeWindows(recipe.stages[index - 1].windows)
         prediction_type = setup.student_prediction_type(recipe.resolved_student_prediction, recipe.from_scratch)
+        if kind != stage.teacher:
+            steps = windows.count // stage.windows
     else:
         module, windows, prediction_type = original, None, setup.prediction_type
+        if kind != stage.teacher:
+            steps = max(1, REFERENCE_STEPS // stage.windows)
     denoiser = setup.denoiser(module, dtype=dtype, prediction_type=prediction_type)
     counter = CountingNetwork(denoiser.network, autocast)
-    teacher = StageTeacher(dataclasses.replace(denoiser, network=counter), stage.solver_steps, windows,
-                           stage.teacher_guidance(), stage.solver)
+    teacher = StageTeacher(dataclasses.replace(denoiser, network=counter), steps, windows,
+                           stage.teacher_guidance(kind), stage.solver if kind == "original" else "ddim")
     return teacher, counter
 
 
@@ -179,6 +188,12 @@ class StageContext:
     uncond: Cond = None
     targets: TargetCache | None = None  # made on the first step when the recipe sets target_cache
     trajectories: TrajectoryCache | None = None  # likewise, for start_points: teacher
+    extra_teacher: StageTeacher | None = None  # the extra window counts' teacher, where it is another one
+    extra_counter: CountingNetwork | None = None
+
+    def take_evaluations(self) -> int:
+        """Teacher evaluations (both stage teachers) since the last call."""
+        return self.counter.take() + (self.extra_counter.take() if self.extra_counter is not None else 0)
 
     @property
     def stage(self) -> Stage:
@@ -258,14 +273,14 @@ def train_step(ctx: StageContext, batches: Iterator[tuple[Tensor, Cond, list[str
             def make(x0=x0, noise=noise, cond=cond, uncond=uncond, t=t, counts=counts):
                 if stage.extra_windows:
                     return make_mixed_reflow_batch(x0, noise, counts, windows, ctx.teacher, ctx.setup.schedule,
-                                                   cond, uncond, t)
+                                                   cond, uncond, t, extra_teacher=ctx.extra_teacher)
                 return make_reflow_batch(x0, noise, windows, ctx.teacher, ctx.setup.schedule, cond, uncond, t=t)
 
             def make_counted(make=make):
-                return make(), ctx.counter.take()
+                return make(), ctx.take_evaluations()
 
             if stage.start_points == "teacher":
-                batch, evals = teacher_start_batch(ctx, positions, x0, cond, uncond, t), ctx.counter.take()
+                batch, evals = teacher_start_batch(ctx, positions, x0, cond, uncond, t), ctx.take_evaluations()
             elif ctx.recipe.target_cache and stage.teacher == "original" and not stage.extra_windows:
                 ctx.targets = ctx.targets or target_cache(ctx)
                 batch, evals = ctx.targets.batch(step, micro, make_counted, x0)
