@@ -50,6 +50,9 @@ METHODS: dict[str, list[str]] = {
     "2-Rectified Flow": [*PLAIN_MSE, "stages=[{windows: 1, steps: 400, solver_steps: 32}]"],
     "ProReflow any-step": ["stages.2.windows=4", "stages.2.extra_windows=[2, 1]", "step_conditioning=true",
                            "defaults.alpha=10.0"],
+    "ProReflow any-step, extra teacher previous": [
+        "stages.2.windows=4", "stages.2.extra_windows=[2, 1]", "step_conditioning=true", "defaults.alpha=10.0",
+        "stages.2.extra_teacher=previous"],
 }
 """Method -> overrides of configs/mnist-t2i.yaml (module doc)."""
 STUDENT_STEPS = "4,2,1"
