@@ -133,8 +133,19 @@ def main(argv: list[str] | None = None) -> int:
             return _run(name, argv)
         except KeyboardInterrupt as err:  # TrainingInterrupted says where the run stopped, and by which signal
             ignore_stop_signals()  # a second signal now would only cut this line short
+            end_progress_bars()
             print(f"proreflow {name}: {one_line(err) or 'interrupted'}", file=sys.stderr)
             return int(getattr(err, "exit_code", 130))
+
+
+def end_progress_bars() -> None:
+    """Close the progress bars a stopped or failing command left open, so that its one-line message starts a
+    line of its own: a bar's line ends only when the bar closes, and a bar whose frame an exception still holds
+    (or one a signal cut off while it was being made) has not closed yet."""
+    from tqdm import tqdm
+
+    for bar in list(tqdm._instances):  # tqdm's registry of open bars (tqdm.write clears and redraws the same)
+        bar.close()
 
 
 def _run(name: str, argv: list[str]) -> int:
@@ -155,9 +166,11 @@ def _run(name: str, argv: list[str]) -> int:
     try:
         return int(_module(name).run(parse(build_parser(load=name), argv)) or 0)
     except (NonFiniteLossError, CheckpointError, Failure) as err:  # run-time or environment, not bad input
+        end_progress_bars()
         print(f"proreflow {name}: {one_line(err)}", file=sys.stderr)
         return 1
     except (OSError, SafetensorError) as err:  # a full or failing disk is the environment's; else a bad path
+        end_progress_bars()
         if os_errno(err) in ENVIRONMENT_ERRNOS:
             print(f"proreflow {name}: {one_line(err)} (nothing half-written is kept; free space and run again)",
                   file=sys.stderr)
@@ -165,6 +178,7 @@ def _run(name: str, argv: list[str]) -> int:
         print(f"proreflow {name}: error: {one_line(err)}", file=sys.stderr)
         return 2
     except ValueError as err:  # bad input: the message names it and the fix
+        end_progress_bars()
         print(f"proreflow {name}: error: {one_line(err)}", file=sys.stderr)
         return 2
 

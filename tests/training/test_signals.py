@@ -176,6 +176,22 @@ def test_sigterm_while_a_teacher_trains_leaves_no_cache_entry(tmp_path):
     assert not [p for p in cache.rglob("*") if p.is_file()]
 
 
+def test_a_bar_left_open_is_ended_before_the_one_line_message(capsys):
+    """A bar that a stopped command left open (its frame held by the exception, or cut off by a signal while it
+    was made) has no line end yet; the message must not run into it (seen once under load: '...?it/s]proreflow
+    teacher: stopped by SIGTERM')."""
+    from tqdm.auto import tqdm
+
+    from proreflow.cli import end_progress_bars
+
+    bar = tqdm(range(10), desc="teacher moons", file=sys.stderr)  # shown, never iterated, not closed
+    end_progress_bars()
+    print("proreflow teacher: stopped by SIGTERM", file=sys.stderr)
+    err = capsys.readouterr().err
+    assert err.replace("\r", "\n").splitlines()[-1] == "proreflow teacher: stopped by SIGTERM"
+    assert bar.disable  # closed (tqdm marks a closed bar disabled)
+
+
 def test_a_run_under_nohup_outlives_a_sighup(tmp_path):
     """nohup ignores SIGHUP so that a run outlives its terminal: the run keeps it ignored and ends as an
     uninterrupted run does (bit for bit)."""

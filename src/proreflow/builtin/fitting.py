@@ -38,18 +38,19 @@ def fit_steps(model: nn.Module, loss_of_batch: Callable[[Tensor], Tensor], optim
     """Run ``steps`` optimiser steps on batches of ``batch_size`` indices into ``size`` items (module
     doc); returns each step's loss."""
     losses: list[float] = []
-    bar = tqdm(range(steps), desc=desc, disable=not progress)
-    for _ in bar:
-        idx = torch.randint(0, size, (batch_size,), generator=generator).to(device)
-        loss = loss_of_batch(idx)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if grad_clip is not None:
-            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        optimizer.step()
-        scheduler.step()
-        if after_step is not None:
-            after_step()
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{sum(losses[-100:]) / len(losses[-100:]):.4f}", refresh=False)
+    # closed as soon as the loop ends, by an exception too, not when its frame is freed
+    with tqdm(range(steps), desc=desc, disable=not progress) as bar:
+        for _ in bar:
+            idx = torch.randint(0, size, (batch_size,), generator=generator).to(device)
+            loss = loss_of_batch(idx)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if grad_clip is not None:
+                nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            optimizer.step()
+            scheduler.step()
+            if after_step is not None:
+                after_step()
+            losses.append(loss.item())
+            bar.set_postfix(loss=f"{sum(losses[-100:]) / len(losses[-100:]):.4f}", refresh=False)
     return losses
