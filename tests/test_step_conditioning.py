@@ -160,14 +160,17 @@ def test_an_unbound_or_unserved_count_is_refused():
         attach_step_conditioning(torch.nn.Linear(2, 2), COUNTS)
 
 
+def mixed_inputs(shape: tuple[int, ...], n: int = 12):
+    """Data, noise, times, labels and window counts (4, 2, 1 in turn) of a mixed batch of ``n`` samples."""
+    g = torch.Generator().manual_seed(5)
+    x0, noise, t = torch.randn(n, *shape, generator=g), torch.randn(n, *shape, generator=g), torch.rand(n, generator=g)
+    return x0, noise, t, torch.arange(n) % 3, torch.tensor([4, 2, 1] * (n // 3))
+
+
 def test_mixed_batch_rows_equal_the_batch_of_their_count_alone():
     """Each count's samples get make_reflow_batch's batch for TimeWindows(k), crossed in steps * W / k steps."""
     teacher, _, _, shape, cond = denoisers("mlp")
-    n = 12
-    g = torch.Generator().manual_seed(5)
-    x0, noise, t = torch.randn(n, *shape, generator=g), torch.randn(n, *shape, generator=g), torch.rand(n, generator=g)
-    labels = torch.arange(n) % 3
-    counts = torch.tensor([4, 2, 1] * 4)
+    x0, noise, t, labels, counts = mixed_inputs(shape)
     stage_teacher = StageTeacher(teacher, steps=2)
     mixed = make_mixed_reflow_batch(x0, noise, counts, TimeWindows(4), stage_teacher, SCHEDULE, labels, None, t)
     for k in COUNTS:
@@ -183,11 +186,7 @@ def test_an_extra_teacher_crosses_the_smaller_counts_and_the_stage_teacher_its_o
     """extra_teacher: the rows of counts below the stage's are make_reflow_batch's batch of that teacher (its own
     steps per window of the stage, times W / k), the stage's own count keeps the stage teacher's, row for row."""
     teacher, student, _, shape, cond = denoisers("mlp", randomize=True)
-    n = 12
-    g = torch.Generator().manual_seed(5)
-    x0, noise, t = torch.randn(n, *shape, generator=g), torch.randn(n, *shape, generator=g), torch.rand(n, generator=g)
-    labels = torch.arange(n) % 3
-    counts = torch.tensor([4, 2, 1] * 4)
+    x0, noise, t, labels, counts = mixed_inputs(shape)
     stage_teacher = StageTeacher(teacher, steps=2)
     previous = StageTeacher(student, steps=1, windows=TimeWindows(4))  # a piecewise-straight 4-window student
     mixed = make_mixed_reflow_batch(x0, noise, counts, TimeWindows(4), stage_teacher, SCHEDULE, labels, None, t,
