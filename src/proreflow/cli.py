@@ -133,8 +133,7 @@ def main(argv: list[str] | None = None) -> int:
             return _run(name, argv)
         except KeyboardInterrupt as err:  # TrainingInterrupted says where the run stopped, and by which signal
             ignore_stop_signals()  # a second signal now would only cut this line short
-            end_progress_bars()
-            print(f"proreflow {name}: {one_line(err) or 'interrupted'}", file=sys.stderr)
+            say(f"proreflow {name}: {one_line(err) or 'interrupted'}")
             return int(getattr(err, "exit_code", 130))
 
 
@@ -146,6 +145,12 @@ def end_progress_bars() -> None:
 
     for bar in list(tqdm._instances):  # tqdm's registry of open bars (tqdm.write clears and redraws the same)
         bar.close()
+
+
+def say(line: str) -> None:
+    """A stopped or failing command's one line on stderr, after the progress bars it left open."""
+    end_progress_bars()
+    print(line, file=sys.stderr)
 
 
 def _run(name: str, argv: list[str]) -> int:
@@ -166,20 +171,16 @@ def _run(name: str, argv: list[str]) -> int:
     try:
         return int(_module(name).run(parse(build_parser(load=name), argv)) or 0)
     except (NonFiniteLossError, CheckpointError, Failure) as err:  # run-time or environment, not bad input
-        end_progress_bars()
-        print(f"proreflow {name}: {one_line(err)}", file=sys.stderr)
+        say(f"proreflow {name}: {one_line(err)}")
         return 1
     except (OSError, SafetensorError) as err:  # a full or failing disk is the environment's; else a bad path
-        end_progress_bars()
         if os_errno(err) in ENVIRONMENT_ERRNOS:
-            print(f"proreflow {name}: {one_line(err)} (nothing half-written is kept; free space and run again)",
-                  file=sys.stderr)
+            say(f"proreflow {name}: {one_line(err)} (nothing half-written is kept; free space and run again)")
             return 1
-        print(f"proreflow {name}: error: {one_line(err)}", file=sys.stderr)
+        say(f"proreflow {name}: error: {one_line(err)}")
         return 2
     except ValueError as err:  # bad input: the message names it and the fix
-        end_progress_bars()
-        print(f"proreflow {name}: error: {one_line(err)}", file=sys.stderr)
+        say(f"proreflow {name}: error: {one_line(err)}")
         return 2
 
 

@@ -701,6 +701,15 @@ def _build_recipe(raw: dict[str, Any]) -> Recipe:
     return Recipe(stages=stages, **values)
 
 
+def default_solver_steps(stage: Stage, teacher: str, previous_windows: int | None = None) -> int:
+    """Steps per window of ``stage`` of stage teacher ``teacher`` when ``solver_steps`` does not say: the original
+    teacher ``REFERENCE_STEPS // windows`` (at least 1), the previous student one Euler step per its own window
+    (``previous_windows // windows``)."""
+    if teacher == "previous":
+        return previous_windows // stage.windows
+    return max(1, REFERENCE_STEPS // stage.windows)
+
+
 def _check_schedule(stages: list[Stage]) -> None:
     """Windows keep or halve their count; teachers and solver steps fit; fills ``solver_steps``."""
     for i, stage in enumerate(stages):
@@ -722,14 +731,14 @@ def _check_schedule(stages: list[Stage]) -> None:
             if stage.solver != "ddim":
                 raise RecipeError(f"{where}.solver: a previous-stage teacher is piecewise straight and is "
                                   f"crossed with Euler steps, not {stage.solver!r}; use solver: ddim")
-            ratio = prev.windows // stage.windows
+            ratio = default_solver_steps(stage, "previous", prev.windows)
             if stage.solver_steps is None:
                 stage.solver_steps = ratio
             elif stage.solver_steps % ratio:
                 raise RecipeError(f"{where}.solver_steps: {stage.solver_steps} Euler steps cannot cross "
                                   f"{ratio} old windows evenly; use a multiple of {ratio}")
         elif stage.solver_steps is None:
-            stage.solver_steps = max(1, REFERENCE_STEPS // stage.windows)
+            stage.solver_steps = default_solver_steps(stage, "original")
         check_batch_split(where, stage.batch_size, stage.grad_accum)
         if stage.lr_schedule == "polynomial" and stage.lr <= POLYNOMIAL_LR_END:
             raise RecipeError(f"{where}.lr: the polynomial schedule decays to {POLYNOMIAL_LR_END:g}, so lr must be "

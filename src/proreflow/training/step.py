@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from ..conditioning import Cond, map_cond, null_like, select_cond
 from ..losses import FLOW_LOSS_SPACES, FLOW_LOSS_WEIGHTINGS, LossTerms, aligned_v_loss, time_weights, to_loss_space
 from ..schedules import VPSchedule, compute_dtype
-from ..solvers import REFERENCE_STEPS, solver_key
+from ..solvers import solver_key
 from ..targets import (
     ReflowBatch,
     StageTeacher,
@@ -49,7 +49,7 @@ from ..windows import TimeWindows
 from .batches import BatchPlan, collate_items, sample_randomness, start_mask, trajectory_noise, window_counts
 from .ema import EMA
 from .optim import set_stage_hyperparameters
-from .recipes import STAGE_KEYS, TARGET_KEYS, Recipe, Stage, check_batch_split
+from .recipes import STAGE_KEYS, TARGET_KEYS, Recipe, Stage, check_batch_split, default_solver_steps
 from .setup import DistillationSetup
 from .sharding import any_dtensor, is_sharded, local
 from .target_cache import BATCH_FIELDS, TargetCache, TrajectoryCache, cond_digests, schedule_digest, weights_digest
@@ -108,18 +108,15 @@ def build_stage_teacher(setup: DistillationSetup, recipe: Recipe, index: int, or
     """
     stage = recipe.stages[index]
     kind = kind or stage.teacher
-    steps = stage.solver_steps
     if kind == "previous":
         if previous is None:
             raise ValueError(f"stage {index + 1} learns from the previous student, which was not given")
         module, windows = previous, TimeWindows(recipe.stages[index - 1].windows)
         prediction_type = setup.student_prediction_type(recipe.resolved_student_prediction, recipe.from_scratch)
-        if kind != stage.teacher:
-            steps = windows.count // stage.windows
     else:
         module, windows, prediction_type = original, None, setup.prediction_type
-        if kind != stage.teacher:
-            steps = max(1, REFERENCE_STEPS // stage.windows)
+    steps = (stage.solver_steps if kind == stage.teacher
+             else default_solver_steps(stage, kind, windows.count if windows is not None else None))
     denoiser = setup.denoiser(module, dtype=dtype, prediction_type=prediction_type)
     counter = CountingNetwork(denoiser.network, autocast)
     teacher = StageTeacher(dataclasses.replace(denoiser, network=counter), steps, windows,
